@@ -1,0 +1,159 @@
+//! The daemon's life: load the configuration, bind, serve, reload on SIGHUP, drain and stop on
+//! SIGTERM/SIGINT.
+
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+
+use crate::config::{Config, ConfigError, Overrides};
+use crate::gateway::Gateway;
+use crate::http::{self, Control, Limits, Listener};
+use crate::payload::PayloadDir;
+use crate::runner::Runner;
+
+/// Why the daemon could not run.
+#[derive(Debug)]
+pub enum Error {
+    Config(ConfigError),
+    Start(String, io::Error),
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Config(e) => write!(f, "{e}"),
+            Error::Start(what, e) => write!(f, "{what}: {e}"),
+        }
+    }
+}
+
+pub fn serve(config_path: Option<PathBuf>, overrides: Overrides) -> Result<(), Error> {
+    close_inherited_on_exec();
+    let config = Config::load(config_path.as_deref(), &overrides).map_err(Error::Config)?;
+    let payloads = PayloadDir::open(&config.payload_dir)
+        .map_err(|e| Error::Start("payload directory".into(), e))?;
+    let runner = Runner::new().map_err(|e| Error::Start("script runner".into(), e))?;
+    let listener = Listener::bind(&config.listen)
+        .map_err(|e| Error::Start(format!("cannot listen on {}", config.listen), e))?;
+    let limits = Limits {
+        max_connections: config.max_connections,
+        max_header_bytes: config.max_header_bytes,
+        header_timeout: config.header_timeout,
+        keepalive_timeout: config.keepalive_timeout,
+    };
+    let (wake, waker) = UnixStream::pair().map_err(|e| Error::Start("signal pipe".into(), e))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let reload = Arc::new(AtomicBool::new(false));
+    register_signals(&waker, &stop, &reload)
+        .map_err(|e| Error::Start("signal handlers".into(), e))?;
+    log::info!("listening on {}", listener.local_addr());
+    log::info!(
+        "{} route(s) from {}; scripts in {}; payloads in {}",
+        config.routes.routes.len(),
+        config.routes.source.as_ref().map_or_else(
+            || "the embedded default".to_string(),
+            |p| p.display().to_string()
+        ),
+        config.scripts_dir.display(),
+        payloads.path().display()
+    );
+    let gateway = Arc::new(Gateway::new(config, payloads, runner));
+    let handler: Arc<dyn http::Handler> = gateway.clone();
+    http::serve(listener, limits, handler, &wake, || {
+        if reload.swap(false, Ordering::SeqCst) {
+            reload_config(&gateway, config_path.as_deref(), &overrides);
+        }
+        if stop.load(Ordering::SeqCst) {
+            log::info!("stopping: no new connections; waiting for requests in flight");
+            Control::Stop
+        } else {
+            Control::Continue
+        }
+    })
+    .map_err(|e| Error::Start("accept loop".into(), e))?;
+    log::info!("stopped");
+    Ok(())
+}
+
+/// Flags first, then the wake-up write: signal-hook runs actions in registration order, so the accept loop
+/// always sees the flag set when it wakes.
+fn register_signals(
+    waker: &UnixStream,
+    stop: &Arc<AtomicBool>,
+    reload: &Arc<AtomicBool>,
+) -> io::Result<()> {
+    signal_hook::flag::register(SIGTERM, Arc::clone(stop))?;
+    signal_hook::flag::register(SIGINT, Arc::clone(stop))?;
+    signal_hook::flag::register(SIGHUP, Arc::clone(reload))?;
+    for signal in [SIGTERM, SIGINT, SIGHUP] {
+        signal_hook::low_level::pipe::register(signal, waker.try_clone()?)?;
+    }
+    Ok(())
+}
+
+fn reload_config(gateway: &Gateway, path: Option<&std::path::Path>, overrides: &Overrides) {
+    let new = match Config::load(path, overrides) {
+        Ok(new) => new,
+        Err(e) => {
+            log::error!("reload failed; still serving with the previous configuration: {e}");
+            return;
+        }
+    };
+    let old = gateway.config();
+    let fixed = [
+        ("listen", old.listen.to_string() != new.listen.to_string()),
+        ("payload_dir", old.payload_dir != new.payload_dir),
+        ("max_running", old.max_running != new.max_running),
+        (
+            "max_connections",
+            old.max_connections != new.max_connections,
+        ),
+        (
+            "max_header_bytes",
+            old.max_header_bytes != new.max_header_bytes,
+        ),
+        ("header_timeout", old.header_timeout != new.header_timeout),
+        (
+            "keepalive_timeout",
+            old.keepalive_timeout != new.keepalive_timeout,
+        ),
+    ];
+    for (key, changed) in fixed {
+        if changed {
+            log::warn!("reload: a change to {key} takes effect only after a restart");
+        }
+    }
+    log::info!("reloaded: {} route(s)", new.routes.routes.len());
+    gateway.replace(new);
+}
+
+/// Descriptors the daemon inherited (from a shell, a supervisor) must not reach scripts: scripts get fds 0-2
+/// only. Everything the daemon opens itself is already close-on-exec (std's default).
+fn close_inherited_on_exec() {
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: close_range only changes descriptor flags; it touches no memory.
+    let done =
+        unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) } == 0;
+    if done {
+        return;
+    }
+    // Kernels before 5.11: mark each open descriptor by hand.
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: setting FD_CLOEXEC on a descriptor number; a stale number fails harmlessly with EBADF.
+        unsafe {
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! Finding a request's event name: an ordered list of [`Source`]s, the first that yields a name wins.
+
+use std::fmt;
+
+use crate::document::{Document, MalformedBody, percent_decode};
+
+/// Where an event name may be found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// The URL path `/hooks/<name>`.
+    Path,
+    /// A request header's value.
+    Header(String),
+    /// GitLab: the body's `/object_kind` when the request carries `X-Gitlab-Event`, else that header's
+    /// value made a name (`Push Hook` → `push`).
+    Gitlab,
+    /// A string at a JSON pointer in a JSON body.
+    Json(String),
+    /// An element's text in an XML body.
+    Xml(String),
+    /// A field of an `application/x-www-form-urlencoded` body.
+    Form(String),
+    /// A query-string parameter.
+    Query(String),
+}
+
+/// The sources tried when the configuration does not set `event`.
+pub fn default_sources() -> Vec<Source> {
+    let mut sources = vec![
+        Source::Path,
+        Source::Header("X-GitHub-Event".into()),
+        Source::Gitlab,
+        Source::Json("/webhook/webhookEvent".into()),
+        Source::Json("/event".into()),
+        Source::Json("/type".into()),
+        Source::Json("/hook_event".into()),
+        Source::Json("/event_name".into()),
+        Source::Json("/object_kind".into()),
+        Source::Xml("/JSSEvent/webhook/webhookEvent".into()),
+    ];
+    for field in ["hook_event", "event_name", "event", "type"] {
+        sources.push(Source::Form(field.into()));
+        sources.push(Source::Query(field.into()));
+    }
+    sources
+}
+
+impl Source {
+    pub fn parse(text: &str) -> Result<Source, String> {
+        let source = match text.split_once(':') {
+            None if text == "path" => Source::Path,
+            None if text == "gitlab" => Source::Gitlab,
+            Some(("header", name)) if is_token(name) => Source::Header(name.into()),
+            Some(("json", path)) if path.starts_with('/') => Source::Json(path.into()),
+            Some(("xml", path)) if path.starts_with('/') && path.len() > 1 => {
+                Source::Xml(path.into())
+            }
+            Some(("form", field)) if !field.is_empty() => Source::Form(field.into()),
+            Some(("query", field)) if !field.is_empty() => Source::Query(field.into()),
+            _ => {
+                return Err(format!(
+                    "invalid event source {text:?}: use path, gitlab, header:NAME, json:/pointer, \
+                     xml:/path, form:FIELD or query:FIELD"
+                ));
+            }
+        };
+        Ok(source)
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Path => f.write_str("path /hooks/<name>"),
+            Source::Header(h) => write!(f, "header {h}"),
+            Source::Gitlab => f.write_str("header X-Gitlab-Event"),
+            Source::Json(p) => write!(f, "JSON {p}"),
+            Source::Xml(p) => write!(f, "XML {p}"),
+            Source::Form(k) => write!(f, "form field {k}"),
+            Source::Query(k) => write!(f, "query parameter {k}"),
+        }
+    }
+}
+
+fn is_token(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// `^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`: safe as a file name and in a log line.
+pub fn is_valid_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    (1..=128).contains(&bytes.len())
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// What event resolution reads from a request.
+pub trait Inputs {
+    fn path(&self) -> &str;
+    fn query(&self) -> &str;
+    fn header(&self, name: &str) -> Option<&str>;
+    /// The parsed body; parsing happens at most once, and only if a source needs it.
+    fn document(&mut self) -> Result<&Document, MalformedBody>;
+}
+
+/// Why no event name could be found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventError {
+    /// No source yielded a name; holds the list of what was looked for.
+    NotFound(String),
+    /// A source yielded a value that is not a valid name.
+    Invalid {
+        source: String,
+        value: String,
+    },
+    Malformed(MalformedBody),
+}
+
+impl fmt::Display for EventError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EventError::NotFound(looked) => write!(f, "no event name found; looked for: {looked}"),
+            EventError::Invalid { source, value } => write!(
+                f,
+                "invalid event name {value:?} from {source}: names are 1-128 of A-Z a-z 0-9 _ . - \
+                 and start with a letter or digit"
+            ),
+            EventError::Malformed(m) => f.write_str(&m.0),
+        }
+    }
+}
+
+pub fn resolve(sources: &[Source], inputs: &mut impl Inputs) -> Result<String, EventError> {
+    for source in sources {
+        if let Some(value) = lookup(source, inputs)? {
+            if is_valid_name(&value) {
+                return Ok(value);
+            }
+            let mut shown: String = value.chars().take(64).collect();
+            if shown.len() < value.len() {
+                shown.push('…');
+            }
+            return Err(EventError::Invalid {
+                source: source.to_string(),
+                value: shown,
+            });
+        }
+    }
+    let looked: Vec<String> = sources.iter().map(Source::to_string).collect();
+    Err(EventError::NotFound(looked.join(", ")))
+}
+
+fn lookup(source: &Source, inputs: &mut impl Inputs) -> Result<Option<String>, EventError> {
+    let found = match source {
+        Source::Path => inputs
+            .path()
+            .strip_prefix("/hooks/")
+            .map(|name| percent_decode(name.as_bytes(), false)),
+        Source::Header(name) => inputs.header(name).map(str::to_string),
+        Source::Gitlab => {
+            let Some(header) = inputs.header("X-Gitlab-Event").map(str::to_string) else {
+                return Ok(None);
+            };
+            let kind = document(inputs)?
+                .json_string("/object_kind")
+                .map(str::to_string);
+            Some(kind.unwrap_or_else(|| gitlab_name(&header)))
+        }
+        Source::Json(pointer) => document(inputs)?.json_string(pointer).map(str::to_string),
+        Source::Xml(path) => document(inputs)?.xml(path).map(str::to_string),
+        Source::Form(field) => document(inputs)?.form(field).map(str::to_string),
+        Source::Query(field) => {
+            let query = crate::document::parse_form(inputs.query().as_bytes());
+            query.into_iter().find(|(k, _)| k == field).map(|(_, v)| v)
+        }
+    };
+    Ok(found)
+}
+
+fn document<I: Inputs>(inputs: &mut I) -> Result<&Document, EventError> {
+    inputs.document().map_err(EventError::Malformed)
+}
+
+/// `Push Hook` → `push`, `Merge Request Hook` → `merge_request`.
+fn gitlab_name(header: &str) -> String {
+    let lower = header.trim().to_ascii_lowercase();
+    let base = lower.strip_suffix(" hook").unwrap_or(&lower);
+    base.split_whitespace().collect::<Vec<_>>().join("_")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::document::Format;
+
+    struct Fake {
+        path: String,
+        query: String,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+        format: Format,
+        parsed: Option<Document>,
+        parses: usize,
+    }
+
+    fn fake(path: &str, headers: &[(&str, &str)], content_type: Option<&str>, body: &[u8]) -> Fake {
+        let (path, query) = path.split_once('?').unwrap_or((path, ""));
+        Fake {
+            path: path.into(),
+            query: query.into(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: body.to_vec(),
+            format: Format::detect(content_type, body),
+            parsed: None,
+            parses: 0,
+        }
+    }
+
+    impl Inputs for Fake {
+        fn path(&self) -> &str {
+            &self.path
+        }
+        fn query(&self) -> &str {
+            &self.query
+        }
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        }
+        fn document(&mut self) -> Result<&Document, MalformedBody> {
+            if self.parsed.is_none() {
+                self.parses += 1;
+                self.parsed = Some(Document::parse(self.format, &self.body)?);
+            }
+            Ok(self.parsed.as_ref().expect("just parsed"))
+        }
+    }
+
+    fn name(mut f: Fake) -> Result<String, EventError> {
+        resolve(&default_sources(), &mut f)
+    }
+
+    fn payload(file: &str) -> Vec<u8> {
+        let path = format!("{}/../shared/payloads/{file}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    #[test]
+    fn real_sender_payloads() {
+        let jamf = payload("jamf-json-ComputerAdded.chook.json");
+        assert_eq!(
+            name(fake("/", &[], Some("application/json"), &jamf)),
+            Ok("ComputerAdded".into())
+        );
+        let jamf_xml = payload("jamf-xml-ComputerAdded.jook-simulator.xml");
+        assert_eq!(
+            name(fake("/", &[], Some("text/xml"), &jamf_xml)),
+            Ok("ComputerAdded".into())
+        );
+        let checkin = payload("jamf-json-ComputerCheckIn.chook.json");
+        assert!(
+            name(fake("/", &[], None, &checkin))
+                .is_ok_and(|n| n.eq_ignore_ascii_case("ComputerCheckIn"))
+        );
+        let github = payload("github-json-ping.json");
+        let gh = fake(
+            "/",
+            &[("X-GitHub-Event", "ping")],
+            Some("application/json"),
+            &github,
+        );
+        assert_eq!(name(gh), Ok("ping".into()));
+        let gitlab = payload("gitlab-json-push.docs.json");
+        let gl = fake(
+            "/",
+            &[("X-Gitlab-Event", "Push Hook")],
+            Some("application/json"),
+            &gitlab,
+        );
+        assert_eq!(name(gl), Ok("push".into()));
+        let sw = payload("standardwebhooks-json-example.event.json");
+        assert_eq!(
+            name(fake("/", &[], Some("application/json"), &sw)),
+            Ok("example.event".into())
+        );
+        let kazoo = br#"{"hook_event":"channel_create","call_id":"x"}"#;
+        assert_eq!(
+            name(fake("/", &[], None, kazoo)),
+            Ok("channel_create".into())
+        );
+    }
+
+    #[test]
+    fn order_path_then_headers_then_body() {
+        let body = br#"{"webhook":{"webhookEvent":"FromBody"}}"#;
+        let f = fake("/hooks/FromPath", &[("X-GitHub-Event", "push")], None, body);
+        assert_eq!(name(f), Ok("FromPath".into()));
+        let f = fake("/", &[("x-github-event", "push")], None, body);
+        assert_eq!(name(f), Ok("push".into()));
+    }
+
+    #[test]
+    fn body_is_not_parsed_when_path_or_header_decides() {
+        let mut f = fake("/hooks/Early", &[], Some("application/json"), b"{broken");
+        assert_eq!(resolve(&default_sources(), &mut f), Ok("Early".into()));
+        assert_eq!(f.parses, 0);
+    }
+
+    #[test]
+    fn scalefusion_event_string_but_not_jamf_event_object() {
+        let sf = br#"{"event":"device.enrolled","data":{}}"#;
+        assert_eq!(name(fake("/", &[], None, sf)), Ok("device.enrolled".into()));
+    }
+
+    #[test]
+    fn kazoo_query_and_form() {
+        assert_eq!(
+            name(fake(
+                "/kazoo?hook_event=channel_answer&call_id=1",
+                &[],
+                None,
+                b""
+            )),
+            Ok("channel_answer".into())
+        );
+        let form = b"event_name=voicemail_new&account_id=abc";
+        let f = fake("/", &[], Some("application/x-www-form-urlencoded"), form);
+        assert_eq!(name(f), Ok("voicemail_new".into()));
+    }
+
+    #[test]
+    fn errors_say_what_was_looked_for() {
+        match name(fake("/", &[], Some("application/json"), b"{\"a\":1}")) {
+            Err(e @ EventError::NotFound(_)) => {
+                let text = e.to_string();
+                assert!(text.contains("JSON /webhook/webhookEvent"), "{text}");
+                assert!(
+                    text.contains("XML /JSSEvent/webhook/webhookEvent"),
+                    "{text}"
+                );
+                assert!(text.contains("header X-GitHub-Event"), "{text}");
+            }
+            other => panic!("expected NotFound, got {other:?}"),
+        }
+        assert!(matches!(
+            name(fake("/hooks/..%2Fetc", &[], None, b"")),
+            Err(EventError::Invalid { .. })
+        ));
+        assert!(matches!(
+            name(fake("/", &[], Some("application/json"), b"{\"webhook\":")),
+            Err(EventError::Malformed(_))
+        ));
+        assert!(matches!(
+            name(fake("/", &[], Some("text/xml"), b"<JSSEvent><webhook>")),
+            Err(EventError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn custom_sources() {
+        let sources: Vec<Source> = ["header:X-Foo", "json:/a/b", "xml:/r/e", "query:f"]
+            .iter()
+            .map(|s| Source::parse(s).expect("valid source"))
+            .collect();
+        let f = fake("/?f=q", &[], None, br#"{"a":{"b":"fromjson"}}"#);
+        assert_eq!(resolve(&sources, &mut { f }), Ok("fromjson".into()));
+        let f = fake("/?f=q", &[("x-foo", "hdr")], None, b"");
+        assert_eq!(resolve(&sources, &mut { f }), Ok("hdr".into()));
+        let f = fake("/?f=q", &[], None, b"<r><e>x1</e></r>");
+        assert_eq!(resolve(&sources, &mut { f }), Ok("x1".into()));
+        for bad in ["", "header:", "json:a", "xml:/", "cookie:x", "form:"] {
+            assert!(Source::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn names() {
+        assert!(is_valid_name("ComputerAdded"));
+        assert!(is_valid_name("device.enrolled"));
+        assert!(is_valid_name(&"a".repeat(128)));
+        for bad in ["", ".hidden", "-x", "a/b", "a b", "é", &"a".repeat(129)] {
+            assert!(!is_valid_name(bad), "{bad:?}");
+        }
+        assert_eq!(gitlab_name("Merge Request Hook"), "merge_request");
+    }
+}

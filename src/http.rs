@@ -1,0 +1,1442 @@
+//! A small HTTP/1.1 server over `std::net` and `httparse`, behind a narrow interface: a [`Handler`] gets a
+//! [`Request`] (head plus a streaming, bounded [`Body`]) and returns a [`Response`]. Nothing outside this
+//! module sees a socket.
+//!
+//! Invariants it keeps:
+//! - the accept loop never ends on an accept error (EMFILE, ECONNABORTED, ...): it logs, backs off, goes on;
+//! - at most `max_connections` connections are open; past that a connection gets a canned 503 and is closed;
+//! - each open connection is served by one worker from a pool that grows up to `max_connections` and never
+//!   shrinks, so no thread is created per request once the pool is warm;
+//! - a client has `header_timeout` to send a head, must then keep its body at a minimum pace, and an idle
+//!   keep-alive connection closes after `keepalive_timeout`: no client can pin a worker;
+//! - heads are bounded in bytes and header count; bodies are framed by one valid `Content-Length` or by
+//!   `chunked` (never both), counted against `max_body`, and never buffered whole here;
+//! - every response carries `X-Request-Id` and `Date`, and every request is logged in one line.
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::config::Listen;
+
+/// The most header fields in one request head (more: 431).
+const MAX_HEADERS: usize = 100;
+/// The longest request line (longer: 414).
+const MAX_REQUEST_LINE: usize = 8 << 10;
+/// The longest chunk-size line, extensions included.
+const MAX_CHUNK_LINE: usize = 1 << 10;
+/// The slowest body a client may send once `header_timeout` has passed, in bytes per second.
+const MIN_BODY_RATE: u64 = 4 << 10;
+/// How long a write to a client may block.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// After answering a request whose body was not read, how much of it to read and discard so the answer is
+/// not lost to a reset (a "lingering close"), and for how long.
+const LINGER_BYTES: u64 = 1 << 20;
+const LINGER_TIME: Duration = Duration::from_secs(2);
+/// A body left unread by the handler is drained this far to keep the connection alive; beyond, it closes.
+const DRAIN_BYTES: u64 = 64 << 10;
+/// Worker threads are small: the request path has no deep recursion (serde_json stops at 128 levels).
+const WORKER_STACK: usize = 512 << 10;
+
+/// Limits the server enforces before a handler sees anything.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
+    pub header_timeout: Duration,
+    pub keepalive_timeout: Duration,
+}
+
+/// The program's side of the interface.
+pub trait Handler: Send + Sync + 'static {
+    /// The largest body to accept now (it may change on reload).
+    fn max_body(&self) -> u64;
+    fn handle(&self, request: &mut Request<'_>) -> Response;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Post,
+    Put,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Post => "POST",
+            Method::Put => "PUT",
+        }
+    }
+}
+
+/// A request as a handler sees it.
+pub struct Request<'c> {
+    /// The request id: the client's `X-Request-Id` (sanitised) or a generated one.
+    pub id: String,
+    pub method: Method,
+    /// The path part of the target, undecoded.
+    pub path: String,
+    /// The query string without `?`, undecoded.
+    pub query: String,
+    pub remote: String,
+    headers: Vec<(String, String)>,
+    pub body: Body<'c>,
+}
+
+impl Request<'_> {
+    /// The first header with this name (ASCII case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What a handler answers.
+#[derive(Debug, Default)]
+pub struct Response {
+    pub status: u16,
+    pub body: Vec<u8>,
+    /// Seconds, for 503.
+    pub retry_after: Option<u32>,
+    /// Close the connection after this response.
+    pub close: bool,
+    /// Extra fields for the request's log line.
+    pub note: String,
+}
+
+impl Response {
+    pub fn json(status: u16, value: &serde_json::Value) -> Response {
+        let mut body = serde_json::to_vec(value).unwrap_or_default();
+        body.push(b'\n');
+        Response {
+            status,
+            body,
+            ..Response::default()
+        }
+    }
+
+    /// An error answer: `{"request_id": .., "error": message}`.
+    pub fn error(status: u16, request_id: &str, message: &str) -> Response {
+        Response::json(
+            status,
+            &serde_json::json!({ "request_id": request_id, "error": message }),
+        )
+    }
+}
+
+/// Why reading a body failed. Carried inside the `io::Error` a [`Body`] read returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyError {
+    TooLarge,
+    Malformed(&'static str),
+    TooSlow,
+    Closed,
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyError::TooLarge => f.write_str("request body is larger than max_body"),
+            BodyError::Malformed(what) => write!(f, "malformed request body: {what}"),
+            BodyError::TooSlow => f.write_str("request body arrived too slowly"),
+            BodyError::Closed => f.write_str("client closed the connection mid-body"),
+        }
+    }
+}
+
+impl std::error::Error for BodyError {}
+
+impl BodyError {
+    /// The body error inside an `io::Error` from [`Body::read`], if it is one.
+    pub fn of(error: &io::Error) -> Option<BodyError> {
+        error.get_ref()?.downcast_ref::<BodyError>().copied()
+    }
+
+    fn into_io(self) -> io::Error {
+        let kind = match self {
+            BodyError::TooSlow => io::ErrorKind::TimedOut,
+            BodyError::Closed => io::ErrorKind::UnexpectedEof,
+            _ => io::ErrorKind::InvalidData,
+        };
+        io::Error::new(kind, self)
+    }
+
+    fn status(self) -> u16 {
+        match self {
+            BodyError::TooLarge => 413,
+            BodyError::Malformed(_) => 400,
+            BodyError::TooSlow => 408,
+            BodyError::Closed => 400,
+        }
+    }
+}
+
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    pub fn bind(listen: &Listen) -> io::Result<Listener> {
+        let listener = match listen {
+            Listen::Tcp(addr) => Listener::Tcp(TcpListener::bind(addr.as_str())?),
+            Listen::Unix(path) => {
+                if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+                    if UnixStream::connect(path).is_ok() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::AddrInUse,
+                            format!("{} is in use by a running server", path.display()),
+                        ));
+                    }
+                    std::fs::remove_file(path)?;
+                }
+                Listener::Unix(UnixListener::bind(path)?, path.clone())
+            }
+        };
+        match &listener {
+            Listener::Tcp(l) => l.set_nonblocking(true)?,
+            Listener::Unix(l, _) => l.set_nonblocking(true)?,
+        }
+        Ok(listener)
+    }
+
+    /// The address actually bound, e.g. `127.0.0.1:41234` for `127.0.0.1:0`.
+    pub fn local_addr(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|e| format!("?({e})"), |a| a.to_string()),
+            Listener::Unix(_, path) => format!("unix:{}", path.display()),
+        }
+    }
+
+    fn accept(&self) -> io::Result<(Stream, String)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, addr) = l.accept()?;
+                // One write per response, but keep-alive clients must never wait on Nagle.
+                let _ = s.set_nodelay(true);
+                Ok((Stream::Tcp(s), addr.to_string()))
+            }
+            Listener::Unix(l, _) => {
+                let (s, _) = l.accept()?;
+                Ok((Stream::Unix(s), "unix".to_string()))
+            }
+        }
+    }
+
+    fn fd(&self) -> RawFd {
+        match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l, _) => l.as_raw_fd(),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_write_timeout(t),
+            Stream::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+
+    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_nonblocking(on),
+            Stream::Unix(s) => s.set_nonblocking(on),
+        }
+    }
+
+    fn shutdown_write(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Write),
+            Stream::Unix(s) => s.shutdown(Shutdown::Write),
+        };
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A connection with its read buffer. Bytes past one request's head and body stay buffered for the next
+/// request on the connection (pipelining).
+struct Conn {
+    stream: Stream,
+    remote: String,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+/// Why reading from a client stopped.
+enum ReadStop {
+    Eof,
+    Timeout,
+    Io,
+}
+
+impl Conn {
+    fn new(stream: Stream, remote: String, capacity: usize) -> Conn {
+        Conn {
+            stream,
+            remote,
+            buf: vec![0; capacity],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    fn buffered(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Reads more into the buffer before `deadline`; Ok(n > 0) or why not.
+    fn fill(&mut self, deadline: Instant) -> Result<usize, ReadStop> {
+        if self.end == self.buf.len() {
+            if self.start == 0 {
+                return Ok(0);
+            }
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ReadStop::Timeout);
+            }
+            self.stream
+                .set_read_timeout(Some(left))
+                .map_err(|_| ReadStop::Io)?;
+            match self.stream.read(&mut self.buf[self.end..]) {
+                Ok(0) => return Err(ReadStop::Eof),
+                Ok(n) => {
+                    self.end += n;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(ReadStop::Timeout);
+                }
+                Err(_) => return Err(ReadStop::Io),
+            }
+        }
+    }
+
+    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        self.stream.write_all(data)
+    }
+
+    /// Reads and discards what the client still sends, within bounds, so that closing does not reset the
+    /// connection before the client has read our answer.
+    fn linger(mut self) {
+        self.stream.shutdown_write();
+        let deadline = Instant::now() + LINGER_TIME;
+        let mut discarded = 0u64;
+        while discarded < LINGER_BYTES {
+            self.start = 0;
+            self.end = 0;
+            match self.fill(deadline) {
+                Ok(n) => discarded += n as u64,
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+/// How a request's body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Length(u64),
+    Chunked,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+/// A request body as a stream. Reads enforce `max_body` and the minimum pace; a read error leaves the
+/// connection unusable, and the server closes it after answering.
+pub struct Body<'c> {
+    conn: &'c mut Conn,
+    framing: Framing,
+    chunk: ChunkState,
+    remaining: u64,
+    received: u64,
+    max: u64,
+    start: Instant,
+    grace: Duration,
+    send_continue: bool,
+    done: bool,
+    /// Set by the first read error; the connection cannot be reused after it.
+    failure: Option<BodyError>,
+    trailer_bytes: usize,
+    max_trailer_bytes: usize,
+}
+
+impl Body<'_> {
+    /// Bytes of body read so far.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    fn deadline(&self) -> Instant {
+        self.start
+            + self.grace
+            + Duration::from_millis(self.received.saturating_mul(1000) / MIN_BODY_RATE)
+    }
+
+    fn fill(&mut self) -> io::Result<()> {
+        if self.send_continue {
+            self.send_continue = false;
+            if self.conn.buffered().is_empty() {
+                self.conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+            }
+        }
+        match self.conn.fill(self.deadline()) {
+            Ok(_) => Ok(()),
+            Err(ReadStop::Timeout) => Err(self.fail(BodyError::TooSlow)),
+            Err(_) => Err(self.fail(BodyError::Closed)),
+        }
+    }
+
+    fn fail(&mut self, error: BodyError) -> io::Error {
+        self.failure = Some(error);
+        error.into_io()
+    }
+
+    /// One line of a chunked body (chunk size or trailer), without its CRLF.
+    fn line(&mut self, max: usize) -> io::Result<Vec<u8>> {
+        loop {
+            if let Some(nl) = self.conn.buffered().iter().position(|&b| b == b'\n') {
+                if nl > max {
+                    return Err(self.fail(BodyError::Malformed("chunk line too long")));
+                }
+                let mut line = self.conn.buffered()[..nl].to_vec();
+                self.conn.consume(nl + 1);
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                return Ok(line);
+            }
+            if self.conn.buffered().len() > max {
+                return Err(self.fail(BodyError::Malformed("chunk line too long")));
+            }
+            self.fill()?;
+        }
+    }
+
+    fn copy_out(&mut self, out: &mut [u8], limit: u64) -> io::Result<usize> {
+        if self.conn.buffered().is_empty() {
+            self.fill()?;
+        }
+        let n = self
+            .conn
+            .buffered()
+            .len()
+            .min(out.len())
+            .min(usize::try_from(limit).unwrap_or(usize::MAX));
+        out[..n].copy_from_slice(&self.conn.buffered()[..n]);
+        self.conn.consume(n);
+        self.received += n as u64;
+        Ok(n)
+    }
+
+    fn read_chunked(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.chunk {
+                ChunkState::Size => {
+                    let line = self.line(MAX_CHUNK_LINE)?;
+                    let size = parse_chunk_size(&line)
+                        .ok_or_else(|| self.fail(BodyError::Malformed("bad chunk size")))?;
+                    if size == 0 {
+                        self.chunk = ChunkState::Trailers;
+                    } else if self.received.saturating_add(size) > self.max {
+                        return Err(self.fail(BodyError::TooLarge));
+                    } else {
+                        self.chunk = ChunkState::Data(size);
+                    }
+                }
+                ChunkState::Data(left) => {
+                    let n = self.copy_out(out, left)?;
+                    self.chunk = if n as u64 == left {
+                        ChunkState::DataEnd
+                    } else {
+                        ChunkState::Data(left - n as u64)
+                    };
+                    return Ok(n);
+                }
+                ChunkState::DataEnd => {
+                    if !self.line(0)?.is_empty() {
+                        return Err(
+                            self.fail(BodyError::Malformed("chunk data longer than its size"))
+                        );
+                    }
+                    self.chunk = ChunkState::Size;
+                }
+                ChunkState::Trailers => {
+                    let line = self.line(self.max_trailer_bytes)?;
+                    self.trailer_bytes += line.len() + 2;
+                    if self.trailer_bytes > self.max_trailer_bytes {
+                        return Err(self.fail(BodyError::Malformed("trailers too large")));
+                    }
+                    if line.is_empty() {
+                        self.done = true;
+                        return Ok(0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Read for Body<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.done || out.is_empty() {
+            return Ok(0);
+        }
+        if let Some(failure) = self.failure {
+            return Err(failure.into_io());
+        }
+        match self.framing {
+            Framing::Length(_) if self.remaining == 0 => {
+                self.done = true;
+                Ok(0)
+            }
+            Framing::Length(_) => {
+                let n = self.copy_out(out, self.remaining)?;
+                self.remaining -= n as u64;
+                Ok(n)
+            }
+            Framing::Chunked => self.read_chunked(out),
+        }
+    }
+}
+
+fn parse_chunk_size(line: &[u8]) -> Option<u64> {
+    let end = line.iter().position(|&b| b == b';').unwrap_or(line.len());
+    let digits = line[..end].trim_ascii_end();
+    if digits.is_empty() || digits.len() > 16 {
+        return None;
+    }
+    let text = std::str::from_utf8(digits).ok()?;
+    u64::from_str_radix(text, 16)
+        .ok()
+        .filter(|_| text.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// A parsed request head.
+#[derive(Debug)]
+struct Head {
+    method: String,
+    target: String,
+    http10: bool,
+    headers: Vec<(String, String)>,
+}
+
+impl Head {
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.headers
+            .iter()
+            .filter(move |(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn has_token(&self, name: &str, token: &str) -> bool {
+        self.values(name)
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    }
+
+    fn keep_alive(&self) -> bool {
+        if self.http10 {
+            self.has_token("Connection", "keep-alive")
+        } else {
+            !self.has_token("Connection", "close")
+        }
+    }
+
+    /// The body's framing, or the status and reason to refuse it with.
+    fn framing(&self, max_body: u64) -> Result<Framing, (u16, &'static str)> {
+        let te: Vec<&str> = self.values("Transfer-Encoding").collect();
+        let has_cl = self.values("Content-Length").next().is_some();
+        if !te.is_empty() {
+            if has_cl {
+                return Err((400, "both Transfer-Encoding and Content-Length"));
+            }
+            let codings: Vec<&str> = te
+                .iter()
+                .flat_map(|v| v.split(','))
+                .map(str::trim)
+                .collect();
+            if codings.len() != 1 || !codings[0].eq_ignore_ascii_case("chunked") {
+                return Err((
+                    400,
+                    "unsupported Transfer-Encoding: only chunked is accepted",
+                ));
+            }
+            return Ok(Framing::Chunked);
+        }
+        let mut length: Option<u64> = None;
+        for value in self.values("Content-Length").flat_map(|v| v.split(',')) {
+            let value = value.trim();
+            if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+                return Err((400, "invalid Content-Length"));
+            }
+            // All digits but too big for u64: certainly over any max_body.
+            let n = value.parse::<u64>().unwrap_or(u64::MAX);
+            if length.is_some_and(|l| l != n) {
+                return Err((400, "conflicting Content-Length values"));
+            }
+            length = Some(n);
+        }
+        match length {
+            Some(n) if n > max_body => Err((413, "request body is larger than max_body")),
+            Some(n) => Ok(Framing::Length(n)),
+            None => Ok(Framing::Length(0)),
+        }
+    }
+}
+
+enum HeadError {
+    /// Closed or timed out before any byte: nothing to answer.
+    Quiet,
+    Status(u16, &'static str),
+}
+
+fn read_head(conn: &mut Conn, limits: &Limits, deadline: Instant) -> Result<Head, HeadError> {
+    loop {
+        let buffered = conn.buffered();
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Request::new(&mut headers);
+        match parsed.parse(buffered) {
+            Ok(httparse::Status::Complete(len)) => {
+                if len > limits.max_header_bytes {
+                    return Err(HeadError::Status(431, "request head too large"));
+                }
+                let head = Head {
+                    method: parsed.method.unwrap_or_default().to_string(),
+                    target: parsed.path.unwrap_or_default().to_string(),
+                    http10: parsed.version == Some(0),
+                    headers: parsed
+                        .headers
+                        .iter()
+                        .map(|h| {
+                            (
+                                h.name.to_string(),
+                                String::from_utf8_lossy(h.value).into_owned(),
+                            )
+                        })
+                        .collect(),
+                };
+                conn.consume(len);
+                return Ok(head);
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(HeadError::Status(431, "too many header fields"));
+            }
+            Err(_) => return Err(HeadError::Status(400, "malformed request head")),
+        }
+        if !buffered
+            .iter()
+            .take(MAX_REQUEST_LINE + 1)
+            .any(|&b| b == b'\n')
+            && buffered.len() > MAX_REQUEST_LINE
+        {
+            return Err(HeadError::Status(414, "request line too long"));
+        }
+        if buffered.len() >= limits.max_header_bytes {
+            return Err(HeadError::Status(431, "request head too large"));
+        }
+        let had_bytes = !buffered.is_empty();
+        match conn.fill(deadline) {
+            Ok(_) => {}
+            Err(ReadStop::Timeout) if had_bytes => {
+                return Err(HeadError::Status(408, "request head not received in time"));
+            }
+            Err(_) => return Err(HeadError::Quiet),
+        }
+    }
+}
+
+/// Request ids: a random per-process prefix and a counter.
+struct Ids {
+    prefix: u32,
+    next: AtomicU64,
+}
+
+impl Ids {
+    fn new() -> Ids {
+        let mut seed = [0u8; 4];
+        let random = File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut seed))
+            .is_ok();
+        let prefix = if random {
+            u32::from_ne_bytes(seed)
+        } else {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos())
+        };
+        Ids {
+            prefix,
+            next: AtomicU64::new(1),
+        }
+    }
+
+    fn next(&self) -> String {
+        format!(
+            "{:08x}-{}",
+            self.prefix,
+            self.next.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// The client's id if it is usable: `[A-Za-z0-9._:-]`, at most 64 characters.
+    fn pick(&self, given: Option<&str>) -> String {
+        let clean: String = given
+            .unwrap_or("")
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'))
+            .take(64)
+            .collect();
+        if clean.is_empty() { self.next() } else { clean }
+    }
+}
+
+struct Shared {
+    limits: Limits,
+    handler: Arc<dyn Handler>,
+    ids: Ids,
+    open: AtomicUsize,
+    stopping: AtomicBool,
+    in_flight: Mutex<usize>,
+    idle: Condvar,
+    pool: Mutex<PoolState>,
+    work: Condvar,
+}
+
+struct PoolState {
+    queue: VecDeque<Conn>,
+    idle: usize,
+    workers: usize,
+}
+
+/// Counts a request as in flight until dropped, so shutdown can wait for it.
+struct InFlight<'a>(&'a Shared);
+
+impl<'a> InFlight<'a> {
+    fn enter(shared: &'a Shared) -> InFlight<'a> {
+        *shared.in_flight.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        InFlight(shared)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut n = self.0.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        *n -= 1;
+        if *n == 0 {
+            self.0.idle.notify_all();
+        }
+    }
+}
+
+/// What the accept loop does when woken by the control descriptor.
+pub enum Control {
+    Continue,
+    Stop,
+}
+
+/// Runs the server until `on_wake` (called when `wake` becomes readable) says stop; then stops accepting,
+/// lets in-flight requests finish, and returns.
+pub fn serve(
+    listener: Listener,
+    limits: Limits,
+    handler: Arc<dyn Handler>,
+    wake: &UnixStream,
+    mut on_wake: impl FnMut() -> Control,
+) -> io::Result<()> {
+    let shared = Arc::new(Shared {
+        limits,
+        handler,
+        ids: Ids::new(),
+        open: AtomicUsize::new(0),
+        stopping: AtomicBool::new(false),
+        in_flight: Mutex::new(0),
+        idle: Condvar::new(),
+        pool: Mutex::new(PoolState {
+            queue: VecDeque::new(),
+            idle: 0,
+            workers: 0,
+        }),
+        work: Condvar::new(),
+    });
+    wake.set_nonblocking(true)?;
+    let mut reserve = File::open("/dev/null").ok();
+    let mut errors = RateLimit::new();
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: listener.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+            continue;
+        }
+        if fds[1].revents != 0 {
+            let mut drain = [0u8; 64];
+            while matches!((&*wake).read(&mut drain), Ok(n) if n > 0) {}
+            if let Control::Stop = on_wake() {
+                break;
+            }
+        }
+        if fds[0].revents != 0 {
+            accept_ready(&listener, &shared, &mut reserve, &mut errors);
+        }
+    }
+    shared.stopping.store(true, Ordering::SeqCst);
+    drop(listener);
+    let mut n = shared.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+    while *n > 0 {
+        n = shared.idle.wait(n).unwrap_or_else(|e| e.into_inner());
+    }
+    Ok(())
+}
+
+/// Accepts every pending connection. Errors never end the loop: out of descriptors, the reserve descriptor is
+/// released to accept one connection and answer it 503, then the loop backs off briefly.
+fn accept_ready(
+    listener: &Listener,
+    shared: &Arc<Shared>,
+    reserve: &mut Option<File>,
+    errors: &mut RateLimit,
+) {
+    loop {
+        match listener.accept() {
+            Ok((stream, remote)) => {
+                if shared.open.load(Ordering::SeqCst) >= shared.limits.max_connections {
+                    reject_busy(stream, &shared.ids, &remote, "too many open connections");
+                    continue;
+                }
+                shared.open.fetch_add(1, Ordering::SeqCst);
+                let conn = Conn::new(
+                    stream,
+                    remote,
+                    shared.limits.max_header_bytes.max(8 << 10) + 1,
+                );
+                submit(shared, conn);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO)
+                ) =>
+            {
+                continue;
+            }
+            Err(e) => {
+                if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                    *reserve = None;
+                    if let Ok((stream, remote)) = listener.accept() {
+                        reject_busy(stream, &shared.ids, &remote, "out of file descriptors");
+                    }
+                    *reserve = File::open("/dev/null").ok();
+                }
+                errors.log(&format!("accept failed: {e}; backing off"));
+                std::thread::sleep(Duration::from_millis(20));
+                return;
+            }
+        }
+    }
+}
+
+fn reject_busy(mut stream: Stream, ids: &Ids, remote: &str, why: &str) {
+    let id = ids.next();
+    let body =
+        format!("{{\"request_id\":\"{id}\",\"error\":\"server busy: {why}; retry later\"}}\n");
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nDate: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         X-Request-Id: {id}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{body}",
+        http_date(SystemTime::now()),
+        body.len()
+    );
+    // Never block the accept loop on a client: one non-blocking write, then close.
+    let _ = stream.set_nonblocking(true);
+    let _ = stream.write(response.as_bytes());
+    log::warn!("{id} {remote} - - status=503 ({why})");
+}
+
+struct RateLimit {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    fn new() -> RateLimit {
+        RateLimit {
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    fn log(&mut self, message: &str) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            self.suppressed += 1;
+            return;
+        }
+        if self.suppressed > 0 {
+            log::error!(
+                "{message} ({} similar messages suppressed)",
+                self.suppressed
+            );
+        } else {
+            log::error!("{message}");
+        }
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
+}
+
+fn submit(shared: &Arc<Shared>, conn: Conn) {
+    let mut pool = shared.pool.lock().unwrap_or_else(|e| e.into_inner());
+    pool.queue.push_back(conn);
+    if pool.idle < pool.queue.len() && pool.workers < shared.limits.max_connections {
+        let worker = Arc::clone(shared);
+        let spawned = std::thread::Builder::new()
+            .name("hookrunner-worker".into())
+            .stack_size(WORKER_STACK)
+            .spawn(move || work(&worker));
+        match spawned {
+            Ok(_) => pool.workers += 1,
+            // The connection stays queued for the next free worker.
+            Err(e) => log::error!("cannot start a worker thread: {e}"),
+        }
+    }
+    shared.work.notify_one();
+}
+
+fn work(shared: &Shared) {
+    loop {
+        let conn = {
+            let mut pool = shared.pool.lock().unwrap_or_else(|e| e.into_inner());
+            pool.idle += 1;
+            let mut pool = shared
+                .work
+                .wait_while(pool, |p| p.queue.is_empty())
+                .unwrap_or_else(|e| e.into_inner());
+            pool.idle -= 1;
+            pool.queue.pop_front()
+        };
+        let Some(conn) = conn else { continue };
+        // A bug must cost one connection, not a worker: the pool would shrink and the open count leak.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            serve_connection(shared, conn)
+        }));
+        if outcome.is_err() {
+            log::error!("a connection handler panicked; the connection was closed");
+        }
+        shared.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What to do with a connection after a request.
+enum Next {
+    KeepAlive,
+    Close,
+    /// Close, but first read and discard what the client still sends (its body was not read).
+    Linger,
+}
+
+fn serve_connection(shared: &Shared, mut conn: Conn) {
+    let mut wait = shared.limits.header_timeout;
+    loop {
+        if conn.buffered().is_empty() && conn.fill(Instant::now() + wait).is_err() {
+            return;
+        }
+        wait = shared.limits.keepalive_timeout;
+        match serve_request(shared, &mut conn) {
+            Next::KeepAlive => {}
+            Next::Close => return,
+            Next::Linger => return conn.linger(),
+        }
+    }
+}
+
+/// Serves one request whose first bytes are buffered.
+fn serve_request(shared: &Shared, conn: &mut Conn) -> Next {
+    let started = Instant::now();
+    let _in_flight = InFlight::enter(shared);
+    let head = match read_head(conn, &shared.limits, started + shared.limits.header_timeout) {
+        Ok(head) => head,
+        Err(HeadError::Quiet) => return Next::Close,
+        Err(HeadError::Status(status, why)) => {
+            let id = shared.ids.next();
+            finish(
+                conn,
+                &id,
+                "-",
+                "-",
+                started,
+                Response::error(status, &id, why),
+                true,
+            );
+            return Next::Linger;
+        }
+    };
+    let id = shared.ids.pick(head.values("X-Request-Id").next());
+    let (path, query) = head.target.split_once('?').unwrap_or((&head.target, ""));
+    let (path, query) = (path.to_string(), query.to_string());
+    let max_body = shared.handler.max_body();
+    let method = match head.method.as_str() {
+        "GET" => Some(Method::Get),
+        "POST" => Some(Method::Post),
+        "PUT" => Some(Method::Put),
+        _ => None,
+    };
+    let accepted = match (method, head.framing(max_body)) {
+        (_, Err((status, why))) => Err((status, why.to_string())),
+        (None, _) => Err((
+            405,
+            format!("method {} not allowed; use GET, POST or PUT", head.method),
+        )),
+        _ if shared.stopping.load(Ordering::SeqCst) => {
+            Err((503, "shutting down; retry later".to_string()))
+        }
+        (Some(method), Ok(framing)) => Ok((method, framing)),
+    };
+    let (method, framing) = match accepted {
+        Ok(accepted) => accepted,
+        Err((status, why)) => {
+            let mut response = Response::error(status, &id, &why);
+            if status == 503 {
+                response.retry_after = Some(1);
+            }
+            finish(conn, &id, &head.method, &path, started, response, true);
+            return Next::Linger;
+        }
+    };
+    let keep_alive = head.keep_alive();
+    let send_continue = !head.http10 && head.has_token("Expect", "100-continue");
+    let mut request = Request {
+        id,
+        method,
+        path,
+        query,
+        remote: conn.remote.clone(),
+        headers: head.headers,
+        body: Body {
+            framing,
+            chunk: ChunkState::Size,
+            remaining: match framing {
+                Framing::Length(n) => n,
+                Framing::Chunked => 0,
+            },
+            received: 0,
+            max: max_body,
+            start: Instant::now(),
+            grace: shared.limits.header_timeout,
+            send_continue,
+            done: false,
+            failure: None,
+            trailer_bytes: 0,
+            max_trailer_bytes: shared.limits.max_header_bytes,
+            conn,
+        },
+    };
+    let mut response = shared.handler.handle(&mut request);
+    let drained = drain(&mut request.body);
+    let Request { id, path, .. } = request;
+    if let Drained::Failed(error) = drained {
+        // The handler may have answered generically; the body's own failure is the truth.
+        if response.status < 400 || response.status == 500 {
+            response = Response::error(error.status(), &id, &error.to_string());
+        }
+    }
+    let close = response.close
+        || drained != Drained::Complete
+        || shared.stopping.load(Ordering::SeqCst)
+        || !keep_alive;
+    if !finish(conn, &id, method.as_str(), &path, started, response, close) {
+        return Next::Close;
+    }
+    match drained {
+        Drained::Complete if !close => Next::KeepAlive,
+        Drained::Complete => Next::Close,
+        Drained::Unread => Next::Linger,
+        Drained::Failed(_) => Next::Close,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drained {
+    Complete,
+    /// More than `DRAIN_BYTES` were left unread.
+    Unread,
+    Failed(BodyError),
+}
+
+/// Reads what the handler left of the body, up to `DRAIN_BYTES`, so the connection can be reused.
+fn drain(body: &mut Body<'_>) -> Drained {
+    if let Some(failure) = body.failure {
+        return Drained::Failed(failure);
+    }
+    let mut scratch = [0u8; 8 << 10];
+    let mut left = DRAIN_BYTES;
+    while !body.done {
+        if left == 0 {
+            return Drained::Unread;
+        }
+        let want = scratch
+            .len()
+            .min(usize::try_from(left).unwrap_or(usize::MAX));
+        // A handler that did not read the body did not ask for it: no 100 Continue for a drain.
+        body.send_continue = false;
+        match body.read(&mut scratch[..want]) {
+            Ok(n) => left = left.saturating_sub(n as u64),
+            Err(e) => return Drained::Failed(BodyError::of(&e).unwrap_or(BodyError::Closed)),
+        }
+    }
+    Drained::Complete
+}
+
+/// Writes the response and logs the request's line. False when the client could not be written to.
+fn finish(
+    conn: &mut Conn,
+    id: &str,
+    method: &str,
+    path: &str,
+    started: Instant,
+    response: Response,
+    close: bool,
+) -> bool {
+    let mut head = String::with_capacity(256);
+    let _ = write!(
+        head,
+        "HTTP/1.1 {} {}\r\nDate: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Request-Id: {id}\r\n",
+        response.status,
+        reason(response.status),
+        http_date(SystemTime::now()),
+        response.body.len()
+    );
+    if let Some(seconds) = response.retry_after {
+        let _ = write!(head, "Retry-After: {seconds}\r\n");
+    }
+    if response.status == 405 {
+        head.push_str("Allow: GET, POST, PUT\r\n");
+    }
+    head.push_str(if close {
+        "Connection: close\r\n\r\n"
+    } else {
+        "Connection: keep-alive\r\n\r\n"
+    });
+    let mut out = head.into_bytes();
+    out.extend_from_slice(&response.body);
+    let _ = conn.stream.set_write_timeout(Some(WRITE_TIMEOUT));
+    let written = conn.write_all(&out);
+    let elapsed = started.elapsed();
+    let path: String = path.chars().take(200).collect();
+    log::info!(
+        "{id} {} {method} {path}{} status={} time={:.1}ms{}",
+        conn.remote,
+        response.note,
+        response.status,
+        elapsed.as_secs_f64() * 1000.0,
+        if written.is_err() {
+            " (client gone before the answer)"
+        } else {
+            ""
+        }
+    );
+    written.is_ok()
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
+        414 => "URI Too Long",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "",
+    }
+}
+
+/// An IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), cached per thread for the current second.
+pub fn http_date(now: SystemTime) -> String {
+    thread_local! {
+        static CACHE: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
+    }
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHE.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if cache.0 != secs {
+            *cache = (secs, format_http_date(secs));
+        }
+        cache.1.clone()
+    })
+}
+
+fn format_http_date(secs: u64) -> String {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let days = secs / 86_400;
+    let (year, month, day) = civil_from_days(days as i64);
+    let rem = secs % 86_400;
+    format!(
+        "{}, {:02} {} {} {:02}:{:02}:{:02} GMT",
+        DAYS[(days % 7) as usize],
+        day,
+        MONTHS[(month - 1) as usize],
+        year,
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar (Howard Hinnant's
+/// published algorithm).
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(headers: &[(&str, &str)]) -> Head {
+        Head {
+            method: "POST".into(),
+            target: "/".into(),
+            http10: false,
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn framing_rules() {
+        assert_eq!(head(&[]).framing(10), Ok(Framing::Length(0)));
+        assert_eq!(
+            head(&[("Content-Length", "5")]).framing(10),
+            Ok(Framing::Length(5))
+        );
+        assert_eq!(
+            head(&[("content-length", "5"), ("Content-Length", "5")]).framing(10),
+            Ok(Framing::Length(5))
+        );
+        assert_eq!(
+            head(&[("Content-Length", "5, 5")]).framing(10),
+            Ok(Framing::Length(5))
+        );
+        assert_eq!(
+            head(&[("Transfer-Encoding", "Chunked")]).framing(10),
+            Ok(Framing::Chunked)
+        );
+        assert_eq!(
+            head(&[("Content-Length", "11")])
+                .framing(10)
+                .map_err(|e| e.0),
+            Err(413)
+        );
+        assert_eq!(
+            head(&[("Content-Length", "1099511627776")])
+                .framing(10)
+                .map_err(|e| e.0),
+            Err(413)
+        );
+        assert_eq!(
+            head(&[("Content-Length", "99999999999999999999999")])
+                .framing(10)
+                .map_err(|e| e.0),
+            Err(413)
+        );
+        for bad in [
+            vec![("Content-Length", "5"), ("Content-Length", "6")],
+            vec![("Content-Length", "-1")],
+            vec![("Content-Length", "+5")],
+            vec![("Content-Length", "")],
+            vec![("Content-Length", "0x10")],
+            vec![("Content-Length", "5"), ("Transfer-Encoding", "chunked")],
+            vec![("Transfer-Encoding", "gzip, chunked")],
+            vec![("Transfer-Encoding", "identity")],
+        ] {
+            assert_eq!(head(&bad).framing(10).map_err(|e| e.0), Err(400), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn keep_alive_rules() {
+        assert!(head(&[]).keep_alive());
+        assert!(!head(&[("Connection", "close")]).keep_alive());
+        assert!(!head(&[("Connection", "TE, Close")]).keep_alive());
+        let mut old = head(&[]);
+        old.http10 = true;
+        assert!(!old.keep_alive());
+        old.headers.push(("Connection".into(), "Keep-Alive".into()));
+        assert!(old.keep_alive());
+    }
+
+    #[test]
+    fn chunk_sizes() {
+        assert_eq!(parse_chunk_size(b"1a"), Some(26));
+        assert_eq!(parse_chunk_size(b"0"), Some(0));
+        assert_eq!(parse_chunk_size(b"A;name=value"), Some(10));
+        assert_eq!(parse_chunk_size(b"ffffffffffffffff"), Some(u64::MAX));
+        for bad in [
+            &b""[..],
+            b"g",
+            b"+1",
+            b"-1",
+            b"1 2",
+            b"10000000000000000",
+            b" 1",
+        ] {
+            assert_eq!(
+                parse_chunk_size(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(
+            format_http_date(784_111_777),
+            "Sun, 06 Nov 1994 08:49:37 GMT"
+        );
+        assert_eq!(format_http_date(0), "Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(
+            format_http_date(951_782_400),
+            "Tue, 29 Feb 2000 00:00:00 GMT"
+        );
+        assert_eq!(
+            format_http_date(1_798_761_599),
+            "Thu, 31 Dec 2026 23:59:59 GMT"
+        );
+    }
+
+    #[test]
+    fn request_ids() {
+        let ids = Ids::new();
+        assert_ne!(ids.next(), ids.next());
+        assert_eq!(ids.pick(Some("abc-123")), "abc-123");
+        assert_eq!(ids.pick(Some("a b\r\n<c>")), "abc");
+        assert_eq!(ids.pick(Some(&"x".repeat(500))).len(), 64);
+        assert!(
+            ids.pick(Some("\u{1F600}")).contains('-'),
+            "unusable ids are replaced"
+        );
+    }
+}

@@ -1,0 +1,17 @@
+//! hookrunner: a hardened webhook → script gateway. See ARCHITECTURE.md for the map of modules.
+
+mod cli;
+mod config;
+mod daemon;
+mod document;
+mod event;
+mod gateway;
+mod http;
+mod logging;
+mod payload;
+mod routes;
+mod runner;
+
+fn main() -> std::process::ExitCode {
+    cli::run()
+}

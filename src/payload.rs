@@ -1,0 +1,194 @@
+//! Payload files: each request's raw body in its own 0600 file, in a private 0700 directory that one daemon
+//! owns (an exclusive `flock` on `.lock`), removed when the request ends whatever happened.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const LOCK_FILE: &str = ".lock";
+
+#[derive(Debug)]
+pub struct PayloadDir {
+    path: PathBuf,
+    next: AtomicU64,
+    /// Held for the daemon's lifetime: the flock on it marks the directory as ours.
+    _lock: File,
+}
+
+impl PayloadDir {
+    /// Creates (or adopts) the directory, takes its lock, and removes files a crashed run left behind.
+    pub fn open(path: &Path) -> io::Result<PayloadDir> {
+        let context = |what: &str, e: io::Error| {
+            io::Error::new(
+                e.kind(),
+                format!("payload_dir {}: {what}: {e}", path.display()),
+            )
+        };
+        match fs::DirBuilder::new().mode(0o700).create(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(context("cannot create", e)),
+        }
+        let meta = fs::symlink_metadata(path).map_err(|e| context("cannot stat", e))?;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        if !meta.is_dir() || meta.uid() != euid {
+            return Err(io::Error::other(format!(
+                "payload_dir {} must be a directory owned by uid {euid}",
+                path.display()
+            )));
+        }
+        if meta.mode() & 0o077 != 0 {
+            fs::set_permissions(path, fs::Permissions::from_mode(0o700))
+                .map_err(|e| context("cannot chmod 0700", e))?;
+        }
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(path.join(LOCK_FILE))
+            .map_err(|e| context("cannot open lock file", e))?;
+        // SAFETY: flock on a file descriptor we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(io::Error::other(format!(
+                "payload_dir {} is in use by another hookrunner; give each daemon its own payload_dir",
+                path.display()
+            )));
+        }
+        let dir = PayloadDir {
+            path: path.to_path_buf(),
+            next: AtomicU64::new(0),
+            _lock: lock,
+        };
+        let stale = dir.remove_stale().map_err(|e| context("cannot clean", e))?;
+        if stale > 0 {
+            log::warn!(
+                "removed {stale} stale payload file(s) from {}",
+                path.display()
+            );
+        }
+        Ok(dir)
+    }
+
+    fn remove_stale(&self) -> io::Result<usize> {
+        let mut removed = 0;
+        for entry in fs::read_dir(&self.path)? {
+            let entry = entry?;
+            if entry.file_name() != LOCK_FILE {
+                fs::remove_file(entry.path())?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A new, empty payload file. Names are a counter: the directory is ours alone and emptied at start, and
+    /// `create_new` would refuse a clash rather than share a file.
+    pub fn create(&self) -> io::Result<Payload> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let path = self.path.join(format!("payload-{n}"));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        Ok(Payload {
+            path,
+            file: Some(file),
+        })
+    }
+}
+
+/// A payload file, removed on drop.
+#[derive(Debug)]
+pub struct Payload {
+    path: PathBuf,
+    file: Option<File>,
+}
+
+impl Payload {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Closes the file so the script sees it complete and does not inherit it.
+    pub fn finish(&mut self) -> io::Result<()> {
+        match self.file.take() {
+            Some(mut file) => file.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Write for Payload {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match &mut self.file {
+            Some(file) => file.write(buf),
+            None => Err(io::Error::other("payload file already finished")),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for Payload {
+    fn drop(&mut self) {
+        self.file = None;
+        if let Err(e) = fs::remove_file(&self.path) {
+            log::error!("cannot remove payload file {}: {e}", self.path.display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_unique_files_removed_on_drop_and_stale_ones_at_open() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir_path = tmp.path().join("payloads");
+        let first;
+        {
+            let dir = PayloadDir::open(&dir_path).expect("open");
+            assert_eq!(fs::metadata(&dir_path).expect("stat").mode() & 0o777, 0o700);
+            assert!(
+                PayloadDir::open(&dir_path).is_err(),
+                "a second daemon is refused"
+            );
+            let mut a = dir.create().expect("create a");
+            let b = dir.create().expect("create b");
+            assert_ne!(a.path(), b.path());
+            a.write_all(b"body").expect("write");
+            a.finish().expect("finish");
+            assert_eq!(fs::read(a.path()).expect("read"), b"body");
+            assert_eq!(fs::metadata(a.path()).expect("stat").mode() & 0o777, 0o600);
+            first = a.path().to_path_buf();
+            drop(a);
+            assert!(!first.exists());
+            std::mem::forget(b); // as if the daemon crashed mid-request
+        }
+        assert_eq!(
+            fs::read_dir(&dir_path).expect("ls").count(),
+            2,
+            "lock + stale file"
+        );
+        let _dir = PayloadDir::open(&dir_path).expect("reopen");
+        let left: Vec<_> = fs::read_dir(&dir_path)
+            .expect("ls")
+            .filter_map(Result::ok)
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from(LOCK_FILE)]);
+    }
+}

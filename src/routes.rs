@@ -1,0 +1,618 @@
+//! The routing table: which script runs for which event.
+//!
+//! The file is line-based: `EVENT-PATTERN SCRIPT [OPTION ...]`, `#` starts a comment, a token may contain
+//! double-quoted parts (`/event/deviceName="Charly's iMac"`) with `\"` and `\\` escapes. The first line whose
+//! pattern matches the event (ASCII case-insensitively), whose field filters all hold and whose script exists,
+//! wins. Parsing is pure ([`parse_lines`]); checking the scripts on disk is a second step.
+
+use std::fmt;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::config::{ConfigError, parse_duration};
+
+/// The placeholder for the event name in a SCRIPT.
+const EVENT_PLACEHOLDER: &str = "{event}";
+/// The routing table used when no routes file exists: run the script named after the event.
+const EMBEDDED: &str = "*  {event}\n";
+
+/// A `*`/`?` glob. Event patterns compare ASCII case-insensitively, field filters exactly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Glob {
+    pattern: String,
+    ignore_case: bool,
+}
+
+impl Glob {
+    pub fn new(pattern: &str, ignore_case: bool) -> Glob {
+        Glob {
+            pattern: pattern.to_string(),
+            ignore_case,
+        }
+    }
+
+    /// Iterative matcher with single-star backtracking: linear in practice, never exponential.
+    pub fn matches(&self, text: &str) -> bool {
+        let p = self.pattern.as_bytes();
+        let t = text.as_bytes();
+        let eq = |a: u8, b: u8| {
+            if self.ignore_case {
+                a.eq_ignore_ascii_case(&b)
+            } else {
+                a == b
+            }
+        };
+        let (mut pi, mut ti) = (0, 0);
+        let mut star: Option<(usize, usize)> = None;
+        while ti < t.len() {
+            if pi < p.len() && p[pi] == b'*' {
+                star = Some((pi, ti));
+                pi += 1;
+            } else if pi < p.len() && (p[pi] == b'?' || eq(p[pi], t[ti])) {
+                // `?` matches one byte; patterns and event names are ASCII, field values rarely matter here.
+                pi += 1;
+                ti += 1;
+            } else if let Some((sp, st)) = star {
+                pi = sp + 1;
+                ti = st + 1;
+                star = Some((sp, st + 1));
+            } else {
+                return false;
+            }
+        }
+        p[pi..].iter().all(|&c| c == b'*')
+    }
+}
+
+impl fmt::Display for Glob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.pattern)
+    }
+}
+
+/// A field filter: the value at `path` in the body must match `value`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Filter {
+    pub path: String,
+    pub value: Glob,
+}
+
+/// What a route runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Script {
+    /// A script checked when the routes were loaded.
+    Fixed(PathBuf),
+    /// A path containing `{event}`, resolved per request; the line matches only if the file exists.
+    Template(String),
+}
+
+/// One line of the routing file, as parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteSpec {
+    pub line: usize,
+    pub pattern: Glob,
+    pub script: String,
+    pub options: RouteOptions,
+}
+
+/// A route's options. New options (async, retries) are new fields here and new keys in [`parse_option`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteOptions {
+    pub timeout: Option<Duration>,
+    pub filters: Vec<Filter>,
+}
+
+/// A route ready to serve.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub line: usize,
+    pub pattern: Glob,
+    pub script: Script,
+    pub options: RouteOptions,
+}
+
+/// The validated routing table.
+#[derive(Debug)]
+pub struct Routes {
+    /// The file the table came from; `None` for the embedded default.
+    pub source: Option<PathBuf>,
+    pub routes: Vec<Route>,
+    scripts_dir: PathBuf,
+}
+
+/// The script a request resolved to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selected {
+    pub line: usize,
+    pub script: PathBuf,
+    pub timeout: Option<Duration>,
+}
+
+/// Why a matching route's script cannot be run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnsafeScript(pub String);
+
+impl Routes {
+    pub fn load(path: &Path, scripts_dir: &Path) -> Result<Routes, ConfigError> {
+        let text = fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(Some(path), None, format!("cannot read routes: {e}")))?;
+        Routes::parse(&text, Some(path), scripts_dir)
+    }
+
+    pub fn embedded(scripts_dir: &Path) -> Result<Routes, ConfigError> {
+        Routes::parse(EMBEDDED, None, scripts_dir)
+    }
+
+    pub fn parse(
+        text: &str,
+        file: Option<&Path>,
+        scripts_dir: &Path,
+    ) -> Result<Routes, ConfigError> {
+        let specs =
+            parse_lines(text).map_err(|(line, msg)| ConfigError::new(file, Some(line), msg))?;
+        let mut routes = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let script = if spec.script.contains(EVENT_PLACEHOLDER) {
+                Script::Template(spec.script)
+            } else {
+                let path = resolve_path(scripts_dir, &spec.script);
+                check_script(scripts_dir, &spec.script, &path)
+                    .map_err(|e| ConfigError::new(file, Some(spec.line), e.0))?;
+                Script::Fixed(path)
+            };
+            routes.push(Route {
+                line: spec.line,
+                pattern: spec.pattern,
+                script,
+                options: spec.options,
+            });
+        }
+        Ok(Routes {
+            source: file.map(Path::to_path_buf),
+            routes,
+            scripts_dir: scripts_dir.to_path_buf(),
+        })
+    }
+
+    /// Finds the route for `event`. `field` looks a path up in the request body; it is called only for
+    /// routes with filters, so a body is parsed only when a route needs it.
+    pub fn select<E>(
+        &self,
+        event: &str,
+        mut field: impl FnMut(&str) -> Result<Option<String>, E>,
+    ) -> Result<Option<Selected>, SelectError<E>> {
+        for route in &self.routes {
+            if !route.pattern.matches(event) {
+                continue;
+            }
+            let mut filters_hold = true;
+            for filter in &route.options.filters {
+                let value = field(&filter.path).map_err(SelectError::Body)?;
+                if !value.is_some_and(|v| filter.value.matches(&v)) {
+                    filters_hold = false;
+                    break;
+                }
+            }
+            if !filters_hold {
+                continue;
+            }
+            let script = match &route.script {
+                Script::Fixed(path) => path.clone(),
+                Script::Template(template) => {
+                    let written = template.replace(EVENT_PLACEHOLDER, event);
+                    let Some(path) = find_file(&resolve_path(&self.scripts_dir, &written)) else {
+                        continue;
+                    };
+                    check_script(&self.scripts_dir, &written, &path)
+                        .map_err(SelectError::Unsafe)?;
+                    path
+                }
+            };
+            return Ok(Some(Selected {
+                line: route.line,
+                script,
+                timeout: route.options.timeout,
+            }));
+        }
+        Ok(None)
+    }
+}
+
+/// Why selecting a route failed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SelectError<E> {
+    /// Reading a field from the body failed (e.g. the body is malformed).
+    Body(E),
+    /// The matching script exists but is not safe to run.
+    Unsafe(UnsafeScript),
+}
+
+fn resolve_path(scripts_dir: &Path, written: &str) -> PathBuf {
+    let path = Path::new(written);
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        scripts_dir.join(path)
+    }
+}
+
+/// Finds `path`, comparing its file name exactly first and then ignoring ASCII case, because senders are
+/// inconsistent about case (`ComputerCheckin`). Of several case-insensitive matches the first in byte order
+/// wins, so the choice does not depend on directory order.
+fn find_file(path: &Path) -> Option<PathBuf> {
+    if path.symlink_metadata().is_ok() {
+        return Some(path.to_path_buf());
+    }
+    let name = path.file_name()?.to_str()?;
+    let dir = path.parent()?;
+    let mut found: Vec<PathBuf> = fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|entry| {
+            entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.eq_ignore_ascii_case(name))
+        })
+        .map(|entry| entry.path())
+        .collect();
+    found.sort();
+    found.into_iter().next()
+}
+
+/// A script must be a regular executable file, not writable by group or others, and (unless written as an
+/// absolute path) inside `scripts_dir` after following symlinks.
+fn check_script(scripts_dir: &Path, written: &str, path: &Path) -> Result<(), UnsafeScript> {
+    let refuse = |why: String| Err(UnsafeScript(format!("script {written:?}: {why}")));
+    let real = match path.canonicalize() {
+        Ok(real) => real,
+        Err(e) => return refuse(format!("{}: {e}", path.display())),
+    };
+    if !Path::new(written).is_absolute() && !real.starts_with(scripts_dir) {
+        return refuse(format!(
+            "resolves to {}, outside scripts_dir {}",
+            real.display(),
+            scripts_dir.display()
+        ));
+    }
+    let meta = match fs::metadata(&real) {
+        Ok(meta) => meta,
+        Err(e) => return refuse(format!("{}: {e}", real.display())),
+    };
+    let mode = meta.permissions().mode();
+    if !meta.is_file() {
+        refuse(format!("{} is not a regular file", real.display()))
+    } else if mode & 0o111 == 0 {
+        refuse(format!(
+            "{} is not executable: chmod 755 it",
+            real.display()
+        ))
+    } else if mode & 0o022 != 0 {
+        refuse(format!(
+            "{} is writable by group or others (mode {:o}): chmod go-w it",
+            real.display(),
+            mode & 0o777
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// Parses the routing file's text into specs, or `(line, message)`.
+pub fn parse_lines(text: &str) -> Result<Vec<RouteSpec>, (usize, String)> {
+    let mut specs = Vec::new();
+    for (index, raw) in text.lines().enumerate() {
+        let line = index + 1;
+        let tokens = tokenize(raw).map_err(|e| (line, e))?;
+        let mut tokens = tokens.into_iter();
+        let Some(pattern) = tokens.next() else {
+            continue;
+        };
+        let Some(script) = tokens.next() else {
+            return Err((
+                line,
+                format!("route {pattern:?} names no script: write `PATTERN SCRIPT [OPTION ...]`"),
+            ));
+        };
+        if script.is_empty() {
+            return Err((line, "empty script name".to_string()));
+        }
+        let mut options = RouteOptions::default();
+        for token in tokens {
+            parse_option(&token, &mut options).map_err(|e| (line, e))?;
+        }
+        specs.push(RouteSpec {
+            line,
+            pattern: Glob::new(&pattern, true),
+            script,
+            options,
+        });
+    }
+    Ok(specs)
+}
+
+fn parse_option(token: &str, options: &mut RouteOptions) -> Result<(), String> {
+    if token.starts_with('/') {
+        let Some((path, value)) = token.split_once('=') else {
+            return Err(format!(
+                "field filter {token:?} needs a value: write /path=GLOB"
+            ));
+        };
+        if path.len() < 2 {
+            return Err(format!("field filter {token:?} needs a path after '/'"));
+        }
+        options.filters.push(Filter {
+            path: path.to_string(),
+            value: Glob::new(value, false),
+        });
+        return Ok(());
+    }
+    match token.split_once('=') {
+        Some(("timeout", value)) => {
+            let timeout = parse_duration(value)?;
+            if timeout.is_zero() {
+                return Err("timeout must be greater than zero".to_string());
+            }
+            options.timeout = Some(timeout);
+            Ok(())
+        }
+        _ => Err(format!(
+            "unknown option {token:?}: options are timeout=DURATION and field filters /path=GLOB"
+        )),
+    }
+}
+
+/// Splits a line into tokens: whitespace separates, `"..."` quotes (with `\"` and `\\`), `#` at the start
+/// of a token begins a comment.
+fn tokenize(line: &str) -> Result<Vec<String>, String> {
+    let mut tokens = Vec::new();
+    let mut chars = line.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        match chars.peek() {
+            None | Some('#') => return Ok(tokens),
+            Some(_) => {}
+        }
+        let mut token = String::new();
+        while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+            if c != '"' {
+                token.push(c);
+                continue;
+            }
+            loop {
+                match chars.next() {
+                    None => return Err("unterminated quote".to_string()),
+                    Some('"') => break,
+                    Some('\\') => match chars.next() {
+                        Some(e @ ('"' | '\\')) => token.push(e),
+                        _ => {
+                            return Err(
+                                "in quotes, '\\' must be followed by '\"' or '\\'".to_string()
+                            );
+                        }
+                    },
+                    Some(c) => token.push(c),
+                }
+            }
+        }
+        tokens.push(token);
+    }
+}
+
+impl fmt::Display for Routes {
+    /// The resolved table, as `hookrunner check` prints it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.source {
+            Some(path) => writeln!(f, "# routes from {}", path.display())?,
+            None => writeln!(f, "# embedded default routes")?,
+        }
+        writeln!(f, "# scripts_dir {}", self.scripts_dir.display())?;
+        for route in &self.routes {
+            let script = match &route.script {
+                Script::Fixed(path) => path.display().to_string(),
+                Script::Template(t) => format!(
+                    "{} (if it exists)",
+                    resolve_path(&self.scripts_dir, t).display()
+                ),
+            };
+            write!(
+                f,
+                "line {:<4} {:<28} {}",
+                route.line,
+                route.pattern.to_string(),
+                script
+            )?;
+            if let Some(timeout) = route.options.timeout {
+                write!(f, " timeout={}ms", timeout.as_millis())?;
+            }
+            for filter in &route.options.filters {
+                write!(f, " {}={:?}", filter.path, filter.value.to_string())?;
+            }
+            writeln!(f)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        let g = |p: &str, t: &str| Glob::new(p, true).matches(t);
+        assert!(g("*", ""));
+        assert!(g("*", "ComputerAdded"));
+        assert!(g("MobileDevice*", "MobileDeviceEnrolled"));
+        assert!(g("mobiledevice*", "MobileDeviceEnrolled"));
+        assert!(!g("MobileDevice*", "ComputerAdded"));
+        assert!(g("Computer?dded", "ComputerAdded"));
+        assert!(g("*Check*", "ComputerCheckin"));
+        assert!(g("a*b*c", "aXXbYYc"));
+        assert!(!g("a*b*c", "aXXbYY"));
+        assert!(!g("abc", "abcd"));
+        assert!(!Glob::new("Charly*", false).matches("charly's iMac"));
+        assert!(Glob::new("Charly*", false).matches("Charly's iMac"));
+    }
+
+    #[test]
+    fn glob_is_not_exponential() {
+        let text = "a".repeat(10_000);
+        let pattern = format!("{}b", "*a".repeat(50));
+        assert!(!Glob::new(&pattern, true).matches(&text));
+    }
+
+    #[test]
+    fn parses_the_documented_example() {
+        let text = r#"
+# EVENT-PATTERN            SCRIPT               [OPTION ...]
+ComputerAdded              charly.sh            /event/deviceName="Charly's iMac"
+ComputerAdded              computer-added.sh    timeout=60s
+MobileDevice*              mobile-device.sh
+*                          {event}   # anything else
+"#;
+        let specs = parse_lines(text).expect("example parses");
+        assert_eq!(specs.len(), 4);
+        assert_eq!(specs[0].line, 3);
+        assert_eq!(
+            specs[0].options.filters,
+            vec![Filter {
+                path: "/event/deviceName".into(),
+                value: Glob::new("Charly's iMac", false)
+            }]
+        );
+        assert_eq!(specs[1].options.timeout, Some(Duration::from_secs(60)));
+        assert_eq!(specs[2].pattern, Glob::new("MobileDevice*", true));
+        assert_eq!(specs[3].script, "{event}");
+    }
+
+    #[test]
+    fn tokens_and_quotes() {
+        assert_eq!(
+            tokenize(r#"a "b c" d"#),
+            Ok(vec!["a".into(), "b c".into(), "d".into()])
+        );
+        assert_eq!(
+            tokenize(r#"x="say \"hi\" \\""#),
+            Ok(vec![r#"x=say "hi" \"#.into()])
+        );
+        assert_eq!(tokenize("a#b # c"), Ok(vec!["a#b".into()]));
+        assert_eq!(tokenize("   # only a comment"), Ok(vec![]));
+        assert!(tokenize(r#"a "open"#).is_err());
+        assert!(tokenize(r#""\n""#).is_err());
+    }
+
+    #[test]
+    fn bad_lines_name_their_line() {
+        let cases = [
+            ("ok a.sh\nlonely\n", 2, "names no script"),
+            ("a a.sh colour=red\n", 1, "unknown option"),
+            ("\n\na a.sh timeout=soon\n", 3, "invalid duration"),
+            ("a a.sh timeout=0s\n", 1, "greater than zero"),
+            ("a a.sh /event/x\n", 1, "needs a value"),
+            ("a a.sh /=x\n", 1, "needs a path"),
+            ("a \"a.sh\n", 1, "unterminated quote"),
+        ];
+        for (text, line, message) in cases {
+            let (got_line, got) = parse_lines(text).expect_err(text);
+            assert_eq!(got_line, line, "{text:?}");
+            assert!(got.contains(message), "{text:?}: {got}");
+        }
+    }
+
+    fn dir_with(scripts: &[(&str, u32)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, mode) in scripts {
+            let path = dir.path().join(name);
+            fs::write(&path, "#!/bin/sh\n").expect("write script");
+            fs::set_permissions(&path, fs::Permissions::from_mode(*mode)).expect("chmod");
+        }
+        dir
+    }
+
+    fn no_body(_: &str) -> Result<Option<String>, ()> {
+        Ok(None)
+    }
+
+    #[test]
+    fn first_match_wins_with_filters_and_templates() {
+        let dir = dir_with(&[
+            ("charly.sh", 0o755),
+            ("added.sh", 0o755),
+            ("MobileDeviceEnrolled", 0o755),
+        ]);
+        let scripts = dir.path().canonicalize().expect("canonical");
+        let text = "ComputerAdded charly.sh /event/deviceName=\"Charly's*\"\ncomputeradded added.sh timeout=60s\n* {event}\n";
+        let routes = Routes::parse(text, None, &scripts).expect("routes load");
+        let charly = |path: &str| -> Result<Option<String>, ()> {
+            Ok((path == "/event/deviceName").then(|| "Charly's iMac".to_string()))
+        };
+        let got = routes.select("ComputerAdded", charly).expect("select");
+        assert_eq!(got.map(|s| s.script), Some(scripts.join("charly.sh")));
+        let got = routes.select("COMPUTERADDED", no_body).expect("select");
+        assert_eq!(
+            got,
+            Some(Selected {
+                line: 2,
+                script: scripts.join("added.sh"),
+                timeout: Some(Duration::from_secs(60))
+            })
+        );
+        let got = routes
+            .select("MobileDeviceEnrolled", no_body)
+            .expect("select");
+        assert_eq!(
+            got.map(|s| s.script),
+            Some(scripts.join("MobileDeviceEnrolled"))
+        );
+        // Case-insensitive file lookup for {event}.
+        let got = routes
+            .select("mobiledeviceenrolled", no_body)
+            .expect("select");
+        assert_eq!(
+            got.map(|s| s.script),
+            Some(scripts.join("MobileDeviceEnrolled"))
+        );
+        // A template whose file does not exist does not match.
+        assert_eq!(routes.select("PushSent", no_body), Ok(None));
+    }
+
+    #[test]
+    fn body_errors_surface_only_when_a_filter_needs_the_body() {
+        let dir = dir_with(&[("a.sh", 0o755)]);
+        let scripts = dir.path().canonicalize().expect("canonical");
+        let routes = Routes::parse("X a.sh /k=v\nY a.sh\n", None, &scripts).expect("routes load");
+        let broken = |_: &str| -> Result<Option<String>, &str> { Err("malformed") };
+        assert_eq!(
+            routes.select("X", broken),
+            Err(SelectError::Body("malformed"))
+        );
+        assert!(routes.select("Y", broken).is_ok());
+    }
+
+    #[test]
+    fn unsafe_scripts_are_refused() {
+        let dir = dir_with(&[("plain", 0o644), ("shared", 0o775), ("Open", 0o757)]);
+        let scripts = dir.path().canonicalize().expect("canonical");
+        for (text, why) in [
+            ("a plain\n", "not executable"),
+            ("a shared\n", "writable by group"),
+            ("a missing.sh\n", "No such file"),
+            ("a ../escape.sh\n", "escape.sh"),
+        ] {
+            let err = Routes::parse(text, Some(Path::new("routes")), &scripts).expect_err(text);
+            assert_eq!(err.line, Some(1));
+            assert!(err.message.contains(why), "{text:?}: {err}");
+        }
+        std::os::unix::fs::symlink("/bin/sh", scripts.join("link")).expect("symlink");
+        let err = Routes::parse("a link\n", None, &scripts).expect_err("symlink escape");
+        assert!(err.message.contains("outside scripts_dir"), "{err}");
+        let routes = Routes::parse("* {event}\n", None, &scripts).expect("template loads");
+        assert!(matches!(
+            routes.select("Open", no_body),
+            Err(SelectError::Unsafe(_))
+        ));
+    }
+}

@@ -1,0 +1,472 @@
+//! Running one script: `argv = [script, payload]`, no shell, a cleared environment, stdin `/dev/null`, its
+//! own process group, output logged line by line with a cap, and a deadline enforced on the whole group.
+//!
+//! One thread does it all with `poll` on a pidfd (readable when the script exits) and the two output pipes:
+//! no SIGCHLD handler, no helper threads, no sleeps, so a script that ends in 1 ms is answered in about 1 ms,
+//! and a pipe that fills can never deadlock the wait. The group is signalled only while its leader is
+//! unreaped (a zombie still owns its pid), so a reused pid can never be hit.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// The fixed `PATH` scripts get; the daemon's own environment is not passed on.
+const SCRIPT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// How much of a run's output is logged; the rest is read and counted, so a flood cannot fill the journal.
+const LOG_BUDGET: usize = 64 << 10;
+/// A longer line is logged in pieces of this size.
+const MAX_LINE: usize = 4 << 10;
+
+/// What to run.
+pub struct Job<'a> {
+    pub script: &'a Path,
+    pub payload: &'a Path,
+    /// `HOOKRUNNER_*` variables, added to `PATH` and `LANG`.
+    pub env: &'a [(&'a str, &'a str)],
+    pub timeout: Duration,
+    pub kill_grace: Duration,
+    /// Prefixes every logged output line.
+    pub request_id: &'a str,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    /// Killed by a signal hookrunner did not send.
+    Signal(i32),
+    /// Ran past its timeout and was terminated.
+    TimedOut,
+}
+
+#[derive(Debug)]
+pub struct Outcome {
+    pub exit: Exit,
+    pub duration: Duration,
+}
+
+/// Starts scripts. Holds `/dev/null` open so each spawn only dups it.
+pub struct Runner {
+    dev_null: File,
+}
+
+impl Runner {
+    pub fn new() -> io::Result<Runner> {
+        Ok(Runner {
+            dev_null: File::open("/dev/null")?,
+        })
+    }
+
+    pub fn run(&self, job: &Job<'_>) -> io::Result<Outcome> {
+        let mut command = Command::new(job.script);
+        command
+            .arg(job.payload)
+            .env_clear()
+            .env("PATH", SCRIPT_PATH)
+            .env("LANG", "C.UTF-8")
+            .envs(job.env.iter().copied())
+            .stdin(Stdio::from(self.dev_null.try_clone()?))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Its own group, so a timeout reaches everything it started. (std still uses posix_spawn.)
+            .process_group(0);
+        let start = Instant::now();
+        let mut child = command.spawn()?;
+        let pid = child.id() as libc::pid_t;
+        let pidfd = match pidfd_open(pid) {
+            Ok(fd) => fd,
+            Err(e) => {
+                kill_group(pid, libc::SIGKILL);
+                let _ = child.wait();
+                return Err(e);
+            }
+        };
+        let name = job
+            .script
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let mut output = Output::new(job.request_id, &name);
+        let mut pipes = [
+            child
+                .stdout
+                .take()
+                .map(OwnedFd::from)
+                .map(|fd| Pipe::new(fd, "stdout")),
+            child
+                .stderr
+                .take()
+                .map(OwnedFd::from)
+                .map(|fd| Pipe::new(fd, "stderr")),
+        ];
+        let mut phase = Phase::Running(start + job.timeout);
+        let mut timed_out = false;
+        loop {
+            let now = Instant::now();
+            match phase {
+                Phase::Running(deadline) if now >= deadline => {
+                    log::warn!(
+                        "{} {name}: timed out after {:?}; sending SIGTERM to its group",
+                        job.request_id,
+                        job.timeout
+                    );
+                    kill_group(pid, libc::SIGTERM);
+                    timed_out = true;
+                    phase = Phase::Terminating(now + job.kill_grace);
+                }
+                Phase::Terminating(deadline) if now >= deadline => {
+                    log::warn!(
+                        "{} {name}: still running {:?} after SIGTERM; sending SIGKILL",
+                        job.request_id,
+                        job.kill_grace
+                    );
+                    kill_group(pid, libc::SIGKILL);
+                    phase = Phase::Killed;
+                }
+                _ => {}
+            }
+            let wait = match phase {
+                Phase::Running(d) | Phase::Terminating(d) => Some(d.saturating_duration_since(now)),
+                Phase::Killed => None,
+            };
+            if wait_readable(&pidfd, &mut pipes, wait, &mut output)? {
+                break;
+            }
+        }
+        // The script has exited but is not yet reaped. Take what it wrote, then end anything it left behind in
+        // its group (which would otherwise hold the pipes or outlive the request), then reap.
+        while pipes.iter().any(Option::is_some) {
+            if !poll_pipes(&mut pipes, Some(Duration::ZERO), &mut output)? {
+                break;
+            }
+        }
+        kill_group(pid, libc::SIGKILL);
+        let status = child.wait()?;
+        drop(pipes);
+        output.finish();
+        let exit = if timed_out {
+            Exit::TimedOut
+        } else if let Some(code) = status.code() {
+            Exit::Code(code)
+        } else {
+            Exit::Signal(status.signal().unwrap_or(0))
+        };
+        Ok(Outcome {
+            exit,
+            duration: start.elapsed(),
+        })
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Phase {
+    Running(Instant),
+    Terminating(Instant),
+    Killed,
+}
+
+fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor (close-on-exec) or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("pidfd_open (Linux 5.3 or later is required): {e}"),
+        ));
+    }
+    // SAFETY: the kernel just gave us this descriptor and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn kill_group(pgid: libc::pid_t, signal: libc::c_int) {
+    // SAFETY: killpg only sends a signal; ESRCH (group already gone) is expected and harmless.
+    unsafe {
+        libc::killpg(pgid, signal);
+    }
+}
+
+struct Pipe {
+    file: File,
+    stream: &'static str,
+}
+
+impl Pipe {
+    fn new(fd: OwnedFd, stream: &'static str) -> Pipe {
+        Pipe {
+            file: File::from(fd),
+            stream,
+        }
+    }
+}
+
+/// Waits until the script exits (true) or `wait` passes (false), reading output meanwhile.
+fn wait_readable(
+    pidfd: &OwnedFd,
+    pipes: &mut [Option<Pipe>; 2],
+    wait: Option<Duration>,
+    output: &mut Output,
+) -> io::Result<bool> {
+    let mut fds = [libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }; 3];
+    let mut n = 1;
+    for pipe in pipes.iter().flatten() {
+        fds[n] = libc::pollfd {
+            fd: pipe.file.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        n += 1;
+    }
+    if poll(&mut fds[..n], wait)? == 0 {
+        return Ok(false);
+    }
+    for fd in &fds[1..n] {
+        if fd.revents != 0 {
+            read_pipe(pipes, fd.fd, output)?;
+        }
+    }
+    Ok(fds[0].revents != 0)
+}
+
+/// Reads from whichever pipes are ready within `wait`; false when none was.
+fn poll_pipes(
+    pipes: &mut [Option<Pipe>; 2],
+    wait: Option<Duration>,
+    output: &mut Output,
+) -> io::Result<bool> {
+    let mut fds: Vec<libc::pollfd> = pipes
+        .iter()
+        .flatten()
+        .map(|p| libc::pollfd {
+            fd: p.file.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    if poll(&mut fds, wait)? == 0 {
+        return Ok(false);
+    }
+    for fd in fds.iter().filter(|fd| fd.revents != 0) {
+        read_pipe(pipes, fd.fd, output)?;
+    }
+    Ok(true)
+}
+
+fn read_pipe(pipes: &mut [Option<Pipe>; 2], fd: i32, output: &mut Output) -> io::Result<()> {
+    let Some(slot) = pipes
+        .iter_mut()
+        .find(|p| p.as_ref().is_some_and(|p| p.file.as_raw_fd() == fd))
+    else {
+        return Ok(());
+    };
+    let Some(pipe) = slot.as_mut() else {
+        return Ok(());
+    };
+    let mut buf = [0u8; 16 << 10];
+    match pipe.file.read(&mut buf) {
+        Ok(0) => {
+            output.end(pipe.stream);
+            *slot = None;
+        }
+        Ok(n) => output.add(pipe.stream, &buf[..n]),
+        Err(e)
+            if e.kind() == io::ErrorKind::Interrupted || e.kind() == io::ErrorKind::WouldBlock => {}
+        Err(e) => return Err(e),
+    }
+    Ok(())
+}
+
+/// `poll(2)` that retries on EINTR (signal handlers run on any thread) and rounds waits up to whole
+/// milliseconds so it never spins.
+fn poll(fds: &mut [libc::pollfd], wait: Option<Duration>) -> io::Result<usize> {
+    let deadline = wait.map(|w| Instant::now() + w);
+    loop {
+        let timeout = match deadline {
+            None => -1,
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                i32::try_from(left.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX)
+            }
+        };
+        // SAFETY: `fds` is a valid, exclusively borrowed slice of pollfd for the duration of the call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Logs a run's output line by line, `LOG_BUDGET` bytes at most, and counts the rest.
+struct Output<'a> {
+    request_id: &'a str,
+    script: &'a str,
+    lines: [Vec<u8>; 2],
+    budget: usize,
+    dropped: u64,
+}
+
+impl<'a> Output<'a> {
+    fn new(request_id: &'a str, script: &'a str) -> Output<'a> {
+        Output {
+            request_id,
+            script,
+            lines: [Vec::new(), Vec::new()],
+            budget: LOG_BUDGET,
+            dropped: 0,
+        }
+    }
+
+    fn index(stream: &str) -> usize {
+        usize::from(stream == "stderr")
+    }
+
+    fn add(&mut self, stream: &'static str, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.budget == 0 {
+                self.dropped += data.len() as u64;
+                return;
+            }
+            let i = Self::index(stream);
+            let room = MAX_LINE
+                .saturating_sub(self.lines[i].len())
+                .min(self.budget)
+                .max(1);
+            let (take, complete) = match data.iter().take(room).position(|&b| b == b'\n') {
+                Some(nl) => (nl + 1, true),
+                None => (
+                    room.min(data.len()),
+                    self.lines[i].len() + room.min(data.len()) >= MAX_LINE,
+                ),
+            };
+            self.lines[i].extend_from_slice(&data[..take]);
+            self.budget = self.budget.saturating_sub(take);
+            data = &data[take..];
+            if complete || self.budget == 0 {
+                self.emit(stream);
+            }
+        }
+    }
+
+    fn emit(&mut self, stream: &str) {
+        let line = std::mem::take(&mut self.lines[Self::index(stream)]);
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim_end_matches(['\n', '\r']);
+        log::info!("{} {}[{stream}]: {text}", self.request_id, self.script);
+    }
+
+    fn end(&mut self, stream: &str) {
+        if !self.lines[Self::index(stream)].is_empty() {
+            self.emit(stream);
+        }
+    }
+
+    fn finish(&mut self) {
+        self.end("stdout");
+        self.end("stderr");
+        if self.dropped > 0 {
+            log::warn!(
+                "{} {}: output exceeded {} KiB; {} more bytes were read and not logged",
+                self.request_id,
+                self.script,
+                LOG_BUDGET >> 10,
+                self.dropped
+            );
+        }
+    }
+}
+
+/// Bounds how many scripts run at once.
+pub struct Limiter {
+    running: Mutex<usize>,
+    freed: Condvar,
+    max: usize,
+}
+
+/// A slot to run one script; released on drop.
+pub struct Slot<'a>(&'a Limiter);
+
+impl Limiter {
+    pub fn new(max: usize) -> Limiter {
+        Limiter {
+            running: Mutex::new(0),
+            freed: Condvar::new(),
+            max,
+        }
+    }
+
+    /// A slot, if one frees up within `wait`.
+    pub fn acquire(&self, wait: Duration) -> Option<Slot<'_>> {
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut running, _) = self
+            .freed
+            .wait_timeout_while(running, wait, |running| *running >= self.max)
+            .unwrap_or_else(|e| e.into_inner());
+        if *running >= self.max {
+            return None;
+        }
+        *running += 1;
+        Some(Slot(self))
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut running = self.0.running.lock().unwrap_or_else(|e| e.into_inner());
+        *running -= 1;
+        self.0.freed.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limiter_bounds_and_releases() {
+        let limiter = Limiter::new(2);
+        let a = limiter.acquire(Duration::ZERO);
+        let b = limiter.acquire(Duration::ZERO);
+        assert!(a.is_some() && b.is_some());
+        assert!(limiter.acquire(Duration::from_millis(10)).is_none());
+        drop(a);
+        assert!(limiter.acquire(Duration::ZERO).is_some());
+    }
+
+    #[test]
+    fn output_budget_counts_what_it_does_not_log() {
+        let mut out = Output::new("r", "s");
+        out.add("stdout", &vec![b'x'; LOG_BUDGET + 1000]);
+        assert_eq!(out.budget, 0);
+        assert_eq!(out.dropped, 1000);
+        out.add("stderr", b"more\n");
+        assert_eq!(out.dropped, 1005);
+    }
+
+    #[test]
+    fn output_splits_lines_and_keeps_partial_ones() {
+        let mut out = Output::new("r", "s");
+        out.add("stdout", b"one\ntw");
+        assert!(out.lines[0] == b"tw");
+        out.add("stdout", b"o\n");
+        assert!(out.lines[0].is_empty());
+        out.add("stderr", &vec![b'y'; MAX_LINE + 10]);
+        assert_eq!(
+            out.lines[1].len(),
+            10,
+            "a long line is logged in MAX_LINE pieces"
+        );
+        assert_eq!(out.budget, LOG_BUDGET - 8 - MAX_LINE - 10);
+    }
+}
