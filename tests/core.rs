@@ -1,0 +1,431 @@
+//! The request path end to end: real payloads routed to real scripts, and the statuses that tell the truth.
+
+use std::fs;
+
+use crate::util::{Env, payload};
+
+/// A script that records its `$1` contents, argv, environment and payload file mode for inspection.
+fn recorder(env: &Env, name: &str) {
+    let out = env.path().join("out");
+    env.script(
+        name,
+        &format!(
+            "out={out:?}\nmkdir -p \"$out\"\ncp \"$1\" \"$out/body\"\nstat -c %a \"$1\" > \"$out/mode\"\n\
+             stat -c %a \"$(dirname \"$1\")\" > \"$out/dirmode\"\necho \"$1\" > \"$out/path\"\necho $# > \"$out/argc\"\n\
+             env | sort > \"$out/env\"\nls /proc/self/fd > \"$out/fds\"\n"
+        ),
+    );
+}
+
+fn recorded(env: &Env, what: &str) -> String {
+    fs::read_to_string(env.path().join("out").join(what)).unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+#[test]
+fn jamf_json_runs_the_routed_script_with_the_exact_body_and_environment() {
+    let env = Env::new();
+    recorder(&env, "computer-added.sh");
+    env.routes("ComputerAdded computer-added.sh\n");
+    let server = env.serve();
+    let body = payload("jamf-json-ComputerAdded.chook.json");
+    let response = server.request(
+        "POST",
+        "/jamf?x=1",
+        &[
+            ("Content-Type", "application/json"),
+            ("X-Request-Id", "abc-123"),
+        ],
+        &body,
+    );
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(response.header("X-Request-Id"), Some("abc-123"));
+    let json = response.json();
+    assert_eq!(json["event"], "ComputerAdded");
+    assert_eq!(json["script"], "computer-added.sh");
+    assert_eq!(json["exit_code"], 0);
+    assert_eq!(json["request_id"], "abc-123");
+    assert!(json["duration_ms"].as_f64().is_some());
+    assert_eq!(
+        fs::read(env.path().join("out/body")).expect("body"),
+        body,
+        "exact bytes"
+    );
+    assert_eq!(recorded(&env, "mode").trim(), "600");
+    assert_eq!(recorded(&env, "dirmode").trim(), "700");
+    assert_eq!(recorded(&env, "argc").trim(), "1");
+    let vars: Vec<String> = recorded(&env, "env")
+        .lines()
+        .map(|l| l.split('=').next().unwrap_or("").to_string())
+        .collect();
+    let allowed = [
+        "HOOKRUNNER_CONTENT_TYPE",
+        "HOOKRUNNER_EVENT",
+        "HOOKRUNNER_METHOD",
+        "HOOKRUNNER_PATH",
+        "HOOKRUNNER_QUERY",
+        "HOOKRUNNER_REMOTE_ADDR",
+        "HOOKRUNNER_REQUEST_ID",
+        "LANG",
+        "PATH",
+        // set by sh itself
+        "PWD",
+        "SHLVL",
+        "_",
+        "OLDPWD",
+    ];
+    for var in &vars {
+        assert!(
+            allowed.contains(&var.as_str()),
+            "unexpected variable {var} in the script's environment"
+        );
+    }
+    let env_text = recorded(&env, "env");
+    for expected in [
+        "HOOKRUNNER_EVENT=ComputerAdded",
+        "HOOKRUNNER_REQUEST_ID=abc-123",
+        "HOOKRUNNER_CONTENT_TYPE=application/json",
+        "HOOKRUNNER_METHOD=POST",
+        "HOOKRUNNER_PATH=/jamf",
+        "HOOKRUNNER_QUERY=x=1",
+        "HOOKRUNNER_REMOTE_ADDR=127.0.0.1:",
+        "LANG=C.UTF-8",
+    ] {
+        assert!(
+            env_text.contains(expected),
+            "missing {expected} in\n{env_text}"
+        );
+    }
+    // `ls` lists its own descriptors: what the shell passed on (0-2) plus the one it opens to read the
+    // directory (3). Any descriptor leaked by the daemon would show up as a fifth entry.
+    let fds: Vec<String> = recorded(&env, "fds").lines().map(str::to_string).collect();
+    assert_eq!(
+        fds,
+        ["0", "1", "2", "3"],
+        "only stdin, stdout and stderr reach the script"
+    );
+    let path = recorded(&env, "path");
+    assert!(
+        !std::path::Path::new(path.trim()).exists(),
+        "payload file removed after the run"
+    );
+    assert!(
+        server
+            .wait_log("abc-123 127.0.0.1:", std::time::Duration::from_secs(5))
+            .is_some_and(|l| {
+                l.contains("POST /jamf")
+                    && l.contains("event=ComputerAdded")
+                    && l.contains("status=200")
+                    && l.contains("exit=0")
+            })
+    );
+}
+
+#[test]
+fn jamf_xml_is_routed_by_its_webhook_event() {
+    let env = Env::new();
+    recorder(&env, "ComputerAdded");
+    let server = env.serve();
+    let body = payload("jamf-xml-ComputerAdded.jook-simulator.xml");
+    let response = server.request("POST", "/", &[("Content-Type", "text/xml")], &body);
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(fs::read(env.path().join("out/body")).expect("body"), body);
+    assert!(recorded(&env, "env").contains("HOOKRUNNER_CONTENT_TYPE=text/xml"));
+}
+
+#[test]
+fn every_sample_jamf_event_resolves_by_the_embedded_route() {
+    let env = Env::new();
+    env.script("catch-all", "exit 0");
+    env.routes("* catch-all\n");
+    let server = env.serve();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/payloads");
+    let mut seen = 0;
+    for entry in fs::read_dir(&dir).expect("payload dir") {
+        let name = entry
+            .expect("entry")
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        let Some(event) = name
+            .strip_prefix("jamf-json-")
+            .and_then(|n| n.strip_suffix(".chook.json"))
+        else {
+            continue;
+        };
+        let response = server.post("/", &payload(&name));
+        assert_eq!(response.status, 200, "{name}: {}", response.text());
+        assert!(
+            response.json()["event"]
+                .as_str()
+                .is_some_and(|e| e.eq_ignore_ascii_case(event)),
+            "{name}"
+        );
+        seen += 1;
+    }
+    assert!(seen >= 18, "only {seen} Jamf samples found");
+}
+
+#[test]
+fn non_zero_exit_is_500_with_the_code() {
+    let env = Env::new();
+    env.script("fail", "echo failing >&2; exit 3");
+    let server = env.serve();
+    let response = server.post("/hooks/fail", b"{}");
+    assert_eq!(response.status, 500);
+    assert_eq!(response.json()["exit_code"], 3);
+    assert_eq!(response.json()["event"], "fail");
+    assert!(server.log().contains("fail[stderr]: failing"));
+}
+
+#[test]
+fn script_killed_by_a_signal_is_500() {
+    let env = Env::new();
+    env.script("crash", "kill -9 $$");
+    let server = env.serve();
+    let response = server.post("/hooks/crash", b"");
+    assert_eq!(response.status, 500);
+    assert_eq!(response.json()["signal"], 9);
+    assert!(response.json()["exit_code"].is_null());
+}
+
+#[test]
+fn unknown_event_is_404_naming_the_event() {
+    let env = Env::new();
+    env.script("known", "exit 0");
+    env.routes("Known known\n");
+    let server = env.serve();
+    let response = server.post("/hooks/Unknown", b"{}");
+    assert_eq!(response.status, 404);
+    assert!(response.text().contains("Unknown"), "{}", response.text());
+}
+
+#[test]
+fn missing_invalid_or_unparsable_event_is_400_saying_what_was_looked_for() {
+    let env = Env::new();
+    env.script("x", "exit 0");
+    let server = env.serve();
+    let none = server.post("/", br#"{"nothing":"here"}"#);
+    assert_eq!(none.status, 400);
+    assert!(
+        none.text().contains("/webhook/webhookEvent"),
+        "{}",
+        none.text()
+    );
+    let invalid = server.post("/hooks/..%2Fetc%2Fpasswd", b"");
+    assert_eq!(invalid.status, 400);
+    assert!(
+        invalid.text().contains("invalid event name"),
+        "{}",
+        invalid.text()
+    );
+    let json = server.post("/", br#"{"webhook": {"webhookEvent": "#);
+    assert_eq!(json.status, 400);
+    assert!(json.text().contains("malformed JSON"), "{}", json.text());
+    let xml = server.request(
+        "POST",
+        "/",
+        &[("Content-Type", "text/xml")],
+        b"<JSSEvent><webhook>",
+    );
+    assert_eq!(xml.status, 400);
+    assert!(xml.text().contains("malformed XML"), "{}", xml.text());
+    let dtd = b"<?xml version=\"1.0\"?><!DOCTYPE a [<!ENTITY e \"x\">]><JSSEvent>&e;</JSSEvent>";
+    assert_eq!(
+        server
+            .request("POST", "/", &[("Content-Type", "text/xml")], dtd)
+            .status,
+        400
+    );
+}
+
+#[test]
+fn routing_globs_first_match_templates_filters_and_case() {
+    let env = Env::new();
+    for name in ["charly.sh", "added.sh", "mobile.sh"] {
+        env.script(name, &format!("echo {name}"));
+    }
+    env.script("PatchSoftwareTitleUpdated", "exit 0");
+    env.routes(
+        "ComputerAdded  charly.sh  /event/deviceName=\"Charly's iMac\"\n\
+         computeradded  added.sh   timeout=60s\n\
+         MobileDevice*  mobile.sh\n\
+         *              {event}\n",
+    );
+    let server = env.serve();
+    let charly =
+        br#"{"webhook":{"webhookEvent":"ComputerAdded"},"event":{"deviceName":"Charly's iMac"}}"#;
+    assert_eq!(server.post("/", charly).json()["script"], "charly.sh");
+    let other =
+        br#"{"webhook":{"webhookEvent":"ComputerAdded"},"event":{"deviceName":"wanderer"}}"#;
+    assert_eq!(server.post("/", other).json()["script"], "added.sh");
+    let xml = b"<JSSEvent><webhook><webhookEvent>ComputerAdded</webhookEvent></webhook><event><deviceName>Charly's iMac</deviceName></event></JSSEvent>";
+    let response = server.request("POST", "/", &[("Content-Type", "text/xml")], xml);
+    assert_eq!(
+        response.json()["script"],
+        "charly.sh",
+        "filters read XML with the same path"
+    );
+    let enrolled = payload("jamf-json-MobileDeviceEnrolled.chook.json");
+    assert_eq!(server.post("/", &enrolled).json()["script"], "mobile.sh");
+    let patch = payload("jamf-json-PatchSoftwareTitleUpdated.chook.json");
+    assert_eq!(
+        server.post("/", &patch).json()["script"],
+        "PatchSoftwareTitleUpdated"
+    );
+    assert_eq!(
+        server.post("/hooks/patchsoftwaretitleupdated", b"").json()["script"],
+        "PatchSoftwareTitleUpdated"
+    );
+    assert_eq!(
+        server.post("/hooks/NoSuchScript", b"").status,
+        404,
+        "a template without its file does not match"
+    );
+}
+
+#[test]
+fn unsafe_template_script_is_refused_with_500() {
+    let env = Env::new();
+    let script = env.script("Writable", "exit 0");
+    std::os::unix::fs::PermissionsExt::set_mode(
+        &mut fs::metadata(&script).expect("stat").permissions(),
+        0o777,
+    );
+    fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+        .expect("chmod");
+    let server = env.serve();
+    let response = server.post("/hooks/Writable", b"");
+    assert_eq!(response.status, 500);
+    assert!(
+        response.text().contains("writable by group or others"),
+        "{}",
+        response.text()
+    );
+}
+
+#[test]
+fn github_gitlab_and_kazoo_senders() {
+    let env = Env::new();
+    recorder(&env, "ping");
+    env.script("push", "exit 0");
+    env.script(
+        "channel_answer",
+        "test \"$(cat \"$1\")\" = 'hook_event=channel_answer&call_id=7'",
+    );
+    env.script("voicemail_new", "exit 0");
+    let server = env.serve();
+    let gh = server.request(
+        "POST",
+        "/",
+        &[
+            ("X-GitHub-Event", "ping"),
+            ("Content-Type", "application/json"),
+        ],
+        &payload("github-json-ping.json"),
+    );
+    assert_eq!(gh.json()["event"], "ping");
+    let gl = server.request(
+        "POST",
+        "/",
+        &[
+            ("X-Gitlab-Event", "Push Hook"),
+            ("Content-Type", "application/json"),
+        ],
+        &payload("gitlab-json-push.docs.json"),
+    );
+    assert_eq!(gl.json()["event"], "push");
+    let kazoo_get = server.get("/kazoo?hook_event=channel_answer&call_id=7");
+    assert_eq!(
+        kazoo_get.status, 200,
+        "the script saw the raw query string as its payload"
+    );
+    let form = server.request(
+        "PUT",
+        "/",
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        b"event_name=voicemail_new&account_id=1",
+    );
+    assert_eq!(form.json()["event"], "voicemail_new");
+}
+
+#[test]
+fn healthz_answers_200() {
+    let env = Env::new();
+    let server = env.serve();
+    let response = server.get("/healthz");
+    assert_eq!(response.status, 200);
+    assert_eq!(response.json()["status"], "ok");
+    assert!(
+        response
+            .header("X-Request-Id")
+            .is_some_and(|id| !id.is_empty())
+    );
+    assert!(response.header("Date").is_some_and(|d| d.ends_with(" GMT")));
+}
+
+#[test]
+fn configured_event_sources_replace_the_defaults() {
+    let env = Env::new().config(r#"event = ["header:X-Foo", "json:/meta/kind"]"#);
+    env.script("from-header", "exit 0");
+    env.script("from-json", "exit 0");
+    let server = env.serve();
+    let response = server.request("POST", "/hooks/ignored", &[("X-Foo", "from-header")], b"");
+    assert_eq!(response.json()["event"], "from-header");
+    assert_eq!(
+        server
+            .post("/hooks/ignored", br#"{"meta":{"kind":"from-json"}}"#)
+            .json()["event"],
+        "from-json"
+    );
+}
+
+#[test]
+fn check_prints_the_table_or_file_and_line_errors() {
+    let env = Env::new();
+    env.script("a.sh", "exit 0");
+    env.routes("# comment\nComputer* a.sh timeout=5s\n* {event}\n");
+    let ok = env.check();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        out.contains("line 2") && out.contains("Computer*") && out.contains("a.sh"),
+        "{out}"
+    );
+    env.routes("Computer* a.sh\nbroken a.sh frobnicate=1\n");
+    let bad = env.check();
+    assert_eq!(bad.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("routes:2:") && err.contains("unknown option"),
+        "{err}"
+    );
+    let env = Env::new().config("max_body = \"lots\"");
+    let bad = env.check();
+    assert_eq!(bad.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("hookrunner.toml:3:") && err.contains("invalid size"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_shipped_etc_config_passes_check() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(crate::util::BIN)
+        .args(["check", "--config"])
+        .arg(root.join("etc/hookrunner.toml"))
+        .arg("--scripts-dir")
+        .arg(root.join("scripts"))
+        .output()
+        .expect("run check");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,5 @@
+//! Integration tests against the real `hookrunner` binary. Each test owns a temp dir (see `util`).
+
+mod util;
+
+mod core;

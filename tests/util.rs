@@ -1,0 +1,330 @@
+//! Test fixtures: a private directory per test with its own scripts, routes and config, and the real
+//! `hookrunner` binary started on `127.0.0.1:0`, its bound address read from its log.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_hookrunner");
+
+/// A sample payload from the shared corpus.
+pub fn payload(name: &str) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/payloads")
+        .join(name);
+    fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// One test's world: `scripts/`, `payloads/`, `routes`, `hookrunner.toml` in a temp dir.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    extra: String,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::create_dir(dir.path().join("scripts")).expect("scripts dir");
+        Env {
+            dir,
+            extra: String::new(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn scripts(&self) -> PathBuf {
+        self.dir.path().join("scripts")
+    }
+
+    pub fn payloads(&self) -> PathBuf {
+        self.dir.path().join("payloads")
+    }
+
+    /// Writes an executable `sh` script; `body` follows the `#!/bin/sh` line.
+    pub fn script(&self, name: &str, body: &str) -> PathBuf {
+        let path = self.scripts().join(name);
+        fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write script");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod script");
+        path
+    }
+
+    pub fn routes(&self, text: &str) -> &Env {
+        fs::write(self.dir.path().join("routes"), text).expect("write routes");
+        self
+    }
+
+    /// Extra TOML lines for the config file.
+    pub fn config(mut self, extra: &str) -> Env {
+        self.extra.push_str(extra);
+        self.extra.push('\n');
+        self
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        let path = self.dir.path().join("hookrunner.toml");
+        let routes = self.dir.path().join("routes");
+        let mut text = format!(
+            "scripts_dir = {:?}\npayload_dir = {:?}\n",
+            self.scripts(),
+            self.payloads()
+        );
+        if routes.exists() {
+            text.push_str(&format!("routes = {routes:?}\n"));
+        }
+        text.push_str(&self.extra);
+        fs::write(&path, text).expect("write config");
+        path
+    }
+
+    pub fn serve(&self) -> Server {
+        self.serve_with(|_| {})
+    }
+
+    /// Starts the daemon; `tweak` may adjust the command (environment, pre_exec limits).
+    pub fn serve_with(&self, tweak: impl FnOnce(&mut Command)) -> Server {
+        let mut command = Command::new(BIN);
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(self.config_path())
+            .env("RUST_LOG", "info")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        tweak(&mut command);
+        Server::start(command)
+    }
+
+    /// Runs `hookrunner check` on this env's config.
+    pub fn check(&self) -> std::process::Output {
+        Command::new(BIN)
+            .args(["check", "--config"])
+            .arg(self.config_path())
+            .output()
+            .expect("run check")
+    }
+}
+
+/// The daemon's stderr, collected by a thread, with a condition to wait on.
+#[derive(Default)]
+pub struct Log {
+    text: Mutex<String>,
+    grew: Condvar,
+}
+
+pub struct Server {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub log: Arc<Log>,
+}
+
+impl Server {
+    fn start(mut command: Command) -> Server {
+        let mut child = command.spawn().expect("start hookrunner");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let log = Arc::new(Log::default());
+        let writer = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if std::env::var_os("HOOKRUNNER_TEST_LOG").is_some() {
+                    eprintln!("[hookrunner] {line}");
+                }
+                let mut text = writer.text.lock().expect("log lock");
+                text.push_str(&line);
+                text.push('\n');
+                writer.grew.notify_all();
+            }
+        });
+        let mut server = Server {
+            child,
+            addr: "127.0.0.1:1".parse().expect("placeholder address"),
+            log,
+        };
+        let line = server
+            .wait_log("listening on ", Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("hookrunner did not start:\n{}", server.log()));
+        let addr = line.split("listening on ").nth(1).expect("address").trim();
+        server.addr = addr
+            .parse()
+            .unwrap_or_else(|e| panic!("bad address {addr:?}: {e}"));
+        server
+    }
+
+    pub fn log(&self) -> String {
+        self.log.text.lock().expect("log lock").clone()
+    }
+
+    /// Waits for a log line containing `needle` and returns it.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        let mut text = self.log.text.lock().expect("log lock");
+        loop {
+            if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+                return Some(line.to_string());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            text = self.log.grew.wait_timeout(text, left).expect("log lock").0;
+        }
+    }
+
+    pub fn connect(&self) -> TcpStream {
+        let stream = TcpStream::connect(self.addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("read timeout");
+        stream
+    }
+
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Response {
+        let mut stream = self.connect();
+        send(&mut stream, method, path, headers, body, true);
+        Response::read(&mut stream)
+            .unwrap_or_else(|e| panic!("no response: {e}\nlog:\n{}", self.log()))
+    }
+
+    pub fn post(&self, path: &str, body: &[u8]) -> Response {
+        self.request("POST", path, &[("Content-Type", "application/json")], body)
+    }
+
+    pub fn get(&self, path: &str) -> Response {
+        self.request("GET", path, &[], b"")
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: sending a signal to our own child process.
+        unsafe {
+            libc::kill(self.child.id() as i32, signal);
+        }
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes a request; `close` adds `Connection: close`.
+pub fn send(
+    stream: &mut TcpStream,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    close: bool,
+) {
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if close {
+        head.push_str("Connection: close\r\n");
+    }
+    head.push_str("\r\n");
+    let mut bytes = head.into_bytes();
+    bytes.extend_from_slice(body);
+    stream.write_all(&bytes).expect("send request");
+}
+
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// Reads one response (Content-Length framed, as hookrunner always answers).
+    pub fn read(stream: &mut impl Read) -> std::io::Result<Response> {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if stream.read(&mut byte)? == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("closed after {:?}", String::from_utf8_lossy(&head)),
+                ));
+            }
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or_default();
+        let status = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect();
+        let length: usize = headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0; length];
+        stream.read_exact(&mut body)?;
+        Ok(Response {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
