@@ -394,3 +394,133 @@ mod tests {
         assert_eq!(gitlab_name("Merge Request Hook"), "merge_request");
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use crate::document::Format;
+    use proptest::prelude::*;
+
+    /// Minimal inputs: a body of a given format and nothing else.
+    struct Body {
+        format: Format,
+        bytes: Vec<u8>,
+        doc: Option<Document>,
+        headers: Vec<(String, String)>,
+        path: String,
+        query: String,
+    }
+
+    impl Body {
+        fn new(format: Format, bytes: Vec<u8>) -> Body {
+            Body {
+                format,
+                bytes,
+                doc: None,
+                headers: Vec::new(),
+                path: "/".into(),
+                query: String::new(),
+            }
+        }
+    }
+
+    impl Inputs for Body {
+        fn path(&self) -> &str {
+            &self.path
+        }
+        fn query(&self) -> &str {
+            &self.query
+        }
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        }
+        fn document(&mut self) -> Result<&Document, MalformedBody> {
+            if self.doc.is_none() {
+                self.doc = Some(Document::parse(self.format, &self.bytes)?);
+            }
+            Ok(self.doc.get_or_insert(Document::Other))
+        }
+    }
+
+    fn valid_name() -> impl Strategy<Value = String> {
+        "[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
+    }
+
+    fn xml_escape(s: &str) -> String {
+        s.replace('&', "&amp;").replace('<', "&lt;")
+    }
+
+    proptest! {
+        #[test]
+        fn names_match_the_documented_pattern(name in valid_name()) {
+            prop_assert!(is_valid_name(&name));
+        }
+
+        #[test]
+        fn names_with_any_other_character_are_rejected(
+            prefix in valid_name(),
+            bad in "[^A-Za-z0-9_.-]",
+        ) {
+            let name = format!("{prefix}{bad}");
+            prop_assert!(!is_valid_name(&name));
+        }
+
+        #[test]
+        fn jamf_json_event_is_found_whatever_else_the_body_holds(
+            name in valid_name(),
+            extra in proptest::collection::btree_map("[a-z]{1,8}", "[ -~]{0,20}", 0..6),
+        ) {
+            let body = serde_json::json!({ "webhook": { "webhookEvent": name, "id": 1 }, "event": extra });
+            let mut inputs = Body::new(Format::Json, serde_json::to_vec(&body).expect("serialises"));
+            prop_assert_eq!(resolve(&default_sources(), &mut inputs), Ok(name));
+        }
+
+        #[test]
+        fn jamf_xml_event_is_found_whatever_else_the_body_holds(
+            name in valid_name(),
+            device in "[ -~]{0,40}",
+        ) {
+            let body = format!(
+                "<?xml version=\"1.0\"?><JSSEvent><event><deviceName>{}</deviceName></event>\
+                 <webhook><webhookEvent>{name}</webhookEvent></webhook></JSSEvent>",
+                xml_escape(&device)
+            );
+            let mut inputs = Body::new(Format::Xml, body.into_bytes());
+            prop_assert_eq!(resolve(&default_sources(), &mut inputs), Ok(name));
+        }
+
+        #[test]
+        fn any_body_gives_a_name_or_an_error_never_a_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..512),
+            format in prop_oneof![Just(Format::Json), Just(Format::Xml), Just(Format::Form), Just(Format::Other)],
+        ) {
+            let mut inputs = Body::new(format, bytes);
+            if let Ok(name) = resolve(&default_sources(), &mut inputs) {
+                prop_assert!(is_valid_name(&name));
+            }
+        }
+
+        #[test]
+        fn header_values_are_validated(value in "[ -~]{0,40}") {
+            let mut inputs = Body::new(Format::Other, Vec::new());
+            inputs.headers.push(("X-GitHub-Event".into(), value.clone()));
+            match resolve(&default_sources(), &mut inputs) {
+                Ok(name) => prop_assert_eq!(name, value),
+                Err(EventError::Invalid { .. }) => prop_assert!(!is_valid_name(&value)),
+                Err(other) => prop_assert!(false, "unexpected {:?}", other),
+            }
+        }
+
+        #[test]
+        fn form_and_query_fields_round_trip_percent_encoding(value in valid_name(), noise in "[ -~]{0,30}") {
+            let encode = |s: &str| s.bytes().map(|b| format!("%{b:02X}")).collect::<String>();
+            let query = format!("other={}&event_name={}", encode(&noise), encode(&value));
+            let mut inputs = Body::new(Format::Other, Vec::new());
+            inputs.query = query;
+            prop_assert_eq!(resolve(&default_sources(), &mut inputs), Ok(value));
+        }
+    }
+}

@@ -616,3 +616,45 @@ MobileDevice*              mobile-device.sh
         ));
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn a_literal_pattern_matches_itself_ignoring_case(text in "[A-Za-z0-9_.-]{0,40}") {
+            prop_assert!(Glob::new(&text, true).matches(&text.to_ascii_uppercase()));
+            prop_assert!(Glob::new(&text, true).matches(&text.to_ascii_lowercase()));
+        }
+
+        #[test]
+        fn a_star_in_place_of_any_slice_still_matches(
+            text in "[A-Za-z0-9_.-]{0,40}",
+            a in 0usize..41,
+            b in 0usize..41,
+        ) {
+            let (start, end) = (a.min(b).min(text.len()), a.max(b).min(text.len()));
+            let pattern = format!("{}*{}", &text[..start], &text[end..]);
+            prop_assert!(Glob::new(&pattern, false).matches(&text));
+        }
+
+        #[test]
+        fn question_marks_match_exactly_one_character(text in "[A-Za-z]{1,20}") {
+            let pattern = "?".repeat(text.len());
+            prop_assert!(Glob::new(&pattern, false).matches(&text));
+            let longer = format!("{text}x");
+            prop_assert!(!Glob::new(&pattern, false).matches(&longer));
+        }
+
+        #[test]
+        fn any_line_parses_or_names_its_line(line in "[ -~]{0,80}") {
+            let text = format!("# header\n{line}\n");
+            if let Err((n, message)) = parse_lines(&text) {
+                prop_assert_eq!(n, 2);
+                prop_assert!(!message.is_empty());
+            }
+        }
+    }
+}
