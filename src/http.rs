@@ -475,7 +475,8 @@ impl Body<'_> {
         error.into_io()
     }
 
-    /// One line of a chunked body (chunk size or trailer), without its CRLF.
+    /// One line of a chunked body (chunk size or trailer), without its CRLF. `max` bounds the bytes before
+    /// the LF, so it counts the CR.
     fn line(&mut self, max: usize) -> io::Result<Vec<u8>> {
         loop {
             if let Some(nl) = self.conn.buffered().iter().position(|&b| b == b'\n') {
@@ -537,7 +538,8 @@ impl Body<'_> {
                     return Ok(n);
                 }
                 ChunkState::DataEnd => {
-                    if !self.line(0)?.is_empty() {
+                    // At most the CR before the LF: `line(0)` refused the CRLF every chunk ends with.
+                    if !self.line(1)?.is_empty() {
                         return Err(
                             self.fail(BodyError::Malformed("chunk data longer than its size"))
                         );
@@ -681,6 +683,10 @@ fn read_head(conn: &mut Conn, limits: &Limits, deadline: Instant) -> Result<Head
         let mut parsed = httparse::Request::new(&mut headers);
         match parsed.parse(buffered) {
             Ok(httparse::Status::Complete(len)) => {
+                // A whole head can arrive in one read; its request line is bounded all the same.
+                if request_line_too_long(buffered) {
+                    return Err(HeadError::Status(414, "request line too long"));
+                }
                 if len > limits.max_header_bytes {
                     return Err(HeadError::Status(431, "request head too large"));
                 }
@@ -708,12 +714,7 @@ fn read_head(conn: &mut Conn, limits: &Limits, deadline: Instant) -> Result<Head
             }
             Err(_) => return Err(HeadError::Status(400, "malformed request head")),
         }
-        if !buffered
-            .iter()
-            .take(MAX_REQUEST_LINE + 1)
-            .any(|&b| b == b'\n')
-            && buffered.len() > MAX_REQUEST_LINE
-        {
+        if request_line_too_long(buffered) {
             return Err(HeadError::Status(414, "request line too long"));
         }
         if buffered.len() >= limits.max_header_bytes {
@@ -728,6 +729,18 @@ fn read_head(conn: &mut Conn, limits: &Limits, deadline: Instant) -> Result<Head
             Err(_) => return Err(HeadError::Quiet),
         }
     }
+}
+
+/// Whether the request line at the start of `buffered` (complete or not) is longer than `MAX_REQUEST_LINE`.
+/// Empty lines before it are skipped, as httparse skips them.
+fn request_line_too_long(buffered: &[u8]) -> bool {
+    let start = buffered
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(buffered.len());
+    let line = &buffered[start..];
+    let end = line.iter().position(|&b| b == b'\n').unwrap_or(line.len());
+    end > MAX_REQUEST_LINE
 }
 
 /// Request ids: a random per-process prefix and a counter.
@@ -1159,7 +1172,7 @@ fn serve_request(shared: &Shared, conn: &mut Conn) -> Next {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Drained {
     Complete,
-    /// More than `DRAIN_BYTES` were left unread.
+    /// More than `DRAIN_BYTES` were left unread, or the client still waits for 100 Continue to send it.
     Unread,
     Failed(BodyError),
 }
@@ -1168,6 +1181,17 @@ enum Drained {
 fn drain(body: &mut Body<'_>) -> Drained {
     if let Some(failure) = body.failure {
         return Drained::Failed(failure);
+    }
+    // A client waiting for 100 Continue sends no body until it gets one, and a handler that did not read the
+    // body did not ask for it: waiting for the body here would hold the answer until the body timed out (and
+    // turn it into a 408). Answer now and close instead.
+    let nothing_arrived = !body.done
+        && body.framing != Framing::Length(0)
+        && body.received == 0
+        && body.chunk == ChunkState::Size
+        && body.conn.buffered().is_empty();
+    if body.send_continue && nothing_arrived {
+        return Drained::Unread;
     }
     let mut scratch = [0u8; 8 << 10];
     let mut left = DRAIN_BYTES;
@@ -1438,5 +1462,435 @@ mod tests {
             ids.pick(Some("\u{1F600}")).contains('-'),
             "unusable ids are replaced"
         );
+    }
+
+    // Property tests for the framing: the chunked decoder and the head reader driven over a real socket pair,
+    // and the Content-Length/Transfer-Encoding rules over generated header sets.
+
+    use proptest::prelude::*;
+    use std::thread::JoinHandle;
+
+    /// A connection whose peer writes `input` from its own thread and then closes.
+    fn fed(input: Vec<u8>, capacity: usize) -> (Conn, JoinHandle<()>) {
+        let (ours, mut theirs) = UnixStream::pair().expect("socket pair");
+        let writer = std::thread::spawn(move || {
+            // The reader may stop early and close; a failed write is expected then.
+            let _ = theirs.write_all(&input);
+        });
+        (
+            Conn::new(Stream::Unix(ours), "test".into(), capacity),
+            writer,
+        )
+    }
+
+    /// A body as `serve_request` builds it.
+    fn body(conn: &mut Conn, framing: Framing, max: u64) -> Body<'_> {
+        Body {
+            conn,
+            framing,
+            chunk: ChunkState::Size,
+            remaining: match framing {
+                Framing::Length(n) => n,
+                Framing::Chunked => 0,
+            },
+            received: 0,
+            max,
+            start: Instant::now(),
+            grace: Duration::from_secs(10),
+            send_continue: false,
+            done: false,
+            failure: None,
+            trailer_bytes: 0,
+            max_trailer_bytes: 16 << 10,
+        }
+    }
+
+    /// How a body is cut into chunks and dressed.
+    #[derive(Debug, Clone)]
+    struct Chunking {
+        sizes: Vec<usize>,
+        extensions: Vec<String>,
+        upper: bool,
+        zeros: usize,
+        trailers: Vec<String>,
+    }
+
+    /// A chunk extension: none, a name, `name=token` after optional whitespace, or `name="quoted; string"`.
+    fn extension() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(String::new()),
+            "[a-z]{1,8}".prop_map(|n| format!(";{n}")),
+            ("[ \t]{0,2}", "[a-z]{1,8}", "[A-Za-z0-9]{0,8}")
+                .prop_map(|(ws, n, v)| format!("{ws};{n}={v}")),
+            ("[a-z]{1,8}", "[ -~]{0,12}")
+                .prop_map(|(n, v)| format!(";{n}=\"{}\"", v.replace(['"', '\\'], ""))),
+        ]
+    }
+
+    fn chunking() -> impl Strategy<Value = Chunking> {
+        (
+            prop::collection::vec(1usize..700, 1..12),
+            prop::collection::vec(extension(), 1..6),
+            any::<bool>(),
+            0usize..3,
+            prop::collection::vec("X-[A-Za-z]{1,8}: [ -~]{0,20}", 0..3),
+        )
+            .prop_map(|(sizes, extensions, upper, zeros, trailers)| Chunking {
+                sizes,
+                extensions,
+                upper,
+                zeros,
+                trailers,
+            })
+    }
+
+    fn encode_chunked(data: &[u8], how: &Chunking) -> Vec<u8> {
+        let mut out = Vec::new();
+        let size_line = |n: usize, i: usize| {
+            let zeros = "0".repeat(how.zeros);
+            let extension = &how.extensions[i % how.extensions.len()];
+            if how.upper {
+                format!("{zeros}{n:X}{extension}\r\n")
+            } else {
+                format!("{zeros}{n:x}{extension}\r\n")
+            }
+        };
+        let mut rest = data;
+        let mut i = 0;
+        while !rest.is_empty() {
+            let n = how.sizes[i % how.sizes.len()].min(rest.len());
+            out.extend_from_slice(size_line(n, i).as_bytes());
+            out.extend_from_slice(&rest[..n]);
+            out.extend_from_slice(b"\r\n");
+            rest = &rest[n..];
+            i += 1;
+        }
+        out.extend_from_slice(size_line(0, i).as_bytes());
+        for trailer in &how.trailers {
+            out.extend_from_slice(trailer.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+
+    /// What decoding `input` as a chunked body gave: the bytes read, how reading ended, and every byte after
+    /// the body (left buffered or still unread on the socket).
+    fn decode_chunked(
+        input: Vec<u8>,
+        max: u64,
+        read_size: usize,
+    ) -> (Vec<u8>, io::Result<()>, Vec<u8>) {
+        let (mut conn, writer) = fed(input, 8 << 10);
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; read_size];
+        let mut body = body(&mut conn, Framing::Chunked, max);
+        let ended = loop {
+            match body.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e) => break Err(e),
+            }
+        };
+        assert_eq!(
+            body.received(),
+            out.len() as u64,
+            "received() counts what was read"
+        );
+        let mut rest = conn.buffered().to_vec();
+        if ended.is_ok() {
+            conn.stream.read_to_end(&mut rest).expect("read the rest");
+        }
+        drop(conn);
+        writer.join().expect("writer thread");
+        (out, ended, rest)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn chunked_bodies_round_trip(
+            data in prop::collection::vec(any::<u8>(), 0..3000),
+            how in chunking(),
+            read_size in 1usize..5000,
+        ) {
+            let mut input = encode_chunked(&data, &how);
+            input.extend_from_slice(b"NEXT");
+            let (out, ended, rest) = decode_chunked(input, data.len() as u64, read_size);
+            prop_assert!(ended.is_ok(), "{:?}", ended);
+            prop_assert_eq!(out, data);
+            prop_assert_eq!(rest, b"NEXT".to_vec(), "the decoder stops exactly at the body's end");
+        }
+
+        #[test]
+        fn chunked_bodies_over_max_are_refused(
+            data in prop::collection::vec(any::<u8>(), 1..3000),
+            how in chunking(),
+            read_size in 1usize..5000,
+            under in 1u64..100,
+        ) {
+            let max = (data.len() as u64).saturating_sub(under);
+            let (out, ended, _) = decode_chunked(encode_chunked(&data, &how), max, read_size);
+            let error = ended.expect_err("a body over max_body is an error");
+            prop_assert_eq!(BodyError::of(&error), Some(BodyError::TooLarge));
+            prop_assert!(out.len() as u64 <= max, "{} bytes read past max {max}", out.len());
+        }
+
+        #[test]
+        fn read_head_answers_every_input(
+            input in request_head(),
+            max_header_bytes in prop::sample::select(vec![512usize, 4 << 10, 16 << 10]),
+        ) {
+            let limits = Limits {
+                max_connections: 1,
+                max_header_bytes,
+                header_timeout: Duration::from_secs(10),
+                keepalive_timeout: Duration::from_secs(10),
+            };
+            let (mut conn, writer) = fed(input.clone(), max_header_bytes.max(8 << 10) + 1);
+            let result = read_head(&mut conn, &limits, Instant::now() + Duration::from_secs(10));
+            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let whole = httparse::Request::new(&mut slots).parse(&input);
+            // The request line as a client would measure it: after empty lines, up to the LF.
+            let line = {
+                let start = input.iter().position(|&b| b != b'\r' && b != b'\n').unwrap_or(input.len());
+                input[start..].iter().position(|&b| b == b'\n').unwrap_or(input.len() - start)
+            };
+            match result {
+                Ok(head) => {
+                    let Ok(httparse::Status::Complete(len)) = whole else {
+                        return Err(TestCaseError::fail(format!("a head from an incomplete input: {whole:?}")));
+                    };
+                    prop_assert!(len <= max_header_bytes && line <= MAX_REQUEST_LINE);
+                    prop_assert!(!head.method.is_empty());
+                    prop_assert!(input[len..].starts_with(conn.buffered()), "what follows the head stays buffered");
+                }
+                Err(HeadError::Status(status, _)) => {
+                    prop_assert!([400, 414, 431].contains(&status), "status {}", status);
+                    if status == 400 {
+                        prop_assert!(matches!(whole, Err(e) if e != httparse::Error::TooManyHeaders), "{:?}", whole);
+                    }
+                    if let Ok(httparse::Status::Complete(len)) = whole {
+                        prop_assert!(
+                            len > max_header_bytes || line > MAX_REQUEST_LINE,
+                            "a head within the limits was refused with {}", status
+                        );
+                    }
+                }
+                Err(HeadError::Quiet) => {
+                    prop_assert!(matches!(whole, Ok(httparse::Status::Partial)), "{:?}", whole);
+                }
+            }
+            drop(conn);
+            writer.join().expect("writer thread");
+        }
+    }
+
+    /// Request heads: random bytes, or (mostly) a request line and header fields with random parts: long
+    /// lines, many fields, odd line ends, junk, a missing end, bytes after the head. Well-formed parts are
+    /// weighted up so that many heads get past the parser.
+    fn request_head() -> impl Strategy<Value = Vec<u8>> {
+        let method = prop_oneof![
+            8 => prop::sample::select(vec!["GET", "POST", "PUT", "DELETE", "get"]),
+            1 => prop::sample::select(vec!["", "G T"]),
+        ];
+        let target = (
+            prop::sample::select(vec![0usize, 0, 0, 100, 8 << 10, (8 << 10) + 200, 9 << 10]),
+            "[A-Za-z0-9/?=&%._~-]{0,20}",
+        )
+            .prop_map(|(n, tail)| format!("/{}{tail}", "a".repeat(n)));
+        let version = prop_oneof![
+            8 => prop::sample::select(vec!["HTTP/1.1", "HTTP/1.0"]),
+            1 => prop::sample::select(vec!["HTTP/2.0", "http/1.1", "", "HTTP/1.1 "]),
+        ];
+        let valid = (
+            prop_oneof![
+                "[A-Za-z-]{1,12}",
+                prop::sample::select(vec!["Content-Length", "Transfer-Encoding", "X-Request-Id"])
+                    .prop_map(String::from),
+            ],
+            "[ -~]{0,30}".prop_map(String::into_bytes),
+        );
+        let junk = ("[ -~]{0,5}", prop::collection::vec(any::<u8>(), 0..10));
+        let fields = prop_oneof![
+            4 => prop::collection::vec(valid.clone(), 0..8),
+            2 => prop::collection::vec(valid.clone(), 95..110),
+            2 => prop::collection::vec(prop_oneof![4 => valid, 1 => junk], 0..20),
+        ];
+        let end = prop_oneof![8 => Just("\r\n"), 2 => Just("\n"), 1 => Just("\r")];
+        let structured = (
+            (
+                prop::sample::select(vec!["", "", "\r\n"]),
+                method,
+                target,
+                version,
+            ),
+            fields,
+            end,
+            prop::bool::weighted(0.8),
+            prop::collection::vec(any::<u8>(), 0..32),
+        )
+            .prop_map(
+                |((lead, method, target, version), fields, end, terminated, tail)| {
+                    let mut out = format!("{lead}{method} {target} {version}{end}").into_bytes();
+                    for (name, value) in fields {
+                        out.extend_from_slice(name.as_bytes());
+                        out.extend_from_slice(b": ");
+                        out.extend_from_slice(&value);
+                        out.extend_from_slice(end.as_bytes());
+                    }
+                    if terminated {
+                        out.extend_from_slice(end.as_bytes());
+                    }
+                    out.extend_from_slice(&tail);
+                    out
+                },
+            );
+        prop_oneof![
+            1 => prop::collection::vec(any::<u8>(), 0..2048),
+            4 => structured,
+        ]
+    }
+
+    /// `name` with each letter in a random case.
+    fn any_case(name: &'static str) -> impl Strategy<Value = String> {
+        prop::collection::vec(any::<bool>(), name.len()).prop_map(move |upper| {
+            name.chars()
+                .zip(upper)
+                .map(|(c, up)| {
+                    if up {
+                        c.to_ascii_uppercase()
+                    } else {
+                        c.to_ascii_lowercase()
+                    }
+                })
+                .collect()
+        })
+    }
+
+    /// Fields that do not frame a body.
+    fn others() -> impl Strategy<Value = Vec<(String, String)>> {
+        prop::collection::vec(
+            ("X-[A-Za-z]{1,10}|Host|Content-Type|Expect", "[ -~]{0,20}"),
+            0..5,
+        )
+    }
+
+    /// A head with `others`, and `fields` inserted at the given positions.
+    fn head_with(
+        mut others: Vec<(String, String)>,
+        fields: Vec<(prop::sample::Index, String, String)>,
+    ) -> Head {
+        for (at, name, value) in fields {
+            let at = at.index(others.len() + 1);
+            others.insert(at, (name, value));
+        }
+        Head {
+            method: "POST".into(),
+            target: "/".into(),
+            http10: false,
+            headers: others,
+        }
+    }
+
+    /// `values` as one comma-separated field or as one field each.
+    fn length_fields(
+        name: String,
+        values: &[String],
+        one_field: bool,
+        at: &[prop::sample::Index],
+    ) -> Vec<(prop::sample::Index, String, String)> {
+        if one_field {
+            vec![(at[0], name, values.join(", "))]
+        } else {
+            values
+                .iter()
+                .zip(at)
+                .map(|(v, at)| (*at, name.clone(), v.clone()))
+                .collect()
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn framing_content_length_with_transfer_encoding_is_400(
+            others in others(),
+            cl in (any::<prop::sample::Index>(), any_case("Content-Length"), "[0-9]{1,25}|[ -~]{0,10}"),
+            te in (any::<prop::sample::Index>(), any_case("Transfer-Encoding"), "chunked|[ -~]{0,12}"),
+            cl_first in any::<bool>(),
+            max in any::<u64>(),
+        ) {
+            let fields = if cl_first { vec![cl, te] } else { vec![te, cl] };
+            prop_assert_eq!(head_with(others, fields).framing(max).map_err(|e| e.0), Err(400));
+        }
+
+        #[test]
+        fn framing_different_lengths_are_400(
+            others in others(),
+            name in any_case("Content-Length"),
+            (a, b) in (any::<u64>(), any::<u64>()).prop_filter("different", |(a, b)| a != b),
+            one_field in any::<bool>(),
+            at in prop::collection::vec(any::<prop::sample::Index>(), 2),
+            max in any::<u64>(),
+        ) {
+            let fields = length_fields(name, &[a.to_string(), b.to_string()], one_field, &at);
+            prop_assert_eq!(head_with(others, fields).framing(max).map_err(|e| e.0), Err(400));
+        }
+
+        #[test]
+        fn framing_one_length_is_held_against_max(
+            others in others(),
+            name in any_case("Content-Length"),
+            n in any::<u64>(),
+            delta in -3i64..=3,
+            copies in 1usize..4,
+            one_field in any::<bool>(),
+            at in prop::collection::vec(any::<prop::sample::Index>(), 3),
+        ) {
+            let max = n.saturating_add_signed(delta);
+            let fields = length_fields(name, &vec![n.to_string(); copies], one_field, &at);
+            let expected = if n > max { Err(413) } else { Ok(Framing::Length(n)) };
+            prop_assert_eq!(head_with(others, fields).framing(max).map_err(|e| e.0), expected);
+        }
+
+        #[test]
+        fn framing_malformed_length_is_400(
+            others in others(),
+            name in any_case("Content-Length"),
+            value in "[0-9]{0,3}[A-Za-z+.\\-_/][0-9]{0,3}",
+            at in any::<prop::sample::Index>(),
+            max in any::<u64>(),
+        ) {
+            let head = head_with(others, vec![(at, name, value)]);
+            prop_assert_eq!(head.framing(max).map_err(|e| e.0), Err(400));
+        }
+
+        #[test]
+        fn framing_only_chunked_alone_is_accepted(
+            others in others(),
+            name in any_case("Transfer-Encoding"),
+            codings in prop::collection::vec(
+                prop::sample::select(vec!["chunked", "Chunked", "CHUNKED", " chunked ", "gzip", "identity", "deflate", "x-custom"]),
+                1..4,
+            ),
+            one_field in any::<bool>(),
+            at in prop::collection::vec(any::<prop::sample::Index>(), 3),
+            max in any::<u64>(),
+        ) {
+            let values: Vec<String> = codings.iter().map(|c| c.to_string()).collect();
+            let fields = length_fields(name, &values, one_field, &at);
+            let expected = if codings.len() == 1 && codings[0].trim().eq_ignore_ascii_case("chunked") {
+                Ok(Framing::Chunked)
+            } else {
+                Err(400)
+            };
+            prop_assert_eq!(head_with(others, fields).framing(max).map_err(|e| e.0), expected);
+        }
+
+        #[test]
+        fn framing_without_framing_fields_is_an_empty_body(others in others(), max in any::<u64>()) {
+            prop_assert_eq!(head_with(others, vec![]).framing(max), Ok(Framing::Length(0)));
+        }
     }
 }

@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 const SCRIPT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// How much of a run's output is logged; the rest is read and counted, so a flood cannot fill the journal.
 const LOG_BUDGET: usize = 64 << 10;
+/// After the script exits, at most this many reads (16 KiB each) collect what is left in its pipes.
+const POST_EXIT_READS: usize = 128;
 /// A longer line is logged in pieces of this size.
 const MAX_LINE: usize = 4 << 10;
 
@@ -137,14 +139,17 @@ impl Runner {
                 break;
             }
         }
-        // The script has exited but is not yet reaped. Take what it wrote, then end anything it left behind in
-        // its group (which would otherwise hold the pipes or outlive the request), then reap.
-        while pipes.iter().any(Option::is_some) {
-            if !poll_pipes(&mut pipes, Some(Duration::ZERO), &mut output)? {
+        // The script has exited but is not yet reaped. End anything it left behind in its group (which would
+        // otherwise hold the pipes or outlive the request), then take what is still in the pipes, bounded: a
+        // process that escaped the group (setsid) could otherwise keep the answer waiting by writing forever.
+        kill_group(pid, libc::SIGKILL);
+        for _ in 0..POST_EXIT_READS {
+            if pipes.iter().all(Option::is_none)
+                || !poll_pipes(&mut pipes, Some(Duration::ZERO), &mut output)?
+            {
                 break;
             }
         }
-        kill_group(pid, libc::SIGKILL);
         let status = child.wait()?;
         drop(pipes);
         output.finish();

@@ -3,3 +3,7 @@
 mod util;
 
 mod core;
+mod lifecycle;
+mod runner;
+
+mod http;

@@ -328,3 +328,146 @@ impl Response {
         String::from_utf8_lossy(&self.body).into_owned()
     }
 }
+
+// Helpers for the runner and lifecycle tests: daemons started by hand, and processes scripts leave behind.
+
+impl Env {
+    /// The command `serve` runs, listening on `listen`: for tests that start the daemon themselves.
+    pub fn serve_command(&self, listen: &str) -> Command {
+        let mut command = Command::new(BIN);
+        command
+            .args(["serve", "--listen", listen, "--config"])
+            .arg(self.config_path())
+            .env("RUST_LOG", "info")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        command
+    }
+}
+
+impl Server {
+    /// Starts `command` and collects its log like `Env::serve`, without waiting for it to listen: for a
+    /// daemon that must fail at start, or that listens on a unix socket. `addr` stays a placeholder.
+    pub fn spawn(mut command: Command) -> Server {
+        let mut child = command.spawn().expect("start hookrunner");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let log = Arc::new(Log::default());
+        let writer = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut text = writer.text.lock().expect("log lock");
+                text.push_str(&line);
+                text.push('\n');
+                writer.grew.notify_all();
+            }
+        });
+        Server {
+            child,
+            addr: "127.0.0.1:1".parse().expect("placeholder address"),
+            log,
+        }
+    }
+}
+
+/// Whether `pid` is a live process. A zombie counts as gone: it holds nothing any more, and orphans may stay
+/// zombies for a while where init is slow to reap them.
+pub fn alive(pid: i32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name, which is in parentheses and may itself contain ") ".
+    stat.rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next())
+        .is_some_and(|state| !matches!(state, 'Z' | 'X'))
+}
+
+/// Waits until `pid` is gone; false if it is still alive after `timeout`.
+pub fn wait_gone(pid: i32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while alive(pid) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// Waits until `path` exists; false if it does not after `timeout`.
+pub fn wait_file(path: &Path, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// A pid a script wrote to `path`.
+pub fn read_pid(path: &Path) -> i32 {
+    let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    text.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{}: {text:?}: {e}", path.display()))
+}
+
+/// On drop, SIGKILLs whatever is still alive of the processes whose pids scripts wrote to these files, with
+/// their process groups: a test that fails early leaves nothing running.
+pub struct KillOnDrop(pub Vec<PathBuf>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for file in &self.0 {
+            let Some(pid) = fs::read_to_string(file)
+                .ok()
+                .and_then(|t| t.trim().parse::<i32>().ok())
+            else {
+                continue;
+            };
+            if pid <= 1 || !alive(pid) {
+                continue;
+            }
+            // SAFETY: signalling a process a test script started; never our own group.
+            unsafe {
+                let group = libc::getpgid(pid);
+                if group > 1 && group != libc::getpgrp() {
+                    libc::killpg(group, libc::SIGKILL);
+                } else {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+/// The names in the payload directory, sorted.
+pub fn payload_files(env: &Env) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(env.payloads())
+        .expect("read payload dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Creates its file when dropped, releasing a script waiting in [`wait_for_release`] even when the test fails
+/// early.
+pub struct Release(pub PathBuf);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let _ = fs::write(&self.0, "");
+    }
+}
+
+/// Shell lines that touch `started`, then wait (10 s at most) for `release` to exist.
+pub fn wait_for_release(started: &Path, release: &Path) -> String {
+    format!(
+        "touch {started:?}\ni=0\nwhile [ ! -e {release:?} ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done"
+    )
+}

@@ -1,0 +1,787 @@
+//! The HTTP layer's limits and fault paths, against the real binary over raw TCP sockets: sizes, framing,
+//! slow and idle clients, keep-alive, connection and descriptor exhaustion.
+
+use std::fs;
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::util::{Env, Response, Server};
+
+/// A script that copies its payload file to `<env>/body`; returns that path.
+fn copier(env: &Env, name: &str) -> PathBuf {
+    let out = env.path().join("body");
+    env.script(name, &format!("cp \"$1\" {out:?}"));
+    out
+}
+
+/// Connects and writes `bytes` as they are.
+fn raw(server: &Server, bytes: &[u8]) -> TcpStream {
+    let mut stream = server.connect();
+    stream.write_all(bytes).expect("send");
+    stream
+}
+
+/// Reads one response, or fails the test with the server's log.
+fn answer(server: &Server, stream: &mut TcpStream) -> Response {
+    Response::read(stream).unwrap_or_else(|e| panic!("no response: {e}\nlog:\n{}", server.log()))
+}
+
+/// Sends `bytes` on a new connection and reads the answer.
+fn exchange(server: &Server, bytes: &[u8]) -> Response {
+    let mut stream = raw(server, bytes);
+    answer(server, &mut stream)
+}
+
+/// Reads until the server closes (EOF or reset) and returns what arrived; `None` if still open at `limit`.
+fn until_closed(stream: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    let deadline = Instant::now() + limit;
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        stream.set_read_timeout(Some(left)).expect("read timeout");
+        match stream.read(&mut buf) {
+            Ok(0) => return Some(received),
+            Ok(n) => received.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return Some(received),
+        }
+    }
+}
+
+/// True when the server has neither answered nor closed the connection (checked without blocking).
+fn still_open(stream: &TcpStream) -> bool {
+    stream.set_nonblocking(true).expect("nonblocking");
+    let open = matches!(stream.peek(&mut [0u8; 1]), Err(e) if e.kind() == ErrorKind::WouldBlock);
+    stream.set_nonblocking(false).expect("blocking");
+    open
+}
+
+/// A bodiless GET head on HTTP/1.1.
+fn get(path: &str, extra: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: test\r\n{extra}\r\n").into_bytes()
+}
+
+fn chunked_head(path: &str) -> String {
+    format!("POST {path} HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n")
+}
+
+/// The status line of a raw answer.
+fn status_line(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn assert_healthy(server: &mut Server) {
+    assert!(
+        server.child.try_wait().expect("try_wait").is_none(),
+        "the daemon exited:\n{}",
+        server.log()
+    );
+    let response = server.get("/healthz");
+    assert_eq!(response.status, 200, "{}", response.text());
+}
+
+#[test]
+fn huge_content_length_is_413_without_reading_the_body() {
+    let env = Env::new();
+    let mut server = env.serve();
+    let head = "POST /hooks/x HTTP/1.1\r\nHost: test\r\nContent-Length: 1099511627776\r\n\r\n";
+    // No body follows: the answer can only come from the head.
+    let mut stream = raw(&server, head.as_bytes());
+    let response = answer(&server, &mut stream);
+    assert_eq!(response.status, 413, "{}", response.text());
+    assert_eq!(response.header("Connection"), Some("close"));
+    assert!(
+        until_closed(&mut stream, Duration::from_secs(10)).is_some_and(|rest| rest.is_empty()),
+        "closed after the 413, with nothing more sent"
+    );
+    assert_healthy(&mut server);
+}
+
+#[test]
+fn expect_continue_with_a_huge_content_length_is_413_without_100_continue() {
+    let env = Env::new();
+    let mut server = env.serve();
+    let head = "POST /hooks/x HTTP/1.1\r\nHost: test\r\nContent-Length: 1099511627776\r\n\
+                Expect: 100-continue\r\n\r\n";
+    let mut stream = raw(&server, head.as_bytes());
+    let all = until_closed(&mut stream, Duration::from_secs(10)).expect("closed after answering");
+    assert!(
+        status_line(&all).starts_with("HTTP/1.1 413 "),
+        "the first thing sent is the 413, not 100 Continue: {:?}",
+        String::from_utf8_lossy(&all)
+    );
+    assert!(
+        !String::from_utf8_lossy(&all).contains(" 100 Continue"),
+        "{:?}",
+        String::from_utf8_lossy(&all)
+    );
+    assert_healthy(&mut server);
+}
+
+#[test]
+fn expect_continue_gets_100_before_the_body_then_the_answer() {
+    let env = Env::new();
+    let out = copier(&env, "copy");
+    let server = env.serve();
+    let body = b"{\"sent\":\"after 100 Continue\"}";
+    let head = format!(
+        "POST /hooks/copy HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        body.len()
+    );
+    let mut stream = raw(&server, head.as_bytes());
+    let interim = answer(&server, &mut stream);
+    assert_eq!(
+        interim.status, 100,
+        "100 Continue before any body byte: {interim:?}"
+    );
+    stream.write_all(body).expect("send body");
+    let response = answer(&server, &mut stream);
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(fs::read(out).expect("copied body"), body);
+}
+
+#[test]
+fn expect_continue_for_a_body_the_handler_does_not_read_is_answered_at_once() {
+    // /healthz never reads a body. The client waits for 100 Continue before sending it, so the server must
+    // answer (and close) rather than wait for the body until it times out.
+    let env = Env::new().config("header_timeout = \"3s\"");
+    let server = env.serve();
+    let mut stream = raw(
+        &server,
+        b"GET /healthz HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    );
+    let response = answer(&server, &mut stream);
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(
+        response.header("Connection"),
+        Some("close"),
+        "the unread body leaves the connection unusable"
+    );
+    assert!(
+        until_closed(&mut stream, Duration::from_secs(10)).is_some_and(|rest| rest.is_empty()),
+        "closed after the answer"
+    );
+    // A client that sent the body without waiting keeps its connection: the body is drained.
+    let mut both = b"GET /healthz HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\nhello".to_vec();
+    both.extend_from_slice(&get("/healthz", ""));
+    let mut stream = raw(&server, &both);
+    let first = answer(&server, &mut stream);
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(first.header("Connection"), Some("keep-alive"));
+    assert_eq!(answer(&server, &mut stream).status, 200);
+}
+
+#[test]
+fn content_length_over_max_body_is_413() {
+    let env = Env::new().config("max_body = \"1KiB\"");
+    copier(&env, "copy");
+    let server = env.serve();
+    assert_eq!(server.post("/hooks/copy", &[b'a'; 1024]).status, 200);
+    let response = server.post("/hooks/copy", &[b'a'; 1025]);
+    assert_eq!(response.status, 413, "{}", response.text());
+}
+
+#[test]
+fn chunked_body_over_max_body_is_413() {
+    let env = Env::new().config("max_body = \"1KiB\"");
+    copier(&env, "copy");
+    let server = env.serve();
+    // Two chunks that fit alone but not together.
+    let mut request = chunked_head("/hooks/copy").into_bytes();
+    request.extend_from_slice(b"\r\n300\r\n");
+    request.extend_from_slice(&[b'a'; 0x300]);
+    request.extend_from_slice(b"\r\n300\r\n");
+    request.extend_from_slice(&[b'b'; 0x300]);
+    request.extend_from_slice(b"\r\n0\r\n\r\n");
+    let response = exchange(&server, &request);
+    assert_eq!(response.status, 413, "{}", response.text());
+    assert!(response.header("X-Request-Id").is_some(), "{response:?}");
+}
+
+#[test]
+fn chunked_body_far_over_max_body_still_gets_its_413() {
+    // A sender streaming a large chunked body without waiting must still read the 413, not a reset.
+    let env = Env::new().config("max_body = \"1KiB\"");
+    copier(&env, "copy");
+    let server = env.serve();
+    let mut request = chunked_head("/hooks/copy").into_bytes();
+    request.extend_from_slice(b"\r\n");
+    for _ in 0..64 {
+        request.extend_from_slice(b"1000\r\n");
+        request.extend_from_slice(&[b'z'; 0x1000]);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    let mut stream = server.connect();
+    let mut writer = stream.try_clone().expect("clone");
+    let sender = std::thread::spawn(move || {
+        // The server may stop reading; a failed write is expected then.
+        let _ = writer.write_all(&request);
+    });
+    let response = answer(&server, &mut stream);
+    assert_eq!(response.status, 413, "{}", response.text());
+    drop(stream);
+    sender.join().expect("sender thread");
+}
+
+#[test]
+fn head_over_max_header_bytes_is_431_and_the_server_keeps_serving() {
+    let env = Env::new();
+    let mut server = env.serve();
+    let big = format!("X-Big: {}\r\n", "v".repeat(17 << 10));
+    let response = exchange(&server, &get("/healthz", &big));
+    assert_eq!(response.status, 431, "{}", response.text());
+    // Just under the default 16 KiB is fine.
+    let fits = format!("X-Big: {}\r\n", "v".repeat(15 << 10));
+    assert_eq!(exchange(&server, &get("/healthz", &fits)).status, 200);
+    assert_healthy(&mut server);
+}
+
+#[test]
+fn more_than_100_header_fields_is_431_and_the_server_keeps_serving() {
+    let env = Env::new();
+    let mut server = env.serve();
+    let fields = |n: usize| {
+        (1..n)
+            .map(|i| format!("X-F{i}: {i}\r\n"))
+            .collect::<String>()
+    };
+    // Host plus 99 more: exactly 100 fields.
+    assert_eq!(
+        exchange(&server, &get("/healthz", &fields(100))).status,
+        200
+    );
+    let response = exchange(&server, &get("/healthz", &fields(101)));
+    assert_eq!(response.status, 431, "{}", response.text());
+    assert!(response.text().contains("too many header fields"));
+    assert_healthy(&mut server);
+}
+
+#[test]
+fn request_line_over_8kib_is_414_however_it_arrives() {
+    let env = Env::new();
+    let mut server = env.serve();
+    let long = format!("/healthz?{}", "q".repeat(9 << 10));
+    // Whole request in one write.
+    let response = exchange(&server, &get(&long, ""));
+    assert_eq!(response.status, 414, "{}", response.text());
+    // The line alone, without its end yet.
+    let mut stream = raw(&server, format!("GET {long}").as_bytes());
+    let response = answer(&server, &mut stream);
+    assert_eq!(response.status, 414, "{}", response.text());
+    // Under the limit, the long query is no problem.
+    let fits = format!("/healthz?{}", "q".repeat(7 << 10));
+    assert_eq!(exchange(&server, &get(&fits, "")).status, 200);
+    assert_healthy(&mut server);
+}
+
+#[test]
+fn chunked_bodies_reach_the_script_byte_exact() {
+    let env = Env::new();
+    let out = copier(&env, "copy");
+    let server = env.serve();
+    let body: Vec<u8> = (0..=255u8).cycle().take(3000).collect();
+    let mut request = chunked_head("/hooks/copy").into_bytes();
+    request.extend_from_slice(b"\r\n");
+    let mut rest = &body[..];
+    for (i, size) in [1usize, 0x10, 0x3ff, 7, 0x100, 2000]
+        .into_iter()
+        .enumerate()
+    {
+        let size = size.min(rest.len());
+        if size == 0 {
+            break;
+        }
+        let extension = match i % 3 {
+            0 => "",
+            1 => ";name=value",
+            _ => ";a;b=\"quoted; value\"",
+        };
+        request.extend_from_slice(format!("{size:X}{extension}\r\n").as_bytes());
+        request.extend_from_slice(&rest[..size]);
+        request.extend_from_slice(b"\r\n");
+        rest = &rest[size..];
+    }
+    assert!(rest.is_empty(), "the test sends the whole body");
+    request.extend_from_slice(b"0;last\r\nX-Trailer: one\r\nX-Other: two\r\n\r\n");
+    // The connection stays usable: the decoder stopped exactly at the body's end.
+    request.extend_from_slice(&get("/healthz", ""));
+    let mut stream = raw(&server, &request);
+    let response = answer(&server, &mut stream);
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(fs::read(&out).expect("copied body"), body, "exact bytes");
+    let next = answer(&server, &mut stream);
+    assert_eq!(next.status, 200, "{}", next.text());
+    assert_eq!(next.json()["status"], "ok");
+}
+
+#[test]
+fn ambiguous_or_unsupported_framing_is_400() {
+    let env = Env::new();
+    copier(&env, "copy");
+    let server = env.serve();
+    let cases = [
+        (
+            "Content-Length and Transfer-Encoding",
+            "POST /hooks/copy HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        ),
+        (
+            "conflicting Content-Length",
+            "POST /hooks/copy HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        ),
+        (
+            "conflicting Content-Length in one field",
+            "POST /hooks/copy HTTP/1.1\r\nHost: t\r\nContent-Length: 5, 6\r\n\r\nhello!",
+        ),
+        (
+            "bad chunk size",
+            "POST /hooks/copy HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        ),
+        (
+            "chunk longer than its size",
+            "POST /hooks/copy HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhello\r\n0\r\n\r\n",
+        ),
+        (
+            "gzip",
+            "POST /hooks/copy HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n",
+        ),
+        (
+            "gzip, chunked",
+            "POST /hooks/copy HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        ),
+    ];
+    for (what, request) in cases {
+        let mut stream = raw(&server, request.as_bytes());
+        let response = answer(&server, &mut stream);
+        assert_eq!(response.status, 400, "{what}: {}", response.text());
+        assert!(response.header("X-Request-Id").is_some(), "{what}");
+        assert_eq!(
+            response.header("Connection"),
+            Some("close"),
+            "{what}: the framing is unknown, so the connection cannot be reused"
+        );
+        assert!(
+            until_closed(&mut stream, Duration::from_secs(10)).is_some(),
+            "{what}: closed"
+        );
+    }
+    assert!(
+        !env.path().join("body").exists(),
+        "no script ran for a badly framed request"
+    );
+}
+
+/// Sends a partial head, then one more header byte every 200 ms, until the server answers or closes;
+/// returns what it sent back, or `None` if the connection was still open after `limit`.
+fn trickle_head(server: &Server, limit: Duration) -> Option<Vec<u8>> {
+    let mut stream = raw(server, b"POST /hooks/x HTTP/1.1\r\nHost: test\r\nX-Slow: ");
+    let deadline = Instant::now() + limit;
+    let mut received = Vec::new();
+    let mut buf = [0u8; 1024];
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("read timeout");
+    while Instant::now() < deadline {
+        if stream.write_all(b"a").is_err() {
+            return Some(received);
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => return Some(received),
+            Ok(n) => received.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return Some(received),
+        }
+    }
+    None
+}
+
+#[test]
+fn a_head_trickling_in_is_cut_off_at_header_timeout() {
+    let env = Env::new().config("header_timeout = \"1s\"");
+    let mut server = env.serve();
+    let started = Instant::now();
+    let sent = trickle_head(&server, Duration::from_secs(6))
+        .expect("the slow client was not cut off within 6 s of a 1 s header_timeout");
+    assert!(
+        sent.is_empty() || status_line(&sent).starts_with("HTTP/1.1 408 "),
+        "408 or a plain close: {:?}",
+        String::from_utf8_lossy(&sent)
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "not before the deadline: {:?}",
+        started.elapsed()
+    );
+    assert_healthy(&mut server);
+}
+
+#[test]
+fn slow_clients_do_not_hold_up_other_requests() {
+    let env = Env::new().config("header_timeout = \"3s\"");
+    let server = env.serve();
+    let mut slow: Vec<TcpStream> = (0..6)
+        .map(|_| raw(&server, b"POST /hooks/x HTTP/1.1\r\nHost: te"))
+        .collect();
+    let response = server.get("/healthz");
+    assert_eq!(response.status, 200, "{}", response.text());
+    for (i, stream) in slow.iter().enumerate() {
+        assert!(
+            still_open(stream),
+            "slow client {i} was still waiting when the other request was answered"
+        );
+    }
+    for (i, stream) in slow.iter_mut().enumerate() {
+        let sent = until_closed(stream, Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("slow client {i} not cut off after header_timeout"));
+        let text = String::from_utf8_lossy(&sent);
+        assert!(status_line(&sent).starts_with("HTTP/1.1 408 "), "{text:?}");
+        assert!(text.contains("\r\nX-Request-Id: "), "{text:?}");
+    }
+}
+
+#[test]
+fn a_body_trickling_in_is_cut_off() {
+    let env = Env::new().config("header_timeout = \"1s\"");
+    copier(&env, "copy");
+    let mut server = env.serve();
+    let mut stream = raw(
+        &server,
+        b"POST /hooks/copy HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\n",
+    );
+    stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("read timeout");
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let mut received = Vec::new();
+    let mut buf = [0u8; 1024];
+    let mut sent = 0;
+    let closed = loop {
+        assert!(
+            Instant::now() < deadline,
+            "a body at 2 bytes/s was not cut off within 8 s"
+        );
+        if sent < 100 && stream.write_all(b"b").is_ok() {
+            sent += 1;
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => received.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => break true,
+        }
+    };
+    assert!(closed);
+    assert!(
+        status_line(&received).starts_with("HTTP/1.1 408 "),
+        "{:?}",
+        String::from_utf8_lossy(&received)
+    );
+    assert!(sent < 100, "cut off before the whole body arrived");
+    assert!(!env.path().join("body").exists(), "the script did not run");
+    assert_healthy(&mut server);
+}
+
+#[test]
+fn an_idle_keep_alive_connection_is_closed_after_keepalive_timeout() {
+    let env = Env::new().config("keepalive_timeout = \"1s\"");
+    let server = env.serve();
+    let mut stream = raw(&server, &get("/healthz", ""));
+    let response = answer(&server, &mut stream);
+    assert_eq!(response.status, 200);
+    assert_eq!(response.header("Connection"), Some("keep-alive"));
+    let rest = until_closed(&mut stream, Duration::from_secs(6))
+        .expect("idle connection not closed within 6 s of a 1 s keepalive_timeout");
+    assert!(
+        rest.is_empty(),
+        "closed without a word: {:?}",
+        String::from_utf8_lossy(&rest)
+    );
+}
+
+#[test]
+fn several_requests_share_one_connection() {
+    let env = Env::new();
+    let out = copier(&env, "copy");
+    let server = env.serve();
+    let mut stream = server.connect();
+    for i in 0..3 {
+        let body = format!("{{\"n\":{i}}}");
+        crate::util::send(
+            &mut stream,
+            "POST",
+            "/hooks/copy",
+            &[],
+            body.as_bytes(),
+            false,
+        );
+        let response = answer(&server, &mut stream);
+        assert_eq!(response.status, 200, "request {i}: {}", response.text());
+        assert_eq!(response.header("Connection"), Some("keep-alive"));
+        assert_eq!(fs::read(&out).expect("copied body"), body.as_bytes());
+    }
+    crate::util::send(&mut stream, "GET", "/healthz", &[], b"", true);
+    let last = answer(&server, &mut stream);
+    assert_eq!(last.status, 200);
+    assert_eq!(last.header("Connection"), Some("close"));
+    assert!(
+        until_closed(&mut stream, Duration::from_secs(10)).is_some_and(|r| r.is_empty()),
+        "closed after the request that asked for it"
+    );
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let env = Env::new();
+    let out = copier(&env, "copy");
+    let server = env.serve();
+    let mut both = b"POST /hooks/copy HTTP/1.1\r\nHost: t\r\nX-Request-Id: first\r\nContent-Length: 5\r\n\r\nfirst".to_vec();
+    both.extend_from_slice(&get("/healthz", "X-Request-Id: second\r\n"));
+    let mut stream = raw(&server, &both);
+    let first = answer(&server, &mut stream);
+    let second = answer(&server, &mut stream);
+    assert_eq!(first.header("X-Request-Id"), Some("first"), "{first:?}");
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(first.json()["script"], "copy");
+    assert_eq!(second.header("X-Request-Id"), Some("second"), "{second:?}");
+    assert_eq!(second.json()["status"], "ok");
+    assert_eq!(fs::read(&out).expect("copied body"), b"first");
+}
+
+#[test]
+fn http_1_0_closes_unless_keep_alive_is_asked_for() {
+    let env = Env::new();
+    let server = env.serve();
+    let mut plain = raw(&server, b"GET /healthz HTTP/1.0\r\n\r\n");
+    let response = answer(&server, &mut plain);
+    assert_eq!(response.status, 200);
+    assert_eq!(response.header("Connection"), Some("close"));
+    assert!(
+        until_closed(&mut plain, Duration::from_secs(10)).is_some(),
+        "HTTP/1.0 without keep-alive is closed after the answer"
+    );
+    let ask = b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n";
+    let mut kept = raw(&server, ask);
+    for i in 0..2 {
+        let response = answer(&server, &mut kept);
+        assert_eq!(response.status, 200, "answer {i}");
+        assert_eq!(
+            response.header("Connection"),
+            Some("keep-alive"),
+            "answer {i}"
+        );
+        if i == 0 {
+            assert!(still_open(&kept), "kept open after the first answer");
+            kept.write_all(ask)
+                .expect("second request on the same connection");
+        }
+    }
+}
+
+#[test]
+fn delete_is_405_with_allow() {
+    let env = Env::new();
+    let server = env.serve();
+    let response = server.request("DELETE", "/hooks/x", &[], b"");
+    assert_eq!(response.status, 405, "{}", response.text());
+    assert_eq!(response.header("Allow"), Some("GET, POST, PUT"));
+}
+
+/// 503 and 408 are checked where they happen: the connection-limit, descriptor and slow-client tests.
+#[test]
+fn every_response_carries_a_request_id() {
+    let env = Env::new().config("max_body = \"1KiB\"");
+    env.script("ok", "exit 0");
+    let server = env.serve();
+    let head_431 = get("/", &format!("X-Big: {}\r\n", "v".repeat(17 << 10)));
+    let cases: Vec<(u16, Vec<u8>)> = vec![
+        (200, get("/healthz", "")),
+        (
+            200,
+            b"POST /hooks/ok HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n".to_vec(),
+        ),
+        (
+            400,
+            b"POST /hooks/ok HTTP/1.1\r\nContent-Length: x\r\n\r\n".to_vec(),
+        ),
+        (400, b"\x01\x02 nonsense\r\n\r\n".to_vec()),
+        (
+            404,
+            b"POST /hooks/missing HTTP/1.1\r\nContent-Length: 0\r\n\r\n".to_vec(),
+        ),
+        (405, b"DELETE / HTTP/1.1\r\n\r\n".to_vec()),
+        (
+            413,
+            b"POST /hooks/ok HTTP/1.1\r\nContent-Length: 2048\r\n\r\n".to_vec(),
+        ),
+        (414, get(&format!("/{}", "a".repeat(9 << 10)), "")),
+        (431, head_431),
+    ];
+    for (status, request) in cases {
+        let response = exchange(&server, &request);
+        assert_eq!(response.status, status, "{}", response.text());
+        let id = response.header("X-Request-Id").unwrap_or_default();
+        assert!(
+            !id.is_empty(),
+            "{status} without X-Request-Id: {response:?}"
+        );
+        if status != 200 {
+            assert_eq!(
+                response.json()["request_id"],
+                id,
+                "{status}: the error body names the same id"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_junk_request_id_is_sanitised() {
+    let env = Env::new();
+    let server = env.serve();
+    let response = server.request(
+        "GET",
+        "/healthz",
+        &[("X-Request-Id", "a b\t<script>\"x\";.:_-9")],
+        b"",
+    );
+    assert_eq!(response.status, 200);
+    assert_eq!(response.header("X-Request-Id"), Some("abscriptx.:_-9"));
+    assert!(
+        server
+            .wait_log("abscriptx.:_-9 127.0.0.1:", Duration::from_secs(5))
+            .is_some(),
+        "the log line uses the sanitised id:\n{}",
+        server.log()
+    );
+    let unusable = server.request("GET", "/healthz", &[("X-Request-Id", "<<>>")], b"");
+    let id = unusable.header("X-Request-Id").unwrap_or_default();
+    assert!(
+        !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'),
+        "an id with nothing usable is replaced by a generated one: {id:?}"
+    );
+}
+
+/// One request on a new connection; its status, or `None` if the connection failed.
+fn try_status(server: &Server, request: &[u8]) -> Option<u16> {
+    let mut stream = TcpStream::connect(server.addr).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    stream.write_all(request).ok()?;
+    Response::read(&mut stream).ok().map(|r| r.status)
+}
+
+/// Retries a request until it gets 200 or `limit` passes.
+fn eventually_ok(server: &Server, request: &[u8], limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if try_status(server, request) == Some(200) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn past_max_connections_a_client_gets_503_and_is_closed() {
+    let env = Env::new().config("max_connections = 4\nheader_timeout = \"30s\"");
+    let mut server = env.serve();
+    let idle: Vec<TcpStream> = (0..4).map(|_| server.connect()).collect();
+    // Connections are accepted in order, so these four are counted before the fifth arrives. The fifth only
+    // reads: it is answered on accept.
+    let mut fifth = server.connect();
+    let sent = until_closed(&mut fifth, Duration::from_secs(10)).expect("fifth connection closed");
+    let text = String::from_utf8_lossy(&sent);
+    assert!(status_line(&sent).starts_with("HTTP/1.1 503 "), "{text:?}");
+    assert!(text.contains("\r\nRetry-After: 1\r\n"), "{text:?}");
+    assert!(text.contains("\r\nX-Request-Id: "), "{text:?}");
+    for stream in &idle {
+        assert!(still_open(stream), "the idle connections are untouched");
+    }
+    drop(idle);
+    assert!(
+        eventually_ok(
+            &server,
+            &get("/healthz", "Connection: close\r\n"),
+            Duration::from_secs(10)
+        ),
+        "requests succeed again once the idle connections closed:\n{}",
+        server.log()
+    );
+    assert_healthy(&mut server);
+}
+
+#[test]
+fn out_of_file_descriptors_the_server_answers_503_and_recovers() {
+    const LIMIT: libc::rlim_t = 64;
+    let env = Env::new().config("max_connections = 1000\nheader_timeout = \"30s\"");
+    let out = copier(&env, "copy");
+    let mut server = env.serve_with(|command| {
+        // SAFETY: setrlimit is async-signal-safe and touches only the child about to exec.
+        unsafe {
+            command.pre_exec(|| {
+                let limit = libc::rlimit {
+                    rlim_cur: LIMIT,
+                    rlim_max: LIMIT,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    let mut idle: Vec<TcpStream> = (0..2 * LIMIT).map(|_| server.connect()).collect();
+    // The last connection arrives when every descriptor is taken by the ones before it.
+    let last = idle.last_mut().expect("connections");
+    let sent = until_closed(last, Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("no answer past the descriptor limit:\n{}", server.log()));
+    let text = String::from_utf8_lossy(&sent);
+    assert!(status_line(&sent).starts_with("HTTP/1.1 503 "), "{text:?}");
+    assert!(text.contains("\r\nRetry-After: 1\r\n"), "{text:?}");
+    assert!(text.contains("\r\nX-Request-Id: "), "{text:?}");
+    assert!(
+        server
+            .wait_log("out of file descriptors", Duration::from_secs(5))
+            .is_some()
+            && server
+                .wait_log("accept failed", Duration::from_secs(5))
+                .is_some(),
+        "{}",
+        server.log()
+    );
+    assert!(
+        server.child.try_wait().expect("try_wait").is_none(),
+        "the daemon survived:\n{}",
+        server.log()
+    );
+    let log = server.log();
+    let rejected = log.matches("(out of file descriptors)").count();
+    let logged = log.matches("accept failed").count();
+    assert!(
+        rejected >= 2 && logged < rejected,
+        "accept errors are rate-limited: {logged} lines for {rejected} rejections"
+    );
+    drop(idle);
+    let request = b"POST /hooks/copy HTTP/1.1\r\nHost: t\r\nContent-Length: 9\r\nConnection: close\r\n\r\nrecovered";
+    assert!(
+        eventually_ok(&server, request, Duration::from_secs(15)),
+        "a script runs again once descriptors are free:\n{}",
+        server.log()
+    );
+    assert_eq!(fs::read(&out).expect("copied body"), b"recovered");
+    assert_healthy(&mut server);
+}

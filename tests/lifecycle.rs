@@ -1,0 +1,260 @@
+//! The daemon's life: reload on SIGHUP, drain on SIGTERM, restart after a crash, one daemon per payload
+//! directory, configuration errors at start, a unix socket, and the command line.
+
+use std::io::{ErrorKind, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command, ExitStatus};
+use std::time::Duration;
+
+use crate::util::{
+    BIN, Env, KillOnDrop, Release, Response, Server, payload_files, send, wait_file,
+    wait_for_release,
+};
+
+const EXIT: Duration = Duration::from_secs(10);
+
+/// Starts `serve` on this env, expecting it to exit at once; returns how, and the server for its log.
+fn start_failing(env: &Env) -> (ExitStatus, Server) {
+    let mut server = Server::spawn(env.serve_command("127.0.0.1:0"));
+    let status = server
+        .wait_exit(EXIT)
+        .unwrap_or_else(|| panic!("still running:\n{}", server.log()));
+    (status, server)
+}
+
+/// Waits for `needle` in the log, returning its line or failing with the whole log.
+fn logged(server: &Server, needle: &str) -> String {
+    server
+        .wait_log(needle, Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no {needle:?} in the log:\n{}", server.log()))
+}
+
+#[test]
+fn sighup_reloads_the_routes_and_keeps_the_old_ones_when_the_new_are_invalid() {
+    let env = Env::new();
+    env.script("old.sh", "exit 0");
+    env.script("new.sh", "exit 0");
+    env.routes("Old old.sh\n");
+    let server = env.serve();
+    assert_eq!(
+        server.post("/hooks/New", b"").status,
+        404,
+        "not routed before the reload"
+    );
+    env.routes("Old old.sh\nNew new.sh\n");
+    server.signal(libc::SIGHUP);
+    let reloaded = logged(&server, "reloaded");
+    assert!(reloaded.contains("reloaded: 2 route(s)"), "{reloaded}");
+    let new = server.post("/hooks/New", b"");
+    assert_eq!(new.status, 200, "{}", new.text());
+    assert_eq!(new.json()["script"], "new.sh");
+    // Line 1 alone would drop the route for Old; line 2 is invalid, so nothing of this file may apply.
+    env.routes("Other old.sh\nNew new.sh colour=red\n");
+    server.signal(libc::SIGHUP);
+    let failed = logged(&server, "reload failed");
+    assert!(
+        failed.contains("routes:2:") && failed.contains("unknown option"),
+        "the failure names the file and line: {failed}"
+    );
+    for event in ["Old", "New"] {
+        let response = server.post(&format!("/hooks/{event}"), b"");
+        assert_eq!(
+            response.status,
+            200,
+            "{event} still served after the failed reload: {}",
+            response.text()
+        );
+    }
+}
+
+#[test]
+fn sigterm_answers_the_request_in_flight_then_exits_0_and_stops_listening() {
+    let env = Env::new();
+    let started = env.path().join("started");
+    env.script("slow", &format!("touch {started:?}\nsleep 2\nexit 0"));
+    let mut server = env.serve();
+    let response = std::thread::scope(|s| {
+        let request = s.spawn(|| server.post("/hooks/slow", b""));
+        assert!(
+            wait_file(&started, Duration::from_secs(10)),
+            "the script did not start\n{}",
+            server.log()
+        );
+        server.signal(libc::SIGTERM);
+        logged(&server, "stopping");
+        request.join().expect("the request in flight is answered")
+    });
+    assert_eq!(response.status, 200, "{}", response.text());
+    let status = server
+        .wait_exit(EXIT)
+        .unwrap_or_else(|| panic!("did not exit after draining:\n{}", server.log()));
+    assert_eq!(status.code(), Some(0), "{}", server.log());
+    let refused = TcpStream::connect(server.addr).expect_err("no longer listening");
+    assert_eq!(refused.kind(), ErrorKind::ConnectionRefused, "{refused}");
+}
+
+#[test]
+fn a_restart_after_kill_9_removes_the_stale_payload_file_and_serves() {
+    let env = Env::new();
+    let pid = env.path().join("script.pid");
+    let tmp = pid.with_extension("tmp");
+    env.script(
+        "slow",
+        &format!("echo $$ > {tmp:?}\nmv {tmp:?} {pid:?}\nsleep 30"),
+    );
+    env.script("quick", "exit 0");
+    // The orphaned script outlives the killed daemon; it goes when the test ends, whatever happens.
+    let _cleanup = KillOnDrop(vec![pid.clone()]);
+    let mut server = env.serve();
+    let mut stream = server.connect();
+    send(&mut stream, "POST", "/hooks/slow", &[], b"{\"n\":1}", true);
+    assert!(
+        wait_file(&pid, Duration::from_secs(10)),
+        "the script did not start\n{}",
+        server.log()
+    );
+    server.child.kill().expect("kill -9");
+    server.child.wait().expect("reap");
+    drop(stream);
+    let stale: Vec<String> = payload_files(&env)
+        .into_iter()
+        .filter(|n| n != ".lock")
+        .collect();
+    assert_eq!(
+        stale.len(),
+        1,
+        "the killed daemon left its payload file: {stale:?}"
+    );
+    // The orphaned script still runs: what it inherited must not keep the directory locked.
+    let restarted = env.serve();
+    assert!(
+        logged(&restarted, "stale payload file").contains("removed 1 stale payload file"),
+        "{}",
+        restarted.log()
+    );
+    assert_eq!(payload_files(&env), [".lock"]);
+    let response = restarted.post("/hooks/quick", b"{}");
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(payload_files(&env), [".lock"]);
+}
+
+#[test]
+fn a_second_daemon_on_the_same_payload_dir_is_refused_and_the_first_keeps_serving() {
+    let env = Env::new();
+    let started = env.path().join("started");
+    let release = Release(env.path().join("release"));
+    // Succeeds only if its payload file is still there once released.
+    env.script(
+        "slow",
+        &format!("{}\ntest -f \"$1\"", wait_for_release(&started, &release.0)),
+    );
+    env.script("quick", "exit 0");
+    let server = env.serve();
+    std::thread::scope(|s| {
+        let request = s.spawn(|| server.post("/hooks/slow", b"{}"));
+        assert!(
+            wait_file(&started, Duration::from_secs(10)),
+            "the script did not start\n{}",
+            server.log()
+        );
+        let (status, second) = start_failing(&env);
+        drop(release);
+        assert!(
+            status.code().is_some_and(|c| c != 0),
+            "the second daemon failed: {status}\n{}",
+            second.log()
+        );
+        let line = logged(&second, "in use by another hookrunner");
+        assert!(
+            line.contains(&env.payloads().display().to_string()),
+            "{line}"
+        );
+        assert!(!second.log().contains("listening on"), "{}", second.log());
+        let response = request.join().expect("request thread");
+        assert_eq!(
+            response.status,
+            200,
+            "the first daemon's payload file survived the second's start: {}",
+            response.text()
+        );
+    });
+    let response = server.post("/hooks/quick", b"");
+    assert_eq!(response.status, 200, "{}", response.text());
+}
+
+#[test]
+fn a_config_error_at_start_exits_78_naming_file_and_line() {
+    let env = Env::new().config("bogus = 1");
+    let (status, server) = start_failing(&env);
+    assert_eq!(status.code(), Some(78), "{}", server.log());
+    let line = logged(&server, "hookrunner.toml:3:");
+    assert!(line.contains("unknown field `bogus`"), "{line}");
+
+    let env = Env::new();
+    env.script("a.sh", "exit 0");
+    env.routes("A a.sh\nB a.sh colour=red\n");
+    let (status, server) = start_failing(&env);
+    assert_eq!(status.code(), Some(78), "{}", server.log());
+    let line = logged(&server, "routes:2:");
+    assert!(line.contains("unknown option"), "{line}");
+    assert!(!server.log().contains("listening on"), "{}", server.log());
+}
+
+#[test]
+fn a_unix_socket_serves_and_is_removed_at_exit() {
+    let env = Env::new();
+    env.script("hello", "echo hello");
+    let socket = env.path().join("hookrunner.sock");
+    let mut server = Server::spawn(env.serve_command(&format!("unix:{}", socket.display())));
+    let line = logged(&server, "listening on ");
+    assert!(
+        line.ends_with(&format!("listening on unix:{}", socket.display())),
+        "{line}"
+    );
+    let response = unix_post(&socket, "/hooks/hello");
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(response.json()["script"], "hello");
+    server.signal(libc::SIGTERM);
+    let status = server
+        .wait_exit(EXIT)
+        .unwrap_or_else(|| panic!("did not exit:\n{}", server.log()));
+    assert_eq!(status.code(), Some(0), "{}", server.log());
+    assert!(!socket.exists(), "the socket file is removed at exit");
+}
+
+fn unix_post(socket: &Path, path: &str) -> Response {
+    let mut stream =
+        UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("read timeout");
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+    )
+    .expect("send request");
+    Response::read(&mut stream).expect("response")
+}
+
+#[test]
+fn version_help_and_usage_errors() {
+    let version = Command::new(BIN).arg("--version").output().expect("run");
+    assert!(version.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&version.stdout).trim(),
+        format!("hookrunner {}", env!("CARGO_PKG_VERSION"))
+    );
+    let help = Command::new(BIN).arg("--help").output().expect("run");
+    assert_eq!(help.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        text.contains("USAGE") && text.contains("hookrunner serve"),
+        "{text}"
+    );
+    let unknown = Command::new(BIN).arg("frobnicate").output().expect("run");
+    assert_eq!(unknown.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&unknown.stderr);
+    assert!(err.contains("unknown command"), "{err}");
+}

@@ -1,0 +1,328 @@
+//! Running scripts: deadlines on the whole process group, leftovers ended, output floods logged with a cap,
+//! the concurrency limit, and payload files that never outlive their request.
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::util::{
+    Env, KillOnDrop, Release, Response, Server, alive, payload_files, read_pid, wait_file,
+    wait_for_release, wait_gone,
+};
+
+/// How long a killed process may take to disappear.
+const GONE: Duration = Duration::from_secs(5);
+/// Scripts here sleep 30 s; their groups must be gone well before, 2 s after the start (timeout + grace).
+const GROUP_GONE: Duration = Duration::from_secs(20);
+
+/// Shell lines that start a background `sleep` and publish its pid in `file` (atomically, by rename), and the
+/// script's own pid in `file.leader`.
+fn background_sleep(file: &Path) -> String {
+    format!(
+        "echo $$ > {leader:?}\nsleep 30 &\necho $! > {tmp:?}\nmv {tmp:?} {file:?}",
+        leader = file.with_extension("leader"),
+        tmp = file.with_extension("tmp")
+    )
+}
+
+/// Kills, when the test ends, what is left of a script that ran [`background_sleep`] with `file`.
+fn cleanup(file: &Path) -> KillOnDrop {
+    KillOnDrop(vec![file.to_path_buf(), file.with_extension("leader")])
+}
+
+/// Posts to `/hooks/{event}`, checking while the script runs that the grandchild whose pid it writes to
+/// `pid_file` is alive; returns the answer, after the timeout.
+fn run_hanging(server: &Server, event: &str, pid_file: &Path) -> Response {
+    std::thread::scope(|s| {
+        let request = s.spawn(|| server.post(&format!("/hooks/{event}"), b""));
+        assert!(
+            wait_file(pid_file, Duration::from_secs(10)),
+            "the script did not start its grandchild\n{}",
+            server.log()
+        );
+        assert!(
+            alive(read_pid(pid_file)),
+            "the grandchild runs while the script does"
+        );
+        request.join().expect("request thread")
+    })
+}
+
+#[test]
+fn a_hung_script_is_answered_504_and_its_whole_group_ends() {
+    let env = Env::new().config("timeout = \"1s\"\nkill_grace = \"1s\"");
+    let grandchild = env.path().join("grandchild");
+    env.script(
+        "hang",
+        &format!("{}\nsleep 30", background_sleep(&grandchild)),
+    );
+    let _cleanup = cleanup(&grandchild);
+    let server = env.serve();
+    let started = Instant::now();
+    let response = run_hanging(&server, "hang", &grandchild);
+    assert_eq!(response.status, 504, "{}", response.text());
+    assert_eq!(response.json()["timed_out"], true);
+    assert!(response.json()["exit_code"].is_null());
+    assert!(
+        server
+            .wait_log(
+                "hang: timed out after 1s; sending SIGTERM",
+                Duration::from_secs(5)
+            )
+            .is_some(),
+        "{}",
+        server.log()
+    );
+    assert!(
+        wait_gone(read_pid(&grandchild), GONE),
+        "the grandchild in the script's group was killed"
+    );
+    let took = started.elapsed();
+    assert!(
+        took < GROUP_GONE,
+        "the group was gone only after {took:?}, as if left to finish its sleeps"
+    );
+}
+
+#[test]
+fn a_script_ignoring_sigterm_is_killed_after_the_grace() {
+    let env = Env::new().config("timeout = \"1s\"\nkill_grace = \"1s\"");
+    let grandchild = env.path().join("grandchild");
+    env.script(
+        "stubborn",
+        &format!("trap '' TERM\n{}\nsleep 30", background_sleep(&grandchild)),
+    );
+    let _cleanup = cleanup(&grandchild);
+    let server = env.serve();
+    let started = Instant::now();
+    let response = run_hanging(&server, "stubborn", &grandchild);
+    assert_eq!(response.status, 504, "{}", response.text());
+    assert_eq!(response.json()["timed_out"], true);
+    assert!(
+        server
+            .wait_log(
+                "stubborn: still running 1s after SIGTERM; sending SIGKILL",
+                Duration::from_secs(5)
+            )
+            .is_some(),
+        "{}",
+        server.log()
+    );
+    assert!(
+        wait_gone(read_pid(&grandchild), GONE),
+        "the grandchild, ignoring SIGTERM too, was SIGKILLed"
+    );
+    let took = started.elapsed();
+    assert!(
+        took < GROUP_GONE,
+        "the group was gone only after {took:?}, as if left to finish its sleeps"
+    );
+}
+
+#[test]
+fn leftovers_holding_stdout_do_not_delay_the_answer_and_are_killed() {
+    let env = Env::new();
+    let background = env.path().join("background");
+    let was_alive = env.path().join("was-alive");
+    env.script(
+        "leftover",
+        &format!(
+            "{}\nkill -0 $! && touch {was_alive:?}\necho done\nexit 0",
+            background_sleep(&background)
+        ),
+    );
+    let _cleanup = cleanup(&background);
+    let server = env.serve();
+    let started = Instant::now();
+    let response = server.post("/hooks/leftover", b"");
+    let elapsed = started.elapsed();
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "answered after {elapsed:?}: it waited for the background sleep"
+    );
+    assert!(was_alive.exists(), "the background sleep had started");
+    assert!(
+        wait_gone(read_pid(&background), GONE),
+        "the leftover in the script's group was killed when the script exited"
+    );
+    assert!(
+        server
+            .wait_log("leftover[stdout]: done", Duration::from_secs(5))
+            .is_some(),
+        "output before the exit is still logged\n{}",
+        server.log()
+    );
+}
+
+/// The daemon's peak resident memory, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("daemon status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmHWM in\n{status}"))
+}
+
+/// 100 MiB on `stream`, without and with newlines: 200, the rest counted, 64 KiB logged, memory bounded.
+fn flood(stream: &str) {
+    const FLOOD: u64 = 100 << 20;
+    const BUDGET: u64 = 64 << 10;
+    let env = Env::new();
+    let redirect = if stream == "stderr" { " >&2" } else { "" };
+    env.script(
+        "flood-bytes",
+        &format!("head -c {FLOOD} /dev/zero | tr '\\0' x{redirect}"),
+    );
+    env.script("flood-lines", &format!("yes | head -c {FLOOD}{redirect}"));
+    let server = env.serve();
+    for script in ["flood-bytes", "flood-lines"] {
+        let id = format!("{script}-{stream}");
+        let response = server.request(
+            "POST",
+            &format!("/hooks/{script}"),
+            &[("X-Request-Id", &id)],
+            b"",
+        );
+        assert_eq!(response.status, 200, "{script}: {}", response.text());
+        let warning = server
+            .wait_log(
+                &format!("{id} {script}: output exceeded 64 KiB"),
+                Duration::from_secs(10),
+            )
+            .unwrap_or_else(|| panic!("no overflow warning for {id}\n{}", server.log()));
+        assert!(
+            warning.contains(&format!(
+                "; {} more bytes were read and not logged",
+                FLOOD - BUDGET
+            )),
+            "every byte past the budget is counted: {warning}"
+        );
+        let prefix = format!("{id} {script}[{stream}]: ");
+        let logged: usize = server
+            .log()
+            .lines()
+            .filter_map(|l| l.split_once(&prefix))
+            .map(|(_, text)| text.len())
+            .sum();
+        assert!(
+            logged > 0 && logged as u64 <= BUDGET,
+            "{script}: {logged} bytes of output logged"
+        );
+    }
+    let peak = peak_rss_kib(server.child.id());
+    assert!(
+        peak < 64 << 10,
+        "the daemon's peak memory reached {peak} KiB for a {stream} flood"
+    );
+}
+
+#[test]
+fn a_stdout_flood_is_read_to_the_end_logged_with_a_cap_and_counted() {
+    flood("stdout");
+}
+
+#[test]
+fn a_stderr_flood_is_read_to_the_end_logged_with_a_cap_and_counted() {
+    flood("stderr");
+}
+
+#[test]
+fn past_max_running_a_request_gets_503_with_retry_after_until_a_slot_frees() {
+    let env = Env::new().config("max_running = 1\nqueue_wait = \"200ms\"");
+    let started = env.path().join("started");
+    let release = Release(env.path().join("release"));
+    let pid = env.path().join("slow.pid");
+    env.script(
+        "slow",
+        &format!(
+            "echo $$ > {pid:?}\n{}",
+            wait_for_release(&started, &release.0)
+        ),
+    );
+    env.script("quick", "exit 0");
+    let _cleanup = KillOnDrop(vec![pid]);
+    let server = env.serve();
+    std::thread::scope(|s| {
+        let first = s.spawn(|| server.post("/hooks/slow", b""));
+        assert!(
+            wait_file(&started, Duration::from_secs(10)),
+            "the first script did not start\n{}",
+            server.log()
+        );
+        let busy = server.post("/hooks/quick", b"");
+        assert_eq!(busy.status, 503, "the only slot is taken: {}", busy.text());
+        assert!(
+            busy.header("Retry-After")
+                .is_some_and(|v| v.parse::<u32>().is_ok_and(|s| s > 0)),
+            "503 carries Retry-After: {:?}",
+            busy.headers
+        );
+        drop(release);
+        let first = first.join().expect("first request");
+        assert_eq!(first.status, 200, "{}", first.text());
+    });
+    let after = server.post("/hooks/quick", b"");
+    assert_eq!(after.status, 200, "the slot was freed: {}", after.text());
+}
+
+#[test]
+fn a_route_timeout_overrides_the_configured_one() {
+    let env = Env::new().config("timeout = \"30s\"");
+    env.script("slow.sh", "sleep 10");
+    env.routes("Slow slow.sh timeout=1s\n");
+    let server = env.serve();
+    let started = Instant::now();
+    let response = server.post("/hooks/Slow", b"");
+    let elapsed = started.elapsed();
+    assert_eq!(response.status, 504, "{}", response.text());
+    assert_eq!(response.json()["timed_out"], true);
+    assert!(
+        elapsed < Duration::from_secs(8),
+        "the route's 1s timeout applied, not 30s: answered after {elapsed:?}"
+    );
+}
+
+#[test]
+fn payload_files_are_removed_whatever_the_outcome() {
+    let env = Env::new().config("timeout = \"1s\"\nkill_grace = \"1s\"");
+    let seen = env.path().join("seen");
+    env.script(
+        "ok",
+        &format!(
+            "basename \"$1\" > {name:?}\nls -A \"$(dirname \"$1\")\" > {seen:?}",
+            name = env.path().join("name")
+        ),
+    );
+    env.script("fail", "exit 1");
+    env.script("hang", "sleep 5");
+    let server = env.serve();
+    for (path, body, status) in [
+        ("/hooks/ok", &b"{\"a\":1}"[..], 200),
+        ("/hooks/fail", b"{\"a\":1}", 500),
+        ("/hooks/hang", b"{\"a\":1}", 504),
+        ("/hooks/NoSuchScript", b"{\"a\":1}", 404),
+        ("/", b"{\"webhook\": ", 400),
+    ] {
+        let response = server.post(path, body);
+        assert_eq!(response.status, status, "{path}: {}", response.text());
+        assert_eq!(
+            payload_files(&env),
+            [".lock"],
+            "payload dir after {path} ({status})"
+        );
+    }
+    let name = fs::read_to_string(env.path().join("name")).expect("payload name");
+    let mut expected = vec![".lock".to_string(), name.trim().to_string()];
+    expected.sort();
+    let seen: Vec<String> = fs::read_to_string(&seen)
+        .expect("listing")
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        seen, expected,
+        "while it ran, the script's payload file was in the payload dir"
+    );
+}
