@@ -78,7 +78,7 @@ impl Runner {
             // Its own group, so a timeout reaches everything it started. (std still uses posix_spawn.)
             .process_group(0);
         let start = Instant::now();
-        let mut child = command.spawn()?;
+        let mut child = spawn(&mut command)?;
         let pid = child.id() as libc::pid_t;
         let pidfd = match pidfd_open(pid) {
             Ok(fd) => fd,
@@ -164,6 +164,24 @@ impl Runner {
             exit,
             duration: start.elapsed(),
         })
+    }
+}
+
+/// Spawns, retrying briefly while the script is "text file busy": open for writing somewhere, which happens
+/// while an admin saves it, or for an instant when another thread forks while holding it open.
+fn spawn(command: &mut Command) -> io::Result<std::process::Child> {
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match command.spawn() {
+            Err(e)
+                if e.raw_os_error() == Some(libc::ETXTBSY)
+                    && pause <= Duration::from_millis(320) =>
+            {
+                std::thread::sleep(pause);
+                pause *= 2;
+            }
+            result => return result,
+        }
     }
 }
 

@@ -174,7 +174,12 @@ fn non_zero_exit_is_500_with_the_code() {
     assert_eq!(response.status, 500);
     assert_eq!(response.json()["exit_code"], 3);
     assert_eq!(response.json()["event"], "fail");
-    assert!(server.log().contains("fail[stderr]: failing"));
+    assert!(
+        server
+            .wait_log("fail[stderr]: failing", std::time::Duration::from_secs(5))
+            .is_some(),
+        "the script's stderr is logged"
+    );
 }
 
 #[test]
