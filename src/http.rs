@@ -444,7 +444,37 @@ pub struct Body<'c> {
     max_trailer_bytes: usize,
 }
 
-impl Body<'_> {
+impl<'c> Body<'c> {
+    /// A body read from `conn`: `grace` before the minimum pace applies, `send_continue` if the client waits
+    /// for `100 Continue`, trailers bounded like a head.
+    fn new(
+        conn: &'c mut Conn,
+        framing: Framing,
+        max: u64,
+        grace: Duration,
+        send_continue: bool,
+        max_trailer_bytes: usize,
+    ) -> Body<'c> {
+        Body {
+            conn,
+            framing,
+            chunk: ChunkState::Size,
+            remaining: match framing {
+                Framing::Length(n) => n,
+                Framing::Chunked => 0,
+            },
+            received: 0,
+            max,
+            start: Instant::now(),
+            grace,
+            send_continue,
+            done: false,
+            failure: None,
+            trailer_bytes: 0,
+            max_trailer_bytes,
+        }
+    }
+
     /// Bytes of body read so far.
     pub fn received(&self) -> u64 {
         self.received
@@ -1126,24 +1156,14 @@ fn serve_request(shared: &Shared, conn: &mut Conn) -> Next {
         query,
         remote: conn.remote.clone(),
         headers: head.headers,
-        body: Body {
-            framing,
-            chunk: ChunkState::Size,
-            remaining: match framing {
-                Framing::Length(n) => n,
-                Framing::Chunked => 0,
-            },
-            received: 0,
-            max: max_body,
-            start: Instant::now(),
-            grace: shared.limits.header_timeout,
-            send_continue,
-            done: false,
-            failure: None,
-            trailer_bytes: 0,
-            max_trailer_bytes: shared.limits.max_header_bytes,
+        body: Body::new(
             conn,
-        },
+            framing,
+            max_body,
+            shared.limits.header_timeout,
+            send_continue,
+            shared.limits.max_header_bytes,
+        ),
     };
     let mut response = shared.handler.handle(&mut request);
     let drained = drain(&mut request.body);
@@ -1485,24 +1505,7 @@ mod tests {
 
     /// A body as `serve_request` builds it.
     fn body(conn: &mut Conn, framing: Framing, max: u64) -> Body<'_> {
-        Body {
-            conn,
-            framing,
-            chunk: ChunkState::Size,
-            remaining: match framing {
-                Framing::Length(n) => n,
-                Framing::Chunked => 0,
-            },
-            received: 0,
-            max,
-            start: Instant::now(),
-            grace: Duration::from_secs(10),
-            send_continue: false,
-            done: false,
-            failure: None,
-            trailer_bytes: 0,
-            max_trailer_bytes: 16 << 10,
-        }
+        Body::new(conn, framing, max, Duration::from_secs(10), false, 16 << 10)
     }
 
     /// How a body is cut into chunks and dressed.

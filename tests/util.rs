@@ -92,15 +92,7 @@ impl Env {
 
     /// Starts the daemon; `tweak` may adjust the command (environment, pre_exec limits).
     pub fn serve_with(&self, tweak: impl FnOnce(&mut Command)) -> Server {
-        let mut command = Command::new(BIN);
-        command
-            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-            .arg(self.config_path())
-            .env("RUST_LOG", "info")
-            .env_remove("JOURNAL_STREAM")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        let mut command = self.serve_command("127.0.0.1:0");
         tweak(&mut command);
         Server::start(command)
     }
@@ -129,28 +121,8 @@ pub struct Server {
 }
 
 impl Server {
-    fn start(mut command: Command) -> Server {
-        let mut child = command.spawn().expect("start hookrunner");
-        let stderr = child.stderr.take().expect("stderr piped");
-        let log = Arc::new(Log::default());
-        let writer = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if std::env::var_os("HOOKRUNNER_TEST_LOG").is_some() {
-                    eprintln!("[hookrunner] {line}");
-                }
-                let mut text = writer.text.lock().expect("log lock");
-                text.push_str(&line);
-                text.push('\n');
-                writer.grew.notify_all();
-            }
-        });
-        let mut server = Server {
-            child,
-            addr: "127.0.0.1:1".parse().expect("placeholder address"),
-            log,
-        };
+    fn start(command: Command) -> Server {
+        let mut server = Server::spawn(command);
         let line = server
             .wait_log("listening on ", Duration::from_secs(10))
             .unwrap_or_else(|| panic!("hookrunner did not start:\n{}", server.log()));
@@ -362,6 +334,9 @@ impl Server {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                if std::env::var_os("HOOKRUNNER_TEST_LOG").is_some() {
+                    eprintln!("[hookrunner] {line}");
+                }
                 let mut text = writer.text.lock().expect("log lock");
                 text.push_str(&line);
                 text.push('\n');
