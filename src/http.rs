@@ -888,7 +888,10 @@ pub fn serve(
     });
     wake.set_nonblocking(true)?;
     let mut reserve = File::open("/dev/null").ok();
-    let mut errors = RateLimit::new();
+    let mut logs = AcceptLogs {
+        errors: RateLimit::new(log::Level::Error),
+        rejections: RateLimit::new(log::Level::Warn),
+    };
     loop {
         let mut fds = [
             libc::pollfd {
@@ -918,7 +921,7 @@ pub fn serve(
             }
         }
         if fds[0].revents != 0 {
-            accept_ready(&listener, &shared, &mut reserve, &mut errors);
+            accept_ready(&listener, &shared, &mut reserve, &mut logs);
         }
     }
     shared.stopping.store(true, Ordering::SeqCst);
@@ -936,13 +939,15 @@ fn accept_ready(
     listener: &Listener,
     shared: &Arc<Shared>,
     reserve: &mut Option<File>,
-    errors: &mut RateLimit,
+    logs: &mut AcceptLogs,
 ) {
     loop {
         match listener.accept() {
             Ok((stream, remote)) => {
                 if shared.open.load(Ordering::SeqCst) >= shared.limits.max_connections {
-                    reject_busy(stream, &shared.ids, &remote, "too many open connections");
+                    let line =
+                        reject_busy(stream, &shared.ids, &remote, "too many open connections");
+                    logs.rejections.log(&line);
                     continue;
                 }
                 shared.open.fetch_add(1, Ordering::SeqCst);
@@ -966,11 +971,13 @@ fn accept_ready(
                 if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
                     *reserve = None;
                     if let Ok((stream, remote)) = listener.accept() {
-                        reject_busy(stream, &shared.ids, &remote, "out of file descriptors");
+                        let line =
+                            reject_busy(stream, &shared.ids, &remote, "out of file descriptors");
+                        logs.rejections.log(&line);
                     }
                     *reserve = File::open("/dev/null").ok();
                 }
-                errors.log(&format!("accept failed: {e}; backing off"));
+                logs.errors.log(&format!("accept failed: {e}; backing off"));
                 std::thread::sleep(Duration::from_millis(20));
                 return;
             }
@@ -978,7 +985,8 @@ fn accept_ready(
     }
 }
 
-fn reject_busy(mut stream: Stream, ids: &Ids, remote: &str, why: &str) {
+/// Answers 503 and closes; returns the line to log (through a rate limit: a flood must not flood the log).
+fn reject_busy(mut stream: Stream, ids: &Ids, remote: &str, why: &str) -> String {
     let id = ids.next();
     let body =
         format!("{{\"request_id\":\"{id}\",\"error\":\"server busy: {why}; retry later\"}}\n");
@@ -991,17 +999,26 @@ fn reject_busy(mut stream: Stream, ids: &Ids, remote: &str, why: &str) {
     // Never block the accept loop on a client: one non-blocking write, then close.
     let _ = stream.set_nonblocking(true);
     let _ = stream.write(response.as_bytes());
-    log::warn!("{id} {remote} - - status=503 ({why})");
+    format!("{id} {remote} - - status=503 ({why})")
 }
 
+/// The accept loop's own log lines, each kind at most once a second.
+struct AcceptLogs {
+    errors: RateLimit,
+    rejections: RateLimit,
+}
+
+/// Logs at most one message a second, counting the ones it holds back in the next it lets through.
 struct RateLimit {
+    level: log::Level,
     last: Option<Instant>,
     suppressed: u64,
 }
 
 impl RateLimit {
-    fn new() -> RateLimit {
+    fn new(level: log::Level) -> RateLimit {
         RateLimit {
+            level,
             last: None,
             suppressed: 0,
         }
@@ -1017,12 +1034,13 @@ impl RateLimit {
             return;
         }
         if self.suppressed > 0 {
-            log::error!(
+            log::log!(
+                self.level,
                 "{message} ({} similar messages suppressed)",
                 self.suppressed
             );
         } else {
-            log::error!("{message}");
+            log::log!(self.level, "{message}");
         }
         self.last = Some(now);
         self.suppressed = 0;
