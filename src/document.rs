@@ -8,8 +8,11 @@ use serde_json::Value;
 
 /// The most XML nodes parsed from one body: bounds the memory a hostile document can claim.
 const XML_NODES_LIMIT: u32 = 200_000;
-/// XML elements deeper than this are parsed but cannot be addressed by a path.
+/// XML elements deeper than this, with a longer path, or past this many, are parsed but cannot be addressed
+/// by a path.
 const XML_MAX_DEPTH: usize = 32;
+const XML_MAX_PATH: usize = 512;
+const XML_MAX_ELEMENTS: usize = 10_000;
 
 /// What a body holds, from its Content-Type, or by its first byte when the type says nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,7 +166,13 @@ fn parse_xml(body: &[u8]) -> Result<Vec<(String, String)>, MalformedBody> {
                 _ => continue,
             }
         };
-        let path = format!("{prefix}/{}", node.tag_name().name());
+        let name = node.tag_name().name();
+        // Paths are copied per element, so bound them: a hostile document of many children under one huge
+        // element name would otherwise cost (children × name length) bytes.
+        if prefix.len() + 1 + name.len() > XML_MAX_PATH || elements.len() == XML_MAX_ELEMENTS {
+            continue;
+        }
+        let path = format!("{prefix}/{name}");
         let text: String = node.children().filter_map(|c| c.text()).collect();
         seen[node.id().get_usize()] = Some((elements.len(), depth));
         elements.push((path, text.trim().to_string()));
@@ -288,6 +297,19 @@ mod tests {
         // Either refused or parsed with bounded addressable depth; it must not overflow the stack.
         if let Ok(Document::Xml(elements)) = doc {
             assert!(elements.len() <= XML_MAX_DEPTH);
+        }
+        let long_name = "A".repeat(100_000);
+        let wide_under_long = format!("<{long_name}>{}</{long_name}>", "<b/>".repeat(100_000));
+        match Document::parse(Format::Xml, wide_under_long.as_bytes()) {
+            Ok(Document::Xml(elements)) => {
+                assert!(elements.is_empty(), "unaddressable paths are not stored")
+            }
+            other => panic!("expected a parsed document, got {other:?}"),
+        }
+        let many = format!("<a>{}</a>", "<b>x</b>".repeat(50_000));
+        match Document::parse(Format::Xml, many.as_bytes()) {
+            Ok(Document::Xml(elements)) => assert_eq!(elements.len(), XML_MAX_ELEMENTS),
+            other => panic!("expected a parsed document, got {other:?}"),
         }
         let wide = "<a>".to_string() + &"<b/>".repeat(300_000) + "</a>";
         assert!(

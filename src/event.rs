@@ -166,8 +166,11 @@ fn lookup(source: &Source, inputs: &mut impl Inputs) -> Result<Option<String>, E
             let Some(header) = inputs.header("X-Gitlab-Event").map(str::to_string) else {
                 return Ok(None);
             };
-            let kind = document(inputs)?
-                .json_string("/object_kind")
+            // The header alone names the event; a body that cannot be read only loses the finer name.
+            let kind = inputs
+                .document()
+                .ok()
+                .and_then(|d| d.json_string("/object_kind"))
                 .map(str::to_string);
             Some(kind.unwrap_or_else(|| gitlab_name(&header)))
         }

@@ -3,7 +3,6 @@
 //! refusal is a [`Refusal`], and [`Refusal::status`] is the one place that maps it to an HTTP status.
 
 use std::borrow::Cow;
-use std::fs;
 use std::io::{self, Read, Write};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -18,8 +17,9 @@ use crate::payload::{Payload, PayloadDir};
 use crate::routes::{SelectError, UnsafeScript};
 use crate::runner::{Exit, Job, Limiter, Outcome, Runner};
 
-/// Bodies up to this size are kept in memory for event resolution; larger ones are read back from their
-/// payload file only if a lookup needs them.
+/// Bodies up to this size are kept in memory and may be parsed for the event name and route filters; larger
+/// ones go straight to their payload file and are never parsed, which bounds what one request can make the
+/// parsers allocate. Webhook payloads that carry their event in the body are a few KiB.
 const INLINE_BODY: usize = 256 << 10;
 
 pub struct Gateway {
@@ -67,7 +67,7 @@ impl Refusal {
             Refusal::Busy => "too many scripts running; retry later".to_string(),
             Refusal::Body(e) => e.to_string(),
             Refusal::Payload(e) => format!("cannot store the payload: {e}"),
-            Refusal::Spawn(e) => format!("cannot start the script: {e}"),
+            Refusal::Spawn(e) => format!("cannot run the script: {e}"),
         }
     }
 }
@@ -108,32 +108,27 @@ impl Gateway {
 
     fn serve(&self, config: &Config, request: &mut Request<'_>) -> Result<Ran, Refusal> {
         // Sender authentication plugs in here (its own issue); until then every sender is accepted.
-        let mut payload = self.payloads.create().map_err(Refusal::Payload)?;
-        let inline = receive(request, &mut payload)?;
-        let format = Format::detect(
-            request.header("Content-Type"),
-            inline.as_deref().unwrap_or_default(),
-        );
-        let mut inputs = RequestInputs {
-            request,
-            payload: &payload,
-            inline,
-            format,
-            document: None,
+        let received = receive(request, &self.payloads)?;
+        let (event, selected) = {
+            let mut inputs = RequestInputs {
+                request,
+                body: received.inline(),
+                document: None,
+            };
+            let event = event::resolve(&config.event, &mut inputs).map_err(Refusal::Event)?;
+            let field = |path: &str| {
+                inputs
+                    .document()
+                    .map(|d| d.field(path).map(Cow::into_owned))
+            };
+            match config.routes.select(&event, field) {
+                Ok(Some(selected)) => (event, selected),
+                Ok(None) => return Err(Refusal::NoRoute(event)),
+                Err(SelectError::Body(e)) => return Err(Refusal::Malformed(e)),
+                Err(SelectError::Unsafe(e)) => return Err(Refusal::Unsafe(e)),
+            }
         };
-        let event = event::resolve(&config.event, &mut inputs).map_err(Refusal::Event)?;
-        let field = |path: &str| {
-            inputs
-                .document()
-                .map(|d| d.field(path).map(Cow::into_owned))
-        };
-        let selected = match config.routes.select(&event, field) {
-            Ok(Some(selected)) => selected,
-            Ok(None) => return Err(Refusal::NoRoute(event)),
-            Err(SelectError::Body(e)) => return Err(Refusal::Malformed(e)),
-            Err(SelectError::Unsafe(e)) => return Err(Refusal::Unsafe(e)),
-        };
-        let request = inputs.request;
+        let payload = received.into_payload(&self.payloads)?;
         let _slot = self
             .limiter
             .acquire(config.queue_wait)
@@ -194,10 +189,11 @@ impl http::Handler for Gateway {
                 if status == 503 {
                     response.retry_after = Some(1);
                 }
-                if let Refusal::NoRoute(event)
-                | Refusal::Event(EventError::Invalid { value: event, .. }) = &refusal
-                {
+                if let Refusal::NoRoute(event) = &refusal {
                     response.note = format!(" event={event}");
+                } else if let Refusal::Event(EventError::Invalid { value, .. }) = &refusal {
+                    // The client's own bytes: quoted and escaped, so they cannot forge a log line.
+                    response.note = format!(" event={value:?}");
                 }
                 response
             }
@@ -240,10 +236,41 @@ fn duration_ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
-/// Streams the body into the payload file and returns it when it is small enough to keep. A bodiless GET
-/// stores its raw query string instead (Kazoo sends its payload that way).
-fn receive(request: &mut Request<'_>, payload: &mut Payload) -> Result<Option<Vec<u8>>, Refusal> {
-    let mut inline = Vec::new();
+/// A request body as received: in memory while it is at most `INLINE_BODY` (the common case: nothing touches
+/// the disk for a request that is refused), else already streamed to its payload file.
+enum Received {
+    Inline(Vec<u8>),
+    Spilled(Payload),
+}
+
+impl Received {
+    /// The body, if it is small enough to be parsed.
+    fn inline(&self) -> Option<&[u8]> {
+        match self {
+            Received::Inline(bytes) => Some(bytes),
+            Received::Spilled(_) => None,
+        }
+    }
+
+    /// The body in its payload file, ready for the script.
+    fn into_payload(self, payloads: &PayloadDir) -> Result<Payload, Refusal> {
+        let mut payload = match self {
+            Received::Spilled(payload) => payload,
+            Received::Inline(bytes) => {
+                let mut payload = payloads.create().map_err(Refusal::Payload)?;
+                payload.write_all(&bytes).map_err(Refusal::Payload)?;
+                payload
+            }
+        };
+        payload.finish().map_err(Refusal::Payload)?;
+        Ok(payload)
+    }
+}
+
+/// Reads the body, keeping it in memory up to `INLINE_BODY` and streaming the rest to a payload file. A
+/// bodiless GET stands for its raw query string (Kazoo sends its payload that way).
+fn receive(request: &mut Request<'_>, payloads: &PayloadDir) -> Result<Received, Refusal> {
+    let mut received = Received::Inline(Vec::new());
     let mut chunk = [0u8; 16 << 10];
     loop {
         let n = match request.body.read(&mut chunk) {
@@ -252,28 +279,34 @@ fn receive(request: &mut Request<'_>, payload: &mut Payload) -> Result<Option<Ve
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(BodyError::of(&e).map_or(Refusal::Payload(e), Refusal::Body)),
         };
-        payload.write_all(&chunk[..n]).map_err(Refusal::Payload)?;
-        if inline.len() + n <= INLINE_BODY {
-            inline.extend_from_slice(&chunk[..n]);
+        match &mut received {
+            Received::Inline(bytes) if bytes.len() + n <= INLINE_BODY => {
+                bytes.extend_from_slice(&chunk[..n]);
+            }
+            Received::Inline(bytes) => {
+                let mut payload = payloads.create().map_err(Refusal::Payload)?;
+                payload.write_all(bytes).map_err(Refusal::Payload)?;
+                payload.write_all(&chunk[..n]).map_err(Refusal::Payload)?;
+                received = Received::Spilled(payload);
+            }
+            Received::Spilled(payload) => {
+                payload.write_all(&chunk[..n]).map_err(Refusal::Payload)?
+            }
         }
     }
-    if request.body.received() == 0 && request.method == Method::Get && !request.query.is_empty() {
-        payload
-            .write_all(request.query.as_bytes())
-            .map_err(Refusal::Payload)?;
-        inline.extend_from_slice(request.query.as_bytes());
+    if let Received::Inline(bytes) = &mut received {
+        if bytes.is_empty() && request.method == Method::Get {
+            bytes.extend_from_slice(request.query.as_bytes());
+        }
     }
-    payload.finish().map_err(Refusal::Payload)?;
-    let total = request.body.received().max(inline.len() as u64);
-    Ok((total as usize <= INLINE_BODY).then_some(inline))
+    Ok(received)
 }
 
 /// The request as event resolution and route filters see it; the body is parsed once, on first use.
 struct RequestInputs<'r, 'c> {
     request: &'r Request<'c>,
-    payload: &'r Payload,
-    inline: Option<Vec<u8>>,
-    format: Format,
+    /// `None` when the body is too large to parse.
+    body: Option<&'r [u8]>,
     document: Option<Document>,
 }
 
@@ -292,17 +325,15 @@ impl Inputs for RequestInputs<'_, '_> {
 
     fn document(&mut self) -> Result<&Document, MalformedBody> {
         if self.document.is_none() {
-            let bytes = match self.inline.take() {
-                Some(bytes) => bytes,
-                None => fs::read(self.payload.path())
-                    .map_err(|e| MalformedBody(format!("cannot read the payload back: {e}")))?,
+            let Some(body) = self.body else {
+                return Err(MalformedBody(format!(
+                    "the body is larger than {} KiB, so it is not parsed for the event name or route \
+                     filters: name the event in the path (/hooks/NAME) or a header",
+                    INLINE_BODY >> 10
+                )));
             };
-            let format = if self.format == Format::Other {
-                Format::detect(self.request.header("Content-Type"), &bytes)
-            } else {
-                self.format
-            };
-            self.document = Some(Document::parse(format, &bytes)?);
+            let format = Format::detect(self.request.header("Content-Type"), body);
+            self.document = Some(Document::parse(format, body)?);
         }
         Ok(self.document.get_or_insert(Document::Other))
     }

@@ -475,11 +475,6 @@ impl<'c> Body<'c> {
         }
     }
 
-    /// Bytes of body read so far.
-    pub fn received(&self) -> u64 {
-        self.received
-    }
-
     fn deadline(&self) -> Instant {
         self.start
             + self.grace
@@ -750,7 +745,9 @@ fn read_head(conn: &mut Conn, limits: &Limits, deadline: Instant) -> Result<Head
         if buffered.len() >= limits.max_header_bytes {
             return Err(HeadError::Status(431, "request head too large"));
         }
-        let had_bytes = !buffered.is_empty();
+        // Blank lines before a request are allowed (RFC 9112 §2.2); a client that sent only those has not
+        // started a request, so it is closed quietly rather than answered.
+        let had_bytes = buffered.iter().any(|&b| b != b'\r' && b != b'\n');
         match conn.fill(deadline) {
             Ok(_) => {}
             Err(ReadStop::Timeout) if had_bytes => {
@@ -1098,13 +1095,21 @@ enum Next {
 }
 
 fn serve_connection(shared: &Shared, mut conn: Conn) {
-    let mut wait = shared.limits.header_timeout;
+    // The first head must be complete `header_timeout` after the connection opened; a later one within
+    // `header_timeout` of its first byte, which must come within `keepalive_timeout` of the last answer.
+    let first = Instant::now() + shared.limits.header_timeout;
+    let mut head_deadline = Some(first);
+    let mut idle_deadline = first;
     loop {
-        if conn.buffered().is_empty() && conn.fill(Instant::now() + wait).is_err() {
+        if conn.buffered().is_empty() && conn.fill(idle_deadline).is_err() {
             return;
         }
-        wait = shared.limits.keepalive_timeout;
-        match serve_request(shared, &mut conn) {
+        let deadline = head_deadline
+            .take()
+            .unwrap_or_else(|| Instant::now() + shared.limits.header_timeout);
+        let next = serve_request(shared, &mut conn, deadline);
+        idle_deadline = Instant::now() + shared.limits.keepalive_timeout;
+        match next {
             Next::KeepAlive => {}
             Next::Close => return,
             Next::Linger => return conn.linger(),
@@ -1113,10 +1118,10 @@ fn serve_connection(shared: &Shared, mut conn: Conn) {
 }
 
 /// Serves one request whose first bytes are buffered.
-fn serve_request(shared: &Shared, conn: &mut Conn) -> Next {
+fn serve_request(shared: &Shared, conn: &mut Conn, head_deadline: Instant) -> Next {
     let started = Instant::now();
     let _in_flight = InFlight::enter(shared);
-    let head = match read_head(conn, &shared.limits, started + shared.limits.header_timeout) {
+    let head = match read_head(conn, &shared.limits, head_deadline) {
         Ok(head) => head,
         Err(HeadError::Quiet) => return Next::Close,
         Err(HeadError::Status(status, why)) => {
@@ -1203,7 +1208,9 @@ fn serve_request(shared: &Shared, conn: &mut Conn) -> Next {
         Drained::Complete if !close => Next::KeepAlive,
         Drained::Complete => Next::Close,
         Drained::Unread => Next::Linger,
-        Drained::Failed(_) => Next::Close,
+        // The client may still be sending the body we refused: linger so it reads the answer, not a reset.
+        Drained::Failed(BodyError::Closed) => Next::Close,
+        Drained::Failed(_) => Next::Linger,
     }
 }
 
@@ -1614,7 +1621,7 @@ mod tests {
             }
         };
         assert_eq!(
-            body.received(),
+            body.received,
             out.len() as u64,
             "received() counts what was read"
         );

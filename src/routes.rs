@@ -82,8 +82,9 @@ pub struct Filter {
 /// What a route runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Script {
-    /// A script checked when the routes were loaded.
-    Fixed(PathBuf),
+    /// A script named as written: checked when the routes load, and again per request (it may have been
+    /// removed or made unsafe since).
+    Fixed { written: String, path: PathBuf },
     /// A path containing `{event}`, resolved per request; the line matches only if the file exists.
     Template(String),
 }
@@ -160,7 +161,10 @@ impl Routes {
                 let path = resolve_path(scripts_dir, &spec.script);
                 check_script(scripts_dir, &spec.script, &path)
                     .map_err(|e| ConfigError::new(file, Some(spec.line), e.0))?;
-                Script::Fixed(path)
+                Script::Fixed {
+                    written: spec.script,
+                    path,
+                }
             };
             routes.push(Route {
                 line: spec.line,
@@ -199,7 +203,13 @@ impl Routes {
                 continue;
             }
             let script = match &route.script {
-                Script::Fixed(path) => path.clone(),
+                Script::Fixed { written, path } => {
+                    if path.symlink_metadata().is_err() {
+                        continue;
+                    }
+                    check_script(&self.scripts_dir, written, path).map_err(SelectError::Unsafe)?;
+                    path.clone()
+                }
                 Script::Template(template) => {
                     let written = template.replace(EVENT_PLACEHOLDER, event);
                     let Some(path) = find_file(&resolve_path(&self.scripts_dir, &written)) else {
@@ -411,7 +421,7 @@ impl fmt::Display for Routes {
         writeln!(f, "# scripts_dir {}", self.scripts_dir.display())?;
         for route in &self.routes {
             let script = match &route.script {
-                Script::Fixed(path) => path.display().to_string(),
+                Script::Fixed { path, .. } => path.display().to_string(),
                 Script::Template(t) => format!(
                     "{} (if it exists)",
                     resolve_path(&self.scripts_dir, t).display()
@@ -590,6 +600,31 @@ MobileDevice*              mobile-device.sh
             Err(SelectError::Body("malformed"))
         );
         assert!(routes.select("Y", broken).is_ok());
+    }
+
+    #[test]
+    fn fixed_scripts_are_checked_again_when_selected() {
+        let dir = dir_with(&[
+            ("gone.sh", 0o755),
+            ("later.sh", 0o755),
+            ("fallback.sh", 0o755),
+        ]);
+        let scripts = dir.path().canonicalize().expect("canonical");
+        let routes = Routes::parse("A gone.sh\nA fallback.sh\nB later.sh\n", None, &scripts)
+            .expect("routes load");
+        fs::remove_file(scripts.join("gone.sh")).expect("remove");
+        let got = routes.select("A", no_body).expect("select");
+        assert_eq!(
+            got.map(|s| s.script),
+            Some(scripts.join("fallback.sh")),
+            "a removed script does not match"
+        );
+        fs::set_permissions(scripts.join("later.sh"), fs::Permissions::from_mode(0o777))
+            .expect("chmod");
+        assert!(matches!(
+            routes.select("B", no_body),
+            Err(SelectError::Unsafe(_))
+        ));
     }
 
     #[test]

@@ -105,51 +105,66 @@ impl Runner {
                 .map(OwnedFd::from)
                 .map(|fd| Pipe::new(fd, "stderr")),
         ];
-        let mut phase = Phase::Running(start + job.timeout);
-        let mut timed_out = false;
-        loop {
-            let now = Instant::now();
-            match phase {
-                Phase::Running(deadline) if now >= deadline => {
-                    log::warn!(
-                        "{} {name}: timed out after {:?}; sending SIGTERM to its group",
-                        job.request_id,
-                        job.timeout
-                    );
-                    kill_group(pid, libc::SIGTERM);
-                    timed_out = true;
-                    phase = Phase::Terminating(now + job.kill_grace);
+        // Everything between spawn and reaping is in this closure so that, should a system call fail in it,
+        // the group is still killed and the script reaped: no script outlives its deadline, no zombie stays.
+        let mut watch = || -> io::Result<bool> {
+            let mut phase = Phase::Running(start + job.timeout);
+            let mut timed_out = false;
+            loop {
+                let now = Instant::now();
+                match phase {
+                    Phase::Running(deadline) if now >= deadline => {
+                        log::warn!(
+                            "{} {name}: timed out after {:?}; sending SIGTERM to its group",
+                            job.request_id,
+                            job.timeout
+                        );
+                        kill_group(pid, libc::SIGTERM);
+                        timed_out = true;
+                        phase = Phase::Terminating(now + job.kill_grace);
+                    }
+                    Phase::Terminating(deadline) if now >= deadline => {
+                        log::warn!(
+                            "{} {name}: still running {:?} after SIGTERM; sending SIGKILL",
+                            job.request_id,
+                            job.kill_grace
+                        );
+                        kill_group(pid, libc::SIGKILL);
+                        phase = Phase::Killed;
+                    }
+                    _ => {}
                 }
-                Phase::Terminating(deadline) if now >= deadline => {
-                    log::warn!(
-                        "{} {name}: still running {:?} after SIGTERM; sending SIGKILL",
-                        job.request_id,
-                        job.kill_grace
-                    );
-                    kill_group(pid, libc::SIGKILL);
-                    phase = Phase::Killed;
+                let wait = match phase {
+                    Phase::Running(d) | Phase::Terminating(d) => {
+                        Some(d.saturating_duration_since(now))
+                    }
+                    Phase::Killed => None,
+                };
+                if wait_readable(&pidfd, &mut pipes, wait, &mut output)? {
+                    break;
                 }
-                _ => {}
             }
-            let wait = match phase {
-                Phase::Running(d) | Phase::Terminating(d) => Some(d.saturating_duration_since(now)),
-                Phase::Killed => None,
-            };
-            if wait_readable(&pidfd, &mut pipes, wait, &mut output)? {
-                break;
+            // The script has exited but is not yet reaped. End anything it left behind in its group (which would
+            // otherwise hold the pipes or outlive the request), then take what is still in the pipes, bounded: a
+            // process that escaped the group (setsid) could otherwise keep the answer waiting by writing forever.
+            kill_group(pid, libc::SIGKILL);
+            for _ in 0..POST_EXIT_READS {
+                if pipes.iter().all(Option::is_none)
+                    || !poll_pipes(&mut pipes, Some(Duration::ZERO), &mut output)?
+                {
+                    break;
+                }
             }
-        }
-        // The script has exited but is not yet reaped. End anything it left behind in its group (which would
-        // otherwise hold the pipes or outlive the request), then take what is still in the pipes, bounded: a
-        // process that escaped the group (setsid) could otherwise keep the answer waiting by writing forever.
-        kill_group(pid, libc::SIGKILL);
-        for _ in 0..POST_EXIT_READS {
-            if pipes.iter().all(Option::is_none)
-                || !poll_pipes(&mut pipes, Some(Duration::ZERO), &mut output)?
-            {
-                break;
+            Ok(timed_out)
+        };
+        let timed_out = match watch() {
+            Ok(timed_out) => timed_out,
+            Err(e) => {
+                kill_group(pid, libc::SIGKILL);
+                let _ = child.wait();
+                return Err(e);
             }
-        }
+        };
         let status = child.wait()?;
         drop(pipes);
         output.finish();

@@ -434,3 +434,66 @@ fn the_shipped_etc_config_passes_check() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn large_bodies_reach_the_script_but_are_not_parsed() {
+    let env = Env::new();
+    recorder(&env, "Big");
+    let server = env.serve();
+    // 1 MiB of JSON: past the 256 KiB parse limit, streamed to the payload file as it arrives.
+    let mut body = br#"{"webhook":{"webhookEvent":"Big"},"pad":""#.to_vec();
+    body.extend(std::iter::repeat_n(b'x', 1 << 20));
+    body.extend_from_slice(b"\"}");
+    let named = server.post("/hooks/Big", &body);
+    assert_eq!(named.status, 200, "{}", named.text());
+    assert_eq!(
+        fs::read(env.path().join("out/body")).expect("body"),
+        body,
+        "exact bytes"
+    );
+    let unnamed = server.post("/", &body);
+    assert_eq!(unnamed.status, 400);
+    assert!(unnamed.text().contains("not parsed"), "{}", unnamed.text());
+}
+
+#[test]
+fn deeply_nested_json_is_refused_without_harm() {
+    let env = Env::new();
+    env.script("x", "exit 0");
+    let server = env.serve();
+    // Just inside serde_json's recursion limit: parsed (on a worker's small stack), no event in it.
+    let within = format!("{}{}", "[".repeat(127), "]".repeat(127));
+    let response = server.post("/", within.as_bytes());
+    assert_eq!(response.status, 400);
+    assert!(
+        response.text().contains("no event name"),
+        "{}",
+        response.text()
+    );
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let response = server.post("/", deep.as_bytes());
+    assert_eq!(response.status, 400);
+    assert!(
+        response.text().contains("malformed JSON"),
+        "{}",
+        response.text()
+    );
+    assert_eq!(server.get("/healthz").status, 200, "the daemon survived");
+}
+
+#[test]
+fn a_hostile_event_value_cannot_forge_a_log_line() {
+    let env = Env::new();
+    let server = env.serve();
+    let response = server.post("/", br#"{"webhook":{"webhookEvent":"x\n<0>forged"}}"#);
+    assert_eq!(response.status, 400);
+    let line = server
+        .wait_log("status=400", std::time::Duration::from_secs(5))
+        .expect("request logged");
+    assert!(line.contains(r#"event="x\n<0>forged""#), "{line}");
+    assert!(
+        !server.log().lines().any(|l| l.starts_with("<0>")),
+        "{}",
+        server.log()
+    );
+}

@@ -511,6 +511,22 @@ fn an_idle_keep_alive_connection_is_closed_after_keepalive_timeout() {
 }
 
 #[test]
+fn a_stray_crlf_after_a_request_is_not_answered() {
+    let env = Env::new().config("keepalive_timeout = \"1s\"\nheader_timeout = \"1s\"");
+    let server = env.serve();
+    let mut stream = raw(&server, &get("/healthz", ""));
+    assert_eq!(answer(&server, &mut stream).status, 200);
+    // Some old clients send CRLF after a body; that is no request, so no 408 may follow it.
+    stream.write_all(b"\r\n").expect("send CRLF");
+    let rest = until_closed(&mut stream, Duration::from_secs(6)).expect("closed when idle");
+    assert!(
+        rest.is_empty(),
+        "closed without a word: {:?}",
+        String::from_utf8_lossy(&rest)
+    );
+}
+
+#[test]
 fn several_requests_share_one_connection() {
     let env = Env::new();
     let out = copier(&env, "copy");
