@@ -203,13 +203,13 @@ impl Routes {
                 continue;
             }
             let script = match &route.script {
-                Script::Fixed { written, path } => {
-                    if path.symlink_metadata().is_err() {
-                        continue;
+                Script::Fixed { written, path } => match recheck_script(written, path) {
+                    None => continue,
+                    Some(checked) => {
+                        checked.map_err(SelectError::Unsafe)?;
+                        path.clone()
                     }
-                    check_script(&self.scripts_dir, written, path).map_err(SelectError::Unsafe)?;
-                    path.clone()
-                }
+                },
                 Script::Template(template) => {
                     let written = template.replace(EVENT_PLACEHOLDER, event);
                     let Some(path) = find_file(&resolve_path(&self.scripts_dir, &written)) else {
@@ -275,39 +275,62 @@ fn find_file(path: &Path) -> Option<PathBuf> {
 /// A script must be a regular executable file, not writable by group or others, and (unless written as an
 /// absolute path) inside `scripts_dir` after following symlinks.
 fn check_script(scripts_dir: &Path, written: &str, path: &Path) -> Result<(), UnsafeScript> {
-    let refuse = |why: String| Err(UnsafeScript(format!("script {written:?}: {why}")));
-    let real = match path.canonicalize() {
-        Ok(real) => real,
-        Err(e) => return refuse(format!("{}: {e}", path.display())),
-    };
+    let real = path
+        .canonicalize()
+        .map_err(|e| refusal(written, format!("{}: {e}", path.display())))?;
     if !Path::new(written).is_absolute() && !real.starts_with(scripts_dir) {
-        return refuse(format!(
-            "resolves to {}, outside scripts_dir {}",
-            real.display(),
-            scripts_dir.display()
+        return Err(refusal(
+            written,
+            format!(
+                "resolves to {}, outside scripts_dir {}",
+                real.display(),
+                scripts_dir.display()
+            ),
         ));
     }
-    let meta = match fs::metadata(&real) {
-        Ok(meta) => meta,
-        Err(e) => return refuse(format!("{}: {e}", real.display())),
-    };
+    let meta =
+        fs::metadata(&real).map_err(|e| refusal(written, format!("{}: {e}", real.display())))?;
+    check_mode(written, &real, &meta)
+}
+
+/// The per-request check of a script whose place was checked when the routes loaded: one `stat`. `None` when
+/// it no longer exists.
+fn recheck_script(written: &str, path: &Path) -> Option<Result<(), UnsafeScript>> {
+    match fs::metadata(path) {
+        Ok(meta) => Some(check_mode(written, path, &meta)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => Some(Err(refusal(written, format!("{}: {e}", path.display())))),
+    }
+}
+
+fn check_mode(written: &str, path: &Path, meta: &fs::Metadata) -> Result<(), UnsafeScript> {
     let mode = meta.permissions().mode();
     if !meta.is_file() {
-        refuse(format!("{} is not a regular file", real.display()))
+        Err(refusal(
+            written,
+            format!("{} is not a regular file", path.display()),
+        ))
     } else if mode & 0o111 == 0 {
-        refuse(format!(
-            "{} is not executable: chmod 755 it",
-            real.display()
+        Err(refusal(
+            written,
+            format!("{} is not executable: chmod 755 it", path.display()),
         ))
     } else if mode & 0o022 != 0 {
-        refuse(format!(
-            "{} is writable by group or others (mode {:o}): chmod go-w it",
-            real.display(),
-            mode & 0o777
+        Err(refusal(
+            written,
+            format!(
+                "{} is writable by group or others (mode {:o}): chmod go-w it",
+                path.display(),
+                mode & 0o777
+            ),
         ))
     } else {
         Ok(())
     }
+}
+
+fn refusal(written: &str, why: String) -> UnsafeScript {
+    UnsafeScript(format!("script {written:?}: {why}"))
 }
 
 /// Parses the routing file's text into specs, or `(line, message)`.
