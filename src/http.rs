@@ -22,8 +22,8 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::Listen;
@@ -36,6 +36,8 @@ const MAX_REQUEST_LINE: usize = 8 << 10;
 const MAX_CHUNK_LINE: usize = 1 << 10;
 /// The slowest body a client may send once `header_timeout` has passed, in bytes per second.
 const MIN_BODY_RATE: u64 = 4 << 10;
+/// A body read waits at most this long before it looks at its deadline again.
+const BODY_WAIT_SLICE: Duration = Duration::from_secs(1);
 /// How long a write to a client may block.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// After answering a request whose body was not read, how much of it to read and discard so the answer is
@@ -442,6 +444,8 @@ pub struct Body<'c> {
     failure: Option<BodyError>,
     trailer_bytes: usize,
     max_trailer_bytes: usize,
+    /// The server's shutdown instant, once set (none in unit tests).
+    stopped_at: Option<&'c OnceLock<Instant>>,
 }
 
 impl<'c> Body<'c> {
@@ -454,6 +458,7 @@ impl<'c> Body<'c> {
         grace: Duration,
         send_continue: bool,
         max_trailer_bytes: usize,
+        stopped_at: Option<&'c OnceLock<Instant>>,
     ) -> Body<'c> {
         Body {
             conn,
@@ -472,13 +477,20 @@ impl<'c> Body<'c> {
             failure: None,
             trailer_bytes: 0,
             max_trailer_bytes,
+            stopped_at,
         }
     }
 
+    /// The minimum pace, and once shutdown has begun, `grace` from then at most: a slow upload must not hold
+    /// the daemon's exit for the better part of an hour.
     fn deadline(&self) -> Instant {
-        self.start
+        let pace = self.start
             + self.grace
-            + Duration::from_millis(self.received.saturating_mul(1000) / MIN_BODY_RATE)
+            + Duration::from_millis(self.received.saturating_mul(1000) / MIN_BODY_RATE);
+        match self.stopped_at.and_then(OnceLock::get) {
+            Some(&stopped) => pace.min(stopped + self.grace),
+            None => pace,
+        }
     }
 
     fn fill(&mut self) -> io::Result<()> {
@@ -488,10 +500,18 @@ impl<'c> Body<'c> {
                 self.conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
             }
         }
-        match self.conn.fill(self.deadline()) {
-            Ok(_) => Ok(()),
-            Err(ReadStop::Timeout) => Err(self.fail(BodyError::TooSlow)),
-            Err(_) => Err(self.fail(BodyError::Closed)),
+        loop {
+            // Wait in slices, so a shutdown that begins meanwhile shortens the deadline.
+            let deadline = self.deadline();
+            match self
+                .conn
+                .fill(deadline.min(Instant::now() + BODY_WAIT_SLICE))
+            {
+                Ok(_) => return Ok(()),
+                Err(ReadStop::Timeout) if Instant::now() < self.deadline() => continue,
+                Err(ReadStop::Timeout) => return Err(self.fail(BodyError::TooSlow)),
+                Err(_) => return Err(self.fail(BodyError::Closed)),
+            }
         }
     }
 
@@ -820,7 +840,9 @@ struct Shared {
     handler: Arc<dyn Handler>,
     ids: Ids,
     open: AtomicUsize,
-    stopping: AtomicBool,
+    /// When shutdown began; requests still arriving then are refused, bodies still arriving get
+    /// `header_timeout` more.
+    stopped_at: OnceLock<Instant>,
     in_flight: Mutex<usize>,
     idle: Condvar,
     pool: Mutex<PoolState>,
@@ -873,7 +895,7 @@ pub fn serve(
         handler,
         ids: Ids::new(),
         open: AtomicUsize::new(0),
-        stopping: AtomicBool::new(false),
+        stopped_at: OnceLock::new(),
         in_flight: Mutex::new(0),
         idle: Condvar::new(),
         pool: Mutex::new(PoolState {
@@ -921,7 +943,7 @@ pub fn serve(
             accept_ready(&listener, &shared, &mut reserve, &mut logs);
         }
     }
-    shared.stopping.store(true, Ordering::SeqCst);
+    let _ = shared.stopped_at.set(Instant::now());
     drop(listener);
     let mut n = shared.in_flight.lock().unwrap_or_else(|e| e.into_inner());
     while *n > 0 {
@@ -1154,7 +1176,7 @@ fn serve_request(shared: &Shared, conn: &mut Conn, head_deadline: Instant) -> Ne
             405,
             format!("method {} not allowed; use GET, POST or PUT", head.method),
         )),
-        _ if shared.stopping.load(Ordering::SeqCst) => {
+        _ if shared.stopped_at.get().is_some() => {
             Err((503, "shutting down; retry later".to_string()))
         }
         (Some(method), Ok(framing)) => Ok((method, framing)),
@@ -1186,6 +1208,7 @@ fn serve_request(shared: &Shared, conn: &mut Conn, head_deadline: Instant) -> Ne
             shared.limits.header_timeout,
             send_continue,
             shared.limits.max_header_bytes,
+            Some(&shared.stopped_at),
         ),
     };
     let mut response = shared.handler.handle(&mut request);
@@ -1199,7 +1222,7 @@ fn serve_request(shared: &Shared, conn: &mut Conn, head_deadline: Instant) -> Ne
     }
     let close = response.close
         || drained != Drained::Complete
-        || shared.stopping.load(Ordering::SeqCst)
+        || shared.stopped_at.get().is_some()
         || !keep_alive;
     if !finish(conn, &id, method.as_str(), &path, started, response, close) {
         return Next::Close;
@@ -1530,7 +1553,15 @@ mod tests {
 
     /// A body as `serve_request` builds it.
     fn body(conn: &mut Conn, framing: Framing, max: u64) -> Body<'_> {
-        Body::new(conn, framing, max, Duration::from_secs(10), false, 16 << 10)
+        Body::new(
+            conn,
+            framing,
+            max,
+            Duration::from_secs(10),
+            false,
+            16 << 10,
+            None,
+        )
     }
 
     /// How a body is cut into chunks and dressed.

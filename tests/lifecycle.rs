@@ -96,6 +96,30 @@ fn sigterm_answers_the_request_in_flight_then_exits_0_and_stops_listening() {
 }
 
 #[test]
+fn sigterm_does_not_wait_on_a_stalled_upload() {
+    let env = Env::new().config("header_timeout = \"1s\"");
+    let mut server = env.serve();
+    let mut stream = server.connect();
+    // 600 KiB sent at once puts the client 150 s ahead of the 4 KiB/s minimum pace; then it stalls.
+    let head = "POST /hooks/x HTTP/1.1\r\nHost: t\r\nContent-Length: 1048576\r\n\r\n";
+    stream.write_all(head.as_bytes()).expect("head");
+    stream.write_all(&vec![b'x'; 600 << 10]).expect("part of the body");
+    std::thread::sleep(Duration::from_millis(300));
+    let stopped = std::time::Instant::now();
+    server.signal(libc::SIGTERM);
+    let status = server
+        .wait_exit(Duration::from_secs(8))
+        .unwrap_or_else(|| panic!("still waiting on the stalled upload:\n{}", server.log()));
+    assert_eq!(status.code(), Some(0), "{}", server.log());
+    assert!(
+        stopped.elapsed() < Duration::from_secs(8),
+        "exit took {:?}",
+        stopped.elapsed()
+    );
+    assert!(server.log().contains("status=408"), "{}", server.log());
+}
+
+#[test]
 fn a_restart_after_kill_9_removes_the_stale_payload_file_and_serves() {
     let env = Env::new();
     let pid = env.path().join("script.pid");
