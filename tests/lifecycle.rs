@@ -103,7 +103,9 @@ fn sigterm_does_not_wait_on_a_stalled_upload() {
     // 600 KiB sent at once puts the client 150 s ahead of the 4 KiB/s minimum pace; then it stalls.
     let head = "POST /hooks/x HTTP/1.1\r\nHost: t\r\nContent-Length: 1048576\r\n\r\n";
     stream.write_all(head.as_bytes()).expect("head");
-    stream.write_all(&vec![b'x'; 600 << 10]).expect("part of the body");
+    stream
+        .write_all(&vec![b'x'; 600 << 10])
+        .expect("part of the body");
     std::thread::sleep(Duration::from_millis(300));
     let stopped = std::time::Instant::now();
     server.signal(libc::SIGTERM);
