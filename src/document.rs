@@ -62,7 +62,8 @@ fn first_byte(body: &[u8]) -> Option<u8> {
 #[derive(Debug)]
 pub enum Document {
     Json(Value),
-    /// Every addressable element as (`/root/child/...`, trimmed text), in document order.
+    /// Every addressable element as (`/JSSEvent/webhook/webhookEvent`-style path, trimmed text), in document
+    /// order.
     Xml(Vec<(String, String)>),
     Form(Vec<(String, String)>),
     Other,
