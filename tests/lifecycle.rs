@@ -284,3 +284,52 @@ fn version_help_and_usage_errors() {
     let err = String::from_utf8_lossy(&unknown.stderr);
     assert!(err.contains("unknown command"), "{err}");
 }
+
+#[test]
+fn a_request_arriving_during_shutdown_gets_503_with_retry_after() {
+    let env = Env::new();
+    let started = env.path().join("started");
+    env.script("slow", &format!("touch {started:?}\nsleep 2\nexit 0"));
+    env.script("quick", "exit 0");
+    let mut server = env.serve();
+    // A kept-alive connection, already used once.
+    let mut kept = server.connect();
+    send(&mut kept, "POST", "/hooks/quick", &[], b"", false);
+    assert_eq!(Response::read(&mut kept).expect("first answer").status, 200);
+    std::thread::scope(|s| {
+        // A slow request keeps the daemon draining while the kept connection asks again.
+        let slow = s.spawn(|| server.post("/hooks/slow", b""));
+        assert!(wait_file(&started, EXIT), "the slow script did not start");
+        server.signal(libc::SIGTERM);
+        logged(&server, "stopping");
+        send(&mut kept, "POST", "/hooks/quick", &[], b"", false);
+        let refused = Response::read(&mut kept).expect("an answer, not a reset");
+        assert_eq!(refused.status, 503, "{}", refused.text());
+        assert_eq!(refused.header("Retry-After"), Some("1"));
+        assert_eq!(refused.header("Connection"), Some("close"));
+        assert_eq!(slow.join().expect("slow request").status, 200);
+    });
+    let status = server.wait_exit(EXIT).expect("exits after draining");
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn the_first_log_line_names_the_bound_address_and_the_journal_gets_priorities() {
+    let env = Env::new();
+    let server = env.serve();
+    let first = server.log().lines().next().unwrap_or_default().to_string();
+    assert!(
+        first.contains(&format!("listening on {}", server.addr)),
+        "{first}"
+    );
+    drop(server);
+    let server = env.serve_with(|command| {
+        command.env("JOURNAL_STREAM", "8:1234");
+    });
+    let first = server.log().lines().next().unwrap_or_default().to_string();
+    assert_eq!(
+        first,
+        format!("<6>listening on {}", server.addr),
+        "no timestamp under the journal"
+    );
+}
