@@ -254,7 +254,10 @@ mod tests {
     }
 
     fn payload(file: &str) -> Vec<u8> {
-        let path = format!("{}/../shared/payloads/{file}", env!("CARGO_MANIFEST_DIR"));
+        let path = format!(
+            "{}/tests/fixtures/payloads/{file}",
+            env!("CARGO_MANIFEST_DIR")
+        );
         std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
     }
 

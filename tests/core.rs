@@ -138,7 +138,7 @@ fn every_sample_jamf_event_resolves_by_the_embedded_route() {
     env.script("catch-all", "exit 0");
     env.routes("* catch-all\n");
     let server = env.serve();
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/payloads");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/payloads");
     let mut seen = 0;
     for entry in fs::read_dir(&dir).expect("payload dir") {
         let name = entry

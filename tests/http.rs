@@ -501,8 +501,13 @@ fn an_idle_keep_alive_connection_is_closed_after_keepalive_timeout() {
     let response = answer(&server, &mut stream);
     assert_eq!(response.status, 200);
     assert_eq!(response.header("Connection"), Some("keep-alive"));
-    let rest = until_closed(&mut stream, Duration::from_secs(6))
-        .expect("idle connection not closed within 6 s of a 1 s keepalive_timeout");
+    assert_closed_silently(&mut stream);
+}
+
+/// The server closes the connection within 6 s (of a 1 s timeout) without writing anything more.
+fn assert_closed_silently(stream: &mut TcpStream) {
+    let rest = until_closed(stream, Duration::from_secs(6))
+        .expect("idle connection not closed within 6 s of a 1 s timeout");
     assert!(
         rest.is_empty(),
         "closed without a word: {:?}",
@@ -518,12 +523,7 @@ fn a_stray_crlf_after_a_request_is_not_answered() {
     assert_eq!(answer(&server, &mut stream).status, 200);
     // Some old clients send CRLF after a body; that is no request, so no 408 may follow it.
     stream.write_all(b"\r\n").expect("send CRLF");
-    let rest = until_closed(&mut stream, Duration::from_secs(6)).expect("closed when idle");
-    assert!(
-        rest.is_empty(),
-        "closed without a word: {:?}",
-        String::from_utf8_lossy(&rest)
-    );
+    assert_closed_silently(&mut stream);
 }
 
 #[test]

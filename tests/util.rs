@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_hookrunner");
 
-/// A sample payload from the shared corpus.
+/// A sample payload from `tests/fixtures/payloads` (see its SOURCES.md).
 pub fn payload(name: &str) -> Vec<u8> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/payloads")
+        .join("tests/fixtures/payloads")
         .join(name);
     fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
