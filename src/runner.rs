@@ -65,6 +65,8 @@ impl Runner {
     }
 
     pub fn run(&self, job: &Job<'_>) -> io::Result<Outcome> {
+        let stdout = Pipe::new("stdout")?;
+        let stderr = Pipe::new("stderr")?;
         let mut command = Command::new(job.script);
         command
             .arg(job.payload)
@@ -73,8 +75,8 @@ impl Runner {
             .env("LANG", "C.UTF-8")
             .envs(job.env.iter().copied())
             .stdin(Stdio::from(self.dev_null.try_clone()?))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdout(Stdio::from(stdout.writer_for_child()?))
+            .stderr(Stdio::from(stderr.writer_for_child()?))
             // Its own group, so a timeout reaches everything it started. (std still uses posix_spawn.)
             .process_group(0);
         let start = Instant::now();
@@ -93,18 +95,9 @@ impl Runner {
             .file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
         let mut output = Output::new(job.request_id, &name);
-        let mut pipes = [
-            child
-                .stdout
-                .take()
-                .map(OwnedFd::from)
-                .map(|fd| Pipe::new(fd, "stdout")),
-            child
-                .stderr
-                .take()
-                .map(OwnedFd::from)
-                .map(|fd| Pipe::new(fd, "stderr")),
-        ];
+        // The child's copies of the write ends close with the command.
+        drop(command);
+        let mut pipes = [Some(stdout), Some(stderr)];
         // Everything between spawn and reaping is in this closure so that, should a system call fail in it,
         // the group is still killed and the script reaped: no script outlives its deadline, no zombie stays.
         let mut watch = || -> io::Result<bool> {
@@ -148,6 +141,9 @@ impl Runner {
             // otherwise hold the pipes or outlive the request), then take what is still in the pipes, bounded: a
             // process that escaped the group (setsid) could otherwise keep the answer waiting by writing forever.
             kill_group(pid, libc::SIGKILL);
+            for pipe in pipes.iter_mut().flatten() {
+                pipe.writer = None;
+            }
             for _ in 0..POST_EXIT_READS {
                 if pipes.iter().all(Option::is_none)
                     || !poll_pipes(&mut pipes, Some(Duration::ZERO), &mut output)?
@@ -228,16 +224,37 @@ fn kill_group(pgid: libc::pid_t, signal: libc::c_int) {
     }
 }
 
+/// One output stream of a script. hookrunner holds a write end of its own until the script has exited, so
+/// the script's exit does not also wake the waiting thread with a hang-up on each pipe before its pidfd
+/// turns readable: a quiet script costs one wake-up, not three. Output still wakes it, as it must.
 struct Pipe {
     file: File,
+    writer: Option<OwnedFd>,
     stream: &'static str,
 }
 
 impl Pipe {
-    fn new(fd: OwnedFd, stream: &'static str) -> Pipe {
-        Pipe {
-            file: File::from(fd),
+    fn new(stream: &'static str) -> io::Result<Pipe> {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two new descriptors into the array, or fails and writes nothing.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both descriptors are new and owned by nobody else.
+        let (reader, writer) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        Ok(Pipe {
+            file: File::from(reader),
+            writer: Some(writer),
             stream,
+        })
+    }
+
+    /// A copy of the write end for the child's stdout or stderr (close-on-exec here; std dups it into place).
+    fn writer_for_child(&self) -> io::Result<OwnedFd> {
+        match &self.writer {
+            Some(writer) => writer.try_clone(),
+            None => Err(io::Error::other("pipe already closed")),
         }
     }
 }
