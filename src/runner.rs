@@ -12,6 +12,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -82,8 +83,8 @@ impl Runner {
         let start = Instant::now();
         let mut child = spawn(&mut command)?;
         let pid = child.id() as libc::pid_t;
-        let pidfd = match pidfd_open(pid) {
-            Ok(fd) => fd,
+        let exited = match ExitWatch::new(pid) {
+            Ok(watch) => watch,
             Err(e) => {
                 kill_group(pid, libc::SIGKILL);
                 let _ = child.wait();
@@ -133,7 +134,7 @@ impl Runner {
                     }
                     Phase::Killed => None,
                 };
-                if wait_readable(&pidfd, &mut pipes, wait, &mut output)? {
+                if wait_readable(exited.fd(), &mut pipes, wait, &mut output)? {
                     break;
                 }
             }
@@ -203,18 +204,84 @@ enum Phase {
     Killed,
 }
 
+/// A descriptor that turns readable once the script has exited, while it stays unreaped (so its pid, and
+/// with it the group id, cannot be reused before we reap it).
+enum ExitWatch {
+    /// Linux 5.3 and later.
+    Pidfd(OwnedFd),
+    /// Where `pidfd_open` does not exist (older kernels, valgrind): a thread blocks in
+    /// `waitid(WEXITED | WNOWAIT)`, which does not reap, and then closes its end of a pipe.
+    Thread(OwnedFd),
+}
+
+/// Set once `pidfd_open` has failed with ENOSYS, so the fallback is announced once and not retried.
+static NO_PIDFD: AtomicBool = AtomicBool::new(false);
+
+impl ExitWatch {
+    fn new(pid: libc::pid_t) -> io::Result<ExitWatch> {
+        if !NO_PIDFD.load(Ordering::Relaxed) {
+            match pidfd_open(pid) {
+                Ok(fd) => return Ok(ExitWatch::Pidfd(fd)),
+                Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                    if !NO_PIDFD.swap(true, Ordering::Relaxed) {
+                        log::info!(
+                            "pidfd_open is not available (Linux before 5.3?); waiting on each script from a helper thread"
+                        );
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        ExitWatch::thread(pid)
+    }
+
+    fn thread(pid: libc::pid_t) -> io::Result<ExitWatch> {
+        let (reader, writer) = pipe()?;
+        std::thread::Builder::new()
+            .name("hookrunner-wait".into())
+            .spawn(move || {
+                wait_exited(pid);
+                drop(writer);
+            })?;
+        Ok(ExitWatch::Thread(reader))
+    }
+
+    fn fd(&self) -> &OwnedFd {
+        match self {
+            ExitWatch::Pidfd(fd) | ExitWatch::Thread(fd) => fd,
+        }
+    }
+}
+
 fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor (close-on-exec) or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if fd < 0 {
-        let e = io::Error::last_os_error();
-        return Err(io::Error::new(
-            e.kind(),
-            format!("pidfd_open (Linux 5.3 or later is required): {e}"),
-        ));
+        return Err(io::Error::last_os_error());
     }
     // SAFETY: the kernel just gave us this descriptor and nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Blocks until `pid` (our child) has exited, without reaping it. Returns early only if it is no longer
+/// waitable (already reaped by the worker's error path).
+fn wait_exited(pid: libc::pid_t) {
+    loop {
+        // SAFETY: an all-zero siginfo_t is a valid value for waitid to fill in.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid writes only into `info`; WNOWAIT leaves the child waitable.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            )
+        };
+        if r == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return;
+        }
+    }
 }
 
 fn kill_group(pgid: libc::pid_t, signal: libc::c_int) {
@@ -235,14 +302,7 @@ struct Pipe {
 
 impl Pipe {
     fn new(stream: &'static str) -> io::Result<Pipe> {
-        let mut fds = [0; 2];
-        // SAFETY: pipe2 writes two new descriptors into the array, or fails and writes nothing.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: both descriptors are new and owned by nobody else.
-        let (reader, writer) =
-            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (reader, writer) = pipe()?;
         Ok(Pipe {
             file: File::from(reader),
             writer: Some(writer),
@@ -257,6 +317,17 @@ impl Pipe {
             None => Err(io::Error::other("pipe already closed")),
         }
     }
+}
+
+/// A close-on-exec pipe: (read end, write end).
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two new descriptors into the array, or fails and writes nothing.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors are new and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// Waits until the script exits (true) or `wait` passes (false), reading output meanwhile.
@@ -487,6 +558,36 @@ impl Drop for Slot<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exit_watch_thread_signals_exit_and_leaves_the_child_unreaped() {
+        let mut child = Command::new("sh")
+            .args(["-c", "sleep 0.3; exit 7"])
+            .spawn()
+            .unwrap();
+        let watch = ExitWatch::thread(child.id() as libc::pid_t).unwrap();
+        let mut fds = [libc::pollfd {
+            fd: watch.fd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        assert_eq!(
+            poll(&mut fds, Some(Duration::ZERO)).unwrap(),
+            0,
+            "readable while the child runs"
+        );
+        assert_eq!(
+            poll(&mut fds, Some(Duration::from_secs(10))).unwrap(),
+            1,
+            "not readable after exit"
+        );
+        // Still a zombie of ours: the watch did not reap it, so the group could still be signalled safely.
+        let status = child
+            .try_wait()
+            .unwrap()
+            .expect("exited and still waitable");
+        assert_eq!(status.code(), Some(7));
+    }
 
     #[test]
     fn limiter_bounds_and_releases() {
