@@ -17,6 +17,8 @@ Subcommands:
   cpu-account SELF PID          print a snapshot for `foreign`: CPU ticks of the machine, and
                                 of SELF (own + reaped children) and PID's whole process tree
   foreign BEFORE AFTER          percent of the CPUs used by other processes between snapshots
+  cpu-split BEFORE AFTER        CPU time between two cpu-account snapshots: the whole machine's,
+                                and the gateway's own (PID's tree, handlers excluded), as JSON
   summary JSON [JSON]           one human line about a result line (and a settle line)
   settle PID COUNT_FILE [--timeout S]
                                 wait until PID has no child processes left and COUNT_FILE
@@ -324,19 +326,56 @@ def descendants(root):
     return found
 
 
+def own_ticks(pid):
+    """(start time, utime + stime) of one process: its own threads only, no reaped children."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2:].split()
+    return int(fields[19]), int(fields[11]) + int(fields[12])
+
+
 def cmd_cpu_account(args):
     with open("/proc/stat") as f:
         cpu = [int(v) for v in f.readline().split()[1:]]
     busy = cpu[0] + cpu[1] + cpu[2] + (cpu[7] if len(cpu) > 7 else 0)  # user nice system steal
+    machine = sum(cpu[:8]) - cpu[3] - cpu[4]  # everything but idle and iowait
     ours = proc_ticks(args.self_pid)
+    snapshot = []
     if args.pid:
-        ours += sum(proc_ticks(p) for p in [args.pid] + descendants(args.pid))
-    print(f"{busy}:{ours}:{time.monotonic():.3f}")
+        tree = [args.pid] + descendants(args.pid)
+        ours += sum(proc_ticks(p) for p in tree)
+        for p in tree:
+            own = own_ticks(p)
+            if own:
+                snapshot.append(f"{p}/{own[0]}/{own[1]}")
+    print(f"{busy}:{ours}:{time.monotonic():.3f}:{machine}:{','.join(snapshot)}")
+
+
+def cmd_cpu_split(args):
+    """The gateway's CPU is summed over the processes of its tree that lived through both
+    snapshots (same pid and start time): its workers, not the short-lived handlers."""
+    def parse(snapshot):
+        fields = snapshot.split(":")
+        procs = {}
+        for item in filter(None, fields[4].split(",")):
+            pid, start, ticks = item.split("/")
+            procs[(pid, start)] = int(ticks)
+        return int(fields[3]), procs
+    (machine0, procs0), (machine1, procs1) = parse(args.before), parse(args.after)
+    gateway = sum(t - procs0[k] for k, t in procs1.items() if k in procs0)
+    ms = 1000.0 / os.sysconf("SC_CLK_TCK")
+    out = {"machine_cpu_ms": round((machine1 - machine0) * ms)}
+    if procs0 and procs1:
+        out["gateway_cpu_ms"] = round(gateway * ms)
+    print(json.dumps(out))
 
 
 def cmd_foreign(args):
     (busy0, ours0, t0), (busy1, ours1, t1) = (
-        map(float, s.split(":")) for s in (args.before, args.after))
+        map(float, s.split(":")[:3]) for s in (args.before, args.after))
     capacity = (t1 - t0) * os.sysconf("SC_CLK_TCK") * os.cpu_count()
     foreign = max(0, (busy1 - busy0) - (ours1 - ours0))
     print(f"{min(100.0, 100.0 * foreign / capacity):.0f}" if capacity > 0 else "0")
@@ -406,6 +445,10 @@ def main():
     p.add_argument("before")
     p.add_argument("after")
     p.set_defaults(func=cmd_foreign)
+    p = sub.add_parser("cpu-split")
+    p.add_argument("before")
+    p.add_argument("after")
+    p.set_defaults(func=cmd_cpu_split)
     p = sub.add_parser("summary")
     p.add_argument("result")
     p.add_argument("settle", nargs="?")

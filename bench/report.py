@@ -130,6 +130,12 @@ class Results:
                   for rep in ours if rep in theirs and rate(theirs[rep]) > 0]
         return median(ratios)
 
+    def cpu_per_run_us(self, system, c, key):
+        """Median over repetitions of CPU time (key: gateway_cpu_ms or machine_cpu_ms) per
+        successful handler run, in microseconds; None where it was not recorded."""
+        return median([r[key] * 1000.0 / ok_count(r) for r in self.runs(system, c).values()
+                       if r.get(key) is not None and ok_count(r) > 0])
+
     def added_latency_ms(self, system):
         if not self.runs(system, 1) or not self.runs("ceiling", 1):
             return None
@@ -234,6 +240,21 @@ def section(res):
     out.append("\n### Sync: latency p50 / p99 in ms (median of repetitions)\n")
     out.append(table(["c"] + [NAMES[s] for s in SYSTEMS], [
         [c] + [f"{fmt(res.median_p(s, c, 'p50_us'), 2)} / {fmt(res.median_p(s, c, 'p99_us'), 2)}"
+               if res.runs(s, c) else "—" for s in SYSTEMS]
+        for c in cs
+    ]))
+
+    out.append("\n### Sync: CPU time per handler run, gateway / whole machine, in µs "
+               "(median of repetitions)\n")
+    out.append("*gateway* is the CPU time of the gateway's own processes: the ceiling program's "
+               "threads, hookrunner's or webhook's process, Apache's processes that lived through "
+               "the point (handlers and wrk excluded). *machine* is all CPU time spent on the "
+               "machine meanwhile: handlers, wrk, gateway, kernel. Both are divided by the handler "
+               "runs. What a gateway adds over the ceiling's *gateway* figure is what it costs "
+               "beyond the unavoidable spawn; the handler's own share shows in *machine*.\n")
+    out.append(table(["c"] + [NAMES[s] for s in SYSTEMS], [
+        [c] + [f"{fmt(res.cpu_per_run_us(s, c, 'gateway_cpu_ms'))} / "
+               f"{fmt(res.cpu_per_run_us(s, c, 'machine_cpu_ms'))}"
                if res.runs(s, c) else "—" for s in SYSTEMS]
         for c in cs
     ]))

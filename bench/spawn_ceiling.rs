@@ -35,6 +35,8 @@ struct WorkerResult {
     failures: u64,
     /// Wall time of each iteration (temp file to unlink), in nanoseconds.
     latencies_ns: Vec<u64>,
+    /// Time this thread itself spent on a CPU during the loop (not the handlers'), in nanoseconds.
+    cpu_ns: u64,
 }
 
 fn main() -> ExitCode {
@@ -164,9 +166,11 @@ fn run(args: &Args) -> Result<u64, String> {
     let mut runs = 0;
     let mut failures = 0;
     let mut latencies = Vec::new();
+    let mut cpu_ns = 0;
     for result in results {
         let result = result?;
         runs += result.runs;
+        cpu_ns += result.cpu_ns;
         failures += result.failures;
         latencies.extend(result.latencies_ns);
     }
@@ -176,12 +180,13 @@ fn run(args: &Args) -> Result<u64, String> {
     println!(
         "{{\"kind\":\"ceiling\",\"system\":\"ceiling\",\"concurrency\":{},\"duration_s\":{:.3},\
          \"runs\":{runs},\"failures\":{failures},\"runs_per_s\":{:.1},\"p50_us\":{:.1},\
-         \"p99_us\":{:.1}}}",
+         \"p99_us\":{:.1},\"gateway_cpu_ms\":{}}}",
         args.concurrency,
         secs,
         runs as f64 / secs,
         percentile_us(&latencies, 50.0),
         percentile_us(&latencies, 99.0),
+        cpu_ns / 1_000_000,
     );
     Ok(failures)
 }
@@ -195,6 +200,7 @@ fn work(
 ) -> Result<WorkerResult, String> {
     let mut result = WorkerResult::default();
     let mut sequence: u64 = 0;
+    let cpu_start = thread_cpu_ns();
     while Instant::now() < deadline {
         sequence += 1;
         let path = dir.join(format!("{worker}-{sequence}"));
@@ -209,7 +215,16 @@ fn work(
             .latencies_ns
             .push(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
     }
+    result.cpu_ns = thread_cpu_ns().saturating_sub(cpu_start);
     Ok(result)
+}
+
+/// On-CPU time of the calling thread so far (the first field of its schedstat), 0 if unknown.
+fn thread_cpu_ns() -> u64 {
+    fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// One event: temp file, spawn, wait, unlink. Ok(false) when the handler exited non-zero.
