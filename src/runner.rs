@@ -209,12 +209,12 @@ enum Phase {
 enum ExitWatch {
     /// Linux 5.3 and later.
     Pidfd(OwnedFd),
-    /// Where `pidfd_open` does not exist (older kernels, valgrind): a thread blocks in
+    /// Where `pidfd_open` does not exist (older kernels, valgrind) or is refused (seccomp): a thread blocks in
     /// `waitid(WEXITED | WNOWAIT)`, which does not reap, and then closes its end of a pipe.
     Thread(OwnedFd),
 }
 
-/// Set once `pidfd_open` has failed with ENOSYS, so the fallback is announced once and not retried.
+/// Set once `pidfd_open` has been found missing or refused, so the fallback is announced once and not retried.
 static NO_PIDFD: AtomicBool = AtomicBool::new(false);
 
 impl ExitWatch {
@@ -222,10 +222,13 @@ impl ExitWatch {
         if !NO_PIDFD.load(Ordering::Relaxed) {
             match pidfd_open(pid) {
                 Ok(fd) => return Ok(ExitWatch::Pidfd(fd)),
-                Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                // ENOSYS: Linux before 5.3, or valgrind. EPERM: a seccomp filter that refuses system calls it
+                // does not know (Docker before 20.10, some SystemCallFilter= lists); pidfd_open itself
+                // never fails with EPERM.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) => {
                     if !NO_PIDFD.swap(true, Ordering::Relaxed) {
                         log::info!(
-                            "pidfd_open is not available (Linux before 5.3?); waiting on each script from a helper thread"
+                            "pidfd_open is not available ({e}); waiting on each script from a helper thread"
                         );
                     }
                 }

@@ -89,6 +89,96 @@ fn assert_group_ended(server: &Server, line: &str, grandchild: &Path, started: I
     );
 }
 
+/// A seccomp filter, installed in the daemon before it starts, that refuses `pidfd_open` with EPERM, as
+/// Docker before 20.10 did for system calls it did not know.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn refuse_pidfd_open() -> std::io::Result<()> {
+    #[cfg(target_arch = "x86_64")]
+    const AUDIT_ARCH: u32 = 0xC000_003E;
+    #[cfg(target_arch = "aarch64")]
+    const AUDIT_ARCH: u32 = 0xC000_00B7;
+    const LOAD_WORD: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const JUMP_IF_EQUAL: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const RETURN: u16 = 0x06; // BPF_RET | BPF_K
+    const ALLOW: u32 = 0x7FFF_0000; // SECCOMP_RET_ALLOW
+    let refuse = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let program = [
+        op(LOAD_WORD, 0, 0, 4), // seccomp_data.arch
+        op(JUMP_IF_EQUAL, 1, 0, AUDIT_ARCH),
+        op(RETURN, 0, 0, ALLOW),
+        op(LOAD_WORD, 0, 0, 0), // seccomp_data.nr
+        op(JUMP_IF_EQUAL, 0, 1, libc::SYS_pidfd_open as u32),
+        op(RETURN, 0, 0, refuse),
+        op(RETURN, 0, 0, ALLOW),
+    ];
+    let fprog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_ptr().cast_mut(),
+    };
+    // SAFETY: prctl and seccomp only read their arguments; `fprog` and `program` outlive the calls, and
+    // both are async-signal-safe system calls in the child between fork and exec.
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            || libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                0,
+                &fprog as *const libc::sock_fprog,
+            ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[test]
+fn where_pidfd_open_is_refused_scripts_still_run_and_hung_ones_still_end() {
+    use std::os::unix::process::CommandExt;
+    let env = Env::new().config("timeout = \"1s\"\nkill_grace = \"1s\"");
+    env.script("ok", "echo fine\nexit 0");
+    env.script("fail", "exit 3");
+    let grandchild = env.path().join("grandchild");
+    env.script(
+        "hang",
+        &format!("{}\nsleep 30", background_sleep(&grandchild)),
+    );
+    let _cleanup = cleanup(&grandchild);
+    // SAFETY: refuse_pidfd_open makes only async-signal-safe system calls.
+    let server = env.serve_with(|command| unsafe {
+        command.pre_exec(refuse_pidfd_open);
+    });
+    let ok = server.post("/hooks/ok", b"{}");
+    assert_eq!(ok.status, 200, "{}\n{}", ok.text(), server.log());
+    assert_eq!(server.post("/hooks/fail", b"{}").status, 500);
+    assert!(
+        server
+            .wait_log("pidfd_open is not available", Duration::from_secs(5))
+            .is_some(),
+        "{}",
+        server.log()
+    );
+    assert!(
+        server
+            .wait_log("ok[stdout]: fine", Duration::from_secs(5))
+            .is_some(),
+        "output is still logged:\n{}",
+        server.log()
+    );
+    let started = Instant::now();
+    let response = run_hanging(&server, "hang", &grandchild);
+    assert_eq!(response.status, 504, "{}", response.text());
+    assert_group_ended(
+        &server,
+        "hang: timed out after 1s; sending SIGTERM",
+        &grandchild,
+        started,
+    );
+    assert_eq!(payload_files(&env), [".lock"], "no payload file is left");
+}
+
 #[test]
 fn a_script_ignoring_sigterm_is_killed_after_the_grace() {
     let env = Env::new().config("timeout = \"1s\"\nkill_grace = \"1s\"");
