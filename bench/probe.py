@@ -17,8 +17,10 @@ Subcommands:
   cpu-account SELF PID          print a snapshot for `foreign`: CPU ticks of the machine, and
                                 of SELF (own + reaped children) and PID's whole process tree
   foreign BEFORE AFTER          percent of the CPUs used by other processes between snapshots
-  cpu-split BEFORE AFTER        CPU time between two cpu-account snapshots: the whole machine's,
-                                and the gateway's own (PID's tree, handlers excluded), as JSON
+  cpu-split BEFORE AFTER --machine-ticks N
+                                CPU time between two cpu-account snapshots as JSON: the whole
+                                machine's (N ticks, read by the caller right around the load) and
+                                the gateway's own (PID's tree, handlers excluded)
   summary JSON [JSON]           one human line about a result line (and a settle line)
   settle PID COUNT_FILE [--timeout S]
                                 wait until PID has no child processes left and COUNT_FILE
@@ -341,7 +343,6 @@ def cmd_cpu_account(args):
     with open("/proc/stat") as f:
         cpu = [int(v) for v in f.readline().split()[1:]]
     busy = cpu[0] + cpu[1] + cpu[2] + (cpu[7] if len(cpu) > 7 else 0)  # user nice system steal
-    machine = sum(cpu[:8]) - cpu[3] - cpu[4]  # everything but idle and iowait
     ours = proc_ticks(args.self_pid)
     snapshot = []
     if args.pid:
@@ -351,23 +352,22 @@ def cmd_cpu_account(args):
             own = own_ticks(p)
             if own:
                 snapshot.append(f"{p}/{own[0]}/{own[1]}")
-    print(f"{busy}:{ours}:{time.monotonic():.3f}:{machine}:{','.join(snapshot)}")
+    print(f"{busy}:{ours}:{time.monotonic():.3f}:{','.join(snapshot)}")
 
 
 def cmd_cpu_split(args):
     """The gateway's CPU is summed over the processes of its tree that lived through both
     snapshots (same pid and start time): its workers, not the short-lived handlers."""
     def parse(snapshot):
-        fields = snapshot.split(":")
         procs = {}
-        for item in filter(None, fields[4].split(",")):
+        for item in filter(None, snapshot.split(":")[3].split(",")):
             pid, start, ticks = item.split("/")
             procs[(pid, start)] = int(ticks)
-        return int(fields[3]), procs
-    (machine0, procs0), (machine1, procs1) = parse(args.before), parse(args.after)
+        return procs
+    procs0, procs1 = parse(args.before), parse(args.after)
     gateway = sum(t - procs0[k] for k, t in procs1.items() if k in procs0)
     ms = 1000.0 / os.sysconf("SC_CLK_TCK")
-    out = {"machine_cpu_ms": round((machine1 - machine0) * ms)}
+    out = {"machine_cpu_ms": round(args.machine_ticks * ms)}
     if procs0 and procs1:
         out["gateway_cpu_ms"] = round(gateway * ms)
     print(json.dumps(out))
@@ -448,6 +448,7 @@ def main():
     p = sub.add_parser("cpu-split")
     p.add_argument("before")
     p.add_argument("after")
+    p.add_argument("--machine-ticks", type=int, required=True)
     p.set_defaults(func=cmd_cpu_split)
     p = sub.add_parser("summary")
     p.add_argument("result")

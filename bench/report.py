@@ -197,6 +197,7 @@ def section(res):
         ["PHP", m.get("version_php", "—")],
         ["load generator", m.get("version_wrk", "—")],
         ["handler shell", m.get("version_sh", "—")],
+        ["handler locale", m.get("handler_locale", "—")],
         ["Rust", m.get("version_rustc", "—")],
     ]))
 
@@ -461,7 +462,8 @@ def method(res):
     lines = [
         f"- Every system runs the same handler (`bench/fixtures/handler.sh`: `#!/bin/sh` + "
         f"`cat \"$1\" >/dev/null`) on the same {m.get('payload_bytes', '?')}-byte Jamf "
-        "`ComputerAdded` JSON body (`bench/fixtures/ComputerAdded.json`), all on 127.0.0.1.",
+        "`ComputerAdded` JSON body (`bench/fixtures/ComputerAdded.json`), all on 127.0.0.1, "
+        "in the same locale (`LANG=C.UTF-8`, which hookrunner always gives its scripts).",
         f"- After start, each server gets {m.get('prime_s', '?')} s of unmeasured load at the "
         "highest concurrency (Apache's prefork only adds workers at 1, 2, 4... per second). "
         f"Each point: {m.get('warmup_s', '?')} s of unmeasured warm-up, then "

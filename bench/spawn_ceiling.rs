@@ -35,8 +35,8 @@ struct WorkerResult {
     failures: u64,
     /// Wall time of each iteration (temp file to unlink), in nanoseconds.
     latencies_ns: Vec<u64>,
-    /// Time this thread itself spent on a CPU during the loop (not the handlers'), in nanoseconds.
-    cpu_ns: u64,
+    /// Time this thread itself spent on a CPU during the loop (not the handlers'), in nanoseconds, if known.
+    cpu_ns: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -166,11 +166,11 @@ fn run(args: &Args) -> Result<u64, String> {
     let mut runs = 0;
     let mut failures = 0;
     let mut latencies = Vec::new();
-    let mut cpu_ns = 0;
+    let mut cpu_ns = Some(0);
     for result in results {
         let result = result?;
         runs += result.runs;
-        cpu_ns += result.cpu_ns;
+        cpu_ns = cpu_ns.zip(result.cpu_ns).map(|(sum, ns)| sum + ns);
         failures += result.failures;
         latencies.extend(result.latencies_ns);
     }
@@ -180,13 +180,17 @@ fn run(args: &Args) -> Result<u64, String> {
     println!(
         "{{\"kind\":\"ceiling\",\"system\":\"ceiling\",\"concurrency\":{},\"duration_s\":{:.3},\
          \"runs\":{runs},\"failures\":{failures},\"runs_per_s\":{:.1},\"p50_us\":{:.1},\
-         \"p99_us\":{:.1},\"gateway_cpu_ms\":{}}}",
+         \"p99_us\":{:.1}{}}}",
         args.concurrency,
         secs,
         runs as f64 / secs,
         percentile_us(&latencies, 50.0),
         percentile_us(&latencies, 99.0),
-        cpu_ns / 1_000_000,
+        // Left out when unknown, so the report shows "—" rather than a zero.
+        cpu_ns.map_or(String::new(), |ns| format!(
+            ",\"gateway_cpu_ms\":{}",
+            ns / 1_000_000
+        )),
     );
     Ok(failures)
 }
@@ -215,16 +219,17 @@ fn work(
             .latencies_ns
             .push(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
     }
-    result.cpu_ns = thread_cpu_ns().saturating_sub(cpu_start);
+    result.cpu_ns = cpu_start
+        .zip(thread_cpu_ns())
+        .map(|(a, b)| b.saturating_sub(a));
     Ok(result)
 }
 
-/// On-CPU time of the calling thread so far (the first field of its schedstat), 0 if unknown.
-fn thread_cpu_ns() -> u64 {
+/// On-CPU time of the calling thread so far (the first field of its schedstat).
+fn thread_cpu_ns() -> Option<u64> {
     fs::read_to_string("/proc/thread-self/schedstat")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// One event: temp file, spawn, wait, unlink. Ok(false) when the handler exited non-zero.
