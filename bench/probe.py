@@ -72,14 +72,21 @@ def cmd_freeport(_args):
         print(sock.getsockname()[1])
 
 
-def exited(pid):
-    """True once pid is gone or a zombie (a server that exited stays one until reaped)."""
+def stat_fields(pid):
+    """The fields of /proc/PID/stat after the command name, or None if PID is gone. Index 0 is the
+    state (field 3 of stat(5)), so field N of stat(5) is at index N - 3."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
-        return True
-    return stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] == b"Z"
+        return None
+    return stat[stat.rfind(b")") + 2:].split()
+
+
+def exited(pid):
+    """True once pid is gone or a zombie (a server that exited stays one until reaped)."""
+    fields = stat_fields(pid)
+    return fields is None or fields[0] == b"Z"
 
 
 def cmd_wait_http(args):
@@ -297,14 +304,10 @@ def cmd_cpu_busy(args):
 
 def proc_ticks(pid, with_children=True):
     """utime + stime (+ cutime + cstime: children already reaped) of one process, in ticks."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
+    fields = stat_fields(pid)
+    if fields is None:
         return 0
-    fields = stat[stat.rfind(b")") + 2:].split()
-    # fields[0] is the state (field 3 of stat(5)); utime is field 14, so index 11.
-    ticks = int(fields[11]) + int(fields[12])
+    ticks = int(fields[11]) + int(fields[12])  # utime and stime, fields 14 and 15
     if with_children:
         ticks += int(fields[13]) + int(fields[14])
     return ticks
@@ -313,13 +316,9 @@ def proc_ticks(pid, with_children=True):
 def descendants(root):
     parents = {}
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            parents.setdefault(int(stat[stat.rfind(b")") + 2:].split()[1]), []).append(int(entry))
+        fields = stat_fields(entry) if entry.isdigit() else None
+        if fields is not None:
+            parents.setdefault(int(fields[1]), []).append(int(entry))  # ppid, field 4
     found, frontier = [], [root]
     while frontier:
         for child in parents.get(frontier.pop(), []):
@@ -330,13 +329,10 @@ def descendants(root):
 
 def own_ticks(pid):
     """(start time, utime + stime) of one process: its own threads only, no reaped children."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
+    fields = stat_fields(pid)
+    if fields is None:
         return None
-    fields = stat[stat.rfind(b")") + 2:].split()
-    return int(fields[19]), int(fields[11]) + int(fields[12])
+    return int(fields[19]), int(fields[11]) + int(fields[12])  # starttime is field 22
 
 
 def cmd_cpu_account(args):
