@@ -4,7 +4,8 @@
 //! One thread does it all with `poll` on a pidfd (readable when the script exits) and the two output pipes:
 //! no SIGCHLD handler, no helper threads, no sleeps, so a script that ends in 1 ms is answered in about 1 ms,
 //! and a pipe that fills can never deadlock the wait. The group is signalled only while its leader is
-//! unreaped (a zombie still owns its pid), so a reused pid can never be hit.
+//! unreaped (a zombie still owns its pid), so a reused pid can never be hit. Where there is no pidfd (see
+//! [`ExitWatch`]), one short-lived helper thread per script stands in for it.
 
 use std::fs::File;
 use std::io::{self, Read};
