@@ -68,7 +68,6 @@ pub fn serve(config_path: Option<PathBuf>, overrides: Overrides) -> Result<(), E
             reload_config(&gateway, config_path.as_deref(), &overrides);
         }
         if stop.load(Ordering::SeqCst) {
-            log::info!("stopping: no new connections; waiting for requests in flight");
             Control::Stop
         } else {
             Control::Continue
@@ -127,8 +126,10 @@ fn reload_config(gateway: &Gateway, path: Option<&std::path::Path>, overrides: &
             log::warn!("reload: a change to {key} takes effect only after a restart");
         }
     }
-    log::info!("reloaded: {} route(s)", new.routes.routes.len());
+    let routes = new.routes.routes.len();
     gateway.replace(new);
+    // Only now: whoever reads this line may rely on the new routes being in force.
+    log::info!("reloaded: {routes} route(s)");
 }
 
 /// Descriptors the daemon inherited (from a shell, a supervisor) must not reach scripts: scripts get fds 0-2

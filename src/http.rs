@@ -945,6 +945,9 @@ pub fn serve(
     }
     let _ = shared.stopped_at.set(Instant::now());
     drop(listener);
+    // Logged after the two steps above, so that whoever reads it may rely on them: nothing new is accepted,
+    // and a request that arrives from now on is answered 503.
+    log::info!("stopping: no new connections; waiting for requests in flight");
     let mut n = shared.in_flight.lock().unwrap_or_else(|e| e.into_inner());
     while *n > 0 {
         n = shared.idle.wait(n).unwrap_or_else(|e| e.into_inner());
