@@ -654,11 +654,17 @@ MobileDevice*              mobile-device.sh
     fn unsafe_scripts_are_refused() {
         let dir = dir_with(&[("plain", 0o644), ("shared", 0o775), ("Open", 0o757)]);
         let scripts = dir.path().canonicalize().expect("canonical");
+        // A safe, executable script, but beside scripts_dir rather than in it.
+        let outside = dir_with(&[("escape.sh", 0o755)]);
+        let escape = format!(
+            "a ../{}/escape.sh\n",
+            outside.path().file_name().expect("name").to_string_lossy()
+        );
         for (text, why) in [
             ("a plain\n", "not executable"),
             ("a shared\n", "writable by group"),
             ("a missing.sh\n", "No such file"),
-            ("a ../escape.sh\n", "escape.sh"),
+            (escape.as_str(), "outside scripts_dir"),
         ] {
             let err = Routes::parse(text, Some(Path::new("routes")), &scripts).expect_err(text);
             assert_eq!(err.line, Some(1));

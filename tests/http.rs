@@ -456,9 +456,12 @@ fn a_body_trickling_in_is_cut_off() {
     let env = Env::new().config("header_timeout = \"1s\"");
     copier(&env, "copy");
     let mut server = env.serve();
+    // 12 bytes at 2 bytes/s would be complete after 6 s; the pace rule must cut it off long before.
+    const LENGTH: usize = 12;
     let mut stream = raw(
         &server,
-        b"POST /hooks/copy HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\n",
+        format!("POST /hooks/copy HTTP/1.1\r\nHost: test\r\nContent-Length: {LENGTH}\r\n\r\n")
+            .as_bytes(),
     );
     stream
         .set_read_timeout(Some(Duration::from_millis(500)))
@@ -467,28 +470,30 @@ fn a_body_trickling_in_is_cut_off() {
     let mut received = Vec::new();
     let mut buf = [0u8; 1024];
     let mut sent = 0;
-    let closed = loop {
+    loop {
         assert!(
             Instant::now() < deadline,
             "a body at 2 bytes/s was not cut off within 8 s"
         );
-        if sent < 100 && stream.write_all(b"b").is_ok() {
+        if sent < LENGTH && stream.write_all(b"b").is_ok() {
             sent += 1;
         }
         match stream.read(&mut buf) {
-            Ok(0) => break true,
+            Ok(0) => break,
             Ok(n) => received.extend_from_slice(&buf[..n]),
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(_) => break true,
+            Err(_) => break,
         }
-    };
-    assert!(closed);
+    }
     assert!(
         status_line(&received).starts_with("HTTP/1.1 408 "),
         "{:?}",
         String::from_utf8_lossy(&received)
     );
-    assert!(sent < 100, "cut off before the whole body arrived");
+    assert!(
+        sent < LENGTH,
+        "cut off before the whole body arrived ({sent} of {LENGTH} bytes sent)"
+    );
     assert!(!env.path().join("body").exists(), "the script did not run");
     assert_healthy(&mut server);
 }
@@ -501,7 +506,14 @@ fn an_idle_keep_alive_connection_is_closed_after_keepalive_timeout() {
     let response = answer(&server, &mut stream);
     assert_eq!(response.status, 200);
     assert_eq!(response.header("Connection"), Some("keep-alive"));
+    let answered = Instant::now();
     assert_closed_silently(&mut stream);
+    // Not closed right after the answer: the server kept its word for (almost) the whole second.
+    assert!(
+        answered.elapsed() >= Duration::from_millis(800),
+        "closed {:?} after the answer, before the 1 s keepalive_timeout",
+        answered.elapsed()
+    );
 }
 
 /// The server closes the connection within 6 s (of a 1 s timeout) without writing anything more.
