@@ -2,6 +2,7 @@
 //! the concurrency limit, and payload files that never outlive their request.
 
 use std::fs;
+use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -407,4 +408,95 @@ fn payload_files_are_removed_whatever_the_outcome() {
         seen, expected,
         "while it ran, the script's payload file was in the payload dir"
     );
+}
+
+/// The payload directory's names once `done` holds for them, or after 10 s.
+fn wait_payload_files(env: &Env, done: impl Fn(&[String]) -> bool) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let names = payload_files(env);
+        if done(&names) || Instant::now() >= deadline {
+            return names;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn payload_files_of_spilled_and_refused_bodies_are_removed_too() {
+    // Bodies over 256 KiB are written to their payload file while they arrive, before anything is decided;
+    // a request turned away after its file exists must still leave nothing behind.
+    let env = Env::new().config("max_body = \"512KiB\"\nmax_running = 1\nqueue_wait = \"200ms\"");
+    let started = env.path().join("started");
+    let release = Release(env.path().join("release"));
+    env.script("slow", &wait_for_release(&started, &release.0));
+    env.script("quick", "exit 0");
+    let server = env.serve();
+
+    // The client goes away in the middle of a spilled body.
+    let mut stream = server.connect();
+    let head = "POST /hooks/quick HTTP/1.1\r\nHost: t\r\nContent-Length: 500000\r\n\r\n";
+    stream.write_all(head.as_bytes()).expect("head");
+    stream
+        .write_all(&vec![b'x'; 300 << 10])
+        .expect("part of the body");
+    let spilled = wait_payload_files(&env, |names| names.len() == 2);
+    assert_eq!(
+        spilled.len(),
+        2,
+        "the body was spilled to a file: {spilled:?}"
+    );
+    drop(stream);
+    assert_eq!(
+        wait_payload_files(&env, |names| names == [".lock"]),
+        [".lock"],
+        "after the client left mid-body"
+    );
+
+    // A chunked body that passes max_body only after it was spilled: 413 mid-stream.
+    let mut stream = server.connect();
+    let mut request =
+        b"POST /hooks/quick HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..2 {
+        request.extend_from_slice(format!("{:x}\r\n", 300 << 10).as_bytes());
+        request.extend_from_slice(&vec![b'y'; 300 << 10]);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    // The server may stop reading at the 413, so the sending happens beside the reading.
+    let writer = {
+        let mut stream = stream.try_clone().expect("clone");
+        std::thread::spawn(move || {
+            let _ = stream.write_all(&request);
+        })
+    };
+    let refused = Response::read(&mut stream).expect("an answer");
+    assert_eq!(refused.status, 413, "{}", refused.text());
+    drop(stream);
+    writer.join().expect("writer");
+    assert_eq!(
+        wait_payload_files(&env, |names| names == [".lock"]),
+        [".lock"],
+        "after a 413 mid-stream"
+    );
+
+    // A request whose payload file was written, then found no free script slot: 503.
+    std::thread::scope(|s| {
+        let first = s.spawn(|| server.post("/hooks/slow", b"{\"a\":1}"));
+        assert!(
+            wait_file(&started, Duration::from_secs(10)),
+            "slow did not start"
+        );
+        let busy = server.post("/hooks/quick", b"{\"a\":2}");
+        assert_eq!(busy.status, 503, "{}", busy.text());
+        assert_eq!(
+            payload_files(&env).len(),
+            2,
+            "only the running script's payload file is left: {:?}",
+            payload_files(&env)
+        );
+        drop(release);
+        assert_eq!(first.join().expect("first").status, 200);
+    });
+    assert_eq!(payload_files(&env), [".lock"], "after the 503 and the 200");
 }
