@@ -320,12 +320,29 @@ mod tests {
         let mut f = fake("/hooks/Early", &[], Some("application/json"), b"{broken");
         assert_eq!(resolve(&default_sources(), &mut f), Ok("Early".into()));
         assert_eq!(f.parses, 0);
+        let github = [("X-GitHub-Event", "push")];
+        let mut f = fake("/", &github, Some("application/json"), b"{broken");
+        assert_eq!(resolve(&default_sources(), &mut f), Ok("push".into()));
+        assert_eq!(f.parses, 0, "the header decided; the body was not parsed");
     }
 
     #[test]
     fn scalefusion_event_string_but_not_jamf_event_object() {
         let sf = br#"{"event":"device.enrolled","data":{}}"#;
         assert_eq!(name(fake("/", &[], None, sf)), Ok("device.enrolled".into()));
+        // Jamf's `/event` is the object describing the device: never a name, so Jamf's own field decides...
+        let jamf = br#"{"event":{"deviceName":"Mac"},"webhook":{"webhookEvent":"ComputerAdded"}}"#;
+        assert_eq!(name(fake("/", &[], None, jamf)), Ok("ComputerAdded".into()));
+        // ...and without it, the object is not taken for one (not even as an invalid name).
+        let object = br#"{"event":{"deviceName":"Mac"}}"#;
+        assert!(
+            matches!(
+                name(fake("/", &[], None, object)),
+                Err(EventError::NotFound(_))
+            ),
+            "{:?}",
+            name(fake("/", &[], None, object))
+        );
     }
 
     #[test]

@@ -565,8 +565,10 @@ mod tests {
 
     #[test]
     fn exit_watch_thread_signals_exit_and_leaves_the_child_unreaped() {
+        // The child runs until its stdin closes, so the first check cannot race its exit.
         let mut child = Command::new("sh")
-            .args(["-c", "sleep 0.3; exit 7"])
+            .args(["-c", "read -r line; exit 7"])
+            .stdin(Stdio::piped())
             .spawn()
             .unwrap();
         let watch = ExitWatch::thread(child.id() as libc::pid_t).unwrap();
@@ -580,6 +582,7 @@ mod tests {
             0,
             "readable while the child runs"
         );
+        drop(child.stdin.take());
         assert_eq!(
             poll(&mut fds, Some(Duration::from_secs(10))).unwrap(),
             1,

@@ -133,7 +133,7 @@ fn jamf_xml_is_routed_by_its_webhook_event() {
 }
 
 #[test]
-fn every_sample_jamf_event_resolves_by_the_embedded_route() {
+fn every_sample_jamf_json_event_is_named_from_its_body() {
     let env = Env::new();
     env.script("catch-all", "exit 0");
     env.routes("* catch-all\n");
@@ -382,6 +382,10 @@ fn configured_event_sources_replace_the_defaults() {
             .json()["event"],
         "from-json"
     );
+    // Neither configured source yields: the defaults (the path, Jamf's field) must not step in.
+    let jamf = br#"{"webhook":{"webhookEvent":"from-json"}}"#;
+    let unnamed = server.post("/hooks/from-header", jamf);
+    assert_eq!(unnamed.status, 400, "{}", unnamed.text());
 }
 
 #[test]
