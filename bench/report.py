@@ -288,12 +288,16 @@ def section(res):
         ran = sum(r.get("ran", 0) for r in group)
         unsettled = sum(1 for r in group if not r.get("settled", True))
         settle = max(r.get("settle_s", 0) for r in group)
-        rows.append([NAMES.get(system, system), c, fmt(median(acks)) + spread(acks), acked, ran,
-                     f"{ran / acked * 100:.1f}%" if acked else "—",
+        latency = " / ".join(fmt(median([r.get(k) / 1000.0 for r in group if r.get(k) is not None]),
+                                 2) for k in ("p50_us", "p99_us"))
+        rows.append([NAMES.get(system, system), c, fmt(median(acks)) + spread(acks), latency,
+                     acked, ran, f"{ran / acked * 100:.1f}%" if acked else "—",
                      f"{settle:.1f}" + (f" ({unsettled} not settled)" if unsettled else "")])
-    rows.append(["hookrunner", "—", "not available yet (no durable spool)", "—", "—", "—", "—"])
-    out.append(table(["system", "c", "acks/s (median)", "acked (all reps)", "ran (all reps)",
-                      "ran / acked", "max wait for stragglers (s)"], rows))
+    rows.append(["hookrunner", "—", "not available yet (no durable spool)", "—", "—", "—", "—",
+                 "—"])
+    out.append(table(["system", "c", "acks/s (median)", "ack latency p50 / p99 (ms, median)",
+                      "acked (all reps)", "ran (all reps)", "ran / acked",
+                      "max wait for stragglers (s)"], rows))
     lost = [(s, c) for (s, c), group in by.items()
             if sum(r.get("ran", 0) for r in group) < 0.99 * sum(ok_count(r) for r in group)]
     if lost:
