@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Tests of bench/report.py's verdicts (stdlib only): a target passes only on what was measured.
+
+Run: python3 -m unittest discover -s bench -p 'test_*.py'   (.ci/run does)
+"""
+
+import os
+import sys
+import unittest
+from collections import defaultdict
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import report  # noqa: E402
+
+CONCURRENCIES = [1, 2, 4, 16, 64]
+
+
+def sync_rows(system, rate, concurrencies=CONCURRENCIES, reps=3):
+    """Sync rows of `system` answering `rate` 2xx a second for 1 s at each concurrency."""
+    rows = []
+    for c in concurrencies:
+        for rep in range(1, reps + 1):
+            if system == "ceiling":
+                rows.append({"kind": "ceiling", "system": system, "concurrency": c, "rep": rep,
+                             "runs": rate, "failures": 0, "duration_s": 1.0, "p50_us": 1000.0,
+                             "p99_us": 2000.0})
+            else:
+                rows.append({"kind": "load", "mode": "sync", "system": system, "concurrency": c,
+                             "rep": rep, "statuses": {"200": rate}, "duration_s": 1.0,
+                             "p50_us": 1010.0, "p99_us": 2000.0})
+    return rows
+
+
+def results(hookrunner_concurrencies=CONCURRENCIES, rss=None, startups=None):
+    """A run where hookrunner is 0.95 x the ceiling, 1.4 x webhook and 1.9 x Apache: every target met."""
+    rows = defaultdict(list)
+    rows["ceiling"] = sync_rows("ceiling", 1000)
+    rows["load"] = (sync_rows("hookrunner", 950, hookrunner_concurrencies)
+                    + sync_rows("webhook", 678) + sync_rows("apache", 500))
+    rows["rss"] = [rss if rss is not None else
+                   {"kind": "rss", "system": "hookrunner", "concurrency": 16, "idle_rss_kib": 2600,
+                    "peak_rss_kib": 3900, "hwm_kib": 3950, "load_statuses": {"200": 5000}}]
+    rows["startup"] = startups if startups is not None else [
+        {"kind": "startup", "system": "hookrunner", "ms": 1.6} for _ in range(10)]
+    return report.Results({}, [], rows)
+
+
+def verdicts(res):
+    """{target label: (measured, verdict)} from the Targets table."""
+    lines = report.targets(res).splitlines()[2:]
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    return {row[0]: (row[1], row[2]) for row in cells}
+
+
+def verdict(res, prefix):
+    matches = [v for label, v in verdicts(res).items() if label.startswith(prefix)]
+    assert len(matches) == 1, (prefix, verdicts(res))
+    return matches[0]
+
+
+class Targets(unittest.TestCase):
+    def test_a_run_that_meets_every_target_passes_them(self):
+        res = results()
+        for prefix in ["sync ≥ 0.90", "sync ≥ 1.3", "sync ≥ 1.8", "idle RSS", "peak RSS",
+                       "start to ready"]:
+            self.assertEqual(verdict(res, prefix)[1], "pass", prefix)
+        self.assertIn("lowest 0.950×", verdict(res, "sync ≥ 0.90")[0])
+
+    def test_a_concurrency_hookrunner_was_not_measured_at_fails_the_target(self):
+        # As when hookrunner crashed after c=4: the points it did serve must not pass alone.
+        res = results(hookrunner_concurrencies=[1, 2, 4])
+        measured, mark = verdict(res, "sync ≥ 0.90")
+        self.assertEqual(mark, "**FAIL**")
+        self.assertIn("not measured at c=16, c=64", measured)
+        self.assertEqual(verdict(res, "sync ≥ 1.3")[1], "**FAIL**")
+
+    def test_a_ratio_just_under_the_target_is_shown_as_such(self):
+        res = results()
+        res.sync["hookrunner"][64] = {rep: dict(row, statuses={"200": 897})
+                                      for rep, row in res.sync["hookrunner"][64].items()}
+        measured, mark = verdict(res, "sync ≥ 0.90")
+        self.assertEqual(mark, "**FAIL**")
+        self.assertIn("0.897× (c=64)", measured)
+
+    def test_the_ceiling_bound_names_where_a_target_is_out_of_reach(self):
+        res = results()
+        # webhook at 0.85 x the ceiling at c=16: even the ceiling is only 1.18 x webhook there.
+        res.sync["webhook"][16] = {rep: dict(row, statuses={"200": 850})
+                                   for rep, row in res.sync["webhook"][16].items()}
+        measured, mark = verdict(res, "sync ≥ 1.3")
+        self.assertEqual(mark, "**FAIL**")
+        self.assertIn("out of reach even at the ceiling at c=16 (ceiling is 1.18×", measured)
+
+    def test_memory_of_a_server_that_died_is_not_a_pass(self):
+        dead = {"kind": "rss", "system": "hookrunner", "concurrency": 16, "idle_rss_kib": 0,
+                "peak_rss_kib": 0, "hwm_kib": 0}
+        res = results(rss=dead)
+        self.assertEqual(verdict(res, "idle RSS"), ("not measured", "—"))
+        self.assertEqual(verdict(res, "peak RSS")[1], "—")
+
+    def test_a_peak_without_a_served_load_is_not_a_pass(self):
+        unloaded = {"kind": "rss", "system": "hookrunner", "concurrency": 16,
+                    "idle_rss_kib": 2600, "peak_rss_kib": 2700, "hwm_kib": 2700,
+                    "load_statuses": {"503": 10}}
+        res = results(rss=unloaded)
+        self.assertEqual(verdict(res, "idle RSS")[1], "pass")
+        self.assertEqual(verdict(res, "peak RSS"),
+                         ("not measured (no load was served)", "—"))
+
+    def test_the_peak_label_names_the_concurrency_used(self):
+        other = {"kind": "rss", "system": "hookrunner", "concurrency": 32, "idle_rss_kib": 2600,
+                 "peak_rss_kib": 3900, "hwm_kib": 3900, "load_statuses": {"200": 10}}
+        self.assertEqual(verdict(results(rss=other), "peak RSS at c=32")[1], "pass")
+
+    def test_failed_starts_fail_the_start_up_target(self):
+        starts = [{"kind": "startup", "system": "hookrunner", "ms": 1.6}] + [
+            {"kind": "startup", "system": "hookrunner", "error": "no 200"} for _ in range(9)]
+        measured, mark = verdict(results(startups=starts), "start to ready")
+        self.assertEqual(mark, "**FAIL**")
+        self.assertIn("9 of 10 starts failed", measured)
+
+
+if __name__ == "__main__":
+    unittest.main()
