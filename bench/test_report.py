@@ -45,6 +45,12 @@ def results(hookrunner_concurrencies=CONCURRENCIES, rss=None, startups=None):
     return report.Results({}, [], rows)
 
 
+def set_rate(res, system, c, rate):
+    """Makes every repetition of `system` at concurrency `c` answer `rate` 2xx a second."""
+    res.sync[system][c] = {rep: dict(row, statuses={"200": rate})
+                           for rep, row in res.sync[system][c].items()}
+
+
 def verdicts(res):
     """{target label: (measured, verdict)} from the Targets table."""
     lines = report.targets(res).splitlines()[2:]
@@ -76,8 +82,7 @@ class Targets(unittest.TestCase):
 
     def test_a_ratio_just_under_the_target_is_shown_as_such(self):
         res = results()
-        res.sync["hookrunner"][64] = {rep: dict(row, statuses={"200": 897})
-                                      for rep, row in res.sync["hookrunner"][64].items()}
+        set_rate(res, "hookrunner", 64, 897)
         measured, mark = verdict(res, "sync ≥ 0.90")
         self.assertEqual(mark, "**FAIL**")
         self.assertIn("0.897× (c=64)", measured)
@@ -85,8 +90,7 @@ class Targets(unittest.TestCase):
     def test_the_ceiling_bound_names_where_a_target_is_out_of_reach(self):
         res = results()
         # webhook at 0.85 x the ceiling at c=16: even the ceiling is only 1.18 x webhook there.
-        res.sync["webhook"][16] = {rep: dict(row, statuses={"200": 850})
-                                   for rep, row in res.sync["webhook"][16].items()}
+        set_rate(res, "webhook", 16, 850)
         measured, mark = verdict(res, "sync ≥ 1.3")
         self.assertEqual(mark, "**FAIL**")
         self.assertIn("out of reach even at the ceiling at c=16 (ceiling is 1.18×", measured)

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::util::{
     Env, KillOnDrop, Release, Response, Server, alive, payload_files, read_pid, wait_file,
-    wait_for_release, wait_gone,
+    wait_for_release, wait_gone, wait_until,
 };
 
 /// How long a killed process may take to disappear.
@@ -412,14 +412,8 @@ fn payload_files_are_removed_whatever_the_outcome() {
 
 /// The payload directory's names once `done` holds for them, or after 10 s.
 fn wait_payload_files(env: &Env, done: impl Fn(&[String]) -> bool) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let names = payload_files(env);
-        if done(&names) || Instant::now() >= deadline {
-            return names;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(Duration::from_secs(10), || done(&payload_files(env)));
+    payload_files(env)
 }
 
 #[test]

@@ -363,10 +363,10 @@ pub fn alive(pid: i32) -> bool {
         .is_some_and(|state| !matches!(state, 'Z' | 'X'))
 }
 
-/// Waits until `pid` is gone; false if it is still alive after `timeout`.
-pub fn wait_gone(pid: i32, timeout: Duration) -> bool {
+/// Checks `done` every 20 ms until it holds (true) or `timeout` passes (false).
+pub fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
-    while alive(pid) {
+    while !done() {
         if Instant::now() >= deadline {
             return false;
         }
@@ -375,16 +375,14 @@ pub fn wait_gone(pid: i32, timeout: Duration) -> bool {
     true
 }
 
+/// Waits until `pid` is gone; false if it is still alive after `timeout`.
+pub fn wait_gone(pid: i32, timeout: Duration) -> bool {
+    wait_until(timeout, || !alive(pid))
+}
+
 /// Waits until `path` exists; false if it does not after `timeout`.
 pub fn wait_file(path: &Path, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while !path.exists() {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    true
+    wait_until(timeout, || path.exists())
 }
 
 /// A pid a script wrote to `path`.
