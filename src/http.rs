@@ -1320,8 +1320,9 @@ fn finish(
     let elapsed = started.elapsed();
     let path: String = path.chars().take(200).collect();
     log::info!(
-        "{id} {} {method} {path}{} status={} time={:.1}ms{}",
+        "{id} {} {method} {}{} status={} time={:.1}ms{}",
         conn.remote,
+        crate::logging::Escaped(&path),
         response.note,
         response.status,
         elapsed.as_secs_f64() * 1000.0,

@@ -491,8 +491,10 @@ impl<'a> Output<'a> {
 
     fn emit(&mut self, stream: &str) {
         let line = std::mem::take(&mut self.lines[Self::index(stream)]);
-        let text = String::from_utf8_lossy(&line);
-        let text = text.trim_end_matches(['\n', '\r']);
+        let line = line.strip_suffix(b"\n").unwrap_or(&line);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        // A payload field the script echoes is the client's text: escaped, so it cannot forge a line.
+        let text = crate::logging::escape_bytes(line);
         log::info!("{} {}[{stream}]: {text}", self.request_id, self.script);
     }
 
