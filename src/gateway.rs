@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::document::{Document, Format, MalformedBody};
 use crate::event::{self, EventError, Inputs};
 use crate::http::{self, BodyError, Method, Request, Response};
+use crate::logging::Escaped;
 use crate::payload::{Payload, PayloadDir};
 use crate::routes::{SelectError, UnsafeScript};
 use crate::runner::{Exit, Job, Limiter, Outcome, Runner};
@@ -37,8 +38,9 @@ enum Refusal {
     NoRoute(String),
     Unsafe(UnsafeScript),
     Busy,
+    /// The body failed while it was read (framing, size, pace, the client gone).
     Body(BodyError),
-    /// The payload file could not be written.
+    /// The payload file could not be created or written.
     Payload(io::Error),
     /// The script could not be started.
     Spawn(io::Error),
@@ -49,9 +51,7 @@ impl Refusal {
         match self {
             Refusal::Event(_) | Refusal::Malformed(_) => 400,
             Refusal::NoRoute(_) => 404,
-            Refusal::Body(BodyError::TooLarge) => 413,
-            Refusal::Body(BodyError::TooSlow) => 408,
-            Refusal::Body(_) => 400,
+            Refusal::Body(e) => e.status(),
             Refusal::Busy => 503,
             Refusal::Payload(e) | Refusal::Spawn(e) if is_resource_shortage(e) => 503,
             Refusal::Unsafe(_) | Refusal::Payload(_) | Refusal::Spawn(_) => 500,
@@ -186,14 +186,11 @@ impl http::Handler for Gateway {
                     log::error!("{} {message}", request.id);
                 }
                 let mut response = Response::error(status, &request.id, &message);
-                if status == 503 {
-                    response.retry_after = Some(1);
-                }
                 if let Refusal::NoRoute(event) = &refusal {
                     response.note = format!(" event={event}");
                 } else if let Refusal::Event(EventError::Invalid { value, .. }) = &refusal {
                     // The client's own bytes: quoted and escaped, so they cannot forge a log line.
-                    response.note = format!(" event={value:?}");
+                    response.note = format!(" event=\"{}\"", Escaped(value));
                 }
                 response
             }
@@ -277,7 +274,7 @@ fn receive(request: &mut Request<'_>, payloads: &PayloadDir) -> Result<Received,
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(BodyError::of(&e).map_or(Refusal::Payload(e), Refusal::Body)),
+            Err(e) => return Err(Refusal::Body(BodyError::of(&e))),
         };
         match &mut received {
             Received::Inline(bytes) if bytes.len() + n <= INLINE_BODY => {

@@ -36,8 +36,9 @@ pub fn init() {
         .init();
 }
 
-/// Untrusted text for a log line. Printable characters pass through; a backslash becomes `\\`, and every
-/// character that could break or disguise the line becomes `\xNN` or `\u{NNNN}`: C0 and C1 controls (CR, LF,
+/// Untrusted text for a log line. Printable characters pass through; a backslash becomes `\\`, a double
+/// quote `\x22` (so a quoted field cannot be closed early), and every character that could break or disguise
+/// the line becomes `\xNN` or `\u{NNNN}`: C0 and C1 controls (CR, LF,
 /// ESC, NUL, NEL U+0085, ...), DEL, the line and paragraph separators U+2028/U+2029, and the bidirectional
 /// controls (U+061C, U+200E/F, U+202A-U+202E, U+2066-U+2069) that reorder what a terminal shows.
 pub struct Escaped<'a>(pub &'a str);
@@ -62,6 +63,7 @@ impl fmt::Display for Escaped<'_> {
 fn needs_escape(c: char) -> bool {
     matches!(c,
         '\\'
+        | '"'
         | '\u{0}'..='\u{1f}'
         | '\u{7f}'..='\u{9f}'
         | '\u{061c}'
@@ -115,6 +117,7 @@ mod tests {
             ("\u{2066}iso\u{2069}", "\\u{2066}iso\\u{2069}"),
             ("lrm\u{200e}alm\u{61c}", "lrm\\u{200e}alm\\u{061c}"),
             ("back\\slash", "back\\\\slash"),
+            ("say \"hi\"", "say \\x22hi\\x22"),
         ] {
             assert_eq!(escaped(raw), shown, "{raw:?}");
         }
@@ -138,6 +141,7 @@ mod tests {
         fn no_escaped_text_holds_a_character_that_needs_escaping(text in any::<String>()) {
             let out = escaped(&text);
             prop_assert!(!out.chars().any(|c| needs_escape(c) && c != '\\'), "{:?}", out);
+            prop_assert!(!out.contains('"'));
             prop_assert!(!out.contains('\n') && !out.contains('\r'));
         }
     }

@@ -43,7 +43,9 @@ fn jamf_json_runs_the_routed_script_with_the_exact_body_and_environment() {
     assert_eq!(json["event"], "ComputerAdded");
     assert_eq!(json["script"], "computer-added.sh");
     assert_eq!(json["exit_code"], 0);
-    assert_eq!(json["request_id"], "abc-123");
+    // Our own id, not the client's: the client's is echoed in the header and logged as its own field.
+    let ours = json["request_id"].as_str().expect("request_id").to_string();
+    assert!(!ours.is_empty() && ours != "abc-123", "{ours}");
     assert!(json["duration_ms"].as_f64().is_some());
     assert_eq!(
         fs::read(env.path().join("out/body")).expect("body"),
@@ -82,7 +84,7 @@ fn jamf_json_runs_the_routed_script_with_the_exact_body_and_environment() {
     let env_text = recorded(&env, "env");
     for expected in [
         "HOOKRUNNER_EVENT=ComputerAdded",
-        "HOOKRUNNER_REQUEST_ID=abc-123",
+        &format!("HOOKRUNNER_REQUEST_ID={ours}"),
         "HOOKRUNNER_CONTENT_TYPE=application/json",
         "HOOKRUNNER_METHOD=POST",
         "HOOKRUNNER_PATH=/jamf",
@@ -110,9 +112,12 @@ fn jamf_json_runs_the_routed_script_with_the_exact_body_and_environment() {
     );
     assert!(
         server
-            .wait_log("abc-123 127.0.0.1:", std::time::Duration::from_secs(5))
+            .wait_log(
+                &format!("{ours} 127.0.0.1:"),
+                std::time::Duration::from_secs(5)
+            )
             .is_some_and(|l| {
-                l.contains("POST /jamf")
+                l.contains("POST /jamf client_id=abc-123 ")
                     && l.contains("event=ComputerAdded")
                     && l.contains("status=200")
                     && l.contains("exit=0")
@@ -494,7 +499,7 @@ fn a_hostile_event_value_cannot_forge_a_log_line() {
     let line = server
         .wait_log("status=400", std::time::Duration::from_secs(5))
         .expect("request logged");
-    assert!(line.contains(r#"event="x\n<0>forged""#), "{line}");
+    assert!(line.contains(r#"event="x\x0a<0>forged""#), "{line}");
     assert!(
         !server.log().lines().any(|l| l.starts_with("<0>")),
         "{}",

@@ -269,6 +269,11 @@ fn flood(stream: &str) {
             b"",
         );
         assert_eq!(response.status, 200, "{script}: {}", response.text());
+        // Output lines carry our own id (the client's is only a field of the request's line).
+        let id = response.json()["request_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let warning = server
             .wait_log(
                 &format!("{id} {script}: output exceeded 64 KiB"),
