@@ -1,6 +1,7 @@
 //! The daemon's life: reload on SIGHUP, drain on SIGTERM, restart after a crash, one daemon per payload
 //! directory, configuration errors at start, a unix socket, and the command line.
 
+use std::fs;
 use std::io::{ErrorKind, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
@@ -337,4 +338,24 @@ fn the_first_log_line_names_the_bound_address_and_the_journal_gets_priorities() 
         format!("<6>listening on {}", server.addr),
         "no timestamp under the journal"
     );
+}
+
+#[test]
+fn the_first_log_line_is_listening_on_even_when_a_crash_left_payload_files() {
+    let env = Env::new();
+    fs::create_dir(env.payloads()).expect("payload dir");
+    fs::write(env.payloads().join("payload-3"), "left by a crash").expect("stale file");
+    let server = env.serve();
+    let warning = logged(&server, "stale payload file");
+    assert!(
+        warning.contains("removed 1 stale payload file(s)"),
+        "{warning}"
+    );
+    let log = server.log();
+    let first = log.lines().next().unwrap_or_default();
+    assert!(
+        first.contains(&format!("listening on {}", server.addr)),
+        "the address first, the warning after it:\n{log}"
+    );
+    assert_eq!(payload_files(&env), [".lock"]);
 }
