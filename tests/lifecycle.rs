@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::util::{
     BIN, Env, KillOnDrop, Release, Response, Server, listens, payload_files, send, wait_file,
-    wait_for_release,
+    wait_for_release, wait_until,
 };
 
 const EXIT: Duration = Duration::from_secs(10);
@@ -67,6 +67,161 @@ fn sighup_reloads_the_routes_and_keeps_the_old_ones_when_the_new_are_invalid() {
             response.text()
         );
     }
+}
+
+/// Sends SIGHUP and waits for the reload to be logged as done: from that line on, the new configuration is in
+/// force.
+fn reload(server: &Server) {
+    let done = |server: &Server| server.log().matches("reloaded: ").count();
+    let before = done(server);
+    server.signal(libc::SIGHUP);
+    assert!(
+        wait_until(EXIT, || done(server) > before),
+        "no reload logged:\n{}",
+        server.log()
+    );
+}
+
+#[test]
+fn sighup_applies_a_new_max_body_at_once() {
+    let mut env = Env::new().config("max_body = \"1KiB\"");
+    env.script("a", "exit 0");
+    let server = env.serve();
+    let body = format!("{{\"pad\":\"{}\"}}", "x".repeat(200));
+    let before = server.post("/hooks/a", body.as_bytes());
+    assert_eq!(before.status, 200, "{}", before.text());
+    env.reconfigure("max_body = \"100\"");
+    reload(&server);
+    let after = server.post("/hooks/a", body.as_bytes());
+    assert_eq!(after.status, 413, "{}", after.text());
+}
+
+#[test]
+fn sighup_applies_a_new_timeout_at_once() {
+    let mut env = Env::new().config("timeout = \"30s\"");
+    env.script("a", "sleep 1");
+    let server = env.serve();
+    let before = server.post("/hooks/a", b"");
+    assert_eq!(before.status, 200, "{}", before.text());
+    env.reconfigure("timeout = \"200ms\"");
+    reload(&server);
+    let after = server.post("/hooks/a", b"");
+    assert_eq!(after.status, 504, "{}", after.text());
+    assert_eq!(after.json()["timed_out"], true);
+}
+
+#[test]
+fn sighup_applies_new_event_sources_at_once() {
+    let mut env = Env::new();
+    env.script("from-path", "exit 0");
+    env.script("from-header", "exit 0");
+    let server = env.serve();
+    let named = || {
+        server.request(
+            "POST",
+            "/hooks/from-path",
+            &[("X-Kind", "from-header")],
+            b"",
+        )
+    };
+    let before = named();
+    assert_eq!(before.status, 200, "{}", before.text());
+    assert_eq!(before.json()["script"], "from-path");
+    env.reconfigure(r#"event = ["header:X-Kind"]"#);
+    reload(&server);
+    let after = named();
+    assert_eq!(after.status, 200, "{}", after.text());
+    assert_eq!(after.json()["script"], "from-header");
+}
+
+#[test]
+fn sighup_warns_that_restart_only_keys_wait_for_a_restart_and_keeps_their_old_values() {
+    let mut env = Env::new().config("max_connections = 1\nkeepalive_timeout = \"60s\"");
+    env.script("a", "exit 0");
+    let server = env.serve();
+    // The one connection allowed, kept open (and idle) through the reload.
+    let mut kept = server.connect();
+    send(&mut kept, "POST", "/hooks/a", &[], b"", false);
+    assert_eq!(Response::read(&mut kept).expect("first answer").status, 200);
+    env.reconfigure("max_connections = 2\nkeepalive_timeout = \"30s\"");
+    reload(&server);
+    let log = server.log();
+    for key in ["max_connections", "keepalive_timeout"] {
+        assert!(
+            log.contains(&format!(
+                "a change to {key} takes effect only after a restart"
+            )),
+            "no warning for {key}:\n{log}"
+        );
+    }
+    assert_eq!(
+        log.matches("takes effect only after a restart").count(),
+        2,
+        "a warning for each changed key, none for the others:\n{log}"
+    );
+    // Answered on accept, so it only reads (see the max_connections tests in http.rs).
+    let mut second = server.connect();
+    let refused = Response::read(&mut second).expect("an answer");
+    assert_eq!(
+        refused.status,
+        503,
+        "max_connections is still 1: {}",
+        refused.text()
+    );
+}
+
+#[test]
+fn rust_log_sets_the_level_and_info_is_the_default() {
+    // Under each level: the daemon's warning about a stale payload file, its info lines (`listening on`, the
+    // request's line), and the request's answer. A unix socket, since `listening on` may not be logged.
+    let run = |level: Option<&str>| -> String {
+        let env = Env::new();
+        env.script("a", "exit 0");
+        fs::create_dir(env.payloads()).expect("payload dir");
+        fs::write(env.payloads().join("payload-0"), "left by a crash").expect("stale file");
+        let socket = env.path().join("hookrunner.sock");
+        let mut command = env.serve_command(&format!("unix:{}", socket.display()));
+        match level {
+            Some(level) => command.env("RUST_LOG", level),
+            None => command.env_remove("RUST_LOG"),
+        };
+        let mut server = Server::spawn(command);
+        assert!(
+            wait_until(EXIT, || UnixStream::connect(&socket).is_ok()),
+            "RUST_LOG={level:?}: not serving:\n{}",
+            server.log()
+        );
+        let response = unix_post(&socket, "/hooks/a");
+        assert_eq!(
+            response.status,
+            200,
+            "RUST_LOG={level:?}: {}",
+            response.text()
+        );
+        server.signal(libc::SIGTERM);
+        let status = server.wait_exit(EXIT).expect("exits");
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "RUST_LOG={level:?}: {}",
+            server.log()
+        );
+        assert!(server.wait_log_complete(EXIT), "the log did not end");
+        server.log()
+    };
+    let shown = |log: &str| {
+        [
+            log.contains("stale payload file"),
+            log.contains("listening on"),
+            log.contains("POST /hooks/a"),
+        ]
+    };
+    let default = run(None);
+    assert_eq!(shown(&default), [true, true, true], "{default}");
+    let warn = run(Some("warn"));
+    assert_eq!(shown(&warn), [true, false, false], "{warn}");
+    let error = run(Some("error"));
+    assert_eq!(shown(&error), [false, false, false], "{error}");
 }
 
 /// SIGTERM and SIGINT alike: the daemon stops listening at once, still answers the request in flight (the

@@ -449,8 +449,16 @@ pub fn wait_for_release(started: &Path, release: &Path) -> String {
     )
 }
 
-// Helpers for the lifecycle tests: the whole log of a daemon that exited, and whether a daemon still holds its
-// listening socket.
+// Helpers for the lifecycle tests: a reload's new configuration, the whole log of a daemon that exited, and
+// whether a daemon still holds its listening socket.
+
+impl Env {
+    /// Replaces the extra TOML lines and rewrites the config file, for a daemon to re-read on SIGHUP.
+    pub fn reconfigure(&mut self, extra: &str) {
+        self.extra = format!("{extra}\n");
+        self.config_path();
+    }
+}
 
 impl Server {
     /// Waits until the thread collecting the log has read its last line, which it does once the daemon has
