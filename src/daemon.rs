@@ -50,7 +50,7 @@ pub fn serve(config_path: Option<PathBuf>, overrides: Overrides) -> Result<(), E
     let reload = Arc::new(AtomicBool::new(false));
     register_signals(&waker, &stop, &reload)
         .map_err(|e| Error::Start("signal handlers".into(), e))?;
-    // The first line, always: whoever started us (a test, a supervisor) reads the bound address from it.
+    // Logged first (README): whoever started us (a test, a supervisor) reads the bound address from it.
     log::info!("listening on {}", listener.local_addr());
     if stale > 0 {
         log::warn!(
