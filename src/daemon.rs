@@ -34,7 +34,7 @@ impl std::fmt::Display for Error {
 pub fn serve(config_path: Option<PathBuf>, overrides: Overrides) -> Result<(), Error> {
     close_inherited_on_exec();
     let config = Config::load(config_path.as_deref(), &overrides).map_err(Error::Config)?;
-    let payloads = PayloadDir::open(&config.payload_dir)
+    let (payloads, stale) = PayloadDir::open(&config.payload_dir)
         .map_err(|e| Error::Start("payload directory".into(), e))?;
     let runner = Runner::new().map_err(|e| Error::Start("script runner".into(), e))?;
     let listener = Listener::bind(&config.listen)
@@ -50,7 +50,14 @@ pub fn serve(config_path: Option<PathBuf>, overrides: Overrides) -> Result<(), E
     let reload = Arc::new(AtomicBool::new(false));
     register_signals(&waker, &stop, &reload)
         .map_err(|e| Error::Start("signal handlers".into(), e))?;
+    // Logged first (README): whoever started us (a test, a supervisor) reads the bound address from it.
     log::info!("listening on {}", listener.local_addr());
+    if stale > 0 {
+        log::warn!(
+            "removed {stale} stale payload file(s) from {}",
+            payloads.path().display()
+        );
+    }
     log::info!(
         "{} route(s) from {}; scripts in {}; payloads in {}",
         config.routes.routes.len(),

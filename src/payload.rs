@@ -19,8 +19,9 @@ pub struct PayloadDir {
 }
 
 impl PayloadDir {
-    /// Creates (or adopts) the directory, takes its lock, and removes files a crashed run left behind.
-    pub fn open(path: &Path) -> io::Result<PayloadDir> {
+    /// Creates (or adopts) the directory, takes its lock, and removes files a crashed run left behind,
+    /// returning how many: the caller reports them, once it has said where it listens.
+    pub fn open(path: &Path) -> io::Result<(PayloadDir, usize)> {
         let context = |what: &str, e: io::Error| {
             io::Error::new(
                 e.kind(),
@@ -65,13 +66,7 @@ impl PayloadDir {
             _lock: lock,
         };
         let stale = dir.remove_stale().map_err(|e| context("cannot clean", e))?;
-        if stale > 0 {
-            log::warn!(
-                "removed {stale} stale payload file(s) from {}",
-                path.display()
-            );
-        }
-        Ok(dir)
+        Ok((dir, stale))
     }
 
     fn remove_stale(&self) -> io::Result<usize> {
@@ -160,7 +155,8 @@ mod tests {
         let dir_path = tmp.path().join("payloads");
         let first;
         {
-            let dir = PayloadDir::open(&dir_path).expect("open");
+            let (dir, stale) = PayloadDir::open(&dir_path).expect("open");
+            assert_eq!(stale, 0, "a new directory holds nothing stale");
             assert_eq!(fs::metadata(&dir_path).expect("stat").mode() & 0o777, 0o700);
             assert!(
                 PayloadDir::open(&dir_path).is_err(),
@@ -183,7 +179,8 @@ mod tests {
             2,
             "lock + stale file"
         );
-        let _dir = PayloadDir::open(&dir_path).expect("reopen");
+        let (_dir, stale) = PayloadDir::open(&dir_path).expect("reopen");
+        assert_eq!(stale, 1, "the stale file is counted");
         let left: Vec<_> = fs::read_dir(&dir_path)
             .expect("ls")
             .filter_map(Result::ok)

@@ -314,46 +314,107 @@ fn unsafe_template_script_is_refused_with_500() {
 }
 
 #[test]
-fn github_gitlab_and_kazoo_senders() {
+fn github_names_the_event_in_its_header() {
     let env = Env::new();
     recorder(&env, "ping");
-    env.script("push", "exit 0");
-    env.script(
-        "channel_answer",
-        "test \"$(cat \"$1\")\" = 'hook_event=channel_answer&call_id=7'",
-    );
-    env.script("voicemail_new", "exit 0");
     let server = env.serve();
-    let gh = server.request(
+    let body = payload("github-json-ping.json");
+    let response = server.request(
         "POST",
         "/",
         &[
             ("X-GitHub-Event", "ping"),
             ("Content-Type", "application/json"),
         ],
-        &payload("github-json-ping.json"),
+        &body,
     );
-    assert_eq!(gh.json()["event"], "ping");
-    let gl = server.request(
-        "POST",
-        "/",
-        &[
-            ("X-Gitlab-Event", "Push Hook"),
-            ("Content-Type", "application/json"),
-        ],
-        &payload("gitlab-json-push.docs.json"),
-    );
-    assert_eq!(gl.json()["event"], "push");
-    let kazoo_get = server.get("/kazoo?hook_event=channel_answer&call_id=7");
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(response.json()["event"], "ping");
+    assert_eq!(response.json()["script"], "ping");
+    assert_eq!(fs::read(env.path().join("out/body")).expect("body"), body);
+    assert!(recorded(&env, "env").contains("HOOKRUNNER_EVENT=ping\n"));
+}
+
+/// GitLab's sample push with its `object_kind` replaced (`Some`) or removed (`None`). Its `event_name` stays
+/// `push`, which the JSON sources would pick if the GitLab source did not decide first.
+fn gitlab_push_with_object_kind(kind: Option<&str>) -> Vec<u8> {
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&payload("gitlab-json-push.docs.json")).expect("sample is JSON");
+    let fields = json.as_object_mut().expect("sample is an object");
+    assert_eq!(fields["event_name"], "push");
+    match kind {
+        Some(kind) => fields.insert("object_kind".into(), kind.into()),
+        None => fields.remove("object_kind"),
+    };
+    serde_json::to_vec(&json).expect("serialize")
+}
+
+#[test]
+fn gitlab_object_kind_wins_over_the_header_which_names_the_rest() {
+    let env = Env::new();
+    for script in ["push", "tag_push", "merge_request"] {
+        env.script(script, "exit 0");
+    }
+    let server = env.serve();
+    let gitlab = |header: &str, body: &[u8]| {
+        server.request(
+            "POST",
+            "/",
+            &[
+                ("X-Gitlab-Event", header),
+                ("Content-Type", "application/json"),
+            ],
+            body,
+        )
+    };
+    let tagged = gitlab("Push Hook", &gitlab_push_with_object_kind(Some("tag_push")));
+    assert_eq!(tagged.status, 200, "{}", tagged.text());
+    assert_eq!(tagged.json()["event"], "tag_push", "object_kind wins");
+    assert_eq!(tagged.json()["script"], "tag_push");
+    let unkinded = gitlab("Merge Request Hook", &gitlab_push_with_object_kind(None));
+    assert_eq!(unkinded.status, 200, "{}", unkinded.text());
     assert_eq!(
-        kazoo_get.status, 200,
-        "the script saw the raw query string as its payload"
+        unkinded.json()["event"],
+        "merge_request",
+        "without object_kind the header names the event"
     );
+    assert_eq!(unkinded.json()["script"], "merge_request");
+    let sample = gitlab("Push Hook", &payload("gitlab-json-push.docs.json"));
+    assert_eq!(sample.status, 200, "{}", sample.text());
+    assert_eq!(sample.json()["script"], "push");
+}
+
+#[test]
+fn kazoo_names_the_event_in_the_query_or_a_form_field() {
+    let env = Env::new();
+    env.script(
+        "channel_answer",
+        "test \"$(cat \"$1\")\" = 'hook_event=channel_answer&call_id=7'",
+    );
+    env.script(
+        "voicemail_new",
+        "test \"$(cat \"$1\")\" = 'event_name=voicemail_new&account_id=1'",
+    );
+    let server = env.serve();
+    let get = server.get("/kazoo?hook_event=channel_answer&call_id=7");
+    assert_eq!(
+        get.status,
+        200,
+        "the script saw the raw query string as its payload: {}",
+        get.text()
+    );
+    assert_eq!(get.json()["event"], "channel_answer");
     let form = server.request(
         "PUT",
         "/",
         &[("Content-Type", "application/x-www-form-urlencoded")],
         b"event_name=voicemail_new&account_id=1",
+    );
+    assert_eq!(
+        form.status,
+        200,
+        "the script saw the form as its payload: {}",
+        form.text()
     );
     assert_eq!(form.json()["event"], "voicemail_new");
 }

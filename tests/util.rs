@@ -448,3 +448,57 @@ pub fn wait_for_release(started: &Path, release: &Path) -> String {
         "touch {started:?}\ni=0\nwhile [ ! -e {release:?} ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done"
     )
 }
+
+// Helpers for the lifecycle tests: a reload's new configuration, the whole log of a daemon that exited, and
+// whether a daemon still holds its listening socket.
+
+impl Env {
+    /// Replaces the extra TOML lines and rewrites the config file, for a daemon to re-read on SIGHUP.
+    pub fn reconfigure(&mut self, extra: &str) {
+        self.extra = format!("{extra}\n");
+        self.config_path();
+    }
+}
+
+impl Server {
+    /// Waits until the thread collecting the log has read its last line, which it does once the daemon has
+    /// exited and closed its stderr: the log is then complete, and a line missing from it will never come.
+    /// That thread holds the only other reference to the log, and drops it when it ends.
+    pub fn wait_log_complete(&self, timeout: Duration) -> bool {
+        wait_until(timeout, || Arc::strong_count(&self.log) == 1)
+    }
+}
+
+/// Whether process `pid` holds a TCP socket listening on `addr`'s port. It looks at the process's own
+/// descriptors, so a socket another process opens on a freed port does not count.
+pub fn listens(pid: u32, addr: SocketAddr) -> bool {
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    let inodes: Vec<String> = fds
+        .filter_map(Result::ok)
+        .filter_map(|fd| fs::read_link(fd.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_string_lossy();
+            Some(
+                target
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_string(),
+            )
+        })
+        .collect();
+    let table = if addr.is_ipv4() { "tcp" } else { "tcp6" };
+    let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+        return false;
+    };
+    // Columns: sl, local address (hex IP:port), remote address, state (0A is LISTEN), ..., inode (the 10th).
+    let port = format!(":{:04X}", addr.port());
+    text.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() > 9
+            && fields[1].ends_with(&port)
+            && fields[3] == "0A"
+            && inodes.iter().any(|inode| inode == fields[9])
+    })
+}
