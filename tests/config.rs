@@ -491,3 +491,35 @@ fn an_unreadable_routes_file_beside_the_config_is_an_error_not_the_embedded_tabl
         stderr(&out)
     );
 }
+
+#[test]
+fn the_daemon_refuses_an_out_of_range_value_at_start_and_on_reload() {
+    let env = Env::new().config("header_timeout = \"0s\"");
+    let mut server = Server::spawn(env.serve_command("127.0.0.1:0"));
+    let status = server.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.and_then(|s| s.code()), Some(78), "{}", server.log());
+    // The log is read by a thread, which may not have caught up with the exit yet.
+    let refused = server
+        .wait_log("out of range", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("no range error logged:\n{}", server.log()));
+    assert!(
+        refused.contains("hookrunner.toml:3: header_timeout = 0s is out of range: use 100ms to 1h"),
+        "{refused}"
+    );
+
+    let env = Env::new();
+    env.script("hello", "exit 0");
+    let server = env.serve();
+    let env = env.config("max_header_bytes = \"1024GiB\"");
+    env.config_path();
+    server.signal(libc::SIGHUP);
+    let failed = server
+        .wait_log("reload failed", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no reload failure logged:\n{}", server.log()));
+    assert!(
+        failed.contains("hookrunner.toml:3: max_header_bytes = 1024GiB is out of range"),
+        "{failed}"
+    );
+    let hello = server.post("/hooks/hello", b"{}");
+    assert_eq!(hello.status, 200, "still serving: {}", hello.text());
+}
