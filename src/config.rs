@@ -64,7 +64,7 @@ pub struct Config {
     pub max_body: u64,
     /// `max_header_bytes`: the largest request head (request line and headers) accepted; larger ones are
     /// answered 431 (default `16KiB`, range 1KiB to 1MiB, [`MAX_HEADER_BYTES`]). Each connection holds a
-    /// buffer of this size.
+    /// buffer of this size (8 KiB at least).
     pub max_header_bytes: usize,
     /// `header_timeout`: how long a client has to send a whole request head, and the grace before the
     /// minimum body pace (4 KiB/s) applies (default `10s`, range 100ms to 1h, [`HEADER_TIMEOUT`]).
