@@ -12,54 +12,87 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
 use crate::event::Source;
-use crate::routes::Routes;
+use crate::routes::{self, Routes, RoutesError};
+use crate::units::{Bytes, Quantity, Range, parse_duration, parse_size};
 
 /// Where the daemon reads its configuration when `--config` is not given.
 pub const DEFAULT_CONFIG: &str = "/etc/hookrunner/hookrunner.toml";
-/// Where the daemon reads its routes when the configuration does not name a file.
+/// Where the daemon reads its routes when there is no configuration file to find them beside.
 pub const DEFAULT_ROUTES: &str = "/etc/hookrunner/routes";
+/// The routes file's name beside a configuration file that has no `routes` key.
+const ROUTES_BESIDE: &str = "routes";
 
-/// A validated configuration. Every field is documented once, here; README.md repeats the same text.
+/// A validated configuration. Every field is documented once, here, with its default and its range;
+/// README.md repeats the same text, and a test checks that it names the same ranges.
 #[derive(Debug)]
 pub struct Config {
-    /// `listen`: where to accept connections: `HOST:PORT` (default `127.0.0.1:8080`) or `unix:/path`.
+    /// `listen`: where to accept connections: `HOST:PORT` (default `127.0.0.1:8080`; port 0 to 65535, 0
+    /// picks a free one) or `unix:/path` (an absolute path of at most 107 bytes, what a socket address
+    /// holds).
     pub listen: Listen,
-    /// `routes`: the routing file (default `/etc/hookrunner/routes`; when that file does not exist, the
-    /// embedded routing table `* {event}`). A file named explicitly must exist.
+    /// `routes`: the routing file, which must exist. Without the key: the file `routes` beside the
+    /// configuration file (so `/etc/hookrunner/routes` for `/etc/hookrunner/hookrunner.toml`), or
+    /// `/etc/hookrunner/routes` when there is no configuration file; where that file does not exist, the
+    /// embedded routing table `* {event}`.
     pub routes: Routes,
-    /// `scripts_dir`: where scripts named in the routes live (default `/etc/hookrunner.d`).
+    /// `scripts_dir`: the existing directory where scripts named in the routes live (default
+    /// `/etc/hookrunner.d`).
     pub scripts_dir: PathBuf,
     /// `payload_dir`: the private (0700) directory for payload files (default `$RUNTIME_DIRECTORY`, else
-    /// `$TMPDIR/hookrunner-<uid>`). Stale files in it are removed at start; one daemon owns it at a time.
+    /// `$TMPDIR/hookrunner-<uid>`). Stale files in it are removed at start and one daemon owns it at a time,
+    /// so it must not hold the configuration, the routes or the scripts.
     pub payload_dir: PathBuf,
-    /// `timeout`: how long a script may run before its process group gets SIGTERM (default `30s`); a route's
-    /// `timeout=` option overrides it.
+    /// `timeout`: how long a script may run before its process group gets SIGTERM (default `30s`, range
+    /// 100ms to 24h, [`routes::TIMEOUT`]); a route's `timeout=` option overrides it within the same range.
     pub timeout: Duration,
-    /// `kill_grace`: how long after SIGTERM the group gets SIGKILL (default `5s`).
+    /// `kill_grace`: how long after SIGTERM the group gets SIGKILL (default `5s`, range 0s to 1h,
+    /// [`KILL_GRACE`]; 0s sends SIGKILL right after SIGTERM).
     pub kill_grace: Duration,
-    /// `max_running`: how many scripts may run at once (default 32).
+    /// `max_running`: how many scripts may run at once (default 32, range 1 to 4096, [`MAX_RUNNING`]).
     pub max_running: usize,
     /// `queue_wait`: how long a request may wait for a free script slot before it is answered 503 with
-    /// `Retry-After` (default `2s`).
+    /// `Retry-After` (default `2s`, range 0s to 1h, [`QUEUE_WAIT`]; 0s answers 503 at once when no slot is
+    /// free).
     pub queue_wait: Duration,
     /// `max_connections`: how many client connections may be open at once; past that a connection is
-    /// answered 503 with `Retry-After` and closed (default 256). Each open connection holds one worker thread.
+    /// answered 503 with `Retry-After` and closed (default 256, range 1 to 16384, [`MAX_CONNECTIONS`]). Each
+    /// open connection holds one worker thread with a 512 KiB stack: 16384 of them reserve 8 GiB of address
+    /// space and stay within the kernel's default limit of memory maps.
     pub max_connections: usize,
-    /// `max_body`: the largest request body accepted; larger ones are answered 413 (default `10MiB`).
+    /// `max_body`: the largest request body accepted; larger ones are answered 413 (default `10MiB`, range
+    /// 0 to 64GiB, [`MAX_BODY`]; 0 accepts only requests without a body).
     pub max_body: u64,
     /// `max_header_bytes`: the largest request head (request line and headers) accepted; larger ones are
-    /// answered 431 (default `16KiB`).
+    /// answered 431 (default `16KiB`, range 1KiB to 1MiB, [`MAX_HEADER_BYTES`]). Each connection holds a
+    /// buffer of this size (8 KiB at least).
     pub max_header_bytes: usize,
     /// `header_timeout`: how long a client has to send a whole request head, and the grace before the
-    /// minimum body pace (4 KiB/s) applies (default `10s`).
+    /// minimum body pace (4 KiB/s) applies (default `10s`, range 100ms to 1h, [`HEADER_TIMEOUT`]).
     pub header_timeout: Duration,
-    /// `keepalive_timeout`: how long an idle keep-alive connection stays open (default `5s`).
+    /// `keepalive_timeout`: how long an idle keep-alive connection stays open (default `5s`, range 100ms to
+    /// 1h, [`KEEPALIVE_TIMEOUT`]).
     pub keepalive_timeout: Duration,
     /// `event`: where to look for the event name, in order; the first source that yields a name wins. Each
-    /// entry is `path`, `header:NAME`, `gitlab`, `json:/pointer`, `xml:/path`, `form:FIELD` or `query:FIELD`.
-    /// Default: see [`crate::event::default_sources`].
+    /// entry is `path`, `header:NAME`, `gitlab`, `json:/pointer`, `xml:/path`, `form:FIELD` or `query:FIELD`;
+    /// 1 to 64 entries ([`EVENT_SOURCES`]: an empty list would refuse every request). Default: see
+    /// [`crate::event::default_sources`].
     pub event: Vec<Source>,
 }
+
+// The ranges of the keys above, as their fields document them.
+const KILL_GRACE: Range<Duration> = Range::new(Duration::ZERO, Duration::from_secs(3600));
+const MAX_RUNNING: Range<usize> = Range::new(1, 4096);
+const QUEUE_WAIT: Range<Duration> = Range::new(Duration::ZERO, Duration::from_secs(3600));
+const MAX_CONNECTIONS: Range<usize> = Range::new(1, 16384);
+const MAX_BODY: Range<Bytes> = Range::new(Bytes(0), Bytes(64 << 30));
+const MAX_HEADER_BYTES: Range<Bytes> = Range::new(Bytes(1 << 10), Bytes(1 << 20));
+const HEADER_TIMEOUT: Range<Duration> =
+    Range::new(Duration::from_millis(100), Duration::from_secs(3600));
+const KEEPALIVE_TIMEOUT: Range<Duration> =
+    Range::new(Duration::from_millis(100), Duration::from_secs(3600));
+const EVENT_SOURCES: Range<usize> = Range::new(1, 64);
+/// The longest path a unix socket address holds: `sun_path` is 108 bytes, one of them the final NUL.
+const MAX_UNIX_PATH: usize = 107;
 
 /// A listening address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +116,12 @@ impl Listen {
             if !path.starts_with('/') {
                 return Err(format!("unix socket path must be absolute: {text:?}"));
             }
+            if path.len() > MAX_UNIX_PATH {
+                return Err(format!(
+                    "unix socket path {path:?} is {} bytes: a socket address holds at most {MAX_UNIX_PATH}",
+                    path.len()
+                ));
+            }
             return Ok(Listen::Unix(PathBuf::from(path)));
         }
         match text.rsplit_once(':') {
@@ -90,7 +129,7 @@ impl Listen {
                 Ok(Listen::Tcp(text.to_string()))
             }
             _ => Err(format!(
-                "listen address {text:?} is neither HOST:PORT (e.g. 127.0.0.1:8080) nor unix:/path"
+                "listen address {text:?} is neither HOST:PORT with a port from 0 to 65535 (e.g. 127.0.0.1:8080) nor unix:/absolute/path"
             )),
         }
     }
@@ -166,11 +205,11 @@ impl Config {
             Some(path) => {
                 let text = fs::read_to_string(path)
                     .map_err(|e| ConfigError::new(Some(path), None, format!("cannot read: {e}")))?;
-                (Some(path), Some(text))
+                (Some(path), text)
             }
             None => match fs::read_to_string(DEFAULT_CONFIG) {
-                Ok(text) => (Some(Path::new(DEFAULT_CONFIG)), Some(text)),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => (None, None),
+                Ok(text) => (Some(Path::new(DEFAULT_CONFIG)), text),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => (None, String::new()),
                 Err(e) => {
                     return Err(ConfigError::new(
                         Some(Path::new(DEFAULT_CONFIG)),
@@ -180,81 +219,220 @@ impl Config {
                 }
             },
         };
-        let raw = match text {
-            Some(text) => parse_toml(file, &text)?,
-            None => RawConfig::default(),
+        let file = ConfigFile {
+            path: file,
+            text: &text,
         };
-        Config::from_raw(raw, file, overrides)
+        let raw = parse_toml(file.path, file.text)?;
+        Config::from_raw(raw, &file, overrides)
     }
 
     fn from_raw(
         raw: RawConfig,
-        file: Option<&Path>,
+        file: &ConfigFile<'_>,
         overrides: &Overrides,
     ) -> Result<Config, ConfigError> {
-        let base = file.and_then(Path::parent).unwrap_or(Path::new("."));
+        let base = file.path.and_then(Path::parent).unwrap_or(Path::new("."));
         // Relative paths in the file are relative to the file, so a config works from any working directory.
-        let relative = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let path = |key: &str, value: Option<PathBuf>| match value {
+            Some(p) if p.as_os_str().is_empty() => Err(file.error(key, format!("{key} is empty"))),
+            Some(p) if p.is_absolute() => Ok(Some(p)),
+            Some(p) => Ok(Some(base.join(p))),
+            None => Ok(None),
+        };
         let scripts_dir = match &overrides.scripts_dir {
-            Some(dir) => dir.clone(),
-            None => raw
-                .scripts_dir
-                .map(relative)
-                .unwrap_or_else(|| PathBuf::from("/etc/hookrunner.d")),
+            Some(dir) => canonical_dir(dir).map_err(|e| {
+                ConfigError::new(None, None, format!("--scripts-dir {}: {e}", dir.display()))
+            })?,
+            None => {
+                let dir = path("scripts_dir", raw.scripts_dir)?
+                    .unwrap_or_else(|| PathBuf::from("/etc/hookrunner.d"));
+                canonical_dir(&dir).map_err(|e| {
+                    file.error("scripts_dir", format!("scripts_dir {}: {e}", dir.display()))
+                })?
+            }
         };
-        let scripts_dir = scripts_dir.canonicalize().map_err(|e| {
-            ConfigError::new(
-                file,
-                None,
-                format!("scripts_dir {}: {e}", scripts_dir.display()),
-            )
-        })?;
-        let routes = match raw.routes.map(relative) {
-            Some(path) => Routes::load(&path, &scripts_dir)?,
-            None => match fs::read_to_string(DEFAULT_ROUTES) {
-                Ok(text) => Routes::parse(&text, Some(Path::new(DEFAULT_ROUTES)), &scripts_dir)?,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Routes::embedded(&scripts_dir)?,
-                Err(e) => {
-                    return Err(ConfigError::new(
-                        Some(Path::new(DEFAULT_ROUTES)),
-                        None,
-                        format!("cannot read: {e}"),
-                    ));
+        let routes = match path("routes", raw.routes)? {
+            Some(named) => load_routes(&named, &scripts_dir)?,
+            None => {
+                // Beside the configuration file, so that a test's or a second daemon's configuration never
+                // picks up the installed routes.
+                let beside = match file.path {
+                    Some(_) => base.join(ROUTES_BESIDE),
+                    None => PathBuf::from(DEFAULT_ROUTES),
+                };
+                match Routes::load(&beside, &scripts_dir) {
+                    Err(RoutesError::Read(e)) if e.kind() == io::ErrorKind::NotFound => {
+                        Routes::embedded(&scripts_dir)
+                    }
+                    loaded => loaded.map_err(|e| routes_error(&beside, e))?,
                 }
-            },
+            }
         };
-        let payload_dir = raw
-            .payload_dir
-            .map(relative)
-            .unwrap_or_else(default_payload_dir);
+        let payload_dir = path("payload_dir", raw.payload_dir)?.unwrap_or_else(default_payload_dir);
+        check_payload_dir(&payload_dir, file, &routes, &scripts_dir)?;
         let listen = overrides
             .listen
             .clone()
             .or(raw.listen.map(|l| l.0))
             .unwrap_or_else(|| Listen::Tcp("127.0.0.1:8080".to_string()));
+        let duration = |key: &str, value: Option<DurationValue>, default: u64, range| {
+            file.within(
+                key,
+                value.map_or(Duration::from_millis(default), |d| d.0),
+                range,
+            )
+        };
+        let count = |key: &str, value: Option<Count>, default: usize, range: Range<usize>| {
+            let Some(Count(n)) = value else {
+                return file.within(key, default, range);
+            };
+            let n = usize::try_from(n).map_err(|_| {
+                file.error(key, format!("{key} = {n} is out of range: use {range}"))
+            })?;
+            file.within(key, n, range)
+        };
+        let size = |key: &str, value: Option<SizeValue>, default: u64, range: Range<Bytes>| {
+            let Some(SizeValue(n)) = value else {
+                return file.within(key, Bytes(default), range).map(|b| b.0);
+            };
+            let n = u64::try_from(n).map_err(|_| {
+                file.error(key, format!("{key} = {n} is out of range: use {range}"))
+            })?;
+            file.within(key, Bytes(n), range).map(|b| b.0)
+        };
+        let max_header_bytes = size(
+            "max_header_bytes",
+            raw.max_header_bytes,
+            16 << 10,
+            MAX_HEADER_BYTES,
+        )?;
+        let event = raw.event.map_or_else(crate::event::default_sources, |v| {
+            v.into_iter().map(|s| s.0).collect()
+        });
+        if !EVENT_SOURCES.contains(event.len()) {
+            return Err(file.error(
+                "event",
+                format!("event lists {} sources: list {EVENT_SOURCES}", event.len()),
+            ));
+        }
         Ok(Config {
             listen,
             routes,
             scripts_dir,
             payload_dir,
-            timeout: raw.timeout.map_or(Duration::from_secs(30), |d| d.0),
-            kill_grace: raw.kill_grace.map_or(Duration::from_secs(5), |d| d.0),
-            max_running: raw.max_running.map_or(32, |c| c.0),
-            queue_wait: raw.queue_wait.map_or(Duration::from_secs(2), |d| d.0),
-            max_connections: raw.max_connections.map_or(256, |c| c.0),
-            max_body: raw.max_body.map_or(10 << 20, |s| s.0),
-            max_header_bytes: raw
-                .max_header_bytes
-                .map_or(16 << 10, |s| usize::try_from(s.0).unwrap_or(usize::MAX)),
-            header_timeout: raw.header_timeout.map_or(Duration::from_secs(10), |d| d.0),
-            keepalive_timeout: raw
-                .keepalive_timeout
-                .map_or(Duration::from_secs(5), |d| d.0),
-            event: raw.event.map_or_else(crate::event::default_sources, |v| {
-                v.into_iter().map(|s| s.0).collect()
-            }),
+            timeout: duration("timeout", raw.timeout, 30_000, routes::TIMEOUT)?,
+            kill_grace: duration("kill_grace", raw.kill_grace, 5_000, KILL_GRACE)?,
+            max_running: count("max_running", raw.max_running, 32, MAX_RUNNING)?,
+            queue_wait: duration("queue_wait", raw.queue_wait, 2_000, QUEUE_WAIT)?,
+            max_connections: count("max_connections", raw.max_connections, 256, MAX_CONNECTIONS)?,
+            max_body: size("max_body", raw.max_body, 10 << 20, MAX_BODY)?,
+            max_header_bytes: usize::try_from(max_header_bytes).map_err(|_| {
+                file.error(
+                    "max_header_bytes",
+                    format!("max_header_bytes = {max_header_bytes} does not fit in memory"),
+                )
+            })?,
+            header_timeout: duration("header_timeout", raw.header_timeout, 10_000, HEADER_TIMEOUT)?,
+            keepalive_timeout: duration(
+                "keepalive_timeout",
+                raw.keepalive_timeout,
+                5_000,
+                KEEPALIVE_TIMEOUT,
+            )?,
+            event,
         })
     }
+}
+
+/// The configuration file's name and text, to place an error about a key on the key's line.
+struct ConfigFile<'a> {
+    path: Option<&'a Path>,
+    text: &'a str,
+}
+
+impl ConfigFile<'_> {
+    /// An error about `key`: on its line when the file sets it, else on the file.
+    fn error(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::new(self.path, key_line(self.text, key), message)
+    }
+
+    /// `value` if it lies in `range`, else an error naming the key, the value and the range.
+    fn within<T: Quantity>(&self, key: &str, value: T, range: Range<T>) -> Result<T, ConfigError> {
+        range
+            .check(value)
+            .map_err(|e| self.error(key, format!("{key} = {e}")))
+    }
+}
+
+/// The 1-based line on which `key` is set, if it is. All our keys are top-level, so the first line that
+/// starts with the key and an `=` is it.
+fn key_line(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| {
+            l.trim_start()
+                .strip_prefix(key)
+                .is_some_and(|after| after.trim_start().starts_with('='))
+        })
+        .map(|index| index + 1)
+}
+
+fn canonical_dir(dir: &Path) -> io::Result<PathBuf> {
+    let real = dir.canonicalize()?;
+    if real.is_dir() {
+        Ok(real)
+    } else {
+        Err(io::Error::other(format!(
+            "{} is not a directory",
+            real.display()
+        )))
+    }
+}
+
+fn load_routes(path: &Path, scripts_dir: &Path) -> Result<Routes, ConfigError> {
+    Routes::load(path, scripts_dir).map_err(|e| routes_error(path, e))
+}
+
+fn routes_error(path: &Path, error: RoutesError) -> ConfigError {
+    match error {
+        RoutesError::Read(e) => {
+            ConfigError::new(Some(path), None, format!("cannot read routes: {e}"))
+        }
+        RoutesError::Line { line, message } => ConfigError::new(Some(path), Some(line), message),
+    }
+}
+
+/// The daemon removes every file it finds in `payload_dir` at start: refuse a directory that holds the
+/// configuration, the routes or the scripts. One that does not exist yet holds nothing.
+fn check_payload_dir(
+    payload_dir: &Path,
+    file: &ConfigFile<'_>,
+    routes: &Routes,
+    scripts_dir: &Path,
+) -> Result<(), ConfigError> {
+    let Ok(real) = payload_dir.canonicalize() else {
+        return Ok(());
+    };
+    let held = [
+        ("the configuration file", file.path),
+        ("the routes file", routes.source.as_deref()),
+        ("scripts_dir", Some(scripts_dir)),
+    ];
+    for (what, path) in held {
+        let inside = path
+            .and_then(|p| p.canonicalize().ok())
+            .is_some_and(|p| p.starts_with(&real));
+        if inside {
+            return Err(file.error(
+                "payload_dir",
+                format!(
+                    "payload_dir {} holds {what}: files in it are removed at start, so give it a directory of its own",
+                    payload_dir.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn parse_toml(file: Option<&Path>, text: &str) -> Result<RawConfig, ConfigError> {
@@ -269,7 +447,7 @@ fn parse_toml(file: Option<&Path>, text: &str) -> Result<RawConfig, ConfigError>
             None => (message.as_str(), None),
         };
         // basic-toml places errors about a key (unknown, or a bad value) at the start of its table; find the
-        // key's own line instead. All our keys are top-level.
+        // key's own line instead.
         let key = what
             .strip_prefix("unknown field `")
             .and_then(|rest| rest.split_once('`'))
@@ -278,16 +456,12 @@ fn parse_toml(file: Option<&Path>, text: &str) -> Result<RawConfig, ConfigError>
                 what.rsplit_once(" for key `")
                     .map(|(_, k)| k.trim_end_matches('`'))
             });
-        let what = what.rsplit_once(" for key `").map_or(what, |(w, _)| w);
-        let key_line = key
-            .and_then(|key| {
-                text.lines().position(|l| {
-                    l.trim_start()
-                        .strip_prefix(key)
-                        .is_some_and(|after| after.trim_start().starts_with('='))
-                })
-            })
-            .map(|index| index + 1);
+        // "invalid size \"lots\" for key `max_body`" becomes "max_body: invalid size \"lots\"".
+        let what = match what.rsplit_once(" for key `") {
+            Some((what, key)) => format!("{}: {what}", key.trim_end_matches('`')),
+            None => what.to_string(),
+        };
+        let key_line = key.and_then(|key| key_line(text, key));
         ConfigError::new(file, key_line.or(line), what)
     })
 }
@@ -305,68 +479,31 @@ fn default_payload_dir() -> PathBuf {
             return PathBuf::from(first);
         }
     }
-    // SAFETY: getuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::getuid() };
+    let uid = rustix::process::getuid().as_raw();
     std::env::temp_dir().join(format!("hookrunner-{uid}"))
 }
 
-/// Parses `500ms`, `30s`, `5m`, `1h`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let bad = || {
-        format!(
-            "invalid duration {text:?}: write a whole number and a unit, e.g. 500ms, 30s, 5m, 1h"
-        )
-    };
-    let n: u64 = number.parse().map_err(|_| bad())?;
-    let ms = match unit {
-        "ms" => Some(n),
-        "s" => n.checked_mul(1_000),
-        "m" => n.checked_mul(60_000),
-        "h" => n.checked_mul(3_600_000),
-        _ => return Err(bad()),
-    }
-    .ok_or_else(bad)?;
-    Ok(Duration::from_millis(ms))
-}
-
-/// Parses a byte size: `1048576`, `512B`, `16KiB`, `10MiB`, `1GiB`.
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let bad = || {
-        format!("invalid size {text:?}: write a whole number and B, KiB, MiB or GiB, e.g. 10MiB")
-    };
-    let n: u64 = number.parse().map_err(|_| bad())?;
-    let shift = match unit.trim() {
-        "" | "B" => 0,
-        "KiB" => 10,
-        "MiB" => 20,
-        "GiB" => 30,
-        _ => return Err(bad()),
-    };
-    n.checked_mul(1 << shift).ok_or_else(bad)
-}
-
 struct DurationValue(Duration);
-struct SizeValue(u64);
-struct Count(usize);
+/// As written: a negative size is refused with its range, not as a type error.
+struct SizeValue(i128);
+/// As written: a negative count is refused with its range, not as a type error.
+struct Count(i64);
 struct ListenValue(Listen);
 struct SourceValue(Source);
 
 impl<'de> Deserialize<'de> for DurationValue {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        parse_duration(&text)
-            .map(DurationValue)
-            .map_err(de::Error::custom)
+        struct DurationVisitor;
+        impl Visitor<'_> for DurationVisitor {
+            type Value = Duration;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string such as \"30s\" (units ms, s, m, h)")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
+                parse_duration(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(DurationVisitor).map(DurationValue)
     }
 }
 
@@ -390,13 +527,7 @@ impl<'de> Deserialize<'de> for SourceValue {
 
 impl<'de> Deserialize<'de> for Count {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let n = u64::deserialize(d)?;
-        match usize::try_from(n) {
-            Ok(n) if (1..=65_536).contains(&n) => Ok(Count(n)),
-            _ => Err(de::Error::custom(format!(
-                "{n} is out of range: use a whole number from 1 to 65536"
-            ))),
-        }
+        i64::deserialize(d).map(Count)
     }
 }
 
@@ -404,18 +535,18 @@ impl<'de> Deserialize<'de> for SizeValue {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct SizeVisitor;
         impl Visitor<'_> for SizeVisitor {
-            type Value = u64;
+            type Value = i128;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a size in bytes, or a string such as \"10MiB\"")
             }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
-                Ok(v)
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<i128, E> {
+                Ok(i128::from(v))
             }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
-                u64::try_from(v).map_err(|_| E::custom("a size cannot be negative"))
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<i128, E> {
+                Ok(i128::from(v))
             }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<u64, E> {
-                parse_size(v).map_err(E::custom)
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<i128, E> {
+                parse_size(v).map(i128::from).map_err(E::custom)
             }
         }
         d.deserialize_any(SizeVisitor).map(SizeValue)
@@ -425,36 +556,6 @@ impl<'de> Deserialize<'de> for SizeValue {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        for bad in [
-            "",
-            "30",
-            "s",
-            "1.5s",
-            "-1s",
-            "30 sec",
-            "99999999999999999999h",
-        ] {
-            assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
-        }
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("10MiB"), Ok(10 << 20));
-        assert_eq!(parse_size("16KiB"), Ok(16 << 10));
-        assert_eq!(parse_size("512"), Ok(512));
-        assert_eq!(parse_size("512B"), Ok(512));
-        for bad in ["", "10MB", "ten", "1.5MiB", "18446744073709551615GiB"] {
-            assert!(parse_size(bad).is_err(), "{bad:?} should be rejected");
-        }
-    }
 
     #[test]
     fn listen_addresses() {
@@ -470,7 +571,20 @@ mod tests {
             Listen::parse("unix:/run/h.sock"),
             Ok(Listen::Unix("/run/h.sock".into()))
         );
-        for bad in ["8080", "localhost", ":80", "unix:rel.sock", "host:99999"] {
+        let longest = format!("unix:/{}", "s".repeat(MAX_UNIX_PATH - 1));
+        assert!(Listen::parse(&longest).is_ok(), "{longest}");
+        let too_long = format!("unix:/{}", "s".repeat(MAX_UNIX_PATH));
+        for bad in [
+            "8080",
+            "localhost",
+            ":80",
+            "unix:rel.sock",
+            "unix:",
+            "host:99999",
+            "host:65536",
+            "host:-1",
+            &too_long,
+        ] {
             assert!(Listen::parse(bad).is_err(), "{bad:?} should be rejected");
         }
     }
@@ -487,6 +601,72 @@ mod tests {
             .err()
             .map(|e| e.to_string());
         let err = err.unwrap_or_default();
-        assert!(err.starts_with("h.toml:3: invalid duration"), "{err}");
+        assert!(
+            err.starts_with("h.toml:3: timeout: invalid duration"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_key_is_found_on_its_own_line() {
+        let text = "# timeout = \"1s\" in a comment\nheader_timeout = \"1s\"\ntimeouts = 1\n  timeout= \"2s\"\n";
+        assert_eq!(key_line(text, "timeout"), Some(4));
+        assert_eq!(key_line(text, "header_timeout"), Some(2));
+        assert_eq!(key_line(text, "kill_grace"), None);
+    }
+
+    /// Each range as its field documents it, for the checks that README.md and the shipped example say the
+    /// same.
+    fn documented_ranges() -> Vec<(&'static str, String)> {
+        vec![
+            ("timeout", routes::TIMEOUT.to_string()),
+            ("kill_grace", KILL_GRACE.to_string()),
+            ("max_running", MAX_RUNNING.to_string()),
+            ("queue_wait", QUEUE_WAIT.to_string()),
+            ("max_connections", MAX_CONNECTIONS.to_string()),
+            ("max_body", MAX_BODY.to_string()),
+            ("max_header_bytes", MAX_HEADER_BYTES.to_string()),
+            ("header_timeout", HEADER_TIMEOUT.to_string()),
+            ("keepalive_timeout", KEEPALIVE_TIMEOUT.to_string()),
+            ("event", format!("{EVENT_SOURCES} sources")),
+        ]
+    }
+
+    #[test]
+    fn the_readme_table_states_each_range() {
+        let readme = include_str!("../README.md");
+        for (key, range) in documented_ranges() {
+            let row = readme
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{key}` |")))
+                .unwrap_or_else(|| panic!("README.md has no row for {key}"));
+            assert!(
+                row.contains(&range),
+                "README.md's {key} row lacks {range:?}: {row}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_shipped_example_states_each_range_above_its_key() {
+        let example = include_str!("../etc/hookrunner.toml");
+        let lines: Vec<&str> = example.lines().collect();
+        for (key, range) in documented_ranges() {
+            let at = lines
+                .iter()
+                .position(|l| l.trim_start_matches("# ").starts_with(&format!("{key} =")))
+                .unwrap_or_else(|| panic!("etc/hookrunner.toml does not show {key}"));
+            // The comment block just above the key (or the key's group) says its range.
+            let comment = lines[..at]
+                .iter()
+                .rev()
+                .skip_while(|l| !l.starts_with('#'))
+                .take_while(|l| l.starts_with('#'))
+                .any(|l| l.contains(&range));
+            assert!(
+                comment,
+                "etc/hookrunner.toml: no {range:?} in the comment above {key}"
+            );
+        }
     }
 }

@@ -11,6 +11,7 @@ mod logging;
 mod payload;
 mod routes;
 mod runner;
+mod units;
 
 fn main() -> std::process::ExitCode {
     cli::run()

@@ -7,16 +7,15 @@
 
 use std::fmt;
 use std::fs;
+use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::config::{ConfigError, parse_duration};
+use crate::units::{Range, parse_duration};
 
 /// The placeholder for the event name in a SCRIPT.
 const EVENT_PLACEHOLDER: &str = "{event}";
-/// The routing table used when no routes file exists: run the script named after the event.
-const EMBEDDED: &str = "*  {event}\n";
 
 /// A `*`/`?` glob. Event patterns compare ASCII case-insensitively, field filters exactly.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,9 +97,15 @@ pub struct RouteSpec {
     pub options: RouteOptions,
 }
 
+/// How long a script may be given, as the top-level `timeout` key or a route's `timeout=`: 100ms to 24h.
+/// Below 100ms a script barely starts; past a day a stuck script would go unnoticed.
+pub const TIMEOUT: Range<Duration> =
+    Range::new(Duration::from_millis(100), Duration::from_secs(24 * 3600));
+
 /// A route's options. New options (async, retries) are new fields here and new keys in [`parse_option`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RouteOptions {
+    /// `timeout=DURATION`: overrides the configured `timeout`, within the same range, [`TIMEOUT`].
     pub timeout: Option<Duration>,
     pub filters: Vec<Filter>,
 }
@@ -135,32 +140,54 @@ pub struct Selected {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnsafeScript(pub String);
 
+/// Why a routing table cannot be loaded. It knows no file name: the configuration, which chose the file,
+/// wraps it into a `file:line` error.
+#[derive(Debug)]
+pub enum RoutesError {
+    /// The file cannot be read (`NotFound` lets the caller fall back to the embedded table).
+    Read(io::Error),
+    /// A line is malformed, or names a script that is missing or unsafe.
+    Line { line: usize, message: String },
+}
+
 impl Routes {
-    pub fn load(path: &Path, scripts_dir: &Path) -> Result<Routes, ConfigError> {
-        let text = fs::read_to_string(path)
-            .map_err(|e| ConfigError::new(Some(path), None, format!("cannot read routes: {e}")))?;
+    pub fn load(path: &Path, scripts_dir: &Path) -> Result<Routes, RoutesError> {
+        let text = fs::read_to_string(path).map_err(RoutesError::Read)?;
         Routes::parse(&text, Some(path), scripts_dir)
     }
 
-    pub fn embedded(scripts_dir: &Path) -> Result<Routes, ConfigError> {
-        Routes::parse(EMBEDDED, None, scripts_dir)
+    /// The table used when there is no routes file: `* {event}`, the script named after the event.
+    pub fn embedded(scripts_dir: &Path) -> Routes {
+        Routes {
+            source: None,
+            routes: vec![Route {
+                line: 1,
+                pattern: Glob::new("*", true),
+                script: Script::Template(EVENT_PLACEHOLDER.to_string()),
+                options: RouteOptions::default(),
+            }],
+            scripts_dir: scripts_dir.to_path_buf(),
+        }
     }
 
+    /// Parses `text`; `source` is the file it came from, shown by `hookrunner check`.
     pub fn parse(
         text: &str,
-        file: Option<&Path>,
+        source: Option<&Path>,
         scripts_dir: &Path,
-    ) -> Result<Routes, ConfigError> {
+    ) -> Result<Routes, RoutesError> {
         let specs =
-            parse_lines(text).map_err(|(line, msg)| ConfigError::new(file, Some(line), msg))?;
+            parse_lines(text).map_err(|(line, message)| RoutesError::Line { line, message })?;
         let mut routes = Vec::with_capacity(specs.len());
         for spec in specs {
             let script = if spec.script.contains(EVENT_PLACEHOLDER) {
                 Script::Template(spec.script)
             } else {
                 let path = resolve_path(scripts_dir, &spec.script);
-                check_script(scripts_dir, &spec.script, &path)
-                    .map_err(|e| ConfigError::new(file, Some(spec.line), e.0))?;
+                check_script(scripts_dir, &spec.script, &path).map_err(|e| RoutesError::Line {
+                    line: spec.line,
+                    message: e.0,
+                })?;
                 Script::Fixed {
                     written: spec.script,
                     path,
@@ -174,7 +201,7 @@ impl Routes {
             });
         }
         Ok(Routes {
-            source: file.map(Path::to_path_buf),
+            source: source.map(Path::to_path_buf),
             routes,
             scripts_dir: scripts_dir.to_path_buf(),
         })
@@ -384,10 +411,9 @@ fn parse_option(token: &str, options: &mut RouteOptions) -> Result<(), String> {
     }
     match token.split_once('=') {
         Some(("timeout", value)) => {
-            let timeout = parse_duration(value)?;
-            if timeout.is_zero() {
-                return Err("timeout must be greater than zero".to_string());
-            }
+            let timeout = TIMEOUT
+                .check(parse_duration(value)?)
+                .map_err(|e| format!("timeout={e}"))?;
             options.timeout = Some(timeout);
             Ok(())
         }
@@ -522,6 +548,14 @@ MobileDevice*              mobile-device.sh
     }
 
     #[test]
+    fn route_timeouts_accept_the_ends_of_their_range() {
+        let specs = parse_lines("a a.sh timeout=100ms\nb b.sh timeout=24h\n").expect("in range");
+        assert_eq!(specs[0].options.timeout, Some(TIMEOUT.min));
+        assert_eq!(specs[1].options.timeout, Some(TIMEOUT.max));
+        assert_eq!(TIMEOUT.to_string(), "100ms to 24h");
+    }
+
+    #[test]
     fn tokens_and_quotes() {
         assert_eq!(
             tokenize(r#"a "b c" d"#),
@@ -543,7 +577,13 @@ MobileDevice*              mobile-device.sh
             ("ok a.sh\nlonely\n", 2, "names no script"),
             ("a a.sh colour=red\n", 1, "unknown option"),
             ("\n\na a.sh timeout=soon\n", 3, "invalid duration"),
-            ("a a.sh timeout=0s\n", 1, "greater than zero"),
+            (
+                "a a.sh timeout=0s\n",
+                1,
+                "timeout=0s is out of range: use 100ms to 24h",
+            ),
+            ("a a.sh timeout=99ms\n", 1, "timeout=99ms is out of range"),
+            ("a a.sh timeout=25h\n", 1, "timeout=25h is out of range"),
             ("a a.sh /event/x\n", 1, "needs a value"),
             ("a a.sh /=x\n", 1, "needs a path"),
             ("a \"a.sh\n", 1, "unterminated quote"),
@@ -667,12 +707,17 @@ MobileDevice*              mobile-device.sh
             (escape.as_str(), "outside scripts_dir"),
         ] {
             let err = Routes::parse(text, Some(Path::new("routes")), &scripts).expect_err(text);
-            assert_eq!(err.line, Some(1));
-            assert!(err.message.contains(why), "{text:?}: {err}");
+            assert!(
+                matches!(&err, RoutesError::Line { line: 1, message } if message.contains(why)),
+                "{text:?}: {err:?}"
+            );
         }
         std::os::unix::fs::symlink("/bin/sh", scripts.join("link")).expect("symlink");
         let err = Routes::parse("a link\n", None, &scripts).expect_err("symlink escape");
-        assert!(err.message.contains("outside scripts_dir"), "{err}");
+        assert!(
+            matches!(&err, RoutesError::Line { message, .. } if message.contains("outside scripts_dir")),
+            "{err:?}"
+        );
         let routes = Routes::parse("* {event}\n", None, &scripts).expect("template loads");
         assert!(matches!(
             routes.select("Open", no_body),

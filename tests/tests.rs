@@ -2,6 +2,7 @@
 
 mod util;
 
+mod config;
 mod core;
 mod lifecycle;
 mod runner;
