@@ -554,15 +554,73 @@ mod tests {
         assert_eq!(status.code(), Some(7));
     }
 
+    /// Whether the thread named `name` in this process is asleep (state `S` in `/proc`).
+    fn thread_sleeping(name: &str) -> bool {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|task| {
+                std::fs::read_to_string(task.path().join("comm")).is_ok_and(|c| c.trim() == name)
+            })
+            .filter_map(|task| std::fs::read_to_string(task.path().join("stat")).ok())
+            .any(|stat| {
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('S'))
+            })
+    }
+
     #[test]
     fn limiter_bounds_and_releases() {
         let limiter = Limiter::new(2);
-        let a = limiter.acquire(Duration::ZERO);
-        let b = limiter.acquire(Duration::ZERO);
-        assert!(a.is_some() && b.is_some());
-        assert!(limiter.acquire(Duration::from_millis(10)).is_none());
-        drop(a);
-        assert!(limiter.acquire(Duration::ZERO).is_some());
+        let a = limiter.acquire(Duration::ZERO).expect("first slot");
+        let b = limiter.acquire(Duration::ZERO).expect("second slot");
+
+        // Full: a waiter gets nothing, and only once its wait has passed.
+        let started = Instant::now();
+        assert!(limiter.acquire(Duration::from_millis(200)).is_none());
+        assert!(
+            started.elapsed() >= Duration::from_millis(200),
+            "gave up after {:?}",
+            started.elapsed()
+        );
+
+        // A waiter blocked in acquire is woken by a slot dropped on another thread, long before its wait ends.
+        let entering = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let waiter = std::thread::Builder::new()
+                .name("limiter-waiter".into())
+                .spawn_scoped(s, || {
+                    entering.store(true, Ordering::SeqCst);
+                    let started = Instant::now();
+                    let slot = limiter.acquire(Duration::from_secs(60));
+                    (slot.is_some(), started.elapsed())
+                })
+                .unwrap();
+            // Once the flag is set, the waiter's only way to sleep is the wait in acquire.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !(entering.load(Ordering::SeqCst) && thread_sleeping("limiter-waiter")) {
+                assert!(Instant::now() < deadline, "the waiter never blocked");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let releaser = s.spawn(|| drop(a));
+            releaser.join().unwrap();
+            let (got, waited) = waiter.join().unwrap();
+            assert!(got, "the waiter got the freed slot");
+            assert!(
+                waited < Duration::from_secs(30),
+                "the waiter was woken only by its timeout, after {waited:?}"
+            );
+        });
+
+        // The woken waiter's slot was dropped when its thread ended; `b` still holds the other.
+        let c = limiter
+            .acquire(Duration::ZERO)
+            .expect("the waiter's slot was released");
+        assert!(
+            limiter.acquire(Duration::ZERO).is_none(),
+            "still bounded at 2"
+        );
+        drop((b, c));
     }
 
     #[test]

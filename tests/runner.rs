@@ -3,6 +3,7 @@
 
 use std::fs;
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -371,43 +372,84 @@ fn a_route_timeout_overrides_the_configured_one() {
 fn payload_files_are_removed_whatever_the_outcome() {
     let env = Env::new().config("timeout = \"1s\"\nkill_grace = \"1s\"");
     let seen = env.path().join("seen");
-    env.script(
-        "ok",
-        &format!(
-            "basename \"$1\" > {name:?}\nls -A \"$(dirname \"$1\")\" > {seen:?}",
-            name = env.path().join("name")
-        ),
-    );
-    env.script("fail", "exit 1");
-    env.script("hang", "sleep 5");
+    fs::create_dir(&seen).expect("mkdir seen");
+    // A script that runs records its payload file's name and what the payload directory held meanwhile.
+    let record = |name: &str, then: &str| {
+        env.script(
+            name,
+            &format!(
+                "basename \"$1\" > {:?}\nls -A \"$(dirname \"$1\")\" > {:?}\n{then}",
+                seen.join(format!("{name}.name")),
+                seen.join(format!("{name}.ls"))
+            ),
+        );
+    };
+    record("ok", "exit 0");
+    record("fail", "exit 1");
+    record("hang", "sleep 5");
+    record("killed", "kill -KILL $$");
+    record("ok-again", "exit 0");
+    // Scripts that cannot start: exec fails after the payload file was written.
+    let no_interpreter = env.scripts().join("no-interpreter");
+    fs::write(&no_interpreter, "#!/nonexistent/interpreter\n").expect("write");
+    let not_executable = env.path().join("not-executable");
+    fs::write(&not_executable, "").expect("write");
+    let bad_interpreter = env.scripts().join("bad-interpreter");
+    fs::write(
+        &bad_interpreter,
+        format!("#!{}\n", not_executable.display()),
+    )
+    .expect("write");
+    for script in [&no_interpreter, &bad_interpreter] {
+        fs::set_permissions(script, fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
     let server = env.serve();
-    for (path, body, status) in [
-        ("/hooks/ok", &b"{\"a\":1}"[..], 200),
-        ("/hooks/fail", b"{\"a\":1}", 500),
-        ("/hooks/hang", b"{\"a\":1}", 504),
-        ("/hooks/NoSuchScript", b"{\"a\":1}", 404),
-        ("/", b"{\"webhook\": ", 400),
-    ] {
-        let response = server.post(path, body);
-        assert_eq!(response.status, status, "{path}: {}", response.text());
+    let rows = [
+        ("ok", 200, r#""exit_code":0"#),
+        ("fail", 500, r#""exit_code":1"#),
+        ("hang", 504, r#""timed_out":true"#),
+        ("killed", 500, r#""signal":9"#),
+        ("no-interpreter", 500, "cannot run the script: No such file"),
+        (
+            "bad-interpreter",
+            500,
+            "cannot run the script: Permission denied",
+        ),
+        ("ok-again", 200, r#""exit_code":0"#),
+    ];
+    for (script, status, says) in rows {
+        let response = server.post(&format!("/hooks/{script}"), b"{\"a\":1}");
+        assert_eq!(response.status, status, "{script}: {}", response.text());
+        assert!(
+            response.text().contains(says),
+            "{script}: {}",
+            response.text()
+        );
+        assert_eq!(payload_files(&env), [".lock"], "payload dir after {script}");
+    }
+    // Payload files are numbered in order, so the names the running scripts saw show that each request,
+    // those whose script could not start included, had its own file before its outcome.
+    for (n, (script, ..)) in rows.iter().enumerate() {
+        let name = seen.join(format!("{script}.name"));
+        if !name.exists() {
+            assert!(script.ends_with("interpreter"), "{script} did not run");
+            continue;
+        }
+        let name = fs::read_to_string(&name).expect("payload name");
         assert_eq!(
-            payload_files(&env),
-            [".lock"],
-            "payload dir after {path} ({status})"
+            name.trim(),
+            format!("payload-{n}"),
+            "{script}'s payload file"
+        );
+        let listing = fs::read_to_string(seen.join(format!("{script}.ls"))).expect("listing");
+        let mut expected = vec![".lock", name.trim()];
+        expected.sort();
+        assert_eq!(
+            listing.lines().collect::<Vec<_>>(),
+            expected,
+            "while {script} ran, its payload file was in the payload dir"
         );
     }
-    let name = fs::read_to_string(env.path().join("name")).expect("payload name");
-    let mut expected = vec![".lock".to_string(), name.trim().to_string()];
-    expected.sort();
-    let seen: Vec<String> = fs::read_to_string(&seen)
-        .expect("listing")
-        .lines()
-        .map(str::to_string)
-        .collect();
-    assert_eq!(
-        seen, expected,
-        "while it ran, the script's payload file was in the payload dir"
-    );
 }
 
 /// The payload directory's names once `done` holds for them, or after 10 s.
