@@ -87,8 +87,12 @@ impl Runner {
             .stderr(Stdio::from(stderr.writer_for_child()?))
             // Its own group, so a timeout reaches everything it started. (std still uses posix_spawn.)
             .process_group(0);
+        let name = job
+            .script
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
         let start = Instant::now();
-        let mut child = spawn(&mut command)?;
+        let mut child = spawn(&mut command, job.request_id, &name)?;
         let pid = Pid::from_child(&child);
         let exited = match ExitWatch::new(pid) {
             Ok(watch) => watch,
@@ -98,10 +102,6 @@ impl Runner {
                 return Err(e);
             }
         };
-        let name = job
-            .script
-            .file_name()
-            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
         let mut output = Output::new(job.request_id, &name);
         // The child's copies of the write ends close with the command.
         drop(command);
@@ -187,16 +187,29 @@ impl Runner {
     }
 }
 
+/// The first pause before retrying a "text file busy" script; each next one doubles, up to the last.
+const BUSY_FIRST_PAUSE: Duration = Duration::from_millis(5);
+/// Pauses of 5 ms doubling to 320 ms add up to 635 ms: longer than saving a script takes, short against a
+/// sender's own timeout.
+const BUSY_LAST_PAUSE: Duration = Duration::from_millis(320);
+
 /// Spawns, retrying briefly while the script is "text file busy": open for writing somewhere, which happens
 /// while an admin saves it, or for an instant when another thread forks while holding it open.
-fn spawn(command: &mut Command) -> io::Result<std::process::Child> {
-    let mut pause = Duration::from_millis(5);
+fn spawn(command: &mut Command, request_id: &str, name: &str) -> io::Result<std::process::Child> {
+    let mut pause = BUSY_FIRST_PAUSE;
     loop {
         match command.spawn() {
             Err(e)
-                if Errno::from_io_error(&e) == Some(Errno::TXTBSY)
-                    && pause <= Duration::from_millis(320) =>
+                if Errno::from_io_error(&e) == Some(Errno::TXTBSY) && pause <= BUSY_LAST_PAUSE =>
             {
+                if pause == BUSY_FIRST_PAUSE {
+                    // Said once per request, so an operator sees why it was slow, or why it failed.
+                    log::info!(
+                        "{request_id} {name}: text file busy (open for writing, as while being saved); \
+                         retrying for up to {:?}",
+                        BUSY_LAST_PAUSE * 2 - BUSY_FIRST_PAUSE
+                    );
+                }
                 std::thread::sleep(pause);
                 pause *= 2;
             }
