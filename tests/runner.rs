@@ -1,5 +1,7 @@
-//! Running scripts: deadlines on the whole process group, leftovers ended, output floods logged with a cap,
-//! the concurrency limit, and payload files that never outlive their request.
+//! Running scripts: which file a route finds and which it refuses, how a script starts (stdin, a busy or
+//! broken file, running out of descriptors), deadlines on the whole process group, leftovers ended and
+//! detached survivors outlived, output floods logged with a cap, the concurrency limit, and payload files and
+//! their directory.
 
 use std::fs;
 use std::io::Write;
@@ -576,9 +578,9 @@ fn stdin_is_dev_null_and_a_read_from_it_ends_at_once() {
 #[test]
 fn event_template_takes_the_exact_name_else_the_first_case_variant_in_byte_order() {
     let env = Env::new();
-    // Byte order: EVENT < EVent < Event < event. Created in that order, so a directory listing in creation
-    // order or its reverse would each pick another one than the byte order does.
-    for name in ["EVENT", "EVent", "Event", "event"] {
+    // Byte order: EVENT < EVent < Event < event. The ones expected below are created neither first nor
+    // last, so taking a directory listing in creation order, or in its reverse, would pick another.
+    for name in ["Event", "EVENT", "EVent", "event"] {
         env.script(name, "exit 0");
     }
     env.routes("* {event}\n");
