@@ -99,6 +99,12 @@ impl Env {
         Server::start(command)
     }
 
+    /// Leaves `payload_dir` out of the config, so the daemon picks its default (from its environment).
+    pub fn default_payload_dir(mut self) -> Env {
+        self.payload_dir_key = false;
+        self
+    }
+
     /// Runs `hookrunner check` on this env's config.
     pub fn check(&self) -> std::process::Output {
         Command::new(BIN)
@@ -449,12 +455,4 @@ pub fn wait_for_release(started: &Path, release: &Path) -> String {
     format!(
         "touch {started:?}\ni=0\nwhile [ ! -e {release:?} ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done"
     )
-}
-
-impl Env {
-    /// Leaves `payload_dir` out of the config, so the daemon picks its default (from its environment).
-    pub fn default_payload_dir(mut self) -> Env {
-        self.payload_dir_key = false;
-        self
-    }
 }
