@@ -152,14 +152,7 @@ impl Runner {
             for pipe in pipes.iter_mut().flatten() {
                 pipe.writer = None;
             }
-            for _ in 0..POST_EXIT_READS {
-                if pipes.iter().all(Option::is_none)
-                    || !wait_readable(exited.fd(), &mut pipes, Some(Duration::ZERO), &mut output)?
-                        .output
-                {
-                    break;
-                }
-            }
+            drain(exited.fd(), &mut pipes, POST_EXIT_READS, &mut output)?;
             Ok(timed_out)
         };
         let timed_out = match watch() {
@@ -377,6 +370,24 @@ fn wait_readable(
         exited: woken_by_exit,
         output: ready.contains(&true),
     })
+}
+
+/// Once the script has exited: reads what its pipes still hold, without waiting for more, in `rounds` rounds
+/// at most, so a writer that outlived it cannot keep the answer waiting by writing as fast as we read.
+fn drain(
+    exited: &OwnedFd,
+    pipes: &mut [Option<Pipe>; 2],
+    rounds: usize,
+    output: &mut Output,
+) -> io::Result<()> {
+    for _ in 0..rounds {
+        if pipes.iter().all(Option::is_none)
+            || !wait_readable(exited, pipes, Some(Duration::ZERO), output)?.output
+        {
+            break;
+        }
+    }
+    Ok(())
 }
 
 fn read_pipe(slot: &mut Option<Pipe>, output: &mut Output) -> io::Result<()> {
@@ -634,6 +645,39 @@ mod tests {
             "still bounded at 2"
         );
         drop((b, c));
+    }
+
+    #[test]
+    fn reading_after_exit_is_bounded_and_never_waits_for_more() {
+        use std::io::Write;
+        let mut pipe = Pipe::new("stdout").unwrap();
+        let mut writer = File::from(pipe.writer.take().unwrap());
+        // Three reads' worth, within the pipe's 64 KiB, and the write end stays open like a survivor's.
+        writer.write_all(&[b'x'; 48 << 10]).unwrap();
+        let mut pipes = [Some(pipe), None];
+        // An exit watch that has fired: the script is gone.
+        let (exited, fired) = super::pipe().unwrap();
+        drop(fired);
+        let mut output = Output::new("r", "s");
+        let read = |output: &Output| LOG_BUDGET - output.budget;
+
+        drain(&exited, &mut pipes, 2, &mut output).unwrap();
+        assert_eq!(read(&output), 32 << 10, "two rounds, 16 KiB each");
+        assert!(
+            pipes[0].is_some(),
+            "stopped by its bound with output still waiting"
+        );
+
+        drain(&exited, &mut pipes, POST_EXIT_READS, &mut output).unwrap();
+        assert_eq!(read(&output), 48 << 10, "the rest, and no waiting for more");
+        assert!(
+            pipes[0].is_some(),
+            "the writer is still there: no end of file yet"
+        );
+
+        drop(writer);
+        drain(&exited, &mut pipes, POST_EXIT_READS, &mut output).unwrap();
+        assert!(pipes[0].is_none(), "the end of file closes the pipe");
     }
 
     #[test]
