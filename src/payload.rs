@@ -3,10 +3,12 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use rustix::fs::FlockOperation;
+use rustix::io::Errno;
 
 const LOCK_FILE: &str = ".lock";
 
@@ -34,8 +36,7 @@ impl PayloadDir {
             Err(e) => return Err(context("cannot create", e)),
         }
         let meta = fs::symlink_metadata(path).map_err(|e| context("cannot stat", e))?;
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let euid = unsafe { libc::geteuid() };
+        let euid = rustix::process::geteuid().as_raw();
         if !meta.is_dir() || meta.uid() != euid {
             return Err(io::Error::other(format!(
                 "payload_dir {} must be a directory owned by uid {euid}",
@@ -53,12 +54,15 @@ impl PayloadDir {
             .mode(0o600)
             .open(path.join(LOCK_FILE))
             .map_err(|e| context("cannot open lock file", e))?;
-        // SAFETY: flock on a file descriptor we own.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(io::Error::other(format!(
-                "payload_dir {} is in use by another hookrunner; give each daemon its own payload_dir",
-                path.display()
-            )));
+        match rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(Errno::WOULDBLOCK) => {
+                return Err(io::Error::other(format!(
+                    "payload_dir {} is in use by another hookrunner; give each daemon its own payload_dir",
+                    path.display()
+                )));
+            }
+            Err(e) => return Err(context("cannot lock", e.into())),
         }
         let dir = PayloadDir {
             path: path.to_path_buf(),

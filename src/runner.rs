@@ -1,21 +1,27 @@
 //! Running one script: `argv = [script, payload]`, no shell, a cleared environment, stdin `/dev/null`, its
 //! own process group, output logged line by line with a cap, and a deadline enforced on the whole group.
 //!
-//! One thread does it all with `poll` on a pidfd (readable when the script exits) and the two output pipes:
-//! no SIGCHLD handler, no helper threads, no sleeps, so a script that ends in 1 ms is answered in about 1 ms,
-//! and a pipe that fills can never deadlock the wait. The group is signalled only while its leader is
-//! unreaped (a zombie still owns its pid), so a reused pid can never be hit. Where there is no pidfd (see
-//! [`ExitWatch`]), one short-lived helper thread per script stands in for it.
+//! The worker's own thread does it all with `poll` on a pidfd (readable when the script exits) and the two
+//! output pipes: no SIGCHLD handler and no polling loop, so a script that ends in 1 ms is answered in about
+//! 1 ms, and a pipe that fills can never deadlock the wait. The group is signalled only while its leader is
+//! unreaped (a zombie still owns its pid), so a reused pid can never be hit. Two exceptions: where there is no
+//! pidfd (see [`ExitWatch`]), one short-lived helper thread per script stands in for it, and a spawn that
+//! meets "text file busy" sleeps briefly between retries (see [`spawn`]).
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::io::Errno;
+use rustix::pipe::PipeFlags;
+use rustix::process::{Pid, PidfdFlags, Signal, WaitId, WaitIdOptions};
 
 /// The fixed `PATH` scripts get; the daemon's own environment is not passed on.
 const SCRIPT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -81,21 +87,21 @@ impl Runner {
             .stderr(Stdio::from(stderr.writer_for_child()?))
             // Its own group, so a timeout reaches everything it started. (std still uses posix_spawn.)
             .process_group(0);
-        let start = Instant::now();
-        let mut child = spawn(&mut command)?;
-        let pid = child.id() as libc::pid_t;
-        let exited = match ExitWatch::new(pid) {
-            Ok(watch) => watch,
-            Err(e) => {
-                kill_group(pid, libc::SIGKILL);
-                let _ = child.wait();
-                return Err(e);
-            }
-        };
         let name = job
             .script
             .file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let start = Instant::now();
+        let mut child = spawn(&mut command, job.request_id, &name)?;
+        let pid = Pid::from_child(&child);
+        let exited = match ExitWatch::new(pid) {
+            Ok(watch) => watch,
+            Err(e) => {
+                kill_group(pid, Signal::KILL);
+                let _ = child.wait();
+                return Err(e);
+            }
+        };
         let mut output = Output::new(job.request_id, &name);
         // The child's copies of the write ends close with the command.
         drop(command);
@@ -114,7 +120,7 @@ impl Runner {
                             job.request_id,
                             job.timeout
                         );
-                        kill_group(pid, libc::SIGTERM);
+                        kill_group(pid, Signal::TERM);
                         timed_out = true;
                         phase = Phase::Terminating(now + job.kill_grace);
                     }
@@ -124,7 +130,7 @@ impl Runner {
                             job.request_id,
                             job.kill_grace
                         );
-                        kill_group(pid, libc::SIGKILL);
+                        kill_group(pid, Signal::KILL);
                         phase = Phase::Killed;
                     }
                     _ => {}
@@ -135,30 +141,24 @@ impl Runner {
                     }
                     Phase::Killed => None,
                 };
-                if wait_readable(exited.fd(), &mut pipes, wait, &mut output)? {
+                if wait_readable(exited.fd(), &mut pipes, wait, &mut output)?.exited {
                     break;
                 }
             }
             // The script has exited but is not yet reaped. End anything it left behind in its group (which would
             // otherwise hold the pipes or outlive the request), then take what is still in the pipes, bounded: a
             // process that escaped the group (setsid) could otherwise keep the answer waiting by writing forever.
-            kill_group(pid, libc::SIGKILL);
+            kill_group(pid, Signal::KILL);
             for pipe in pipes.iter_mut().flatten() {
                 pipe.writer = None;
             }
-            for _ in 0..POST_EXIT_READS {
-                if pipes.iter().all(Option::is_none)
-                    || !poll_pipes(&mut pipes, Some(Duration::ZERO), &mut output)?
-                {
-                    break;
-                }
-            }
+            drain(exited.fd(), &mut pipes, POST_EXIT_READS, &mut output)?;
             Ok(timed_out)
         };
         let timed_out = match watch() {
             Ok(timed_out) => timed_out,
             Err(e) => {
-                kill_group(pid, libc::SIGKILL);
+                kill_group(pid, Signal::KILL);
                 let _ = child.wait();
                 return Err(e);
             }
@@ -180,16 +180,29 @@ impl Runner {
     }
 }
 
+/// The first pause before retrying a "text file busy" script; each next one doubles, up to the last.
+const BUSY_FIRST_PAUSE: Duration = Duration::from_millis(5);
+/// Pauses of 5 ms doubling to 320 ms add up to 635 ms: longer than saving a script takes, short against a
+/// sender's own timeout.
+const BUSY_LAST_PAUSE: Duration = Duration::from_millis(320);
+
 /// Spawns, retrying briefly while the script is "text file busy": open for writing somewhere, which happens
 /// while an admin saves it, or for an instant when another thread forks while holding it open.
-fn spawn(command: &mut Command) -> io::Result<std::process::Child> {
-    let mut pause = Duration::from_millis(5);
+fn spawn(command: &mut Command, request_id: &str, name: &str) -> io::Result<std::process::Child> {
+    let mut pause = BUSY_FIRST_PAUSE;
     loop {
         match command.spawn() {
             Err(e)
-                if e.raw_os_error() == Some(libc::ETXTBSY)
-                    && pause <= Duration::from_millis(320) =>
+                if Errno::from_io_error(&e) == Some(Errno::TXTBSY) && pause <= BUSY_LAST_PAUSE =>
             {
+                if pause == BUSY_FIRST_PAUSE {
+                    // Said once per request, so an operator sees why it was slow, or why it failed.
+                    log::info!(
+                        "{request_id} {name}: text file busy (open for writing, as while being saved); \
+                         retrying for up to {:?}",
+                        BUSY_LAST_PAUSE * 2 - BUSY_FIRST_PAUSE
+                    );
+                }
                 std::thread::sleep(pause);
                 pause *= 2;
             }
@@ -219,27 +232,28 @@ enum ExitWatch {
 static NO_PIDFD: AtomicBool = AtomicBool::new(false);
 
 impl ExitWatch {
-    fn new(pid: libc::pid_t) -> io::Result<ExitWatch> {
+    fn new(pid: Pid) -> io::Result<ExitWatch> {
         if !NO_PIDFD.load(Ordering::Relaxed) {
-            match pidfd_open(pid) {
+            match rustix::process::pidfd_open(pid, PidfdFlags::empty()) {
                 Ok(fd) => return Ok(ExitWatch::Pidfd(fd)),
                 // ENOSYS: Linux before 5.3, or valgrind. EPERM: a seccomp filter that refuses system calls it
                 // does not know (Docker before 20.10, some SystemCallFilter= lists); pidfd_open itself
                 // never fails with EPERM.
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) => {
+                Err(e @ (Errno::NOSYS | Errno::PERM)) => {
                     if !NO_PIDFD.swap(true, Ordering::Relaxed) {
                         log::info!(
-                            "pidfd_open is not available ({e}); waiting on each script from a helper thread"
+                            "pidfd_open is not available ({}); waiting on each script from a helper thread",
+                            io::Error::from(e)
                         );
                     }
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
         }
         ExitWatch::thread(pid)
     }
 
-    fn thread(pid: libc::pid_t) -> io::Result<ExitWatch> {
+    fn thread(pid: Pid) -> io::Result<ExitWatch> {
         let (reader, writer) = pipe()?;
         std::thread::Builder::new()
             .name("hookrunner-wait".into())
@@ -257,42 +271,20 @@ impl ExitWatch {
     }
 }
 
-fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor (close-on-exec) or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just gave us this descriptor and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+/// Blocks until `pid` (our child) has exited, without reaping it (WNOWAIT). Returns early only if it is no
+/// longer waitable (already reaped by the worker's error path).
+fn wait_exited(pid: Pid) {
+    let _ = rustix::io::retry_on_intr(|| {
+        rustix::process::waitid(
+            WaitId::Pid(pid),
+            WaitIdOptions::EXITED | WaitIdOptions::NOWAIT,
+        )
+    });
 }
 
-/// Blocks until `pid` (our child) has exited, without reaping it. Returns early only if it is no longer
-/// waitable (already reaped by the worker's error path).
-fn wait_exited(pid: libc::pid_t) {
-    loop {
-        // SAFETY: an all-zero siginfo_t is a valid value for waitid to fill in.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: waitid writes only into `info`; WNOWAIT leaves the child waitable.
-        let r = unsafe {
-            libc::waitid(
-                libc::P_PID,
-                pid as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::WNOWAIT,
-            )
-        };
-        if r == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            return;
-        }
-    }
-}
-
-fn kill_group(pgid: libc::pid_t, signal: libc::c_int) {
-    // SAFETY: killpg only sends a signal; ESRCH (group already gone) is expected and harmless.
-    unsafe {
-        libc::killpg(pgid, signal);
-    }
+/// Signals the script's group. ESRCH (the group is already gone) is expected and harmless.
+fn kill_group(pgid: Pid, signal: Signal) {
+    let _ = rustix::process::kill_process_group(pgid, signal);
 }
 
 /// One output stream of a script. hookrunner holds a write end of its own until the script has exited, so
@@ -325,78 +317,80 @@ impl Pipe {
 
 /// A close-on-exec pipe: (read end, write end).
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 writes two new descriptors into the array, or fails and writes nothing.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both descriptors are new and owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    Ok(rustix::pipe::pipe_with(PipeFlags::CLOEXEC)?)
 }
 
-/// Waits until the script exits (true) or `wait` passes (false), reading output meanwhile.
+/// What one wait saw.
+struct Woken {
+    /// The script has exited.
+    exited: bool,
+    /// A pipe had output or was closed (and was read).
+    output: bool,
+}
+
+/// Waits up to `wait` for the script to exit or a pipe to turn readable, and reads the pipes that did.
 fn wait_readable(
-    pidfd: &OwnedFd,
+    exited: &OwnedFd,
     pipes: &mut [Option<Pipe>; 2],
     wait: Option<Duration>,
     output: &mut Output,
-) -> io::Result<bool> {
-    let mut fds = [libc::pollfd {
-        fd: pidfd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    }; 3];
-    let mut n = 1;
-    for pipe in pipes.iter().flatten() {
-        fds[n] = libc::pollfd {
-            fd: pipe.file.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        n += 1;
+) -> io::Result<Woken> {
+    let mut ready = [false; 2];
+    let woken_by_exit = {
+        // Slots for the exit watch and both pipes; the ones in use come first.
+        let mut fds = [
+            PollFd::new(exited, PollFlags::IN),
+            PollFd::new(exited, PollFlags::IN),
+            PollFd::new(exited, PollFlags::IN),
+        ];
+        let mut pipe_of = [0; 3];
+        let mut n = 1;
+        for (i, pipe) in pipes.iter().enumerate() {
+            if let Some(pipe) = pipe {
+                fds[n].set_fd(&pipe.file);
+                pipe_of[n] = i;
+                n += 1;
+            }
+        }
+        if poll(&mut fds[..n], wait)? == 0 {
+            return Ok(Woken {
+                exited: false,
+                output: false,
+            });
+        }
+        for (fd, &i) in fds[1..n].iter().zip(&pipe_of[1..n]) {
+            ready[i] = !fd.revents().is_empty();
+        }
+        !fds[0].revents().is_empty()
+    };
+    for (slot, _) in pipes.iter_mut().zip(ready).filter(|(_, ready)| *ready) {
+        read_pipe(slot, output)?;
     }
-    if poll(&mut fds[..n], wait)? == 0 {
-        return Ok(false);
-    }
-    for fd in &fds[1..n] {
-        if fd.revents != 0 {
-            read_pipe(pipes, fd.fd, output)?;
+    Ok(Woken {
+        exited: woken_by_exit,
+        output: ready.contains(&true),
+    })
+}
+
+/// Once the script has exited: reads what its pipes still hold, without waiting for more, in `rounds` rounds
+/// at most, so a writer that outlived it cannot keep the answer waiting by writing as fast as we read.
+fn drain(
+    exited: &OwnedFd,
+    pipes: &mut [Option<Pipe>; 2],
+    rounds: usize,
+    output: &mut Output,
+) -> io::Result<()> {
+    for _ in 0..rounds {
+        if pipes.iter().all(Option::is_none)
+            || !wait_readable(exited, pipes, Some(Duration::ZERO), output)?.output
+        {
+            break;
         }
     }
-    Ok(fds[0].revents != 0)
+    Ok(())
 }
 
-/// Reads from whichever pipes are ready within `wait`; false when none was.
-fn poll_pipes(
-    pipes: &mut [Option<Pipe>; 2],
-    wait: Option<Duration>,
-    output: &mut Output,
-) -> io::Result<bool> {
-    let mut fds: Vec<libc::pollfd> = pipes
-        .iter()
-        .flatten()
-        .map(|p| libc::pollfd {
-            fd: p.file.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    if poll(&mut fds, wait)? == 0 {
-        return Ok(false);
-    }
-    for fd in fds.iter().filter(|fd| fd.revents != 0) {
-        read_pipe(pipes, fd.fd, output)?;
-    }
-    Ok(true)
-}
-
-fn read_pipe(pipes: &mut [Option<Pipe>; 2], fd: i32, output: &mut Output) -> io::Result<()> {
-    let Some(slot) = pipes
-        .iter_mut()
-        .find(|p| p.as_ref().is_some_and(|p| p.file.as_raw_fd() == fd))
-    else {
-        return Ok(());
-    };
+fn read_pipe(slot: &mut Option<Pipe>, output: &mut Output) -> io::Result<()> {
     let Some(pipe) = slot.as_mut() else {
         return Ok(());
     };
@@ -414,26 +408,16 @@ fn read_pipe(pipes: &mut [Option<Pipe>; 2], fd: i32, output: &mut Output) -> io:
     Ok(())
 }
 
-/// `poll(2)` that retries on EINTR (signal handlers run on any thread) and rounds waits up to whole
-/// milliseconds so it never spins.
-fn poll(fds: &mut [libc::pollfd], wait: Option<Duration>) -> io::Result<usize> {
-    let deadline = wait.map(|w| Instant::now() + w);
+/// `poll(2)` (ppoll, to the nanosecond) that retries on EINTR (signal handlers run on any thread) with what
+/// is left of `wait`. `None` waits without end, and so does a wait too long to represent.
+fn poll(fds: &mut [PollFd<'_>], wait: Option<Duration>) -> io::Result<usize> {
+    let deadline = wait.and_then(|w| Instant::now().checked_add(w));
     loop {
-        let timeout = match deadline {
-            None => -1,
-            Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                i32::try_from(left.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX)
-            }
-        };
-        // SAFETY: `fds` is a valid, exclusively borrowed slice of pollfd for the duration of the call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
-        if r >= 0 {
-            return Ok(r as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+        let timeout = deadline
+            .and_then(|d| Timespec::try_from(d.saturating_duration_since(Instant::now())).ok());
+        match rustix::event::poll(fds, timeout.as_ref()) {
+            Err(Errno::INTR) => continue,
+            result => return Ok(result?),
         }
     }
 }
@@ -573,12 +557,8 @@ mod tests {
             .stdin(Stdio::piped())
             .spawn()
             .unwrap();
-        let watch = ExitWatch::thread(child.id() as libc::pid_t).unwrap();
-        let mut fds = [libc::pollfd {
-            fd: watch.fd().as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
+        let watch = ExitWatch::thread(Pid::from_child(&child)).unwrap();
+        let mut fds = [PollFd::new(watch.fd(), PollFlags::IN)];
         assert_eq!(
             poll(&mut fds, Some(Duration::ZERO)).unwrap(),
             0,
@@ -598,15 +578,106 @@ mod tests {
         assert_eq!(status.code(), Some(7));
     }
 
+    /// Whether the thread named `name` in this process is asleep (state `S` in `/proc`).
+    fn thread_sleeping(name: &str) -> bool {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|task| {
+                std::fs::read_to_string(task.path().join("comm")).is_ok_and(|c| c.trim() == name)
+            })
+            .filter_map(|task| std::fs::read_to_string(task.path().join("stat")).ok())
+            .any(|stat| {
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('S'))
+            })
+    }
+
     #[test]
     fn limiter_bounds_and_releases() {
         let limiter = Limiter::new(2);
-        let a = limiter.acquire(Duration::ZERO);
-        let b = limiter.acquire(Duration::ZERO);
-        assert!(a.is_some() && b.is_some());
-        assert!(limiter.acquire(Duration::from_millis(10)).is_none());
-        drop(a);
-        assert!(limiter.acquire(Duration::ZERO).is_some());
+        let a = limiter.acquire(Duration::ZERO).expect("first slot");
+        let b = limiter.acquire(Duration::ZERO).expect("second slot");
+
+        // Full: a waiter gets nothing, and only once its wait has passed.
+        let started = Instant::now();
+        assert!(limiter.acquire(Duration::from_millis(200)).is_none());
+        assert!(
+            started.elapsed() >= Duration::from_millis(200),
+            "gave up after {:?}",
+            started.elapsed()
+        );
+
+        // A waiter blocked in acquire is woken by a slot dropped on another thread, long before its wait ends.
+        let entering = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let waiter = std::thread::Builder::new()
+                .name("limiter-waiter".into())
+                .spawn_scoped(s, || {
+                    entering.store(true, Ordering::SeqCst);
+                    let started = Instant::now();
+                    let slot = limiter.acquire(Duration::from_secs(60));
+                    (slot.is_some(), started.elapsed())
+                })
+                .unwrap();
+            // Once the flag is set, the waiter's only way to sleep is the wait in acquire.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !(entering.load(Ordering::SeqCst) && thread_sleeping("limiter-waiter")) {
+                assert!(Instant::now() < deadline, "the waiter never blocked");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let releaser = s.spawn(|| drop(a));
+            releaser.join().unwrap();
+            let (got, waited) = waiter.join().unwrap();
+            assert!(got, "the waiter got the freed slot");
+            assert!(
+                waited < Duration::from_secs(30),
+                "the waiter was woken only by its timeout, after {waited:?}"
+            );
+        });
+
+        // The woken waiter's slot was dropped when its thread ended; `b` still holds the other.
+        let c = limiter
+            .acquire(Duration::ZERO)
+            .expect("the waiter's slot was released");
+        assert!(
+            limiter.acquire(Duration::ZERO).is_none(),
+            "still bounded at 2"
+        );
+        drop((b, c));
+    }
+
+    #[test]
+    fn reading_after_exit_is_bounded_and_never_waits_for_more() {
+        use std::io::Write;
+        let mut pipe = Pipe::new("stdout").unwrap();
+        let mut writer = File::from(pipe.writer.take().unwrap());
+        // Three reads' worth, within the pipe's 64 KiB, and the write end stays open like a survivor's.
+        writer.write_all(&[b'x'; 48 << 10]).unwrap();
+        let mut pipes = [Some(pipe), None];
+        // An exit watch that has fired: the script is gone.
+        let (exited, fired) = super::pipe().unwrap();
+        drop(fired);
+        let mut output = Output::new("r", "s");
+        let read = |output: &Output| LOG_BUDGET - output.budget;
+
+        drain(&exited, &mut pipes, 2, &mut output).unwrap();
+        assert_eq!(read(&output), 32 << 10, "two rounds, 16 KiB each");
+        assert!(
+            pipes[0].is_some(),
+            "stopped by its bound with output still waiting"
+        );
+
+        drain(&exited, &mut pipes, POST_EXIT_READS, &mut output).unwrap();
+        assert_eq!(read(&output), 48 << 10, "the rest, and no waiting for more");
+        assert!(
+            pipes[0].is_some(),
+            "the writer is still there: no end of file yet"
+        );
+
+        drop(writer);
+        drain(&exited, &mut pipes, POST_EXIT_READS, &mut output).unwrap();
+        assert!(pipes[0].is_none(), "the end of file closes the pipe");
     }
 
     #[test]

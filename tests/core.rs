@@ -295,21 +295,61 @@ fn routing_globs_first_match_templates_filters_and_case() {
 
 #[test]
 fn unsafe_template_script_is_refused_with_500() {
+    use std::os::unix::fs::PermissionsExt;
     let env = Env::new();
-    let script = env.script("Writable", "exit 0");
-    std::os::unix::fs::PermissionsExt::set_mode(
-        &mut fs::metadata(&script).expect("stat").permissions(),
-        0o777,
-    );
-    fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o777))
-        .expect("chmod");
+    let ran = env.path().join("ran");
+    let chmod = |name: &str, mode: u32| {
+        let script = env.script(name, &format!("echo {name} >> {ran:?}"));
+        fs::set_permissions(&script, fs::Permissions::from_mode(mode)).expect("chmod");
+    };
+    chmod("GroupWritable", 0o775);
+    chmod("WorldWritable", 0o757);
+    chmod("NotExecutable", 0o644);
+    fs::create_dir(env.scripts().join("ADirectory")).expect("mkdir");
+    let fifo = env.scripts().join("AFifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("run mkfifo");
+    assert!(made.success(), "mkfifo {}", fifo.display());
+    // A fixed script is checked when the routes load, and its mode again per request.
+    env.script("fixed.sh", &format!("echo fixed.sh >> {ran:?}"));
+    env.routes("Fixed fixed.sh\n* {event}\n");
     let server = env.serve();
-    let response = server.post("/hooks/Writable", b"");
-    assert_eq!(response.status, 500);
-    assert!(
-        response.text().contains("writable by group or others"),
-        "{}",
-        response.text()
+    fs::set_permissions(
+        env.scripts().join("fixed.sh"),
+        fs::Permissions::from_mode(0o777),
+    )
+    .expect("chmod fixed.sh");
+    for (event, why) in [
+        ("GroupWritable", "is writable by group or others (mode 775)"),
+        ("WorldWritable", "is writable by group or others (mode 757)"),
+        ("NotExecutable", "is not executable"),
+        ("ADirectory", "is not a regular file"),
+        ("AFifo", "is not a regular file"),
+        ("Fixed", "is writable by group or others (mode 777)"),
+    ] {
+        let response = server.post(&format!("/hooks/{event}"), b"");
+        assert_eq!(response.status, 500, "{event}: {}", response.text());
+        let error = response.json()["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            error.starts_with("refusing to run script") && error.contains(why),
+            "{event}: {error}"
+        );
+    }
+    assert!(!ran.exists(), "no unsafe script ran");
+    fs::set_permissions(
+        env.scripts().join("fixed.sh"),
+        fs::Permissions::from_mode(0o755),
+    )
+    .expect("chmod fixed.sh back");
+    assert_eq!(
+        server.post("/hooks/Fixed", b"").status,
+        200,
+        "the same script, made safe again, runs"
     );
 }
 

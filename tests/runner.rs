@@ -1,13 +1,17 @@
-//! Running scripts: deadlines on the whole process group, leftovers ended, output floods logged with a cap,
-//! the concurrency limit, and payload files that never outlive their request.
+//! Running scripts: which file a route finds and which it refuses, how a script starts (stdin, a busy or
+//! broken file, running out of descriptors), deadlines on the whole process group, leftovers ended and
+//! detached survivors outlived, output floods logged with a cap, the concurrency limit, and payload files and
+//! their directory.
 
 use std::fs;
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use crate::util::{
-    Env, KillOnDrop, Release, Response, Server, alive, payload_files, read_pid, wait_file,
+    Env, KillOnDrop, Release, Response, Server, alive, payload_files, read_pid, send, wait_file,
     wait_for_release, wait_gone, wait_until,
 };
 
@@ -376,43 +380,84 @@ fn a_route_timeout_overrides_the_configured_one() {
 fn payload_files_are_removed_whatever_the_outcome() {
     let env = Env::new().config("timeout = \"1s\"\nkill_grace = \"1s\"");
     let seen = env.path().join("seen");
-    env.script(
-        "ok",
-        &format!(
-            "basename \"$1\" > {name:?}\nls -A \"$(dirname \"$1\")\" > {seen:?}",
-            name = env.path().join("name")
-        ),
-    );
-    env.script("fail", "exit 1");
-    env.script("hang", "sleep 5");
+    fs::create_dir(&seen).expect("mkdir seen");
+    // A script that runs records its payload file's name and what the payload directory held meanwhile.
+    let record = |name: &str, then: &str| {
+        env.script(
+            name,
+            &format!(
+                "basename \"$1\" > {:?}\nls -A \"$(dirname \"$1\")\" > {:?}\n{then}",
+                seen.join(format!("{name}.name")),
+                seen.join(format!("{name}.ls"))
+            ),
+        );
+    };
+    record("ok", "exit 0");
+    record("fail", "exit 1");
+    record("hang", "sleep 5");
+    record("killed", "kill -KILL $$");
+    record("ok-again", "exit 0");
+    // Scripts that cannot start: exec fails after the payload file was written.
+    let no_interpreter = env.scripts().join("no-interpreter");
+    fs::write(&no_interpreter, "#!/nonexistent/interpreter\n").expect("write");
+    let not_executable = env.path().join("not-executable");
+    fs::write(&not_executable, "").expect("write");
+    let bad_interpreter = env.scripts().join("bad-interpreter");
+    fs::write(
+        &bad_interpreter,
+        format!("#!{}\n", not_executable.display()),
+    )
+    .expect("write");
+    for script in [&no_interpreter, &bad_interpreter] {
+        fs::set_permissions(script, fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
     let server = env.serve();
-    for (path, body, status) in [
-        ("/hooks/ok", &b"{\"a\":1}"[..], 200),
-        ("/hooks/fail", b"{\"a\":1}", 500),
-        ("/hooks/hang", b"{\"a\":1}", 504),
-        ("/hooks/NoSuchScript", b"{\"a\":1}", 404),
-        ("/", b"{\"webhook\": ", 400),
-    ] {
-        let response = server.post(path, body);
-        assert_eq!(response.status, status, "{path}: {}", response.text());
+    let rows = [
+        ("ok", 200, r#""exit_code":0"#),
+        ("fail", 500, r#""exit_code":1"#),
+        ("hang", 504, r#""timed_out":true"#),
+        ("killed", 500, r#""signal":9"#),
+        ("no-interpreter", 500, "cannot run the script: No such file"),
+        (
+            "bad-interpreter",
+            500,
+            "cannot run the script: Permission denied",
+        ),
+        ("ok-again", 200, r#""exit_code":0"#),
+    ];
+    for (script, status, says) in rows {
+        let response = server.post(&format!("/hooks/{script}"), b"{\"a\":1}");
+        assert_eq!(response.status, status, "{script}: {}", response.text());
+        assert!(
+            response.text().contains(says),
+            "{script}: {}",
+            response.text()
+        );
+        assert_eq!(payload_files(&env), [".lock"], "payload dir after {script}");
+    }
+    // Payload files are numbered in order, so the names the running scripts saw show that each request,
+    // those whose script could not start included, had its own file before its outcome.
+    for (n, (script, ..)) in rows.iter().enumerate() {
+        let name = seen.join(format!("{script}.name"));
+        if !name.exists() {
+            assert!(script.ends_with("interpreter"), "{script} did not run");
+            continue;
+        }
+        let name = fs::read_to_string(&name).expect("payload name");
         assert_eq!(
-            payload_files(&env),
-            [".lock"],
-            "payload dir after {path} ({status})"
+            name.trim(),
+            format!("payload-{n}"),
+            "{script}'s payload file"
+        );
+        let listing = fs::read_to_string(seen.join(format!("{script}.ls"))).expect("listing");
+        let mut expected = vec![".lock", name.trim()];
+        expected.sort();
+        assert_eq!(
+            listing.lines().collect::<Vec<_>>(),
+            expected,
+            "while {script} ran, its payload file was in the payload dir"
         );
     }
-    let name = fs::read_to_string(env.path().join("name")).expect("payload name");
-    let mut expected = vec![".lock".to_string(), name.trim().to_string()];
-    expected.sort();
-    let seen: Vec<String> = fs::read_to_string(&seen)
-        .expect("listing")
-        .lines()
-        .map(str::to_string)
-        .collect();
-    assert_eq!(
-        seen, expected,
-        "while it ran, the script's payload file was in the payload dir"
-    );
 }
 
 /// The payload directory's names once `done` holds for them, or after 10 s.
@@ -498,4 +543,541 @@ fn payload_files_of_spilled_and_refused_bodies_are_removed_too() {
         assert_eq!(first.join().expect("first").status, 200);
     });
     assert_eq!(payload_files(&env), [".lock"], "after the 503 and the 200");
+}
+
+/// Writes an executable `sh` script at `path`, which may be outside `scripts_dir`.
+fn executable(path: &Path, body: &str) {
+    fs::write(path, format!("#!/bin/sh\n{body}\n")).expect("write script");
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).expect("chmod script");
+}
+
+#[test]
+fn stdin_is_dev_null_and_a_read_from_it_ends_at_once() {
+    let env = Env::new().config("timeout = \"5s\"");
+    let out = env.path().join("stdin");
+    env.script(
+        "reader",
+        &format!("readlink /proc/$$/fd/0 > {out:?}\nhead -c 100 | wc -c >> {out:?}"),
+    );
+    // The daemon's own stdin is a pipe with data in it whose write end stays open: a script that inherited
+    // it, or got a pipe of its own, would read that data or block until its timeout.
+    let mut server = env.serve_with(|command| {
+        command.stdin(Stdio::piped());
+    });
+    let mut daemon_stdin = server.child.stdin.take().expect("daemon stdin");
+    daemon_stdin
+        .write_all(b"the daemon's own stdin\n")
+        .expect("write to the daemon's stdin");
+    let response = server.post("/hooks/reader", b"{}");
+    assert_eq!(response.status, 200, "{}", response.text());
+    let seen = fs::read_to_string(&out).expect("what the script saw");
+    let seen: Vec<&str> = seen.lines().map(str::trim).collect();
+    assert_eq!(
+        seen,
+        ["/dev/null", "0"],
+        "stdin is /dev/null and reading it gives nothing"
+    );
+    drop(daemon_stdin);
+}
+
+#[test]
+fn event_template_takes_the_exact_name_else_the_first_case_variant_in_byte_order() {
+    let env = Env::new();
+    // Byte order: EVENT < EVent < Event < event. The ones expected below are created neither first nor
+    // last, so taking a directory listing in creation order, or in its reverse, would pick another.
+    for name in ["Event", "EVENT", "EVent", "event"] {
+        env.script(name, "exit 0");
+    }
+    env.routes("* {event}\n");
+    let server = env.serve();
+    let script = |event: &str| {
+        let response = server.post(&format!("/hooks/{event}"), b"");
+        assert_eq!(response.status, 200, "{event}: {}", response.text());
+        response.json()["script"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(
+        script("eVENT"),
+        "EVENT",
+        "no exact name: the first in byte order"
+    );
+    for exact in ["EVent", "Event", "event"] {
+        assert_eq!(script(exact), exact, "the exact name wins");
+    }
+    fs::remove_file(env.scripts().join("EVENT")).expect("rm EVENT");
+    assert_eq!(script("eVENT"), "EVent", "the next in byte order");
+    assert_eq!(
+        script("EVENT"),
+        "EVent",
+        "a name gone is matched ignoring case"
+    );
+}
+
+#[test]
+fn an_absolute_script_outside_scripts_dir_runs_and_a_relative_one_may_not_leave_it() {
+    let env = Env::new();
+    let elsewhere = env.path().join("elsewhere");
+    fs::create_dir(&elsewhere).expect("mkdir");
+    let ran = env.path().join("ran");
+    executable(
+        &elsewhere.join("abs.sh"),
+        &format!("echo abs.sh >> {ran:?}"),
+    );
+    executable(
+        &elsewhere.join("Templated"),
+        &format!("echo Templated >> {ran:?}"),
+    );
+    env.routes("Rel ../elsewhere/abs.sh\n");
+    let check = env.check();
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert!(
+        !check.status.success() && stderr.contains(":1:") && stderr.contains("outside scripts_dir"),
+        "a relative path that leaves scripts_dir is refused: {stderr}"
+    );
+    env.routes(&format!(
+        "Abs {}\nTemplated {}\n",
+        elsewhere.join("abs.sh").display(),
+        elsewhere.join("{event}").display()
+    ));
+    let server = env.serve();
+    for event in ["Abs", "Templated"] {
+        let response = server.post(&format!("/hooks/{event}"), b"");
+        assert_eq!(response.status, 200, "{event}: {}", response.text());
+    }
+    assert_eq!(
+        fs::read_to_string(&ran)
+            .expect("ran")
+            .lines()
+            .collect::<Vec<_>>(),
+        ["abs.sh", "Templated"]
+    );
+}
+
+#[test]
+fn an_event_symlink_leaving_scripts_dir_is_refused_per_request_and_one_inside_is_followed() {
+    use std::os::unix::fs::symlink;
+    let env = Env::new();
+    let elsewhere = env.path().join("elsewhere");
+    fs::create_dir(&elsewhere).expect("mkdir");
+    let escaped = env.path().join("escaped");
+    executable(&elsewhere.join("evil"), &format!("touch {escaped:?}"));
+    fs::create_dir(env.scripts().join("sub")).expect("mkdir sub");
+    let inside = env.path().join("inside");
+    env.script("sub/real", &format!("touch {inside:?}"));
+    symlink("sub/real", env.scripts().join("Inside")).expect("symlink");
+    symlink(elsewhere.join("evil"), env.scripts().join("Absolute")).expect("symlink");
+    symlink("../elsewhere/evil", env.scripts().join("Relative")).expect("symlink");
+    env.routes("* {event}\n");
+    let server = env.serve();
+
+    let response = server.post("/hooks/Inside", b"");
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(response.json()["script"], "Inside");
+    assert!(
+        inside.exists(),
+        "the symlink inside scripts_dir was followed"
+    );
+
+    let refused = |event: &str| {
+        let response = server.post(&format!("/hooks/{event}"), b"");
+        assert_eq!(response.status, 500, "{event}: {}", response.text());
+        let error = response.json()["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            error.contains(&format!("script \"{event}\"")) && error.contains("outside scripts_dir"),
+            "{event}: {error}"
+        );
+    };
+    refused("Absolute");
+    refused("Relative");
+    // Retargeted while the daemon runs: templates are checked on each request, not when routes load.
+    fs::remove_file(env.scripts().join("Inside")).expect("rm");
+    symlink(elsewhere.join("evil"), env.scripts().join("Inside")).expect("symlink");
+    refused("Inside");
+    assert!(!escaped.exists(), "no script outside scripts_dir ran");
+}
+
+#[test]
+fn a_script_that_cannot_start_is_500_saying_why() {
+    let env = Env::new();
+    let script = env.scripts().join("broken");
+    fs::write(&script, "#!/nonexistent/interpreter\n").expect("write");
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let server = env.serve();
+    let response = server.post("/hooks/broken", b"");
+    assert_eq!(response.status, 500, "{}", response.text());
+    let error = response.json()["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        error.contains("cannot run the script: No such file or directory"),
+        "{error}"
+    );
+    assert!(
+        server
+            .wait_log("cannot run the script", Duration::from_secs(5))
+            .is_some_and(|line| line.contains(" ERROR ")),
+        "logged as an error:\n{}",
+        server.log()
+    );
+}
+
+/// Posts to `/hooks/busy` while the test holds `script` open for writing (which makes exec fail with
+/// ETXTBSY), and releases it once the daemon has said it is retrying and `hold` has passed, or, with no
+/// `hold`, only after the answer.
+fn run_while_busy(server: &Server, script: &Path, hold: Option<Duration>) -> Response {
+    let writer = fs::OpenOptions::new()
+        .append(true)
+        .open(script)
+        .expect("open the script for writing");
+    std::thread::scope(|s| {
+        let request = s.spawn(|| server.post("/hooks/busy", b""));
+        assert!(
+            server
+                .wait_log("busy: text file busy", Duration::from_secs(10))
+                .is_some(),
+            "the spawn never met the busy script\n{}",
+            server.log()
+        );
+        match hold {
+            Some(hold) => {
+                std::thread::sleep(hold);
+                drop(writer);
+                request.join().expect("request thread")
+            }
+            None => {
+                let response = request.join().expect("request thread");
+                drop(writer);
+                response
+            }
+        }
+    })
+}
+
+#[test]
+fn a_script_being_written_is_retried_and_runs_once_it_is_closed() {
+    let env = Env::new();
+    let ran = env.path().join("ran");
+    let script = env.script("busy", &format!("touch {ran:?}"));
+    let server = env.serve();
+    let response = run_while_busy(&server, &script, Some(Duration::from_millis(100)));
+    assert_eq!(
+        response.status,
+        200,
+        "{}\n{}",
+        response.text(),
+        server.log()
+    );
+    assert!(ran.exists(), "the script ran");
+}
+
+#[test]
+fn a_script_busy_for_longer_than_the_retries_is_500_saying_so() {
+    // The retries pause 5 ms doubling to 320 ms, 635 ms in all (runner::spawn): a script held open past that
+    // is answered while it is still held.
+    let env = Env::new();
+    let script = env.script("busy", "exit 0");
+    let server = env.serve();
+    let response = run_while_busy(&server, &script, None);
+    assert_eq!(response.status, 500, "{}", response.text());
+    assert!(
+        response
+            .text()
+            .contains("cannot run the script: Text file busy"),
+        "{}",
+        response.text()
+    );
+}
+
+/// The descriptor numbers `pid` has open.
+fn open_fds(pid: u32) -> Vec<u32> {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("list the daemon's descriptors")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn out_of_descriptors_storing_the_payload_or_starting_the_script_is_503() {
+    use rustix::process::{Pid, Resource, Rlimit, getrlimit, prlimit};
+    let env = Env::new();
+    // A fixed script: selecting it opens no descriptor, so the request's first one is its payload file.
+    env.script("quick.sh", "exit 0");
+    env.routes("Quick quick.sh\n");
+    let server = env.serve();
+    let pid = server.child.id();
+    let daemon = Pid::from_raw(pid as i32).expect("daemon pid");
+    let own = getrlimit(Resource::Nofile);
+    let set_limit = |current: Option<u64>| {
+        let limit = Rlimit {
+            current,
+            maximum: own.maximum,
+        };
+        prlimit(Some(daemon), Resource::Nofile, limit).expect("prlimit");
+    };
+    // RLIMIT_NOFILE binds root too, and lowering a child's soft limit needs no privilege. Requests go over a
+    // keep-alive connection that is already open, so no accept needs a descriptor; the k-th request may open
+    // k descriptors before the next one fails.
+    let mut refusals = Vec::new();
+    let mut stream = None;
+    let mut ran = false;
+    for k in 0..16 {
+        set_limit(own.current);
+        let conn = stream.get_or_insert_with(|| {
+            let mut conn = server.connect();
+            send(&mut conn, "GET", "/healthz", &[], b"", false);
+            let ready = Response::read(&mut conn).expect("healthz");
+            assert_eq!(ready.status, 200);
+            conn
+        });
+        let idle = open_fds(pid);
+        let lowest_free = (0..).find(|n| !idle.contains(n)).expect("a free number");
+        set_limit(Some(u64::from(lowest_free + k)));
+        send(conn, "POST", "/hooks/Quick", &[], b"{}", false);
+        let response = Response::read(conn).expect("an answer");
+        if response
+            .header("Connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+        {
+            stream = None;
+        }
+        assert!(
+            wait_until(Duration::from_secs(5), || open_fds(pid).len() <= idle.len()),
+            "the request's descriptors were all closed"
+        );
+        assert_eq!(payload_files(&env), [".lock"], "no payload file is left");
+        if response.status == 200 {
+            ran = true;
+            break;
+        }
+        assert_eq!(response.status, 503, "{}", response.text());
+        assert_eq!(response.header("Retry-After"), Some("1"));
+        refusals.push(
+            response.json()["error"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
+    }
+    assert!(
+        ran,
+        "the script ran once it had descriptors enough: {refusals:?}"
+    );
+    assert_eq!(
+        refusals.first().map(String::as_str),
+        Some("cannot store the payload: Too many open files (os error 24)"),
+        "{refusals:?}"
+    );
+    assert!(
+        refusals.len() > 1
+            && refusals[1..]
+                .iter()
+                .all(|r| r == "cannot run the script: Too many open files (os error 24)"),
+        "{refusals:?}"
+    );
+}
+
+#[test]
+fn a_payload_past_the_file_size_limit_is_500_and_leaves_no_file() {
+    use std::os::unix::process::CommandExt;
+    let env = Env::new();
+    env.script("quick", "exit 0");
+    // SAFETY: signal and setrlimit are async-signal-safe system calls. SIGXFSZ is ignored because the daemon
+    // does not handle it itself (yet): without that a write past RLIMIT_FSIZE kills it.
+    let server = env.serve_with(|command| unsafe {
+        command.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = rustix::process::Rlimit {
+                current: Some(64 << 10),
+                maximum: Some(64 << 10),
+            };
+            Ok(rustix::process::setrlimit(
+                rustix::process::Resource::Fsize,
+                limit,
+            )?)
+        });
+    });
+    // Over 64 KiB and under 256 KiB, so it is written in one piece once the route is chosen.
+    let response = server.post("/hooks/quick", &vec![b'x'; 100 << 10]);
+    assert_eq!(response.status, 500, "{}", response.text());
+    assert_eq!(
+        response.json()["error"],
+        "cannot store the payload: File too large (os error 27)"
+    );
+    assert_eq!(
+        payload_files(&env),
+        [".lock"],
+        "the partial file is removed"
+    );
+    let small = server.post("/hooks/quick", b"{}");
+    assert_eq!(
+        small.status,
+        200,
+        "the daemon still serves: {}",
+        small.text()
+    );
+}
+
+/// Shell lines that start `command` in its own session (`setsid -f`) with the script's stdout, publish its
+/// pid in `file`, and wait until it has: only then has it left the script's group. (Without the wait, a
+/// script that exits at once can have its group killed before the forked child has called setsid.)
+fn detached(command: &str, file: &Path) -> String {
+    format!(
+        "setsid -f sh -c 'echo $$ > \"$0.tmp\"; mv \"$0.tmp\" \"$0\"; exec {command}' {file:?}\n\
+         i=0\nwhile [ ! -e {file:?} ] && [ $i -lt 1000 ]; do sleep 0.01; i=$((i+1)); done"
+    )
+}
+
+#[test]
+fn a_setsid_survivor_holding_stdout_does_not_hold_the_answer() {
+    let env = Env::new();
+    let quiet = env.path().join("quiet.pid");
+    let loud = env.path().join("loud.pid");
+    env.script("quiet", &detached("sleep 30", &quiet));
+    // Still writing when the script exits: reading its pipe to the end would never end.
+    env.script(
+        "loud",
+        &format!("{}\nsleep 0.3", detached("yes flood", &loud)),
+    );
+    let _cleanup = KillOnDrop(vec![quiet.clone(), loud.clone()]);
+    let server = env.serve();
+    for (script, pid_file) in [("quiet", &quiet), ("loud", &loud)] {
+        let started = Instant::now();
+        let response = server.post(&format!("/hooks/{script}"), b"");
+        let took = started.elapsed();
+        assert_eq!(response.status, 200, "{script}: {}", response.text());
+        assert!(
+            took < Duration::from_secs(10),
+            "{script}: answered after {took:?}, as if waiting for the survivor's end of stdout"
+        );
+        assert!(pid_file.exists(), "{script}: no survivor");
+        let pid = read_pid(pid_file);
+        if script == "quiet" {
+            assert!(
+                alive(pid),
+                "a process in its own session outlives the request"
+            );
+        } else {
+            assert!(
+                server
+                    .wait_log("loud: output exceeded 64 KiB", Duration::from_secs(5))
+                    .is_some(),
+                "the survivor was flooding the script's stdout\n{}",
+                server.log()
+            );
+            assert!(
+                wait_gone(pid, GONE),
+                "once the answer is out its pipe is closed, and the writer ends on SIGPIPE"
+            );
+        }
+    }
+}
+
+#[test]
+fn payload_dir_defaults_to_runtime_directory_else_tmpdir() {
+    let uid = rustix::process::getuid().as_raw();
+    let env = Env::new().default_payload_dir();
+    let tmp = env.path().join("tmp");
+    fs::create_dir(&tmp).expect("mkdir tmp");
+    let seen = env.path().join("seen");
+    env.script("where", &format!("dirname \"$1\" > {seen:?}"));
+    let runtime = env.path().join("runtime");
+    let other = env.path().join("other");
+    for (runtime_directory, expected) in [
+        (None, tmp.join(format!("hookrunner-{uid}"))),
+        // systemd lists one directory per RuntimeDirectory= entry; the first is ours.
+        (
+            Some(format!("{}:{}", runtime.display(), other.display())),
+            runtime.clone(),
+        ),
+    ] {
+        let server = env.serve_with(|command| {
+            command.env("TMPDIR", &tmp);
+            match &runtime_directory {
+                Some(dir) => command.env("RUNTIME_DIRECTORY", dir),
+                None => command.env_remove("RUNTIME_DIRECTORY"),
+            };
+        });
+        assert!(
+            server
+                .wait_log(
+                    &format!("payloads in {}", expected.display()),
+                    Duration::from_secs(5)
+                )
+                .is_some(),
+            "{runtime_directory:?}:\n{}",
+            server.log()
+        );
+        let response = server.post("/hooks/where", b"");
+        assert_eq!(response.status, 200, "{}", response.text());
+        assert_eq!(
+            fs::read_to_string(&seen).expect("seen").trim(),
+            expected.display().to_string()
+        );
+        let meta = fs::metadata(&expected).expect("payload dir");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+    }
+    assert!(!other.exists(), "only the first RUNTIME_DIRECTORY is used");
+}
+
+/// Starts the daemon expecting it to refuse to start; returns its log.
+fn refused_at_start(env: &Env) -> String {
+    let mut server = Server::spawn(env.serve_command("127.0.0.1:0"));
+    let status = server
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("the daemon did not exit\n{}", server.log()));
+    assert!(
+        status.code().is_some_and(|c| c != 0),
+        "exits with an error code, not {status:?}"
+    );
+    // Its stderr may still be on its way to the collecting thread.
+    server.wait_log("payload directory", Duration::from_secs(5));
+    let log = server.log();
+    assert!(!log.contains("listening on"), "{log}");
+    log
+}
+
+#[test]
+fn payload_dir_is_made_private_and_one_not_ours_is_refused_at_start() {
+    let env = Env::new();
+    fs::create_dir(env.payloads()).expect("mkdir payloads");
+    fs::set_permissions(env.payloads(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    drop(env.serve());
+    let mode = fs::metadata(env.payloads())
+        .expect("stat")
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o777,
+        0o700,
+        "an existing 0755 directory is made 0700"
+    );
+
+    fs::remove_dir_all(env.payloads()).expect("rm");
+    fs::write(env.payloads(), "").expect("a file where the directory should be");
+    let log = refused_at_start(&env);
+    assert!(log.contains("must be a directory owned by uid"), "{log}");
+
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped the other-owner case: only root can give a directory to another user");
+        return;
+    }
+    fs::remove_file(env.payloads()).expect("rm");
+    fs::create_dir(env.payloads()).expect("mkdir payloads");
+    fs::set_permissions(env.payloads(), fs::Permissions::from_mode(0o700)).expect("chmod");
+    // 65534: nobody.
+    std::os::unix::fs::chown(env.payloads(), Some(65534), Some(65534)).expect("chown");
+    let log = refused_at_start(&env);
+    assert!(
+        log.contains(&format!(
+            "payload_dir {} must be a directory owned by uid 0",
+            env.payloads().display()
+        )),
+        "{log}"
+    );
 }

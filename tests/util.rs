@@ -26,6 +26,8 @@ pub fn payload(name: &str) -> Vec<u8> {
 pub struct Env {
     pub dir: tempfile::TempDir,
     extra: String,
+    /// Whether the config names `payload_dir` (see [`Env::default_payload_dir`]).
+    payload_dir_key: bool,
 }
 
 impl Env {
@@ -35,6 +37,7 @@ impl Env {
         Env {
             dir,
             extra: String::new(),
+            payload_dir_key: true,
         }
     }
 
@@ -73,11 +76,10 @@ impl Env {
     pub fn config_path(&self) -> PathBuf {
         let path = self.dir.path().join("hookrunner.toml");
         let routes = self.dir.path().join("routes");
-        let mut text = format!(
-            "scripts_dir = {:?}\npayload_dir = {:?}\n",
-            self.scripts(),
-            self.payloads()
-        );
+        let mut text = format!("scripts_dir = {:?}\n", self.scripts());
+        if self.payload_dir_key {
+            text.push_str(&format!("payload_dir = {:?}\n", self.payloads()));
+        }
         if routes.exists() {
             text.push_str(&format!("routes = {routes:?}\n"));
         }
@@ -95,6 +97,12 @@ impl Env {
         let mut command = self.serve_command("127.0.0.1:0");
         tweak(&mut command);
         Server::start(command)
+    }
+
+    /// Leaves `payload_dir` out of the config, so the daemon picks its default (from its environment).
+    pub fn default_payload_dir(mut self) -> Env {
+        self.payload_dir_key = false;
+        self
     }
 
     /// Runs `hookrunner check` on this env's config.
