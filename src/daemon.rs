@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGXFSZ};
 
 use crate::config::{Config, ConfigError, Overrides};
 use crate::gateway::Gateway;
@@ -95,6 +95,10 @@ fn register_signals(
     signal_hook::flag::register(SIGTERM, Arc::clone(stop))?;
     signal_hook::flag::register(SIGINT, Arc::clone(stop))?;
     signal_hook::flag::register(SIGHUP, Arc::clone(reload))?;
+    // Under a file-size limit (`LimitFSIZE=`, `ulimit -f`) a payload written past it raises SIGXFSZ, whose
+    // default action ends the process: with a handler the write fails with EFBIG and that request alone is
+    // answered 500. Scripts get the default action back at exec, as with any handled signal.
+    signal_hook::flag::register(SIGXFSZ, Arc::new(AtomicBool::new(false)))?;
     for signal in [SIGTERM, SIGINT, SIGHUP] {
         signal_hook::low_level::pipe::register(signal, waker.try_clone()?)?;
     }

@@ -72,11 +72,14 @@ impl Refusal {
     }
 }
 
-/// Out of descriptors, processes or memory: the request may succeed later, so 503, not 500.
+/// Out of descriptors, processes, memory, disk space or quota: the request may succeed later, so 503, not
+/// 500.
 fn is_resource_shortage(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::EAGAIN | libc::ENOMEM | libc::ENOSPC)
+        Some(
+            libc::EMFILE | libc::ENFILE | libc::EAGAIN | libc::ENOMEM | libc::ENOSPC | libc::EDQUOT
+        )
     )
 }
 

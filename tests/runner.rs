@@ -887,11 +887,10 @@ fn a_payload_past_the_file_size_limit_is_500_and_leaves_no_file() {
     use std::os::unix::process::CommandExt;
     let env = Env::new();
     env.script("quick", "exit 0");
-    // SAFETY: signal and setrlimit are async-signal-safe system calls. SIGXFSZ is ignored because the daemon
-    // does not handle it itself (yet): without that a write past RLIMIT_FSIZE kills it.
+    // SAFETY: setrlimit is an async-signal-safe system call. SIGXFSZ keeps its default action (end the
+    // process): the daemon must handle it itself for the write to fail with EFBIG instead.
     let server = env.serve_with(|command| unsafe {
         command.pre_exec(|| {
-            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
             let limit = rustix::process::Rlimit {
                 current: Some(64 << 10),
                 maximum: Some(64 << 10),
