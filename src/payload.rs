@@ -43,6 +43,20 @@ impl PayloadDir {
                 path.display()
             )));
         }
+        // Never adopt a directory that holds anything but ours (`payload_dir = "/tmp"`): it would be made
+        // private and emptied.
+        let foreign = fs::read_dir(path)
+            .map_err(|e| context("cannot list", e))?
+            .filter_map(Result::ok)
+            .find(|entry| !is_ours(&entry.file_name()));
+        if let Some(entry) = foreign {
+            return Err(io::Error::other(format!(
+                "payload_dir {} holds {:?}, which is not a hookrunner payload file: give hookrunner a \
+                 directory of its own",
+                path.display(),
+                entry.file_name()
+            )));
+        }
         if meta.mode() & 0o077 != 0 {
             fs::set_permissions(path, fs::Permissions::from_mode(0o700))
                 .map_err(|e| context("cannot chmod 0700", e))?;
@@ -73,6 +87,7 @@ impl PayloadDir {
         Ok((dir, stale))
     }
 
+    /// Removes the payload files a crashed run left (the directory holds nothing else: see `open`).
     fn remove_stale(&self) -> io::Result<usize> {
         let mut removed = 0;
         for entry in fs::read_dir(&self.path)? {
@@ -104,6 +119,16 @@ impl PayloadDir {
             file: Some(file),
         })
     }
+}
+
+/// `.lock` or `payload-N`: the only names hookrunner creates in its directory.
+fn is_ours(name: &std::ffi::OsStr) -> bool {
+    name == LOCK_FILE
+        || name.to_str().is_some_and(|n| {
+            n.strip_prefix("payload-").is_some_and(|digits| {
+                !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+            })
+        })
 }
 
 /// A payload file, removed on drop.
@@ -191,5 +216,34 @@ mod tests {
             .map(|e| e.file_name())
             .collect();
         assert_eq!(left, vec![std::ffi::OsString::from(LOCK_FILE)]);
+    }
+
+    #[test]
+    fn a_directory_holding_anything_not_ours_is_refused_and_left_alone() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let shared = tmp.path().join("shared");
+        fs::create_dir(&shared).expect("mkdir");
+        fs::set_permissions(&shared, fs::Permissions::from_mode(0o755)).expect("chmod");
+        fs::write(shared.join("someone-elses.txt"), "keep me").expect("write");
+        fs::write(shared.join("payload-7"), "stale").expect("write");
+        let error = PayloadDir::open(&shared).expect_err("refused");
+        assert!(error.to_string().contains("someone-elses.txt"), "{error}");
+        assert_eq!(
+            fs::read(shared.join("someone-elses.txt")).expect("kept"),
+            b"keep me"
+        );
+        assert!(
+            shared.join("payload-7").exists(),
+            "nothing is removed from a refused directory"
+        );
+        assert_eq!(
+            fs::metadata(&shared).expect("stat").mode() & 0o777,
+            0o755,
+            "nor is it chmodded"
+        );
+        assert!(!shared.join(LOCK_FILE).exists());
+        for name in ["payload-", "payload-1x", "Payload-1", ".lock2"] {
+            assert!(!is_ours(std::ffi::OsStr::new(name)), "{name}");
+        }
     }
 }
