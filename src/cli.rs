@@ -113,7 +113,18 @@ pub fn run() -> ExitCode {
         }
         Command::Check { config, overrides } => match Config::load(config.as_deref(), &overrides) {
             Ok(config) => {
+                for warning in &config.warnings {
+                    eprintln!("hookrunner: warning: {warning}");
+                }
                 print!("{}", config.routes);
+                for sender in &config.senders.senders {
+                    println!(
+                        "# sender {}: {} on {}",
+                        sender.name,
+                        sender.scheme.name(),
+                        sender.path
+                    );
+                }
                 println!("# configuration OK");
                 ExitCode::SUCCESS
             }

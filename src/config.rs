@@ -11,6 +11,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
+use crate::auth::Senders;
+use crate::auth::net::{Cidr, Trusted};
+use crate::auth::profile::{self, RawSender};
 use crate::event::Source;
 use crate::routes::{self, Routes, RoutesError};
 use crate::units::{Bytes, Quantity, Range, parse_duration, parse_size};
@@ -77,6 +80,15 @@ pub struct Config {
     /// 1 to 64 entries ([`EVENT_SOURCES`]: an empty list would refuse every request). Default: see
     /// [`crate::event::default_sources`].
     pub event: Vec<Source>,
+    /// `[[sender]]`: the sender profiles (README, "Sender authentication"). With none, every request is
+    /// accepted, and only on a loopback address or a unix socket unless `allow_unauthenticated`.
+    pub senders: Senders,
+    /// `trusted_proxies`: the peers whose `X-Forwarded-For` is believed, as addresses or blocks
+    /// (`127.0.0.1/32`), and `unix` for a reverse proxy on the unix socket (default: none).
+    pub trusted_proxies: Trusted,
+    /// What loading noticed that is not an error (a secret file others can read): `check` prints these,
+    /// `serve` logs them.
+    pub warnings: Vec<String>,
 }
 
 // The ranges of the keys above, as their fields document them.
@@ -111,6 +123,21 @@ impl fmt::Display for Listen {
 }
 
 impl Listen {
+    /// A unix socket or a loopback address: reachable only from this machine.
+    pub fn is_local(&self) -> bool {
+        match self {
+            Listen::Unix(_) => true,
+            Listen::Tcp(addr) => {
+                let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                host.eq_ignore_ascii_case("localhost")
+                    || host
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+        }
+    }
+
     pub fn parse(text: &str) -> Result<Listen, String> {
         if let Some(path) = text.strip_prefix("unix:") {
             if !path.starts_with('/') {
@@ -195,6 +222,9 @@ struct RawConfig {
     header_timeout: Option<DurationValue>,
     keepalive_timeout: Option<DurationValue>,
     event: Option<Vec<SourceValue>>,
+    trusted_proxies: Option<Vec<String>>,
+    allow_unauthenticated: Option<bool>,
+    sender: Option<Vec<RawSender>>,
 }
 
 impl Config {
@@ -276,6 +306,61 @@ impl Config {
             .clone()
             .or(raw.listen.map(|l| l.0))
             .unwrap_or_else(|| Listen::Tcp("127.0.0.1:8080".to_string()));
+        let mut warnings = Vec::new();
+        let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        let mut senders = Vec::new();
+        for (index, raw_sender) in raw.sender.into_iter().flatten().enumerate() {
+            let name = raw_sender.name().to_string();
+            let mut context = profile::Context {
+                credentials: credentials.as_deref(),
+                base,
+                warnings: &mut warnings,
+            };
+            let sender = raw_sender.build(&mut context).map_err(|e| {
+                ConfigError::new(
+                    file.path,
+                    table_line(file.text, "[[sender]]", index),
+                    format!("sender {name:?}: {e}"),
+                )
+            })?;
+            if senders
+                .iter()
+                .any(|s: &crate::auth::Sender| s.name == sender.name)
+            {
+                return Err(ConfigError::new(
+                    file.path,
+                    table_line(file.text, "[[sender]]", index),
+                    format!(
+                        "sender {name:?} is named twice: names appear in logs and must be unique"
+                    ),
+                ));
+            }
+            senders.push(sender);
+        }
+        let mut trusted_proxies = Trusted::default();
+        for entry in raw.trusted_proxies.into_iter().flatten() {
+            if entry == "unix" {
+                trusted_proxies.unix = true;
+            } else {
+                let block = Cidr::parse(&entry)
+                    .map_err(|e| file.error("trusted_proxies", format!("trusted_proxies: {e}")))?;
+                trusted_proxies.blocks.push(block);
+            }
+        }
+        // `allow_unauthenticated`: serve without any sender on a non-loopback address (default false; the
+        // daemon warns at every start when it does).
+        let allow_unauthenticated = raw.allow_unauthenticated.unwrap_or(false);
+        if senders.is_empty() && !allow_unauthenticated && !listen.is_local() {
+            let message = format!(
+                "listen = {listen} is not a loopback address or a unix socket, and no [[sender]] is configured: \
+                 anyone who can reach it could run your scripts. Configure a sender (README, \"Sender \
+                 authentication\"), or set allow_unauthenticated = true"
+            );
+            return Err(match overrides.listen {
+                Some(_) => ConfigError::new(None, None, format!("--listen: {message}")),
+                None => file.error("listen", message),
+            });
+        }
         let duration = |key: &str, value: Option<DurationValue>, default: u64, range| {
             file.within(
                 key,
@@ -341,8 +426,20 @@ impl Config {
                 KEEPALIVE_TIMEOUT,
             )?,
             event,
+            senders: Senders { senders },
+            trusted_proxies,
+            warnings,
         })
     }
+}
+
+/// The 1-based line of the `index`-th (from 0) `header` table line, such as `[[sender]]`.
+fn table_line(text: &str, header: &str, index: usize) -> Option<usize> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| l.trim() == header)
+        .nth(index)
+        .map(|(i, _)| i + 1)
 }
 
 /// The configuration file's name and text, to place an error about a key on the key's line.

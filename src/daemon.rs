@@ -68,6 +68,7 @@ pub fn serve(config_path: Option<PathBuf>, overrides: Overrides) -> Result<(), E
         config.scripts_dir.display(),
         payloads.path().display()
     );
+    announce_senders(&config);
     let gateway = Arc::new(Gateway::new(config, payloads, runner));
     let handler: Arc<dyn http::Handler> = gateway.clone();
     http::serve(listener, limits, handler, &wake, || {
@@ -83,6 +84,33 @@ pub fn serve(config_path: Option<PathBuf>, overrides: Overrides) -> Result<(), E
     .map_err(|e| Error::Start("accept loop".into(), e))?;
     log::info!("stopped");
     Ok(())
+}
+
+/// Says at every start (and reload) who may run scripts: the senders, or that anyone who can connect may.
+fn announce_senders(config: &Config) {
+    for warning in &config.warnings {
+        log::warn!("{warning}");
+    }
+    if !config.senders.is_empty() {
+        let names: Vec<&str> = config
+            .senders
+            .senders
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        log::info!("{} sender(s): {}", names.len(), names.join(", "));
+    } else if config.listen.is_local() {
+        log::info!(
+            "open: no sender is configured, so every request is accepted; {} is reachable only from this machine",
+            config.listen
+        );
+    } else {
+        log::warn!(
+            "open: no sender is configured and allow_unauthenticated = true: anyone who can reach {} can run \
+             the scripts",
+            config.listen
+        );
+    }
 }
 
 /// Flags first, then the wake-up write: signal-hook runs actions in registration order, so the accept loop
@@ -138,6 +166,7 @@ fn reload_config(gateway: &Gateway, path: Option<&std::path::Path>, overrides: &
         }
     }
     let routes = new.routes.routes.len();
+    announce_senders(&new);
     gateway.replace(new);
     // Only now: whoever reads this line may rely on the new routes being in force.
     log::info!("reloaded: {routes} route(s)");

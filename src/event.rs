@@ -7,7 +7,7 @@ use crate::document::{Document, MalformedBody, percent_decode};
 /// Where an event name may be found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
-    /// The URL path `/hooks/<name>`.
+    /// The URL path `/hooks/<name>`, or a path ending in it (`/jamf/hooks/<name>`).
     Path,
     /// A request header's value.
     Header(String),
@@ -157,10 +157,11 @@ pub fn resolve(sources: &[Source], inputs: &mut impl Inputs) -> Result<String, E
 
 fn lookup(source: &Source, inputs: &mut impl Inputs) -> Result<Option<String>, EventError> {
     let found = match source {
+        // `/hooks/NAME`, also below a sender's path (`/jamf/hooks/NAME`).
         Source::Path => inputs
             .path()
-            .strip_prefix("/hooks/")
-            .map(|name| percent_decode(name.as_bytes(), false)),
+            .rsplit_once("/hooks/")
+            .map(|(_, name)| percent_decode(name.as_bytes(), false)),
         Source::Header(name) => inputs.header(name).map(str::to_string),
         Source::Gitlab => {
             let Some(header) = inputs.header("X-Gitlab-Event").map(str::to_string) else {

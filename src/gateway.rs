@@ -1,19 +1,23 @@
-//! The request path, in one function ([`Gateway::serve`]): authenticate → receive the body into a private
-//! payload file → resolve the event name → select the route → run the script → answer with the truth. Every
+//! The request path, in one function ([`Gateway::serve`]): authenticate the sender from the head → receive
+//! the body, checking its signature as it streams in → resolve the event name → check the sender may send it
+//! → select the route → write the private payload file → run the script → answer with the truth. Every
 //! refusal is a [`Refusal`], and [`Refusal::status`] is the one place that maps it to an HTTP status.
 
 use std::borrow::Cow;
 use std::io::{self, Read, Write};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 
+use crate::auth::replay::{Claim, Guard, Replays};
+use crate::auth::{self, Admitted, BodyCheck, Failure, Scheme, Sender};
 use crate::config::Config;
 use crate::document::{Document, Format, MalformedBody};
 use crate::event::{self, EventError, Inputs};
 use crate::http::{self, BodyError, Method, Request, Response};
-use crate::logging::Escaped;
+use crate::logging::{Escaped, RateLimit};
 use crate::payload::{Payload, PayloadDir};
 use crate::routes::{SelectError, UnsafeScript};
 use crate::runner::{Exit, Job, Limiter, Outcome, Runner};
@@ -28,11 +32,21 @@ pub struct Gateway {
     payloads: PayloadDir,
     runner: Runner,
     limiter: Limiter,
+    replays: Replays,
+    /// Authentication failures at warn level, at most one a second: a flood of bad requests must not
+    /// flood the log (each request's own line still says why it was refused).
+    auth_log: Mutex<RateLimit>,
 }
 
 /// Why a request was not run, or not run to success.
 #[derive(Debug)]
 enum Refusal {
+    /// The sender could not prove who it is (401), or may not do this (403).
+    Auth(Failure),
+    /// A Standard Webhooks delivery already accepted: answered 200, not run again.
+    Duplicate(String),
+    /// The same delivery is running now: the sender should retry.
+    InProgress,
     Event(EventError),
     Malformed(MalformedBody),
     NoRoute(String),
@@ -49,6 +63,9 @@ enum Refusal {
 impl Refusal {
     fn status(&self) -> u16 {
         match self {
+            Refusal::Auth(failure) => failure.status(),
+            Refusal::Duplicate(_) => 200,
+            Refusal::InProgress => 503,
             Refusal::Event(_) | Refusal::Malformed(_) => 400,
             Refusal::NoRoute(_) => 404,
             Refusal::Body(e) => e.status(),
@@ -60,6 +77,11 @@ impl Refusal {
 
     fn message(&self) -> String {
         match self {
+            // The client learns only that it failed; the log says which check.
+            Refusal::Auth(f) if f.status() == 401 => "authentication required".to_string(),
+            Refusal::Auth(_) => "forbidden".to_string(),
+            Refusal::Duplicate(id) => format!("delivery {id} was already accepted"),
+            Refusal::InProgress => "this delivery is being run now; retry later".to_string(),
             Refusal::Event(e) => e.to_string(),
             Refusal::Malformed(m) => m.0.clone(),
             Refusal::NoRoute(event) => format!("no route for event {event:?}"),
@@ -87,7 +109,14 @@ fn is_resource_shortage(e: &io::Error) -> bool {
 struct Ran {
     event: String,
     script: String,
+    sender: Option<String>,
     outcome: Outcome,
+}
+
+/// Who the request came from, once its head passed the sender's checks.
+struct Authenticated<'c> {
+    sender: Option<&'c Sender>,
+    admitted: Option<Admitted>,
 }
 
 impl Gateway {
@@ -97,6 +126,8 @@ impl Gateway {
             config: RwLock::new(Arc::new(config)),
             payloads,
             runner,
+            replays: Replays::default(),
+            auth_log: Mutex::new(RateLimit::new(log::Level::Warn)),
         }
     }
 
@@ -109,9 +140,65 @@ impl Gateway {
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
     }
 
+    /// The head's half of authentication: which sender, and whether its address and headers pass.
+    fn authenticate<'c>(
+        &self,
+        config: &'c Config,
+        request: &Request<'_>,
+    ) -> Result<Authenticated<'c>, Refusal> {
+        if config.senders.is_empty() {
+            return Ok(Authenticated {
+                sender: None,
+                admitted: None,
+            });
+        }
+        let sender = config
+            .senders
+            .select(&request.path)
+            .ok_or(Refusal::Auth(Failure::NoSender))?;
+        let header = |name: &str| request.header(name);
+        let head = auth::Head {
+            header: &header,
+            forwarded_for: request.headers("X-Forwarded-For").collect(),
+            peer: request.remote.parse::<SocketAddr>().ok().map(|a| a.ip()),
+            now: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64),
+        };
+        let admitted = sender
+            .admit(&head, &config.trusted_proxies)
+            .map_err(Refusal::Auth)?;
+        Ok(Authenticated {
+            sender: Some(sender),
+            admitted: Some(admitted),
+        })
+    }
+
+    /// A Standard Webhooks delivery id, claimed for this request: a replay is answered, not run.
+    fn claim_delivery<'g>(
+        &'g self,
+        sender: Option<&Sender>,
+        delivery_id: Option<&str>,
+    ) -> Result<Option<Guard<'g>>, Refusal> {
+        let (Some(sender), Some(id)) = (sender, delivery_id) else {
+            return Ok(None);
+        };
+        let Scheme::StandardWebhooks { window, .. } = &sender.scheme else {
+            return Ok(None);
+        };
+        match self.replays.claim(&sender.name, id, *window) {
+            Claim::New(guard) => Ok(Some(guard)),
+            Claim::Duplicate => Err(Refusal::Duplicate(id.to_string())),
+            Claim::Busy => Err(Refusal::InProgress),
+        }
+    }
+
     fn serve(&self, config: &Config, request: &mut Request<'_>) -> Result<Ran, Refusal> {
-        // Sender authentication plugs in here (its own issue); until then every sender is accepted.
-        let received = receive(request, &self.payloads)?;
+        let Authenticated { sender, admitted } = self.authenticate(config, request)?;
+        let check = admitted.and_then(|a| a.body);
+        let delivery_id = auth::delivery_id(&|name: &str| request.header(name));
+        let received = receive(request, &self.payloads, check)?;
+        let claim = self.claim_delivery(sender, delivery_id.as_deref())?;
         let (event, selected) = {
             let mut inputs = RequestInputs {
                 request,
@@ -119,6 +206,9 @@ impl Gateway {
                 document: None,
             };
             let event = event::resolve(&config.event, &mut inputs).map_err(Refusal::Event)?;
+            if let Some(sender) = sender {
+                sender.may_send(&event).map_err(Refusal::Auth)?;
+            }
             let field = |path: &str| {
                 inputs
                     .document()
@@ -148,7 +238,14 @@ impl Gateway {
             ("HOOKRUNNER_PATH", request.path.as_str()),
             ("HOOKRUNNER_QUERY", request.query.as_str()),
             ("HOOKRUNNER_REMOTE_ADDR", remote.as_str()),
+            ("HOOKRUNNER_SENDER", sender.map_or("", |s| s.name.as_str())),
+            (
+                "HOOKRUNNER_DELIVERY_ID",
+                delivery_id.as_deref().unwrap_or(""),
+            ),
         ];
+        // An empty value is no value: a script tests `[ -n "$HOOKRUNNER_SENDER" ]`.
+        let env: Vec<(&str, &str)> = env.into_iter().filter(|(_, v)| !v.is_empty()).collect();
         let job = Job {
             script: &selected.script,
             payload: payload.path(),
@@ -158,6 +255,11 @@ impl Gateway {
             request_id: &request.id,
         };
         let outcome = self.runner.run(&job).map_err(Refusal::Spawn)?;
+        if let Some(claim) = claim {
+            if outcome.exit == Exit::Code(0) {
+                claim.accept();
+            }
+        }
         let script = selected
             .script
             .strip_prefix(&config.scripts_dir)
@@ -165,6 +267,7 @@ impl Gateway {
         Ok(Ran {
             script: script.display().to_string(),
             event,
+            sender: sender.map(|s| s.name.clone()),
             outcome,
         })
     }
@@ -182,6 +285,15 @@ impl http::Handler for Gateway {
         let config = self.config();
         match self.serve(&config, request) {
             Ok(ran) => ran.response(&request.id),
+            Err(Refusal::Duplicate(id)) => {
+                let mut response = Response::json(
+                    200,
+                    &json!({ "request_id": request.id, "delivery_id": id, "duplicate": true }),
+                );
+                response.note = format!(" delivery_id=\"{}\" duplicate=true", Escaped(&id));
+                response
+            }
+            Err(Refusal::Auth(failure)) => self.refuse_sender(&config, request, &failure),
             Err(refusal) => {
                 let status = refusal.status();
                 let message = refusal.message();
@@ -198,6 +310,42 @@ impl http::Handler for Gateway {
                 response
             }
         }
+    }
+}
+
+impl Gateway {
+    /// A generic answer for the client; for the operator, which check failed, never a secret or what the
+    /// client sent in place of one.
+    fn refuse_sender(&self, config: &Config, request: &Request<'_>, failure: &Failure) -> Response {
+        let refusal = Refusal::Auth(failure.clone());
+        let mut response = Response::error(refusal.status(), &request.id, &refusal.message());
+        let sender = config.senders.select(&request.path);
+        let name = sender.map_or("-", |s| s.name.as_str());
+        response.note = format!(" sender={name} auth=\"{}\"", Escaped(&failure.to_string()));
+        if sender.is_some_and(|s| matches!(s.scheme, Scheme::Basic { .. }))
+            && failure.status() == 401
+        {
+            response
+                .headers
+                .push(("WWW-Authenticate", "Basic realm=\"hookrunner\"".to_string()));
+        }
+        self.auth_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .log(&format!(
+                "{} authentication failed for sender {name} from {}: {}",
+                request.id,
+                request.remote,
+                Escaped(&failure.to_string())
+            ));
+        if log::log_enabled!(log::Level::Debug) {
+            let names: Vec<String> = request
+                .header_names()
+                .map(|n| Escaped(n).to_string())
+                .collect();
+            log::debug!("{} header names: {}", request.id, names.join(", "));
+        }
+        response
     }
 }
 
@@ -227,7 +375,15 @@ impl Ran {
             (None, Some(signal)) => format!("signal{signal}"),
             _ => "timeout".to_string(),
         };
-        response.note = format!(" event={} script={} exit={exit}", self.event, self.script);
+        let sender = self
+            .sender
+            .as_ref()
+            .map(|s| format!(" sender={s}"))
+            .unwrap_or_default();
+        response.note = format!(
+            "{sender} event={} script={} exit={exit}",
+            self.event, self.script
+        );
         response
     }
 }
@@ -257,7 +413,7 @@ impl Received {
         let mut payload = match self {
             Received::Spilled(payload) => payload,
             Received::Inline(bytes) => {
-                let mut payload = payloads.create().map_err(Refusal::Payload)?;
+                let mut payload = payloads.create_unnamed().map_err(Refusal::Payload)?;
                 payload.write_all(&bytes).map_err(Refusal::Payload)?;
                 payload
             }
@@ -267,9 +423,15 @@ impl Received {
     }
 }
 
-/// Reads the body, keeping it in memory up to `INLINE_BODY` and streaming the rest to a payload file. A
-/// bodiless GET stands for its raw query string (Kazoo sends its payload that way).
-fn receive(request: &mut Request<'_>, payloads: &PayloadDir) -> Result<Received, Refusal> {
+/// Reads the body, keeping it in memory up to `INLINE_BODY` and streaming the rest to a payload file that
+/// has no name until the request is routed. Every byte goes through the sender's signature check, if it has
+/// one, which must pass before anything else happens. A bodiless GET stands for its raw query string (Kazoo
+/// sends its payload that way); a signature covers the body, so for it too the empty body.
+fn receive(
+    request: &mut Request<'_>,
+    payloads: &PayloadDir,
+    mut check: Option<BodyCheck>,
+) -> Result<Received, Refusal> {
     let mut received = Received::Inline(Vec::new());
     let mut chunk = [0u8; 16 << 10];
     loop {
@@ -279,12 +441,15 @@ fn receive(request: &mut Request<'_>, payloads: &PayloadDir) -> Result<Received,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(Refusal::Body(BodyError::of(&e))),
         };
+        if let Some(check) = &mut check {
+            check.update(&chunk[..n]);
+        }
         match &mut received {
             Received::Inline(bytes) if bytes.len() + n <= INLINE_BODY => {
                 bytes.extend_from_slice(&chunk[..n]);
             }
             Received::Inline(bytes) => {
-                let mut payload = payloads.create().map_err(Refusal::Payload)?;
+                let mut payload = payloads.create_unnamed().map_err(Refusal::Payload)?;
                 payload.write_all(bytes).map_err(Refusal::Payload)?;
                 payload.write_all(&chunk[..n]).map_err(Refusal::Payload)?;
                 received = Received::Spilled(payload);
@@ -293,6 +458,9 @@ fn receive(request: &mut Request<'_>, payloads: &PayloadDir) -> Result<Received,
                 payload.write_all(&chunk[..n]).map_err(Refusal::Payload)?
             }
         }
+    }
+    if let Some(check) = check {
+        check.finish().map_err(Refusal::Auth)?;
     }
     if let Received::Inline(bytes) = &mut received {
         if bytes.is_empty() && request.method == Method::Get {

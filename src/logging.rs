@@ -7,7 +7,7 @@
 
 use std::fmt::{self, Write as _};
 use std::io::Write;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use log::Level;
 
@@ -78,6 +78,45 @@ pub fn escape_bytes(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len());
     let _ = write!(out, "{}", Escaped(&String::from_utf8_lossy(bytes)));
     out
+}
+
+/// Logs at most one message a second, counting the ones it holds back in the next it lets through.
+pub struct RateLimit {
+    level: log::Level,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    pub fn new(level: log::Level) -> RateLimit {
+        RateLimit {
+            level,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    pub fn log(&mut self, message: &str) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            self.suppressed += 1;
+            return;
+        }
+        if self.suppressed > 0 {
+            log::log!(
+                self.level,
+                "{message} ({} similar messages suppressed)",
+                self.suppressed
+            );
+        } else {
+            log::log!(self.level, "{message}");
+        }
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! hookrunner: a hardened webhook → script gateway. See ARCHITECTURE.md for the map of modules.
 
+mod auth;
 mod cli;
 mod config;
 mod daemon;

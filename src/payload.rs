@@ -3,11 +3,12 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use rustix::fs::FlockOperation;
+use rustix::fs::{AtFlags, CWD, FlockOperation, Mode, OFlags};
 use rustix::io::Errno;
 
 const LOCK_FILE: &str = ".lock";
@@ -117,7 +118,27 @@ impl PayloadDir {
         Ok(Payload {
             path,
             file: Some(file),
+            named: true,
         })
+    }
+
+    /// A new payload file without a name yet (`O_TMPFILE`): it appears in the directory only when
+    /// [`Payload::finish`] links it, so a body streamed to disk before the request is authenticated and
+    /// routed leaves no file behind when it is refused. On a file system without `O_TMPFILE`, a named file.
+    pub fn create_unnamed(&self) -> io::Result<Payload> {
+        let flags = OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC;
+        match rustix::fs::open(&self.path, flags, Mode::from_raw_mode(0o600)) {
+            Ok(fd) => {
+                let n = self.next.fetch_add(1, Ordering::Relaxed);
+                Ok(Payload {
+                    path: self.path.join(format!("payload-{n}")),
+                    file: Some(File::from(fd)),
+                    named: false,
+                })
+            }
+            Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => self.create(),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
@@ -136,6 +157,8 @@ fn is_ours(name: &std::ffi::OsStr) -> bool {
 pub struct Payload {
     path: PathBuf,
     file: Option<File>,
+    /// False while an `O_TMPFILE` file has no name in the directory.
+    named: bool,
 }
 
 impl Payload {
@@ -143,12 +166,19 @@ impl Payload {
         &self.path
     }
 
-    /// Closes the file so the script sees it complete and does not inherit it.
+    /// Gives an unnamed file its name, and closes the file so the script sees it complete and does not
+    /// inherit it.
     pub fn finish(&mut self) -> io::Result<()> {
-        match self.file.take() {
-            Some(mut file) => file.flush(),
-            None => Ok(()),
+        let Some(file) = self.file.take() else {
+            return Ok(());
+        };
+        if !self.named {
+            // Linking through /proc is how an O_TMPFILE file gets a name without CAP_DAC_READ_SEARCH.
+            let fd_path = format!("/proc/self/fd/{}", file.as_raw_fd());
+            rustix::fs::linkat(CWD, fd_path, CWD, &self.path, AtFlags::SYMLINK_FOLLOW)?;
+            self.named = true;
         }
+        Ok(())
     }
 }
 
@@ -168,6 +198,9 @@ impl Write for Payload {
 impl Drop for Payload {
     fn drop(&mut self) {
         self.file = None;
+        if !self.named {
+            return;
+        }
         if let Err(e) = fs::remove_file(&self.path) {
             log::error!("cannot remove payload file {}: {e}", self.path.display());
         }
@@ -216,6 +249,44 @@ mod tests {
             .map(|e| e.file_name())
             .collect();
         assert_eq!(left, vec![std::ffi::OsString::from(LOCK_FILE)]);
+    }
+
+    #[test]
+    fn an_unnamed_file_appears_only_when_finished() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir_path = tmp.path().join("payloads");
+        let (dir, _) = PayloadDir::open(&dir_path).expect("open");
+        let names = || {
+            let mut names: Vec<String> = fs::read_dir(&dir_path)
+                .expect("ls")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        let mut refused = dir.create_unnamed().expect("create");
+        refused.write_all(b"never seen").expect("write");
+        assert_eq!(
+            names(),
+            [LOCK_FILE],
+            "an unnamed file is in no directory listing"
+        );
+        drop(refused);
+        assert_eq!(names(), [LOCK_FILE]);
+        let mut accepted = dir.create_unnamed().expect("create");
+        accepted.write_all(b"body").expect("write");
+        accepted.finish().expect("link");
+        assert_eq!(fs::read(accepted.path()).expect("read"), b"body");
+        assert_eq!(
+            fs::metadata(accepted.path()).expect("stat").mode() & 0o777,
+            0o600
+        );
+        drop(accepted);
+        assert_eq!(
+            names(),
+            [LOCK_FILE],
+            "removed on drop like any payload file"
+        );
     }
 
     #[test]

@@ -11,8 +11,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use crate::util::{
-    Env, KillOnDrop, Release, Response, Server, alive, payload_files, read_pid, send, wait_file,
-    wait_for_release, wait_gone, wait_until,
+    Env, KillOnDrop, Release, Response, Server, alive, open_payload_files, payload_files, read_pid,
+    send, wait_file, wait_for_release, wait_gone, wait_until,
 };
 
 /// How long a killed process may take to disappear.
@@ -484,15 +484,27 @@ fn payload_files_of_spilled_and_refused_bodies_are_removed_too() {
     stream
         .write_all(&vec![b'x'; 300 << 10])
         .expect("part of the body");
-    let spilled = wait_payload_files(&env, |names| names.len() == 2);
+    // The spilled body is in a file that has no name until the request is routed (O_TMPFILE): the daemon
+    // holds it open, and the directory shows nothing.
+    let pid = server.child.id();
+    assert!(
+        wait_until(Duration::from_secs(10), || open_payload_files(pid, &env)
+            == 1),
+        "the body was spilled to a file the daemon holds open"
+    );
     assert_eq!(
-        spilled.len(),
-        2,
-        "the body was spilled to a file: {spilled:?}"
+        payload_files(&env),
+        [".lock"],
+        "an unrouted body has no name in the directory"
     );
     drop(stream);
+    assert!(
+        wait_until(Duration::from_secs(10), || open_payload_files(pid, &env)
+            == 0),
+        "the spilled file is closed after the client left mid-body"
+    );
     assert_eq!(
-        wait_payload_files(&env, |names| names == [".lock"]),
+        payload_files(&env),
         [".lock"],
         "after the client left mid-body"
     );

@@ -2,6 +2,7 @@
 
 mod util;
 
+mod auth;
 mod config;
 mod core;
 mod lifecycle;

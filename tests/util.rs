@@ -510,3 +510,113 @@ pub fn listens(pid: u32, addr: SocketAddr) -> bool {
             && inodes.iter().any(|inode| inode == fields[9])
     })
 }
+
+// Signers nobody here wrote, for the authentication tests: the Standard Webhooks reference library (PyPI)
+// and GitHub's own (npm), installed once per build directory.
+
+/// A directory holding the `standardwebhooks` Python package and `@octokit/webhooks-methods`, installed on
+/// first use from the registries (CI reaches them; so does a developer's machine).
+pub fn signers() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("signers");
+        let python = dir.join("python");
+        if !python.join("standardwebhooks").exists() {
+            let status = Command::new("python3")
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "--target",
+                ])
+                .arg(&python)
+                .arg("standardwebhooks")
+                .status()
+                .expect("run pip");
+            assert!(status.success(), "pip install standardwebhooks failed");
+        }
+        let node = dir.join("node");
+        if !node.join("node_modules/@octokit/webhooks-methods").exists() {
+            fs::create_dir_all(&node).expect("node dir");
+            let status = Command::new("npm")
+                .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
+                .arg(&node)
+                .arg("@octokit/webhooks-methods@6")
+                .status()
+                .expect("run npm");
+            assert!(
+                status.success(),
+                "npm install @octokit/webhooks-methods failed"
+            );
+        }
+        dir
+    })
+}
+
+/// `webhook-signature` for a delivery, made by the Standard Webhooks reference library.
+pub fn standard_webhooks_sign(secret: &str, id: &str, timestamp: i64, body: &[u8]) -> String {
+    let script = "import sys, datetime\nfrom standardwebhooks import Webhook\n\
+                  body = open(sys.argv[4], 'rb').read().decode()\n\
+                  ts = datetime.datetime.fromtimestamp(int(sys.argv[3]), tz=datetime.timezone.utc)\n\
+                  print(Webhook(sys.argv[1]).sign(sys.argv[2], ts, body))";
+    let body_file = tempfile::NamedTempFile::new().expect("body file");
+    fs::write(body_file.path(), body).expect("write body");
+    let out = Command::new("python3")
+        .env("PYTHONPATH", signers().join("python"))
+        .args(["-c", script, secret, id, &timestamp.to_string()])
+        .arg(body_file.path())
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("UTF-8")
+        .trim()
+        .to_string()
+}
+
+/// `X-Hub-Signature-256` for a body, made by GitHub's own @octokit/webhooks-methods.
+pub fn github_sign(secret: &str, body: &[u8]) -> String {
+    let script = "import { sign } from '@octokit/webhooks-methods';\n\
+                  import { readFileSync } from 'node:fs';\n\
+                  console.log(await sign(process.argv[2], readFileSync(process.argv[3], 'utf8')));";
+    let dir = signers().join("node");
+    let script_file = dir.join("sign.mjs");
+    fs::write(&script_file, script).expect("write sign.mjs");
+    let body_file = tempfile::NamedTempFile::new().expect("body file");
+    fs::write(body_file.path(), body).expect("write body");
+    let out = Command::new("node")
+        .arg(&script_file)
+        .arg(secret)
+        .arg(body_file.path())
+        .output()
+        .expect("run node");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("UTF-8")
+        .trim()
+        .to_string()
+}
+
+/// How many files in the payload directory the daemon `pid` holds open, named or not.
+pub fn open_payload_files(pid: u32, env: &Env) -> usize {
+    let dir = env.payloads().canonicalize().expect("payload dir");
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter(|target| target.starts_with(&dir) && !target.ends_with(".lock"))
+                .count()
+        })
+        .unwrap_or(0)
+}

@@ -109,6 +109,19 @@ impl Request<'_> {
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
+
+    /// Every header with this name, in order.
+    pub fn headers<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.headers
+            .iter()
+            .filter(move |(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The names of the headers that came, in order (for the operator to see what a sender sends).
+    pub fn header_names(&self) -> impl Iterator<Item = &str> {
+        self.headers.iter().map(|(k, _)| k.as_str())
+    }
 }
 
 /// What a handler answers. A 503 always carries `Retry-After` (the writer adds it).
@@ -120,6 +133,8 @@ pub struct Response {
     pub close: bool,
     /// Extra fields for the request's log line, each ` key=value` with any client text escaped.
     pub note: String,
+    /// Extra header fields, such as `WWW-Authenticate`.
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl Response {

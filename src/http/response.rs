@@ -27,6 +27,9 @@ pub(super) fn encode(response: &Response, echo_id: &str, close: bool) -> Vec<u8>
     if response.status == 405 {
         head.push_str("Allow: GET, POST, PUT\r\n");
     }
+    for (name, value) in &response.headers {
+        let _ = write!(head, "{name}: {value}\r\n");
+    }
     head.push_str(if close {
         "Connection: close\r\n\r\n"
     } else {

@@ -17,6 +17,7 @@ use super::listener::{Listener, Stream};
 use super::pool::{self, Pool};
 use super::refusal::Refused;
 use super::{Handler, Limits, Response, response};
+use crate::logging::RateLimit;
 
 pub(super) struct Shared {
     pub(super) limits: Limits,
@@ -181,43 +182,4 @@ fn reject_busy(mut stream: Stream, shared: &Shared, remote: &str, why: &'static 
 struct AcceptLogs {
     errors: RateLimit,
     rejections: RateLimit,
-}
-
-/// Logs at most one message a second, counting the ones it holds back in the next it lets through.
-struct RateLimit {
-    level: log::Level,
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl RateLimit {
-    fn new(level: log::Level) -> RateLimit {
-        RateLimit {
-            level,
-            last: None,
-            suppressed: 0,
-        }
-    }
-
-    fn log(&mut self, message: &str) {
-        let now = Instant::now();
-        if self
-            .last
-            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
-        {
-            self.suppressed += 1;
-            return;
-        }
-        if self.suppressed > 0 {
-            log::log!(
-                self.level,
-                "{message} ({} similar messages suppressed)",
-                self.suppressed
-            );
-        } else {
-            log::log!(self.level, "{message}");
-        }
-        self.last = Some(now);
-        self.suppressed = 0;
-    }
 }

@@ -1,0 +1,485 @@
+//! Sender authentication: which sender profile a request falls under (by path), whether it passes that
+//! profile's checks (IP allow-list, credentials or a signature over the raw body, the events it may send),
+//! and why not. Called from the one place in `Gateway::serve` that waits for it, before anything touches
+//! the disk or runs.
+//!
+//! A check has two halves: what the head alone decides ([`Sender::admit`]), then, for schemes that sign the
+//! body, a [`BodyCheck`] fed every byte as it streams in and finished once the body is whole.
+
+pub mod net;
+pub mod profile;
+pub mod replay;
+pub mod verify;
+
+use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use crate::routes::Glob;
+use net::{Cidr, Trusted};
+use verify::{Mac, Secret, SignatureHeader};
+
+/// Why a request failed authentication, in words for the operator's log (never a secret, never what the
+/// client sent as one). The client only ever sees a generic answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// Under no sender's `path`, while senders are configured.
+    NoSender,
+    /// A header the scheme needs is absent.
+    Missing(String),
+    /// A header is present but not in the scheme's form.
+    Malformed(String),
+    /// Basic credentials that are not the configured pair.
+    WrongCredentials,
+    /// A header whose value is not the configured secret.
+    WrongToken(String),
+    /// A body signature that does not match the body.
+    Mismatch,
+    /// A signed timestamp too far from now (`age` negative: in the future).
+    OutOfWindow { age: i64, window: u64 },
+    /// The client's address is not in the sender's allow-list (`None`: it could not be told).
+    Address(Option<IpAddr>),
+    /// The sender may not send this event.
+    Event(String),
+}
+
+impl Failure {
+    /// 403 for a sender that proved who it is but may not do this; 401 for everything else.
+    pub fn status(&self) -> u16 {
+        match self {
+            Failure::Address(_) | Failure::Event(_) => 403,
+            _ => 401,
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::NoSender => f.write_str("the path is under no sender's path"),
+            Failure::Missing(header) => write!(f, "no {header} header"),
+            Failure::Malformed(header) => write!(f, "{header} header is not in the scheme's form"),
+            Failure::WrongCredentials => f.write_str("user or password does not match"),
+            Failure::WrongToken(header) => write!(f, "{header} does not match the configured secret"),
+            Failure::Mismatch => f.write_str("signature does not match the body"),
+            Failure::OutOfWindow { age, window } if *age >= 0 => {
+                write!(f, "timestamp {age} s old, window {window} s")
+            }
+            Failure::OutOfWindow { age, window } => {
+                write!(f, "timestamp {} s in the future, window {window} s", age.unsigned_abs())
+            }
+            Failure::Address(Some(ip)) => write!(f, "client address {ip} is not allowed"),
+            Failure::Address(None) => {
+                f.write_str("client address unknown: a trusted proxy sent an X-Forwarded-For that is not an address")
+            }
+            Failure::Event(event) => write!(f, "event {event} is not one this sender may send"),
+        }
+    }
+}
+
+/// How a sender proves who it is.
+#[derive(Debug, Clone)]
+pub enum Scheme {
+    None,
+    Basic {
+        user: String,
+        password: Secret,
+    },
+    /// Header name → the secret its value must equal (Jamf's header authentication).
+    Headers(Vec<(String, Secret)>),
+    Gitlab(Secret),
+    /// An HMAC of the raw body in a header: GitHub, Scalefusion, the generic `hmac` type.
+    Signed {
+        header: SignatureHeader,
+        key: Secret,
+    },
+    /// Standard Webhooks (and Svix): an HMAC-SHA256 of `id.timestamp.body`.
+    StandardWebhooks {
+        key: Secret,
+        window: Duration,
+    },
+}
+
+impl Scheme {
+    /// The `type` it was configured as (`github` and `scalefusion` are `hmac` with a fixed header).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Scheme::None => "none",
+            Scheme::Basic { .. } => "basic",
+            Scheme::Headers(_) => "headers",
+            Scheme::Gitlab(_) => "gitlab",
+            Scheme::Signed { header, .. } if header.header == "X-Hub-Signature-256" => "github",
+            Scheme::Signed { header, .. } if header.header == "X-SF-Signature" => "scalefusion",
+            Scheme::Signed { .. } => "hmac",
+            Scheme::StandardWebhooks { .. } => "standard-webhooks",
+        }
+    }
+}
+
+/// A validated `[[sender]]` profile.
+#[derive(Debug, Clone)]
+pub struct Sender {
+    pub name: String,
+    /// Requests whose path is this or below it.
+    pub path: String,
+    pub scheme: Scheme,
+    pub allow_ips: Vec<Cidr>,
+    /// Globs; empty: any event.
+    pub events: Vec<Glob>,
+}
+
+/// The header names of Standard Webhooks, and the same scheme as Svix sends it.
+const STANDARD_WEBHOOKS_HEADERS: [[&str; 3]; 2] = [
+    ["webhook-id", "webhook-timestamp", "webhook-signature"],
+    ["svix-id", "svix-timestamp", "svix-signature"],
+];
+
+/// What the head of a request said, as the checks need it.
+pub struct Head<'a> {
+    pub header: &'a dyn Fn(&str) -> Option<&'a str>,
+    /// Every value of `X-Forwarded-For`, in order.
+    pub forwarded_for: Vec<&'a str>,
+    /// `None` for a peer on the unix socket.
+    pub peer: Option<IpAddr>,
+    /// Seconds since the epoch.
+    pub now: i64,
+}
+
+/// A request that passed its head's checks.
+pub struct Admitted {
+    /// Present when the scheme signs the body: every byte must go through it before anything is run.
+    pub body: Option<BodyCheck>,
+}
+
+impl Sender {
+    /// The checks the head decides: the address, then the scheme's headers.
+    pub fn admit(&self, head: &Head<'_>, trusted: &Trusted) -> Result<Admitted, Failure> {
+        if !self.allow_ips.is_empty() {
+            let client = net::client(head.peer, &head.forwarded_for, trusted);
+            if !client.is_some_and(|ip| self.allow_ips.iter().any(|c| c.contains(ip))) {
+                return Err(Failure::Address(client));
+            }
+        }
+        let header = head.header;
+        let body = match &self.scheme {
+            Scheme::None => None,
+            Scheme::Basic { user, password } => {
+                verify::basic(header("Authorization"), user, password)?;
+                None
+            }
+            Scheme::Headers(expected) => {
+                // Every header is checked, so which one was wrong does not change the time taken.
+                let mut first_failure = None;
+                for (name, secret) in expected {
+                    if let Err(failure) = verify::token(name, header(name), secret) {
+                        first_failure.get_or_insert(failure);
+                    }
+                }
+                if let Some(failure) = first_failure {
+                    return Err(failure);
+                }
+                None
+            }
+            Scheme::Gitlab(secret) => {
+                verify::token("X-Gitlab-Token", header("X-Gitlab-Token"), secret)?;
+                None
+            }
+            Scheme::Signed { header: how, key } => {
+                let expected = how.expected(header(&how.header))?;
+                Some(BodyCheck {
+                    mac: Mac::new(how.algorithm, key.bytes()),
+                    expected: vec![expected],
+                })
+            }
+            Scheme::StandardWebhooks { key, window } => {
+                let names = STANDARD_WEBHOOKS_HEADERS
+                    .iter()
+                    .find(|names| header(names[0]).is_some())
+                    .unwrap_or(&STANDARD_WEBHOOKS_HEADERS[0]);
+                let id = header(names[0]).ok_or_else(|| Failure::Missing(names[0].into()))?;
+                let timestamp =
+                    header(names[1]).ok_or_else(|| Failure::Missing(names[1].into()))?;
+                let signature =
+                    header(names[2]).ok_or_else(|| Failure::Missing(names[2].into()))?;
+                verify::timestamp_within(timestamp, head.now, window.as_secs())?;
+                let expected = verify::standard_webhooks_signatures(signature);
+                if expected.is_empty() {
+                    return Err(Failure::Malformed(names[2].into()));
+                }
+                let mut mac = Mac::new(verify::Algorithm::Sha256, key.bytes());
+                for part in [id.as_bytes(), b".", timestamp.as_bytes(), b"."] {
+                    mac.update(part);
+                }
+                Some(BodyCheck { mac, expected })
+            }
+        };
+        Ok(Admitted { body })
+    }
+
+    /// The event check, once the event is known.
+    pub fn may_send(&self, event: &str) -> Result<(), Failure> {
+        if self.events.is_empty() || self.events.iter().any(|g| g.matches(event)) {
+            Ok(())
+        } else {
+            Err(Failure::Event(event.to_string()))
+        }
+    }
+}
+
+/// The delivery id a sender puts on a request, from the first of these headers present.
+pub fn delivery_id<'a>(header: &dyn Fn(&str) -> Option<&'a str>) -> Option<String> {
+    [
+        "webhook-id",
+        "svix-id",
+        "X-GitHub-Delivery",
+        "X-Gitlab-Event-UUID",
+        "Idempotency-Key",
+    ]
+    .iter()
+    .find_map(|name| header(name))
+    .map(str::to_string)
+}
+
+/// A body signature being checked as the body streams in.
+pub struct BodyCheck {
+    mac: Mac,
+    expected: Vec<Vec<u8>>,
+}
+
+impl BodyCheck {
+    pub fn update(&mut self, data: &[u8]) {
+        self.mac.update(data);
+    }
+
+    pub fn finish(self) -> Result<(), Failure> {
+        if self.mac.matches_any(&self.expected) {
+            Ok(())
+        } else {
+            Err(Failure::Mismatch)
+        }
+    }
+}
+
+/// The configured senders: the one whose `path` is the longest prefix of a request's path applies.
+#[derive(Debug, Clone, Default)]
+pub struct Senders {
+    pub senders: Vec<Sender>,
+}
+
+impl Senders {
+    pub fn is_empty(&self) -> bool {
+        self.senders.is_empty()
+    }
+
+    /// The sender a path falls under: `path` equal to the sender's, or below it (`/jamf` covers
+    /// `/jamf/x`, not `/jamfx`).
+    pub fn select(&self, path: &str) -> Option<&Sender> {
+        self.senders
+            .iter()
+            .filter(|s| under(path, &s.path))
+            .max_by_key(|s| s.path.len())
+    }
+}
+
+fn under(path: &str, prefix: &str) -> bool {
+    prefix == "/"
+        || path == prefix
+        || path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('/') || prefix.ends_with('/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sender(name: &str, path: &str, scheme: Scheme) -> Sender {
+        Sender {
+            name: name.into(),
+            path: path.into(),
+            scheme,
+            allow_ips: Vec::new(),
+            events: Vec::new(),
+        }
+    }
+
+    fn admit(
+        sender: &Sender,
+        headers: &[(&str, &str)],
+        peer: &str,
+        trusted: &Trusted,
+    ) -> Result<Admitted, Failure> {
+        let owned: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let lookup = |name: &str| {
+            owned
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        };
+        let forwarded_for = owned
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("X-Forwarded-For"))
+            .map(|(_, v)| v.as_str())
+            .collect();
+        let head = Head {
+            header: &lookup,
+            forwarded_for,
+            peer: peer.parse().ok(),
+            now: 1_649_367_600,
+        };
+        sender.admit(&head, trusted)
+    }
+
+    #[test]
+    fn the_longest_matching_path_decides() {
+        let senders = Senders {
+            senders: vec![
+                sender("root", "/", Scheme::None),
+                sender("jamf", "/jamf", Scheme::None),
+                sender("jamf-signed", "/jamf/signed", Scheme::None),
+            ],
+        };
+        let name = |path| senders.select(path).map(|s| s.name.as_str());
+        assert_eq!(name("/jamf"), Some("jamf"));
+        assert_eq!(name("/jamf/x"), Some("jamf"));
+        assert_eq!(name("/jamf/signed/x"), Some("jamf-signed"));
+        assert_eq!(
+            name("/jamfx"),
+            Some("root"),
+            "a prefix of the name is not a path below it"
+        );
+        let no_root = Senders {
+            senders: senders.senders[1..].to_vec(),
+        };
+        assert_eq!(no_root.select("/other").map(|s| s.name.as_str()), None);
+    }
+
+    #[test]
+    fn header_names_match_in_any_case_and_values_exactly() {
+        let s = sender(
+            "h",
+            "/",
+            Scheme::Headers(vec![("X-Api-Key".into(), Secret::new(b"k1".to_vec()))]),
+        );
+        assert!(admit(&s, &[("x-api-key", "k1")], "127.0.0.1", &Trusted::default()).is_ok());
+        assert_eq!(
+            admit(&s, &[("X-Api-Key", "K1")], "127.0.0.1", &Trusted::default()).err(),
+            Some(Failure::WrongToken("X-Api-Key".into()))
+        );
+        assert_eq!(
+            admit(&s, &[], "127.0.0.1", &Trusted::default()).err(),
+            Some(Failure::Missing("X-Api-Key".into()))
+        );
+    }
+
+    #[test]
+    fn allow_lists_see_the_client_behind_a_trusted_proxy_only() {
+        let mut s = sender("k", "/", Scheme::None);
+        s.allow_ips = vec![Cidr::parse("203.0.113.0/24").expect("block")];
+        let trusted = Trusted {
+            blocks: vec![Cidr::parse("127.0.0.1").expect("proxy")],
+            unix: false,
+        };
+        assert!(admit(&s, &[], "203.0.113.9", &trusted).is_ok());
+        assert!(
+            admit(
+                &s,
+                &[("X-Forwarded-For", "203.0.113.9")],
+                "127.0.0.1",
+                &trusted
+            )
+            .is_ok()
+        );
+        let forged = admit(
+            &s,
+            &[("X-Forwarded-For", "203.0.113.9")],
+            "198.51.100.1",
+            &trusted,
+        );
+        assert_eq!(
+            forged.err(),
+            Some(Failure::Address(Some("198.51.100.1".parse().expect("ip"))))
+        );
+        let err = admit(&s, &[], "127.0.0.1", &trusted)
+            .err()
+            .expect("refused");
+        assert_eq!(err.status(), 403);
+    }
+
+    #[test]
+    fn standard_webhooks_reads_svix_headers_too_and_checks_the_window() {
+        let key = Secret::new(
+            verify::standard_webhooks_key(b"whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD").expect("key"),
+        );
+        let s = sender(
+            "sw",
+            "/",
+            Scheme::StandardWebhooks {
+                key,
+                window: Duration::from_secs(300),
+            },
+        );
+        let body = br#"{"email":"test@example.com","username":"test_user"}"#;
+        for prefix in ["webhook", "svix"] {
+            let headers = [
+                (format!("{prefix}-id"), "msg_27UH4WbU6Z5A5EzD8u03UvzRbpk"),
+                (format!("{prefix}-timestamp"), "1649367553"),
+                (
+                    format!("{prefix}-signature"),
+                    "v1,tZ1I4/hDygAJgO5TYxiSd6Sd0kDW6hPenDe+bTa3Kkw=",
+                ),
+            ];
+            let headers: Vec<(&str, &str)> =
+                headers.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+            let admitted = admit(&s, &headers, "127.0.0.1", &Trusted::default()).expect("admitted");
+            let lookup = |name: &str| {
+                headers
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| *v)
+            };
+            assert_eq!(
+                delivery_id(&lookup).as_deref(),
+                Some("msg_27UH4WbU6Z5A5EzD8u03UvzRbpk")
+            );
+            let mut check = admitted.body.expect("the body is signed");
+            check.update(&body[..10]);
+            check.update(&body[10..]);
+            assert_eq!(check.finish(), Ok(()), "{prefix}");
+        }
+        let stale = [
+            ("webhook-id", "msg_1"),
+            ("webhook-timestamp", "1649367000"),
+            ("webhook-signature", "v1,AAAA"),
+        ];
+        assert_eq!(
+            admit(&s, &stale, "127.0.0.1", &Trusted::default()).err(),
+            Some(Failure::OutOfWindow {
+                age: 600,
+                window: 300
+            })
+        );
+        assert_eq!(
+            Failure::OutOfWindow {
+                age: 412,
+                window: 300
+            }
+            .to_string(),
+            "timestamp 412 s old, window 300 s"
+        );
+    }
+
+    #[test]
+    fn events_limit_what_a_sender_may_trigger() {
+        let mut s = sender("jamf", "/", Scheme::None);
+        assert!(s.may_send("Anything").is_ok());
+        s.events = vec![Glob::new("Computer*", true), Glob::new("Mobile*", true)];
+        assert!(s.may_send("ComputerAdded").is_ok());
+        assert!(s.may_send("mobiledeviceenrolled").is_ok());
+        let err = s.may_send("JSSStartup").expect_err("refused");
+        assert_eq!(err.status(), 403);
+    }
+}

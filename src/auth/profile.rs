@@ -1,0 +1,264 @@
+//! `[[sender]]` tables as written, and their validation into [`Sender`]s: the keys each type takes, the
+//! secret files (read once, at load; never from the config text), their modes.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::net::Cidr;
+use super::verify::{Algorithm, Encoding, Secret, SignatureHeader, standard_webhooks_key};
+use super::{Scheme, Sender};
+use crate::routes::Glob;
+
+/// Standard Webhooks' default tolerance for clock skew, and the reference libraries'.
+const DEFAULT_WINDOW: Duration = Duration::from_secs(300);
+
+/// One `[[sender]]` table as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSender {
+    name: String,
+    path: Option<String>,
+    #[serde(rename = "type")]
+    kind: String,
+    user: Option<String>,
+    password_file: Option<PathBuf>,
+    headers: Option<BTreeMap<String, PathBuf>>,
+    secret_file: Option<PathBuf>,
+    header: Option<String>,
+    algorithm: Option<String>,
+    encoding: Option<String>,
+    prefix: Option<String>,
+    window: Option<String>,
+    allow_ips: Option<Vec<String>>,
+    events: Option<Vec<String>>,
+}
+
+/// Where relative secret paths are found, and what loading noticed.
+pub struct Context<'a> {
+    /// systemd's `$CREDENTIALS_DIRECTORY`, where `LoadCredential=` puts secrets.
+    pub credentials: Option<&'a Path>,
+    /// The config file's directory, for relative paths when there is no credentials directory.
+    pub base: &'a Path,
+    /// Warnings for `check` to print and `serve` to log (a secret file others can read).
+    pub warnings: &'a mut Vec<String>,
+}
+
+const TYPES: &str = "none, basic, headers, github, gitlab, standard-webhooks, scalefusion, hmac";
+
+impl RawSender {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn build(self, context: &mut Context<'_>) -> Result<Sender, String> {
+        if !crate::event::is_valid_name(&self.name) {
+            return Err(format!(
+                "sender name {:?} must be 1-128 of A-Z a-z 0-9 _ . - (it reaches scripts as HOOKRUNNER_SENDER)",
+                self.name
+            ));
+        }
+        let path = self.path.clone().unwrap_or_else(|| "/".to_string());
+        if !path.starts_with('/') || path.contains(['?', '#']) {
+            return Err(format!(
+                "path {path:?} must be a URL path starting with '/'"
+            ));
+        }
+        let allow_ips = self
+            .allow_ips
+            .iter()
+            .flatten()
+            .map(|text| Cidr::parse(text))
+            .collect::<Result<Vec<_>, _>>()?;
+        let events = self
+            .events
+            .iter()
+            .flatten()
+            .map(|pattern| Glob::new(pattern, true))
+            .collect();
+        let scheme = self.scheme(context)?;
+        Ok(Sender {
+            name: self.name,
+            path,
+            scheme,
+            allow_ips,
+            events,
+        })
+    }
+
+    fn scheme(&self, context: &mut Context<'_>) -> Result<Scheme, String> {
+        let (allowed, scheme): (&[&str], _) = match self.kind.as_str() {
+            "none" => (&[], Scheme::None),
+            "basic" => (
+                &["user", "password_file"],
+                Scheme::Basic {
+                    user: self.user.clone().ok_or("type basic needs user")?,
+                    password: self.secret(&self.password_file, "password_file", context)?,
+                },
+            ),
+            "headers" => {
+                let headers = self.headers.as_ref().filter(|h| !h.is_empty()).ok_or(
+                    "type headers needs headers = { \"Header-Name\" = \"/path/to/file-with-its-value\" }",
+                )?;
+                let mut expected = Vec::new();
+                for (name, file) in headers {
+                    if !is_token(name) {
+                        return Err(format!("{name:?} is not a header name"));
+                    }
+                    let secret =
+                        read_secret(file, context).map_err(|e| format!("headers {name:?}: {e}"))?;
+                    expected.push((name.clone(), secret));
+                }
+                (&["headers"], Scheme::Headers(expected))
+            }
+            "github" => (
+                &["secret_file"],
+                self.signed(SignatureHeader::github(), context)?,
+            ),
+            "scalefusion" => (
+                &["secret_file"],
+                self.signed(SignatureHeader::scalefusion(), context)?,
+            ),
+            "gitlab" => (
+                &["secret_file"],
+                Scheme::Gitlab(self.secret(&self.secret_file, "secret_file", context)?),
+            ),
+            "standard-webhooks" => {
+                let secret = self.secret(&self.secret_file, "secret_file", context)?;
+                let key = standard_webhooks_key(secret.bytes()).ok_or(
+                    "secret_file must hold a Standard Webhooks secret: whsec_ followed by base64",
+                )?;
+                let window = match &self.window {
+                    Some(text) => crate::units::parse_duration(text)?,
+                    None => DEFAULT_WINDOW,
+                };
+                if window.is_zero() || window > Duration::from_secs(86_400) {
+                    return Err("window must be from 1s to 24h".into());
+                }
+                (
+                    &["secret_file", "window"],
+                    Scheme::StandardWebhooks {
+                        key: Secret::new(key),
+                        window,
+                    },
+                )
+            }
+            "hmac" => {
+                let header = self
+                    .header
+                    .clone()
+                    .ok_or("type hmac needs header, the header the signature comes in")?;
+                if !is_token(&header) {
+                    return Err(format!("{header:?} is not a header name"));
+                }
+                let algorithm = match self.algorithm.as_deref() {
+                    Some("sha256") | None => Algorithm::Sha256,
+                    Some("sha512") => Algorithm::Sha512,
+                    Some(other) => {
+                        return Err(format!("algorithm {other:?}: use sha256 or sha512"));
+                    }
+                };
+                let encoding = match self.encoding.as_deref() {
+                    Some("hex") | None => Encoding::Hex,
+                    Some("base64") => Encoding::Base64,
+                    Some(other) => return Err(format!("encoding {other:?}: use hex or base64")),
+                };
+                let how = SignatureHeader {
+                    header,
+                    prefix: self.prefix.clone().unwrap_or_default(),
+                    encoding,
+                    algorithm,
+                };
+                (
+                    &["header", "algorithm", "encoding", "prefix", "secret_file"],
+                    self.signed(how, context)?,
+                )
+            }
+            "mtls" => {
+                return Err(
+                    "type mtls needs hookrunner's own TLS, which this version does not have yet: put nginx or \
+                     Caddy in front to check client certificates"
+                        .into(),
+                );
+            }
+            other => return Err(format!("unknown type {other:?}: use one of {TYPES}")),
+        };
+        let given = [
+            ("user", self.user.is_some()),
+            ("password_file", self.password_file.is_some()),
+            ("headers", self.headers.is_some()),
+            ("secret_file", self.secret_file.is_some()),
+            ("header", self.header.is_some()),
+            ("algorithm", self.algorithm.is_some()),
+            ("encoding", self.encoding.is_some()),
+            ("prefix", self.prefix.is_some()),
+            ("window", self.window.is_some()),
+        ];
+        if let Some((key, _)) = given
+            .iter()
+            .find(|(key, set)| *set && !allowed.contains(key))
+        {
+            return Err(format!("{key} does not apply to type {}", self.kind));
+        }
+        Ok(scheme)
+    }
+
+    fn signed(&self, header: SignatureHeader, context: &mut Context<'_>) -> Result<Scheme, String> {
+        Ok(Scheme::Signed {
+            header,
+            key: self.secret(&self.secret_file, "secret_file", context)?,
+        })
+    }
+
+    fn secret(
+        &self,
+        file: &Option<PathBuf>,
+        key: &str,
+        context: &mut Context<'_>,
+    ) -> Result<Secret, String> {
+        let file = file
+            .as_ref()
+            .ok_or_else(|| format!("type {} needs {key}", self.kind))?;
+        read_secret(file, context).map_err(|e| format!("{key}: {e}"))
+    }
+}
+
+/// A secret from its file: relative paths are systemd credentials when `$CREDENTIALS_DIRECTORY` is set,
+/// else relative to the config file. One trailing newline is not part of the secret (`echo` adds it).
+fn read_secret(file: &Path, context: &mut Context<'_>) -> Result<Secret, String> {
+    let path = if file.is_absolute() {
+        file.to_path_buf()
+    } else {
+        context.credentials.unwrap_or(context.base).join(file)
+    };
+    let bytes = fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let trimmed = bytes
+        .strip_suffix(b"\n")
+        .map(|b| b.strip_suffix(b"\r").unwrap_or(b))
+        .unwrap_or(&bytes);
+    if trimmed.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    if let Ok(meta) = fs::metadata(&path) {
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            context.warnings.push(format!(
+                "secret file {} is readable by group or others (mode {:o}): chmod 600 it",
+                path.display(),
+                mode & 0o777
+            ));
+        }
+    }
+    Ok(Secret::new(trimmed.to_vec()))
+}
+
+fn is_token(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}

@@ -1,0 +1,798 @@
+//! Sender authentication against the real binary: each scheme with signatures made by the senders' own
+//! libraries, the failures (none of which may write a payload file or run a script, or log a secret), path
+//! selection, event and address restrictions, and the secure default.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use std::io::Write;
+
+use crate::util::{
+    Env, Response, Server, github_sign, open_payload_files, payload, payload_files,
+    standard_webhooks_sign, wait_until,
+};
+
+/// Writes a secret file (mode 0600) in the test's directory and returns its path.
+fn secret(env: &Env, name: &str, value: &str) -> PathBuf {
+    let path = env.path().join(name);
+    fs::write(&path, format!("{value}\n")).expect("write secret");
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod secret");
+    path
+}
+
+/// A script that appends its sender, delivery id and the start of its body (on one line) to
+/// `<env>/runs`, one line per run.
+fn counter(env: &Env, name: &str) -> PathBuf {
+    let out = env.path().join("runs");
+    env.script(
+        name,
+        &format!(
+            "printf '%s %s %s\\n' \"$HOOKRUNNER_SENDER\" \"$HOOKRUNNER_DELIVERY_ID\" \"$(tr -d '\\n' < \"$1\" | head -c 20)\" >> {out:?}"
+        ),
+    );
+    out
+}
+
+fn runs(path: &PathBuf) -> Vec<String> {
+    fs::read_to_string(path)
+        .map(|t| t.lines().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+}
+
+/// Asserts a refusal ran nothing, left no payload file, and logged neither `secrets` nor what was sent.
+fn assert_refused(
+    server: &Server,
+    env: &Env,
+    response: &Response,
+    status: u16,
+    runs_file: &PathBuf,
+    secrets: &[&str],
+) {
+    assert_eq!(response.status, status, "{}", response.text());
+    let error = response.json()["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        error == "authentication required" || error == "forbidden",
+        "a generic answer: {error}"
+    );
+    assert!(
+        runs(runs_file).is_empty(),
+        "a refused request ran a script: {:?}",
+        runs(runs_file)
+    );
+    assert_eq!(
+        payload_files(env),
+        [".lock"],
+        "a refused request left a payload file"
+    );
+    // The request's own line is written after the answer: wait for it before looking for secrets.
+    let id = response.json()["request_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let line = server
+        .wait_log(&format!("{id} 127.0.0.1:"), Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("no line for {id}:\n{}", server.log()));
+    assert!(
+        line.contains(&format!("status={status}")) && line.contains(" auth=\""),
+        "{line}"
+    );
+    let log = server.log();
+    for secret in secrets {
+        assert!(!log.contains(secret), "{secret:?} is in the log:\n{log}");
+    }
+}
+
+#[test]
+fn github_signatures_made_by_octokit_pass_and_anything_else_fails() {
+    let env = Env::new();
+    let key = "It's a Secret to Everybody";
+    let file = secret(&env, "github-secret", key);
+    let env = env.config(&format!(
+        "[[sender]]\nname = \"gh\"\ntype = \"github\"\nsecret_file = {file:?}\n"
+    ));
+    let out = counter(&env, "ping");
+    let server = env.serve();
+    let body = payload("github-json-ping.json");
+    let signature = github_sign(key, &body);
+    let headers = |sig: &str| {
+        vec![
+            ("X-GitHub-Event".to_string(), "ping".to_string()),
+            (
+                "X-GitHub-Delivery".to_string(),
+                "72d3162e-cc78-11e3-81ab-4c9367dc0958".to_string(),
+            ),
+            ("X-Hub-Signature-256".to_string(), sig.to_string()),
+            ("Content-Type".to_string(), "application/json".to_string()),
+        ]
+    };
+    let send = |sig: &str, body: &[u8]| {
+        let owned = headers(sig);
+        let refs: Vec<(&str, &str)> = owned
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        server.request("POST", "/", &refs, body)
+    };
+    let mut flipped_body = body.clone();
+    flipped_body[10] ^= 1;
+    let mut flipped_sig = signature.clone().into_bytes();
+    let last = flipped_sig.len() - 1;
+    flipped_sig[last] = if flipped_sig[last] == b'0' {
+        b'1'
+    } else {
+        b'0'
+    };
+    let flipped_sig = String::from_utf8(flipped_sig).expect("ASCII");
+    for (what, sig, body) in [
+        ("a flipped body byte", signature.as_str(), &flipped_body),
+        ("a flipped signature digit", flipped_sig.as_str(), &body),
+        (
+            "no sha256= prefix",
+            signature.trim_start_matches("sha256="),
+            &body,
+        ),
+        ("an empty signature", "", &body),
+    ] {
+        let response = send(sig, body);
+        assert_refused(&server, &env, &response, 401, &out, &[key, &signature]);
+        assert!(
+            response.header("WWW-Authenticate").is_none(),
+            "{what}: no Basic challenge for a signature"
+        );
+    }
+    let line = server
+        .wait_log(
+            "auth=\"signature does not match the body\"",
+            Duration::from_secs(5),
+        )
+        .expect("the request's line says which check failed");
+    assert!(
+        line.contains(" sender=gh ") && line.contains("status=401"),
+        "{line}"
+    );
+    let response = send(&signature, &body);
+    assert_eq!(response.status, 200, "{}", response.text());
+    let start: String = String::from_utf8_lossy(&body)
+        .replace('\n', "")
+        .chars()
+        .take(20)
+        .collect();
+    assert_eq!(
+        runs(&out),
+        [format!("gh 72d3162e-cc78-11e3-81ab-4c9367dc0958 {start}")]
+    );
+    assert!(!server.log().contains(key));
+}
+
+#[test]
+fn a_large_signed_body_with_a_bad_signature_never_becomes_a_payload_file() {
+    let env = Env::new();
+    let file = secret(&env, "github-secret", "large-body-secret");
+    let env = env.config(&format!(
+        "max_body = \"2MiB\"\n[[sender]]\nname = \"gh\"\ntype = \"github\"\nsecret_file = {file:?}\n"
+    ));
+    let out = counter(&env, "big");
+    let server = env.serve();
+    // 1 MiB: past the 256 KiB kept in memory, so it streams to disk while its signature is computed.
+    let mut body = br#"{"pad":""#.to_vec();
+    body.extend(std::iter::repeat_n(b'x', 1 << 20));
+    body.extend_from_slice(b"\"}");
+    let good = github_sign("large-body-secret", &body);
+    let bad = github_sign("another-secret", &body);
+    // Half the body, then a look at the payload directory while the daemon holds the spilled part.
+    let mut stream = server.connect();
+    let head = format!(
+        "POST /hooks/big HTTP/1.1\r\nHost: t\r\nX-Hub-Signature-256: {bad}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).expect("head");
+    stream.write_all(&body[..600 << 10]).expect("first part");
+    let pid = server.child.id();
+    assert!(
+        wait_until(Duration::from_secs(10), || open_payload_files(pid, &env)
+            == 1),
+        "the daemon spilled the body to a file"
+    );
+    assert_eq!(
+        payload_files(&env),
+        [".lock"],
+        "the spilled body has no name while it is unverified"
+    );
+    stream.write_all(&body[600 << 10..]).expect("the rest");
+    let response = Response::read(&mut stream).expect("an answer");
+    assert_refused(&server, &env, &response, 401, &out, &["large-body-secret"]);
+    assert!(wait_until(Duration::from_secs(5), || open_payload_files(
+        pid, &env
+    ) == 0));
+    let response = server.request(
+        "POST",
+        "/hooks/big",
+        &[("X-Hub-Signature-256", &good)],
+        &body,
+    );
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(runs(&out).len(), 1);
+}
+
+/// A Standard Webhooks request signed by the reference library.
+fn standard_request(
+    server: &Server,
+    secret: &str,
+    prefix: &str,
+    id: &str,
+    timestamp: i64,
+    body: &[u8],
+) -> Response {
+    let signature = standard_webhooks_sign(secret, id, timestamp, body);
+    let timestamp = timestamp.to_string();
+    server.request(
+        "POST",
+        "/hooks/sw",
+        &[
+            (&format!("{prefix}-id"), id),
+            (&format!("{prefix}-timestamp"), &timestamp),
+            (&format!("{prefix}-signature"), &signature),
+        ],
+        body,
+    )
+}
+
+#[test]
+fn standard_webhooks_from_the_reference_library_pass_once_and_replays_are_answered_not_run() {
+    let env = Env::new();
+    let key = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+    let file = secret(&env, "sw-secret", key);
+    let env = env.config(&format!(
+        "[[sender]]\nname = \"sw\"\ntype = \"standard-webhooks\"\nsecret_file = {file:?}\n"
+    ));
+    let out = counter(&env, "sw");
+    let server = env.serve();
+    let body = payload("standardwebhooks-json-example.event.json");
+    let first = standard_request(&server, key, "webhook", "msg_1", now(), &body);
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert!(first.json()["duplicate"].is_null());
+    // The sender retries (or an attacker replays) the same delivery: answered 200, not run again.
+    let again = standard_request(&server, key, "webhook", "msg_1", now(), &body);
+    assert_eq!(again.status, 200, "{}", again.text());
+    assert_eq!(again.json()["duplicate"], true);
+    assert_eq!(runs(&out).len(), 1, "{:?}", runs(&out));
+    // Svix sends the same scheme under its own names.
+    let svix = standard_request(&server, key, "svix", "msg_2", now(), &body);
+    assert_eq!(svix.status, 200, "{}", svix.text());
+    assert_eq!(runs(&out).len(), 2);
+    assert!(runs(&out)[1].starts_with("sw msg_2 "), "{:?}", runs(&out));
+    // Stale and future timestamps, a signature for another body, another key.
+    for (what, id, ts, sign_key, sent_body) in [
+        // Ten seconds past the window either way, so that the clock ticking meanwhile cannot matter.
+        ("stale", "msg_3", now() - 310, key, body.clone()),
+        ("future", "msg_4", now() + 310, key, body.clone()),
+        (
+            "another key",
+            "msg_5",
+            now(),
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            body.clone(),
+        ),
+    ] {
+        let response = standard_request(&server, sign_key, "webhook", id, ts, &sent_body);
+        assert_refused(
+            &server,
+            &env,
+            &response,
+            401,
+            &out.with_extension("none"),
+            &[key],
+        );
+        assert_eq!(runs(&out).len(), 2, "{what} ran");
+    }
+    // The signature made for one body, sent with another.
+    let signed_at = now();
+    let signature = standard_webhooks_sign(key, "msg_6", signed_at, &body);
+    let ts = signed_at.to_string();
+    let response = server.request(
+        "POST",
+        "/hooks/sw",
+        &[
+            ("webhook-id", "msg_6"),
+            ("webhook-timestamp", &ts),
+            ("webhook-signature", &signature),
+        ],
+        b"{\"type\":\"other\"}",
+    );
+    assert_eq!(response.status, 401, "{}", response.text());
+    // Several entries, one of them right: accepted.
+    let several = format!("v1,bm90IGl0 {signature} v1a,AAAA");
+    let response = server.request(
+        "POST",
+        "/hooks/sw",
+        &[
+            ("webhook-id", "msg_6"),
+            ("webhook-timestamp", &ts),
+            ("webhook-signature", &several),
+        ],
+        &body,
+    );
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(runs(&out).len(), 3);
+    assert!(
+        server
+            .wait_log("s old, window 300 s", Duration::from_secs(5))
+            .is_some()
+    );
+    let log = server.log();
+    assert!(log.contains("s in the future, window 300 s"), "{log}");
+    assert!(!log.contains(key));
+}
+
+#[test]
+fn a_failed_run_does_not_make_its_retry_a_duplicate() {
+    let env = Env::new();
+    let key = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+    let file = secret(&env, "sw-secret", key);
+    let env = env.config(&format!(
+        "[[sender]]\nname = \"sw\"\ntype = \"standard-webhooks\"\nsecret_file = {file:?}\n"
+    ));
+    let flag = env.path().join("fail-once");
+    fs::write(&flag, "").expect("flag");
+    env.script(
+        "sw",
+        &format!("if [ -e {flag:?} ]; then rm {flag:?}; exit 1; fi"),
+    );
+    let server = env.serve();
+    let body = payload("standardwebhooks-json-example.event.json");
+    assert_eq!(
+        standard_request(&server, key, "webhook", "msg_9", now(), &body).status,
+        500
+    );
+    let retry = standard_request(&server, key, "webhook", "msg_9", now(), &body);
+    assert_eq!(
+        retry.status,
+        200,
+        "the retry of a failed delivery runs: {}",
+        retry.text()
+    );
+    assert!(retry.json()["duplicate"].is_null());
+}
+
+#[test]
+fn basic_credentials_right_wrong_and_missing() {
+    let env = Env::new();
+    let file = secret(&env, "jamf-password", "correct horse battery staple");
+    let env = env.config(&format!(
+        "[[sender]]\nname = \"jamf\"\ntype = \"basic\"\nuser = \"jamf\"\npassword_file = {file:?}\n"
+    ));
+    let out = counter(&env, "ComputerAdded");
+    let server = env.serve();
+    let body = payload("jamf-json-ComputerAdded.chook.json");
+    let basic = |user: &str, password: &str| {
+        let pair = format!("{user}:{password}");
+        // The client side of Basic, by hand: base64 of user:password.
+        let encoded = std::process::Command::new("base64")
+            .arg("-w0")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child
+                    .stdin
+                    .take()
+                    .expect("stdin")
+                    .write_all(pair.as_bytes())?;
+                child.wait_with_output()
+            })
+            .expect("base64");
+        format!("Basic {}", String::from_utf8_lossy(&encoded.stdout))
+    };
+    for auth in [
+        Some(basic("jamf", "correct horse battery stapl")),
+        Some(basic("Jamf", "correct horse battery staple")),
+        Some("Bearer correct horse battery staple".to_string()),
+        None,
+    ] {
+        let mut headers = vec![("Content-Type", "application/json")];
+        if let Some(auth) = &auth {
+            headers.push(("Authorization", auth));
+        }
+        let response = server.request("POST", "/", &headers, &body);
+        assert_refused(
+            &server,
+            &env,
+            &response,
+            401,
+            &out,
+            &["correct horse battery staple"],
+        );
+        assert_eq!(
+            response.header("WWW-Authenticate"),
+            Some("Basic realm=\"hookrunner\"")
+        );
+    }
+    let good = basic("jamf", "correct horse battery staple");
+    let response = server.request(
+        "POST",
+        "/",
+        &[
+            ("Content-Type", "application/json"),
+            ("authorization", &good),
+        ],
+        &body,
+    );
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(runs(&out).len(), 1);
+    assert!(!server.log().contains("correct horse"), "{}", server.log());
+}
+
+#[test]
+fn header_profiles_match_names_in_any_case_and_values_exactly() {
+    let env = Env::new();
+    let key = secret(&env, "api-key", "k-123456789");
+    let tenant = secret(&env, "tenant", "acme");
+    let env = env.config(&format!(
+        "[[sender]]\nname = \"jamf-header\"\ntype = \"headers\"\nheaders = {{ \"X-Api-Key\" = {key:?}, \"X-Tenant\" = {tenant:?} }}\n"
+    ));
+    let out = counter(&env, "x");
+    let server = env.serve();
+    for headers in [
+        vec![("X-Api-Key", "k-123456789")],
+        vec![("X-Api-Key", "K-123456789"), ("X-Tenant", "acme")],
+        vec![("X-Api-Key", "k-12345678"), ("X-Tenant", "acme")],
+        vec![("X-Tenant", "acme")],
+    ] {
+        let response = server.request("POST", "/hooks/x", &headers, b"{}");
+        assert_refused(&server, &env, &response, 401, &out, &["k-123456789"]);
+    }
+    let response = server.request(
+        "POST",
+        "/hooks/x",
+        &[("x-api-key", "k-123456789"), ("X-TENANT", "acme")],
+        b"{}",
+    );
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(runs(&out), ["jamf-header  {}"]);
+}
+
+#[test]
+fn gitlab_tokens_and_the_generic_hmac_scheme() {
+    let env = Env::new();
+    let token = secret(&env, "gitlab-token", "glpat-secret");
+    let signing = secret(&env, "signing", "a-signing-secret-of-16+");
+    let env = env.config(&format!(
+        "[[sender]]\nname = \"gl\"\npath = \"/gitlab\"\ntype = \"gitlab\"\nsecret_file = {token:?}\n\
+         [[sender]]\nname = \"js\"\npath = \"/js\"\ntype = \"hmac\"\nheader = \"X-Signature\"\n\
+         algorithm = \"sha512\"\nencoding = \"base64\"\nprefix = \"v=\"\nsecret_file = {signing:?}\n"
+    ));
+    let out = counter(&env, "push");
+    let server = env.serve();
+    let body = payload("gitlab-json-push.docs.json");
+    let gl = |token: &str| {
+        server.request(
+            "POST",
+            "/gitlab",
+            &[
+                ("X-Gitlab-Event", "Push Hook"),
+                ("X-Gitlab-Token", token),
+                ("X-Gitlab-Event-UUID", "uuid-1"),
+            ],
+            &body,
+        )
+    };
+    assert_refused(
+        &server,
+        &env,
+        &gl("glpat-wrong"),
+        401,
+        &out,
+        &["glpat-secret"],
+    );
+    assert_eq!(gl("glpat-secret").status, 200);
+    assert_eq!(runs(&out).len(), 1);
+    assert!(runs(&out)[0].starts_with("gl uuid-1 "), "{:?}", runs(&out));
+    // HMAC-SHA512 in base64 behind a prefix, computed by Python's standard library.
+    let sign = |key: &str, body: &[u8]| {
+        let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sys, hmac, hashlib, base64\nprint(base64.b64encode(hmac.new(sys.argv[1].encode(), sys.stdin.buffer.read(), hashlib.sha512).digest()).decode())",
+                key,
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child.stdin.take().expect("stdin").write_all(body)?;
+                child.wait_with_output()
+            })
+            .expect("python3");
+        format!("v={}", String::from_utf8_lossy(&out.stdout).trim())
+    };
+    let good = sign("a-signing-secret-of-16+", b"{\"x\":1}");
+    let bad = sign("a-signing-secret-of-16-", b"{\"x\":1}");
+    let js = |sig: &str| {
+        server.request(
+            "POST",
+            "/js/hooks/push",
+            &[("X-Signature", sig)],
+            b"{\"x\":1}",
+        )
+    };
+    assert_refused(
+        &server,
+        &env,
+        &js(&bad),
+        401,
+        &out.with_extension("none"),
+        &["a-signing-secret"],
+    );
+    assert_eq!(
+        js(good.trim_start_matches("v=")).status,
+        401,
+        "the prefix is part of the scheme"
+    );
+    assert_eq!(js(&good).status, 200);
+    assert_eq!(runs(&out).len(), 2);
+}
+
+#[test]
+fn the_longest_path_decides_and_a_path_under_no_sender_is_401() {
+    let env = Env::new();
+    let a = secret(&env, "a", "secret-a");
+    let b = secret(&env, "b", "secret-b");
+    let env = env.config(&format!(
+        "[[sender]]\nname = \"wide\"\npath = \"/in\"\ntype = \"headers\"\nheaders = {{ \"X-Key\" = {a:?} }}\n\
+         [[sender]]\nname = \"narrow\"\npath = \"/in/jamf\"\ntype = \"headers\"\nheaders = {{ \"X-Key\" = {b:?} }}\n"
+    ));
+    let out = counter(&env, "x");
+    let server = env.serve();
+    let post = |path: &str, key: &str| server.request("POST", path, &[("X-Key", key)], b"{}");
+    assert_eq!(post("/in/hooks/x", "secret-a").status, 200);
+    assert_eq!(post("/in/jamf/hooks/x", "secret-b").status, 200);
+    assert_eq!(
+        post("/in/jamf/hooks/x", "secret-a").status,
+        401,
+        "the longer path's profile applies"
+    );
+    assert_eq!(
+        post("/in/jamfx/hooks/x", "secret-a").status,
+        200,
+        "/in/jamfx is under /in only"
+    );
+    assert_eq!(post("/in/jamfx/hooks/x", "secret-b").status, 401);
+    let outside = post("/hooks/x", "secret-a");
+    assert_refused(
+        &server,
+        &env,
+        &outside,
+        401,
+        &out.with_extension("none"),
+        &["secret-a"],
+    );
+    assert!(
+        server
+            .wait_log("the path is under no sender's path", Duration::from_secs(5))
+            .is_some()
+    );
+    assert_eq!(
+        server.get("/healthz").status,
+        200,
+        "health checks stay open"
+    );
+    assert_eq!(runs(&out), ["wide  {}", "narrow  {}", "wide  {}"]);
+}
+
+#[test]
+fn events_and_addresses_a_sender_may_not_use_are_403() {
+    let env = Env::new().config(
+        "trusted_proxies = [\"127.0.0.1/32\"]\n\
+         [[sender]]\nname = \"jamf\"\npath = \"/jamf\"\ntype = \"none\"\nevents = [\"Computer*\"]\nallow_ips = [\"203.0.113.0/24\"]\n\
+         [[sender]]\nname = \"local\"\npath = \"/local\"\ntype = \"none\"\nallow_ips = [\"127.0.0.1\"]\n",
+    );
+    let out = counter(&env, "ComputerAdded");
+    env.script("JSSStartup", "exit 0");
+    let server = env.serve();
+    let via = |path: &str, xff: Option<&str>| {
+        let mut headers = vec![];
+        if let Some(xff) = xff {
+            headers.push(("X-Forwarded-For", xff));
+        }
+        server.request("POST", path, &headers, b"")
+    };
+    // 127.0.0.1 is a trusted proxy: the client is whom it names.
+    assert_eq!(
+        via("/jamf/hooks/ComputerAdded", Some("203.0.113.7")).status,
+        200
+    );
+    assert_refused(
+        &server,
+        &env,
+        &via("/jamf/hooks/ComputerAdded", Some("198.51.100.7")),
+        403,
+        &out.with_extension("none"),
+        &[],
+    );
+    assert_refused(
+        &server,
+        &env,
+        &via("/jamf/hooks/ComputerAdded", None),
+        403,
+        &out.with_extension("none"),
+        &[],
+    );
+    // The right address, an event the sender may not send.
+    assert_refused(
+        &server,
+        &env,
+        &via("/jamf/hooks/JSSStartup", Some("203.0.113.7")),
+        403,
+        &out.with_extension("none"),
+        &[],
+    );
+    assert!(
+        server
+            .wait_log(
+                "event JSSStartup is not one this sender may send",
+                Duration::from_secs(5)
+            )
+            .is_some()
+    );
+    assert_eq!(via("/local/hooks/ComputerAdded", None).status, 200);
+    assert_eq!(runs(&out).len(), 2);
+}
+
+#[test]
+fn a_forged_forwarded_for_from_an_untrusted_peer_is_ignored() {
+    // Only 127.0.0.2 is a trusted proxy; the test connects from 127.0.0.1.
+    let env = Env::new().config(
+        "trusted_proxies = [\"127.0.0.2\"]\n[[sender]]\nname = \"k\"\ntype = \"none\"\nallow_ips = [\"203.0.113.0/24\"]\n",
+    );
+    let out = counter(&env, "x");
+    let server = env.serve();
+    let response = server.request(
+        "POST",
+        "/hooks/x",
+        &[("X-Forwarded-For", "203.0.113.7")],
+        b"",
+    );
+    assert_refused(&server, &env, &response, 403, &out, &[]);
+    assert!(
+        server
+            .wait_log(
+                "client address 127.0.0.1 is not allowed",
+                Duration::from_secs(5)
+            )
+            .is_some(),
+        "{}",
+        server.log()
+    );
+}
+
+#[test]
+fn without_a_sender_only_loopback_and_unix_are_served() {
+    let env = Env::new().config("listen = \"0.0.0.0:0\"");
+    let check = env.check();
+    assert_eq!(check.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&check.stderr);
+    assert!(
+        err.contains("hookrunner.toml:3:") && err.contains("no [[sender]] is configured"),
+        "{err}"
+    );
+    let open = Env::new().config("listen = \"0.0.0.0:0\"\nallow_unauthenticated = true");
+    assert!(open.check().status.success());
+    let mut command = open.serve_command("0.0.0.0:0");
+    command.env("RUST_LOG", "info");
+    let server = Server::spawn(command);
+    let line = server
+        .wait_log(
+            "open: no sender is configured and allow_unauthenticated = true",
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|| panic!("no warning:\n{}", server.log()));
+    assert!(line.contains("WARN"), "{line}");
+    let local = Env::new().serve();
+    assert!(
+        local
+            .log()
+            .contains("open: no sender is configured, so every request is accepted")
+    );
+}
+
+#[test]
+fn check_validates_profiles_and_secret_files() {
+    let env = Env::new();
+    let readable = env.path().join("readable");
+    fs::write(&readable, "s3cr3t-value\n").expect("write");
+    fs::set_permissions(&readable, fs::Permissions::from_mode(0o644)).expect("chmod");
+    let empty = env.path().join("empty");
+    fs::write(&empty, "\n").expect("write");
+    let cases = [
+        (
+            format!(
+                "type = \"github\"\nsecret_file = {:?}",
+                env.path().join("missing")
+            ),
+            "No such file",
+        ),
+        (
+            format!("type = \"github\"\nsecret_file = {empty:?}"),
+            "is empty",
+        ),
+        ("type = \"github\"".to_string(), "needs secret_file"),
+        ("type = \"frobnicate\"".to_string(), "unknown type"),
+        (
+            format!("type = \"gitlab\"\nsecret_file = {readable:?}\nuser = \"x\""),
+            "user does not apply to type gitlab",
+        ),
+        (
+            format!(
+                "type = \"hmac\"\nheader = \"X-S\"\nalgorithm = \"md5\"\nsecret_file = {readable:?}"
+            ),
+            "use sha256 or sha512",
+        ),
+        (
+            "type = \"none\"\nallow_ips = [\"10.0.0.1/8\"]".to_string(),
+            "host bits set",
+        ),
+        (
+            "type = \"none\"\npath = \"jamf\"".to_string(),
+            "must be a URL path",
+        ),
+        ("type = \"mtls\"".to_string(), "TLS"),
+    ];
+    for (body, says) in cases {
+        let env = Env::new().config(&format!("# a comment\n[[sender]]\nname = \"s\"\n{body}\n"));
+        let out = env.check();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{body}: {err}");
+        assert!(
+            err.contains("hookrunner.toml:4: sender \"s\":") && err.contains(says),
+            "{body}: {err}"
+        );
+    }
+    let env = Env::new().config(&format!(
+        "[[sender]]\nname = \"s\"\ntype = \"gitlab\"\nsecret_file = {readable:?}\n"
+    ));
+    let out = env.check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("readable by group or others (mode 644): chmod 600 it"),
+        "{err}"
+    );
+    assert!(!err.contains("s3cr3t") && !String::from_utf8_lossy(&out.stdout).contains("s3cr3t"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("# sender s: gitlab on /"));
+}
+
+#[test]
+fn secrets_come_from_the_credentials_directory_when_relative() {
+    let env = Env::new();
+    let credentials = env.path().join("credentials");
+    fs::create_dir(&credentials).expect("mkdir");
+    fs::write(credentials.join("gitlab"), "from-credentials\n").expect("write");
+    let env =
+        env.config("[[sender]]\nname = \"gl\"\ntype = \"gitlab\"\nsecret_file = \"gitlab\"\n");
+    let out = counter(&env, "push");
+    let server = env.serve_with(|command| {
+        command.env("CREDENTIALS_DIRECTORY", &credentials);
+    });
+    let response = server.request(
+        "POST",
+        "/hooks/push",
+        &[("X-Gitlab-Token", "from-credentials")],
+        b"{}",
+    );
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(runs(&out).len(), 1);
+}
