@@ -7,3 +7,4 @@ mod lifecycle;
 mod runner;
 
 mod http;
+mod parsing;
