@@ -16,10 +16,11 @@ use serde_json::Number;
 const XML_MAX_DEPTH: usize = 32;
 const XML_MAX_ELEMENTS: usize = 10_000;
 
-/// Parses running at once, at most. A parse is CPU-bound, takes a few milliseconds at the parse limit and holds
-/// a few times its body while it runs (the tests bound both), so more parses at once than a small machine has
-/// cores would only add memory: with 4, parsing holds at most 4 × that, however many of `max_connections`
-/// requests send a body to parse at once. The others wait their turn, holding only their body.
+/// Parses running at once, at most. A parse is CPU-bound, takes milliseconds at the parse limit and holds at
+/// most 4 × that limit, 1 MiB, while it runs (the tests bound both), so more parses at once than a small
+/// machine has cores would only add memory: with 4, parsing holds at most 4 MiB however many of
+/// `max_connections` requests send a body to parse at once. The others wait their turn, holding only their
+/// body.
 const PARSE_SLOTS: usize = 4;
 static PARSING: Slots = Slots::new(PARSE_SLOTS);
 
@@ -275,6 +276,7 @@ fn json_lookup<'a>(text: &'a [u8], pointer: &str, strings_only: bool) -> Option<
     let walk = Walk {
         path: &tokens,
         strings_only,
+        in_object: false,
     };
     walk.deserialize(&mut serde_json::Deserializer::from_slice(text))
         .ok()
@@ -286,6 +288,8 @@ fn json_lookup<'a>(text: &'a [u8], pointer: &str, strings_only: bool) -> Option<
 struct Walk<'p> {
     path: &'p [String],
     strings_only: bool,
+    /// Whether an object encloses this value: then a later duplicate key may replace it.
+    in_object: bool,
 }
 
 impl Walk<'_> {
@@ -342,10 +346,15 @@ impl<'de> Visitor<'de> for Walk<'_> {
             .first()
             .filter(|t| !t.starts_with('+') && (t.len() == 1 || !t.starts_with('0')))
             .and_then(|t| t.parse::<usize>().ok());
+        if index.is_none() && !self.path.is_empty() && !self.in_object {
+            // Nothing in this array has that name, and with no object around it there is no duplicate key
+            // further on that could hold the value instead: stop reading (the error is taken as "not found").
+            return Err(serde::de::Error::custom("no such element"));
+        }
         let mut found = None;
         for i in 0.. {
             if Some(i) == index {
-                match seq.next_element_seed(self.rest())? {
+                match seq.next_element_seed(self.rest(self.in_object))? {
                     Some(value) => found = value,
                     None => break,
                 }
@@ -360,7 +369,7 @@ impl<'de> Visitor<'de> for Walk<'_> {
         while let Some(matches) = map.next_key_seed(KeyIs(self.path.first()))? {
             if matches {
                 // The last of duplicate keys wins, as in a parsed object.
-                found = map.next_value_seed(self.rest())?;
+                found = map.next_value_seed(self.rest(true))?;
             } else {
                 map.next_value::<IgnoredAny>()?;
             }
@@ -370,9 +379,10 @@ impl<'de> Visitor<'de> for Walk<'_> {
 }
 
 impl Walk<'_> {
-    fn rest(self) -> Self {
+    fn rest(self, in_object: bool) -> Self {
         Walk {
             path: self.path.get(1..).unwrap_or_default(),
+            in_object,
             ..self
         }
     }
@@ -713,6 +723,16 @@ mod tests {
             Some("last"),
             "as in a parsed object"
         );
+        let later = br#"{"a":[1],"a":{"b":"x"},"c":[[{"d":[2]},{"d":{"e":"y"}}]]}"#;
+        let later = Document::parse(Format::Json, later).expect("valid JSON");
+        assert_eq!(
+            later.json("/a/b").as_deref(),
+            Some("x"),
+            "a later duplicate key still counts"
+        );
+        assert_eq!(later.json("/c/0/1/d/e").as_deref(), Some("y"));
+        assert_eq!(later.json("/c/x"), None);
+        assert_eq!(later.json("/c/0/x"), None);
         assert_eq!(doc.json("no-slash"), None);
         assert_eq!(doc.json("/n/deeper"), None);
         let scalar = Document::parse(Format::Json, b" \"top\" ").expect("a JSON scalar");
