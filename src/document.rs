@@ -409,10 +409,14 @@ impl<'de> Visitor<'de> for KeyIs<'_> {
 }
 
 /// An XML body's addressable elements in document order. Each knows its parent rather than its whole path,
-/// so a document keeps at most its own names and text plus a fixed size per element (a path per element
-/// would let one long name above many children cost name × children bytes).
+/// and names and texts share one string, so a document holds a fixed 24 bytes per element plus at most the
+/// body's size in a few allocations (a path per element would let one long name above many children cost
+/// name × children bytes, and a string per name and text left the allocator many small pieces to keep).
 #[derive(Debug, Default)]
 pub struct Xml {
+    /// Every element's name and text, one after another; never longer than the body (entities and line
+    /// ends only shrink when resolved).
+    strings: String,
     elements: Vec<Element>,
 }
 
@@ -420,11 +424,12 @@ pub struct Xml {
 struct Element {
     /// The parent's index in `elements`; `None` for the root.
     parent: Option<u32>,
-    /// The local name: a namespace prefix is the document's choice, so paths leave it out.
-    name: Box<str>,
-    /// The element's own text and CDATA sections, trimmed: never a child's, a comment's or a processing
-    /// instruction's.
-    text: Box<str>,
+    /// The local name, as a span of `strings`: a namespace prefix is the document's choice, so paths leave
+    /// it out.
+    name: (u32, u32),
+    /// The element's own text and CDATA sections, trimmed, as a span of `strings`: never a child's, a
+    /// comment's or a processing instruction's.
+    text: (u32, u32),
 }
 
 impl Xml {
@@ -436,7 +441,7 @@ impl Xml {
             (0..self.elements.len()).find(|&i| self.walk_up(i, &segments) == Some(want))
         };
         let found = ends(None).or_else(|| ends(Some(0)))?;
-        Some(&self.elements[found].text)
+        Some(self.span(self.elements[found].text))
     }
 
     /// Matches `segments` from the last one against element `index` and its ancestors; where the walk
@@ -445,12 +450,23 @@ impl Xml {
         let mut at = Some(index);
         for segment in segments.iter().rev() {
             let element = &self.elements[at?];
-            if &*element.name != *segment {
+            if self.span(element.name) != *segment {
                 return None;
             }
             at = element.parent.map(|p| p as usize);
         }
         Some(at.map(|i| i as u32))
+    }
+
+    fn span(&self, (start, end): (u32, u32)) -> &str {
+        &self.strings[start as usize..end as usize]
+    }
+
+    /// Appends `text` to `strings`, returning its span.
+    fn keep(&mut self, text: &str) -> (u32, u32) {
+        let start = self.strings.len() as u32;
+        self.strings.push_str(text);
+        (start, self.strings.len() as u32)
     }
 }
 
@@ -464,9 +480,17 @@ fn parse_xml(body: &[u8]) -> Result<Xml, MalformedBody> {
     let mut reader = quick_xml::Reader::from_str(text);
     reader.config_mut().enable_all_checks(true);
     let mut xml = Xml::default();
-    // The open elements down to XML_MAX_DEPTH, each with its index in `xml.elements` if it is addressable
-    // and its text so far; deeper ones are only counted, as they hold nothing addressable.
-    let mut open: Vec<(Option<u32>, String)> = Vec::new();
+    // Spans of `strings` are u32: a body parsed here is far smaller, and `strings` is never longer than it.
+    if u32::try_from(body.len()).is_err() {
+        return Err(MalformedBody(
+            "malformed XML body: larger than 4 GiB".into(),
+        ));
+    }
+    // The open elements down to XML_MAX_DEPTH, each with its index in `xml.elements` if it is addressable;
+    // deeper ones are only counted, as they hold nothing addressable. `texts[depth]` gathers the text of the
+    // element open at that depth, its allocation reused by the next element there.
+    let mut open: Vec<Option<u32>> = Vec::new();
+    let mut texts: Vec<String> = Vec::new();
     let mut deeper = 0usize;
     let mut root_seen = false;
     let mut first = true;
@@ -496,34 +520,39 @@ fn parse_xml(body: &[u8]) -> Result<Xml, MalformedBody> {
                     .map_err(|e| malformed(&e))?;
                 let parent = match open.last() {
                     None if deeper == 0 => Some(None),
-                    Some((Some(index), _)) if deeper == 0 => Some(Some(*index)),
+                    Some(Some(index)) if deeper == 0 => Some(Some(*index)),
                     _ => None,
                 };
                 let index = match parent {
                     Some(parent)
                         if open.len() < XML_MAX_DEPTH && xml.elements.len() < XML_MAX_ELEMENTS =>
                     {
+                        let name = xml.keep(name);
                         xml.elements.push(Element {
                             parent,
-                            name: name.into(),
-                            text: "".into(),
+                            name,
+                            text: (0, 0),
                         });
                         Some((xml.elements.len() - 1) as u32)
                     }
                     _ => None,
                 };
                 if open.len() < XML_MAX_DEPTH {
-                    open.push((index, String::new()));
+                    open.push(index);
+                    match texts.get_mut(open.len() - 1) {
+                        Some(text) => text.clear(),
+                        None => texts.push(String::new()),
+                    }
                 } else {
                     deeper += 1;
                 }
                 if matches!(event, Event::Empty(_)) {
-                    close(&mut xml, &mut open, &mut deeper);
+                    close(&mut xml, &mut open, &texts, &mut deeper);
                 }
                 None
             }
             Event::End(_) => {
-                close(&mut xml, &mut open, &mut deeper);
+                close(&mut xml, &mut open, &texts, &mut deeper);
                 None
             }
             Event::Text(t) if outside => {
@@ -556,23 +585,26 @@ fn parse_xml(body: &[u8]) -> Result<Xml, MalformedBody> {
             Event::Decl(_) | Event::Comment(_) | Event::PI(_) => None,
             Event::Eof if !outside => return Err(malformed(&"the body ends inside an element")),
             Event::Eof if !root_seen => return Err(malformed(&"no root element")),
-            Event::Eof => return Ok(xml),
+            Event::Eof => {
+                xml.strings.shrink_to_fit();
+                xml.elements.shrink_to_fit();
+                return Ok(xml);
+            }
         };
         first = false;
-        if let (Some(content), Some((Some(_), text))) = (content, open.last_mut()) {
-            if deeper == 0 {
-                text.push_str(&content);
-            }
+        if let (Some(content), Some(Some(_)), 0) = (content, open.last(), deeper) {
+            texts[open.len() - 1].push_str(&content);
         }
     }
 }
 
 /// Ends the innermost open element, keeping its text if it is addressable.
-fn close(xml: &mut Xml, open: &mut Vec<(Option<u32>, String)>, deeper: &mut usize) {
+fn close(xml: &mut Xml, open: &mut Vec<Option<u32>>, texts: &[String], deeper: &mut usize) {
     if *deeper > 0 {
         *deeper -= 1;
-    } else if let Some((Some(index), text)) = open.pop() {
-        xml.elements[index as usize].text = text.trim().into();
+    } else if let Some(Some(index)) = open.pop() {
+        let text = xml.keep(texts[open.len()].trim());
+        xml.elements[index as usize].text = text;
     }
 }
 
@@ -1222,7 +1254,7 @@ mod tests {
                 prop_assert_eq!(doc.xml(path), Some(want.as_str()), "{} in {}", path, xml);
             }
             let Document::Xml(parsed) = &doc else { unreachable!("parsed as XML") };
-            prop_assert!(parsed.elements.iter().all(|e| !e.text.contains("LEAK")));
+            prop_assert!(parsed.elements.iter().all(|e| !parsed.span(e.text).contains("LEAK")));
         }
 
         #[test]
