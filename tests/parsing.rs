@@ -83,6 +83,44 @@ fn the_costliest_xml_shapes_at_the_limit_are_parsed_and_routed() {
 }
 
 #[test]
+fn the_costliest_json_shapes_at_the_limit_are_parsed_and_routed() {
+    let env = Env::new();
+    env.script("Deep", "echo ran");
+    env.routes("Deep Deep /webhook/webhookEvent=Deep\n");
+    let server = env.serve();
+    let at_the_limit = |unit: &str| {
+        let (head, tail) = (r#"{"x":["#, r#"0],"webhook":{"webhookEvent":"Deep"}}"#);
+        let count = (LIMIT - head.len() - tail.len()) / unit.len();
+        let mut body = format!("{head}{}{tail}", unit.repeat(count)).into_bytes();
+        body.resize(LIMIT, b' ');
+        body
+    };
+    // Nested as deep as the cap allows, over and over; the smallest values; many keys.
+    let deep = format!("{}{},", "[".repeat(120), "]".repeat(120));
+    let keys: String = (0..20).map(|i| format!(r#""k{i}":0,"#)).collect();
+    for unit in [deep, "0,".to_string(), format!("{{{keys}\"z\":0}},")] {
+        let body = at_the_limit(&unit);
+        let response = server.post("/", &body);
+        assert_eq!(response.status, 200, "{}", response.text());
+        assert_eq!(response.json()["script"], "Deep");
+    }
+    let too_deep = format!(
+        r#"{{"webhook":{{"webhookEvent":"Deep"}},"x":{}{}}}"#,
+        "[".repeat(200),
+        "]".repeat(200)
+    );
+    let response = server.post("/", too_deep.as_bytes());
+    assert_eq!(response.status, 400);
+    assert!(
+        response
+            .text()
+            .contains("malformed JSON body: recursion limit exceeded"),
+        "{}",
+        response.text()
+    );
+}
+
+#[test]
 fn malformed_xml_is_400_saying_what_is_wrong() {
     let env = Env::new();
     env.script("A", "exit 0");
