@@ -477,6 +477,16 @@ impl Xml {
 fn parse_xml(body: &[u8]) -> Result<Xml, MalformedBody> {
     let text = std::str::from_utf8(body)
         .map_err(|e| MalformedBody(format!("malformed XML body: not UTF-8: {e}")))?;
+    // XML 1.0 allows no control character but tab and line ends anywhere; quick-xml does not check.
+    if let Some(at) = body
+        .iter()
+        .position(|&b| b < 0x20 && !matches!(b, b'\t' | b'\n' | b'\r'))
+    {
+        return Err(MalformedBody(format!(
+            "malformed XML body: at byte {at}: control character 0x{:02x}",
+            body[at]
+        )));
+    }
     let mut reader = quick_xml::Reader::from_str(text);
     reader.config_mut().enable_all_checks(true);
     let mut xml = Xml::default();
@@ -514,8 +524,13 @@ fn parse_xml(body: &[u8]) -> Result<Xml, MalformedBody> {
                     return Err(malformed(&"a second root element"));
                 }
                 root_seen = true;
+                let qualified = start.name().into_inner();
+                if qualified.is_empty() || qualified.starts_with(b":") || qualified.ends_with(b":")
+                {
+                    return Err(malformed(&"an element name with an empty part"));
+                }
                 check_attributes(start.attributes().with_checks(false))
-                    .map_err(|e| malformed(&e))?;
+                    .map_err(|e| malformed(&format!("in this tag: {e}")))?;
                 let name = std::str::from_utf8(start.local_name().into_inner())
                     .map_err(|e| malformed(&e))?;
                 let parent = match open.last() {
@@ -868,6 +883,12 @@ mod tests {
             b"<?xml version=\"1.0\"?><!DOCTYPE a [<!ENTITY x \"y\">]><a>&x;</a>",
             b"\xff\xfe<a/>",
             b"<a>\xff</a>",
+            b"<a\x01/>",
+            b"<a>\0</a>",
+            b"<a>\x1b[2J</a>",
+            b"<:a/>",
+            b"<a:/>",
+            b"<>",
         ];
         for body in malformed {
             match Document::parse(Format::Xml, body) {
