@@ -580,6 +580,9 @@ fn parse_xml(body: &[u8]) -> Result<Xml, MalformedBody> {
             Event::CData(c) if !outside => Some(c.xml10_content().map_err(|e| malformed(&e))?),
             Event::GeneralRef(r) if !outside => {
                 let resolved = match r.resolve_char_ref().map_err(|e| malformed(&e))? {
+                    Some(c) if c < ' ' && !matches!(c, '\t' | '\n' | '\r') => {
+                        return Err(malformed(&format!("&#{};: a control character", c as u32)));
+                    }
                     Some(c) => Cow::Owned(c.to_string()),
                     None => {
                         let name = r.decode().map_err(|e| malformed(&e))?;
@@ -886,6 +889,8 @@ mod tests {
             b"<a\x01/>",
             b"<a>\0</a>",
             b"<a>\x1b[2J</a>",
+            b"<a>&#27;[2J</a>",
+            b"<a>&#x1;</a>",
             b"<:a/>",
             b"<a:/>",
             b"<>",
