@@ -1055,20 +1055,26 @@ mod tests {
         for (shape, format, body) in worst_bodies() {
             assert_eq!(body.len(), LIMIT, "{shape}");
             TOKENS.with(|t| t.set(0));
-            let (doc, peak) = counting::peak(|| Document::parse(format, &body));
+            let (doc, peak, allocated) = counting::usage(|| Document::parse(format, &body));
             let tokens = TOKENS.with(|t| t.get());
             let doc = doc.unwrap_or_else(|e| panic!("{shape}: {}", e.0));
             // Work: each token is at least one byte of the body and costs time in proportion to its own
             // length, so a parse is linear; roxmltree's namespace resolution did work per element for every
             // prefix in scope.
             assert!(tokens <= LIMIT, "{shape}: {tokens} tokens");
-            // Memory: what a parse holds at its peak, the kept document included.
+            // Memory: what a parse holds at its peak, the kept document included...
             assert!(
                 peak <= 4 * LIMIT,
                 "{shape}: {peak} bytes at the peak, {}× the body",
                 peak / LIMIT
             );
-            let (_, lookups) = counting::peak(|| {
+            // ...and all it asks the allocator for, freed or not, where work that grows faster than the
+            // body would show (roxmltree copied every namespace in scope into each element).
+            assert!(
+                allocated <= 16 * LIMIT,
+                "{shape}: {allocated} bytes allocated in all"
+            );
+            let (_, _, lookups) = counting::usage(|| {
                 for source in &sources {
                     if let crate::event::Source::Json(p) | crate::event::Source::Xml(p) = source {
                         let _ = doc.field(p);
@@ -1157,9 +1163,13 @@ mod tests {
         thread_local! {
             static LIVE: Cell<isize> = const { Cell::new(0) };
             static PEAK: Cell<isize> = const { Cell::new(0) };
+            static TOTAL: Cell<usize> = const { Cell::new(0) };
         }
 
         fn add(bytes: isize) {
+            if bytes > 0 {
+                let _ = TOTAL.try_with(|total| total.set(total.get() + bytes as usize));
+            }
             let _ = LIVE.try_with(|live| {
                 let now = live.get() + bytes;
                 live.set(now);
@@ -1189,12 +1199,15 @@ mod tests {
         #[global_allocator]
         static COUNTING: Counting = Counting;
 
-        /// `f`'s result, and the most bytes this thread held at once while it ran (its result included).
-        pub fn peak<T>(f: impl FnOnce() -> T) -> (T, usize) {
+        /// `f`'s result, the most bytes this thread held at once while it ran (its result included), and
+        /// all the bytes it asked for.
+        pub fn usage<T>(f: impl FnOnce() -> T) -> (T, usize, usize) {
             LIVE.with(|l| l.set(0));
             PEAK.with(|p| p.set(0));
+            TOTAL.with(|t| t.set(0));
             let out = f();
-            (out, PEAK.with(Cell::get).max(0) as usize)
+            let peak = PEAK.with(Cell::get).max(0) as usize;
+            (out, peak, TOTAL.with(Cell::get))
         }
     }
 
