@@ -9,3 +9,4 @@ mod lifecycle;
 mod runner;
 
 mod http;
+mod parsing;
