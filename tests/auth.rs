@@ -801,3 +801,40 @@ fn secrets_come_from_the_credentials_directory_when_relative() {
     assert_eq!(response.status, 200, "{}", response.text());
     assert_eq!(runs(&out).len(), 1);
 }
+
+#[test]
+fn at_debug_level_a_failure_lists_the_names_of_the_headers_that_came_and_never_their_values() {
+    let env = Env::new();
+    let file = secret(&env, "key", "the-right-key");
+    let env = env.config(&format!(
+        "[[sender]]\nname = \"jamf\"\ntype = \"headers\"\nheaders = {{ \"X-Api-Key\" = {file:?} }}\n"
+    ));
+    let server = env.serve_with(|command| {
+        command.env("RUST_LOG", "debug");
+    });
+    let response = server.request(
+        "POST",
+        "/hooks/x",
+        &[
+            ("X-Jamf-Signature", "value-that-must-not-show"),
+            ("X-Api-Key", "wrong-key-value"),
+        ],
+        b"{}",
+    );
+    assert_eq!(response.status, 401, "{}", response.text());
+    let line = server
+        .wait_log("header names: ", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("no header names at debug:\n{}", server.log()));
+    assert!(
+        line.contains("X-Jamf-Signature") && line.contains("X-Api-Key"),
+        "{line}"
+    );
+    let log = server.log();
+    for value in [
+        "value-that-must-not-show",
+        "wrong-key-value",
+        "the-right-key",
+    ] {
+        assert!(!log.contains(value), "{value} is in the log:\n{log}");
+    }
+}
