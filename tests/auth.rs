@@ -838,3 +838,61 @@ fn at_debug_level_a_failure_lists_the_names_of_the_headers_that_came_and_never_t
         assert!(!log.contains(value), "{value} is in the log:\n{log}");
     }
 }
+
+#[test]
+fn scalefusion_signatures_made_by_openssl_pass_and_wrong_ones_fail() {
+    let env = Env::new();
+    let key = "scalefusion-shared-secret";
+    let file = secret(&env, "sf", key);
+    let env = env.config(&format!(
+        "[[sender]]\nname = \"sf\"\ntype = \"scalefusion\"\nsecret_file = {file:?}\n"
+    ));
+    let out = counter(&env, "device.enrolled");
+    let server = env.serve();
+    let body = br#"{"event":"device.enrolled","data":{"device_id":42,"device_name":"Kiosk 7"}}"#;
+    // The sender's side, by an HMAC nobody here wrote: openssl's, lower-case hex.
+    let sign = |key: &str| {
+        let mut child = std::process::Command::new("openssl")
+            .args(["dgst", "-sha256", "-hmac", key, "-r"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("openssl");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(body)
+            .expect("write");
+        let out = child.wait_with_output().expect("openssl output");
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let post = |sig: &str| {
+        server.request(
+            "POST",
+            "/",
+            &[
+                ("X-SF-Signature", sig),
+                ("Content-Type", "application/json"),
+            ],
+            body,
+        )
+    };
+    assert_refused(
+        &server,
+        &env,
+        &post(&sign("another-secret")),
+        401,
+        &out,
+        &[key],
+    );
+    assert_refused(&server, &env, &post("not hex"), 401, &out, &[key]);
+    let good = post(&sign(key));
+    assert_eq!(good.status, 200, "{}", good.text());
+    assert_eq!(good.json()["event"], "device.enrolled");
+    assert_eq!(runs(&out).len(), 1);
+}
