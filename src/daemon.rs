@@ -40,6 +40,7 @@ pub fn serve(config_path: Option<PathBuf>, overrides: Overrides) -> Result<(), E
     let passed = systemd::take_listen_fd()
         .map_err(|e| Error::Start("socket activation (LISTEN_FDS)".into(), e))?;
     let config = Config::load(config_path.as_deref(), &overrides).map_err(Error::Config)?;
+    open_log_file(&config)?;
     let (payloads, stale) = PayloadDir::open(&config.payload_dir)
         .map_err(|e| Error::Start("payload directory".into(), e))?;
     let runner = Runner::new().map_err(|e| Error::Start("script runner".into(), e))?;
@@ -179,6 +180,16 @@ impl Handler for Counted {
     }
 }
 
+fn open_log_file(config: &Config) -> Result<(), Error> {
+    crate::logging::use_file(config.log_file.as_deref()).map_err(|e| {
+        let path = config
+            .log_file
+            .as_deref()
+            .unwrap_or(std::path::Path::new(""));
+        Error::Start(format!("log_file {}", path.display()), e)
+    })
+}
+
 /// Flags first, then the wake-up write: signal-hook runs actions in registration order, so the accept loop
 /// always sees the flag set when it wakes.
 fn register_signals(
@@ -207,6 +218,10 @@ fn reload_config(gateway: &Gateway, path: Option<&std::path::Path>, overrides: &
             return;
         }
     };
+    // Reopened whether or not the path changed: after logrotate renamed it, this makes a new file.
+    if let Err(e) = crate::logging::use_file(new.log_file.as_deref()) {
+        log::error!("reload: cannot open log_file: {e}; logging where it did before");
+    }
     let old = gateway.config();
     let fixed = [
         ("listen", old.listen.to_string() != new.listen.to_string()),

@@ -6,6 +6,7 @@ mod auth;
 mod config;
 mod core;
 mod lifecycle;
+mod logs;
 mod runner;
 mod systemd;
 
