@@ -7,6 +7,7 @@ mod config;
 mod core;
 mod lifecycle;
 mod logs;
+mod packaging;
 mod runner;
 mod systemd;
 
