@@ -89,17 +89,21 @@ fn the_daemon_tells_systemd_ready_reloading_and_stopping() {
     assert_eq!(status.code(), Some(0));
 }
 
-/// The test's listening socket as the daemon's fd 3, and `LISTEN_PID` set to the daemon's own pid: the
-/// shell's `$$` is the pid `exec` keeps, and std builds the environment before `pre_exec` runs, so it cannot
-/// be set there.
-fn activated(env: &Env, listener: &TcpListener, listen_pid: Option<&str>) -> Command {
-    let fd = listener.as_raw_fd();
+/// `hookrunner serve` with `fd` as its fd 3 and `LISTEN_PID` set to its own pid (unless `listen_pid` says
+/// otherwise): the shell's `$$` is the pid `exec` keeps, and std builds the environment before `pre_exec`
+/// runs, so it cannot be set there. `--listen` is given when `listen` is.
+fn activated(env: &Env, fd: i32, listen_pid: Option<&str>, listen: Option<&str>) -> Command {
     let pid = listen_pid.unwrap_or("$$");
     let mut command = Command::new("sh");
     command
         .arg("-c")
         .arg(format!("LISTEN_PID={pid} LISTEN_FDS=1 exec \"$@\""))
-        .args(["sh", BIN, "serve", "--listen", "127.0.0.1:0", "--config"])
+        .args(["sh", BIN, "serve"]);
+    if let Some(listen) = listen {
+        command.args(["--listen", listen]);
+    }
+    command
+        .arg("--config")
         .arg(env.config_path())
         .env("RUST_LOG", "info")
         .env_remove("JOURNAL_STREAM")
@@ -141,7 +145,13 @@ echo "env=${LISTEN_FDS-none},${LISTEN_PID-none},${LISTEN_FDNAMES-none}""#,
     );
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let mut server = Server::spawn(activated(&env, &listener, None));
+    // The passed socket wins over `--listen`.
+    let mut server = Server::spawn(activated(
+        &env,
+        listener.as_raw_fd(),
+        None,
+        Some("127.0.0.1:0"),
+    ));
     server.addr = addr;
     let line = server
         .wait_log("listening on ", Duration::from_secs(10))
@@ -165,7 +175,12 @@ fn a_socket_meant_for_another_process_is_ignored() {
     let env = Env::new();
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let passed = listener.local_addr().expect("addr");
-    let mut server = Server::spawn(activated(&env, &listener, Some("1")));
+    let mut server = Server::spawn(activated(
+        &env,
+        listener.as_raw_fd(),
+        Some("1"),
+        Some("127.0.0.1:0"),
+    ));
     let line = server
         .wait_log("listening on ", Duration::from_secs(10))
         .unwrap_or_else(|| panic!("did not start:\n{}", server.log()));
@@ -180,18 +195,7 @@ fn a_passed_socket_that_is_not_listening_is_a_start_error() {
     let env = Env::new();
     // A connected socket, not a listening one: what a unit with Accept=yes would pass.
     let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
-    let fd = a.as_raw_fd();
-    let mut command = Command::new("sh");
-    command
-        .arg("-c")
-        .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$@\"")
-        .args(["sh", BIN, "serve", "--config"])
-        .arg(env.config_path())
-        .env_remove("JOURNAL_STREAM")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    pass_as_fd_3(&mut command, fd);
+    let command = activated(&env, a.as_raw_fd(), None, None);
     let mut server = Server::spawn(command);
     let status = server.wait_exit(EXIT).expect("exits");
     assert_eq!(status.code(), Some(1), "{}", server.log());
@@ -200,5 +204,38 @@ fn a_passed_socket_that_is_not_listening_is_a_start_error() {
         server.wait_log("the socket systemd passed", EXIT).is_some(),
         "{}",
         server.log()
+    );
+}
+
+#[test]
+fn a_passed_unix_socket_is_served_and_its_file_left_to_systemd() {
+    let env = Env::new();
+    let path = env.path().join("hookrunner.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+    let command = activated(&env, listener.as_raw_fd(), None, None);
+    let mut server = Server::spawn(command);
+    let line = server
+        .wait_log("listening on ", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("did not start:\n{}", server.log()));
+    assert!(
+        line.ends_with(&format!("listening on unix:{}", path.display())),
+        "{line}"
+    );
+    drop(listener);
+    let mut stream = std::os::unix::net::UnixStream::connect(&path).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    use std::io::Write;
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    assert_eq!(Response::read(&mut stream).expect("answer").status, 200);
+    server.signal(libc::SIGTERM);
+    assert_eq!(server.wait_exit(EXIT).expect("exits").code(), Some(0));
+    // The socket file is the socket unit's: it outlives our restarts.
+    assert!(
+        path.exists(),
+        "the daemon removed a socket file it did not create"
     );
 }
