@@ -34,20 +34,41 @@ impl std::fmt::Display for Error {
     }
 }
 
-pub fn serve(config_path: Option<PathBuf>, overrides: Overrides) -> Result<(), Error> {
+pub fn serve(config_path: Option<PathBuf>, mut overrides: Overrides) -> Result<(), Error> {
     close_inherited_on_exec();
     // First, while no other thread exists: it edits the environment.
     let passed = systemd::take_listen_fd()
         .map_err(|e| Error::Start("socket activation (LISTEN_FDS)".into(), e))?;
-    let config = Config::load(config_path.as_deref(), &overrides).map_err(Error::Config)?;
+    // A socket systemd passed wins over `listen` (its unit, not our file, says where to listen), and is
+    // loaded as the `listen` value, so that the configuration is checked against where it really listens.
+    let passed = match passed {
+        Some(fd) => {
+            let listener = Listener::from_fd(fd)
+                .map_err(|e| Error::Start("the socket systemd passed".into(), e))?;
+            overrides.listen = Some(
+                listener
+                    .bound()
+                    .map_err(|e| Error::Start("the socket systemd passed".into(), e))?,
+            );
+            Some(listener)
+        }
+        None => None,
+    };
+    let config = Config::load(config_path.as_deref(), &overrides).map_err(|mut e| {
+        if passed.is_some() {
+            // The override's error names `--listen`; here it was the socket unit's ListenStream=.
+            if let Some(rest) = e.message.strip_prefix("--listen: ") {
+                e.message = format!("the socket systemd passed (ListenStream=): {rest}");
+            }
+        }
+        Error::Config(e)
+    })?;
     open_log_file(&config)?;
     let (payloads, stale) = PayloadDir::open(&config.payload_dir)
         .map_err(|e| Error::Start("payload directory".into(), e))?;
     let runner = Runner::new().map_err(|e| Error::Start("script runner".into(), e))?;
-    // A socket systemd passed wins over `listen`: its unit, not our file, says where to listen.
     let listener = match passed {
-        Some(fd) => Listener::from_fd(fd)
-            .map_err(|e| Error::Start("the socket systemd passed".into(), e))?,
+        Some(listener) => listener,
         None => Listener::bind(&config.listen)
             .map_err(|e| Error::Start(format!("cannot listen on {}", config.listen), e))?,
     };

@@ -239,3 +239,23 @@ fn a_passed_unix_socket_is_served_and_its_file_left_to_systemd() {
         "the daemon removed a socket file it did not create"
     );
 }
+
+#[test]
+fn a_passed_socket_beyond_loopback_needs_a_sender_like_listen_does() {
+    let env = Env::new();
+    // What `ListenStream=0.0.0.0:443` would pass: the file's loopback `listen` must not vouch for it.
+    let listener = TcpListener::bind("0.0.0.0:0").expect("bind");
+    let mut server = Server::spawn(activated(&env, listener.as_raw_fd(), None, None));
+    let status = server.wait_exit(EXIT).expect("exits");
+    assert_eq!(status.code(), Some(78), "{}", server.log());
+    assert!(
+        server
+            .wait_log(
+                "the socket systemd passed (ListenStream=): listen = 0.0.0.0:",
+                EXIT
+            )
+            .is_some(),
+        "{}",
+        server.log()
+    );
+}

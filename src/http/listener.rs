@@ -74,6 +74,15 @@ impl Listener {
         }
     }
 
+    /// What is really listening, as a `listen` value: for a socket systemd passed, the configuration's
+    /// checks (no unauthenticated serving beyond loopback) apply to this, not to the file's `listen`.
+    pub fn bound(&self) -> io::Result<Listen> {
+        Ok(match self {
+            Listener::Tcp(l) => Listen::Tcp(l.local_addr()?.to_string()),
+            Listener::Unix(_, path, _) => Listen::Unix(path.clone()),
+        })
+    }
+
     /// The address actually bound, e.g. `127.0.0.1:41234` for `127.0.0.1:0`.
     pub fn local_addr(&self) -> String {
         match self {
