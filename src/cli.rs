@@ -54,8 +54,9 @@ activation (LISTEN_FDS), which then replaces `listen`."
     },
     /// Validate the configuration and routes, print the routing table
     #[command(
-        long_about = "Validate the configuration and routes and print the resolved routing table. Exits \
-0 when they are valid, else prints `file:line: message` and exits 78."
+        long_about = "Validate the configuration and routes and print the resolved routing table and the \
+sender profiles; warnings (a secret file others can read) go to stderr. Exits 0 when they are valid, else \
+prints `file:line: message` and exits 78."
     )]
     Check {
         #[command(flatten)]
