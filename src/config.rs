@@ -89,6 +89,9 @@ pub struct Config {
     /// What loading noticed that is not an error (a secret file others can read): `check` prints these,
     /// `serve` logs them.
     pub warnings: Vec<String>,
+    /// `log_file`: append log lines to this file instead of stderr (default: stderr, i.e. the journal under
+    /// systemd). Reopened on every SIGHUP, so logrotate can rename it and then reload.
+    pub log_file: Option<PathBuf>,
 }
 
 // The ranges of the keys above, as their fields document them.
@@ -225,6 +228,7 @@ struct RawConfig {
     trusted_proxies: Option<Vec<String>>,
     allow_unauthenticated: Option<bool>,
     sender: Option<Vec<RawSender>>,
+    log_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -429,6 +433,7 @@ impl Config {
             senders: Senders { senders },
             trusted_proxies,
             warnings,
+            log_file: path("log_file", raw.log_file)?,
         })
     }
 }
