@@ -92,6 +92,8 @@ pub struct Config {
     /// `log_file`: append log lines to this file instead of stderr (default: stderr, i.e. the journal under
     /// systemd). Reopened on every SIGHUP, so logrotate can rename it and then reload.
     pub log_file: Option<PathBuf>,
+    /// `[tls]`: serve HTTPS on the TCP listener; its keys are documented in [`crate::tls::Tls`].
+    pub tls: Option<crate::tls::Tls>,
 }
 
 // The ranges of the keys above, as their fields document them.
@@ -229,6 +231,7 @@ struct RawConfig {
     allow_unauthenticated: Option<bool>,
     sender: Option<Vec<RawSender>>,
     log_file: Option<PathBuf>,
+    tls: Option<crate::tls::RawTls>,
 }
 
 impl Config {
@@ -405,6 +408,23 @@ impl Config {
                 format!("event lists {} sources: list {EVENT_SOURCES}", event.len()),
             ));
         }
+        // Relative paths as for the other keys; an error is placed on the `[tls]` line.
+        let relative = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let tls_line = table_line(file.text, "[tls]", 0);
+        let tls = match raw.tls {
+            None => None,
+            Some(_) if matches!(listen, Listen::Unix(_)) => {
+                return Err(ConfigError::new(
+                    file.path,
+                    tls_line,
+                    "[tls] needs a HOST:PORT listen address: a unix socket is for a proxy that terminates TLS",
+                ));
+            }
+            Some(tls) => Some(
+                tls.load(relative)
+                    .map_err(|e| ConfigError::new(file.path, tls_line, e))?,
+            ),
+        };
         Ok(Config {
             listen,
             routes,
@@ -434,6 +454,7 @@ impl Config {
             trusted_proxies,
             warnings,
             log_file: path("log_file", raw.log_file)?,
+            tls,
         })
     }
 }

@@ -13,6 +13,7 @@ mod payload;
 mod routes;
 mod runner;
 mod systemd;
+mod tls;
 mod units;
 
 fn main() -> std::process::ExitCode {

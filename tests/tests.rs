@@ -13,3 +13,4 @@ mod systemd;
 
 mod http;
 mod parsing;
+mod tls;
