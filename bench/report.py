@@ -24,7 +24,11 @@ NAMES = {
     "webhook": "adnanh/webhook",
     "webhook-async": "adnanh/webhook (async)",
     "apache": "Apache + mod_php",
+    "hookrunner-tls": "hookrunner TLS (keep-alive)",
+    "hookrunner-tls-close": "hookrunner TLS (new connection per request)",
 }
+# hookrunner over TLS against plain hookrunner in the same run, with each variant's target.
+TLS_VARIANTS = {"hookrunner-tls": 0.95, "hookrunner-tls-close": 0.85}
 PEERS = ["ceiling", "webhook", "apache"]
 # Targets of the issue (bench/README.md explains each).
 TARGET_VS = {"ceiling": 0.90, "webhook": 1.3, "apache": 1.8}
@@ -365,6 +369,24 @@ def section(res):
                  f"{m.get('retries', '?')} times each).")
         out.append(text)
 
+    if hook and any(v in res.sync for v in TLS_VARIANTS):
+        out.append("\n### TLS: handler runs per second, and as a ratio of plain hookrunner\n")
+        out.append("Both over TLS 1.3 with an ECDSA P-256 certificate; *new connection* sends "
+                   "`Connection: close`, so every request pays a full handshake.\n")
+        header = ["c", "hookrunner (plain)"]
+        for v, target in TLS_VARIANTS.items():
+            header += [NAMES[v], f"/ plain (≥ {target})"]
+        rows = []
+        for c in cs:
+            row = [c, fmt(res.median_rate("hookrunner", c)) + spread(res.rates("hookrunner", c))]
+            for v, target in TLS_VARIANTS.items():
+                ratio = res.ratio(v, "hookrunner", c)
+                row.append(fmt(res.median_rate(v, c)) + spread(res.rates(v, c))
+                           if res.runs(v, c) else "—")
+                row.append("—" if ratio is None else f"{ratio:.2f}× {mark(ratio >= target)}")
+            rows.append(row)
+        out.append(table(header, rows))
+
     if hook:
         out.append("\n### Targets\n")
         out.append(targets(res))
@@ -431,6 +453,21 @@ def targets(res):
     else:
         start_mark = mark(start is not None and start <= TARGET_START_MS and not failed)
     rows.append(["start to ready ≤ 20 ms", start_text, start_mark])
+    for variant, target in TLS_VARIANTS.items():
+        label = f"{NAMES[variant]} ≥ {target} × plain"
+        if variant not in res.sync:
+            continue
+        ratios = {c: res.ratio(variant, "hookrunner", c) for c in res.concurrencies}
+        missing = [c for c, r in ratios.items() if r is None]
+        ratios = {c: r for c, r in ratios.items() if r is not None}
+        if not ratios:
+            rows.append([label, "not measured", "—"])
+            continue
+        worst = min(ratios, key=ratios.get)
+        measured = f"lowest {ratios[worst]:.3f}× (c={worst})"
+        if missing:
+            measured += "; not measured at " + ", ".join(f"c={c}" for c in missing)
+        rows.append([label, measured, mark(ratios[worst] >= target and not missing)])
     return table(["target", "measured", ""], rows)
 
 

@@ -494,3 +494,112 @@ fn tls_on_a_unix_socket_is_a_config_error() {
 fn path_text(dir: &Path, name: &str) -> String {
     dir.join(name).display().to_string()
 }
+
+/// A self-signed certificate for localhost made by openssl with `newkey`, its key then rewritten by
+/// `convert` (an openssl subcommand and its arguments) into another PEM form, if given.
+fn openssl_pair(dir: &Path, newkey: &[&str], convert: Option<&[&str]>) -> (String, String) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args(["-addext", "subjectAltName=DNS:localhost", "-newkey"])
+        .args(newkey)
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("run openssl");
+    assert!(status.success(), "openssl req {newkey:?}");
+    if let Some(convert) = convert {
+        let status = Command::new("openssl")
+            .args(convert)
+            .arg("-in")
+            .arg(&key)
+            .arg("-out")
+            .arg(&key)
+            .stderr(Stdio::null())
+            .status()
+            .expect("run openssl");
+        assert!(status.success(), "openssl {convert:?}");
+    }
+    let read = |p: &Path| fs::read_to_string(p).expect("read pem");
+    (read(&cert), read(&key))
+}
+
+/// openssl's `-newkey` arguments, the key's conversion if any, and the PEM form that gives.
+type KeyKind = (
+    &'static [&'static str],
+    Option<&'static [&'static str]>,
+    &'static str,
+);
+
+#[test]
+fn rsa_ecdsa_and_ed25519_keys_in_each_pem_form_are_served() {
+    let kinds: [KeyKind; 4] = [
+        (
+            &["rsa:2048"],
+            Some(&["rsa", "-traditional"]),
+            "BEGIN RSA PRIVATE KEY",
+        ),
+        (
+            &["ec", "-pkeyopt", "ec_paramgen_curve:P-384"],
+            Some(&["ec"]),
+            "BEGIN EC PRIVATE KEY",
+        ),
+        (
+            &["ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+            None,
+            "BEGIN PRIVATE KEY",
+        ),
+        (&["ed25519"], None, "BEGIN PRIVATE KEY"),
+    ];
+    for (newkey, convert, form) in kinds {
+        let scratch = tempfile::tempdir().expect("tempdir");
+        let (cert, key) = openssl_pair(scratch.path(), newkey, convert);
+        assert!(key.contains(form), "{newkey:?}: {key:.40}");
+        let env = tls_env(&Leaf { cert, key }, None, "");
+        let server = env.serve();
+        let ca_file = env.path().join("cert.pem").display().to_string();
+        let (ok, body, err) = curl(&server, &ca_file, &[], "/healthz");
+        assert!(
+            ok && body.contains("ok"),
+            "{newkey:?}: {err}\n{}",
+            server.log()
+        );
+    }
+}
+
+#[test]
+fn past_max_connections_a_tls_connection_is_closed_unanswered() {
+    let ca = Ca::new("server CA");
+    let env = tls_env(&server_leaf(&ca), None, "max_connections = 1");
+    let server = env.serve();
+    let mut held = connect(&server, client_config(&ca, None));
+    assert_eq!(get(&mut held, "/healthz").expect("first").status, 200);
+    // No handshake on the accept loop, so no 503 either: the connection is closed, and that is logged.
+    let (took, got) = until_closed(server.connect(), Instant::now());
+    assert!(
+        got.is_empty() && took < Duration::from_secs(5),
+        "{got:?} after {took:?}"
+    );
+    assert!(
+        server
+            .wait_log(
+                "closed unanswered, TLS (too many open connections)",
+                Duration::from_secs(5)
+            )
+            .is_some(),
+        "{}",
+        server.log()
+    );
+    assert_eq!(get(&mut held, "/healthz").expect("held").status, 200);
+}

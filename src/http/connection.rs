@@ -35,6 +35,8 @@ struct Exchange<'a> {
 }
 
 pub(super) fn serve_connection(shared: &Shared, mut conn: Conn) {
+    // Set before the first read: a TLS handshake writes to the client while it is read.
+    let _ = conn.stream.set_write_timeout(Some(WRITE_TIMEOUT));
     // The first head must be complete `header_timeout` after the connection opened; a later one within
     // `header_timeout` of its first byte, which must come within `keepalive_timeout` of the last answer.
     let first = Instant::now() + shared.limits.header_timeout;
@@ -176,7 +178,6 @@ fn finish(
     close: bool,
 ) -> bool {
     let echo = exchange.client_id.unwrap_or(exchange.id);
-    let _ = conn.stream.set_write_timeout(Some(WRITE_TIMEOUT));
     let written = conn.write_all(&response::encode(response, echo, close));
     let path: String = exchange.path.chars().take(200).collect();
     let mut client = exchange
