@@ -95,6 +95,9 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
 }
 
 pub fn run() -> ExitCode {
+    if let Some(code) = crate::tools::dispatch(std::env::args_os().skip(1).collect()) {
+        return code;
+    }
     let command = match parse(std::env::args_os().skip(1)) {
         Ok(command) => command,
         Err(e) => {

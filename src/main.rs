@@ -12,6 +12,7 @@ mod logging;
 mod payload;
 mod routes;
 mod runner;
+mod tools;
 mod units;
 
 fn main() -> std::process::ExitCode {

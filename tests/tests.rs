@@ -7,6 +7,7 @@ mod config;
 mod core;
 mod lifecycle;
 mod runner;
+mod tools;
 
 mod http;
 mod parsing;
