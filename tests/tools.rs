@@ -340,3 +340,122 @@ fn send_authenticates_as_each_kind_of_sender_profile() {
     );
     assert_eq!(code(&out), 78);
 }
+
+fn check_payload(env: &Env, payload: &[u8], extra: &[&str]) -> (i32, String) {
+    let file = env.path().join("dry-payload");
+    fs::write(&file, payload).expect("write payload");
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(env.config_path())
+        .arg("--payload")
+        .arg(&file)
+        .args(extra)
+        .output()
+        .expect("run check");
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (code(&out), stdout(&out))
+}
+
+#[test]
+fn check_payload_explains_sender_event_routes_and_environment_without_running() {
+    let key = "dry-run-key";
+    let env = Env::new();
+    let key_file = secret(&env, "key", key);
+    let env = env.config(&format!(
+        "[[sender]]\nname = \"jamf\"\npath = \"/jamf\"\ntype = \"headers\"\nheaders = {{ \"X-Api-Key\" = {key_file:?} }}\n"
+    ));
+    let marker = env.path().join("ran");
+    env.script("lab.sh", &format!("touch {marker:?}"));
+    env.script("office.sh", &format!("touch {marker:?}"));
+    env.routes(
+        "# comment\nMobile*  lab.sh\nComputer*  lab.sh  /event/deviceName=Lab*\nComputerAdded  office.sh timeout=5s\n",
+    );
+    let routes = env.path().join("routes");
+    let body = br#"{"webhook":{"webhookEvent":"ComputerAdded"},"event":{"deviceName":"Office-7"}}"#;
+    let (status, text) = check_payload(
+        &env,
+        body,
+        &[
+            "--path",
+            "/jamf",
+            "--header",
+            "X-Api-Key: dry-run-key",
+            "--header",
+            "Content-Type: application/json",
+        ],
+    );
+    assert_eq!(status, 0, "{text}");
+    for expected in [
+        "sender: jamf (headers on /jamf)".to_string(),
+        "credentials: pass".to_string(),
+        "event: ComputerAdded (from JSON /webhook/webhookEvent)".to_string(),
+        format!(
+            "{}:2: no match: the pattern Mobile* does not match",
+            routes.display()
+        ),
+        format!(
+            "{}:3: no match: /event/deviceName is \"Office-7\", not Lab*",
+            routes.display()
+        ),
+        format!(
+            "{}:4: matches: runs {}",
+            routes.display(),
+            env.scripts().join("office.sh").display()
+        ),
+        "timeout 5s".to_string(),
+        "HOOKRUNNER_SENDER=jamf".to_string(),
+        "HOOKRUNNER_EVENT=ComputerAdded".to_string(),
+        "HOOKRUNNER_PATH=/jamf".to_string(),
+    ] {
+        assert!(text.contains(&expected), "missing {expected:?} in:\n{text}");
+    }
+    assert!(!text.contains(key), "the secret is not shown");
+    assert!(!marker.exists(), "nothing ran");
+    // The same request without the key, or outside every sender's path, is refused at the sender.
+    let (status, text) = check_payload(&env, body, &["--path", "/jamf"]);
+    assert_eq!(status, 1);
+    assert!(
+        text.contains("credentials: refused with 401: no X-Api-Key header"),
+        "{text}"
+    );
+    let (status, text) = check_payload(
+        &env,
+        body,
+        &["--path", "/other", "--header", "X-Api-Key: dry-run-key"],
+    );
+    assert_eq!(status, 1);
+    assert!(text.contains("none has a path covering /other"), "{text}");
+    // XML, the event from the path, no route.
+    let xml = b"<JSSEvent><webhook><webhookEvent>PushSent</webhookEvent></webhook></JSSEvent>";
+    let (status, text) = check_payload(
+        &env,
+        xml,
+        &["--path", "/jamf", "--header", "X-Api-Key: dry-run-key"],
+    );
+    assert_eq!(status, 1);
+    assert!(
+        text.contains("event: PushSent (from XML /JSSEvent/webhook/webhookEvent)"),
+        "{text}"
+    );
+    assert!(text.contains("route: none matched"), "{text}");
+    let (_, text) = check_payload(
+        &env,
+        b"",
+        &[
+            "--path",
+            "/jamf/hooks/MobileDeviceEnrolled",
+            "--header",
+            "X-Api-Key: dry-run-key",
+        ],
+    );
+    assert!(
+        text.contains("event: MobileDeviceEnrolled (from path /hooks/<name>)"),
+        "{text}"
+    );
+    assert!(text.contains(":2: matches: runs"), "{text}");
+    assert!(!marker.exists(), "nothing ran");
+}

@@ -3,6 +3,7 @@
 //! Each command's logic is pure and unit-tested in its module; this file holds their arguments (clap derive,
 //! so they join the command line's one definition) and turns outcomes into exit codes.
 
+pub mod explain;
 pub mod get;
 pub mod http;
 pub mod samples;
@@ -84,6 +85,9 @@ pub fn dispatch(args: Vec<OsString>) -> Option<ExitCode> {
     let code = match args.first().and_then(|a| a.to_str()) {
         Some("get") => parse_args("hookrunner get", rest).map_or_else(|c| c, run_get),
         Some("send") => parse_args("hookrunner send", rest).map_or_else(|c| c, run_send),
+        Some("check") if args.iter().any(|a| a == "--payload") => {
+            parse_args("hookrunner check", rest).map_or_else(|c| c, run_check_payload)
+        }
         _ => return None,
     };
     Some(code)
@@ -322,5 +326,83 @@ fn url_text(url: &http::Url) -> String {
     match &url.transport {
         http::Transport::Tcp(_) => format!("http://{}{}", url.host, url.target),
         http::Transport::Unix(path) => format!("unix:{}", path.display()),
+    }
+}
+
+/// Explain what the daemon would do with a request, without running anything
+#[derive(Parser, Debug)]
+#[command(
+    name = "hookrunner check",
+    long_about = "With --payload, explain what the daemon would do with a POST of FILE: the sender profile that applies and whether the request passes it, the event name and the source that yielded it, each route line that did not match and why, the line that matches, the script and its environment. Nothing runs. Exits 0 when a script would run, 1 when the request would be refused, 78 on a bad configuration."
+)]
+pub struct CheckPayloadArgs {
+    /// The request body
+    #[arg(long, value_name = "FILE")]
+    pub payload: PathBuf,
+    /// A request header, 'Name: value' (repeatable)
+    #[arg(long, value_name = "'NAME: VALUE'", value_parser = parse_header)]
+    pub header: Vec<(String, String)>,
+    /// The request's path and query
+    #[arg(long, default_value = "/")]
+    pub path: String,
+    /// Configuration file (default /etc/hookrunner/hookrunner.toml if it exists, else built-in defaults)
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Where scripts live, overriding the file
+    #[arg(long, value_name = "DIR")]
+    pub scripts_dir: Option<PathBuf>,
+}
+
+fn parse_header(text: &str) -> Result<(String, String), String> {
+    match text.split_once(':') {
+        Some((name, value)) if !name.trim().is_empty() && !name.contains(' ') => {
+            Ok((name.trim().to_string(), value.trim().to_string()))
+        }
+        _ => Err(format!("{text:?}: write 'Name: value'")),
+    }
+}
+
+pub fn run_check_payload(args: CheckPayloadArgs) -> ExitCode {
+    let overrides = Overrides {
+        listen: None,
+        scripts_dir: args.scripts_dir,
+    };
+    let config = match Config::load(args.config.as_deref(), &overrides) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("hookrunner: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    let body = match std::fs::read(&args.payload) {
+        Ok(body) => body,
+        Err(e) => {
+            eprintln!("hookrunner check: {}: {e}", args.payload.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    if !args.path.starts_with('/') {
+        eprintln!(
+            "hookrunner check: --path {:?} must start with '/'",
+            args.path
+        );
+        return ExitCode::from(EX_USAGE);
+    }
+    let request = explain::DryRequest {
+        target: args.path,
+        headers: args.header,
+        body,
+        now: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64),
+    };
+    let explanation = explain::explain(&config, &request);
+    print!("{}", explanation.text);
+    if explanation.runs {
+        println!("# nothing was run");
+        ExitCode::SUCCESS
+    } else {
+        println!("# the request would be refused; nothing was run");
+        ExitCode::FAILURE
     }
 }
