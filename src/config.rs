@@ -5,6 +5,7 @@
 use std::fmt;
 use std::fs;
 use std::io;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -89,6 +90,11 @@ pub struct Config {
     /// What loading noticed that is not an error (a secret file others can read): `check` prints these,
     /// `serve` logs them.
     pub warnings: Vec<String>,
+    /// `metrics_listen`: a loopback `HOST:PORT` (`127.0.0.1:9464`) where `GET /metrics` answers in the
+    /// Prometheus (OpenMetrics) text format (default: none, no metrics). Loopback only, because the figures
+    /// name senders and scripts; a remote Prometheus reaches it through a proxy or its own agent. Takes
+    /// effect at start.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 // The ranges of the keys above, as their fields document them.
@@ -225,6 +231,7 @@ struct RawConfig {
     trusted_proxies: Option<Vec<String>>,
     allow_unauthenticated: Option<bool>,
     sender: Option<Vec<RawSender>>,
+    metrics_listen: Option<String>,
 }
 
 impl Config {
@@ -392,6 +399,21 @@ impl Config {
             16 << 10,
             MAX_HEADER_BYTES,
         )?;
+        let metrics_listen = match &raw.metrics_listen {
+            None => None,
+            Some(text) => match text.parse::<SocketAddr>() {
+                Ok(addr) if addr.ip().is_loopback() => Some(addr),
+                _ => {
+                    return Err(file.error(
+                        "metrics_listen",
+                        format!(
+                            "metrics_listen = {text:?}: give a loopback IP:PORT, e.g. 127.0.0.1:9464 (metrics \
+                             name senders and scripts, so they are never served beyond this machine)"
+                        ),
+                    ));
+                }
+            },
+        };
         let event = raw.event.map_or_else(crate::event::default_sources, |v| {
             v.into_iter().map(|s| s.0).collect()
         });
@@ -429,6 +451,7 @@ impl Config {
             senders: Senders { senders },
             trusted_proxies,
             warnings,
+            metrics_listen,
         })
     }
 }

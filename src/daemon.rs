@@ -69,7 +69,24 @@ pub fn serve(config_path: Option<PathBuf>, overrides: Overrides) -> Result<(), E
         payloads.path().display()
     );
     announce_senders(&config);
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .map_err(|e| Error::Start(format!("cannot listen for metrics on {addr}"), e))?,
+        ),
+        None => None,
+    };
     let gateway = Arc::new(Gateway::new(config, payloads, runner));
+    if let Some(listener) = metrics_listener {
+        if let Ok(addr) = listener.local_addr() {
+            log::info!("metrics on http://{addr}/metrics");
+        }
+        let metrics = gateway.metrics();
+        std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || crate::metrics::serve(listener, metrics))
+            .map_err(|e| Error::Start("metrics thread".into(), e))?;
+    }
     let handler: Arc<dyn http::Handler> = gateway.clone();
     http::serve(listener, limits, handler, &wake, || {
         if reload.swap(false, Ordering::SeqCst) {

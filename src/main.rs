@@ -9,6 +9,7 @@ mod event;
 mod gateway;
 mod http;
 mod logging;
+mod metrics;
 mod payload;
 mod routes;
 mod runner;

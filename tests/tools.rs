@@ -459,3 +459,104 @@ fn check_payload_explains_sender_event_routes_and_environment_without_running() 
     assert!(text.contains(":2: matches: runs"), "{text}");
     assert!(!marker.exists(), "nothing ran");
 }
+
+#[test]
+fn metrics_count_requests_runs_and_auth_failures_and_promtool_accepts_them() {
+    let env = Env::new();
+    let key_file = secret(&env, "key", "metrics-key");
+    let env = env.config(&format!(
+        "metrics_listen = \"127.0.0.1:0\"\n[[sender]]\nname = \"jamf\"\npath = \"/\"\ntype = \"headers\"\nheaders = {{ \"X-Api-Key\" = {key_file:?} }}\n"
+    ));
+    env.script("ok", "exit 0");
+    env.script("fails", "exit 3");
+    env.routes("ComputerAdded ok\nPushSent fails\n");
+    let server = env.serve();
+    let line = server
+        .wait_log("metrics on http://", Duration::from_secs(5))
+        .expect("metrics address logged");
+    let metrics_addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.strip_suffix("/metrics"))
+        .expect("address")
+        .to_string();
+    let key = [
+        ("X-Api-Key", "metrics-key"),
+        ("Content-Type", "application/json"),
+    ];
+    let body = |event: &str| format!(r#"{{"webhook":{{"webhookEvent":"{event}"}}}}"#);
+    for _ in 0..2 {
+        assert_eq!(
+            server
+                .request("POST", "/", &key, body("ComputerAdded").as_bytes())
+                .status,
+            200
+        );
+    }
+    assert_eq!(
+        server
+            .request("POST", "/", &key, body("PushSent").as_bytes())
+            .status,
+        500
+    );
+    assert_eq!(
+        server
+            .request("POST", "/", &key, body("JSSStartup").as_bytes())
+            .status,
+        404
+    );
+    assert_eq!(
+        server.post("/", body("ComputerAdded").as_bytes()).status,
+        401
+    );
+    let scrape = || {
+        let mut stream = std::net::TcpStream::connect(&metrics_addr).expect("connect to metrics");
+        std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("send");
+        crate::util::Response::read(&mut stream).expect("answer")
+    };
+    let answer = scrape();
+    assert_eq!(answer.status, 200);
+    let text = answer.text();
+    for expected in [
+        "hookrunner_requests_total{status=\"200\",sender=\"jamf\"} 2",
+        "hookrunner_requests_total{status=\"500\",sender=\"jamf\"} 1",
+        "hookrunner_requests_total{status=\"404\",sender=\"jamf\"} 1",
+        "hookrunner_requests_total{status=\"401\",sender=\"jamf\"} 1",
+        "hookrunner_runs_total{line=\"1\",script=\"ok\",outcome=\"ok\"} 2",
+        "hookrunner_runs_total{line=\"2\",script=\"fails\",outcome=\"failed\"} 1",
+        "hookrunner_run_duration_seconds_count 3",
+        "hookrunner_running_scripts 0",
+        "hookrunner_auth_failures_total{sender=\"jamf\",reason=\"missing_header\"} 1",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+    }
+    assert!(!text.contains("metrics-key"));
+    // The webhook port does not serve them.
+    assert_ne!(server.get("/metrics").text(), text);
+    let file = env.path().join("metrics.txt");
+    fs::write(&file, &text).expect("write metrics");
+    let promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(fs::File::open(&file).expect("open"))
+        .output()
+        .expect("promtool (Debian package prometheus; .ci/run installs it)");
+    assert!(
+        promtool.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&promtool.stdout),
+        String::from_utf8_lossy(&promtool.stderr)
+    );
+}
+
+#[test]
+fn metrics_listen_must_be_loopback() {
+    let env = Env::new().config("metrics_listen = \"0.0.0.0:9464\"");
+    let out = env.check();
+    assert_eq!(code(&out), 78);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("hookrunner.toml:") && text.contains("metrics_listen"),
+        "{text}"
+    );
+}
