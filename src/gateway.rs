@@ -38,6 +38,9 @@ pub struct Gateway {
     /// flood the log (each request's own line still says why it was refused).
     auth_log: Mutex<RateLimit>,
     metrics: Arc<Metrics>,
+    /// This binary, for scripts as `HOOKRUNNER_BIN`: `"$HOOKRUNNER_BIN" get "$1" /event/deviceName` works
+    /// whether or not hookrunner is on the scripts' PATH (a checkout, a test).
+    bin: String,
 }
 
 /// Why a request was not run, or not run to success.
@@ -133,6 +136,9 @@ impl Gateway {
             replays: Replays::default(),
             auth_log: Mutex::new(RateLimit::new(log::Level::Warn)),
             metrics: Arc::new(Metrics::default()),
+            bin: std::env::current_exe()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
         }
     }
 
@@ -249,6 +255,7 @@ impl Gateway {
             ("HOOKRUNNER_QUERY", request.query.as_str()),
             ("HOOKRUNNER_REMOTE_ADDR", remote.as_str()),
             ("HOOKRUNNER_SENDER", sender.map_or("", |s| s.name.as_str())),
+            ("HOOKRUNNER_BIN", self.bin.as_str()),
             (
                 "HOOKRUNNER_DELIVERY_ID",
                 delivery_id.as_deref().unwrap_or(""),

@@ -10,4 +10,5 @@ mod runner;
 mod tools;
 
 mod http;
+mod integrations;
 mod parsing;

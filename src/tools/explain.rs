@@ -173,6 +173,7 @@ fn steps(config: &Config, request: &DryRequest, out: &mut String) -> bool {
         ("HOOKRUNNER_QUERY", Some(query)),
         ("HOOKRUNNER_REMOTE_ADDR", Some("(the client's address)")),
         ("HOOKRUNNER_SENDER", sender.map(|s| s.name.as_str())),
+        ("HOOKRUNNER_BIN", Some("(the hookrunner binary)")),
         ("HOOKRUNNER_DELIVERY_ID", delivery.as_deref()),
     ];
     let _ = writeln!(out, "environment (besides PATH and LANG):");

@@ -126,6 +126,10 @@ fn strip_bom(body: &[u8]) -> &[u8] {
 /// `"ids": [4, 5]` as `<ids><id>4</id><id>5</id></ids>`, so the same path reads both), or, for index 0, the
 /// element itself (one element is written no differently from the first of several).
 fn walk<'v>(at: &'v Value, path: &str, lenient_index: bool) -> Option<&'v Value> {
+    // As in a JSON pointer, the empty path is the whole document.
+    if path.is_empty() {
+        return Some(at);
+    }
     let segments: Vec<&str> = path.strip_prefix('/')?.split('/').collect();
     walk_from(at, &segments, lenient_index)
 }
@@ -349,6 +353,17 @@ mod tests {
         );
         assert_eq!(render(&Found::Scalar("a\"b".into()), true), r#""a\"b""#);
         assert_eq!(render(&Found::Scalar("a\"b".into()), false), "a\"b");
+    }
+
+    #[test]
+    fn the_empty_path_is_the_whole_document() {
+        let whole = |body: &str| payload(body).get("").map(|f| f.to_json());
+        assert_eq!(whole(r#"{"a":[1]}"#), Some(serde_json::json!({"a": [1]})));
+        assert_eq!(
+            whole("<r><a>1</a></r>"),
+            Some(serde_json::json!({"r": {"a": "1"}}))
+        );
+        assert_eq!(whole("a=1"), Some(serde_json::json!({"a": "1"})));
     }
 
     #[test]
