@@ -21,6 +21,8 @@ use crate::units::{Bytes, Quantity, Range, parse_duration, parse_size};
 
 /// Where the daemon reads its configuration when `--config` is not given.
 pub const DEFAULT_CONFIG: &str = "/etc/hookrunner/hookrunner.toml";
+/// Where the daemon listens when neither the file nor `--listen` says.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// Where the daemon reads its routes when there is no configuration file to find them beside.
 pub const DEFAULT_ROUTES: &str = "/etc/hookrunner/routes";
 /// The routes file's name beside a configuration file that has no `routes` key.
@@ -312,7 +314,7 @@ impl Config {
             .listen
             .clone()
             .or(raw.listen.map(|l| l.0))
-            .unwrap_or_else(|| Listen::Tcp("127.0.0.1:8080".to_string()));
+            .unwrap_or_else(|| Listen::Tcp(DEFAULT_LISTEN.to_string()));
         let mut warnings = Vec::new();
         let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
         let mut senders = Vec::new();

@@ -16,7 +16,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::config::{Config, Overrides};
+use crate::config::{Config, Listen, Overrides};
 use crate::document::Format;
 
 /// sysexits.h: bad usage, bad configuration.
@@ -229,7 +229,10 @@ pub fn run_send(args: SendArgs) -> ExitCode {
         return ExitCode::from(EX_USAGE);
     }
     // The configuration is read only when it is needed: for the sender's secrets or the daemon's address.
-    let config = if args.sender.is_some() || args.url.is_none() {
+    // Without any configuration file the daemon listens where the defaults say, and so does send.
+    let no_file =
+        args.config.is_none() && !std::path::Path::new(crate::config::DEFAULT_CONFIG).exists();
+    let config = if args.sender.is_some() || (args.url.is_none() && !no_file) {
         match Config::load(args.config.as_deref(), &Overrides::default()) {
             Ok(config) => Some(config),
             Err(e) => {
@@ -256,7 +259,9 @@ pub fn run_send(args: SendArgs) -> ExitCode {
         (None, Some(config)) => {
             send::default_url(&config.listen, sender.map_or("/", |s| s.path.as_str()))
         }
-        (None, None) => Err("give --url".to_string()),
+        (None, None) => {
+            Listen::parse(crate::config::DEFAULT_LISTEN).and_then(|l| send::default_url(&l, "/"))
+        }
     };
     let url = match url {
         Ok(url) => url,
