@@ -1,144 +1,170 @@
-//! The command line: `serve`, `check`, `--help`, `--version`. Parsing is by hand: three subcommands and
-//! three flags do not earn a parser crate.
+//! The command line: one clap definition gives `--help`, the usage errors and the man pages
+//! (`packaging/man/`, checked against this definition by a test below), so none of them can drift. This is
+//! the one place that turns an outcome into an exit code.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::{Args, Parser, Subcommand};
+
 use crate::config::{Config, Listen, Overrides};
-use crate::daemon;
+use crate::{daemon, tools};
 
 /// sysexits.h: bad usage, bad configuration.
 const EX_USAGE: u8 = 64;
 const EX_CONFIG: u8 = 78;
 
-const HELP: &str = "\
-hookrunner: runs a script for each webhook it receives
+#[derive(Parser, Debug)]
+#[command(
+    name = "hookrunner",
+    version,
+    about = "runs a script for each webhook it receives",
+    long_about = "For each HTTP request, hookrunner finds the event name (URL path, header, JSON, XML or \
+form body), looks it up in the routes file, writes the body to a private temporary file and runs the \
+mapped script with that file as $1. The answer's status says how the script ended.",
+    after_help = "Exit status: 0 success, 64 usage error, 78 configuration error, 1 any other failure.\n\
+RUST_LOG sets the log level (default info). The configuration keys and the routes format are described \
+in hookrunner.toml(5).",
+    subcommand_required = true,
+    arg_required_else_help = true,
+    disable_help_subcommand = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-USAGE:
-    hookrunner serve [--config FILE] [--listen ADDR] [--scripts-dir DIR]
-    hookrunner check [--config FILE] [--scripts-dir DIR]
-    hookrunner --help | --version
-
-COMMANDS:
-    serve    run the daemon
-    check    validate the configuration and routes, print the routing table
-
-OPTIONS:
-    --config FILE       configuration file (default /etc/hookrunner/hookrunner.toml if it
-                        exists, else built-in defaults)
-    --listen ADDR       HOST:PORT or unix:/path, overriding the file (port 0 picks a free port;
-                        the log says which)
-    --scripts-dir DIR   where scripts live, overriding the file (default /etc/hookrunner.d)
-
-RUST_LOG sets the log level (default info). See README.md for the configuration keys.
-";
-
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the daemon
+    #[command(
+        long_about = "Run the daemon. At the default log level its first line is `listening on ADDRESS` \
+with the address actually bound. SIGHUP re-reads the configuration and routes (an invalid one is logged \
+and the old one kept); SIGTERM and SIGINT stop accepting, let requests in flight finish, and exit 0. \
+Under systemd it reports its state (Type=notify) and accepts a listening socket passed by socket \
+activation (LISTEN_FDS), which then replaces `listen`."
+    )]
     Serve {
-        config: Option<PathBuf>,
-        overrides: Overrides,
+        #[command(flatten)]
+        common: Common,
+        /// HOST:PORT or unix:/path, overriding the file (port 0 picks a free port; the log says which)
+        #[arg(long, value_name = "ADDR", value_parser = Listen::parse)]
+        listen: Option<Listen>,
     },
+    /// Validate the configuration and routes, print the routing table
+    #[command(
+        long_about = "Validate the configuration and routes and print the resolved routing table and the \
+sender profiles; warnings (a secret file others can read) go to stderr. Exits 0 when they are valid, else \
+prints `file:line: message` and exits 78. With --payload FILE, explains instead what the daemon would do \
+with a POST of FILE (with those --header fields, to that --path): the sender profile that applies and \
+whether the request passes it, the event name and the source that yielded it, each route line that did \
+not match and why, the line that matches, the script and its environment. Nothing runs; exits 0 when a \
+script would run, 1 when the request would be refused."
+    )]
     Check {
-        config: Option<PathBuf>,
-        overrides: Overrides,
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        dry_run: tools::DryRunArgs,
     },
-    Help,
-    Version,
+    /// Print values from a payload file (a script's $1) at the paths routes use
+    #[command(
+        long_about = "Print the values at PATHs in a payload file, one per line, with the path syntax \
+route filters use: /event/deviceName reads Jamf's JSON and XML alike (the XML root's name may be given or \
+left out), /field a form. Array elements by index (/event/ids/0, in JSON and in Jamf's XML); the empty \
+path is the whole document. Exit status: 0 all found, 3 a path not found (then nothing is printed), 65 the \
+file is not JSON, XML or a form, or is malformed, 66 the file cannot be read, 64 usage."
+    )]
+    Get(tools::GetArgs),
+    /// Post a realistic sample event, authenticated as a sender profile would be
+    #[command(
+        long_about = "Post a sample EVENT (see --list): Jamf Pro's 23 events in its JSON or XML shape, \
+and samples from Scalefusion, GitHub, GitLab and Kazoo, with the current time and fresh ids. With \
+--sender, the request is authenticated as that [[sender]] profile of the configuration says (basic, \
+headers, github, gitlab, scalefusion, standard-webhooks, hmac), with the secrets from its files. Prints \
+each answer's status, request id and body; exits 0 when every answer was 2xx, 1 otherwise, 64 on bad \
+usage, 78 on a bad configuration."
+    )]
+    Send(tools::SendArgs),
 }
 
-impl PartialEq for Overrides {
-    fn eq(&self, other: &Overrides) -> bool {
-        self.listen == other.listen && self.scripts_dir == other.scripts_dir
-    }
+#[derive(Args, Debug)]
+struct Common {
+    /// Configuration file (default /etc/hookrunner/hookrunner.toml if it exists, else built-in defaults)
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Where scripts live, overriding the file (default /etc/hookrunner.d)
+    #[arg(long, value_name = "DIR")]
+    scripts_dir: Option<PathBuf>,
 }
 
-impl Eq for Overrides {}
-
-fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
-    let mut args = args.into_iter();
-    let first = args.next().ok_or("no command given")?;
-    let serve = match first.to_str() {
-        Some("serve") => true,
-        Some("check") => false,
-        Some("--help" | "-h" | "help") => return Ok(Command::Help),
-        Some("--version" | "-V") => return Ok(Command::Version),
-        _ => return Err(format!("unknown command {first:?}")),
-    };
-    let mut config = None;
-    let mut overrides = Overrides::default();
-    while let Some(flag) = args.next() {
-        let flag = flag
-            .to_str()
-            .ok_or_else(|| format!("unknown option {flag:?}"))?
-            .to_string();
-        if flag == "--help" || flag == "-h" {
-            return Ok(Command::Help);
-        }
-        let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--config" => config = Some(PathBuf::from(value)),
-            "--scripts-dir" => overrides.scripts_dir = Some(PathBuf::from(value)),
-            "--listen" if serve => {
-                let text = value.to_str().ok_or("--listen needs a UTF-8 address")?;
-                overrides.listen = Some(Listen::parse(text)?);
-            }
-            _ => return Err(format!("unknown option {flag:?}")),
-        }
-    }
-    Ok(if serve {
-        Command::Serve { config, overrides }
-    } else {
-        Command::Check { config, overrides }
-    })
+/// The parsed command line, or what to print and how to exit.
+fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, clap::Error> {
+    Cli::try_parse_from(args).map(|cli| cli.command)
 }
 
 pub fn run() -> ExitCode {
-    if let Some(code) = crate::tools::dispatch(std::env::args_os().skip(1).collect()) {
-        return code;
-    }
-    let command = match parse(std::env::args_os().skip(1)) {
+    let command = match parse(std::env::args_os()) {
         Ok(command) => command,
         Err(e) => {
-            eprintln!("hookrunner: {e}\n\n{HELP}");
-            return ExitCode::from(EX_USAGE);
+            // clap prints help and the version through its error path; only those succeed.
+            let code = match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::from(EX_USAGE),
+            };
+            let _ = e.print();
+            return code;
         }
     };
     match command {
-        Command::Help => {
-            print!("{HELP}");
-            ExitCode::SUCCESS
-        }
-        Command::Version => {
-            println!("hookrunner {}", env!("CARGO_PKG_VERSION"));
-            ExitCode::SUCCESS
-        }
-        Command::Check { config, overrides } => match Config::load(config.as_deref(), &overrides) {
-            Ok(config) => {
-                for warning in &config.warnings {
-                    eprintln!("hookrunner: warning: {warning}");
-                }
-                print!("{}", config.routes);
-                for sender in &config.senders.senders {
-                    println!(
-                        "# sender {}: {} on {}",
-                        sender.name,
-                        sender.scheme.name(),
-                        sender.path
-                    );
-                }
-                println!("# configuration OK");
-                ExitCode::SUCCESS
+        Command::Get(args) => tools::run_get(args),
+        Command::Send(args) => tools::run_send(args),
+        Command::Check { common, dry_run } => {
+            let overrides = Overrides {
+                listen: None,
+                scripts_dir: common.scripts_dir,
+            };
+            if let Some(payload) = dry_run.payload.clone() {
+                return tools::run_check_payload(
+                    common.config.as_deref(),
+                    &overrides,
+                    &payload,
+                    dry_run,
+                );
             }
-            Err(e) => {
-                eprintln!("hookrunner: {e}");
-                ExitCode::from(EX_CONFIG)
+            match Config::load(common.config.as_deref(), &overrides) {
+                Ok(config) => {
+                    for warning in &config.warnings {
+                        eprintln!("hookrunner: warning: {warning}");
+                    }
+                    print!("{}", config.routes);
+                    for sender in &config.senders.senders {
+                        println!(
+                            "# sender {}: {} on {}",
+                            sender.name,
+                            sender.scheme.name(),
+                            sender.path
+                        );
+                    }
+                    println!("# configuration OK");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("hookrunner: {e}");
+                    ExitCode::from(EX_CONFIG)
+                }
             }
-        },
-        Command::Serve { config, overrides } => {
+        }
+        Command::Serve { common, listen } => {
+            let overrides = Overrides {
+                listen,
+                scripts_dir: common.scripts_dir,
+            };
             crate::logging::init();
-            match daemon::serve(config, overrides) {
+            match daemon::serve(common.config, overrides) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e @ daemon::Error::Config(_)) => {
                     log::error!("{e}");
@@ -156,15 +182,27 @@ pub fn run() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
+    use clap::error::ErrorKind;
+    use std::path::Path;
 
     fn args(list: &[&str]) -> Vec<OsString> {
-        list.iter().map(OsString::from).collect()
+        std::iter::once("hookrunner")
+            .chain(list.iter().copied())
+            .map(OsString::from)
+            .collect()
+    }
+
+    #[test]
+    fn the_definition_is_consistent() {
+        Cli::command().debug_assert();
     }
 
     #[test]
     fn parses_commands() {
-        assert_eq!(parse(args(&["--version"])), Ok(Command::Version));
-        assert_eq!(parse(args(&["serve", "--help"])), Ok(Command::Help));
+        let kind = |list: &[&str]| parse(args(list)).map_err(|e| e.kind()).err();
+        assert_eq!(kind(&["--version"]), Some(ErrorKind::DisplayVersion));
+        assert_eq!(kind(&["serve", "--help"]), Some(ErrorKind::DisplayHelp));
         let got = parse(args(&[
             "serve",
             "--listen",
@@ -172,20 +210,55 @@ mod tests {
             "--config",
             "c.toml",
         ]));
-        assert_eq!(
-            got,
-            Ok(Command::Serve {
-                config: Some("c.toml".into()),
-                overrides: Overrides {
-                    listen: Some(Listen::Tcp("127.0.0.1:0".into())),
-                    scripts_dir: None
-                }
-            })
+        let Ok(Command::Serve { common, listen }) = got else {
+            panic!("{got:?}");
+        };
+        assert_eq!(common.config, Some(PathBuf::from("c.toml")));
+        assert_eq!(listen, Some(Listen::Tcp("127.0.0.1:0".into())));
+        assert_eq!(common.scripts_dir, None);
+        let got = parse(args(&["check", "--scripts-dir", "s"]));
+        assert!(
+            matches!(&got, Ok(Command::Check { common, .. }) if common.scripts_dir == Some("s".into())),
+            "{got:?}"
         );
-        assert!(matches!(
-            parse(args(&["check", "--scripts-dir", "s"])),
-            Ok(Command::Check { .. })
-        ));
+    }
+
+    #[test]
+    fn parses_the_tools() {
+        let got = parse(args(&["get", "--shell", "p.json", "N=/a", "/b"]));
+        assert!(
+            matches!(&got, Ok(Command::Get(g)) if g.shell && g.paths == ["N=/a", "/b"]),
+            "{got:?}"
+        );
+        let got = parse(args(&[
+            "send",
+            "ComputerAdded",
+            "--set",
+            "/a=b",
+            "--set",
+            "/c=d",
+        ]));
+        assert!(
+            matches!(&got, Ok(Command::Send(s)) if s.set.len() == 2 && s.format == "json"),
+            "{got:?}"
+        );
+        let got = parse(args(&["check", "--payload", "p", "--header", "X-A: b"]));
+        assert!(
+            matches!(&got, Ok(Command::Check { dry_run, .. })
+                if dry_run.payload.is_some() && dry_run.header == [("X-A".to_string(), "b".to_string())]),
+            "{got:?}"
+        );
+        for bad in [
+            &["get", "p.json"][..],
+            &["send"],
+            &["send", "E", "--format", "yaml"],
+            &["send", "E", "--rate", "0/s"],
+            &["check", "--header", "X-A: b"],
+            &["check", "--payload", "p", "--header", "no colon"],
+        ] {
+            assert!(parse(args(bad)).is_err(), "{bad:?}");
+        }
+        assert!(matches!(parse(args(&["send", "--list"])), Ok(Command::Send(s)) if s.list));
     }
 
     #[test]
@@ -198,7 +271,63 @@ mod tests {
             &["serve", "--listen", "nope"],
             &["serve", "-x", "1"],
         ] {
-            assert!(parse(args(bad)).is_err(), "{bad:?}");
+            let kind = parse(args(bad)).map_err(|e| e.kind()).err();
+            assert!(
+                !matches!(
+                    kind,
+                    None | Some(ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
+                ),
+                "{bad:?}: {kind:?}"
+            );
         }
+    }
+
+    /// The man pages for `hookrunner` and each command (`hookrunner-serve(1)`, ...), as clap_mangen renders
+    /// this definition.
+    fn man_pages() -> Vec<(String, Vec<u8>)> {
+        let mut root = Cli::command();
+        // Building names each command for its page (`hookrunner-serve`), as `hookrunner serve` would show it.
+        root.build();
+        let mut commands = vec![root.clone()];
+        commands.extend(root.get_subcommands().cloned());
+        commands
+            .into_iter()
+            .map(|command| {
+                let man = clap_mangen::Man::new(command).manual("hookrunner manual");
+                let mut text = Vec::new();
+                man.render(&mut text).expect("render man page");
+                (man.get_filename(), text)
+            })
+            .collect()
+    }
+
+    /// packaging/man/*.1 are what the package ships; they must be what this definition renders. Run with
+    /// `HOOKRUNNER_WRITE_MAN=1` to rewrite them after changing the command line.
+    #[test]
+    fn the_committed_man_pages_match_the_command_line() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/man");
+        let write = std::env::var_os("HOOKRUNNER_WRITE_MAN").is_some();
+        let pages = man_pages();
+        for (name, text) in &pages {
+            let path = dir.join(name);
+            if write {
+                std::fs::write(&path, text).expect("write man page");
+            }
+            let committed = std::fs::read(&path).unwrap_or_default();
+            assert!(
+                committed == *text,
+                "{} differs from the command line; rerun with HOOKRUNNER_WRITE_MAN=1",
+                path.display()
+            );
+        }
+        let mut shipped: Vec<String> = std::fs::read_dir(&dir)
+            .expect("packaging/man")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("hookrunner") && n.ends_with(".1"))
+            .collect();
+        shipped.sort();
+        let mut generated: Vec<String> = pages.into_iter().map(|(n, _)| n).collect();
+        generated.sort();
+        assert_eq!(shipped, generated, "a man page for a command that is gone");
     }
 }

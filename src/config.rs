@@ -97,6 +97,9 @@ pub struct Config {
     /// name senders and scripts; a remote Prometheus reaches it through a proxy or its own agent. Takes
     /// effect at start.
     pub metrics_listen: Option<SocketAddr>,
+    /// `log_file`: append log lines to this file instead of stderr (default: stderr, i.e. the journal under
+    /// systemd). Reopened on every SIGHUP, so logrotate can rename it and then reload.
+    pub log_file: Option<PathBuf>,
 }
 
 // The ranges of the keys above, as their fields document them.
@@ -234,6 +237,7 @@ struct RawConfig {
     allow_unauthenticated: Option<bool>,
     sender: Option<Vec<RawSender>>,
     metrics_listen: Option<String>,
+    log_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -454,6 +458,7 @@ impl Config {
             trusted_proxies,
             warnings,
             metrics_listen,
+            log_file: path("log_file", raw.log_file)?,
         })
     }
 }

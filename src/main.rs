@@ -13,6 +13,7 @@ mod metrics;
 mod payload;
 mod routes;
 mod runner;
+mod systemd;
 mod tools;
 mod units;
 

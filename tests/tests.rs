@@ -6,7 +6,10 @@ mod auth;
 mod config;
 mod core;
 mod lifecycle;
+mod logs;
+mod packaging;
 mod runner;
+mod systemd;
 mod tools;
 
 mod http;

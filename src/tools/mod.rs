@@ -1,7 +1,7 @@
 //! The operator's tools beside the daemon: `get` (values from a payload file, for scripts), `send`
 //! (realistic test events, signed as a sender would), `check --payload` (a dry run that explains routing).
-//! Each command's logic is pure and unit-tested in its module; this file holds their arguments (clap derive,
-//! so they join the command line's one definition) and turns outcomes into exit codes.
+//! Each command's logic is pure and unit-tested in its module; this file holds their arguments (clap `Args`,
+//! joined into the one definition in `cli`, which has their help texts) and runs them.
 
 pub mod explain;
 pub mod get;
@@ -9,30 +9,21 @@ pub mod http;
 pub mod samples;
 pub mod send;
 
-use std::ffi::OsString;
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::Args;
 
 use crate::config::{Config, Listen, Overrides};
 use crate::document::Format;
 
-/// sysexits.h: bad usage, bad configuration.
+/// sysexits.h: bad usage, bad configuration (as in `cli`).
 const EX_USAGE: u8 = 64;
 const EX_CONFIG: u8 = 78;
 
-/// Print values from a payload file (a script's $1) at paths routes use
-#[derive(Parser, Debug)]
-#[command(
-    name = "hookrunner get",
-    long_about = "Print the values at PATHs in a payload file, with the path syntax route filters use: \
-/event/deviceName reads Jamf's JSON and XML alike (the XML root's name may be given or left out), /field a \
-form. Array elements by index (/event/ids/0); in XML a repeated element is an array. Exit status: 0 all \
-found, 3 a path not found (nothing is printed), 65 the file is not JSON, XML or a form, or is malformed, \
-66 the file cannot be read, 64 usage."
-)]
+/// `hookrunner get`'s arguments (its help is in `cli`).
+#[derive(Args, Debug)]
 pub struct GetArgs {
     /// The payload file
     pub file: PathBuf,
@@ -60,37 +51,6 @@ fn parse_format(text: &str) -> Result<Format, String> {
         "form" => Ok(Format::Form),
         _ => Err("use json, xml or form".into()),
     }
-}
-
-/// Parses a command's arguments (those after its name), mapping clap's outcome to an exit code the way
-/// `cli` does: help and version succeed, anything else is a usage error.
-pub fn parse_args<T: Parser>(
-    name: &str,
-    args: impl IntoIterator<Item = OsString>,
-) -> Result<T, ExitCode> {
-    T::try_parse_from(std::iter::once(OsString::from(name)).chain(args)).map_err(|e| {
-        let _ = e.print();
-        match e.kind() {
-            clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
-                ExitCode::SUCCESS
-            }
-            _ => ExitCode::from(EX_USAGE),
-        }
-    })
-}
-
-/// Runs `get`, `send` or `check --payload` if that is the command (the rest of the command line is `cli`'s).
-pub fn dispatch(args: Vec<OsString>) -> Option<ExitCode> {
-    let rest = args.iter().skip(1).cloned();
-    let code = match args.first().and_then(|a| a.to_str()) {
-        Some("get") => parse_args("hookrunner get", rest).map_or_else(|c| c, run_get),
-        Some("send") => parse_args("hookrunner send", rest).map_or_else(|c| c, run_send),
-        Some("check") if args.iter().any(|a| a == "--payload") => {
-            parse_args("hookrunner check", rest).map_or_else(|c| c, run_check_payload)
-        }
-        _ => return None,
-    };
-    Some(code)
 }
 
 pub fn run_get(args: GetArgs) -> ExitCode {
@@ -162,12 +122,8 @@ pub fn run_get(args: GetArgs) -> ExitCode {
     }
 }
 
-/// Post a realistic sample event, authenticated as a sender profile would be
-#[derive(Parser, Debug)]
-#[command(
-    name = "hookrunner send",
-    long_about = "Post a sample EVENT (see --list): Jamf Pro's 23 events in its JSON or XML shape, and samples from Scalefusion, GitHub, GitLab and Kazoo, with the current time and fresh ids. With --sender, the request is authenticated as that [[sender]] profile of the configuration says (basic, headers, github, gitlab, scalefusion, standard-webhooks, hmac), with the secrets from its files. Prints each answer's status, request id and body; exits 0 when every answer was 2xx, 1 otherwise, 64 on bad usage, 78 on a bad configuration."
-)]
+/// `hookrunner send`'s arguments.
+#[derive(Args, Debug)]
 pub struct SendArgs {
     /// The sample's event name (github:push and gitlab:push tell the two pushes apart)
     #[arg(required_unless_present = "list")]
@@ -334,28 +290,18 @@ fn url_text(url: &http::Url) -> String {
     }
 }
 
-/// Explain what the daemon would do with a request, without running anything
-#[derive(Parser, Debug)]
-#[command(
-    name = "hookrunner check",
-    long_about = "With --payload, explain what the daemon would do with a POST of FILE: the sender profile that applies and whether the request passes it, the event name and the source that yielded it, each route line that did not match and why, the line that matches, the script and its environment. Nothing runs. Exits 0 when a script would run, 1 when the request would be refused, 78 on a bad configuration."
-)]
-pub struct CheckPayloadArgs {
-    /// The request body
+/// `hookrunner check --payload`: the request to explain (`--config` and `--scripts-dir` are `check`'s own).
+#[derive(Args, Debug)]
+pub struct DryRunArgs {
+    /// Explain what would happen to a POST of this body, instead of printing the routing table
     #[arg(long, value_name = "FILE")]
-    pub payload: PathBuf,
-    /// A request header, 'Name: value' (repeatable)
-    #[arg(long, value_name = "'NAME: VALUE'", value_parser = parse_header)]
+    pub payload: Option<PathBuf>,
+    /// With --payload: a request header, 'Name: value' (repeatable)
+    #[arg(long, value_name = "'NAME: VALUE'", value_parser = parse_header, requires = "payload")]
     pub header: Vec<(String, String)>,
-    /// The request's path and query
-    #[arg(long, default_value = "/")]
+    /// With --payload: the request's path and query
+    #[arg(long, default_value = "/", requires = "payload")]
     pub path: String,
-    /// Configuration file (default /etc/hookrunner/hookrunner.toml if it exists, else built-in defaults)
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Where scripts live, overriding the file
-    #[arg(long, value_name = "DIR")]
-    pub scripts_dir: Option<PathBuf>,
 }
 
 fn parse_header(text: &str) -> Result<(String, String), String> {
@@ -367,22 +313,24 @@ fn parse_header(text: &str) -> Result<(String, String), String> {
     }
 }
 
-pub fn run_check_payload(args: CheckPayloadArgs) -> ExitCode {
-    let overrides = Overrides {
-        listen: None,
-        scripts_dir: args.scripts_dir,
-    };
-    let config = match Config::load(args.config.as_deref(), &overrides) {
+/// `check --payload FILE`: explains what the daemon would do with a POST of FILE.
+pub fn run_check_payload(
+    config: Option<&Path>,
+    overrides: &Overrides,
+    payload: &Path,
+    args: DryRunArgs,
+) -> ExitCode {
+    let config = match Config::load(config, overrides) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("hookrunner: {e}");
             return ExitCode::from(EX_CONFIG);
         }
     };
-    let body = match std::fs::read(&args.payload) {
+    let body = match std::fs::read(payload) {
         Ok(body) => body,
         Err(e) => {
-            eprintln!("hookrunner check: {}: {e}", args.payload.display());
+            eprintln!("hookrunner check: {}: {e}", payload.display());
             return ExitCode::FAILURE;
         }
     };
