@@ -36,7 +36,8 @@ print(server.server_address[1], flush=True)
 server.serve_forever()
 "#;
 
-/// An aiosmtpd server writing each message to `mail-N.json` as {from, to, data}. Prints its port.
+/// An aiosmtpd server writing each message to `mail-N.json` as {from, to, data}. Prints its port. Given a
+/// certificate and key, it requires STARTTLS before it takes a message.
 const SMTP_RECEIVER: &str = r#"
 import json, os, socket, sys, time
 from aiosmtpd.controller import Controller
@@ -49,7 +50,13 @@ class Handler:
         os.rename(os.path.join(dir, f"mail-{n}.json.tmp"), os.path.join(dir, f"mail-{n}.json"))
         return "250 OK"
 probe = socket.socket(); probe.bind(("127.0.0.1", 0)); port = probe.getsockname()[1]; probe.close()
-controller = Controller(Handler(), hostname="127.0.0.1", port=port)
+tls = {}
+if len(sys.argv) > 3:
+    import ssl
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(sys.argv[2], sys.argv[3])
+    tls = {"tls_context": context, "require_starttls": True}
+controller = Controller(Handler(), hostname="127.0.0.1", port=port, **tls)
 controller.start()
 print(port, flush=True)
 while True:
@@ -65,11 +72,21 @@ struct Receiver {
 
 impl Receiver {
     fn start(script: &str, dir: &Path, python_path: Option<&Path>) -> Receiver {
+        Receiver::start_with(script, dir, python_path, &[])
+    }
+
+    fn start_with(
+        script: &str,
+        dir: &Path,
+        python_path: Option<&Path>,
+        args: &[&Path],
+    ) -> Receiver {
         fs::create_dir_all(dir).expect("receiver dir");
         let mut command = Command::new("python3");
         command
             .args(["-c", script])
             .arg(dir)
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         if let Some(path) = python_path {
@@ -574,5 +591,85 @@ fn enrollment_mail_sends_plain_and_html_to_the_team_and_the_device_user() {
             .as_str()
             .expect("data")
             .contains("was unenrolled")
+    );
+}
+
+#[test]
+fn enrollment_mail_with_starttls_sends_only_over_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("run openssl");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let tls = Receiver::start_with(
+        SMTP_RECEIVER,
+        &dir.path().join("tls"),
+        Some(aiosmtpd()),
+        &[&cert, &key],
+    );
+    let plain = Receiver::start(SMTP_RECEIVER, &dir.path().join("plain"), Some(aiosmtpd()));
+    let settings = |port: u16| {
+        format!(
+            "SMTP_URL=\"smtp://127.0.0.1:{port}\"\nSMTP_STARTTLS=yes\nSMTP_CA_FILE={cert:?}\n\
+             MAIL_FROM=\"jamf@example.org\"\nMAIL_TO=\"it@example.org\""
+        )
+    };
+    let routes = "MobileDeviceEnrolled integrations/enrollment-mail\n";
+    let env = integrations_env(&settings(tls.port), routes);
+    let server = env.serve();
+    send(&server, &["MobileDeviceEnrolled", "--format", "xml"]);
+    let path = tls.dir.join("mail-0.json");
+    assert!(
+        wait_until(Duration::from_secs(10), || path.exists()),
+        "no mail over STARTTLS"
+    );
+    let mail: Value =
+        serde_json::from_str(&fs::read_to_string(&path).expect("mail")).expect("JSON");
+    assert!(
+        mail["data"]
+            .as_str()
+            .expect("data")
+            .contains("was enrolled")
+    );
+    // A server that offers no STARTTLS gets nothing, and the failure reaches the sender as a 500.
+    let env = integrations_env(&settings(plain.port), routes);
+    let server = env.serve();
+    let out = Command::new(BIN)
+        .args([
+            "send",
+            "MobileDeviceEnrolled",
+            "--url",
+            &format!("http://{}/", server.addr),
+        ])
+        .output()
+        .expect("run send");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("HTTP 500"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        !plain.dir.join("mail-0.json").exists(),
+        "nothing sent in the clear"
     );
 }

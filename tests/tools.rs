@@ -560,3 +560,42 @@ fn metrics_listen_must_be_loopback() {
         "{text}"
     );
 }
+
+#[test]
+fn send_reaches_a_unix_socket_from_the_configured_listen_or_a_url() {
+    let env = Env::new();
+    let socket = env.path().join("hookrunner.sock");
+    let env = env.config(&format!("listen = \"unix:{}\"", socket.display()));
+    env.script("ComputerAdded", "echo \"unix $HOOKRUNNER_EVENT\"");
+    let server =
+        crate::util::Server::spawn(env.serve_command(&format!("unix:{}", socket.display())));
+    assert!(
+        server
+            .wait_log("listening on ", Duration::from_secs(10))
+            .is_some(),
+        "{}",
+        server.log()
+    );
+    // No --url: the configuration's listen decides.
+    let out = Command::new(BIN)
+        .args(["send", "ComputerAdded", "--config"])
+        .arg(env.config_path())
+        .output()
+        .expect("run send");
+    assert_eq!(
+        code(&out),
+        0,
+        "{}{}",
+        stdout(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout(&out).contains("HTTP 200"), "{}", stdout(&out));
+    let url = format!("unix:{}", socket.display());
+    let out = hookrunner(&["send", "ComputerAdded", "--format", "xml", "--url", &url]);
+    assert_eq!(code(&out), 0, "{}", stdout(&out));
+    assert!(
+        server
+            .wait_log("unix ComputerAdded", Duration::from_secs(5))
+            .is_some()
+    );
+}
