@@ -26,7 +26,7 @@ use crate::runner::{Exit, Job, Limiter, Outcome, Runner};
 /// Bodies up to this size are kept in memory and may be parsed for the event name and route filters; larger
 /// ones go straight to their payload file and are never parsed, which bounds what one request can make the
 /// parsers allocate. Webhook payloads that carry their event in the body are a few KiB.
-const INLINE_BODY: usize = 256 << 10;
+pub const INLINE_BODY: usize = 256 << 10;
 
 pub struct Gateway {
     config: RwLock<Arc<Config>>,

@@ -11,9 +11,9 @@ use crate::document::{Document, Format, MalformedBody};
 use crate::event::{self, Inputs};
 use crate::routes::SelectError;
 
-/// Bodies up to this size are parsed by the daemon (`gateway::INLINE_BODY`); a larger one reaches its script
-/// unparsed, so its event must come from the path or a header.
-const PARSED_BODY: usize = 256 << 10;
+/// Bodies up to this size are parsed by the daemon; a larger one reaches its script unparsed, so its event
+/// must come from the path or a header.
+const PARSED_BODY: usize = crate::gateway::INLINE_BODY;
 
 /// A request as `check --payload` describes it.
 pub struct DryRequest {

@@ -77,8 +77,19 @@ impl Answer {
     }
 }
 
-/// The request's bytes: head and body.
-pub fn request(url: &Url, target: &str, headers: &[(String, String)], body: &[u8]) -> Vec<u8> {
+/// The request's bytes: head and body. A header value with a line break (a secret file holding two
+/// lines) would end the field early and start another, so it is refused.
+pub fn request(
+    url: &Url,
+    target: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> Result<Vec<u8>, String> {
+    if let Some((name, _)) = headers.iter().find(|(_, v)| v.contains(['\r', '\n'])) {
+        return Err(format!(
+            "the value for the {name} header holds a line break"
+        ));
+    }
     let mut head = format!(
         "POST {target} HTTP/1.1\r\nHost: {}\r\nUser-Agent: hookrunner-send/{}\r\nConnection: close\r\nContent-Length: {}\r\n",
         url.host,
@@ -91,7 +102,7 @@ pub fn request(url: &Url, target: &str, headers: &[(String, String)], body: &[u8
     head.push_str("\r\n");
     let mut bytes = head.into_bytes();
     bytes.extend_from_slice(body);
-    bytes
+    Ok(bytes)
 }
 
 /// Sends `request` and reads the whole answer, each step within `timeout`.
@@ -185,13 +196,10 @@ mod tests {
             (404, &b"{}"[..], Some("r1"))
         );
         assert!(parse_answer(b"HTTP/1.1 200 OK\r\n").is_err());
-        let r = request(
-            &Url::parse("http://h:1/").expect("valid"),
-            "/p",
-            &[("A".into(), "b".into())],
-            b"xy",
-        );
+        let url = Url::parse("http://h:1/").expect("valid");
+        let r = request(&url, "/p", &[("A".into(), "b".into())], b"xy").expect("a request");
         let text = String::from_utf8(r).expect("text");
+        assert!(request(&url, "/p", &[("X-Key".into(), "a\nX-Evil: 1".into())], b"").is_err());
         assert!(
             text.starts_with("POST /p HTTP/1.1\r\nHost: h:1\r\n"),
             "{text}"

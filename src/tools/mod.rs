@@ -258,7 +258,13 @@ pub fn run_send(args: SendArgs) -> ExitCode {
                 &mut random,
             ));
         }
-        let request = http::request(&url, &url.target, &headers, &bytes);
+        let request = match http::request(&url, &url.target, &headers, &bytes) {
+            Ok(request) => request,
+            Err(e) => {
+                eprintln!("hookrunner send: {e}");
+                return ExitCode::from(EX_CONFIG);
+            }
+        };
         match http::exchange(&url, &request, SEND_TIMEOUT) {
             Ok(answer) => {
                 all_ok &= (200..300).contains(&answer.status);
