@@ -117,7 +117,24 @@ pub fn serve(config_path: Option<PathBuf>, mut overrides: Overrides) -> Result<(
         .tls
         .as_ref()
         .map(|t| http::TlsConfig::new(Arc::clone(&t.server)));
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .map_err(|e| Error::Start(format!("cannot listen for metrics on {addr}"), e))?,
+        ),
+        None => None,
+    };
     let gateway = Arc::new(Gateway::new(config, payloads, runner));
+    if let Some(listener) = metrics_listener {
+        if let Ok(addr) = listener.local_addr() {
+            log::info!("metrics on http://{addr}/metrics");
+        }
+        let metrics = gateway.metrics();
+        std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || crate::metrics::serve(listener, metrics))
+            .map_err(|e| Error::Start("metrics thread".into(), e))?;
+    }
     let counted = Arc::new(Counted {
         gateway: Arc::clone(&gateway),
         addr: listener.local_addr(),

@@ -18,6 +18,7 @@ use crate::document::{Document, Format, MalformedBody};
 use crate::event::{self, EventError, Inputs};
 use crate::http::{self, BodyError, Method, Request, Response};
 use crate::logging::{Escaped, RateLimit};
+use crate::metrics::{Metrics, RunOutcome};
 use crate::payload::{Payload, PayloadDir};
 use crate::routes::{SelectError, UnsafeScript};
 use crate::runner::{Exit, Job, Limiter, Outcome, Runner};
@@ -25,7 +26,7 @@ use crate::runner::{Exit, Job, Limiter, Outcome, Runner};
 /// Bodies up to this size are kept in memory and may be parsed for the event name and route filters; larger
 /// ones go straight to their payload file and are never parsed, which bounds what one request can make the
 /// parsers allocate. Webhook payloads that carry their event in the body are a few KiB.
-const INLINE_BODY: usize = 256 << 10;
+pub const INLINE_BODY: usize = 256 << 10;
 
 pub struct Gateway {
     config: RwLock<Arc<Config>>,
@@ -36,6 +37,10 @@ pub struct Gateway {
     /// Authentication failures at warn level, at most one a second: a flood of bad requests must not
     /// flood the log (each request's own line still says why it was refused).
     auth_log: Mutex<RateLimit>,
+    metrics: Arc<Metrics>,
+    /// This binary, for scripts as `HOOKRUNNER_BIN`: `"$HOOKRUNNER_BIN" get "$1" /event/deviceName` works
+    /// whether or not hookrunner is on the scripts' PATH (a checkout, a test).
+    bin: String,
 }
 
 /// Why a request was not run, or not run to success.
@@ -107,6 +112,8 @@ fn is_resource_shortage(e: &io::Error) -> bool {
 
 /// A script that ran, and how.
 struct Ran {
+    /// The routes line that chose the script.
+    line: usize,
     event: String,
     script: String,
     sender: Option<String>,
@@ -128,7 +135,16 @@ impl Gateway {
             runner,
             replays: Replays::default(),
             auth_log: Mutex::new(RateLimit::new(log::Level::Warn)),
+            metrics: Arc::new(Metrics::default()),
+            bin: std::env::current_exe()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
         }
+    }
+
+    /// What `metrics_listen` serves.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -239,6 +255,7 @@ impl Gateway {
             ("HOOKRUNNER_QUERY", request.query.as_str()),
             ("HOOKRUNNER_REMOTE_ADDR", remote.as_str()),
             ("HOOKRUNNER_SENDER", sender.map_or("", |s| s.name.as_str())),
+            ("HOOKRUNNER_BIN", self.bin.as_str()),
             (
                 "HOOKRUNNER_DELIVERY_ID",
                 delivery_id.as_deref().unwrap_or(""),
@@ -254,7 +271,10 @@ impl Gateway {
             kill_grace: config.kill_grace,
             request_id: &request.id,
         };
-        let outcome = self.runner.run(&job).map_err(Refusal::Spawn)?;
+        let outcome = {
+            let _running = self.metrics.running();
+            self.runner.run(&job).map_err(Refusal::Spawn)?
+        };
         if let Some(claim) = claim {
             if outcome.exit == Exit::Code(0) {
                 claim.accept();
@@ -265,6 +285,7 @@ impl Gateway {
             .strip_prefix(&config.scripts_dir)
             .unwrap_or(&selected.script);
         Ok(Ran {
+            line: selected.line,
             script: script.display().to_string(),
             event,
             sender: sender.map(|s| s.name.clone()),
@@ -283,8 +304,30 @@ impl http::Handler for Gateway {
             return Response::json(200, &json!({ "status": "ok" }));
         }
         let config = self.config();
-        match self.serve(&config, request) {
-            Ok(ran) => ran.response(&request.id),
+        let response = self.answer(&config, request);
+        let sender = config
+            .senders
+            .select(&request.path)
+            .map(|s| s.name.as_str());
+        self.metrics.request(response.status, sender);
+        response
+    }
+}
+
+impl Gateway {
+    fn answer(&self, config: &Config, request: &mut Request<'_>) -> Response {
+        match self.serve(config, request) {
+            Ok(ran) => {
+                let outcome = match ran.outcome.exit {
+                    Exit::Code(0) => RunOutcome::Ok,
+                    Exit::Code(_) => RunOutcome::Failed,
+                    Exit::Signal(_) => RunOutcome::Signal,
+                    Exit::TimedOut => RunOutcome::Timeout,
+                };
+                self.metrics
+                    .ran(ran.line, &ran.script, outcome, ran.outcome.duration);
+                ran.response(&request.id)
+            }
             Err(Refusal::Duplicate(id)) => {
                 let mut response = Response::json(
                     200,
@@ -293,7 +336,14 @@ impl http::Handler for Gateway {
                 response.note = format!(" delivery_id=\"{}\" duplicate=true", Escaped(&id));
                 response
             }
-            Err(Refusal::Auth(failure)) => self.refuse_sender(&config, request, &failure),
+            Err(Refusal::Auth(failure)) => {
+                let sender = config
+                    .senders
+                    .select(&request.path)
+                    .map(|s| s.name.as_str());
+                self.metrics.auth_failure(sender, &failure);
+                self.refuse_sender(config, request, &failure)
+            }
             Err(refusal) => {
                 let status = refusal.status();
                 let message = refusal.message();

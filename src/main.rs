@@ -9,11 +9,13 @@ mod event;
 mod gateway;
 mod http;
 mod logging;
+mod metrics;
 mod payload;
 mod routes;
 mod runner;
 mod systemd;
 mod tls;
+mod tools;
 mod units;
 
 fn main() -> std::process::ExitCode {

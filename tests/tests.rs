@@ -10,7 +10,9 @@ mod logs;
 mod packaging;
 mod runner;
 mod systemd;
+mod tools;
 
 mod http;
+mod integrations;
 mod parsing;
 mod tls;
