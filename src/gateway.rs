@@ -130,12 +130,13 @@ impl Gateway {
     pub fn new(config: Config, payloads: PayloadDir, runner: Runner) -> Gateway {
         Gateway {
             limiter: Limiter::new(config.max_running),
+            metrics: Arc::new(Metrics::new(config.metrics_listen.is_some())),
             config: RwLock::new(Arc::new(config)),
             payloads,
             runner,
             replays: Replays::default(),
             auth_log: Mutex::new(RateLimit::new(log::Level::Warn)),
-            metrics: Arc::new(Metrics::default()),
+
             bin: std::env::current_exe()
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),

@@ -63,6 +63,8 @@ impl RunOutcome {
 }
 
 pub struct Metrics {
+    /// False when no `metrics_listen` serves them: then nothing is counted, and a request pays nothing.
+    enabled: bool,
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     runs: Family<RunLabels, Counter>,
@@ -76,8 +78,9 @@ fn duration_buckets() -> impl Iterator<Item = f64> {
     prometheus_client::metrics::histogram::exponential_buckets(0.005, 2.5, 14)
 }
 
-impl Default for Metrics {
-    fn default() -> Metrics {
+impl Metrics {
+    /// The figures, counted only when `enabled`.
+    pub fn new(enabled: bool) -> Metrics {
         let mut registry = Registry::with_prefix("hookrunner");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -109,6 +112,7 @@ impl Default for Metrics {
         // The spool's queued and dead entries join here as gauges read from the store when it lands
         // (issue 12 asks for them "once the spool exists").
         Metrics {
+            enabled,
             registry,
             requests,
             runs,
@@ -117,10 +121,11 @@ impl Default for Metrics {
             auth_failures,
         }
     }
-}
 
-impl Metrics {
     pub fn request(&self, status: u16, sender: Option<&str>) {
+        if !self.enabled {
+            return;
+        }
         self.requests
             .get_or_create(&RequestLabels {
                 status: status.to_string(),
@@ -130,6 +135,9 @@ impl Metrics {
     }
 
     pub fn auth_failure(&self, sender: Option<&str>, failure: &Failure) {
+        if !self.enabled {
+            return;
+        }
         self.auth_failures
             .get_or_create(&AuthLabels {
                 sender: sender.unwrap_or("-").to_string(),
@@ -145,6 +153,9 @@ impl Metrics {
     }
 
     pub fn ran(&self, line: usize, script: &str, outcome: RunOutcome, duration: Duration) {
+        if !self.enabled {
+            return;
+        }
         self.runs
             .get_or_create(&RunLabels {
                 line: line.to_string(),
@@ -311,7 +322,7 @@ mod tests {
 
     #[test]
     fn counts_what_happened() {
-        let metrics = Metrics::default();
+        let metrics = Metrics::new(true);
         metrics.request(200, Some("jamf"));
         metrics.request(200, Some("jamf"));
         metrics.request(404, None);
@@ -349,7 +360,7 @@ mod tests {
 
     #[test]
     fn only_get_metrics_is_served() {
-        let metrics = Metrics::default();
+        let metrics = Metrics::new(true);
         let status = |line: &str| route(line, false, &metrics).0;
         assert_eq!(status("GET /metrics HTTP/1.1\r\n"), "200 OK");
         assert_eq!(status("GET /metrics?x HTTP/1.1\r\n"), "200 OK");
@@ -365,7 +376,7 @@ mod tests {
 
     #[test]
     fn prometheus_text_names_counter_families_with_their_total() {
-        let metrics = Metrics::default();
+        let metrics = Metrics::new(true);
         metrics.request(200, None);
         let text = metrics.encode_prometheus();
         assert!(
@@ -388,5 +399,16 @@ mod tests {
             !text.contains("# EOF") && !text.contains("# UNIT"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn nothing_is_counted_when_no_listener_serves_the_figures() {
+        let metrics = Metrics::new(false);
+        metrics.request(200, Some("jamf"));
+        metrics.ran(3, "x.sh", RunOutcome::Ok, Duration::from_millis(5));
+        metrics.auth_failure(Some("jamf"), &Failure::Mismatch);
+        let text = metrics.encode();
+        assert!(!text.contains("status=\"200\""), "{text}");
+        assert!(!text.contains("x.sh"), "{text}");
     }
 }
