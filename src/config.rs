@@ -449,6 +449,25 @@ impl Config {
                     .map_err(|e| ConfigError::new(file.path, tls_line, e))?,
             ),
         };
+        // An mtls sender checks the names of a certificate the TLS layer verified: it needs one to be asked for.
+        let asks_for_certificates = tls.as_ref().is_some_and(|t| t.client_ca_file.is_some());
+        if let Some((index, sender)) = senders
+            .iter()
+            .enumerate()
+            .find(|(_, s)| matches!(s.scheme, crate::auth::Scheme::Mtls { .. }))
+        {
+            if !asks_for_certificates {
+                return Err(ConfigError::new(
+                    file.path,
+                    table_line(file.text, "[[sender]]", index),
+                    format!(
+                        "sender {:?}: type mtls needs [tls] with client_ca_file, so that clients are asked for \
+                         a certificate and it is verified",
+                        sender.name
+                    ),
+                ));
+            }
+        }
         Ok(Config {
             listen,
             routes,

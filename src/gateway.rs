@@ -178,6 +178,7 @@ impl Gateway {
             header: &header,
             forwarded_for: request.headers("X-Forwarded-For").collect(),
             peer: request.remote.parse::<SocketAddr>().ok().map(|a| a.ip()),
+            client_names: &request.client_names,
             now: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64),

@@ -227,6 +227,8 @@ fn reason(failure: &Failure) -> &'static str {
         Failure::WrongCredentials => "wrong_credentials",
         Failure::WrongToken(_) => "wrong_token",
         Failure::Mismatch => "signature_mismatch",
+        Failure::NoCertificate => "no_client_certificate",
+        Failure::Subject(_) => "certificate_subject",
         Failure::OutOfWindow { .. } => "timestamp_out_of_window",
         Failure::Address(_) => "address_not_allowed",
         Failure::Event(_) => "event_not_allowed",

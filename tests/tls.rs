@@ -603,3 +603,68 @@ fn past_max_connections_a_tls_connection_is_closed_unanswered() {
     );
     assert_eq!(get(&mut held, "/healthz").expect("held").status, 200);
 }
+
+/// One POST on an open TLS connection.
+fn post(tls: &mut Tls, path: &str) -> std::io::Result<Response> {
+    tls.write_all(
+        format!("POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{{}}")
+            .as_bytes(),
+    )?;
+    Response::read(tls)
+}
+
+#[test]
+fn an_mtls_sender_admits_only_a_verified_certificate_naming_one_of_its_subjects() {
+    let server_ca = Ca::new("server CA");
+    let clients = Ca::new("client CA");
+    let env = tls_env(&server_leaf(&server_ca), Some(&clients), "").config(
+        "[[sender]]\nname = \"jamf\"\ntype = \"mtls\"\nsubjects = [\"jamf.example.com\", \"*.jamfcloud.com\"]\n",
+    );
+    let ran = env.path().join("ran");
+    env.script("x", &format!("echo \"$HOOKRUNNER_SENDER\" >> {ran:?}"));
+    let server = env.serve();
+    for (who, names) in [
+        ("jamf", &["jamf.example.com"][..]),
+        ("cloud", &["acme.jamfcloud.com"]),
+    ] {
+        let leaf = clients.issue(names, who);
+        let mut tls = connect(&server, client_config(&server_ca, Some(&leaf)));
+        let response = post(&mut tls, "/hooks/x").expect("answer");
+        assert_eq!(response.status, 200, "{who}: {}", response.text());
+    }
+    assert_eq!(fs::read_to_string(&ran).expect("ran"), "jamf\njamf\n");
+    // A certificate from the right CA that names someone else, and none at all.
+    let other = clients.issue(&["evil.example.com"], "evil");
+    let mut tls = connect(&server, client_config(&server_ca, Some(&other)));
+    let response = post(&mut tls, "/hooks/x").expect("answer");
+    assert_eq!(response.status, 401, "{}", response.text());
+    let mut tls = connect(&server, client_config(&server_ca, None));
+    let response = post(&mut tls, "/hooks/x").expect("answer");
+    assert_eq!(response.status, 401, "{}", response.text());
+    assert_eq!(
+        fs::read_to_string(&ran).expect("ran").lines().count(),
+        2,
+        "nothing else ran"
+    );
+    for reason in [
+        "auth=\"client certificate for evil.example.com is not among the sender's subjects\"",
+        "auth=\"no client certificate\"",
+    ] {
+        assert!(
+            server.wait_log(reason, Duration::from_secs(5)).is_some(),
+            "{reason}:\n{}",
+            server.log()
+        );
+    }
+    // Without client_ca_file nothing asks for a certificate: an mtls sender is a config error.
+    let env = tls_env(&server_leaf(&server_ca), None, "").config(
+        "[[sender]]\nname = \"jamf\"\ntype = \"mtls\"\nsubjects = [\"jamf.example.com\"]\n",
+    );
+    let out = env.check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(
+        err.contains("type mtls needs [tls] with client_ca_file"),
+        "{err}"
+    );
+}

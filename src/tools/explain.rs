@@ -229,6 +229,8 @@ fn sender<'c>(
         header: &header,
         forwarded_for: Vec::new(),
         peer: None,
+        // A dry run has no TLS client: an mtls profile is reported as refused for want of a certificate.
+        client_names: &[],
         now: request.now,
     };
     let checked = without_address

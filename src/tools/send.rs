@@ -16,7 +16,8 @@ use crate::tools::samples::Random;
 /// The headers that authenticate `body` under `scheme` at `now` (Unix seconds).
 pub fn sign(scheme: &Scheme, body: &[u8], now: i64, random: &mut Random) -> Vec<(String, String)> {
     match scheme {
-        Scheme::None => Vec::new(),
+        // A client certificate is the transport's, not a header: send cannot present one.
+        Scheme::None | Scheme::Mtls { .. } => Vec::new(),
         Scheme::Basic { user, password } => {
             let mut pair = format!("{user}:").into_bytes();
             pair.extend_from_slice(password.bytes());
@@ -139,6 +140,7 @@ mod tests {
             header: &lookup,
             forwarded_for: Vec::new(),
             peer: None,
+            client_names: &[],
             now,
         };
         let sender = sender(scheme);
@@ -221,6 +223,7 @@ mod tests {
             header: &lookup,
             forwarded_for: Vec::new(),
             peer: None,
+            client_names: &[],
             now: 0,
         };
         let wrong = sender(Scheme::Signed {
