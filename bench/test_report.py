@@ -147,6 +147,15 @@ class TlsTargets(unittest.TestCase):
     def test_no_tls_row_without_a_tls_run(self):
         self.assertFalse(any("TLS" in label for label in verdicts(results())))
 
+    def test_the_hmac_variant_passes_within_2_percent_of_plain_only(self):
+        res = results()
+        for row in sync_rows("hookrunner-hmac", 935):
+            res.sync.setdefault("hookrunner-hmac", {}).setdefault(row["concurrency"], {})[row["rep"]] = row
+        label = "hookrunner behind a github sender (HMAC) ≥ 0.98 × plain"
+        self.assertEqual(verdicts(res)[label][1], "pass", verdicts(res)[label])
+        set_rate(res, "hookrunner-hmac", 4, 925)
+        self.assertEqual(verdicts(res)[label][1], "**FAIL**")
+
 
 if __name__ == "__main__":
     unittest.main()
