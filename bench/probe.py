@@ -40,8 +40,9 @@ import time
 import urllib.parse
 
 
-def http(url, method="GET", body=b"", timeout=2.0):
-    """One HTTP/1.1 request on a fresh connection (https too); returns (status, body)."""
+def http(url, method="GET", body=b"", timeout=2.0, headers=()):
+    """One HTTP/1.1 request on a fresh connection (https too), with extra `headers` ("Name: value");
+    returns (status, body)."""
     parts = urllib.parse.urlsplit(url)
     host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -49,7 +50,8 @@ def http(url, method="GET", body=b"", timeout=2.0):
     path = parts.path or "/"
     head = (
         f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        + "".join(f"{h}\r\n" for h in headers) + "\r\n"
     ).encode()
     with socket.create_connection((host, port), timeout=timeout) as raw_conn:
         conn = raw_conn
@@ -121,7 +123,8 @@ def cmd_post(args):
     with open(args.body_file, "rb") as f:
         body = f.read()
     try:
-        status, answer = http(args.url, method="POST", body=body, timeout=args.timeout)
+        status, answer = http(args.url, method="POST", body=body, timeout=args.timeout,
+                              headers=args.header)
     except OSError as err:
         print(f"error: {err}")
         return 1
@@ -421,6 +424,7 @@ def main():
     p.add_argument("url")
     p.add_argument("body_file")
     p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--header", action="append", default=[], help='"Name: value", repeatable')
     p.set_defaults(func=cmd_post)
     p = sub.add_parser("startup")
     p.add_argument("--system", required=True)

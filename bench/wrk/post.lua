@@ -1,7 +1,8 @@
 -- wrk script of the benchmark harness (see bench/README.md).
 --
--- Usage: wrk ... -s bench/wrk/post.lua URL -- BODY_FILE
--- POSTs BODY_FILE as application/json on every request, counts the answers by status code, and
+-- Usage: wrk ... -s bench/wrk/post.lua URL -- BODY_FILE [HEADER]
+-- POSTs BODY_FILE as application/json on every request (with HEADER, "Name: value", when given and not
+-- empty: wrk's own -H drops a header written without the space), counts the answers by status code, and
 -- at the end prints one line "BENCH_JSON {...}" that bench/run parses. Latencies are in
 -- microseconds, as wrk measures them.
 
@@ -21,6 +22,14 @@ function init(args)
    file:close()
    wrk.method = "POST"
    wrk.headers["Content-Type"] = "application/json"
+   local header = args[2]
+   if header ~= nil and header ~= "" then
+      local name, value = header:match("^([^:]+):%s*(.*)$")
+      if name == nil then
+         error("post.lua: a header is Name: value, not " .. header)
+      end
+      wrk.headers[name] = value
+   end
    statuses = {}
 end
 
