@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use crate::config::{Config, Listen, Overrides};
 use crate::daemon;
+use crate::deliveries;
 
 /// sysexits.h: bad usage, bad configuration.
 const EX_USAGE: u8 = 64;
@@ -18,11 +19,13 @@ hookrunner: runs a script for each webhook it receives
 USAGE:
     hookrunner serve [--config FILE] [--listen ADDR] [--scripts-dir DIR]
     hookrunner check [--config FILE] [--scripts-dir DIR]
+{DELIVERIES}
     hookrunner --help | --version
 
 COMMANDS:
-    serve    run the daemon
-    check    validate the configuration and routes, print the routing table
+    serve       run the daemon
+    check       validate the configuration and routes, print the routing table
+    deliveries  list, show, retry or drop deliveries in the store (works while the daemon runs)
 
 OPTIONS:
     --config FILE       configuration file (default /etc/hookrunner/hookrunner.toml if it
@@ -34,6 +37,10 @@ OPTIONS:
 RUST_LOG sets the log level (default info). See README.md for the configuration keys.
 ";
 
+fn help() -> String {
+    HELP.replace("{DELIVERIES}", deliveries::USAGE)
+}
+
 #[derive(Debug, PartialEq, Eq)]
 enum Command {
     Serve {
@@ -44,6 +51,7 @@ enum Command {
         config: Option<PathBuf>,
         overrides: Overrides,
     },
+    Deliveries(deliveries::Args),
     Help,
     Version,
 }
@@ -64,6 +72,9 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
         Some("check") => false,
         Some("--help" | "-h" | "help") => return Ok(Command::Help),
         Some("--version" | "-V") => return Ok(Command::Version),
+        Some("deliveries") => {
+            return deliveries::parse(args, crate::store::now_ms()).map(Command::Deliveries);
+        }
         _ => return Err(format!("unknown command {first:?}")),
     };
     let mut config = None;
@@ -98,15 +109,22 @@ pub fn run() -> ExitCode {
     let command = match parse(std::env::args_os().skip(1)) {
         Ok(command) => command,
         Err(e) => {
-            eprintln!("hookrunner: {e}\n\n{HELP}");
+            eprintln!("hookrunner: {e}\n\n{}", help());
             return ExitCode::from(EX_USAGE);
         }
     };
     match command {
         Command::Help => {
-            print!("{HELP}");
+            print!("{}", help());
             ExitCode::SUCCESS
         }
+        Command::Deliveries(args) => match deliveries::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err((message, code)) => {
+                eprintln!("hookrunner: {message}");
+                ExitCode::from(code)
+            }
+        },
         Command::Version => {
             println!("hookrunner {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS

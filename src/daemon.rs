@@ -10,10 +10,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGXFSZ};
 
 use crate::config::{Config, ConfigError, Overrides};
+use crate::dispatch::{Bell, Dispatcher};
 use crate::gateway::Gateway;
 use crate::http::{self, Control, Limits, Listener};
 use crate::payload::PayloadDir;
-use crate::runner::Runner;
+use crate::runner::{Limiter, Runner};
+use crate::store;
 
 /// Why the daemon could not run.
 #[derive(Debug)]
@@ -37,6 +39,7 @@ pub fn serve(config_path: Option<PathBuf>, overrides: Overrides) -> Result<(), E
     let (payloads, stale) = PayloadDir::open(&config.payload_dir)
         .map_err(|e| Error::Start("payload directory".into(), e))?;
     let runner = Runner::new().map_err(|e| Error::Start("script runner".into(), e))?;
+    let (store, waiting) = open_store(&config)?;
     let listener = Listener::bind(&config.listen)
         .map_err(|e| Error::Start(format!("cannot listen on {}", config.listen), e))?;
     let limits = Limits {
@@ -69,21 +72,98 @@ pub fn serve(config_path: Option<PathBuf>, overrides: Overrides) -> Result<(), E
         payloads.path().display()
     );
     announce_senders(&config);
-    let gateway = Arc::new(Gateway::new(config, payloads, runner));
+    if let Some(waiting) = waiting {
+        log::info!(
+            "store in {}: {waiting} queued deliver{} to run",
+            config.store.state_dir.display(),
+            if waiting == 1 { "y" } else { "ies" }
+        );
+    }
+    let limiter = Arc::new(Limiter::new(config.max_running));
+    let payloads = Arc::new(payloads);
+    let bell = Arc::new(Bell::default());
+    let gateway = Arc::new(Gateway::new(
+        config,
+        Arc::clone(&payloads),
+        runner,
+        Arc::clone(&limiter),
+        store.clone(),
+        Arc::clone(&bell),
+    ));
+    let dispatching = Arc::new(AtomicBool::new(false));
+    let dispatcher = match &store {
+        Some(store) => Some(start_dispatcher(Dispatcher {
+            store: Arc::clone(store),
+            limiter,
+            payloads,
+            runner: Runner::new().map_err(|e| Error::Start("script runner".into(), e))?,
+            config: {
+                let gateway = Arc::clone(&gateway);
+                Box::new(move || gateway.config())
+            },
+            bell: Arc::clone(&bell),
+            stop: Arc::clone(&dispatching),
+            waker: waker
+                .try_clone()
+                .map_err(|e| Error::Start("signal pipe".into(), e))?,
+        })?),
+        None => None,
+    };
+    let broken = || store.as_ref().is_some_and(|s| s.broken());
     let handler: Arc<dyn http::Handler> = gateway.clone();
-    http::serve(listener, limits, handler, &wake, || {
+    let served = http::serve(listener, limits, handler, &wake, || {
         if reload.swap(false, Ordering::SeqCst) {
             reload_config(&gateway, config_path.as_deref(), &overrides);
         }
-        if stop.load(Ordering::SeqCst) {
+        if stop.load(Ordering::SeqCst) || broken() {
             Control::Stop
         } else {
             Control::Continue
         }
-    })
-    .map_err(|e| Error::Start("accept loop".into(), e))?;
+    });
+    // Queued deliveries: start no new run, let the running ones end, leave the rest in the store.
+    dispatching.store(true, Ordering::SeqCst);
+    bell.ring();
+    if let Some(dispatcher) = dispatcher {
+        let _ = dispatcher.join();
+    }
+    served.map_err(|e| Error::Start("accept loop".into(), e))?;
+    if broken() {
+        return Err(Error::Start(
+            "store".into(),
+            io::Error::other("a write to the store failed; stopped for the supervisor to restart"),
+        ));
+    }
     log::info!("stopped");
     Ok(())
+}
+
+/// The store, when anything needs it: an async route, or the history of sync ones. Entries a crash left
+/// running are queued again before anything is served.
+fn open_store(config: &Config) -> Result<(Option<store::Shared>, Option<u64>), Error> {
+    let settings = &config.store;
+    let any_async = settings.run_async
+        || config
+            .routes
+            .routes
+            .iter()
+            .any(|r| r.options.queueing.run_async == Some(true));
+    if !any_async && !settings.history {
+        return Ok((None, None));
+    }
+    let store = store::open(&settings.state_dir)
+        .map_err(|e| Error::Start("store".into(), io::Error::other(e)))?;
+    let waiting = store
+        .recover()
+        .map_err(|e| Error::Start("store".into(), io::Error::other(e)))?;
+    Ok((Some(store), Some(waiting)))
+}
+
+fn start_dispatcher(dispatcher: Dispatcher) -> Result<std::thread::JoinHandle<()>, Error> {
+    std::thread::Builder::new()
+        .name("hookrunner-dispatch".into())
+        .spawn(move || dispatcher.run())
+        .map_err(|e| Error::Start("dispatcher".into(), e))
 }
 
 /// Says at every start (and reload) who may run scripts: the senders, or that anyone who can connect may.
@@ -145,6 +225,7 @@ fn reload_config(gateway: &Gateway, path: Option<&std::path::Path>, overrides: &
     let fixed = [
         ("listen", old.listen.to_string() != new.listen.to_string()),
         ("payload_dir", old.payload_dir != new.payload_dir),
+        ("state_dir", old.store.state_dir != new.store.state_dir),
         ("max_running", old.max_running != new.max_running),
         (
             "max_connections",

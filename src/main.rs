@@ -4,6 +4,8 @@ mod auth;
 mod cli;
 mod config;
 mod daemon;
+mod deliveries;
+mod dispatch;
 mod document;
 mod event;
 mod gateway;
@@ -12,6 +14,7 @@ mod logging;
 mod payload;
 mod routes;
 mod runner;
+mod store;
 mod units;
 
 fn main() -> std::process::ExitCode {

@@ -7,5 +7,6 @@ mod config;
 mod core;
 mod lifecycle;
 mod runner;
+mod store;
 
 mod http;
