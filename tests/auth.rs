@@ -704,8 +704,11 @@ fn without_a_sender_only_loopback_and_unix_are_served() {
     let local = Env::new().serve();
     assert!(
         local
-            .log()
-            .contains("open: no sender is configured, so every request is accepted")
+            .wait_log(
+                "open: no sender is configured, so every request is accepted",
+                Duration::from_secs(10)
+            )
+            .is_some()
     );
 }
 
