@@ -91,6 +91,9 @@ pub struct Config {
     /// What loading noticed that is not an error (a secret file others can read): `check` prints these,
     /// `serve` logs them.
     pub warnings: Vec<String>,
+    /// `log_file`: append log lines to this file instead of stderr (default: stderr, i.e. the journal under
+    /// systemd). Reopened on every SIGHUP, so logrotate can rename it and then reload.
+    pub log_file: Option<PathBuf>,
 }
 
 /// The store's keys, top-level in the file like every other key.
@@ -276,6 +279,7 @@ struct RawConfig {
     keep_payloads: Option<DurationValue>,
     keep_history: Option<DurationValue>,
     max_store_bytes: Option<SizeValue>,
+    log_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -528,6 +532,7 @@ impl Config {
             trusted_proxies,
             store,
             warnings,
+            log_file: path("log_file", raw.log_file)?,
         })
     }
 }

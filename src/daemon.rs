@@ -1,21 +1,24 @@
-//! The daemon's life: load the configuration, bind, serve, reload on SIGHUP, drain and stop on
-//! SIGTERM/SIGINT.
+//! The daemon's life: load the configuration, bind (or take systemd's socket), serve, reload on SIGHUP,
+//! drain and stop on SIGTERM/SIGINT, telling systemd each step (see `systemd.rs`).
 
 use std::io;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGXFSZ};
 
 use crate::config::{Config, ConfigError, Overrides};
 use crate::dispatch::{Bell, Dispatcher};
 use crate::gateway::Gateway;
-use crate::http::{self, Control, Limits, Listener};
+use crate::http::{self, Control, Handler, Limits, Listener, Request, Response};
 use crate::payload::PayloadDir;
 use crate::runner::{Limiter, Runner};
 use crate::store;
+use crate::systemd;
 
 /// Why the daemon could not run.
 #[derive(Debug)]
@@ -33,15 +36,45 @@ impl std::fmt::Display for Error {
     }
 }
 
-pub fn serve(config_path: Option<PathBuf>, overrides: Overrides) -> Result<(), Error> {
+pub fn serve(config_path: Option<PathBuf>, mut overrides: Overrides) -> Result<(), Error> {
     close_inherited_on_exec();
-    let config = Config::load(config_path.as_deref(), &overrides).map_err(Error::Config)?;
+    // First, while no other thread exists: it edits the environment.
+    let passed = systemd::take_listen_fd()
+        .map_err(|e| Error::Start("socket activation (LISTEN_FDS)".into(), e))?;
+    // A socket systemd passed wins over `listen` (its unit, not our file, says where to listen), and is
+    // loaded as the `listen` value, so that the configuration is checked against where it really listens.
+    let passed = match passed {
+        Some(fd) => {
+            let listener = Listener::from_fd(fd)
+                .map_err(|e| Error::Start("the socket systemd passed".into(), e))?;
+            overrides.listen = Some(
+                listener
+                    .bound()
+                    .map_err(|e| Error::Start("the socket systemd passed".into(), e))?,
+            );
+            Some(listener)
+        }
+        None => None,
+    };
+    let config = Config::load(config_path.as_deref(), &overrides).map_err(|mut e| {
+        if passed.is_some() {
+            // The override's error names `--listen`; here it was the socket unit's ListenStream=.
+            if let Some(rest) = e.message.strip_prefix("--listen: ") {
+                e.message = format!("the socket systemd passed (ListenStream=): {rest}");
+            }
+        }
+        Error::Config(e)
+    })?;
+    open_log_file(&config)?;
     let (payloads, stale) = PayloadDir::open(&config.payload_dir)
         .map_err(|e| Error::Start("payload directory".into(), e))?;
     let runner = Runner::new().map_err(|e| Error::Start("script runner".into(), e))?;
     let (store, waiting) = open_store(&config)?;
-    let listener = Listener::bind(&config.listen)
-        .map_err(|e| Error::Start(format!("cannot listen on {}", config.listen), e))?;
+    let listener = match passed {
+        Some(listener) => listener,
+        None => Listener::bind(&config.listen)
+            .map_err(|e| Error::Start(format!("cannot listen on {}", config.listen), e))?,
+    };
     let limits = Limits {
         max_connections: config.max_connections,
         max_header_bytes: config.max_header_bytes,
@@ -110,12 +143,27 @@ pub fn serve(config_path: Option<PathBuf>, overrides: Overrides) -> Result<(), E
         None => None,
     };
     let broken = || store.as_ref().is_some_and(|s| s.broken());
-    let handler: Arc<dyn http::Handler> = gateway.clone();
+    let counted = Arc::new(Counted {
+        gateway: Arc::clone(&gateway),
+        addr: listener.local_addr(),
+        served: AtomicU64::new(0),
+        last_status: Mutex::new(Instant::now()),
+    });
+    systemd::ready(&counted.status());
+    let handler: Arc<dyn Handler> = counted.clone();
+    let mut stopping = false;
     let served = http::serve(listener, limits, handler, &wake, || {
         if reload.swap(false, Ordering::SeqCst) {
+            systemd::reloading();
             reload_config(&gateway, config_path.as_deref(), &overrides);
+            // READY=1 also after a failed reload: the old configuration is still serving.
+            systemd::ready(&counted.status());
         }
         if stop.load(Ordering::SeqCst) || broken() {
+            if !stopping {
+                stopping = true;
+                systemd::stopping();
+            }
             Control::Stop
         } else {
             Control::Continue
@@ -139,7 +187,7 @@ pub fn serve(config_path: Option<PathBuf>, overrides: Overrides) -> Result<(), E
 }
 
 /// The store, when anything needs it: an async route, or the history of sync ones. Entries a crash left
-/// running are queued again before anything is served.
+/// running are queued again before anything is served; returns how many entries wait.
 fn open_store(config: &Config) -> Result<(Option<store::Shared>, Option<u64>), Error> {
     let settings = &config.store;
     let any_async = settings.run_async
@@ -193,6 +241,56 @@ fn announce_senders(config: &Config) {
     }
 }
 
+/// The gateway, counting what it served for systemd's `STATUS=` line (what `systemctl status` shows).
+struct Counted {
+    gateway: Arc<Gateway>,
+    addr: String,
+    served: AtomicU64,
+    /// When the last `STATUS=` was sent: at most one a second, so a busy daemon does not pay a datagram
+    /// per request.
+    last_status: Mutex<Instant>,
+}
+
+impl Counted {
+    fn status(&self) -> String {
+        format!(
+            "{} route(s) loaded; {} request(s) served; listening on {}",
+            self.gateway.config().routes.routes.len(),
+            self.served.load(Ordering::Relaxed),
+            self.addr
+        )
+    }
+}
+
+impl Handler for Counted {
+    fn max_body(&self) -> u64 {
+        self.gateway.max_body()
+    }
+
+    fn handle(&self, request: &mut Request<'_>) -> Response {
+        let response = self.gateway.handle(request);
+        self.served.fetch_add(1, Ordering::Relaxed);
+        // try_lock: a worker that would wait for another's update skips its own.
+        if let Ok(mut last) = self.last_status.try_lock() {
+            if last.elapsed() >= Duration::from_secs(1) {
+                *last = Instant::now();
+                systemd::status(&self.status());
+            }
+        }
+        response
+    }
+}
+
+fn open_log_file(config: &Config) -> Result<(), Error> {
+    crate::logging::use_file(config.log_file.as_deref()).map_err(|e| {
+        let path = config
+            .log_file
+            .as_deref()
+            .unwrap_or(std::path::Path::new(""));
+        Error::Start(format!("log_file {}", path.display()), e)
+    })
+}
+
 /// Flags first, then the wake-up write: signal-hook runs actions in registration order, so the accept loop
 /// always sees the flag set when it wakes.
 fn register_signals(
@@ -221,6 +319,10 @@ fn reload_config(gateway: &Gateway, path: Option<&std::path::Path>, overrides: &
             return;
         }
     };
+    // Reopened whether or not the path changed: after logrotate renamed it, this makes a new file.
+    if let Err(e) = crate::logging::use_file(new.log_file.as_deref()) {
+        log::error!("reload: cannot open log_file: {e}; logging where it did before");
+    }
     let old = gateway.config();
     let fixed = [
         ("listen", old.listen.to_string() != new.listen.to_string()),

@@ -2,31 +2,100 @@
 //! while it runs (SQLite's locking serialises the writes; a retried entry is seen by the dispatcher at its
 //! next look, within a quarter of a second).
 
-use std::ffi::OsString;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, UNIX_EPOCH};
 
+use clap::{Args, Subcommand};
 use serde_json::json;
 
 use crate::config::{Config, Overrides};
 use crate::store::{self, Attempt, Query, Row, State, Target};
 use crate::units::parse_duration;
 
-pub const USAGE: &str = "\
-    hookrunner deliveries [--config FILE] [list] [--event GLOB] [--status STATUS|CODE]
-                          [--sender NAME] [--since DURATION] [--limit N] [--json]
-    hookrunner deliveries [--config FILE] show ID [--payload]
-    hookrunner deliveries [--config FILE] retry ID | --dead [--event GLOB]
-    hookrunner deliveries [--config FILE] drop ID";
-
-/// What was asked.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Args {
-    pub config: Option<PathBuf>,
-    pub action: Action,
+/// `hookrunner deliveries`: without a command, `list`.
+#[derive(Args, Debug)]
+pub struct DeliveriesArgs {
+    /// Configuration file, to find the store as `serve` does (default /etc/hookrunner/hookrunner.toml if it
+    /// exists, else built-in defaults)
+    #[arg(long, value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<DeliveriesCommand>,
+    /// `list`'s options, for `deliveries` without a command
+    #[command(flatten)]
+    list: ListArgs,
 }
 
+#[derive(Subcommand, Debug)]
+enum DeliveriesCommand {
+    /// List deliveries, newest first, and a summary line (the default command)
+    List(ListArgs),
+    /// Show one delivery: its metadata and every attempt with its exit, duration and output tail
+    Show {
+        /// The delivery's number (ID in `list`) or its request id
+        id: String,
+        /// Print the payload (the body as received) instead
+        #[arg(long)]
+        payload: bool,
+    },
+    /// Queue an async delivery again, with one more attempt, to run now
+    Retry {
+        /// The delivery's number or request id
+        #[arg(required_unless_present = "dead")]
+        id: Option<String>,
+        /// Every dead delivery instead
+        #[arg(long, conflicts_with = "id")]
+        dead: bool,
+        /// With --dead: only those of events matching this glob
+        #[arg(long, value_name = "GLOB", conflicts_with = "id")]
+        event: Option<String>,
+    },
+    /// Remove a delivery that is not running
+    Drop {
+        /// The delivery's number or request id
+        id: String,
+    },
+}
+
+#[derive(Args, Debug, Default)]
+struct ListArgs {
+    /// Only events matching this glob (`*`, `?`; ignoring case)
+    #[arg(long, value_name = "GLOB")]
+    event: Option<String>,
+    /// queued, running, done, failed, dead, or an exit code
+    #[arg(long, value_name = "STATUS", value_parser = parse_status)]
+    status: Option<Status>,
+    /// Only those from this sender
+    #[arg(long, value_name = "NAME")]
+    sender: Option<String>,
+    /// Only those received within this long (30s, 5m, 1h)
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    since: Option<Duration>,
+    /// At most this many rows
+    #[arg(long, value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+    limit: u32,
+    /// Print the rows as a JSON array
+    #[arg(long)]
+    json: bool,
+}
+
+/// What `--status` selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    State(State),
+    ExitCode(i32),
+}
+
+fn parse_status(text: &str) -> Result<Status, String> {
+    match (State::parse(text), text.parse::<i32>()) {
+        (Some(state), _) => Ok(Status::State(state)),
+        (None, Ok(code)) => Ok(Status::ExitCode(code)),
+        _ => Err("use queued, running, done, failed, dead or an exit code".into()),
+    }
+}
+
+/// What was asked.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Action {
     List { query: Query, json: bool },
@@ -35,81 +104,44 @@ pub enum Action {
     Drop(String),
 }
 
-/// Parses what follows `deliveries`; `now` (ms since the epoch) turns `--since 1h` into a time.
-pub fn parse(args: impl IntoIterator<Item = OsString>, now: i64) -> Result<Args, String> {
-    let mut words = Vec::new();
-    for arg in args {
-        words.push(arg.into_string().map_err(|a| format!("not UTF-8: {a:?}"))?);
+impl DeliveriesArgs {
+    /// The configuration file and the action; `now` (ms since the epoch) turns `--since 1h` into a time.
+    pub fn resolve(self, now: i64) -> (Option<PathBuf>, Action) {
+        let list = |l: ListArgs| Action::List {
+            query: Query {
+                event: l.event,
+                state: match l.status {
+                    Some(Status::State(state)) => Some(state),
+                    _ => None,
+                },
+                exit_code: match l.status {
+                    Some(Status::ExitCode(code)) => Some(code),
+                    _ => None,
+                },
+                sender: l.sender,
+                since: l.since.map(|d| now - d.as_millis() as i64),
+                limit: l.limit as usize,
+            },
+            json: l.json,
+        };
+        let action = match self.command {
+            None => list(self.list),
+            Some(DeliveriesCommand::List(l)) => list(l),
+            Some(DeliveriesCommand::Show { id, payload }) => Action::Show { id, payload },
+            Some(DeliveriesCommand::Retry { id: Some(id), .. }) => Action::Retry(Target::One(id)),
+            Some(DeliveriesCommand::Retry {
+                id: None, event, ..
+            }) => Action::Retry(Target::Dead(event)),
+            Some(DeliveriesCommand::Drop { id }) => Action::Drop(id),
+        };
+        (self.config, action)
     }
-    let mut config = None;
-    let mut query = Query {
-        limit: 50,
-        ..Query::default()
-    };
-    let (mut json, mut payload, mut dead) = (false, false, false);
-    let mut positional = Vec::new();
-    let mut words = words.into_iter();
-    while let Some(word) = words.next() {
-        let mut value = |flag: &str| words.next().ok_or(format!("{flag} needs a value"));
-        match word.as_str() {
-            "--config" => config = Some(PathBuf::from(value("--config")?)),
-            "--event" => query.event = Some(value("--event")?),
-            "--sender" => query.sender = Some(value("--sender")?),
-            "--status" => {
-                let status = value("--status")?;
-                match (State::parse(&status), status.parse::<i32>()) {
-                    (Some(state), _) => query.state = Some(state),
-                    (None, Ok(code)) => query.exit_code = Some(code),
-                    _ => {
-                        return Err(format!(
-                            "--status {status:?}: use queued, running, done, failed, dead or an exit code"
-                        ));
-                    }
-                }
-            }
-            "--since" => {
-                let since = parse_duration(&value("--since")?)?;
-                query.since = Some(now - since.as_millis() as i64);
-            }
-            "--limit" => {
-                let limit = value("--limit")?;
-                query.limit = limit
-                    .parse()
-                    .ok()
-                    .filter(|&n| n > 0)
-                    .ok_or(format!("--limit {limit:?}: use a whole number above 0"))?;
-            }
-            "--json" => json = true,
-            "--payload" => payload = true,
-            "--dead" => dead = true,
-            flag if flag.starts_with('-') => return Err(format!("unknown option {flag:?}")),
-            _ => positional.push(word),
-        }
-    }
-    let mut positional = positional.into_iter();
-    let verb = positional.next();
-    let id = positional.next();
-    if let Some(extra) = positional.next() {
-        return Err(format!("unexpected argument {extra:?}"));
-    }
-    let action = match (verb.as_deref(), id) {
-        (None | Some("list"), None) => Action::List { query, json },
-        (Some("show"), Some(id)) => Action::Show { id, payload },
-        (Some("retry"), Some(id)) if !dead => Action::Retry(Target::One(id)),
-        (Some("retry"), None) if dead => Action::Retry(Target::Dead(query.event)),
-        (Some("drop"), Some(id)) => Action::Drop(id),
-        (Some("retry"), _) => return Err("retry takes an ID or --dead".into()),
-        (Some(verb @ ("show" | "drop")), None) => return Err(format!("{verb} needs an ID")),
-        (Some(verb), _) => return Err(format!("unknown deliveries command {verb:?}")),
-        (None, Some(_)) => return Err("unexpected argument".into()),
-    };
-    Ok(Args { config, action })
 }
 
 /// Runs it; `Err` is a message and an exit code.
-pub fn run(args: Args) -> Result<(), (String, u8)> {
-    let config = Config::load(args.config.as_deref(), &Overrides::default())
-        .map_err(|e| (e.to_string(), 78))?;
+pub fn run(config: Option<PathBuf>, action: Action) -> Result<(), (String, u8)> {
+    let config =
+        Config::load(config.as_deref(), &Overrides::default()).map_err(|e| (e.to_string(), 78))?;
     let dir = &config.store.state_dir;
     if !dir.join(store::DATABASE).exists() {
         return Err((
@@ -120,7 +152,7 @@ pub fn run(args: Args) -> Result<(), (String, u8)> {
     let store = store::open(dir).map_err(|e| (e, 1))?;
     let failed = |e: store::StoreError| (e.to_string(), 1);
     let mut out = std::io::stdout().lock();
-    match args.action {
+    match action {
         Action::List { query, json } => {
             let rows = store.list(&query).map_err(failed)?;
             let summary = store.summary().map_err(failed)?;
@@ -251,14 +283,22 @@ fn attempt_json(a: &Attempt) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
 
-    fn args(list: &[&str]) -> Result<Args, String> {
-        parse(list.iter().map(OsString::from), 10_000_000)
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        deliveries: DeliveriesArgs,
+    }
+
+    fn args(list: &[&str]) -> Result<(Option<PathBuf>, Action), clap::Error> {
+        Cli::try_parse_from(std::iter::once("deliveries").chain(list.iter().copied()))
+            .map(|cli| cli.deliveries.resolve(10_000_000))
     }
 
     #[test]
     fn parses_each_command() {
-        let got = args(&[
+        let (_, action) = args(&[
             "--status",
             "dead",
             "--event",
@@ -268,32 +308,32 @@ mod tests {
             "--json",
         ])
         .expect("list");
-        let Action::List { query, json } = got.action else {
+        let Action::List { query, json } = action else {
             panic!("not a list");
         };
         assert!(json);
         assert_eq!(query.state, Some(State::Dead));
         assert_eq!(query.event.as_deref(), Some("Computer*"));
         assert_eq!(query.since, Some(10_000_000 - 3_600_000));
-        let got = args(&["list", "--status", "75"]).expect("code");
-        assert!(matches!(got.action, Action::List { query, .. } if query.exit_code == Some(75)));
+        assert_eq!(query.limit, 50);
+        let (_, action) = args(&["list", "--status", "75"]).expect("code");
+        assert!(matches!(action, Action::List { query, .. } if query.exit_code == Some(75)));
         assert_eq!(
-            args(&["show", "12", "--payload"]).map(|a| a.action),
-            Ok(Action::Show {
+            args(&["show", "12", "--payload"]).map(|a| a.1).ok(),
+            Some(Action::Show {
                 id: "12".into(),
                 payload: true
             })
         );
         assert_eq!(
-            args(&["retry", "--dead", "--event", "A*"]).map(|a| a.action),
-            Ok(Action::Retry(Target::Dead(Some("A*".into()))))
+            args(&["retry", "--dead", "--event", "A*"])
+                .map(|a| a.1)
+                .ok(),
+            Some(Action::Retry(Target::Dead(Some("A*".into()))))
         );
         assert_eq!(
-            args(&["--config", "h.toml", "drop", "abc-1"]),
-            Ok(Args {
-                config: Some("h.toml".into()),
-                action: Action::Drop("abc-1".into())
-            })
+            args(&["--config", "h.toml", "drop", "abc-1"]).ok(),
+            Some((Some("h.toml".into()), Action::Drop("abc-1".into())))
         );
     }
 
@@ -303,6 +343,7 @@ mod tests {
             &["show"][..],
             &["retry"],
             &["retry", "1", "--dead"],
+            &["retry", "1", "--event", "A"],
             &["list", "--status", "lost"],
             &["list", "--since", "soon"],
             &["list", "--limit", "0"],

@@ -1,8 +1,12 @@
 //! Finding a request's event name: an ordered list of [`Source`]s, the first that yields a name wins.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use crate::document::{Document, MalformedBody, percent_decode};
+
+/// Where GitLab puts the event's kind in its JSON bodies.
+const GITLAB_KIND: &str = "/object_kind";
 
 /// Where an event name may be found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,7 +141,7 @@ impl fmt::Display for EventError {
 
 pub fn resolve(sources: &[Source], inputs: &mut impl Inputs) -> Result<String, EventError> {
     for source in sources {
-        if let Some(value) = lookup(source, inputs)? {
+        if let Some((value, from)) = lookup(source, inputs)? {
             if is_valid_name(&value) {
                 return Ok(value);
             }
@@ -146,7 +150,7 @@ pub fn resolve(sources: &[Source], inputs: &mut impl Inputs) -> Result<String, E
                 shown.push('…');
             }
             return Err(EventError::Invalid {
-                source: source.to_string(),
+                source: from.unwrap_or_else(|| source.to_string()),
                 value: shown,
             });
         }
@@ -155,7 +159,12 @@ pub fn resolve(sources: &[Source], inputs: &mut impl Inputs) -> Result<String, E
     Err(EventError::NotFound(looked.join(", ")))
 }
 
-fn lookup(source: &Source, inputs: &mut impl Inputs) -> Result<Option<String>, EventError> {
+/// What `source` yields, and where it came from when that is not the source itself (GitLab's name comes
+/// from the body or from the header).
+fn lookup(
+    source: &Source,
+    inputs: &mut impl Inputs,
+) -> Result<Option<(String, Option<String>)>, EventError> {
     let found = match source {
         // `/hooks/NAME`, also below a sender's path (`/jamf/hooks/NAME`).
         Source::Path => inputs
@@ -171,11 +180,14 @@ fn lookup(source: &Source, inputs: &mut impl Inputs) -> Result<Option<String>, E
             let kind = inputs
                 .document()
                 .ok()
-                .and_then(|d| d.json_string("/object_kind"))
-                .map(str::to_string);
-            Some(kind.unwrap_or_else(|| gitlab_name(&header)))
+                .and_then(|d| d.json_string(GITLAB_KIND))
+                .map(Cow::into_owned);
+            return Ok(Some(match kind {
+                Some(kind) => (kind, Some(format!("JSON {GITLAB_KIND} (GitLab)"))),
+                None => (gitlab_name(&header), None),
+            }));
         }
-        Source::Json(pointer) => document(inputs)?.json_string(pointer).map(str::to_string),
+        Source::Json(pointer) => document(inputs)?.json_string(pointer).map(Cow::into_owned),
         Source::Xml(path) => document(inputs)?.xml(path).map(str::to_string),
         Source::Form(field) => document(inputs)?.form(field).map(str::to_string),
         Source::Query(field) => {
@@ -183,7 +195,7 @@ fn lookup(source: &Source, inputs: &mut impl Inputs) -> Result<Option<String>, E
             query.into_iter().find(|(k, _)| k == field).map(|(_, v)| v)
         }
     };
-    Ok(found)
+    Ok(found.map(|value| (value, None)))
 }
 
 fn document<I: Inputs>(inputs: &mut I) -> Result<&Document, EventError> {
@@ -388,6 +400,79 @@ mod tests {
             name(fake("/", &[], Some("text/xml"), b"<JSSEvent><webhook>")),
             Err(EventError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn an_invalid_name_says_where_it_came_from() {
+        let invalid_from = |f: Fake| match name(f) {
+            Err(EventError::Invalid { source, .. }) => source,
+            other => panic!("expected Invalid, got {other:?}"),
+        };
+        let json = Some("application/json");
+        let header = [("X-Gitlab-Event", "Push Hook")];
+        // GitLab's name from the body's object_kind is reported as such, not as the header...
+        let from_body = fake("/", &header, json, br#"{"object_kind":"bad kind"}"#);
+        assert_eq!(invalid_from(from_body), "JSON /object_kind (GitLab)");
+        let message = name(fake("/", &header, json, br#"{"object_kind":"a/b"}"#))
+            .expect_err("invalid")
+            .to_string();
+        assert!(
+            message.contains("\"a/b\" from JSON /object_kind (GitLab)"),
+            "{message}"
+        );
+        // ...and one made from the header is the header's.
+        let bad_header = [("X-Gitlab-Event", "Bad/Hook")];
+        assert_eq!(
+            invalid_from(fake("/", &bad_header, json, b"{}")),
+            "header X-Gitlab-Event"
+        );
+        // object_kind wins over the header when both are there.
+        let both = fake("/", &header, json, br#"{"object_kind":"tag_push"}"#);
+        assert_eq!(name(both), Ok("tag_push".into()));
+        // Other sources name themselves.
+        assert_eq!(
+            invalid_from(fake("/", &[("X-GitHub-Event", "a b")], None, b"")),
+            "header X-GitHub-Event"
+        );
+        let jamf = br#"{"webhook":{"webhookEvent":"no spaces"}}"#;
+        assert_eq!(
+            invalid_from(fake("/", &[], json, jamf)),
+            "JSON /webhook/webhookEvent"
+        );
+    }
+
+    #[test]
+    fn a_json_body_with_a_byte_order_mark_names_its_event() {
+        let body = b"\xEF\xBB\xBF{\"webhook\":{\"webhookEvent\":\"ComputerAdded\"}}";
+        assert_eq!(
+            name(fake("/", &[], Some("application/json"), body)),
+            Ok("ComputerAdded".into())
+        );
+        assert_eq!(
+            name(fake("/", &[], None, body)),
+            Ok("ComputerAdded".into()),
+            "detected as JSON"
+        );
+        let gitlab = b"\xEF\xBB\xBF{\"object_kind\":\"push\"}";
+        let f = fake("/", &[("X-Gitlab-Event", "Other Hook")], None, gitlab);
+        assert_eq!(name(f), Ok("push".into()));
+    }
+
+    #[test]
+    fn an_xml_comment_is_no_event_name() {
+        let body =
+            b"<JSSEvent><webhook><webhookEvent><!--Env--></webhookEvent></webhook></JSSEvent>";
+        match name(fake("/", &[], Some("text/xml"), body)) {
+            Err(EventError::Invalid { source, value }) => {
+                assert_eq!(
+                    (source.as_str(), value.as_str()),
+                    ("XML /JSSEvent/webhook/webhookEvent", "")
+                );
+            }
+            other => panic!("expected the empty name refused, got {other:?}"),
+        }
+        let pi = b"<JSSEvent><webhook><webhookEvent>A<?Env?>B</webhookEvent></webhook></JSSEvent>";
+        assert_eq!(name(fake("/", &[], Some("text/xml"), pi)), Ok("AB".into()));
     }
 
     #[test]

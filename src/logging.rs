@@ -1,21 +1,71 @@
 //! Log output: `RUST_LOG` sets the level (default info). Under systemd (`JOURNAL_STREAM` set) lines carry a
-//! syslog priority prefix and no timestamp, since the journal adds its own.
+//! syslog priority prefix and no timestamp, since the journal adds its own. With `log_file` set, lines go
+//! to that file instead (with timestamps), reopened by [`use_file`] on every SIGHUP so that a rotated file
+//! is let go.
 //!
 //! Anything a client or a script controls (a path, a header, an event value, a line of script output) goes
 //! into a log line through [`Escaped`], so it can neither end the line, start a forged one, nor repaint a
 //! terminal.
 
 use std::fmt::{self, Write as _};
-use std::io::Write;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use log::Level;
 
+/// The `log_file` in use; `None`: stderr (the journal, under systemd).
+static FILE: Mutex<Option<File>> = Mutex::new(None);
+
+/// Where every formatted line goes: the current `log_file`, else stderr. One `write` per line, and the file
+/// is opened with `O_APPEND`, so lines are never interleaved or lost across a rename.
+struct Sink;
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut file = FILE.lock().unwrap_or_else(|e| e.into_inner());
+        match file.as_mut() {
+            Some(file) => file.write(buf),
+            None => io::stderr().write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Sends the log to `path` (opened anew, so a file logrotate renamed is let go) or, with `None`, back to
+/// stderr. On error the log stays where it was.
+pub fn use_file(path: Option<&Path>) -> io::Result<()> {
+    let file = match path {
+        Some(path) => Some(
+            OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o640)
+                .open(path)?,
+        ),
+        None => None,
+    };
+    *FILE.lock().unwrap_or_else(|e| e.into_inner()) = file;
+    Ok(())
+}
+
+fn to_file() -> bool {
+    FILE.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+}
+
 pub fn init() {
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .target(env_logger::Target::Pipe(Box::new(Sink)))
         .format(move |out, record| {
-            if journal {
+            // A file has no journal to add the time, so it gets the terminal format.
+            if journal && !to_file() {
                 let priority = match record.level() {
                     Level::Error => 3,
                     Level::Warn => 4,

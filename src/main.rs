@@ -15,6 +15,7 @@ mod payload;
 mod routes;
 mod runner;
 mod store;
+mod systemd;
 mod units;
 
 fn main() -> std::process::ExitCode {

@@ -33,36 +33,43 @@ impl Glob {
         }
     }
 
-    /// Iterative matcher with single-star backtracking: linear in practice, never exponential.
+    /// Iterative matcher over characters (`?` is one character, not one byte) with single-star
+    /// backtracking: at most pattern × text steps, never exponential.
     pub fn matches(&self, text: &str) -> bool {
-        let p = self.pattern.as_bytes();
-        let t = text.as_bytes();
-        let eq = |a: u8, b: u8| {
+        let eq = |a: char, b: char| {
             if self.ignore_case {
                 a.eq_ignore_ascii_case(&b)
             } else {
                 a == b
             }
         };
+        let p = self.pattern.as_str();
+        // Byte offsets into `p` and `text`, always on character boundaries.
         let (mut pi, mut ti) = (0, 0);
         let mut star: Option<(usize, usize)> = None;
-        while ti < t.len() {
-            if pi < p.len() && p[pi] == b'*' {
-                star = Some((pi, ti));
-                pi += 1;
-            } else if pi < p.len() && (p[pi] == b'?' || eq(p[pi], t[ti])) {
-                // `?` matches one byte; patterns and event names are ASCII, field values rarely matter here.
-                pi += 1;
-                ti += 1;
-            } else if let Some((sp, st)) = star {
-                pi = sp + 1;
-                ti = st + 1;
-                star = Some((sp, st + 1));
-            } else {
-                return false;
+        while let Some(t) = text[ti..].chars().next() {
+            match p[pi..].chars().next() {
+                Some('*') => {
+                    star = Some((pi, ti));
+                    pi += 1;
+                }
+                Some(c) if c == '?' || eq(c, t) => {
+                    pi += c.len_utf8();
+                    ti += t.len_utf8();
+                }
+                _ => match star {
+                    // Let the last star take one more character and try again after it.
+                    Some((sp, st)) => {
+                        let taken = text[st..].chars().next().map_or(1, char::len_utf8);
+                        pi = sp + 1;
+                        ti = st + taken;
+                        star = Some((sp, ti));
+                    }
+                    None => return false,
+                },
             }
         }
-        p[pi..].iter().all(|&c| c == b'*')
+        p[pi..].chars().all(|c| c == '*')
     }
 }
 
@@ -604,6 +611,25 @@ mod tests {
     }
 
     #[test]
+    fn globs_work_on_characters() {
+        let exact = |p: &str, t: &str| Glob::new(p, false).matches(t);
+        assert!(exact("a?b", "aéb"));
+        assert!(exact("a?b", "a😀b"));
+        assert!(!exact("a??b", "aéb"), "é is one character, not two bytes");
+        assert!(exact("?", "é"));
+        assert!(!exact("?", ""));
+        assert!(exact("*é", "caféé"));
+        assert!(exact("*é?", "caféé!"));
+        assert!(exact("日本*", "日本語"));
+        assert!(exact("*?語", "日本語"));
+        assert!(!exact("*?語", "語"));
+        assert!(exact("Charly?s iMac", "Charly’s iMac"));
+        // Case-insensitivity is ASCII only, as documented.
+        assert!(Glob::new("CAF?", true).matches("café"));
+        assert!(!Glob::new("É", true).matches("é"));
+    }
+
+    #[test]
     fn glob_is_not_exponential() {
         let text = "a".repeat(10_000);
         let pattern = format!("{}b", "*a".repeat(50));
@@ -874,6 +900,29 @@ mod proptests {
             prop_assert!(Glob::new(&pattern, false).matches(&text));
             let longer = format!("{text}x");
             prop_assert!(!Glob::new(&pattern, false).matches(&longer));
+        }
+
+        #[test]
+        fn question_marks_match_one_character_of_any_text(text in "\\PC{1,20}") {
+            let pattern = "?".repeat(text.chars().count());
+            prop_assert!(Glob::new(&pattern, false).matches(&text));
+            let more = format!("{pattern}?");
+            prop_assert!(!Glob::new(&more, false).matches(&text));
+            let fewer = "?".repeat(text.chars().count() - 1);
+            prop_assert!(!Glob::new(&fewer, true).matches(&text));
+        }
+
+        #[test]
+        fn a_star_in_place_of_any_characters_still_matches(
+            text in "\\PC{0,20}",
+            a in 0usize..21,
+            b in 0usize..21,
+        ) {
+            let chars: Vec<char> = text.chars().filter(|c| !matches!(c, '*' | '?')).collect();
+            let (start, end) = (a.min(b).min(chars.len()), a.max(b).min(chars.len()));
+            let literal: String = chars.iter().collect();
+            let pattern: String = chars[..start].iter().chain(&['*']).chain(&chars[end..]).collect();
+            prop_assert!(Glob::new(&pattern, false).matches(&literal), "{} {}", pattern, literal);
         }
 
         #[test]

@@ -668,7 +668,8 @@ mod tests {
         );
         let request = limiter.acquire(Duration::ZERO).expect("the kept slot");
         std::thread::scope(|s| {
-            let waiting = s.spawn(|| limiter.acquire(Duration::from_secs(30)).is_some());
+            // It keeps the slot it gets until joined, so the slot never frees in between.
+            let waiting = s.spawn(|| limiter.acquire(Duration::from_secs(30)));
             let deadline = Instant::now() + Duration::from_secs(10);
             // While the request waits, queued work gets nothing, even a free slot.
             while !limiter
@@ -682,7 +683,10 @@ mod tests {
             }
             drop(first);
             assert!(limiter.try_background().is_none());
-            assert!(waiting.join().unwrap(), "the request got the freed slot");
+            assert!(
+                waiting.join().unwrap().is_some(),
+                "the request got the freed slot"
+            );
         });
         drop((second, request));
         let single = Limiter::new(1);

@@ -706,9 +706,11 @@ fn without_a_sender_only_loopback_and_unix_are_served() {
         local
             .wait_log(
                 "open: no sender is configured, so every request is accepted",
-                Duration::from_secs(10)
+                Duration::from_secs(5)
             )
-            .is_some()
+            .is_some(),
+        "{}",
+        local.log()
     );
 }
 
@@ -797,5 +799,100 @@ fn secrets_come_from_the_credentials_directory_when_relative() {
         b"{}",
     );
     assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(runs(&out).len(), 1);
+}
+
+#[test]
+fn at_debug_level_a_failure_lists_the_names_of_the_headers_that_came_and_never_their_values() {
+    let env = Env::new();
+    let file = secret(&env, "key", "the-right-key");
+    let env = env.config(&format!(
+        "[[sender]]\nname = \"jamf\"\ntype = \"headers\"\nheaders = {{ \"X-Api-Key\" = {file:?} }}\n"
+    ));
+    let server = env.serve_with(|command| {
+        command.env("RUST_LOG", "debug");
+    });
+    let response = server.request(
+        "POST",
+        "/hooks/x",
+        &[
+            ("X-Jamf-Signature", "value-that-must-not-show"),
+            ("X-Api-Key", "wrong-key-value"),
+        ],
+        b"{}",
+    );
+    assert_eq!(response.status, 401, "{}", response.text());
+    let line = server
+        .wait_log("header names: ", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("no header names at debug:\n{}", server.log()));
+    assert!(
+        line.contains("X-Jamf-Signature") && line.contains("X-Api-Key"),
+        "{line}"
+    );
+    let log = server.log();
+    for value in [
+        "value-that-must-not-show",
+        "wrong-key-value",
+        "the-right-key",
+    ] {
+        assert!(!log.contains(value), "{value} is in the log:\n{log}");
+    }
+}
+
+#[test]
+fn scalefusion_signatures_made_by_openssl_pass_and_wrong_ones_fail() {
+    let env = Env::new();
+    let key = "scalefusion-shared-secret";
+    let file = secret(&env, "sf", key);
+    let env = env.config(&format!(
+        "[[sender]]\nname = \"sf\"\ntype = \"scalefusion\"\nsecret_file = {file:?}\n"
+    ));
+    let out = counter(&env, "device.enrolled");
+    let server = env.serve();
+    let body = br#"{"event":"device.enrolled","data":{"device_id":42,"device_name":"Kiosk 7"}}"#;
+    // The sender's side, by an HMAC nobody here wrote: openssl's, lower-case hex.
+    let sign = |key: &str| {
+        let mut child = std::process::Command::new("openssl")
+            .args(["dgst", "-sha256", "-hmac", key, "-r"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("openssl");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(body)
+            .expect("write");
+        let out = child.wait_with_output().expect("openssl output");
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let post = |sig: &str| {
+        server.request(
+            "POST",
+            "/",
+            &[
+                ("X-SF-Signature", sig),
+                ("Content-Type", "application/json"),
+            ],
+            body,
+        )
+    };
+    assert_refused(
+        &server,
+        &env,
+        &post(&sign("another-secret")),
+        401,
+        &out,
+        &[key],
+    );
+    assert_refused(&server, &env, &post("not hex"), 401, &out, &[key]);
+    let good = post(&sign(key));
+    assert_eq!(good.status, 200, "{}", good.text());
+    assert_eq!(good.json()["event"], "device.enrolled");
     assert_eq!(runs(&out).len(), 1);
 }

@@ -471,13 +471,20 @@ fn version_help_and_usage_errors() {
     assert_eq!(help.status.code(), Some(0));
     let text = String::from_utf8_lossy(&help.stdout);
     assert!(
-        text.contains("USAGE") && text.contains("hookrunner serve"),
+        text.contains("Usage: hookrunner <COMMAND>")
+            && text.contains("serve")
+            && text.contains("check"),
         "{text}"
     );
     let unknown = Command::new(BIN).arg("frobnicate").output().expect("run");
     assert_eq!(unknown.status.code(), Some(64));
     let err = String::from_utf8_lossy(&unknown.stderr);
-    assert!(err.contains("unknown command"), "{err}");
+    assert!(err.contains("unrecognized subcommand"), "{err}");
+    // A bad value and a missing command are usage errors too: 64, never clap's own 2.
+    for bad in [&["serve", "--listen", "nope"][..], &[]] {
+        let out = Command::new(BIN).args(bad).output().expect("run");
+        assert_eq!(out.status.code(), Some(64), "{bad:?}");
+    }
 }
 
 #[test]

@@ -6,7 +6,11 @@ mod auth;
 mod config;
 mod core;
 mod lifecycle;
+mod logs;
+mod packaging;
 mod runner;
 mod store;
+mod systemd;
 
 mod http;
+mod parsing;

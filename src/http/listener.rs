@@ -3,7 +3,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -13,7 +13,8 @@ use crate::config::Listen;
 
 pub enum Listener {
     Tcp(TcpListener),
-    Unix(UnixListener, PathBuf),
+    /// The path, and whether the socket file is ours to remove (not when a service manager passed it).
+    Unix(UnixListener, PathBuf, bool),
 }
 
 impl Listener {
@@ -30,14 +31,56 @@ impl Listener {
                     }
                     std::fs::remove_file(path)?;
                 }
-                Listener::Unix(UnixListener::bind(path)?, path.clone())
+                Listener::Unix(UnixListener::bind(path)?, path.clone(), true)
             }
         };
-        match &listener {
-            Listener::Tcp(l) => l.set_nonblocking(true)?,
-            Listener::Unix(l, _) => l.set_nonblocking(true)?,
-        }
+        listener.set_nonblocking()?;
         Ok(listener)
+    }
+
+    /// A listening socket someone else bound (systemd's socket activation): a stream socket, TCP or unix,
+    /// that `listen` was already called on. Anything else is refused rather than half-served.
+    pub fn from_fd(fd: OwnedFd) -> io::Result<Listener> {
+        use rustix::net::{AddressFamily, SocketType, sockopt};
+        let refuse = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, what.to_string());
+        if sockopt::socket_type(&fd)? != SocketType::STREAM {
+            return Err(refuse("the passed socket is not a stream socket"));
+        }
+        if !sockopt::socket_acceptconn(&fd)? {
+            return Err(refuse("the passed socket is not listening"));
+        }
+        let family = rustix::net::getsockname(&fd)?.address_family();
+        let listener = if family == AddressFamily::INET || family == AddressFamily::INET6 {
+            Listener::Tcp(TcpListener::from(fd))
+        } else if family == AddressFamily::UNIX {
+            let listener = UnixListener::from(fd);
+            let path = listener
+                .local_addr()?
+                .as_pathname()
+                .map_or_else(|| PathBuf::from("(unnamed)"), PathBuf::from);
+            // systemd owns the socket file and keeps it across our restarts.
+            Listener::Unix(listener, path, false)
+        } else {
+            return Err(refuse("the passed socket is neither TCP nor unix"));
+        };
+        listener.set_nonblocking()?;
+        Ok(listener)
+    }
+
+    fn set_nonblocking(&self) -> io::Result<()> {
+        match self {
+            Listener::Tcp(l) => l.set_nonblocking(true),
+            Listener::Unix(l, _, _) => l.set_nonblocking(true),
+        }
+    }
+
+    /// What is really listening, as a `listen` value: for a socket systemd passed, the configuration's
+    /// checks (no unauthenticated serving beyond loopback) apply to this, not to the file's `listen`.
+    pub fn bound(&self) -> io::Result<Listen> {
+        Ok(match self {
+            Listener::Tcp(l) => Listen::Tcp(l.local_addr()?.to_string()),
+            Listener::Unix(_, path, _) => Listen::Unix(path.clone()),
+        })
     }
 
     /// The address actually bound, e.g. `127.0.0.1:41234` for `127.0.0.1:0`.
@@ -46,7 +89,7 @@ impl Listener {
             Listener::Tcp(l) => l
                 .local_addr()
                 .map_or_else(|e| format!("?({e})"), |a| a.to_string()),
-            Listener::Unix(_, path) => format!("unix:{}", path.display()),
+            Listener::Unix(_, path, _) => format!("unix:{}", path.display()),
         }
     }
 
@@ -59,7 +102,7 @@ impl Listener {
                 let _ = s.set_nodelay(true);
                 Ok((Stream::Tcp(s), addr.to_string()))
             }
-            Listener::Unix(l, _) => {
+            Listener::Unix(l, _, _) => {
                 let (s, _) = l.accept()?;
                 Ok((Stream::Unix(s), "unix".to_string()))
             }
@@ -71,14 +114,14 @@ impl AsFd for Listener {
     fn as_fd(&self) -> BorrowedFd<'_> {
         match self {
             Listener::Tcp(l) => l.as_fd(),
-            Listener::Unix(l, _) => l.as_fd(),
+            Listener::Unix(l, _, _) => l.as_fd(),
         }
     }
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Listener::Unix(_, path) = self {
+        if let Listener::Unix(_, path, true) = self {
             let _ = std::fs::remove_file(path);
         }
     }
