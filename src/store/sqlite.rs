@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, Row as SqlRow, params};
 
@@ -28,17 +28,40 @@ use crate::routes::Glob;
 /// Work waiting for the writer. More than this and a request waits to hand its work over (back-pressure,
 /// bounded memory); one transaction takes all that has gathered, up to this many.
 const CHANNEL: usize = 1024;
+/// How long history rows wait for more before their transaction begins (never work someone waits for).
+const GATHER: Duration = Duration::from_millis(50);
+/// Each connection's page cache, in KiB (SQLite's negative `cache_size`).
+const CACHE_KIB: i64 = -256;
 /// How long a connection waits for another process's write lock (the CLI's) before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// What a history row takes besides its payload (its columns, attempts, index entries), to estimate how
 /// many rows pruning must remove.
 const ROW_OVERHEAD: i64 = 512;
 
-/// Counts of waiting entries, read at the start of each transaction and kept up to date within it, so the
-/// bounds are checked against what is committed plus what this transaction adds.
+/// Counts of waiting entries, read in each transaction when first needed and kept up to date within it, so
+/// the bounds are checked against what is committed plus what this transaction adds. A transaction of
+/// history rows alone never reads them.
+#[derive(Default)]
 struct Counts {
+    loaded: Option<Waiting>,
+}
+
+#[derive(Clone, Copy)]
+struct Waiting {
     queued: u64,
     queued_bytes: u64,
+}
+
+impl Counts {
+    fn get(&mut self, conn: &Connection) -> Result<&mut Waiting, StoreError> {
+        if self.loaded.is_none() {
+            self.loaded = Some(waiting(conn)?);
+        }
+        Ok(self.loaded.get_or_insert(Waiting {
+            queued: 0,
+            queued_bytes: 0,
+        }))
+    }
 }
 
 /// Told how the transaction that held its work ended.
@@ -50,6 +73,9 @@ trait Work: Send {
     fn run(self: Box<Self>, conn: &Connection, counts: &mut Counts) -> (bool, Reply);
     /// Answers it without running it.
     fn fail(self: Box<Self>, error: StoreError);
+    /// Whether its commit must be on disk before it is answered (an accept, an attempt's result), or may
+    /// wait for the next one that is (a history row, a "running" mark).
+    fn durable(&self) -> bool;
 }
 
 type Job = Box<dyn Work>;
@@ -58,6 +84,7 @@ type Job = Box<dyn Work>;
 struct Task<W, D> {
     work: W,
     done: D,
+    durable: bool,
 }
 
 impl<T, W, D> Work for Task<W, D>
@@ -67,7 +94,7 @@ where
     D: FnOnce(Result<T, StoreError>) + Send + 'static,
 {
     fn run(self: Box<Self>, conn: &Connection, counts: &mut Counts) -> (bool, Reply) {
-        let Task { work, done } = *self;
+        let Task { work, done, .. } = *self;
         let result = work(conn, counts);
         let ok = result.is_ok();
         (ok, Box::new(move |commit| done(commit.and(result))))
@@ -75,6 +102,10 @@ where
 
     fn fail(self: Box<Self>, error: StoreError) {
         (self.done)(Err(error));
+    }
+
+    fn durable(&self) -> bool {
+        self.durable
     }
 }
 
@@ -148,9 +179,13 @@ impl Sqlite {
         work: impl FnOnce(&Connection, &mut Counts) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (tx, rx) = mpsc::sync_channel(1);
-        self.submit(work, move |result| {
-            let _ = tx.send(result);
-        })?;
+        self.submit(
+            work,
+            move |result| {
+                let _ = tx.send(result);
+            },
+            true,
+        )?;
         rx.recv()
             .unwrap_or_else(|_| Err(StoreError::Broken("the writer thread stopped".into())))
     }
@@ -160,11 +195,16 @@ impl Sqlite {
         &self,
         work: impl FnOnce(&Connection, &mut Counts) -> Result<T, StoreError> + Send + 'static,
         done: impl FnOnce(Result<T, StoreError>) + Send + 'static,
+        durable: bool,
     ) -> Result<(), StoreError> {
         if self.broken.load(Ordering::SeqCst) {
             return Err(broken_error());
         }
-        let job: Job = Box::new(Task { work, done });
+        let job: Job = Box::new(Task {
+            work,
+            done,
+            durable,
+        });
         self.jobs
             .send(job)
             .map_err(|_| StoreError::Broken("the writer thread stopped".into()))
@@ -215,6 +255,9 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    // The default page cache (2 MiB) per connection would triple the daemon's idle memory; the writer
+    // appends and the readers look at the recent end of the queue, which a small cache holds.
+    conn.pragma_update(None, "cache_size", CACHE_KIB)?;
     Ok(conn)
 }
 
@@ -239,6 +282,16 @@ fn classify(e: &rusqlite::Error) -> StoreError {
 fn write_loop(conn: &Connection, queue: &Receiver<Job>, broken: &AtomicBool) {
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
+        // History rows wait a moment for company, so a stream of sync requests costs one transaction per
+        // up to 50 ms rather than one per request; work someone waits for ends the wait at once.
+        let gather = Instant::now() + GATHER;
+        while batch.len() < CHANNEL && !batch.iter().any(|j| j.durable()) {
+            let left = gather.saturating_duration_since(Instant::now());
+            match queue.recv_timeout(left) {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
         while batch.len() < CHANNEL {
             match queue.try_recv() {
                 Ok(job) => batch.push(job),
@@ -262,15 +315,21 @@ fn write_loop(conn: &Connection, queue: &Receiver<Job>, broken: &AtomicBool) {
     }
 }
 
-/// Runs a batch in one transaction and answers each job with the commit's result.
+/// Runs a batch in one transaction and answers each job with the commit's result. A batch of which no job
+/// needs its commit on disk is committed without an fsync (`synchronous=NORMAL`: in WAL mode that can lose
+/// the last such commits in a power cut, never a process crash, and never corrupts); the next durable
+/// commit syncs them with it.
 fn commit_batch(conn: &Connection, batch: Vec<Job>) -> Result<(), StoreError> {
     let mut replies = Vec::with_capacity(batch.len());
+    let durable = batch.iter().any(|j| j.durable());
+    let level = if durable { "FULL" } else { "NORMAL" };
     let begun = conn
-        .execute_batch("BEGIN IMMEDIATE")
-        .map_err(|e| classify(&e))
-        .and_then(|()| waiting(conn));
-    let mut counts = match begun {
-        Ok(counts) => counts,
+        .pragma_update(None, "synchronous", level)
+        .and_then(|()| conn.execute_batch("BEGIN IMMEDIATE"))
+        .map_err(|e| classify(&e));
+    let mut counts = Counts::default();
+    match begun {
+        Ok(()) => {}
         Err(e) => {
             let _ = conn.execute_batch("ROLLBACK");
             for job in batch {
@@ -280,15 +339,17 @@ fn commit_batch(conn: &Connection, batch: Vec<Job>) -> Result<(), StoreError> {
         }
     };
     for job in batch {
-        let saved = conn.execute_batch("SAVEPOINT job");
+        let saved = conn
+            .prepare_cached("SAVEPOINT job")
+            .and_then(|mut s| s.execute([]));
         let (ok, reply) = job.run(conn, &mut counts);
         if saved.is_ok() {
-            let end = if ok {
-                "RELEASE job"
-            } else {
-                "ROLLBACK TO job; RELEASE job"
-            };
-            let _ = conn.execute_batch(end);
+            if !ok {
+                let _ = conn.execute_batch("ROLLBACK TO job");
+            }
+            let _ = conn
+                .prepare_cached("RELEASE job")
+                .and_then(|mut s| s.execute([]));
         }
         replies.push(reply);
     }
@@ -302,13 +363,13 @@ fn commit_batch(conn: &Connection, batch: Vec<Job>) -> Result<(), StoreError> {
     result
 }
 
-fn waiting(conn: &Connection) -> Result<Counts, StoreError> {
+fn waiting(conn: &Connection) -> Result<Waiting, StoreError> {
     conn.query_row(
         "SELECT count(*), total(payload_bytes) FROM deliveries
          WHERE state IN ('queued', 'failed', 'running') AND mode = 'async'",
         [],
         |r| {
-            Ok(Counts {
+            Ok(Waiting {
                 queued: r.get::<_, i64>(0)? as u64,
                 queued_bytes: r.get::<_, f64>(1)? as u64,
             })
@@ -319,6 +380,12 @@ fn waiting(conn: &Connection) -> Result<Counts, StoreError> {
 
 fn sql(e: rusqlite::Error) -> StoreError {
     classify(&e)
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> StoreError {
+        classify(&e)
+    }
 }
 
 fn accept_in(
@@ -346,6 +413,7 @@ fn accept_in(
             });
         }
     }
+    let counts = counts.get(conn)?;
     if counts.queued >= bounds.max_queued {
         return Err(StoreError::Full(format!(
             "max_queued = {} entries",
@@ -360,11 +428,11 @@ fn accept_in(
         )));
     }
     let env = serde_json::to_string(&d.env).unwrap_or_else(|_| "[]".into());
-    conn.execute(
-        "INSERT INTO deliveries (request_id, received_at, mode, sender, event, route_line, script,
+    conn.prepare_cached("INSERT INTO deliveries (request_id, received_at, mode, sender, event, route_line, script,
              delivery_id, state, status, max_attempts, retry_max_ms, timeout_ms, serial, due_at, env,
              payload, payload_bytes)
-         VALUES (?1, ?2, 'async', ?3, ?4, ?5, ?6, ?7, 'queued', ?8, ?9, ?10, ?11, ?12, ?2, ?13, ?14, ?15)",
+         VALUES (?1, ?2, 'async', ?3, ?4, ?5, ?6, ?7, 'queued', ?8, ?9, ?10, ?11, ?12, ?2, ?13, ?14, ?15)")?
+.execute(
         params![
             d.request_id,
             d.received_at,
@@ -386,11 +454,11 @@ fn accept_in(
     .map_err(sql)?;
     let id = conn.last_insert_rowid();
     if let Some(key) = &d.dedupe_key {
-        conn.execute(
+        conn.prepare_cached(
             "INSERT OR REPLACE INTO dedupe (key, delivery, request_id, status, accepted_at)
              VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![key, id, d.request_id, d.ack_status, now],
-        )
+        )?
+        .execute(params![key, id, d.request_id, d.ack_status, now])
         .map_err(sql)?;
     }
     counts.queued += 1;
@@ -399,48 +467,48 @@ fn accept_in(
 }
 
 fn insert_attempt(conn: &Connection, id: i64, a: &Attempt) -> rusqlite::Result<usize> {
-    conn.execute(
+    conn.prepare_cached(
         "INSERT OR REPLACE INTO attempts (delivery, n, started_at, duration_ms, exit_code, signal,
              timed_out, output)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        params![
-            id,
-            a.n,
-            a.started_at,
-            a.duration_ms,
-            a.exit_code,
-            a.signal,
-            a.timed_out,
-            a.output
-        ],
-    )
+    )?
+    .execute(params![
+        id,
+        a.n,
+        a.started_at,
+        a.duration_ms,
+        a.exit_code,
+        a.signal,
+        a.timed_out,
+        a.output
+    ])
 }
 
 fn record_in(conn: &Connection, r: &SyncRecord) -> rusqlite::Result<()> {
     let ok = r.attempt.as_ref().is_some_and(|a| a.exit_code == Some(0));
     let state = if ok { State::Done } else { State::Failed };
     let bytes = r.body.as_ref().map_or(0, Vec::len) as i64;
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO deliveries (request_id, received_at, mode, sender, event, route_line, script,
              delivery_id, state, status, attempts, last_exit, finished_at, payload, payload_bytes)
          VALUES (?1, ?2, 'sync', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-        params![
-            r.request_id,
-            r.received_at,
-            r.sender,
-            r.event,
-            r.route_line as i64,
-            r.script,
-            r.delivery_id,
-            state.as_str(),
-            r.status,
-            u32::from(r.attempt.is_some()),
-            r.attempt.as_ref().and_then(|a| a.exit_code),
-            now_ms(),
-            r.body,
-            bytes,
-        ],
-    )?;
+    )?
+    .execute(params![
+        r.request_id,
+        r.received_at,
+        r.sender,
+        r.event,
+        r.route_line as i64,
+        r.script,
+        r.delivery_id,
+        state.as_str(),
+        r.status,
+        u32::from(r.attempt.is_some()),
+        r.attempt.as_ref().and_then(|a| a.exit_code),
+        now_ms(),
+        r.body,
+        bytes,
+    ])?;
     if let Some(attempt) = &r.attempt {
         insert_attempt(conn, conn.last_insert_rowid(), attempt)?;
     }
@@ -492,6 +560,7 @@ impl Store for Sqlite {
                     log::warn!("{request_id} history row not written: {e}");
                 }
             },
+            durable: false,
         });
         // A full channel means the writer is behind: wait for room rather than lose the row.
         if let Err(TrySendError::Full(job)) = self.jobs.try_send(job) {
@@ -544,14 +613,15 @@ impl Store for Sqlite {
     fn started(&self, id: i64) {
         let _ = self.submit(
             move |conn, _| {
-                conn.execute(
+                conn.prepare_cached(
                     "UPDATE deliveries SET state = 'running'
                      WHERE id = ?1 AND state IN ('queued', 'failed')",
-                    [id],
-                )
+                )?
+                .execute([id])
                 .map_err(sql)
             },
             |_| {},
+            false,
         );
     }
 
@@ -565,19 +635,19 @@ impl Store for Sqlite {
             };
             // An entry dropped by the operator while it ran is gone: its attempt has nowhere to go.
             let changed = conn
-                .execute(
+                .prepare_cached(
                     "UPDATE deliveries SET state = ?2, attempts = ?3, last_exit = ?4, due_at = ?5,
                          finished_at = ?6
                      WHERE id = ?1",
-                    params![
-                        id,
-                        state.as_str(),
-                        attempt.n,
-                        attempt.exit_code,
-                        due,
-                        finished
-                    ],
-                )
+                )?
+                .execute(params![
+                    id,
+                    state.as_str(),
+                    attempt.n,
+                    attempt.exit_code,
+                    due,
+                    finished
+                ])
                 .map_err(sql)?;
             if changed > 0 {
                 insert_attempt(conn, id, &attempt).map_err(sql)?;
@@ -588,12 +658,10 @@ impl Store for Sqlite {
 
     fn recover(&self) -> Result<u64, StoreError> {
         self.write(|conn, counts| {
-            conn.execute(
-                "UPDATE deliveries SET state = 'queued' WHERE state = 'running'",
-                [],
-            )
-            .map_err(sql)?;
-            Ok(counts.queued)
+            conn.prepare_cached("UPDATE deliveries SET state = 'queued' WHERE state = 'running'")?
+                .execute([])
+                .map_err(sql)?;
+            Ok(counts.get(conn)?.queued)
         })
     }
 
@@ -602,23 +670,21 @@ impl Store for Sqlite {
             let now = now_ms();
             let age = |d: Duration| now - d.as_millis() as i64;
             let payloads = conn
-                .execute(
+                .prepare_cached(
                     "UPDATE deliveries SET payload = NULL
                      WHERE payload IS NOT NULL AND finished_at IS NOT NULL AND received_at < ?1",
-                    [age(retention.keep_payloads)],
-                )
+                )?
+                .execute([age(retention.keep_payloads)])
                 .map_err(sql)? as u64;
             let mut rows = conn
-                .execute(
+                .prepare_cached(
                     "DELETE FROM deliveries WHERE finished_at IS NOT NULL AND received_at < ?1",
-                    [age(retention.keep_history)],
-                )
+                )?
+                .execute([age(retention.keep_history)])
                 .map_err(sql)? as u64;
-            conn.execute(
-                "DELETE FROM dedupe WHERE accepted_at < ?1",
-                [age(retention.dedupe_window)],
-            )
-            .map_err(sql)?;
+            conn.prepare_cached("DELETE FROM dedupe WHERE accepted_at < ?1")?
+                .execute([age(retention.dedupe_window)])
+                .map_err(sql)?;
             // Over the size bound: the oldest finished rows go first, as many as the excess is estimated to
             // take (their payloads and a row's overhead); an entry still waiting never does.
             loop {
@@ -635,7 +701,7 @@ impl Store for Sqlite {
                     break;
                 }
                 let removed = conn
-                    .execute(
+                    .prepare_cached(
                         "DELETE FROM deliveries WHERE id IN (
                              SELECT id FROM (
                                  SELECT id, cost, sum(cost) OVER (ORDER BY id) AS upto FROM (
@@ -643,8 +709,8 @@ impl Store for Sqlite {
                                                           ELSE payload_bytes END AS cost
                                      FROM deliveries WHERE finished_at IS NOT NULL))
                              WHERE upto - cost < ?1)",
-                        params![excess, ROW_OVERHEAD],
-                    )
+                    )?
+                    .execute(params![excess, ROW_OVERHEAD])
                     .map_err(sql)? as u64;
                 if removed == 0 {
                     break;
@@ -745,13 +811,13 @@ impl Store for Sqlite {
             for id in ids {
                 // One more attempt, now; only async entries whose payload is still kept can run again.
                 n += conn
-                    .execute(
+                    .prepare_cached(
                         "UPDATE deliveries SET state = 'queued', due_at = ?2, finished_at = NULL,
                              max_attempts = attempts + 1
                          WHERE id = ?1 AND mode = 'async' AND state IN ('dead', 'failed', 'done')
                            AND payload IS NOT NULL",
-                        params![id, now],
-                    )
+                    )?
+                    .execute(params![id, now])
                     .map_err(sql)? as u64;
             }
             Ok(n)
@@ -763,12 +829,10 @@ impl Store for Sqlite {
             return Ok(false);
         };
         self.write(move |conn, _| {
-            conn.execute(
-                "DELETE FROM deliveries WHERE id = ?1 AND state != 'running'",
-                [id],
-            )
-            .map(|n| n > 0)
-            .map_err(sql)
+            conn.prepare_cached("DELETE FROM deliveries WHERE id = ?1 AND state != 'running'")?
+                .execute([id])
+                .map(|n| n > 0)
+                .map_err(sql)
         })
     }
 
