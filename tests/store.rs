@@ -5,6 +5,7 @@
 
 use std::collections::HashSet;
 use std::fs;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::util::{BIN, Env, Response, Server, send, wait_until};
+use crate::util::{BIN, Env, Response, Server, wait_until};
 
 /// Runs `hookrunner deliveries ARGS` on the env's config and store.
 fn deliveries(env: &Env, args: &[&str]) -> Output {
@@ -86,9 +87,19 @@ fn post_to(
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .ok()?;
-    let mut h = vec![("Content-Type", "application/json")];
-    h.extend_from_slice(headers);
-    send(&mut stream, "POST", path, &h, body, true);
+    // Written here rather than with util::send, which panics on a failed write: a daemon killed mid-request
+    // resets the connection, and the client must see that as "no answer".
+    let mut head = format!(
+        "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("Connection: close\r\n\r\n");
+    let mut bytes = head.into_bytes();
+    bytes.extend_from_slice(body);
+    stream.write_all(&bytes).ok()?;
     Response::read(&mut stream).ok()
 }
 
