@@ -33,6 +33,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -40,9 +41,9 @@ import urllib.parse
 
 
 def http(url, method="GET", body=b"", timeout=2.0):
-    """One HTTP/1.1 request on a fresh connection; returns (status, body)."""
+    """One HTTP/1.1 request on a fresh connection (https too); returns (status, body)."""
     parts = urllib.parse.urlsplit(url)
-    host, port = parts.hostname, parts.port or 80
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit(f"probe.py: refusing non-loopback address {host}")
     path = parts.path or "/"
@@ -50,7 +51,14 @@ def http(url, method="GET", body=b"", timeout=2.0):
         f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode()
-    with socket.create_connection((host, port), timeout=timeout) as conn:
+    with socket.create_connection((host, port), timeout=timeout) as raw_conn:
+        conn = raw_conn
+        if parts.scheme == "https":
+            # The harness's own certificate on loopback: it measures, it does not authenticate.
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            conn = context.wrap_socket(raw_conn, server_hostname=host)
         conn.sendall(head + body)
         chunks = []
         while True:

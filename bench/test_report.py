@@ -124,5 +124,38 @@ class Targets(unittest.TestCase):
         self.assertIn("9 of 10 starts failed", measured)
 
 
+
+class TlsTargets(unittest.TestCase):
+    def test_tls_variants_pass_only_at_every_concurrency_measured(self):
+        res = results()
+        for system, rate in (("hookrunner-tls", 920), ("hookrunner-tls-close", 820)):
+            for row in sync_rows(system, rate):
+                res.sync.setdefault(system, {}).setdefault(row["concurrency"], {})[row["rep"]] = row
+        got = verdicts(res)
+        keep = got["hookrunner TLS (keep-alive) ≥ 0.95 × plain"]
+        close = got["hookrunner TLS (new connection per request) ≥ 0.85 × plain"]
+        self.assertEqual(keep[1], "pass", keep)
+        self.assertEqual(close[1], "pass", close)
+        set_rate(res, "hookrunner-tls", 16, 850)
+        del res.sync["hookrunner-tls-close"][64]
+        got = verdicts(res)
+        self.assertEqual(got["hookrunner TLS (keep-alive) ≥ 0.95 × plain"][1], "**FAIL**")
+        close = got["hookrunner TLS (new connection per request) ≥ 0.85 × plain"]
+        self.assertEqual(close[1], "**FAIL**", close)
+        self.assertIn("not measured at c=64", close[0])
+
+    def test_no_tls_row_without_a_tls_run(self):
+        self.assertFalse(any("TLS" in label for label in verdicts(results())))
+
+    def test_the_hmac_variant_passes_within_2_percent_of_plain_only(self):
+        res = results()
+        for row in sync_rows("hookrunner-hmac", 935):
+            res.sync.setdefault("hookrunner-hmac", {}).setdefault(row["concurrency"], {})[row["rep"]] = row
+        label = "hookrunner behind a github sender (HMAC) ≥ 0.98 × plain"
+        self.assertEqual(verdicts(res)[label][1], "pass", verdicts(res)[label])
+        set_rate(res, "hookrunner-hmac", 4, 925)
+        self.assertEqual(verdicts(res)[label][1], "**FAIL**")
+
+
 if __name__ == "__main__":
     unittest.main()

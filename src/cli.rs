@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, Listen, Overrides};
-use crate::daemon;
 use crate::deliveries::{self, DeliveriesArgs};
+use crate::{daemon, tools};
 
 /// sysexits.h: bad usage, bad configuration.
 const EX_USAGE: u8 = 64;
@@ -57,11 +57,17 @@ activation (LISTEN_FDS), which then replaces `listen`."
     #[command(
         long_about = "Validate the configuration and routes and print the resolved routing table and the \
 sender profiles; warnings (a secret file others can read) go to stderr. Exits 0 when they are valid, else \
-prints `file:line: message` and exits 78."
+prints `file:line: message` and exits 78. With --payload FILE, explains instead what the daemon would do \
+with a POST of FILE (with those --header fields, to that --path): the sender profile that applies and \
+whether the request passes it, the event name and the source that yielded it, each route line that did \
+not match and why, the line that matches, the script and its environment. Nothing runs; exits 0 when a \
+script would run, 1 when the request would be refused."
     )]
     Check {
         #[command(flatten)]
         common: Common,
+        #[command(flatten)]
+        dry_run: tools::DryRunArgs,
     },
     /// List, show, retry or drop deliveries in the store (works while the daemon runs)
     #[command(
@@ -70,6 +76,25 @@ runs: `list` (the default) with a summary line, `show ID`, `retry ID` or `retry 
 retried entry runs within about a second."
     )]
     Deliveries(DeliveriesArgs),
+    /// Print values from a payload file (a script's $1) at the paths routes use
+    #[command(
+        long_about = "Print the values at PATHs in a payload file, one per line, with the path syntax \
+route filters use: /event/deviceName reads Jamf's JSON and XML alike (the XML root's name may be given or \
+left out), /field a form. Array elements by index (/event/ids/0, in JSON and in Jamf's XML); the empty \
+path is the whole document. Exit status: 0 all found, 3 a path not found (then nothing is printed), 65 the \
+file is not JSON, XML or a form, or is malformed, 66 the file cannot be read, 64 usage."
+    )]
+    Get(tools::GetArgs),
+    /// Post a realistic sample event, authenticated as a sender profile would be
+    #[command(
+        long_about = "Post a sample EVENT (see --list): Jamf Pro's 23 events in its JSON or XML shape, \
+and samples from Scalefusion, GitHub, GitLab and Kazoo, with the current time and fresh ids. With \
+--sender, the request is authenticated as that [[sender]] profile of the configuration says (basic, \
+headers, github, gitlab, scalefusion, standard-webhooks, hmac), with the secrets from its files. Prints \
+each answer's status, request id and body; exits 0 when every answer was 2xx, 1 otherwise, 64 on bad \
+usage, 78 on a bad configuration."
+    )]
+    Send(tools::SendArgs),
 }
 
 #[derive(Args, Debug)]
@@ -113,11 +138,21 @@ pub fn run() -> ExitCode {
                 }
             }
         }
-        Command::Check { common } => {
+        Command::Get(args) => tools::run_get(args),
+        Command::Send(args) => tools::run_send(args),
+        Command::Check { common, dry_run } => {
             let overrides = Overrides {
                 listen: None,
                 scripts_dir: common.scripts_dir,
             };
+            if let Some(payload) = dry_run.payload.clone() {
+                return tools::run_check_payload(
+                    common.config.as_deref(),
+                    &overrides,
+                    &payload,
+                    dry_run,
+                );
+            }
             match Config::load(common.config.as_deref(), &overrides) {
                 Ok(config) => {
                     for warning in &config.warnings {
@@ -201,9 +236,47 @@ mod tests {
         assert_eq!(common.scripts_dir, None);
         let got = parse(args(&["check", "--scripts-dir", "s"]));
         assert!(
-            matches!(&got, Ok(Command::Check { common }) if common.scripts_dir == Some("s".into())),
+            matches!(&got, Ok(Command::Check { common, .. }) if common.scripts_dir == Some("s".into())),
             "{got:?}"
         );
+    }
+
+    #[test]
+    fn parses_the_tools() {
+        let got = parse(args(&["get", "--shell", "p.json", "N=/a", "/b"]));
+        assert!(
+            matches!(&got, Ok(Command::Get(g)) if g.shell && g.paths == ["N=/a", "/b"]),
+            "{got:?}"
+        );
+        let got = parse(args(&[
+            "send",
+            "ComputerAdded",
+            "--set",
+            "/a=b",
+            "--set",
+            "/c=d",
+        ]));
+        assert!(
+            matches!(&got, Ok(Command::Send(s)) if s.set.len() == 2 && s.format == "json"),
+            "{got:?}"
+        );
+        let got = parse(args(&["check", "--payload", "p", "--header", "X-A: b"]));
+        assert!(
+            matches!(&got, Ok(Command::Check { dry_run, .. })
+                if dry_run.payload.is_some() && dry_run.header == [("X-A".to_string(), "b".to_string())]),
+            "{got:?}"
+        );
+        for bad in [
+            &["get", "p.json"][..],
+            &["send"],
+            &["send", "E", "--format", "yaml"],
+            &["send", "E", "--rate", "0/s"],
+            &["check", "--header", "X-A: b"],
+            &["check", "--payload", "p", "--header", "no colon"],
+        ] {
+            assert!(parse(args(bad)).is_err(), "{bad:?}");
+        }
+        assert!(matches!(parse(args(&["send", "--list"])), Ok(Command::Send(s)) if s.list));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 use std::fmt;
 use std::fs;
 use std::io;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -20,6 +21,8 @@ use crate::units::{Bytes, Quantity, Range, parse_duration, parse_size};
 
 /// Where the daemon reads its configuration when `--config` is not given.
 pub const DEFAULT_CONFIG: &str = "/etc/hookrunner/hookrunner.toml";
+/// Where the daemon listens when neither the file nor `--listen` says.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// Where the daemon reads its routes when there is no configuration file to find them beside.
 pub const DEFAULT_ROUTES: &str = "/etc/hookrunner/routes";
 /// The routes file's name beside a configuration file that has no `routes` key.
@@ -91,9 +94,16 @@ pub struct Config {
     /// What loading noticed that is not an error (a secret file others can read): `check` prints these,
     /// `serve` logs them.
     pub warnings: Vec<String>,
+    /// `metrics_listen`: a loopback `HOST:PORT` (`127.0.0.1:9464`) where `GET /metrics` answers in the
+    /// Prometheus (OpenMetrics) text format (default: none, no metrics). Loopback only, because the figures
+    /// name senders and scripts; a remote Prometheus reaches it through a proxy or its own agent. Takes
+    /// effect at start.
+    pub metrics_listen: Option<SocketAddr>,
     /// `log_file`: append log lines to this file instead of stderr (default: stderr, i.e. the journal under
     /// systemd). Reopened on every SIGHUP, so logrotate can rename it and then reload.
     pub log_file: Option<PathBuf>,
+    /// `[tls]`: serve HTTPS on the TCP listener; its keys are documented in [`crate::tls::Tls`].
+    pub tls: Option<crate::tls::Tls>,
 }
 
 /// The store's keys, top-level in the file like every other key.
@@ -279,7 +289,9 @@ struct RawConfig {
     keep_payloads: Option<DurationValue>,
     keep_history: Option<DurationValue>,
     max_store_bytes: Option<SizeValue>,
+    metrics_listen: Option<String>,
     log_file: Option<PathBuf>,
+    tls: Option<crate::tls::RawTls>,
 }
 
 impl Config {
@@ -360,7 +372,7 @@ impl Config {
             .listen
             .clone()
             .or(raw.listen.map(|l| l.0))
-            .unwrap_or_else(|| Listen::Tcp("127.0.0.1:8080".to_string()));
+            .unwrap_or_else(|| Listen::Tcp(DEFAULT_LISTEN.to_string()));
         let mut warnings = Vec::new();
         let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
         let mut senders = Vec::new();
@@ -447,6 +459,21 @@ impl Config {
             16 << 10,
             MAX_HEADER_BYTES,
         )?;
+        let metrics_listen = match &raw.metrics_listen {
+            None => None,
+            Some(text) => match text.parse::<SocketAddr>() {
+                Ok(addr) if addr.ip().is_loopback() => Some(addr),
+                _ => {
+                    return Err(file.error(
+                        "metrics_listen",
+                        format!(
+                            "metrics_listen = {text:?}: give a loopback IP:PORT, e.g. 127.0.0.1:9464 (metrics \
+                             name senders and scripts, so they are never served beyond this machine)"
+                        ),
+                    ));
+                }
+            },
+        };
         let event = raw.event.map_or_else(crate::event::default_sources, |v| {
             v.into_iter().map(|s| s.0).collect()
         });
@@ -503,6 +530,42 @@ impl Config {
                 format!("event lists {} sources: list {EVENT_SOURCES}", event.len()),
             ));
         }
+        // Relative paths as for the other keys; an error is placed on the `[tls]` line.
+        let relative = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let tls_line = table_line(file.text, "[tls]", 0);
+        let tls = match raw.tls {
+            None => None,
+            Some(_) if matches!(listen, Listen::Unix(_)) => {
+                return Err(ConfigError::new(
+                    file.path,
+                    tls_line,
+                    "[tls] needs a HOST:PORT listen address: a unix socket is for a proxy that terminates TLS",
+                ));
+            }
+            Some(tls) => Some(
+                tls.load(relative)
+                    .map_err(|e| ConfigError::new(file.path, tls_line, e))?,
+            ),
+        };
+        // An mtls sender checks the names of a certificate the TLS layer verified: it needs one to be asked for.
+        let asks_for_certificates = tls.as_ref().is_some_and(|t| t.client_ca_file.is_some());
+        if let Some((index, sender)) = senders
+            .iter()
+            .enumerate()
+            .find(|(_, s)| matches!(s.scheme, crate::auth::Scheme::Mtls { .. }))
+        {
+            if !asks_for_certificates {
+                return Err(ConfigError::new(
+                    file.path,
+                    table_line(file.text, "[[sender]]", index),
+                    format!(
+                        "sender {:?}: type mtls needs [tls] with client_ca_file, so that clients are asked for \
+                         a certificate and it is verified",
+                        sender.name
+                    ),
+                ));
+            }
+        }
         Ok(Config {
             listen,
             routes,
@@ -532,7 +595,9 @@ impl Config {
             trusted_proxies,
             store,
             warnings,
+            metrics_listen,
             log_file: path("log_file", raw.log_file)?,
+            tls,
         })
     }
 }

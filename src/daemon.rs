@@ -115,6 +115,28 @@ pub fn serve(config_path: Option<PathBuf>, mut overrides: Overrides) -> Result<(
     let limiter = Arc::new(Limiter::new(config.max_running));
     let payloads = Arc::new(payloads);
     let bell = Arc::new(Bell::default());
+    if let Some(tls) = &config.tls {
+        log::info!(
+            "TLS with the certificate {} and key {}; client certificates: {}",
+            tls.cert_file.display(),
+            tls.key_file.display(),
+            tls.client_ca_file.as_ref().map_or_else(
+                || "not asked for".to_string(),
+                |ca| format!("asked for, verified against {}", ca.display())
+            )
+        );
+    }
+    let tls = config
+        .tls
+        .as_ref()
+        .map(|t| http::TlsConfig::new(Arc::clone(&t.server)));
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .map_err(|e| Error::Start(format!("cannot listen for metrics on {addr}"), e))?,
+        ),
+        None => None,
+    };
     let gateway = Arc::new(Gateway::new(
         config,
         Arc::clone(&payloads),
@@ -123,6 +145,16 @@ pub fn serve(config_path: Option<PathBuf>, mut overrides: Overrides) -> Result<(
         store.clone(),
         Arc::clone(&bell),
     ));
+    if let Some(listener) = metrics_listener {
+        if let Ok(addr) = listener.local_addr() {
+            log::info!("metrics on http://{addr}/metrics");
+        }
+        let metrics = gateway.metrics();
+        std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || crate::metrics::serve(listener, metrics))
+            .map_err(|e| Error::Start("metrics thread".into(), e))?;
+    }
     let dispatching = Arc::new(AtomicBool::new(false));
     let dispatcher = match &store {
         Some(store) => Some(start_dispatcher(Dispatcher {
@@ -152,10 +184,10 @@ pub fn serve(config_path: Option<PathBuf>, mut overrides: Overrides) -> Result<(
     systemd::ready(&counted.status());
     let handler: Arc<dyn Handler> = counted.clone();
     let mut stopping = false;
-    let served = http::serve(listener, limits, handler, &wake, || {
+    let served = http::serve(listener, limits, handler, tls.clone(), &wake, || {
         if reload.swap(false, Ordering::SeqCst) {
             systemd::reloading();
-            reload_config(&gateway, config_path.as_deref(), &overrides);
+            reload_config(&gateway, tls.as_ref(), config_path.as_deref(), &overrides);
             // READY=1 also after a failed reload: the old configuration is still serving.
             systemd::ready(&counted.status());
         }
@@ -311,7 +343,12 @@ fn register_signals(
     Ok(())
 }
 
-fn reload_config(gateway: &Gateway, path: Option<&std::path::Path>, overrides: &Overrides) {
+fn reload_config(
+    gateway: &Gateway,
+    tls: Option<&http::TlsConfig>,
+    path: Option<&std::path::Path>,
+    overrides: &Overrides,
+) {
     let new = match Config::load(path, overrides) {
         Ok(new) => new,
         Err(e) => {
@@ -338,6 +375,8 @@ fn reload_config(gateway: &Gateway, path: Option<&std::path::Path>, overrides: &
             old.max_header_bytes != new.max_header_bytes,
         ),
         ("header_timeout", old.header_timeout != new.header_timeout),
+        // Turning TLS on or off changes what the listener speaks; a new certificate needs no restart.
+        ("tls", old.tls.is_some() != new.tls.is_some()),
         (
             "keepalive_timeout",
             old.keepalive_timeout != new.keepalive_timeout,
@@ -347,6 +386,13 @@ fn reload_config(gateway: &Gateway, path: Option<&std::path::Path>, overrides: &
         if changed {
             log::warn!("reload: a change to {key} takes effect only after a restart");
         }
+    }
+    if let (Some(live), Some(new_tls)) = (tls, &new.tls) {
+        live.replace(Arc::clone(&new_tls.server));
+        log::info!(
+            "reloaded the TLS certificate from {} for new connections",
+            new_tls.cert_file.display()
+        );
     }
     let routes = new.routes.routes.len();
     announce_senders(&new);

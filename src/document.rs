@@ -433,6 +433,18 @@ struct Element {
 }
 
 impl Xml {
+    /// Every addressable element in document order: its parent's index in this order (`None` for the
+    /// root), its local name and its own text. For tools that need more than one value (`hookrunner get`).
+    pub fn elements(&self) -> impl Iterator<Item = (Option<usize>, &str, &str)> + '_ {
+        self.elements.iter().map(|e| {
+            (
+                e.parent.map(|p| p as usize),
+                self.span(e.name),
+                self.span(e.text),
+            )
+        })
+    }
+
     fn find(&self, path: &str) -> Option<&str> {
         let segments: Vec<&str> = path.strip_prefix('/')?.split('/').collect();
         // `Some(None)`: the path named every element up from this one, root included. `Some(Some(0))`: all

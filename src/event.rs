@@ -140,10 +140,18 @@ impl fmt::Display for EventError {
 }
 
 pub fn resolve(sources: &[Source], inputs: &mut impl Inputs) -> Result<String, EventError> {
+    resolve_from(sources, inputs).map(|(name, _)| name)
+}
+
+/// [`resolve`], also saying which source yielded the name (`hookrunner check --payload`).
+pub fn resolve_from(
+    sources: &[Source],
+    inputs: &mut impl Inputs,
+) -> Result<(String, String), EventError> {
     for source in sources {
         if let Some((value, from)) = lookup(source, inputs)? {
             if is_valid_name(&value) {
-                return Ok(value);
+                return Ok((value, from.unwrap_or_else(|| source.to_string())));
             }
             let mut shown: String = value.chars().take(64).collect();
             if shown.len() < value.len() {
@@ -317,6 +325,27 @@ mod tests {
             name(fake("/", &[], None, kazoo)),
             Ok("channel_create".into())
         );
+    }
+
+    #[test]
+    fn resolve_from_names_the_source_that_decided() {
+        let body = br#"{"webhook":{"webhookEvent":"FromBody"}}"#;
+        let from = |f: Fake| resolve_from(&default_sources(), &mut { f }).expect("a name");
+        assert_eq!(
+            from(fake("/", &[], None, body)),
+            ("FromBody".into(), "JSON /webhook/webhookEvent".into())
+        );
+        assert_eq!(
+            from(fake("/x/hooks/P", &[], None, body)).1,
+            "path /hooks/<name>"
+        );
+        let gitlab = fake(
+            "/",
+            &[("X-Gitlab-Event", "Push Hook")],
+            None,
+            br#"{"object_kind":"push"}"#,
+        );
+        assert_eq!(from(gitlab).1, "JSON /object_kind (GitLab)");
     }
 
     #[test]

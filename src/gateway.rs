@@ -20,6 +20,7 @@ use crate::document::{Document, Format, MalformedBody};
 use crate::event::{self, EventError, Inputs, Source};
 use crate::http::{self, BodyError, Method, Request, Response};
 use crate::logging::{Escaped, RateLimit};
+use crate::metrics::{Metrics, RunOutcome};
 use crate::payload::{Payload, PayloadDir};
 use crate::routes::{SelectError, Selected, UnsafeScript};
 use crate::runner::{Exit, Job, Limiter, Outcome, Runner};
@@ -28,7 +29,7 @@ use crate::store::{self, Accepted, Bounds, NewDelivery, Policy, StoreError, Sync
 /// Bodies up to this size are kept in memory and may be parsed for the event name and route filters; larger
 /// ones go straight to their payload file and are never parsed, which bounds what one request can make the
 /// parsers allocate. Webhook payloads that carry their event in the body are a few KiB.
-const INLINE_BODY: usize = 256 << 10;
+pub const INLINE_BODY: usize = 256 << 10;
 
 /// Attempts in all when a route does not say (`retries=4`).
 const DEFAULT_ATTEMPTS: u32 = 5;
@@ -48,6 +49,10 @@ pub struct Gateway {
     /// Authentication failures at warn level, at most one a second: a flood of bad requests must not
     /// flood the log (each request's own line still says why it was refused).
     auth_log: Mutex<RateLimit>,
+    metrics: Arc<Metrics>,
+    /// This binary, for scripts as `HOOKRUNNER_BIN`: `"$HOOKRUNNER_BIN" get "$1" /event/deviceName` works
+    /// whether or not hookrunner is on the scripts' PATH (a checkout, a test).
+    bin: String,
 }
 
 /// Why a request was not run, or not run to success.
@@ -122,6 +127,8 @@ fn is_resource_shortage(e: &io::Error) -> bool {
 
 /// A script that ran, and how.
 struct Ran {
+    /// The routes line that chose the script.
+    line: usize,
     event: String,
     script: String,
     sender: Option<String>,
@@ -157,6 +164,7 @@ impl Gateway {
     ) -> Gateway {
         Gateway {
             limiter,
+            metrics: Arc::new(Metrics::new(config.metrics_listen.is_some())),
             config: RwLock::new(Arc::new(config)),
             payloads,
             runner,
@@ -164,7 +172,16 @@ impl Gateway {
             bell,
             replays: Replays::default(),
             auth_log: Mutex::new(RateLimit::new(log::Level::Warn)),
+
+            bin: std::env::current_exe()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
         }
+    }
+
+    /// What `metrics_listen` serves.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -197,6 +214,7 @@ impl Gateway {
             header: &header,
             forwarded_for: request.headers("X-Forwarded-For").collect(),
             peer: request.remote.parse::<SocketAddr>().ok().map(|a| a.ip()),
+            client_names: &request.client_names,
             now: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64),
@@ -276,7 +294,7 @@ impl Gateway {
                 });
             (event, selected, body_key)
         };
-        let env = script_env(request, &event, sender, delivery_id.as_deref());
+        let env = script_env(request, &event, sender, delivery_id.as_deref(), &self.bin);
         let sender_name = sender.map(|s| s.name.clone());
         let script = selected
             .script
@@ -354,6 +372,7 @@ impl Gateway {
             });
         }
         Ok(Served::Ran(Ran {
+            line: selected.line,
             script,
             event,
             sender: sender_name,
@@ -384,7 +403,10 @@ impl Gateway {
             kill_grace: config.kill_grace,
             request_id: &request.id,
         };
-        let outcome = self.runner.run(&job).map_err(Refusal::Spawn)?;
+        let outcome = {
+            let _running = self.metrics.running();
+            self.runner.run(&job).map_err(Refusal::Spawn)?
+        };
         if let Some(claim) = claim {
             if outcome.exit == Exit::Code(0) {
                 claim.accept();
@@ -401,6 +423,7 @@ fn script_env<'r>(
     event: &'r str,
     sender: Option<&'r Sender>,
     delivery_id: Option<&'r str>,
+    bin: &'r str,
 ) -> Vec<(&'static str, &'r str)> {
     let env = [
         ("HOOKRUNNER_EVENT", event),
@@ -414,6 +437,7 @@ fn script_env<'r>(
         ("HOOKRUNNER_QUERY", request.query.as_str()),
         ("HOOKRUNNER_REMOTE_ADDR", request.remote.as_str()),
         ("HOOKRUNNER_SENDER", sender.map_or("", |s| s.name.as_str())),
+        ("HOOKRUNNER_BIN", bin),
         ("HOOKRUNNER_DELIVERY_ID", delivery_id.unwrap_or("")),
     ];
     env.into_iter().filter(|(_, v)| !v.is_empty()).collect()
@@ -456,8 +480,30 @@ impl http::Handler for Gateway {
             return Response::json(200, &json!({ "status": "ok" }));
         }
         let config = self.config();
-        match self.serve(&config, request) {
-            Ok(Served::Ran(ran)) => ran.response(&request.id),
+        let response = self.answer(&config, request);
+        let sender = config
+            .senders
+            .select(&request.path)
+            .map(|s| s.name.as_str());
+        self.metrics.request(response.status, sender);
+        response
+    }
+}
+
+impl Gateway {
+    fn answer(&self, config: &Config, request: &mut Request<'_>) -> Response {
+        match self.serve(config, request) {
+            Ok(Served::Ran(ran)) => {
+                let outcome = match ran.outcome.exit {
+                    Exit::Code(0) => RunOutcome::Ok,
+                    Exit::Code(_) => RunOutcome::Failed,
+                    Exit::Signal(_) => RunOutcome::Signal,
+                    Exit::TimedOut => RunOutcome::Timeout,
+                };
+                self.metrics
+                    .ran(ran.line, &ran.script, outcome, ran.outcome.duration);
+                ran.response(&request.id)
+            }
             Ok(Served::Queued {
                 event,
                 script,
@@ -472,7 +518,14 @@ impl http::Handler for Gateway {
                 response.note = format!(" delivery_id=\"{}\" duplicate=true", Escaped(&id));
                 response
             }
-            Err(Refusal::Auth(failure)) => self.refuse_sender(&config, request, &failure),
+            Err(Refusal::Auth(failure)) => {
+                let sender = config
+                    .senders
+                    .select(&request.path)
+                    .map(|s| s.name.as_str());
+                self.metrics.auth_failure(sender, &failure);
+                self.refuse_sender(config, request, &failure)
+            }
             Err(refusal) => {
                 let status = refusal.status();
                 let message = refusal.message();

@@ -11,11 +11,14 @@ mod event;
 mod gateway;
 mod http;
 mod logging;
+mod metrics;
 mod payload;
 mod routes;
 mod runner;
 mod store;
 mod systemd;
+mod tls;
+mod tools;
 mod units;
 
 fn main() -> std::process::ExitCode {

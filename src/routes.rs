@@ -247,16 +247,29 @@ impl Routes {
     pub fn select<E>(
         &self,
         event: &str,
+        field: impl FnMut(&str) -> Result<Option<String>, E>,
+    ) -> Result<Option<Selected>, SelectError<E>> {
+        self.select_explained(event, field, |_, _| {})
+    }
+
+    /// [`Routes::select`], telling `skipped` each line that did not win and why (`hookrunner check
+    /// --payload`).
+    pub fn select_explained<E>(
+        &self,
+        event: &str,
         mut field: impl FnMut(&str) -> Result<Option<String>, E>,
+        mut skipped: impl FnMut(usize, Skip<'_>),
     ) -> Result<Option<Selected>, SelectError<E>> {
         for route in &self.routes {
             if !route.pattern.matches(event) {
+                skipped(route.line, Skip::Pattern(&route.pattern));
                 continue;
             }
             let mut filters_hold = true;
             for filter in &route.options.filters {
                 let value = field(&filter.path).map_err(SelectError::Body)?;
-                if !value.is_some_and(|v| filter.value.matches(&v)) {
+                if !value.as_deref().is_some_and(|v| filter.value.matches(v)) {
+                    skipped(route.line, Skip::Filter { filter, value });
                     filters_hold = false;
                     break;
                 }
@@ -266,7 +279,10 @@ impl Routes {
             }
             let script = match &route.script {
                 Script::Fixed { written, path } => match recheck_script(written, path) {
-                    None => continue,
+                    None => {
+                        skipped(route.line, Skip::Gone(path));
+                        continue;
+                    }
                     Some(checked) => {
                         checked.map_err(SelectError::Unsafe)?;
                         path.clone()
@@ -274,7 +290,9 @@ impl Routes {
                 },
                 Script::Template(template) => {
                     let written = template.replace(EVENT_PLACEHOLDER, event);
-                    let Some(path) = find_file(&resolve_path(&self.scripts_dir, &written)) else {
+                    let wanted = resolve_path(&self.scripts_dir, &written);
+                    let Some(path) = find_file(&wanted) else {
+                        skipped(route.line, Skip::NoScript(wanted));
                         continue;
                     };
                     check_script(&self.scripts_dir, &written, &path)
@@ -290,6 +308,40 @@ impl Routes {
             }));
         }
         Ok(None)
+    }
+}
+
+/// Why a line did not win, as [`Routes::select_explained`] reports it: what was already at hand, so
+/// `select` pays nothing for the explanation it does not want.
+pub enum Skip<'a> {
+    Pattern(&'a Glob),
+    Filter {
+        filter: &'a Filter,
+        value: Option<String>,
+    },
+    /// A fixed script removed since the routes loaded.
+    Gone(&'a Path),
+    /// No file for an `{event}` script.
+    NoScript(PathBuf),
+}
+
+impl fmt::Display for Skip<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Skip::Pattern(glob) => write!(f, "the pattern {glob} does not match the event"),
+            Skip::Filter {
+                filter,
+                value: Some(v),
+            } => write!(f, "{} is {v:?}, not {}", filter.path, filter.value),
+            Skip::Filter {
+                filter,
+                value: None,
+            } => {
+                write!(f, "the body has no value at {}", filter.path)
+            }
+            Skip::Gone(path) => write!(f, "the script {} no longer exists", path.display()),
+            Skip::NoScript(path) => write!(f, "there is no script {}", path.display()),
+        }
     }
 }
 
@@ -795,6 +847,38 @@ MobileDevice*              mobile-device.sh
         );
         // A template whose file does not exist does not match.
         assert_eq!(routes.select("PushSent", no_body), Ok(None));
+    }
+
+    #[test]
+    fn each_line_that_does_not_win_says_why() {
+        let dir = dir_with(&[("fixed.sh", 0o755)]);
+        let text = "Other* fixed.sh\nComputer* fixed.sh /event/name=Lab*\nComputer* fixed.sh /event/missing=x\n\
+                    * {event}.sh\n* fixed.sh\n";
+        let routes = Routes::parse(text, None, dir.path()).expect("valid");
+        let mut why = Vec::new();
+        let field =
+            |path: &str| Ok::<_, ()>((path == "/event/name").then(|| "Office-1".to_string()));
+        let selected = routes
+            .select_explained("ComputerAdded", field, |line, skip| {
+                why.push((line, skip.to_string()))
+            })
+            .expect("no error")
+            .expect("a route");
+        assert_eq!(selected.line, 5);
+        let lines: Vec<usize> = why.iter().map(|(l, _)| *l).collect();
+        assert_eq!(lines, [1, 2, 3, 4]);
+        assert!(
+            why[0].1.contains("pattern Other* does not match"),
+            "{why:?}"
+        );
+        assert!(
+            why[1].1.contains("/event/name is \"Office-1\", not Lab*"),
+            "{why:?}"
+        );
+        assert!(why[2].1.contains("no value at /event/missing"), "{why:?}");
+        assert!(why[3].1.contains("ComputerAdded.sh"), "{why:?}");
+        let plain = routes.select("ComputerAdded", field).expect("no error");
+        assert_eq!(plain, Some(selected), "select and its explained form agree");
     }
 
     #[test]

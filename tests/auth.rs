@@ -754,7 +754,7 @@ fn check_validates_profiles_and_secret_files() {
             "type = \"none\"\npath = \"jamf\"".to_string(),
             "must be a URL path",
         ),
-        ("type = \"mtls\"".to_string(), "TLS"),
+        ("type = \"mtls\"".to_string(), "type mtls needs subjects"),
     ];
     for (body, says) in cases {
         let env = Env::new().config(&format!("# a comment\n[[sender]]\nname = \"s\"\n{body}\n"));

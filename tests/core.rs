@@ -60,6 +60,7 @@ fn jamf_json_runs_the_routed_script_with_the_exact_body_and_environment() {
         .map(|l| l.split('=').next().unwrap_or("").to_string())
         .collect();
     let allowed = [
+        "HOOKRUNNER_BIN",
         "HOOKRUNNER_CONTENT_TYPE",
         "HOOKRUNNER_EVENT",
         "HOOKRUNNER_METHOD",
@@ -87,6 +88,7 @@ fn jamf_json_runs_the_routed_script_with_the_exact_body_and_environment() {
         &format!("HOOKRUNNER_REQUEST_ID={ours}"),
         "HOOKRUNNER_CONTENT_TYPE=application/json",
         "HOOKRUNNER_METHOD=POST",
+        &format!("HOOKRUNNER_BIN={}\n", crate::util::BIN),
         "HOOKRUNNER_PATH=/jamf",
         "HOOKRUNNER_QUERY=x=1",
         "HOOKRUNNER_REMOTE_ADDR=127.0.0.1:",

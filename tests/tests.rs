@@ -11,6 +11,9 @@ mod packaging;
 mod runner;
 mod store;
 mod systemd;
+mod tools;
 
 mod http;
+mod integrations;
 mod parsing;
+mod tls;

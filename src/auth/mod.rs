@@ -35,6 +35,10 @@ pub enum Failure {
     WrongToken(String),
     /// A body signature that does not match the body.
     Mismatch,
+    /// No client certificate came (or none that verified: such a handshake fails before this).
+    NoCertificate,
+    /// A client certificate whose names are not among the sender's subjects.
+    Subject(Vec<String>),
     /// A signed timestamp too far from now (`age` negative: in the future).
     OutOfWindow { age: i64, window: u64 },
     /// The client's address is not in the sender's allow-list (`None`: it could not be told).
@@ -62,6 +66,12 @@ impl fmt::Display for Failure {
             Failure::WrongCredentials => f.write_str("user or password does not match"),
             Failure::WrongToken(header) => write!(f, "{header} does not match the configured secret"),
             Failure::Mismatch => f.write_str("signature does not match the body"),
+            Failure::NoCertificate => f.write_str("no client certificate"),
+            Failure::Subject(names) => write!(
+                f,
+                "client certificate for {} is not among the sender's subjects",
+                names.join(", ")
+            ),
             Failure::OutOfWindow { age, window } if *age >= 0 => {
                 write!(f, "timestamp {age} s old, window {window} s")
             }
@@ -98,6 +108,11 @@ pub enum Scheme {
         key: Secret,
         window: Duration,
     },
+    /// Mutual TLS: a client certificate that verified against `[tls] client_ca_file` and names one of
+    /// these (globs, compared ignoring ASCII case, against its DNS names, else its CN).
+    Mtls {
+        subjects: Vec<Glob>,
+    },
 }
 
 impl Scheme {
@@ -112,6 +127,7 @@ impl Scheme {
             Scheme::Signed { header, .. } if header.header == "X-SF-Signature" => "scalefusion",
             Scheme::Signed { .. } => "hmac",
             Scheme::StandardWebhooks { .. } => "standard-webhooks",
+            Scheme::Mtls { .. } => "mtls",
         }
     }
 }
@@ -141,6 +157,8 @@ pub struct Head<'a> {
     pub forwarded_for: Vec<&'a str>,
     /// `None` for a peer on the unix socket.
     pub peer: Option<IpAddr>,
+    /// A verified TLS client certificate's DNS names, else its CN; empty without one.
+    pub client_names: &'a [String],
     /// Seconds since the epoch.
     pub now: i64,
 }
@@ -190,6 +208,19 @@ impl Sender {
                     mac: Mac::new(how.algorithm, key.bytes()),
                     expected: vec![expected],
                 })
+            }
+            Scheme::Mtls { subjects } => {
+                if head.client_names.is_empty() {
+                    return Err(Failure::NoCertificate);
+                }
+                let admitted = head
+                    .client_names
+                    .iter()
+                    .any(|name| subjects.iter().any(|glob| glob.matches(name)));
+                if !admitted {
+                    return Err(Failure::Subject(head.client_names.to_vec()));
+                }
+                None
             }
             Scheme::StandardWebhooks { key, window } => {
                 let names = STANDARD_WEBHOOKS_HEADERS
@@ -328,6 +359,7 @@ mod tests {
             header: &lookup,
             forwarded_for,
             peer: peer.parse().ok(),
+            client_names: &[],
             now: 1_649_367_600,
         };
         sender.admit(&head, trusted)
@@ -481,5 +513,40 @@ mod tests {
         assert!(s.may_send("mobiledeviceenrolled").is_ok());
         let err = s.may_send("JSSStartup").expect_err("refused");
         assert_eq!(err.status(), 403);
+    }
+
+    #[test]
+    fn mtls_admits_only_a_certificate_naming_a_subject() {
+        let s = sender(
+            "jamf",
+            "/",
+            Scheme::Mtls {
+                subjects: vec![
+                    Glob::new("jamf.example.com", true),
+                    Glob::new("*.jamfcloud.com", true),
+                ],
+            },
+        );
+        let admit_names = |names: &[String]| {
+            let lookup = |_: &str| None;
+            let head = Head {
+                header: &lookup,
+                forwarded_for: Vec::new(),
+                peer: None,
+                client_names: names,
+                now: 0,
+            };
+            s.admit(&head, &Trusted::default()).map(|_| ())
+        };
+        assert_eq!(admit_names(&["JAMF.example.com".into()]), Ok(()));
+        assert_eq!(
+            admit_names(&["other".into(), "acme.jamfcloud.com".into()]),
+            Ok(())
+        );
+        assert_eq!(admit_names(&[]), Err(Failure::NoCertificate));
+        assert_eq!(
+            admit_names(&["evil.example.com".into()]),
+            Err(Failure::Subject(vec!["evil.example.com".into()]))
+        );
     }
 }

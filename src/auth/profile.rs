@@ -36,6 +36,7 @@ pub struct RawSender {
     window: Option<String>,
     allow_ips: Option<Vec<String>>,
     events: Option<Vec<String>>,
+    subjects: Option<Vec<String>>,
 }
 
 /// Where relative secret paths are found, and what loading noticed.
@@ -48,7 +49,8 @@ pub struct Context<'a> {
     pub warnings: &'a mut Vec<String>,
 }
 
-const TYPES: &str = "none, basic, headers, github, gitlab, standard-webhooks, scalefusion, hmac";
+const TYPES: &str =
+    "none, basic, headers, github, gitlab, standard-webhooks, scalefusion, hmac, mtls";
 
 impl RawSender {
     pub fn name(&self) -> &str {
@@ -179,11 +181,15 @@ impl RawSender {
                 )
             }
             "mtls" => {
-                return Err(
-                    "type mtls needs hookrunner's own TLS, which this version does not have yet: put nginx or \
-                     Caddy in front to check client certificates"
-                        .into(),
-                );
+                let subjects = self.subjects.as_ref().filter(|s| !s.is_empty()).ok_or(
+                    "type mtls needs subjects = [\"jamf.example.com\"], the names a client certificate may carry",
+                )?;
+                (
+                    &["subjects"],
+                    Scheme::Mtls {
+                        subjects: subjects.iter().map(|s| Glob::new(s, true)).collect(),
+                    },
+                )
             }
             other => return Err(format!("unknown type {other:?}: use one of {TYPES}")),
         };
@@ -197,6 +203,7 @@ impl RawSender {
             ("encoding", self.encoding.is_some()),
             ("prefix", self.prefix.is_some()),
             ("window", self.window.is_some()),
+            ("subjects", self.subjects.is_some()),
         ];
         if let Some((key, _)) = given
             .iter()

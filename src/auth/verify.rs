@@ -51,6 +51,13 @@ pub enum Encoding {
 }
 
 impl Encoding {
+    pub fn encode(self, code: &[u8]) -> String {
+        match self {
+            Encoding::Hex => hex::encode(code),
+            Encoding::Base64 => BASE64.encode(code),
+        }
+    }
+
     fn decode(self, text: &str) -> Option<Vec<u8>> {
         match self {
             Encoding::Hex => hex::decode(text).ok(),
@@ -87,12 +94,17 @@ impl Mac {
         }
     }
 
-    /// Whether the code equals any of `candidates` (each compared in constant time).
-    pub fn matches_any(self, candidates: &[Vec<u8>]) -> bool {
-        let code = match self {
+    /// The code itself: what a sender puts in its header (`hookrunner send` signs with it).
+    pub fn code(self) -> Vec<u8> {
+        match self {
             Mac::Sha256(mac) => mac.finalize().into_bytes().to_vec(),
             Mac::Sha512(mac) => mac.finalize().into_bytes().to_vec(),
-        };
+        }
+    }
+
+    /// Whether the code equals any of `candidates` (each compared in constant time).
+    pub fn matches_any(self, candidates: &[Vec<u8>]) -> bool {
+        let code = self.code();
         candidates
             .iter()
             .fold(subtle::Choice::from(0), |any, c| any | code.ct_eq(c))

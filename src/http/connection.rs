@@ -30,9 +30,13 @@ struct Exchange<'a> {
     client_id: Option<&'a str>,
     method: &'a str,
     path: &'a str,
+    /// The TLS client certificate's names (see [`Request::client_names`]).
+    client_names: &'a [String],
 }
 
 pub(super) fn serve_connection(shared: &Shared, mut conn: Conn) {
+    // Set before the first read: a TLS handshake writes to the client while it is read.
+    let _ = conn.stream.set_write_timeout(Some(WRITE_TIMEOUT));
     // The first head must be complete `header_timeout` after the connection opened; a later one within
     // `header_timeout` of its first byte, which must come within `keepalive_timeout` of the last answer.
     let first = Instant::now() + shared.limits.header_timeout;
@@ -64,11 +68,13 @@ fn serve_request(shared: &Shared, conn: &mut Conn, head_deadline: Instant) -> Ne
         Ok(head) => head,
         Err(HeadError::Quiet) => return Next::Close,
         Err(HeadError::Refused(refused)) => {
+            let names = conn.stream.client_names().to_vec();
             let exchange = Exchange {
                 id: &id,
                 client_id: None,
                 method: "-",
                 path: "-",
+                client_names: &names,
             };
             refuse(conn, &exchange, started, &refused);
             return Next::Linger;
@@ -88,11 +94,13 @@ fn serve_request(shared: &Shared, conn: &mut Conn, head_deadline: Instant) -> Ne
             let path = head
                 .path_and_query()
                 .map_or(head.target.as_str(), |(p, _)| p);
+            let names = conn.stream.client_names().to_vec();
             let exchange = Exchange {
                 id: &id,
                 client_id: client.as_deref(),
                 method: &head.method,
                 path,
+                client_names: &names,
             };
             refuse(conn, &exchange, started, &refused);
             return Next::Linger;
@@ -107,6 +115,7 @@ fn serve_request(shared: &Shared, conn: &mut Conn, head_deadline: Instant) -> Ne
         path: accepted.path,
         query: accepted.query,
         remote: conn.remote.clone(),
+        client_names: conn.stream.client_names().to_vec(),
         headers: head.headers,
         body: Body::new(
             conn,
@@ -127,6 +136,7 @@ fn serve_request(shared: &Shared, conn: &mut Conn, head_deadline: Instant) -> Ne
         client_id,
         method,
         path,
+        client_names,
         ..
     } = request;
     let close = response.close
@@ -138,6 +148,7 @@ fn serve_request(shared: &Shared, conn: &mut Conn, head_deadline: Instant) -> Ne
         client_id: client_id.as_deref(),
         method: method.as_str(),
         path: &path,
+        client_names: &client_names,
     };
     if !finish(conn, &exchange, started, &response, close) {
         return Next::Close;
@@ -167,13 +178,16 @@ fn finish(
     close: bool,
 ) -> bool {
     let echo = exchange.client_id.unwrap_or(exchange.id);
-    let _ = conn.stream.set_write_timeout(Some(WRITE_TIMEOUT));
     let written = conn.write_all(&response::encode(response, echo, close));
     let path: String = exchange.path.chars().take(200).collect();
-    let client = exchange
+    let mut client = exchange
         .client_id
         .map(|c| format!(" client_id={c}"))
         .unwrap_or_default();
+    if !exchange.client_names.is_empty() {
+        let names = exchange.client_names.join(",");
+        client.push_str(&format!(" tls_client={}", Escaped(&names)));
+    }
     log::info!(
         "{} {} {} {}{client}{} status={} time={:.1}ms{}",
         exchange.id,

@@ -1,5 +1,5 @@
-//! The listening socket and the byte streams it accepts. A transport (TLS, later) is one more kind of
-//! [`Stream`]; nothing above this file knows which kind it reads.
+//! The listening socket and the byte streams it accepts. A transport (TLS) is one more kind of [`Stream`];
+//! nothing above this file knows which kind it reads.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -9,6 +9,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::tls::{TlsConfig, TlsStream};
 use crate::config::Listen;
 
 pub enum Listener {
@@ -131,13 +132,27 @@ impl Drop for Listener {
 pub(super) enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// Boxed: a TLS session's state is large, and most streams are not TLS.
+    Tls(Box<TlsStream>),
 }
 
 impl Stream {
+    /// This TCP stream as the server side of a TLS session. No I/O: the worker does the handshake.
+    pub(super) fn into_tls(self, config: &TlsConfig, remote: &str) -> io::Result<Stream> {
+        match self {
+            Stream::Tcp(s) => Ok(Stream::Tls(Box::new(config.accept(s, remote)?))),
+            Stream::Unix(_) | Stream::Tls(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "TLS is served on TCP listeners only",
+            )),
+        }
+    }
+
     pub(super) fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(t),
             Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tls(s) => s.sock().set_read_timeout(t),
         }
     }
 
@@ -145,6 +160,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_write_timeout(t),
             Stream::Unix(s) => s.set_write_timeout(t),
+            Stream::Tls(s) => s.sock().set_write_timeout(t),
         }
     }
 
@@ -152,14 +168,27 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_nonblocking(on),
             Stream::Unix(s) => s.set_nonblocking(on),
+            Stream::Tls(s) => s.sock().set_nonblocking(on),
         }
     }
 
-    pub(super) fn shutdown_write(&self) {
+    pub(super) fn shutdown_write(&mut self) {
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(Shutdown::Write),
             Stream::Unix(s) => s.shutdown(Shutdown::Write),
+            Stream::Tls(s) => {
+                s.shutdown_write();
+                Ok(())
+            }
         };
+    }
+
+    /// The names the client's verified certificate gives it; empty unless TLS with a client certificate.
+    pub(super) fn client_names(&self) -> &[String] {
+        match self {
+            Stream::Tls(s) => s.client_names(),
+            Stream::Tcp(_) | Stream::Unix(_) => &[],
+        }
     }
 }
 
@@ -168,6 +197,7 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -177,10 +207,14 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        match self {
+            Stream::Tls(s) => s.flush(),
+            Stream::Tcp(_) | Stream::Unix(_) => Ok(()),
+        }
     }
 }

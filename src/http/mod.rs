@@ -4,6 +4,7 @@
 //!
 //! Its parts, in the order a connection meets them:
 //! - [`listener`]: the listening socket and the byte streams it accepts (TCP or a unix socket);
+//! - [`tls`]: TLS as one more kind of stream, its handshake read under the head deadline;
 //! - [`server`]: the accept loop, the connection limit, shutdown, and the rate-limited accept log;
 //! - [`pool`]: the worker threads, one per open connection, that never shrink;
 //! - [`connection`]: one connection's requests in turn, keep-alive, draining and lingering;
@@ -35,12 +36,14 @@ mod pool;
 mod refusal;
 mod response;
 mod server;
+mod tls;
 
 use std::time::Duration;
 
 pub use body::{Body, BodyError};
 pub use listener::Listener;
 pub use server::{Control, serve};
+pub use tls::TlsConfig;
 
 /// Limits the server enforces before a handler sees anything.
 #[derive(Debug, Clone)]
@@ -97,6 +100,10 @@ pub struct Request<'c> {
     /// The query string without `?`, undecoded.
     pub query: String,
     pub remote: String,
+    /// Who the client is by its TLS client certificate, verified against `client_ca_file`: the
+    /// certificate's DNS subjectAltNames, or when it has none its subject CN. Empty when the client sent no
+    /// certificate, or the connection is not TLS with a `client_ca_file`.
+    pub client_names: Vec<String>,
     headers: Vec<(String, String)>,
     pub body: Body<'c>,
 }

@@ -16,6 +16,7 @@ use super::id::Ids;
 use super::listener::{Listener, Stream};
 use super::pool::{self, Pool};
 use super::refusal::Refused;
+use super::tls::TlsConfig;
 use super::{Handler, Limits, Response, response};
 use crate::logging::RateLimit;
 
@@ -30,6 +31,8 @@ pub(super) struct Shared {
     in_flight: Mutex<usize>,
     idle: Condvar,
     pub(super) pool: Pool,
+    /// With TLS, every accepted connection becomes a TLS session with the configuration current then.
+    tls: Option<TlsConfig>,
 }
 
 /// Counts a request as in flight until dropped, so shutdown can wait for it.
@@ -59,11 +62,12 @@ pub enum Control {
 }
 
 /// Runs the server until `on_wake` (called when `wake` becomes readable) says stop; then stops accepting,
-/// lets in-flight requests finish, and returns.
+/// lets in-flight requests finish, and returns. With `tls`, it serves HTTPS only.
 pub fn serve(
     listener: Listener,
     limits: Limits,
     handler: Arc<dyn Handler>,
+    tls: Option<TlsConfig>,
     wake: &UnixStream,
     mut on_wake: impl FnMut() -> Control,
 ) -> io::Result<()> {
@@ -76,6 +80,7 @@ pub fn serve(
         in_flight: Mutex::new(0),
         idle: Condvar::new(),
         pool: Pool::new(),
+        tls,
     });
     wake.set_nonblocking(true)?;
     let mut reserve = File::open("/dev/null").ok();
@@ -133,6 +138,17 @@ fn accept_ready(
                     logs.rejections.log(&line);
                     continue;
                 }
+                let stream = match &shared.tls {
+                    Some(tls) => match stream.into_tls(tls, &remote) {
+                        Ok(stream) => stream,
+                        Err(e) => {
+                            logs.errors
+                                .log(&format!("{remote} TLS session not started: {e}"));
+                            continue;
+                        }
+                    },
+                    None => stream,
+                };
                 shared.open.fetch_add(1, Ordering::SeqCst);
                 let conn = Conn::new(
                     stream,
@@ -168,10 +184,14 @@ fn accept_ready(
 }
 
 /// Answers 503 and closes; returns the line to log (through a rate limit: a flood must not flood the log).
+/// On a TLS listener it only closes: an answer would need a handshake, which the accept loop never does.
 fn reject_busy(mut stream: Stream, shared: &Shared, remote: &str, why: &'static str) -> String {
     let id = shared.ids.next();
     let refused = Refused::Busy(why);
     let answer = Response::error(refused.status(), &id, &refused.to_string());
+    if shared.tls.is_some() {
+        return format!("{id} {remote} - - closed unanswered, TLS ({why})");
+    }
     // Never block the accept loop on a client: one non-blocking write, then close.
     let _ = stream.set_nonblocking(true);
     let _ = stream.write(&response::encode(&answer, &id, true));

@@ -1,0 +1,286 @@
+//! The `[tls]` table: a certificate chain, its private key and an optional client CA bundle become one
+//! rustls [`ServerConfig`], or an error that names the file and what is wrong with it. It is loaded with the
+//! rest of the configuration, so `check` validates the files, and a reload that finds a bad pair keeps the
+//! whole previous configuration, certificate included.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::pem::{self, PemObject};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
+
+/// The table as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    client_ca_file: Option<PathBuf>,
+}
+
+/// A validated `[tls]` table: with it, hookrunner speaks HTTPS only (TLS 1.2 and 1.3) on its TCP listener.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    /// `cert_file`: the server's certificate chain in PEM, its own certificate first, then the intermediates
+    /// (certbot's `fullchain.pem`). Re-read on SIGHUP.
+    pub cert_file: PathBuf,
+    /// `key_file`: the certificate's private key in PEM (PKCS#8, or the older RSA or EC forms); RSA, ECDSA
+    /// (P-256, P-384) or Ed25519. Re-read on SIGHUP.
+    pub key_file: PathBuf,
+    /// `client_ca_file`: optional PEM bundle of the CA certificates that may issue client certificates. With
+    /// it, hookrunner asks each client for a certificate and refuses the handshake of a client whose
+    /// certificate does not verify against these CAs; a client that sends none is still served, without a
+    /// client identity (a `mtls` sender then refuses it). Re-read on SIGHUP.
+    pub client_ca_file: Option<PathBuf>,
+    /// The rustls configuration built from the three files.
+    pub server: Arc<ServerConfig>,
+}
+
+impl RawTls {
+    /// Reads and checks the files (relative paths already resolved by `relative`), and builds the server
+    /// configuration. The error names the key (`cert_file`, ...), the file, and what is wrong.
+    pub fn load(self, relative: impl Fn(PathBuf) -> PathBuf) -> Result<Tls, String> {
+        let cert_file = relative(self.cert_file);
+        let key_file = relative(self.key_file);
+        let client_ca_file = self.client_ca_file.map(relative);
+        let server = server_config(&cert_file, &key_file, client_ca_file.as_deref())?;
+        Ok(Tls {
+            cert_file,
+            key_file,
+            client_ca_file,
+            server: Arc::new(server),
+        })
+    }
+}
+
+/// ring, not aws-lc-rs: ring builds with the C compiler alone, aws-lc-rs also needs cmake (see Cargo.toml).
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn server_config(
+    cert_file: &Path,
+    key_file: &Path,
+    client_ca_file: Option<&Path>,
+) -> Result<ServerConfig, String> {
+    let chain = certificates("cert_file", cert_file)?;
+    let key = private_key(key_file)?;
+    let provider = provider();
+    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| format!("[tls]: {e}"))?;
+    let builder = match client_ca_file {
+        None => builder.with_no_client_auth(),
+        Some(path) => {
+            let mut roots = RootCertStore::empty();
+            for ca in certificates("client_ca_file", path)? {
+                roots.add(ca).map_err(|e| {
+                    format!(
+                        "[tls] client_ca_file {}: a certificate in it: {e}",
+                        path.display()
+                    )
+                })?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                // Asked for, not required: a client without one is served with no identity, and a sender
+                // profile decides whether that is enough.
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| format!("[tls] client_ca_file {}: {e}", path.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(chain, key).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => format!(
+            "[tls] key_file {} is not the private key of the certificate in cert_file {}",
+            key_file.display(),
+            cert_file.display()
+        ),
+        e => format!(
+            "[tls] cert_file {} with key_file {}: {e}",
+            cert_file.display(),
+            key_file.display()
+        ),
+    })?;
+    // We speak HTTP/1.1 only; saying so lets a client that offers h2 first settle on HTTP/1.1.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Every certificate in a PEM file, in order; at least one.
+fn certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let text = read(key, path)?;
+    let chain = CertificateDer::pem_slice_iter(&text)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| not_pem(key, path, &e))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "[tls] {key} {}: no certificate in it (a PEM \"BEGIN CERTIFICATE\" section)",
+            path.display()
+        ));
+    }
+    Ok(chain)
+}
+
+fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    let text = read("key_file", path)?;
+    PrivateKeyDer::from_pem_slice(&text).map_err(|e| match e {
+        pem::Error::NoItemsFound => format!(
+            "[tls] key_file {}: no private key in it (a PEM \"BEGIN PRIVATE KEY\", \"BEGIN RSA PRIVATE \
+             KEY\" or \"BEGIN EC PRIVATE KEY\" section)",
+            path.display()
+        ),
+        e => not_pem("key_file", path, &e),
+    })
+}
+
+fn read(key: &str, path: &Path) -> Result<Vec<u8>, String> {
+    fs::read(path).map_err(|e| format!("[tls] {key} {}: cannot read: {e}", path.display()))
+}
+
+/// The PEM error's own text may quote a line of the file: never for a key file, whose lines are the secret.
+fn not_pem(key: &str, path: &Path, e: &pem::Error) -> String {
+    let what = match e {
+        pem::Error::MissingSectionEnd { .. } => "a PEM section has no END line".to_string(),
+        pem::Error::IllegalSectionStart { .. } => "a PEM BEGIN line is malformed".to_string(),
+        pem::Error::Base64Decode(_) => "a PEM section is not valid base64".to_string(),
+        e => e.to_string(),
+    };
+    format!("[tls] {key} {}: not PEM: {what}", path.display())
+}
+
+/// The names hookrunner knows a client by: the DNS names in its certificate's subjectAltName, or when it has
+/// none, its subject's common name. `der` is a certificate that already verified against `client_ca_file`.
+pub fn client_names(der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let dns: Vec<String> = match cert.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|name| match name {
+                x509_parser::extensions::GeneralName::DNSName(dns) => Some(dns.to_string()),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    if !dns.is_empty() {
+        return dns;
+    }
+    cert.subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok())
+        .map(str::to_string)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(sans: &[&str], cn: Option<&str>) -> (String, String, Vec<u8>) {
+        let mut params =
+            rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .expect("params");
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        if let Some(cn) = cn {
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, cn);
+        }
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("cert");
+        (cert.pem(), key.serialize_pem(), cert.der().to_vec())
+    }
+
+    #[test]
+    fn names_are_the_dns_sans_else_the_common_name() {
+        let (_, _, der) = cert(&["jamf.example.com", "alt.example.com"], Some("ignored"));
+        assert_eq!(client_names(&der), ["jamf.example.com", "alt.example.com"]);
+        let (_, _, der) = cert(&[], Some("jamf-cn.example.com"));
+        assert_eq!(client_names(&der), ["jamf-cn.example.com"]);
+        let (_, _, der) = cert(&[], None);
+        assert!(client_names(&der).is_empty());
+        assert!(client_names(b"not a certificate").is_empty());
+    }
+
+    fn load(dir: &Path, cert: &str, key: &str, ca: Option<&str>) -> Result<Tls, String> {
+        RawTls {
+            cert_file: cert.into(),
+            key_file: key.into(),
+            client_ca_file: ca.map(PathBuf::from),
+        }
+        .load(|p| dir.join(p))
+    }
+
+    #[test]
+    fn each_file_problem_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let (cert_pem, key_pem, _) = cert(&["localhost"], None);
+        let (other_cert, _, _) = cert(&["other"], None);
+        fs::write(d.join("cert.pem"), &cert_pem).expect("write");
+        fs::write(d.join("key.pem"), &key_pem).expect("write");
+        fs::write(d.join("other.pem"), &other_cert).expect("write");
+        fs::write(d.join("junk"), "hello\n").expect("write");
+        fs::write(
+            d.join("broken.pem"),
+            "-----BEGIN PRIVATE KEY-----\nsecretsecret\n",
+        )
+        .expect("write");
+
+        let tls = load(d, "cert.pem", "key.pem", Some("other.pem")).expect("a good pair loads");
+        assert_eq!(tls.cert_file, d.join("cert.pem"));
+        assert_eq!(tls.client_ca_file, Some(d.join("other.pem")));
+
+        let cases = [
+            (("missing.pem", "key.pem", None), "cert_file", "cannot read"),
+            (("cert.pem", "missing.pem", None), "key_file", "cannot read"),
+            (
+                ("junk", "key.pem", None),
+                "cert_file",
+                "no certificate in it",
+            ),
+            (
+                ("cert.pem", "junk", None),
+                "key_file",
+                "no private key in it",
+            ),
+            // A certificate is not a key.
+            (("cert.pem", "cert.pem", None), "key_file", "no private key"),
+            (("key.pem", "key.pem", None), "cert_file", "no certificate"),
+            (("cert.pem", "broken.pem", None), "key_file", "not PEM"),
+            (
+                ("other.pem", "key.pem", None),
+                "is not the private key of the certificate",
+                "other.pem",
+            ),
+            (
+                ("cert.pem", "key.pem", Some("junk")),
+                "client_ca_file",
+                "no certificate in it",
+            ),
+            (
+                ("cert.pem", "key.pem", Some("missing.pem")),
+                "client_ca_file",
+                "cannot read",
+            ),
+        ];
+        for ((c, k, ca), want1, want2) in cases {
+            let err = load(d, c, k, ca).err().unwrap_or_default();
+            assert!(
+                err.contains(want1) && err.contains(want2),
+                "{c} {k} {ca:?}: {err}"
+            );
+            assert!(!err.contains("secretsecret"), "{err}");
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! `hookrunner check --payload`: what the daemon would do with a request, step by step, without doing it.
+//! The same functions decide as in `Gateway::serve` (sender selection and checks, `event::resolve_from`,
+//! `Routes::select_explained`); only the running is left out.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
+use crate::auth::{self, Head, Sender};
+use crate::config::Config;
+use crate::document::{Document, Format, MalformedBody};
+use crate::event::{self, Inputs};
+use crate::routes::SelectError;
+
+/// Bodies up to this size are parsed by the daemon; a larger one reaches its script unparsed, so its event
+/// must come from the path or a header.
+const PARSED_BODY: usize = crate::gateway::INLINE_BODY;
+
+/// A request as `check --payload` describes it.
+pub struct DryRequest {
+    /// Path and query, as in the request line.
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// Seconds since the epoch, for signed timestamps.
+    pub now: i64,
+}
+
+/// What would happen: the report, and whether a script would run.
+pub struct Explanation {
+    pub text: String,
+    pub runs: bool,
+}
+
+struct DryInputs<'r> {
+    request: &'r DryRequest,
+    path: &'r str,
+    query: &'r str,
+    document: Option<Result<Document, MalformedBody>>,
+}
+
+impl DryRequest {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl Inputs for DryInputs<'_> {
+    fn path(&self) -> &str {
+        self.path
+    }
+    fn query(&self) -> &str {
+        self.query
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.request.header(name)
+    }
+    fn document(&mut self) -> Result<&Document, MalformedBody> {
+        let request = self.request;
+        let parsed = self.document.get_or_insert_with(|| {
+            if request.body.len() > PARSED_BODY {
+                return Ok(Document::Other);
+            }
+            let format = Format::detect(request.header("Content-Type"), &request.body);
+            Document::parse(format, &request.body)
+        });
+        parsed.as_ref().map_err(Clone::clone)
+    }
+}
+
+/// Explains `request` under `config`.
+pub fn explain(config: &Config, request: &DryRequest) -> Explanation {
+    let mut text = String::new();
+    let runs = steps(config, request, &mut text);
+    Explanation { text, runs }
+}
+
+fn steps(config: &Config, request: &DryRequest, out: &mut String) -> bool {
+    let (path, query) = request
+        .target
+        .split_once('?')
+        .unwrap_or((request.target.as_str(), ""));
+    let sender = match sender(config, request, path, out) {
+        Ok(sender) => sender,
+        Err(()) => return false,
+    };
+    let mut inputs = DryInputs {
+        request,
+        path,
+        query,
+        document: None,
+    };
+    if request.body.len() > PARSED_BODY {
+        let _ = writeln!(
+            out,
+            "body: {} bytes, over 256 KiB: not parsed, so the event must come from the path or a header",
+            request.body.len()
+        );
+    }
+    let event = match event::resolve_from(&config.event, &mut inputs) {
+        Ok((event, source)) => {
+            let _ = writeln!(out, "event: {event} (from {source})");
+            event
+        }
+        Err(e) => {
+            let _ = writeln!(out, "event: refused: {e}");
+            return false;
+        }
+    };
+    if let Some(sender) = sender {
+        if let Err(failure) = sender.may_send(&event) {
+            let _ = writeln!(
+                out,
+                "sender {}: refused with {}: {failure}",
+                sender.name,
+                failure.status()
+            );
+            return false;
+        }
+    }
+    let file = config.routes.source.as_ref().map_or_else(
+        || "(embedded routes)".to_string(),
+        |p| p.display().to_string(),
+    );
+    let field = |path: &str| {
+        inputs
+            .document()
+            .map(|d| d.field(path).map(Cow::into_owned))
+    };
+    let mut skipped = Vec::new();
+    let selected = config.routes.select_explained(&event, field, |line, why| {
+        skipped.push((line, why.to_string()))
+    });
+    for (line, why) in skipped {
+        let _ = writeln!(out, "{file}:{line}: no match: {why}");
+    }
+    let selected = match selected {
+        Ok(Some(selected)) => selected,
+        Ok(None) => {
+            let _ = writeln!(
+                out,
+                "route: none matched: the request would be refused as unrouted"
+            );
+            return false;
+        }
+        Err(SelectError::Body(e)) => {
+            let _ = writeln!(out, "route: refused: {}", e.0);
+            return false;
+        }
+        Err(SelectError::Unsafe(e)) => {
+            let _ = writeln!(out, "route: would refuse to run {}", e.0);
+            return false;
+        }
+    };
+    let timeout = selected.timeout.unwrap_or(config.timeout);
+    let _ = writeln!(
+        out,
+        "{file}:{}: matches: runs {} PAYLOAD_FILE (timeout {})",
+        selected.line,
+        selected.script.display(),
+        humantime::format_duration(timeout)
+    );
+    let header = |name: &str| request.header(name);
+    let delivery = auth::delivery_id(&header);
+    let env = [
+        ("HOOKRUNNER_EVENT", Some(event.as_str())),
+        ("HOOKRUNNER_REQUEST_ID", Some("(the request's id)")),
+        ("HOOKRUNNER_CONTENT_TYPE", request.header("Content-Type")),
+        ("HOOKRUNNER_METHOD", Some("POST")),
+        ("HOOKRUNNER_PATH", Some(path)),
+        ("HOOKRUNNER_QUERY", Some(query)),
+        ("HOOKRUNNER_REMOTE_ADDR", Some("(the client's address)")),
+        ("HOOKRUNNER_SENDER", sender.map(|s| s.name.as_str())),
+        ("HOOKRUNNER_BIN", Some("(the hookrunner binary)")),
+        ("HOOKRUNNER_DELIVERY_ID", delivery.as_deref()),
+    ];
+    let _ = writeln!(out, "environment (besides PATH and LANG):");
+    for (name, value) in env {
+        if let Some(value) = value.filter(|v| !v.is_empty()) {
+            let _ = writeln!(out, "  {name}={value}");
+        }
+    }
+    true
+}
+
+/// The sender step: which profile applies and whether the request passes it. `Err` when it would not.
+fn sender<'c>(
+    config: &'c Config,
+    request: &DryRequest,
+    path: &str,
+    out: &mut String,
+) -> Result<Option<&'c Sender>, ()> {
+    if config.senders.is_empty() {
+        let _ = writeln!(
+            out,
+            "sender: no [[sender]] profiles: every request is accepted"
+        );
+        return Ok(None);
+    }
+    let Some(sender) = config.senders.select(path) else {
+        let _ = writeln!(
+            out,
+            "sender: none has a path covering {path}: refused with 401"
+        );
+        return Err(());
+    };
+    let _ = writeln!(
+        out,
+        "sender: {} ({} on {})",
+        sender.name,
+        sender.scheme.name(),
+        sender.path
+    );
+    if !sender.allow_ips.is_empty() {
+        let _ = writeln!(
+            out,
+            "  allow_ips: not checked, a dry run has no client address"
+        );
+    }
+    // The address is the one thing a dry run cannot know; everything else is checked as the daemon would.
+    let without_address = Sender {
+        allow_ips: Vec::new(),
+        ..sender.clone()
+    };
+    let header = |name: &str| request.header(name);
+    let head = Head {
+        header: &header,
+        forwarded_for: Vec::new(),
+        peer: None,
+        // A dry run has no TLS client: an mtls profile is reported as refused for want of a certificate.
+        client_names: &[],
+        now: request.now,
+    };
+    let checked = without_address
+        .admit(&head, &config.trusted_proxies)
+        .and_then(|admitted| match admitted.body {
+            Some(mut check) => {
+                check.update(&request.body);
+                check.finish()
+            }
+            None => Ok(()),
+        });
+    match checked {
+        Ok(()) => {
+            let _ = writeln!(out, "  credentials: pass");
+            Ok(Some(sender))
+        }
+        Err(failure) => {
+            let _ = writeln!(
+                out,
+                "  credentials: refused with {}: {failure}",
+                failure.status()
+            );
+            Err(())
+        }
+    }
+}

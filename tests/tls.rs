@@ -1,0 +1,670 @@
+//! TLS against the real binary: certificates made here (rcgen), clients curl, openssl and rustls.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+
+use crate::util::{Env, Response, Server, payload};
+
+/// A certificate authority made for one test.
+struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+/// A certificate and its key, in PEM.
+struct Leaf {
+    cert: String,
+    key: String,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, name);
+        let key = KeyPair::generate().expect("ca key");
+        Ca {
+            issuer: CertifiedIssuer::self_signed(params, key).expect("ca cert"),
+        }
+    }
+
+    fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// An ECDSA P-256 certificate for these subjectAltNames (DNS names or IPs) and this CN.
+    fn issue(&self, sans: &[&str], cn: &str) -> Leaf {
+        let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+        let mut params = CertificateParams::new(sans).expect("leaf params");
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let key = KeyPair::generate().expect("leaf key");
+        let cert = params.signed_by(&key, &self.issuer).expect("leaf cert");
+        Leaf {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    }
+
+    fn roots(&self) -> RootCertStore {
+        let mut roots = RootCertStore::empty();
+        roots.add(self.issuer.der().clone()).expect("add root");
+        roots
+    }
+}
+
+/// The server's certificate for this machine's loopback names.
+fn server_leaf(ca: &Ca) -> Leaf {
+    ca.issue(&["localhost", "127.0.0.1"], "hookrunner test")
+}
+
+/// Writes the server's certificate and key (and a client CA) into the env, with a `[tls]` table naming them
+/// by relative paths. `top` are top-level keys, which TOML wants before the table.
+fn tls_env(leaf: &Leaf, client_ca: Option<&Ca>, top: &str) -> Env {
+    let env = Env::new();
+    fs::write(env.path().join("cert.pem"), &leaf.cert).expect("write cert");
+    fs::write(env.path().join("key.pem"), &leaf.key).expect("write key");
+    let mut table = format!("{top}\n[tls]\ncert_file = \"cert.pem\"\nkey_file = \"key.pem\"\n");
+    if let Some(ca) = client_ca {
+        fs::write(env.path().join("clients.pem"), ca.pem()).expect("write client ca");
+        table.push_str("client_ca_file = \"clients.pem\"\n");
+    }
+    env.config(&table)
+}
+
+fn write_ca(env: &Env, name: &str, ca: &Ca) -> String {
+    let path = env.path().join(name);
+    fs::write(&path, ca.pem()).expect("write ca");
+    path.display().to_string()
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn client_config(trust: &Ca, identity: Option<&Leaf>) -> Arc<ClientConfig> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(trust.roots());
+    let config = match identity {
+        None => builder.with_no_client_auth(),
+        Some(leaf) => {
+            let chain = CertificateDer::pem_slice_iter(leaf.cert.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .expect("client chain");
+            let key = PrivateKeyDer::from_pem_slice(leaf.key.as_bytes()).expect("client key");
+            builder
+                .with_client_auth_cert(chain, key)
+                .expect("client auth")
+        }
+    };
+    Arc::new(config)
+}
+
+type Tls = StreamOwned<ClientConnection, TcpStream>;
+
+fn connect(server: &Server, config: Arc<ClientConfig>) -> Tls {
+    let name = ServerName::try_from("localhost").expect("name");
+    let conn = ClientConnection::new(config, name).expect("client connection");
+    StreamOwned::new(conn, server.connect())
+}
+
+/// One keep-alive GET on an open TLS connection.
+fn get(tls: &mut Tls, path: &str) -> std::io::Result<Response> {
+    tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())?;
+    Response::read(tls)
+}
+
+/// curl over TLS, trusting `ca_file`; returns (exit ok, stdout, stderr).
+fn curl(server: &Server, ca_file: &str, args: &[&str], path: &str) -> (bool, String, String) {
+    let port = server.addr.port();
+    let output = Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--cacert", ca_file, "--resolve"])
+        .arg(format!("localhost:{port}:127.0.0.1"))
+        .args(args)
+        .arg(format!("https://localhost:{port}{path}"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run curl");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn curl_gets_healthz_and_runs_a_script_over_tls() {
+    let ca = Ca::new("server CA");
+    let env = tls_env(&server_leaf(&ca), None, "");
+    let out = env.path().join("body");
+    env.script("computer-added.sh", &format!("cp \"$1\" {out:?}"));
+    env.routes("ComputerAdded computer-added.sh\n");
+    let server = env.serve();
+    let ca_file = write_ca(&env, "ca.pem", &ca);
+
+    let (ok, body, err) = curl(&server, &ca_file, &["-w", "%{http_code}"], "/healthz");
+    assert!(ok, "curl failed: {err}\n{}", server.log());
+    assert!(body.ends_with("200"), "{body}");
+
+    let sample = env.path().join("sample.json");
+    let jamf = payload("jamf-json-ComputerAdded.chook.json");
+    fs::write(&sample, &jamf).expect("write sample");
+    let data = format!("@{}", sample.display());
+    let (ok, body, err) = curl(
+        &server,
+        &ca_file,
+        &[
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            &data,
+        ],
+        "/jamf",
+    );
+    assert!(ok, "curl failed: {err}\n{}", server.log());
+    let json: serde_json::Value = serde_json::from_str(&body).expect("json answer");
+    assert_eq!(json["event"], "ComputerAdded", "{body}");
+    assert_eq!(json["exit_code"], 0, "{body}");
+    assert_eq!(fs::read(&out).expect("the script ran"), jamf);
+
+    // Only TLS is spoken: a plain client gets no HTTP answer.
+    let mut plain = server.connect();
+    plain
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("send");
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(!answer.starts_with(b"HTTP/"), "{answer:?}");
+}
+
+#[test]
+fn tls_1_1_is_refused_by_the_server() {
+    let ca = Ca::new("server CA");
+    let env = tls_env(&server_leaf(&ca), None, "");
+    let server = env.serve();
+    // SECLEVEL=0 lets Debian's OpenSSL offer TLS 1.1 at all: the refusal must be the server's.
+    let output = Command::new("openssl")
+        .args(["s_client", "-connect"])
+        .arg(server.addr.to_string())
+        .args(["-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run openssl");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{text}");
+    // The server read a TLS 1.1 ClientHello and answered with an alert.
+    assert!(text.contains("alert"), "{text}");
+    assert!(
+        server
+            .wait_log("TLS handshake failed", Duration::from_secs(5))
+            .is_some(),
+        "{}",
+        server.log()
+    );
+
+    // TLS 1.2 is served.
+    let ca_file = write_ca(&env, "ca.pem", &ca);
+    let (ok, body, err) = curl(&server, &ca_file, &["--tls-max", "1.2"], "/healthz");
+    assert!(ok && body.contains("ok"), "{err}\n{}", server.log());
+}
+
+/// The first bytes a real TLS client sends: its ClientHello.
+fn client_hello(ca: &Ca) -> Vec<u8> {
+    let name = ServerName::try_from("localhost").expect("name");
+    let mut conn = ClientConnection::new(client_config(ca, None), name).expect("client");
+    let mut hello = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut hello).expect("client hello");
+    }
+    hello
+}
+
+/// Reads until the server closes; how long that took, and what it sent.
+fn until_closed(mut stream: TcpStream, start: Instant) -> (Duration, Vec<u8>) {
+    let mut got = Vec::new();
+    let _ = stream.read_to_end(&mut got);
+    (start.elapsed(), got)
+}
+
+#[test]
+fn stalled_dribbled_and_plain_clients_hold_only_their_own_connection() {
+    let ca = Ca::new("server CA");
+    let env = tls_env(&server_leaf(&ca), None, "header_timeout = \"2s\"");
+    let server = env.serve();
+    let hello = client_hello(&ca);
+    let start = Instant::now();
+
+    // Connects and sends nothing.
+    let silent = server.connect();
+    // Half a ClientHello, then nothing.
+    let mut half = server.connect();
+    half.write_all(&hello[..hello.len() / 2]).expect("half");
+    // The ClientHello a byte every 200 ms: always sending, never done within the head deadline.
+    let mut dribble = server.connect();
+    let dribble_reader = dribble.try_clone().expect("clone");
+    let dribbler = std::thread::spawn(move || {
+        for byte in &hello {
+            if dribble.write_all(std::slice::from_ref(byte)).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    let watch = |stream: TcpStream| std::thread::spawn(move || until_closed(stream, start));
+    let (silent, half, dribbled) = (watch(silent), watch(half), watch(dribble_reader));
+
+    // Meanwhile another client is served at once.
+    let mut tls = connect(&server, client_config(&ca, None));
+    let response = get(&mut tls, "/healthz").expect("served while the others stall");
+    assert_eq!(response.status, 200);
+    assert!(
+        !silent.is_finished() && !half.is_finished() && !dribbled.is_finished(),
+        "stalled clients were closed before header_timeout"
+    );
+
+    // Plain HTTP to the TLS port is closed at once with an alert, not an HTTP answer.
+    let mut plain = server.connect();
+    plain
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("send");
+    let (took, got) = until_closed(plain, Instant::now());
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert!(
+        !got.is_empty() && got[0] == 0x15,
+        "a TLS alert record: {got:?}"
+    );
+
+    for (what, watcher) in [("silent", silent), ("half", half), ("dribbled", dribbled)] {
+        let (took, _) = watcher.join().expect("watcher");
+        assert!(
+            took >= Duration::from_millis(1800) && took < Duration::from_secs(8),
+            "{what} closed after {took:?}, header_timeout is 2s"
+        );
+    }
+    let _ = dribbler.join();
+    // The served client's connection is still good.
+    assert_eq!(get(&mut tls, "/healthz").expect("again").status, 200);
+}
+
+/// The server certificate a new connection trusting `ca` is served.
+fn served_cert(server: &Server, ca: &Ca) -> Result<Vec<u8>, std::io::Error> {
+    let mut tls = connect(server, client_config(ca, None));
+    get(&mut tls, "/healthz")?;
+    let chain = tls.conn.peer_certificates().expect("server chain");
+    Ok(chain[0].to_vec())
+}
+
+fn der(pem: &str) -> Vec<u8> {
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .expect("pem")
+        .to_vec()
+}
+
+#[test]
+fn sighup_gives_new_connections_the_new_certificate_and_open_ones_keep_theirs() {
+    let old_ca = Ca::new("old CA");
+    let old = server_leaf(&old_ca);
+    let env = tls_env(&old, None, "keepalive_timeout = \"30s\"");
+    let server = env.serve();
+    let mut open = connect(&server, client_config(&old_ca, None));
+    assert_eq!(get(&mut open, "/healthz").expect("first").status, 200);
+    assert_eq!(served_cert(&server, &old_ca).expect("old"), der(&old.cert));
+
+    let new_ca = Ca::new("new CA");
+    let new = server_leaf(&new_ca);
+    fs::write(env.path().join("cert.pem"), &new.cert).expect("new cert");
+    fs::write(env.path().join("key.pem"), &new.key).expect("new key");
+    server.signal(libc::SIGHUP);
+    assert!(
+        server
+            .wait_log("reloaded: ", Duration::from_secs(10))
+            .is_some(),
+        "{}",
+        server.log()
+    );
+    assert!(server.log().contains("reloaded the TLS certificate from"));
+
+    assert_eq!(served_cert(&server, &new_ca).expect("new"), der(&new.cert));
+    assert!(
+        served_cert(&server, &old_ca).is_err(),
+        "a new connection still got the old certificate"
+    );
+    // The connection opened before the reload goes on, with its old session.
+    assert_eq!(get(&mut open, "/healthz").expect("kept alive").status, 200);
+}
+
+#[test]
+fn a_bad_new_pair_on_sighup_is_logged_and_the_old_one_kept() {
+    let ca = Ca::new("server CA");
+    let leaf = server_leaf(&ca);
+    let env = tls_env(&leaf, None, "");
+    let server = env.serve();
+    // A key that is not the certificate's.
+    let stranger = server_leaf(&ca);
+    fs::write(env.path().join("key.pem"), &stranger.key).expect("other key");
+    server.signal(libc::SIGHUP);
+    let line = server
+        .wait_log("reload failed", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("{}", server.log()));
+    assert!(
+        line.contains("ERROR")
+            && line.contains("key_file")
+            && line.contains("is not the private key"),
+        "{line}"
+    );
+    assert!(
+        !server
+            .log()
+            .contains(stranger.key.lines().nth(1).unwrap_or("-"))
+    );
+    assert_eq!(
+        served_cert(&server, &ca).expect("old pair"),
+        der(&leaf.cert)
+    );
+}
+
+#[test]
+fn client_certificates_from_client_ca_name_the_client_and_others_are_refused() {
+    let server_ca = Ca::new("server CA");
+    let clients = Ca::new("client CA");
+    let env = tls_env(&server_leaf(&server_ca), Some(&clients), "");
+    let server = env.serve();
+
+    let jamf = clients.issue(&["jamf.example.com"], "not this");
+    let mut tls = connect(&server, client_config(&server_ca, Some(&jamf)));
+    let response = get(&mut tls, "/healthz").expect("client with a certificate");
+    assert_eq!(response.status, 200);
+    let line = server
+        .wait_log(" GET /healthz ", Duration::from_secs(5))
+        .unwrap_or_default();
+    assert!(
+        line.contains(" tls_client=jamf.example.com status=200"),
+        "{line}"
+    );
+
+    // Without DNS names, the subject's CN.
+    let cn_only = clients.issue(&[], "kazoo-cn");
+    let mut tls = connect(&server, client_config(&server_ca, Some(&cn_only)));
+    assert_eq!(get(&mut tls, "/healthz").expect("cn only").status, 200);
+    assert!(
+        server
+            .wait_log(" tls_client=kazoo-cn ", Duration::from_secs(5))
+            .is_some(),
+        "{}",
+        server.log()
+    );
+
+    // No certificate: served, with no identity.
+    let before = server.log().lines().count();
+    let mut tls = connect(&server, client_config(&server_ca, None));
+    assert_eq!(
+        get(&mut tls, "/healthz").expect("no certificate").status,
+        200
+    );
+    assert!(crate::util::wait_until(Duration::from_secs(5), || {
+        server.log().lines().count() > before
+    }));
+    let log = server.log();
+    let last = log.lines().nth(before).unwrap_or_default();
+    assert!(
+        last.contains("/healthz status=200") && !last.contains("tls_client"),
+        "{last}"
+    );
+
+    // A certificate from another CA: the handshake is refused.
+    let stranger = Ca::new("other CA").issue(&["jamf.example.com"], "jamf");
+    let mut tls = connect(&server, client_config(&server_ca, Some(&stranger)));
+    assert!(
+        get(&mut tls, "/healthz").is_err(),
+        "served a foreign client certificate"
+    );
+    assert!(
+        server
+            .wait_log("TLS handshake failed", Duration::from_secs(5))
+            .is_some(),
+        "{}",
+        server.log()
+    );
+}
+
+#[test]
+fn check_validates_the_tls_files() {
+    let ca = Ca::new("server CA");
+    let leaf = server_leaf(&ca);
+    let env = tls_env(&leaf, Some(&ca), "");
+    let output = env.check();
+    assert!(output.status.success(), "{output:?}");
+
+    fs::write(env.path().join("key.pem"), server_leaf(&ca).key).expect("other key");
+    let output = env.check();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains("hookrunner.toml") && stderr.contains("is not the private key"),
+        "{stderr}"
+    );
+
+    fs::remove_file(env.path().join("clients.pem")).expect("remove ca");
+    fs::write(env.path().join("key.pem"), &leaf.key).expect("key back");
+    let output = env.check();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains("client_ca_file") && stderr.contains(&path_text(env.path(), "clients.pem")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn tls_on_a_unix_socket_is_a_config_error() {
+    let ca = Ca::new("server CA");
+    let env = tls_env(&server_leaf(&ca), None, "");
+    let socket = env.path().join("h.sock");
+    let mut server = Server::spawn(env.serve_command(&format!("unix:{}", socket.display())));
+    let status = server.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert_eq!(status.code(), Some(78), "{}", server.log());
+    assert!(server.wait_log_complete(Duration::from_secs(5)));
+    assert!(
+        server.log().contains("needs a HOST:PORT listen address"),
+        "{}",
+        server.log()
+    );
+}
+
+fn path_text(dir: &Path, name: &str) -> String {
+    dir.join(name).display().to_string()
+}
+
+/// A self-signed certificate for localhost made by openssl with `newkey`, its key then rewritten by
+/// `convert` (an openssl subcommand and its arguments) into another PEM form, if given.
+fn openssl_pair(dir: &Path, newkey: &[&str], convert: Option<&[&str]>) -> (String, String) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args(["-addext", "subjectAltName=DNS:localhost", "-newkey"])
+        .args(newkey)
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("run openssl");
+    assert!(status.success(), "openssl req {newkey:?}");
+    if let Some(convert) = convert {
+        let status = Command::new("openssl")
+            .args(convert)
+            .arg("-in")
+            .arg(&key)
+            .arg("-out")
+            .arg(&key)
+            .stderr(Stdio::null())
+            .status()
+            .expect("run openssl");
+        assert!(status.success(), "openssl {convert:?}");
+    }
+    let read = |p: &Path| fs::read_to_string(p).expect("read pem");
+    (read(&cert), read(&key))
+}
+
+/// openssl's `-newkey` arguments, the key's conversion if any, and the PEM form that gives.
+type KeyKind = (
+    &'static [&'static str],
+    Option<&'static [&'static str]>,
+    &'static str,
+);
+
+#[test]
+fn rsa_ecdsa_and_ed25519_keys_in_each_pem_form_are_served() {
+    let kinds: [KeyKind; 4] = [
+        (
+            &["rsa:2048"],
+            Some(&["rsa", "-traditional"]),
+            "BEGIN RSA PRIVATE KEY",
+        ),
+        (
+            &["ec", "-pkeyopt", "ec_paramgen_curve:P-384"],
+            Some(&["ec"]),
+            "BEGIN EC PRIVATE KEY",
+        ),
+        (
+            &["ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+            None,
+            "BEGIN PRIVATE KEY",
+        ),
+        (&["ed25519"], None, "BEGIN PRIVATE KEY"),
+    ];
+    for (newkey, convert, form) in kinds {
+        let scratch = tempfile::tempdir().expect("tempdir");
+        let (cert, key) = openssl_pair(scratch.path(), newkey, convert);
+        assert!(key.contains(form), "{newkey:?}: {key:.40}");
+        let env = tls_env(&Leaf { cert, key }, None, "");
+        let server = env.serve();
+        let ca_file = env.path().join("cert.pem").display().to_string();
+        let (ok, body, err) = curl(&server, &ca_file, &[], "/healthz");
+        assert!(
+            ok && body.contains("ok"),
+            "{newkey:?}: {err}\n{}",
+            server.log()
+        );
+    }
+}
+
+#[test]
+fn past_max_connections_a_tls_connection_is_closed_unanswered() {
+    let ca = Ca::new("server CA");
+    let env = tls_env(&server_leaf(&ca), None, "max_connections = 1");
+    let server = env.serve();
+    let mut held = connect(&server, client_config(&ca, None));
+    assert_eq!(get(&mut held, "/healthz").expect("first").status, 200);
+    // No handshake on the accept loop, so no 503 either: the connection is closed, and that is logged.
+    let (took, got) = until_closed(server.connect(), Instant::now());
+    assert!(
+        got.is_empty() && took < Duration::from_secs(5),
+        "{got:?} after {took:?}"
+    );
+    assert!(
+        server
+            .wait_log(
+                "closed unanswered, TLS (too many open connections)",
+                Duration::from_secs(5)
+            )
+            .is_some(),
+        "{}",
+        server.log()
+    );
+    assert_eq!(get(&mut held, "/healthz").expect("held").status, 200);
+}
+
+/// One POST on an open TLS connection.
+fn post(tls: &mut Tls, path: &str) -> std::io::Result<Response> {
+    tls.write_all(
+        format!("POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{{}}")
+            .as_bytes(),
+    )?;
+    Response::read(tls)
+}
+
+#[test]
+fn an_mtls_sender_admits_only_a_verified_certificate_naming_one_of_its_subjects() {
+    let server_ca = Ca::new("server CA");
+    let clients = Ca::new("client CA");
+    let env = tls_env(&server_leaf(&server_ca), Some(&clients), "").config(
+        "[[sender]]\nname = \"jamf\"\ntype = \"mtls\"\nsubjects = [\"jamf.example.com\", \"*.jamfcloud.com\"]\n",
+    );
+    let ran = env.path().join("ran");
+    env.script("x", &format!("echo \"$HOOKRUNNER_SENDER\" >> {ran:?}"));
+    let server = env.serve();
+    for (who, names) in [
+        ("jamf", &["jamf.example.com"][..]),
+        ("cloud", &["acme.jamfcloud.com"]),
+    ] {
+        let leaf = clients.issue(names, who);
+        let mut tls = connect(&server, client_config(&server_ca, Some(&leaf)));
+        let response = post(&mut tls, "/hooks/x").expect("answer");
+        assert_eq!(response.status, 200, "{who}: {}", response.text());
+    }
+    assert_eq!(fs::read_to_string(&ran).expect("ran"), "jamf\njamf\n");
+    // A certificate from the right CA that names someone else, and none at all.
+    let other = clients.issue(&["evil.example.com"], "evil");
+    let mut tls = connect(&server, client_config(&server_ca, Some(&other)));
+    let response = post(&mut tls, "/hooks/x").expect("answer");
+    assert_eq!(response.status, 401, "{}", response.text());
+    let mut tls = connect(&server, client_config(&server_ca, None));
+    let response = post(&mut tls, "/hooks/x").expect("answer");
+    assert_eq!(response.status, 401, "{}", response.text());
+    assert_eq!(
+        fs::read_to_string(&ran).expect("ran").lines().count(),
+        2,
+        "nothing else ran"
+    );
+    for reason in [
+        "auth=\"client certificate for evil.example.com is not among the sender's subjects\"",
+        "auth=\"no client certificate\"",
+    ] {
+        assert!(
+            server.wait_log(reason, Duration::from_secs(5)).is_some(),
+            "{reason}:\n{}",
+            server.log()
+        );
+    }
+    // Without client_ca_file nothing asks for a certificate: an mtls sender is a config error.
+    let env = tls_env(&server_leaf(&server_ca), None, "").config(
+        "[[sender]]\nname = \"jamf\"\ntype = \"mtls\"\nsubjects = [\"jamf.example.com\"]\n",
+    );
+    let out = env.check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(
+        err.contains("type mtls needs [tls] with client_ca_file"),
+        "{err}"
+    );
+}

@@ -1,0 +1,601 @@
+//! `hookrunner get` and `hookrunner send` against the real binary: get's exit codes and shell output
+//! evaluated by a real shell; every sample sent, resolved and routed by a real daemon, signed as each kind
+//! of sender profile would sign it.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use crate::util::{BIN, Env};
+
+fn hookrunner(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run hookrunner")
+}
+
+fn code(out: &Output) -> i32 {
+    out.status.code().expect("exited")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+const JAMF_XML: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><JSSEvent><webhook><webhookEvent>ComputerAdded</webhookEvent></webhook>\
+<event><deviceName>Ada&apos;s \"Mac\" $(id) `id`</deviceName><ids><id>4</id><id>5</id></ids></event></JSSEvent>";
+
+#[test]
+fn get_reads_json_xml_and_forms_with_documented_exit_codes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let xml = dir.path().join("payload.xml");
+    fs::write(&xml, JAMF_XML).expect("write");
+    let json = dir.path().join("payload.json");
+    fs::write(&json, r#"{"webhook":{"webhookEvent":"ComputerAdded"},"event":{"deviceName":"Ada's \"Mac\" $(id) `id`","ids":[4,5]}}"#)
+        .expect("write");
+    let form = dir.path().join("payload.form");
+    fs::write(&form, "event_name=voicemail_new&caller=%2B1%20555").expect("write");
+    for file in [&xml, &json] {
+        let file = file.to_str().expect("utf-8");
+        let out = hookrunner(&["get", file, "/webhook/webhookEvent", "/event/ids/1"]);
+        assert_eq!(
+            (code(&out), stdout(&out).as_str()),
+            (0, "ComputerAdded\n5\n"),
+            "{file}"
+        );
+        // A missing path: exit 3 and nothing on stdout, unless there is a default.
+        let out = hookrunner(&["get", file, "/webhook/webhookEvent", "/event/nope"]);
+        assert_eq!((code(&out), stdout(&out).as_str()), (3, ""), "{file}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("/event/nope"));
+        let out = hookrunner(&["get", "--default", "n/a", file, "/event/nope"]);
+        assert_eq!((code(&out), stdout(&out).as_str()), (0, "n/a\n"));
+    }
+    let out = hookrunner(&["get", "--json", json.to_str().expect("utf-8"), "/event/ids"]);
+    assert_eq!(stdout(&out), "[4,5]\n");
+    let out = hookrunner(&["get", "--json", xml.to_str().expect("utf-8"), "/event/ids"]);
+    assert_eq!(stdout(&out), "{\"id\":[\"4\",\"5\"]}\n");
+    let out = hookrunner(&["get", form.to_str().expect("utf-8"), "/caller"]);
+    assert_eq!((code(&out), stdout(&out).as_str()), (0, "+1 555\n"));
+    // Not parseable, not readable, bad usage.
+    let broken = dir.path().join("broken");
+    fs::write(&broken, "{\"webhook\":").expect("write");
+    assert_eq!(
+        code(&hookrunner(&["get", broken.to_str().expect("utf-8"), "/a"])),
+        65
+    );
+    assert_eq!(
+        code(&hookrunner(&["get", "/nonexistent/payload", "/a"])),
+        66
+    );
+    assert_eq!(
+        code(&hookrunner(&["get", broken.to_str().expect("utf-8")])),
+        64
+    );
+}
+
+#[test]
+fn get_shell_output_is_evaluated_back_to_the_same_values() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let xml = dir.path().join("payload.xml");
+    fs::write(&xml, JAMF_XML).expect("write");
+    let script = format!(
+        "vars=$({BIN} get --shell \"$1\" NAME=/event/deviceName /webhook/webhookEvent) || exit 9; \
+         eval \"$vars\"; printf '%s|%s' \"$NAME\" \"$webhookEvent\""
+    );
+    let out = Command::new("sh")
+        .args(["-c", &script, "sh"])
+        .arg(&xml)
+        .output()
+        .expect("run sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout(&out), "Ada's \"Mac\" $(id) `id`|ComputerAdded");
+}
+
+/// An env whose every event runs a script that prints its event.
+fn routed_env(extra: &str) -> Env {
+    let env = Env::new().config(extra);
+    env.script(
+        "any",
+        "echo \"ran $HOOKRUNNER_EVENT sender=$HOOKRUNNER_SENDER\"",
+    );
+    env.routes("* any\n");
+    env
+}
+
+fn send(env: &Env, addr: &str, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("send")
+        .args(args)
+        .args(["--url", addr, "--config"])
+        .arg(env.config_path())
+        .output()
+        .expect("run send")
+}
+
+#[test]
+fn every_sample_is_resolved_and_routed_in_json_and_xml() {
+    let env = routed_env("");
+    let server = env.serve();
+    let list = hookrunner(&["send", "--list"]);
+    let samples: Vec<(String, String)> = stdout(&list)
+        .lines()
+        .map(|line| {
+            let mut words = line.split_whitespace();
+            let event = words.next().expect("event").to_string();
+            (event, line.to_string())
+        })
+        .collect();
+    assert_eq!(
+        samples.len(),
+        27,
+        "23 Jamf events and 4 others:\n{}",
+        stdout(&list)
+    );
+    let url = format!("http://{}/", server.addr);
+    for (event, line) in &samples {
+        let formats: &[&str] = if line.contains("xml") {
+            &["json", "xml"]
+        } else {
+            &["json"]
+        };
+        let name = if line.contains("GitLab") {
+            format!("gitlab:{event}")
+        } else {
+            event.clone()
+        };
+        for format in formats {
+            let out = send(&env, &url, &[&name, "--format", format]);
+            let text = stdout(&out);
+            assert_eq!(
+                code(&out),
+                0,
+                "{name} {format}: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(text.contains("HTTP 200 request_id="), "{text}");
+            let answer: serde_json::Value =
+                serde_json::from_str(text.lines().nth(1).expect("answer line"))
+                    .expect("JSON answer");
+            assert_eq!(answer["event"], event.as_str(), "{name} {format}");
+            assert_eq!(answer["script"], "any");
+        }
+    }
+    assert!(
+        server
+            .wait_log("ran SmartGroupUserMembershipChange", Duration::from_secs(5))
+            .is_some()
+    );
+}
+
+#[test]
+fn send_sets_fields_and_repeats_at_a_rate() {
+    let env = Env::new();
+    env.script(
+        "ComputerAdded",
+        "name=$(\"$HOOKRUNNER_BIN\" get \"$1\" /event/deviceName) && echo \"device=$name\"",
+    );
+    let server = env.serve_with(|c| {
+        c.env("HOOKRUNNER_BIN", BIN);
+    });
+    let _ = server;
+    // Scripts get a cleared environment, so the script finds the binary by its absolute path instead.
+    let env = Env::new();
+    env.script(
+        "ComputerAdded",
+        &format!("echo \"device=$({BIN} get \"$1\" /event/deviceName) ts=$({BIN} get \"$1\" /webhook/eventTimestamp)\""),
+    );
+    let server = env.serve();
+    let url = format!("http://{}/", server.addr);
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis();
+    let out = send(
+        &env,
+        &url,
+        &[
+            "ComputerAdded",
+            "--format",
+            "xml",
+            "--set",
+            "/event/deviceName=Lab 01",
+            "--count",
+            "3",
+            "--rate",
+            "20/s",
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}", stdout(&out));
+    assert_eq!(stdout(&out).matches("HTTP 200").count(), 3);
+    let line = server
+        .wait_log("device=Lab 01", Duration::from_secs(5))
+        .expect("script saw the set field");
+    let ts: u128 = line
+        .rsplit("ts=")
+        .next()
+        .expect("ts")
+        .trim()
+        .parse()
+        .expect("a number");
+    assert!(
+        ts >= before && ts < before + 60_000,
+        "eventTimestamp {ts} is now ({before})"
+    );
+    // An answer that is not 2xx makes send fail.
+    let out = send(&env, &url, &["ComputerCheckIn"]);
+    assert_eq!(code(&out), 1);
+    assert!(stdout(&out).contains("HTTP 404"), "{}", stdout(&out));
+    assert_eq!(
+        code(&hookrunner(&["send", "NoSuchEvent", "--url", &url])),
+        64
+    );
+    assert_eq!(
+        code(&hookrunner(&[
+            "send", "push", "--format", "xml", "--url", &url
+        ])),
+        64
+    );
+}
+
+fn secret(env: &Env, name: &str, text: &str) -> String {
+    let path = env.path().join(name);
+    fs::write(&path, text).expect("write secret");
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod");
+    path.to_str().expect("utf-8").to_string()
+}
+
+#[test]
+fn send_authenticates_as_each_kind_of_sender_profile() {
+    let env = Env::new();
+    let profiles = [
+        (
+            "basic",
+            "type = \"basic\"\nuser = \"jamf\"\npassword_file = {f}\n",
+            "ComputerAdded",
+        ),
+        (
+            "headers",
+            "type = \"headers\"\nheaders = {{ \"X-Api-Key\" = {f} }}\n",
+            "ComputerAdded",
+        ),
+        (
+            "hmac",
+            "type = \"hmac\"\nheader = \"X-Signature\"\nalgorithm = \"sha512\"\nencoding = \"base64\"\nsecret_file = {f}\n",
+            "ComputerAdded",
+        ),
+        ("github", "type = \"github\"\nsecret_file = {f}\n", "push"),
+        (
+            "gitlab",
+            "type = \"gitlab\"\nsecret_file = {f}\n",
+            "gitlab:push",
+        ),
+        (
+            "scalefusion",
+            "type = \"scalefusion\"\nsecret_file = {f}\n",
+            "device.enrolled",
+        ),
+        (
+            "sw",
+            "type = \"standard-webhooks\"\nsecret_file = {f}\n",
+            "ComputerAdded",
+        ),
+    ];
+    let mut config = String::new();
+    for (name, table, _) in &profiles {
+        let value = if *name == "sw" {
+            "whsec_MDEyMzQ1Njc4OWFiY2RlZg=="
+        } else {
+            "s3cret-value-for-tests"
+        };
+        let file = format!("{:?}", secret(&env, name, value));
+        config.push_str(&format!(
+            "[[sender]]\nname = \"{name}\"\npath = \"/{name}\"\n{}",
+            table
+                .replace("{f}", &file)
+                .replace("{{", "{")
+                .replace("}}", "}")
+        ));
+    }
+    let env = env.config(&config);
+    env.script(
+        "any",
+        "echo \"ran $HOOKRUNNER_EVENT sender=$HOOKRUNNER_SENDER\"",
+    );
+    env.routes("* any\n");
+    let server = env.serve();
+    for (name, _, event) in &profiles {
+        let url = format!("http://{}/{name}", server.addr);
+        let out = send(&env, &url, &[event, "--sender", name]);
+        let text = stdout(&out);
+        assert_eq!(code(&out), 0, "{name}: {text}");
+        assert!(
+            !text.contains("s3cret") && !server.log().contains("s3cret"),
+            "no secret shown"
+        );
+        assert!(
+            server
+                .wait_log(&format!("sender={name}"), Duration::from_secs(5))
+                .is_some(),
+            "{name}"
+        );
+        // Without the profile the same request is refused: the signature is what let it in.
+        let out = send(&env, &url, &[event]);
+        assert_eq!(code(&out), 1, "{name} unsigned");
+        assert!(
+            stdout(&out).contains("HTTP 401"),
+            "{name}: {}",
+            stdout(&out)
+        );
+    }
+    let out = send(
+        &env,
+        "http://127.0.0.1:9/",
+        &["ComputerAdded", "--sender", "nobody"],
+    );
+    assert_eq!(code(&out), 78);
+}
+
+fn check_payload(env: &Env, payload: &[u8], extra: &[&str]) -> (i32, String) {
+    let file = env.path().join("dry-payload");
+    fs::write(&file, payload).expect("write payload");
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(env.config_path())
+        .arg("--payload")
+        .arg(&file)
+        .args(extra)
+        .output()
+        .expect("run check");
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (code(&out), stdout(&out))
+}
+
+#[test]
+fn check_payload_explains_sender_event_routes_and_environment_without_running() {
+    let key = "dry-run-key";
+    let env = Env::new();
+    let key_file = secret(&env, "key", key);
+    let env = env.config(&format!(
+        "[[sender]]\nname = \"jamf\"\npath = \"/jamf\"\ntype = \"headers\"\nheaders = {{ \"X-Api-Key\" = {key_file:?} }}\n"
+    ));
+    let marker = env.path().join("ran");
+    env.script("lab.sh", &format!("touch {marker:?}"));
+    env.script("office.sh", &format!("touch {marker:?}"));
+    env.routes(
+        "# comment\nMobile*  lab.sh\nComputer*  lab.sh  /event/deviceName=Lab*\nComputerAdded  office.sh timeout=5s\n",
+    );
+    let routes = env.path().join("routes");
+    let body = br#"{"webhook":{"webhookEvent":"ComputerAdded"},"event":{"deviceName":"Office-7"}}"#;
+    let (status, text) = check_payload(
+        &env,
+        body,
+        &[
+            "--path",
+            "/jamf",
+            "--header",
+            "X-Api-Key: dry-run-key",
+            "--header",
+            "Content-Type: application/json",
+        ],
+    );
+    assert_eq!(status, 0, "{text}");
+    for expected in [
+        "sender: jamf (headers on /jamf)".to_string(),
+        "credentials: pass".to_string(),
+        "event: ComputerAdded (from JSON /webhook/webhookEvent)".to_string(),
+        format!(
+            "{}:2: no match: the pattern Mobile* does not match",
+            routes.display()
+        ),
+        format!(
+            "{}:3: no match: /event/deviceName is \"Office-7\", not Lab*",
+            routes.display()
+        ),
+        format!(
+            "{}:4: matches: runs {}",
+            routes.display(),
+            env.scripts().join("office.sh").display()
+        ),
+        "timeout 5s".to_string(),
+        "HOOKRUNNER_SENDER=jamf".to_string(),
+        "HOOKRUNNER_EVENT=ComputerAdded".to_string(),
+        "HOOKRUNNER_PATH=/jamf".to_string(),
+    ] {
+        assert!(text.contains(&expected), "missing {expected:?} in:\n{text}");
+    }
+    assert!(!text.contains(key), "the secret is not shown");
+    assert!(!marker.exists(), "nothing ran");
+    // The same request without the key, or outside every sender's path, is refused at the sender.
+    let (status, text) = check_payload(&env, body, &["--path", "/jamf"]);
+    assert_eq!(status, 1);
+    assert!(
+        text.contains("credentials: refused with 401: no X-Api-Key header"),
+        "{text}"
+    );
+    let (status, text) = check_payload(
+        &env,
+        body,
+        &["--path", "/other", "--header", "X-Api-Key: dry-run-key"],
+    );
+    assert_eq!(status, 1);
+    assert!(text.contains("none has a path covering /other"), "{text}");
+    // XML, the event from the path, no route.
+    let xml = b"<JSSEvent><webhook><webhookEvent>PushSent</webhookEvent></webhook></JSSEvent>";
+    let (status, text) = check_payload(
+        &env,
+        xml,
+        &["--path", "/jamf", "--header", "X-Api-Key: dry-run-key"],
+    );
+    assert_eq!(status, 1);
+    assert!(
+        text.contains("event: PushSent (from XML /JSSEvent/webhook/webhookEvent)"),
+        "{text}"
+    );
+    assert!(text.contains("route: none matched"), "{text}");
+    let (_, text) = check_payload(
+        &env,
+        b"",
+        &[
+            "--path",
+            "/jamf/hooks/MobileDeviceEnrolled",
+            "--header",
+            "X-Api-Key: dry-run-key",
+        ],
+    );
+    assert!(
+        text.contains("event: MobileDeviceEnrolled (from path /hooks/<name>)"),
+        "{text}"
+    );
+    assert!(text.contains(":2: matches: runs"), "{text}");
+    assert!(!marker.exists(), "nothing ran");
+}
+
+#[test]
+fn metrics_count_requests_runs_and_auth_failures_and_promtool_accepts_them() {
+    let env = Env::new();
+    let key_file = secret(&env, "key", "metrics-key");
+    let env = env.config(&format!(
+        "metrics_listen = \"127.0.0.1:0\"\n[[sender]]\nname = \"jamf\"\npath = \"/\"\ntype = \"headers\"\nheaders = {{ \"X-Api-Key\" = {key_file:?} }}\n"
+    ));
+    env.script("ok", "exit 0");
+    env.script("fails", "exit 3");
+    env.routes("ComputerAdded ok\nPushSent fails\n");
+    let server = env.serve();
+    let line = server
+        .wait_log("metrics on http://", Duration::from_secs(5))
+        .expect("metrics address logged");
+    let metrics_addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.strip_suffix("/metrics"))
+        .expect("address")
+        .to_string();
+    let key = [
+        ("X-Api-Key", "metrics-key"),
+        ("Content-Type", "application/json"),
+    ];
+    let body = |event: &str| format!(r#"{{"webhook":{{"webhookEvent":"{event}"}}}}"#);
+    for _ in 0..2 {
+        assert_eq!(
+            server
+                .request("POST", "/", &key, body("ComputerAdded").as_bytes())
+                .status,
+            200
+        );
+    }
+    assert_eq!(
+        server
+            .request("POST", "/", &key, body("PushSent").as_bytes())
+            .status,
+        500
+    );
+    assert_eq!(
+        server
+            .request("POST", "/", &key, body("JSSStartup").as_bytes())
+            .status,
+        404
+    );
+    assert_eq!(
+        server.post("/", body("ComputerAdded").as_bytes()).status,
+        401
+    );
+    let scrape = || {
+        let mut stream = std::net::TcpStream::connect(&metrics_addr).expect("connect to metrics");
+        std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("send");
+        crate::util::Response::read(&mut stream).expect("answer")
+    };
+    let answer = scrape();
+    assert_eq!(answer.status, 200);
+    let text = answer.text();
+    for expected in [
+        "hookrunner_requests_total{status=\"200\",sender=\"jamf\"} 2",
+        "hookrunner_requests_total{status=\"500\",sender=\"jamf\"} 1",
+        "hookrunner_requests_total{status=\"404\",sender=\"jamf\"} 1",
+        "hookrunner_requests_total{status=\"401\",sender=\"jamf\"} 1",
+        "hookrunner_runs_total{line=\"1\",script=\"ok\",outcome=\"ok\"} 2",
+        "hookrunner_runs_total{line=\"2\",script=\"fails\",outcome=\"failed\"} 1",
+        "hookrunner_run_duration_seconds_count 3",
+        "hookrunner_running_scripts 0",
+        "hookrunner_auth_failures_total{sender=\"jamf\",reason=\"missing_header\"} 1",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+    }
+    assert!(!text.contains("metrics-key"));
+    // The webhook port does not serve them.
+    assert_ne!(server.get("/metrics").text(), text);
+    let file = env.path().join("metrics.txt");
+    fs::write(&file, &text).expect("write metrics");
+    let promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(fs::File::open(&file).expect("open"))
+        .output()
+        .expect("promtool (Debian package prometheus; .ci/run installs it)");
+    assert!(
+        promtool.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&promtool.stdout),
+        String::from_utf8_lossy(&promtool.stderr)
+    );
+}
+
+#[test]
+fn metrics_listen_must_be_loopback() {
+    let env = Env::new().config("metrics_listen = \"0.0.0.0:9464\"");
+    let out = env.check();
+    assert_eq!(code(&out), 78);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("hookrunner.toml:") && text.contains("metrics_listen"),
+        "{text}"
+    );
+}
+
+#[test]
+fn send_reaches_a_unix_socket_from_the_configured_listen_or_a_url() {
+    let env = Env::new();
+    let socket = env.path().join("hookrunner.sock");
+    let env = env.config(&format!("listen = \"unix:{}\"", socket.display()));
+    env.script("ComputerAdded", "echo \"unix $HOOKRUNNER_EVENT\"");
+    let server =
+        crate::util::Server::spawn(env.serve_command(&format!("unix:{}", socket.display())));
+    assert!(
+        server
+            .wait_log("listening on ", Duration::from_secs(10))
+            .is_some(),
+        "{}",
+        server.log()
+    );
+    // No --url: the configuration's listen decides.
+    let out = Command::new(BIN)
+        .args(["send", "ComputerAdded", "--config"])
+        .arg(env.config_path())
+        .output()
+        .expect("run send");
+    assert_eq!(
+        code(&out),
+        0,
+        "{}{}",
+        stdout(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout(&out).contains("HTTP 200"), "{}", stdout(&out));
+    let url = format!("unix:{}", socket.display());
+    let out = hookrunner(&["send", "ComputerAdded", "--format", "xml", "--url", &url]);
+    assert_eq!(code(&out), 0, "{}", stdout(&out));
+    assert!(
+        server
+            .wait_log("unix ComputerAdded", Duration::from_secs(5))
+            .is_some()
+    );
+}
