@@ -129,7 +129,7 @@ def cmd_post(args):
         print(f"error: {err}")
         return 1
     print(status, answer[:200].decode(errors="replace").strip())
-    return 0 if status == 200 else 1
+    return 0 if status in (200, 202) else 1
 
 
 def stop(proc, grace=5.0):
@@ -298,6 +298,34 @@ def cmd_settle(args):
                       "settle_s": round(time.monotonic() - began, 3)}))
 
 
+def cmd_fsync_ceiling(args):
+    """What one thread manages durably without a database: per event, write the payload to a new file,
+    fsync it, rename it into place and fsync the directory."""
+    with open(args.payload, "rb") as f:
+        body = f.read()
+    os.makedirs(args.dir, exist_ok=True)
+    dir_fd = os.open(args.dir, os.O_RDONLY | os.O_DIRECTORY)
+    n, began = 0, time.monotonic()
+    try:
+        while time.monotonic() - began < args.duration:
+            tmp = os.path.join(args.dir, f".{n}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, body)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, os.path.join(args.dir, str(n)))
+            os.fsync(dir_fd)
+            n += 1
+    finally:
+        os.close(dir_fd)
+    elapsed = time.monotonic() - began
+    for name in os.listdir(args.dir):
+        os.unlink(os.path.join(args.dir, name))
+    print(json.dumps({"events": n, "duration_s": round(elapsed, 3), "rate": round(n / elapsed, 1)}))
+
+
 def cpu_times():
     with open("/proc/stat") as f:
         fields = [int(v) for v in f.readline().split()[1:]]
@@ -462,6 +490,11 @@ def main():
     p.add_argument("result")
     p.add_argument("settle", nargs="?")
     p.set_defaults(func=cmd_summary)
+    p = sub.add_parser("fsync-ceiling")
+    p.add_argument("dir")
+    p.add_argument("--duration", type=float, required=True)
+    p.add_argument("--payload", required=True)
+    p.set_defaults(func=cmd_fsync_ceiling)
     p = sub.add_parser("settle")
     p.add_argument("pid", type=int)
     p.add_argument("count_file")

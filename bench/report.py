@@ -37,7 +37,8 @@ PEERS = ["ceiling", "webhook", "apache"]
 TARGET_VS = {"ceiling": 0.90, "webhook": 1.3, "apache": 1.8}
 TARGET_ADDED_MS = 0.3
 TARGET_ACKS = 3000
-TARGET_IDLE_KIB = 4 * 1024
+# With the store open (the history is on by default), issue 10's bound.
+TARGET_IDLE_KIB = 6 * 1024
 TARGET_PEAK_KIB = 12 * 1024
 TARGET_START_MS = 20.0
 
@@ -300,11 +301,22 @@ def section(res):
         rows.append([NAMES.get(system, system), c, fmt(median(acks)) + spread(acks), latency,
                      acked, ran, f"{ran / acked * 100:.1f}%" if acked else "—",
                      f"{settle:.1f}" + (f" ({unsettled} not settled)" if unsettled else "")])
-    rows.append(["hookrunner", "—", "not available yet (no durable spool)", "—", "—", "—", "—",
-                 "—"])
     out.append(table(["system", "c", "acks/s (median)", "ack latency p50 / p99 (ms, median)",
                       "acked (all reps)", "ran (all reps)", "ran / acked",
                       "max wait for stragglers (s)"], rows))
+    ceilings = {r.get("what"): r for r in res.rows["async_ceiling"]}
+    if ceilings:
+        fsync = ceilings.get("fsync", {}).get("rate")
+        noscript = ceilings.get("noscript", {})
+        out.append("\nhookrunner's async answers are durable (committed to SQLite with synchronous=FULL "
+                   "before the answer). Beside them, in the same run: one thread doing write + fsync + "
+                   f"rename + directory fsync per event managed **{fmt(fsync)}/s**; the same binary "
+                   "answering without a script or a store (GET /healthz, keep-alive, "
+                   f"c={noscript.get('concurrency', '?')}) **{fmt(noscript.get('rate'))}/s**.\n")
+        for (system, c), group in sorted(by.items()):
+            if system == "hookrunner" and fsync:
+                out.append(f"- c={c}: {median([rate(r) for r in group]) / fsync:.2f} × the fsync "
+                           "ceiling\n")
     lost = [(s, c) for (s, c), group in by.items()
             if sum(r.get("ran", 0) for r in group) < 0.99 * sum(ok_count(r) for r in group)]
     if lost:
@@ -433,8 +445,26 @@ def targets(res):
     added = res.added_latency_ms("hookrunner")
     rows.append(["added latency at c=1 ≤ 0.3 ms (p50)", fmt(added, 3, " ms"),
                  "—" if added is None else mark(added <= TARGET_ADDED_MS)])
-    rows.append([f"async ≥ {TARGET_ACKS} acks/s durable, 100% run", "not available yet (no spool)",
-                 "—"])
+    async_rows = [r for r in res.rows["async"] if r["system"] == "hookrunner"]
+    if async_rows:
+        by_c = defaultdict(list)
+        for r in async_rows:
+            by_c[r["concurrency"]].append(rate(r))
+        worst = min(median(v) for v in by_c.values())
+        acked = sum(ok_count(r) for r in async_rows)
+        ran = sum(r.get("ran", 0) for r in async_rows)
+        rows.append([f"async ≥ {TARGET_ACKS} acks/s durable, 100% run",
+                     f"{fmt(worst)}/s at worst; {ran} of {acked} acked ran",
+                     mark(worst >= TARGET_ACKS and ran >= acked)])
+        fsync = next((r.get("rate") for r in res.rows["async_ceiling"] if r.get("what") == "fsync"),
+                     None)
+        for c, factor in ((16, 2), (64, 3)):
+            if fsync and c in by_c:
+                times = median(by_c[c]) / fsync
+                rows.append([f"async acks/s at c={c} ≥ {factor} × one thread's write+fsync+rename+dirfsync",
+                             f"{times:.2f} ×", mark(times >= factor)])
+    else:
+        rows.append([f"async ≥ {TARGET_ACKS} acks/s durable, 100% run", "not measured", "—"])
     idle, peak, row = res.rss("hookrunner")
     idle_text, peak_text = kib_text(idle), kib_text(peak)
     if row is not None:
@@ -444,7 +474,7 @@ def targets(res):
         if not peak or not ok_count({"statuses": row.get("load_statuses", {})}):
             peak, peak_text = None, "not measured (no load was served)"
     rss_c = row.get("concurrency", 16) if row else 16
-    rows.append(["idle RSS ≤ 4 MiB", idle_text,
+    rows.append(["idle RSS ≤ 6 MiB (store open)", idle_text,
                  "—" if idle is None else mark(idle <= TARGET_IDLE_KIB)])
     rows.append([f"peak RSS at c={rss_c} ≤ 12 MiB", peak_text,
                  "—" if peak is None else mark(peak <= TARGET_PEAK_KIB)])

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, Listen, Overrides};
+use crate::deliveries::{self, DeliveriesArgs};
 use crate::{daemon, tools};
 
 /// sysexits.h: bad usage, bad configuration.
@@ -68,6 +69,13 @@ script would run, 1 when the request would be refused."
         #[command(flatten)]
         dry_run: tools::DryRunArgs,
     },
+    /// List, show, retry or drop deliveries in the store (works while the daemon runs)
+    #[command(
+        long_about = "The store's deliveries, sync and async, on the same database the daemon uses, while it \
+runs: `list` (the default) with a summary line, `show ID`, `retry ID` or `retry --dead`, `drop ID`. A \
+retried entry runs within about a second."
+    )]
+    Deliveries(DeliveriesArgs),
     /// Print values from a payload file (a script's $1) at the paths routes use
     #[command(
         long_about = "Print the values at PATHs in a payload file, one per line, with the path syntax \
@@ -120,6 +128,16 @@ pub fn run() -> ExitCode {
         }
     };
     match command {
+        Command::Deliveries(args) => {
+            let (config, action) = args.resolve(crate::store::now_ms());
+            match deliveries::run(config, action) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err((message, code)) => {
+                    eprintln!("hookrunner: {message}");
+                    ExitCode::from(code)
+                }
+            }
+        }
         Command::Get(args) => tools::run_get(args),
         Command::Send(args) => tools::run_send(args),
         Command::Check { common, dry_run } => {

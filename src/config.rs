@@ -89,6 +89,8 @@ pub struct Config {
     /// `trusted_proxies`: the peers whose `X-Forwarded-For` is believed, as addresses or blocks
     /// (`127.0.0.1/32`), and `unix` for a reverse proxy on the unix socket (default: none).
     pub trusted_proxies: Trusted,
+    /// The durable store and the async path (README, "Async delivery").
+    pub store: StoreSettings,
     /// What loading noticed that is not an error (a secret file others can read): `check` prints these,
     /// `serve` logs them.
     pub warnings: Vec<String>,
@@ -104,6 +106,38 @@ pub struct Config {
     pub tls: Option<crate::tls::Tls>,
 }
 
+/// The store's keys, top-level in the file like every other key.
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    /// `state_dir`: the directory of the store's database, created 0700 if missing (default
+    /// `$STATE_DIRECTORY` under systemd, its first entry if it lists several; else `/var/lib/hookrunner`
+    /// for root and `$XDG_STATE_HOME/hookrunner` or `~/.local/state/hookrunner` for anyone else). It must
+    /// not be `payload_dir`, whose files are removed at start.
+    pub state_dir: PathBuf,
+    /// `async`: whether routes without an `async` or `sync` option are async (default false).
+    pub run_async: bool,
+    /// `history`: whether sync deliveries leave a row in the store (default true; async ones always do).
+    pub history: bool,
+    /// `max_queued`: entries waiting to run at most; past it an async delivery is answered 503 (default
+    /// 100000, range 1 to 10000000, [`MAX_QUEUED`]).
+    pub max_queued: u64,
+    /// `max_queued_bytes`: payload bytes waiting to run at most; past it an async delivery is answered 503
+    /// (default `1GiB`, range 1KiB to 1024GiB, [`MAX_QUEUED_BYTES`]).
+    pub max_queued_bytes: u64,
+    /// `dedupe_window`: how long a delivery id is remembered, so a sender's repeat is answered as the first
+    /// was and not run again (default `24h`, range 0s to 720h, [`DEDUPE_WINDOW`]; 0s remembers none).
+    pub dedupe_window: Duration,
+    /// `keep_payloads`: how long the body of a finished delivery is kept for `deliveries show --payload`
+    /// and `retry` (default `168h`, 7 days; range 0s to 8760h, [`KEEP_PAYLOADS`]).
+    pub keep_payloads: Duration,
+    /// `keep_history`: how long a finished delivery's row is kept (default `720h`, 30 days; range 1h to
+    /// 8760h, [`KEEP_HISTORY`]).
+    pub keep_history: Duration,
+    /// `max_store_bytes`: the store's size above which the oldest finished rows are removed, never an
+    /// entry still waiting (default `1GiB`, range 1MiB to 1024GiB, [`MAX_STORE_BYTES`]).
+    pub max_store_bytes: u64,
+}
+
 // The ranges of the keys above, as their fields document them.
 const KILL_GRACE: Range<Duration> = Range::new(Duration::ZERO, Duration::from_secs(3600));
 const MAX_RUNNING: Range<usize> = Range::new(1, 4096);
@@ -116,6 +150,13 @@ const HEADER_TIMEOUT: Range<Duration> =
 const KEEPALIVE_TIMEOUT: Range<Duration> =
     Range::new(Duration::from_millis(100), Duration::from_secs(3600));
 const EVENT_SOURCES: Range<usize> = Range::new(1, 64);
+const MAX_QUEUED: Range<usize> = Range::new(1, 10_000_000);
+const MAX_QUEUED_BYTES: Range<Bytes> = Range::new(Bytes(1 << 10), Bytes(1 << 40));
+const DEDUPE_WINDOW: Range<Duration> = Range::new(Duration::ZERO, Duration::from_secs(720 * 3600));
+const KEEP_PAYLOADS: Range<Duration> = Range::new(Duration::ZERO, Duration::from_secs(8760 * 3600));
+const KEEP_HISTORY: Range<Duration> =
+    Range::new(Duration::from_secs(3600), Duration::from_secs(8760 * 3600));
+const MAX_STORE_BYTES: Range<Bytes> = Range::new(Bytes(1 << 20), Bytes(1 << 40));
 /// The longest path a unix socket address holds: `sun_path` is 108 bytes, one of them the final NUL.
 const MAX_UNIX_PATH: usize = 107;
 
@@ -238,6 +279,16 @@ struct RawConfig {
     trusted_proxies: Option<Vec<String>>,
     allow_unauthenticated: Option<bool>,
     sender: Option<Vec<RawSender>>,
+    state_dir: Option<PathBuf>,
+    #[serde(rename = "async")]
+    run_async: Option<bool>,
+    history: Option<bool>,
+    max_queued: Option<Count>,
+    max_queued_bytes: Option<SizeValue>,
+    dedupe_window: Option<DurationValue>,
+    keep_payloads: Option<DurationValue>,
+    keep_history: Option<DurationValue>,
+    max_store_bytes: Option<SizeValue>,
     metrics_listen: Option<String>,
     log_file: Option<PathBuf>,
     tls: Option<crate::tls::RawTls>,
@@ -426,6 +477,53 @@ impl Config {
         let event = raw.event.map_or_else(crate::event::default_sources, |v| {
             v.into_iter().map(|s| s.0).collect()
         });
+        let state_dir = path("state_dir", raw.state_dir)?.unwrap_or_else(default_state_dir);
+        if state_dir == payload_dir {
+            return Err(file.error(
+                "state_dir",
+                format!(
+                    "state_dir {} is payload_dir, whose files are removed at start: give the store a \
+                     directory of its own",
+                    state_dir.display()
+                ),
+            ));
+        }
+        let store = StoreSettings {
+            state_dir,
+            run_async: raw.run_async.unwrap_or(false),
+            history: raw.history.unwrap_or(true),
+            max_queued: count("max_queued", raw.max_queued, 100_000, MAX_QUEUED)? as u64,
+            max_queued_bytes: size(
+                "max_queued_bytes",
+                raw.max_queued_bytes,
+                1 << 30,
+                MAX_QUEUED_BYTES,
+            )?,
+            dedupe_window: duration(
+                "dedupe_window",
+                raw.dedupe_window,
+                24 * 3_600_000,
+                DEDUPE_WINDOW,
+            )?,
+            keep_payloads: duration(
+                "keep_payloads",
+                raw.keep_payloads,
+                7 * 24 * 3_600_000,
+                KEEP_PAYLOADS,
+            )?,
+            keep_history: duration(
+                "keep_history",
+                raw.keep_history,
+                30 * 24 * 3_600_000,
+                KEEP_HISTORY,
+            )?,
+            max_store_bytes: size(
+                "max_store_bytes",
+                raw.max_store_bytes,
+                1 << 30,
+                MAX_STORE_BYTES,
+            )?,
+        };
         if !EVENT_SOURCES.contains(event.len()) {
             return Err(file.error(
                 "event",
@@ -495,6 +593,7 @@ impl Config {
             event,
             senders: Senders { senders },
             trusted_proxies,
+            store,
             warnings,
             metrics_listen,
             log_file: path("log_file", raw.log_file)?,
@@ -650,6 +749,32 @@ fn default_payload_dir() -> PathBuf {
     std::env::temp_dir().join(format!("hookrunner-{uid}"))
 }
 
+fn default_state_dir() -> PathBuf {
+    // systemd may list several directories separated by ':'; the first is ours.
+    let from = |var: &str| {
+        std::env::var_os(var)
+            .map(|v| {
+                v.to_string_lossy()
+                    .split(':')
+                    .next()
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(dir) = from("STATE_DIRECTORY") {
+        return dir;
+    }
+    if rustix::process::geteuid().is_root() {
+        return PathBuf::from("/var/lib/hookrunner");
+    }
+    from("XDG_STATE_HOME")
+        .or_else(|| from("HOME").map(|home| home.join(".local/state")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("hookrunner")
+}
+
 struct DurationValue(Duration);
 /// As written: a negative size is refused with its range, not as a type error.
 struct SizeValue(i128);
@@ -796,6 +921,12 @@ mod tests {
             ("header_timeout", HEADER_TIMEOUT.to_string()),
             ("keepalive_timeout", KEEPALIVE_TIMEOUT.to_string()),
             ("event", format!("{EVENT_SOURCES} sources")),
+            ("max_queued", MAX_QUEUED.to_string()),
+            ("max_queued_bytes", MAX_QUEUED_BYTES.to_string()),
+            ("dedupe_window", DEDUPE_WINDOW.to_string()),
+            ("keep_payloads", KEEP_PAYLOADS.to_string()),
+            ("keep_history", KEEP_HISTORY.to_string()),
+            ("max_store_bytes", MAX_STORE_BYTES.to_string()),
         ]
     }
 

@@ -12,10 +12,12 @@ use std::time::{Duration, Instant};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGXFSZ};
 
 use crate::config::{Config, ConfigError, Overrides};
+use crate::dispatch::{Bell, Dispatcher};
 use crate::gateway::Gateway;
 use crate::http::{self, Control, Handler, Limits, Listener, Request, Response};
 use crate::payload::PayloadDir;
-use crate::runner::Runner;
+use crate::runner::{Limiter, Runner};
+use crate::store;
 use crate::systemd;
 
 /// Why the daemon could not run.
@@ -67,6 +69,7 @@ pub fn serve(config_path: Option<PathBuf>, mut overrides: Overrides) -> Result<(
     let (payloads, stale) = PayloadDir::open(&config.payload_dir)
         .map_err(|e| Error::Start("payload directory".into(), e))?;
     let runner = Runner::new().map_err(|e| Error::Start("script runner".into(), e))?;
+    let (store, waiting) = open_store(&config)?;
     let listener = match passed {
         Some(listener) => listener,
         None => Listener::bind(&config.listen)
@@ -102,6 +105,16 @@ pub fn serve(config_path: Option<PathBuf>, mut overrides: Overrides) -> Result<(
         payloads.path().display()
     );
     announce_senders(&config);
+    if let Some(waiting) = waiting {
+        log::info!(
+            "store in {}: {waiting} queued deliver{} to run",
+            config.store.state_dir.display(),
+            if waiting == 1 { "y" } else { "ies" }
+        );
+    }
+    let limiter = Arc::new(Limiter::new(config.max_running));
+    let payloads = Arc::new(payloads);
+    let bell = Arc::new(Bell::default());
     if let Some(tls) = &config.tls {
         log::info!(
             "TLS with the certificate {} and key {}; client certificates: {}",
@@ -124,7 +137,14 @@ pub fn serve(config_path: Option<PathBuf>, mut overrides: Overrides) -> Result<(
         ),
         None => None,
     };
-    let gateway = Arc::new(Gateway::new(config, payloads, runner));
+    let gateway = Arc::new(Gateway::new(
+        config,
+        Arc::clone(&payloads),
+        runner,
+        Arc::clone(&limiter),
+        store.clone(),
+        Arc::clone(&bell),
+    ));
     if let Some(listener) = metrics_listener {
         if let Ok(addr) = listener.local_addr() {
             log::info!("metrics on http://{addr}/metrics");
@@ -135,6 +155,26 @@ pub fn serve(config_path: Option<PathBuf>, mut overrides: Overrides) -> Result<(
             .spawn(move || crate::metrics::serve(listener, metrics))
             .map_err(|e| Error::Start("metrics thread".into(), e))?;
     }
+    let dispatching = Arc::new(AtomicBool::new(false));
+    let dispatcher = match &store {
+        Some(store) => Some(start_dispatcher(Dispatcher {
+            store: Arc::clone(store),
+            limiter,
+            payloads,
+            runner: Runner::new().map_err(|e| Error::Start("script runner".into(), e))?,
+            config: {
+                let gateway = Arc::clone(&gateway);
+                Box::new(move || gateway.config())
+            },
+            bell: Arc::clone(&bell),
+            stop: Arc::clone(&dispatching),
+            waker: waker
+                .try_clone()
+                .map_err(|e| Error::Start("signal pipe".into(), e))?,
+        })?),
+        None => None,
+    };
+    let broken = || store.as_ref().is_some_and(|s| s.broken());
     let counted = Arc::new(Counted {
         gateway: Arc::clone(&gateway),
         addr: listener.local_addr(),
@@ -144,14 +184,14 @@ pub fn serve(config_path: Option<PathBuf>, mut overrides: Overrides) -> Result<(
     systemd::ready(&counted.status());
     let handler: Arc<dyn Handler> = counted.clone();
     let mut stopping = false;
-    http::serve(listener, limits, handler, tls.clone(), &wake, || {
+    let served = http::serve(listener, limits, handler, tls.clone(), &wake, || {
         if reload.swap(false, Ordering::SeqCst) {
             systemd::reloading();
             reload_config(&gateway, tls.as_ref(), config_path.as_deref(), &overrides);
             // READY=1 also after a failed reload: the old configuration is still serving.
             systemd::ready(&counted.status());
         }
-        if stop.load(Ordering::SeqCst) {
+        if stop.load(Ordering::SeqCst) || broken() {
             if !stopping {
                 stopping = true;
                 systemd::stopping();
@@ -160,10 +200,50 @@ pub fn serve(config_path: Option<PathBuf>, mut overrides: Overrides) -> Result<(
         } else {
             Control::Continue
         }
-    })
-    .map_err(|e| Error::Start("accept loop".into(), e))?;
+    });
+    // Queued deliveries: start no new run, let the running ones end, leave the rest in the store.
+    dispatching.store(true, Ordering::SeqCst);
+    bell.ring();
+    if let Some(dispatcher) = dispatcher {
+        let _ = dispatcher.join();
+    }
+    served.map_err(|e| Error::Start("accept loop".into(), e))?;
+    if broken() {
+        return Err(Error::Start(
+            "store".into(),
+            io::Error::other("a write to the store failed; stopped for the supervisor to restart"),
+        ));
+    }
     log::info!("stopped");
     Ok(())
+}
+
+/// The store, when anything needs it: an async route, or the history of sync ones. Entries a crash left
+/// running are queued again before anything is served; returns how many entries wait.
+fn open_store(config: &Config) -> Result<(Option<store::Shared>, Option<u64>), Error> {
+    let settings = &config.store;
+    let any_async = settings.run_async
+        || config
+            .routes
+            .routes
+            .iter()
+            .any(|r| r.options.queueing.run_async == Some(true));
+    if !any_async && !settings.history {
+        return Ok((None, None));
+    }
+    let store = store::open(&settings.state_dir)
+        .map_err(|e| Error::Start("store".into(), io::Error::other(e)))?;
+    let waiting = store
+        .recover()
+        .map_err(|e| Error::Start("store".into(), io::Error::other(e)))?;
+    Ok((Some(store), Some(waiting)))
+}
+
+fn start_dispatcher(dispatcher: Dispatcher) -> Result<std::thread::JoinHandle<()>, Error> {
+    std::thread::Builder::new()
+        .name("hookrunner-dispatch".into())
+        .spawn(move || dispatcher.run())
+        .map_err(|e| Error::Start("dispatcher".into(), e))
 }
 
 /// Says at every start (and reload) who may run scripts: the senders, or that anyone who can connect may.
@@ -284,6 +364,7 @@ fn reload_config(
     let fixed = [
         ("listen", old.listen.to_string() != new.listen.to_string()),
         ("payload_dir", old.payload_dir != new.payload_dir),
+        ("state_dir", old.store.state_dir != new.store.state_dir),
         ("max_running", old.max_running != new.max_running),
         (
             "max_connections",

@@ -1,6 +1,7 @@
 //! The request path, in one function ([`Gateway::serve`]): authenticate the sender from the head → receive
 //! the body, checking its signature as it streams in → resolve the event name → check the sender may send it
-//! → select the route → write the private payload file → run the script → answer with the truth. Every
+//! → select the route → write the private payload file → run the script → answer with the truth (an async
+//! route's delivery is committed to the store and answered instead; the dispatcher runs it). Every
 //! refusal is a [`Refusal`], and [`Refusal::status`] is the one place that maps it to an HTTP status.
 
 use std::borrow::Cow;
@@ -14,25 +15,36 @@ use serde_json::json;
 use crate::auth::replay::{Claim, Guard, Replays};
 use crate::auth::{self, Admitted, BodyCheck, Failure, Scheme, Sender};
 use crate::config::Config;
+use crate::dispatch::Bell;
 use crate::document::{Document, Format, MalformedBody};
-use crate::event::{self, EventError, Inputs};
+use crate::event::{self, EventError, Inputs, Source};
 use crate::http::{self, BodyError, Method, Request, Response};
 use crate::logging::{Escaped, RateLimit};
 use crate::metrics::{Metrics, RunOutcome};
 use crate::payload::{Payload, PayloadDir};
-use crate::routes::{SelectError, UnsafeScript};
+use crate::routes::{SelectError, Selected, UnsafeScript};
 use crate::runner::{Exit, Job, Limiter, Outcome, Runner};
+use crate::store::{self, Accepted, Bounds, NewDelivery, Policy, StoreError, SyncRecord};
 
 /// Bodies up to this size are kept in memory and may be parsed for the event name and route filters; larger
 /// ones go straight to their payload file and are never parsed, which bounds what one request can make the
 /// parsers allocate. Webhook payloads that carry their event in the body are a few KiB.
 pub const INLINE_BODY: usize = 256 << 10;
 
+/// Attempts in all when a route does not say (`retries=4`).
+const DEFAULT_ATTEMPTS: u32 = 5;
+/// The longest pause between attempts when a route does not say.
+const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(3600);
+
 pub struct Gateway {
     config: RwLock<Arc<Config>>,
-    payloads: PayloadDir,
+    payloads: Arc<PayloadDir>,
     runner: Runner,
-    limiter: Limiter,
+    limiter: Arc<Limiter>,
+    /// Async deliveries and the history; `None` when no route is async and `history = false`.
+    store: Option<store::Shared>,
+    /// Rung when an async delivery is committed, so the dispatcher looks at once.
+    bell: Arc<Bell>,
     replays: Replays,
     /// Authentication failures at warn level, at most one a second: a flood of bad requests must not
     /// flood the log (each request's own line still says why it was refused).
@@ -63,6 +75,8 @@ enum Refusal {
     Payload(io::Error),
     /// The script could not be started.
     Spawn(io::Error),
+    /// An async delivery could not be committed (full, disk full, an I/O error): nothing of it was kept.
+    Store(StoreError),
 }
 
 impl Refusal {
@@ -74,7 +88,7 @@ impl Refusal {
             Refusal::Event(_) | Refusal::Malformed(_) => 400,
             Refusal::NoRoute(_) => 404,
             Refusal::Body(e) => e.status(),
-            Refusal::Busy => 503,
+            Refusal::Busy | Refusal::Store(_) => 503,
             Refusal::Payload(e) | Refusal::Spawn(e) if is_resource_shortage(e) => 503,
             Refusal::Unsafe(_) | Refusal::Payload(_) | Refusal::Spawn(_) => 500,
         }
@@ -95,6 +109,7 @@ impl Refusal {
             Refusal::Body(e) => e.to_string(),
             Refusal::Payload(e) => format!("cannot store the payload: {e}"),
             Refusal::Spawn(e) => format!("cannot run the script: {e}"),
+            Refusal::Store(e) => format!("cannot queue the delivery: {e}; retry later"),
         }
     }
 }
@@ -120,6 +135,18 @@ struct Ran {
     outcome: Outcome,
 }
 
+/// What became of a request that was routed.
+enum Served {
+    Ran(Ran),
+    /// An async delivery, committed (or a duplicate of one that was).
+    Queued {
+        event: String,
+        script: String,
+        accepted: Accepted,
+        ack_status: u16,
+    },
+}
+
 /// Who the request came from, once its head passed the sender's checks.
 struct Authenticated<'c> {
     sender: Option<&'c Sender>,
@@ -127,13 +154,22 @@ struct Authenticated<'c> {
 }
 
 impl Gateway {
-    pub fn new(config: Config, payloads: PayloadDir, runner: Runner) -> Gateway {
+    pub fn new(
+        config: Config,
+        payloads: Arc<PayloadDir>,
+        runner: Runner,
+        limiter: Arc<Limiter>,
+        store: Option<store::Shared>,
+        bell: Arc<Bell>,
+    ) -> Gateway {
         Gateway {
-            limiter: Limiter::new(config.max_running),
+            limiter,
             metrics: Arc::new(Metrics::new(config.metrics_listen.is_some())),
             config: RwLock::new(Arc::new(config)),
             payloads,
             runner,
+            store,
+            bell,
             replays: Replays::default(),
             auth_log: Mutex::new(RateLimit::new(log::Level::Warn)),
 
@@ -211,13 +247,14 @@ impl Gateway {
         }
     }
 
-    fn serve(&self, config: &Config, request: &mut Request<'_>) -> Result<Ran, Refusal> {
+    fn serve(&self, config: &Config, request: &mut Request<'_>) -> Result<Served, Refusal> {
+        let received_at = store::now_ms();
         let Authenticated { sender, admitted } = self.authenticate(config, request)?;
         let check = admitted.and_then(|a| a.body);
         let delivery_id = auth::delivery_id(&|name: &str| request.header(name));
         let received = receive(request, &self.payloads, check)?;
         let claim = self.claim_delivery(sender, delivery_id.as_deref())?;
-        let (event, selected) = {
+        let (event, selected, body_key) = {
             let mut inputs = RequestInputs {
                 request,
                 body: received.inline(),
@@ -232,43 +269,136 @@ impl Gateway {
                     .document()
                     .map(|d| d.field(path).map(Cow::into_owned))
             };
-            match config.routes.select(&event, field) {
-                Ok(Some(selected)) => (event, selected),
+            let selected = match config.routes.select(&event, field) {
+                Ok(Some(selected)) => selected,
                 Ok(None) => return Err(Refusal::NoRoute(event)),
                 Err(SelectError::Body(e)) => return Err(Refusal::Malformed(e)),
                 Err(SelectError::Unsafe(e)) => return Err(Refusal::Unsafe(e)),
-            }
+            };
+            // A delivery id in the body, for a route that names where (`dedupe_key=`).
+            // Body sources read like route filters, so a numeric id (Jamf's `/webhook/id`) counts too.
+            let body_key = selected
+                .queueing
+                .dedupe_key
+                .as_ref()
+                .and_then(|source| match source {
+                    Source::Json(path) | Source::Xml(path) => {
+                        inputs.document().ok()?.field(path).map(Cow::into_owned)
+                    }
+                    Source::Form(field) => inputs
+                        .document()
+                        .ok()?
+                        .field(&format!("/{field}"))
+                        .map(Cow::into_owned),
+                    other => event::resolve(std::slice::from_ref(other), &mut inputs).ok(),
+                });
+            (event, selected, body_key)
         };
+        let env = script_env(request, &event, sender, delivery_id.as_deref(), &self.bin);
+        let sender_name = sender.map(|s| s.name.clone());
+        let script = selected
+            .script
+            .strip_prefix(&config.scripts_dir)
+            .unwrap_or(&selected.script)
+            .display()
+            .to_string();
+        let store = self.store.as_ref();
+        let run_async = selected
+            .queueing
+            .run_async
+            .unwrap_or(config.store.run_async);
+        if let (true, Some(store)) = (run_async, store) {
+            let key = body_key
+                .or(delivery_id.clone())
+                .map(|id| format!("{}\n{id}", sender_name.as_deref().unwrap_or("")));
+            let q = &selected.queueing;
+            let delivery = NewDelivery {
+                request_id: request.id.clone(),
+                received_at,
+                sender: sender_name,
+                event: event.clone(),
+                route_line: selected.line,
+                script: selected.script.display().to_string(),
+                delivery_id: delivery_id.clone(),
+                dedupe_key: key.filter(|_| !config.store.dedupe_window.is_zero()),
+                env: env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                body: received.into_bytes(&self.payloads)?,
+                ack_status: q.ack_status.unwrap_or(202),
+                policy: Policy {
+                    max_attempts: q.retries.map_or(DEFAULT_ATTEMPTS, |n| n + 1),
+                    retry_max: q.retry_max.unwrap_or(DEFAULT_RETRY_MAX),
+                    timeout: selected.timeout.unwrap_or(config.timeout),
+                    serial: q.serial,
+                },
+            };
+            let ack_status = delivery.ack_status;
+            let bounds = Bounds {
+                max_queued: config.store.max_queued,
+                max_queued_bytes: config.store.max_queued_bytes,
+                dedupe_window: config.store.dedupe_window,
+            };
+            let accepted = store.accept(delivery, bounds).map_err(Refusal::Store)?;
+            if let Some(claim) = claim {
+                claim.accept();
+            }
+            self.bell.ring();
+            return Ok(Served::Queued {
+                event,
+                script,
+                accepted,
+                ack_status,
+            });
+        }
+        let history = store.filter(|_| config.store.history);
+        let body = history.and(received.inline().map(<[u8]>::to_vec));
+        let result = self.run(config, request, received, &selected, &env, claim);
+        if let Some(store) = history {
+            store.record(SyncRecord {
+                request_id: request.id.clone(),
+                received_at,
+                sender: sender_name.clone(),
+                event: event.clone(),
+                route_line: selected.line,
+                script: script.clone(),
+                delivery_id: delivery_id.clone(),
+                status: result
+                    .as_ref()
+                    .map_or_else(Refusal::status, |o| status_of(o.exit)),
+                attempt: result.as_ref().ok().map(|o| attempt_of(o, received_at)),
+                body,
+            });
+        }
+        Ok(Served::Ran(Ran {
+            line: selected.line,
+            script,
+            event,
+            sender: sender_name,
+            outcome: result?,
+        }))
+    }
+
+    /// The sync half: the payload file, a script slot, the run.
+    fn run(
+        &self,
+        config: &Config,
+        request: &Request<'_>,
+        received: Received,
+        selected: &Selected,
+        env: &[(&str, &str)],
+        claim: Option<Guard<'_>>,
+    ) -> Result<Outcome, Refusal> {
         let payload = received.into_payload(&self.payloads)?;
         let _slot = self
             .limiter
             .acquire(config.queue_wait)
             .ok_or(Refusal::Busy)?;
-        let remote = request.remote.clone();
-        let env = [
-            ("HOOKRUNNER_EVENT", event.as_str()),
-            ("HOOKRUNNER_REQUEST_ID", request.id.as_str()),
-            (
-                "HOOKRUNNER_CONTENT_TYPE",
-                request.header("Content-Type").unwrap_or(""),
-            ),
-            ("HOOKRUNNER_METHOD", request.method.as_str()),
-            ("HOOKRUNNER_PATH", request.path.as_str()),
-            ("HOOKRUNNER_QUERY", request.query.as_str()),
-            ("HOOKRUNNER_REMOTE_ADDR", remote.as_str()),
-            ("HOOKRUNNER_SENDER", sender.map_or("", |s| s.name.as_str())),
-            ("HOOKRUNNER_BIN", self.bin.as_str()),
-            (
-                "HOOKRUNNER_DELIVERY_ID",
-                delivery_id.as_deref().unwrap_or(""),
-            ),
-        ];
-        // An empty value is no value: a script tests `[ -n "$HOOKRUNNER_SENDER" ]`.
-        let env: Vec<(&str, &str)> = env.into_iter().filter(|(_, v)| !v.is_empty()).collect();
         let job = Job {
             script: &selected.script,
             payload: payload.path(),
-            env: &env,
+            env,
             timeout: selected.timeout.unwrap_or(config.timeout),
             kill_grace: config.kill_grace,
             request_id: &request.id,
@@ -282,17 +412,61 @@ impl Gateway {
                 claim.accept();
             }
         }
-        let script = selected
-            .script
-            .strip_prefix(&config.scripts_dir)
-            .unwrap_or(&selected.script);
-        Ok(Ran {
-            line: selected.line,
-            script: script.display().to_string(),
-            event,
-            sender: sender.map(|s| s.name.clone()),
-            outcome,
-        })
+        Ok(outcome)
+    }
+}
+
+/// The `HOOKRUNNER_*` variables a script gets from its request. An empty value is no value: a script tests
+/// `[ -n "$HOOKRUNNER_SENDER" ]`.
+fn script_env<'r>(
+    request: &'r Request<'_>,
+    event: &'r str,
+    sender: Option<&'r Sender>,
+    delivery_id: Option<&'r str>,
+    bin: &'r str,
+) -> Vec<(&'static str, &'r str)> {
+    let env = [
+        ("HOOKRUNNER_EVENT", event),
+        ("HOOKRUNNER_REQUEST_ID", request.id.as_str()),
+        (
+            "HOOKRUNNER_CONTENT_TYPE",
+            request.header("Content-Type").unwrap_or(""),
+        ),
+        ("HOOKRUNNER_METHOD", request.method.as_str()),
+        ("HOOKRUNNER_PATH", request.path.as_str()),
+        ("HOOKRUNNER_QUERY", request.query.as_str()),
+        ("HOOKRUNNER_REMOTE_ADDR", request.remote.as_str()),
+        ("HOOKRUNNER_SENDER", sender.map_or("", |s| s.name.as_str())),
+        ("HOOKRUNNER_BIN", bin),
+        ("HOOKRUNNER_DELIVERY_ID", delivery_id.unwrap_or("")),
+    ];
+    env.into_iter().filter(|(_, v)| !v.is_empty()).collect()
+}
+
+/// The status a sync run is answered with.
+fn status_of(exit: Exit) -> u16 {
+    match exit {
+        Exit::Code(0) => 200,
+        Exit::Code(_) | Exit::Signal(_) => 500,
+        Exit::TimedOut => 504,
+    }
+}
+
+/// A sync run as the history keeps it.
+fn attempt_of(outcome: &Outcome, received_at: i64) -> store::Attempt {
+    let (exit_code, signal) = match outcome.exit {
+        Exit::Code(code) => (Some(code), None),
+        Exit::Signal(signal) => (None, Some(signal)),
+        Exit::TimedOut => (None, None),
+    };
+    store::Attempt {
+        n: 1,
+        started_at: received_at,
+        duration_ms: duration_ms(outcome.duration),
+        exit_code,
+        signal,
+        timed_out: outcome.exit == Exit::TimedOut,
+        output: String::from_utf8_lossy(&outcome.output).into_owned(),
     }
 }
 
@@ -319,7 +493,7 @@ impl http::Handler for Gateway {
 impl Gateway {
     fn answer(&self, config: &Config, request: &mut Request<'_>) -> Response {
         match self.serve(config, request) {
-            Ok(ran) => {
+            Ok(Served::Ran(ran)) => {
                 let outcome = match ran.outcome.exit {
                     Exit::Code(0) => RunOutcome::Ok,
                     Exit::Code(_) => RunOutcome::Failed,
@@ -330,6 +504,12 @@ impl Gateway {
                     .ran(ran.line, &ran.script, outcome, ran.outcome.duration);
                 ran.response(&request.id)
             }
+            Ok(Served::Queued {
+                event,
+                script,
+                accepted,
+                ack_status,
+            }) => queued_response(&request.id, &event, &script, &accepted, ack_status),
             Err(Refusal::Duplicate(id)) => {
                 let mut response = Response::json(
                     200,
@@ -401,13 +581,46 @@ impl Gateway {
     }
 }
 
+/// `{"request_id", "event", "queued": true}`; a duplicate is answered as its first delivery was, with
+/// that one's request id.
+fn queued_response(
+    request_id: &str,
+    event: &str,
+    script: &str,
+    accepted: &Accepted,
+    ack_status: u16,
+) -> Response {
+    let (mut response, note) = match accepted {
+        Accepted::Queued { id } => (
+            Response::json(
+                ack_status,
+                &json!({ "request_id": request_id, "event": event, "queued": true }),
+            ),
+            format!("queued={id}"),
+        ),
+        Accepted::Duplicate {
+            id,
+            request_id: first,
+            status,
+        } => (
+            Response::json(
+                *status,
+                &json!({ "request_id": first, "event": event, "queued": true, "duplicate": true }),
+            ),
+            format!("duplicate_of={id}"),
+        ),
+    };
+    response.note = format!(" event={event} script={script} {note}");
+    response
+}
+
 impl Ran {
     fn response(&self, request_id: &str) -> Response {
-        let (status, exit_code, signal) = match self.outcome.exit {
-            Exit::Code(0) => (200, Some(0), None),
-            Exit::Code(code) => (500, Some(code), None),
-            Exit::Signal(signal) => (500, None, Some(signal)),
-            Exit::TimedOut => (504, None, None),
+        let status = status_of(self.outcome.exit);
+        let (exit_code, signal) = match self.outcome.exit {
+            Exit::Code(code) => (Some(code), None),
+            Exit::Signal(signal) => (None, Some(signal)),
+            Exit::TimedOut => (None, None),
         };
         let duration_ms = duration_ms(self.outcome.duration);
         let mut response = Response::json(
@@ -457,6 +670,17 @@ impl Received {
         match self {
             Received::Inline(bytes) => Some(bytes),
             Received::Spilled(_) => None,
+        }
+    }
+
+    /// The body's bytes, for the store.
+    fn into_bytes(self, payloads: &PayloadDir) -> Result<Vec<u8>, Refusal> {
+        match self {
+            Received::Inline(bytes) => Ok(bytes),
+            spilled => {
+                let payload = spilled.into_payload(payloads)?;
+                std::fs::read(payload.path()).map_err(Refusal::Payload)
+            }
         }
     }
 

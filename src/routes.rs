@@ -12,6 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::event::Source;
 use crate::units::{Range, parse_duration};
 
 /// The placeholder for the event name in a SCRIPT.
@@ -109,12 +110,38 @@ pub struct RouteSpec {
 pub const TIMEOUT: Range<Duration> =
     Range::new(Duration::from_millis(100), Duration::from_secs(24 * 3600));
 
-/// A route's options. New options (async, retries) are new fields here and new keys in [`parse_option`].
+/// How many retries a route's `retries=N` may ask for: 0 (one attempt) to 100.
+pub const RETRIES: Range<usize> = Range::new(0, 100);
+/// The longest pause between attempts, as `retry_max=DURATION` sets it: 100ms to 24h.
+pub const RETRY_MAX: Range<Duration> =
+    Range::new(Duration::from_millis(100), Duration::from_secs(24 * 3600));
+
+/// A route's options. New options are new fields here and new keys in [`parse_option`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RouteOptions {
     /// `timeout=DURATION`: overrides the configured `timeout`, within the same range, [`TIMEOUT`].
     pub timeout: Option<Duration>,
     pub filters: Vec<Filter>,
+    pub queueing: Queueing,
+}
+
+/// How a route's deliveries are queued, when they are (the options after `async`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Queueing {
+    /// `async` or `sync`: overrides the configuration's `async` default.
+    pub run_async: Option<bool>,
+    /// `ack_status=200|202`: the status an accepted async delivery is answered with (default 202; Kazoo
+    /// takes anything but 200 as a failure).
+    pub ack_status: Option<u16>,
+    /// `retries=N`: attempts after the first (default 4, so 5 in all; range [`RETRIES`]).
+    pub retries: Option<u32>,
+    /// `retry_max=DURATION`: the longest pause between attempts (default 1h; range [`RETRY_MAX`]).
+    pub retry_max: Option<Duration>,
+    /// `serial`: this route's entries run one at a time, in arrival order.
+    pub serial: bool,
+    /// `dedupe_key=SOURCE` (`json:/webhook/id`, `header:NAME`, ...): where the delivery id is for a
+    /// sender whose id is in the body, in place of the sender's delivery-id header.
+    pub dedupe_key: Option<Source>,
 }
 
 /// A route ready to serve.
@@ -141,6 +168,7 @@ pub struct Selected {
     pub line: usize,
     pub script: PathBuf,
     pub timeout: Option<Duration>,
+    pub queueing: Queueing,
 }
 
 /// Why a matching route's script cannot be run.
@@ -276,6 +304,7 @@ impl Routes {
                 line: route.line,
                 script,
                 timeout: route.options.timeout,
+                queueing: route.options.queueing.clone(),
             }));
         }
         Ok(None)
@@ -389,6 +418,14 @@ fn recheck_script(written: &str, path: &Path) -> Option<Result<(), UnsafeScript>
     }
 }
 
+/// The check a queued delivery's script gets before each attempt, as a sync request's does when it is
+/// selected: it may have been removed or made unsafe since it was accepted.
+pub fn check_before_run(path: &Path) -> Result<(), UnsafeScript> {
+    let written = path.to_string_lossy();
+    recheck_script(&written, path)
+        .unwrap_or_else(|| Err(refusal(&written, "no longer exists".to_string())))
+}
+
 fn check_mode(written: &str, path: &Path, meta: &fs::Metadata) -> Result<(), UnsafeScript> {
     let mode = meta.permissions().mode();
     if !meta.is_file() {
@@ -468,18 +505,47 @@ fn parse_option(token: &str, options: &mut RouteOptions) -> Result<(), String> {
         });
         return Ok(());
     }
+    let queueing = &mut options.queueing;
     match token.split_once('=') {
+        None if token == "async" => queueing.run_async = Some(true),
+        None if token == "sync" => queueing.run_async = Some(false),
+        None if token == "serial" => queueing.serial = true,
         Some(("timeout", value)) => {
             let timeout = TIMEOUT
                 .check(parse_duration(value)?)
                 .map_err(|e| format!("timeout={e}"))?;
             options.timeout = Some(timeout);
-            Ok(())
         }
-        _ => Err(format!(
-            "unknown option {token:?}: options are timeout=DURATION and field filters /path=GLOB"
-        )),
+        Some(("ack_status", value)) => match value {
+            "200" => queueing.ack_status = Some(200),
+            "202" => queueing.ack_status = Some(202),
+            _ => return Err(format!("ack_status={value}: use 200 or 202")),
+        },
+        Some(("retries", value)) => {
+            let n: usize = value
+                .parse()
+                .map_err(|_| format!("retries={value}: write a whole number, {RETRIES}"))?;
+            let n = RETRIES.check(n).map_err(|e| format!("retries={e}"))?;
+            queueing.retries = Some(n as u32);
+        }
+        Some(("retry_max", value)) => {
+            let max = RETRY_MAX
+                .check(parse_duration(value)?)
+                .map_err(|e| format!("retry_max={e}"))?;
+            queueing.retry_max = Some(max);
+        }
+        Some(("dedupe_key", value)) => {
+            queueing.dedupe_key =
+                Some(Source::parse(value).map_err(|e| format!("dedupe_key: {e}"))?);
+        }
+        _ => {
+            return Err(format!(
+                "unknown option {token:?}: options are timeout=DURATION, async, sync, ack_status=200|202, \
+                 retries=N, retry_max=DURATION, serial, dedupe_key=SOURCE and field filters /path=GLOB"
+            ));
+        }
     }
+    Ok(())
 }
 
 /// Splits a line into tokens: whitespace separates, `"..."` quotes (with `\"` and `\\`), `#` at the start
@@ -544,6 +610,27 @@ impl fmt::Display for Routes {
             )?;
             if let Some(timeout) = route.options.timeout {
                 write!(f, " timeout={}ms", timeout.as_millis())?;
+            }
+            let q = &route.options.queueing;
+            match q.run_async {
+                Some(true) => write!(f, " async")?,
+                Some(false) => write!(f, " sync")?,
+                None => {}
+            }
+            if let Some(status) = q.ack_status {
+                write!(f, " ack_status={status}")?;
+            }
+            if let Some(n) = q.retries {
+                write!(f, " retries={n}")?;
+            }
+            if let Some(max) = q.retry_max {
+                write!(f, " retry_max={}ms", max.as_millis())?;
+            }
+            if q.serial {
+                write!(f, " serial")?;
+            }
+            if let Some(source) = &q.dedupe_key {
+                write!(f, " dedupe_key={source}")?;
             }
             for filter in &route.options.filters {
                 write!(f, " {}={:?}", filter.path, filter.value.to_string())?;
@@ -634,6 +721,37 @@ MobileDevice*              mobile-device.sh
     }
 
     #[test]
+    fn queueing_options() {
+        let specs = parse_lines(
+            "a a.sh async ack_status=200 retries=0 retry_max=100ms serial dedupe_key=json:/webhook/id\n\
+             b b.sh sync retries=100 retry_max=24h\n",
+        )
+        .expect("options parse");
+        let q = &specs[0].options.queueing;
+        assert_eq!(q.run_async, Some(true));
+        assert_eq!(q.ack_status, Some(200));
+        assert_eq!((q.retries, q.retry_max), (Some(0), Some(RETRY_MAX.min)));
+        assert!(q.serial);
+        assert_eq!(q.dedupe_key, Some(Source::Json("/webhook/id".into())));
+        let q = &specs[1].options.queueing;
+        assert_eq!(q.run_async, Some(false));
+        assert_eq!((q.retries, q.retry_max), (Some(100), Some(RETRY_MAX.max)));
+        for (text, message) in [
+            ("a a.sh ack_status=201\n", "use 200 or 202"),
+            (
+                "a a.sh retries=101\n",
+                "retries=101 is out of range: use 0 to 100",
+            ),
+            ("a a.sh retries=-1\n", "write a whole number"),
+            ("a a.sh retry_max=50ms\n", "retry_max=50ms is out of range"),
+            ("a a.sh dedupe_key=body\n", "dedupe_key"),
+        ] {
+            let (_, got) = parse_lines(text).expect_err(text);
+            assert!(got.contains(message), "{text:?}: {got}");
+        }
+    }
+
+    #[test]
     fn tokens_and_quotes() {
         assert_eq!(
             tokenize(r#"a "b c" d"#),
@@ -708,7 +826,8 @@ MobileDevice*              mobile-device.sh
             Some(Selected {
                 line: 2,
                 script: scripts.join("added.sh"),
-                timeout: Some(Duration::from_secs(60))
+                timeout: Some(Duration::from_secs(60)),
+                queueing: Queueing::default(),
             })
         );
         let got = routes

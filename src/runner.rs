@@ -31,6 +31,8 @@ const LOG_BUDGET: usize = 64 << 10;
 const POST_EXIT_READS: usize = 128;
 /// A longer line is logged in pieces of this size.
 const MAX_LINE: usize = 4 << 10;
+/// How much of a run's last output the history keeps (stdout and stderr as they came).
+pub const OUTPUT_TAIL: usize = 4 << 10;
 
 /// What to run.
 pub struct Job<'a> {
@@ -58,6 +60,8 @@ pub enum Exit {
 pub struct Outcome {
     pub exit: Exit,
     pub duration: Duration,
+    /// The last [`OUTPUT_TAIL`] bytes of output, for the delivery history.
+    pub output: Vec<u8>,
 }
 
 /// Starts scripts. Holds `/dev/null` open so each spawn only dups it.
@@ -166,6 +170,7 @@ impl Runner {
         let status = child.wait()?;
         drop(pipes);
         output.finish();
+        let tail = output.tail();
         let exit = if timed_out {
             Exit::TimedOut
         } else if let Some(code) = status.code() {
@@ -176,6 +181,7 @@ impl Runner {
         Ok(Outcome {
             exit,
             duration: start.elapsed(),
+            output: tail,
         })
     }
 }
@@ -429,6 +435,8 @@ struct Output<'a> {
     lines: [Vec<u8>; 2],
     budget: usize,
     dropped: u64,
+    /// The last output, logged or not, at most [`OUTPUT_TAIL`] bytes once trimmed.
+    tail: Vec<u8>,
 }
 
 impl<'a> Output<'a> {
@@ -439,6 +447,7 @@ impl<'a> Output<'a> {
             lines: [Vec::new(), Vec::new()],
             budget: LOG_BUDGET,
             dropped: 0,
+            tail: Vec::new(),
         }
     }
 
@@ -447,6 +456,12 @@ impl<'a> Output<'a> {
     }
 
     fn add(&mut self, stream: &'static str, mut data: &[u8]) {
+        let keep = &data[data.len().saturating_sub(OUTPUT_TAIL)..];
+        self.tail.extend_from_slice(keep);
+        // Trimmed in bulk, so a flood of small writes does not move the buffer on every one.
+        if self.tail.len() > 2 * OUTPUT_TAIL {
+            self.tail.drain(..self.tail.len() - OUTPUT_TAIL);
+        }
         while !data.is_empty() {
             if self.budget == 0 {
                 self.dropped += data.len() as u64;
@@ -488,6 +503,12 @@ impl<'a> Output<'a> {
         }
     }
 
+    fn tail(&mut self) -> Vec<u8> {
+        let mut tail = std::mem::take(&mut self.tail);
+        tail.drain(..tail.len().saturating_sub(OUTPUT_TAIL));
+        tail
+    }
+
     fn finish(&mut self) {
         self.end("stdout");
         self.end("stderr");
@@ -503,20 +524,35 @@ impl<'a> Output<'a> {
     }
 }
 
-/// Bounds how many scripts run at once.
+/// Bounds how many scripts run at once, sync requests' and queued deliveries' together. Queued deliveries
+/// never starve requests: they take a slot only while no request is waiting for one, and never more than
+/// `max - 1` of them (all of them only when `max` is 1), so a request always has a slot that only other
+/// requests can hold.
 pub struct Limiter {
-    running: Mutex<usize>,
+    counts: Mutex<Counts>,
     freed: Condvar,
     max: usize,
 }
 
+#[derive(Default)]
+struct Counts {
+    running: usize,
+    /// Requests waiting in `acquire`.
+    waiting: usize,
+    /// Slots held by queued deliveries.
+    background: usize,
+}
+
 /// A slot to run one script; released on drop.
-pub struct Slot<'a>(&'a Limiter);
+pub struct Slot<'a> {
+    limiter: &'a Limiter,
+    background: bool,
+}
 
 impl Limiter {
     pub fn new(max: usize) -> Limiter {
         Limiter {
-            running: Mutex::new(0),
+            counts: Mutex::new(Counts::default()),
             freed: Condvar::new(),
             max,
         }
@@ -524,24 +560,51 @@ impl Limiter {
 
     /// A slot, if one frees up within `wait`.
     pub fn acquire(&self, wait: Duration) -> Option<Slot<'_>> {
-        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        let (mut running, _) = self
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts.waiting += 1;
+        let (mut counts, _) = self
             .freed
-            .wait_timeout_while(running, wait, |running| *running >= self.max)
+            .wait_timeout_while(counts, wait, |c| c.running >= self.max)
             .unwrap_or_else(|e| e.into_inner());
-        if *running >= self.max {
+        counts.waiting -= 1;
+        if counts.running >= self.max {
             return None;
         }
-        *running += 1;
-        Some(Slot(self))
+        counts.running += 1;
+        Some(Slot {
+            limiter: self,
+            background: false,
+        })
+    }
+
+    /// A slot for a queued delivery, now or not at all (see [`Limiter`]).
+    pub fn try_background(&self) -> Option<Slot<'_>> {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let share = self.max.saturating_sub(1).max(1);
+        if counts.waiting > 0 || counts.running >= self.max || counts.background >= share {
+            return None;
+        }
+        counts.running += 1;
+        counts.background += 1;
+        Some(Slot {
+            limiter: self,
+            background: true,
+        })
     }
 }
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        let mut running = self.0.running.lock().unwrap_or_else(|e| e.into_inner());
-        *running -= 1;
-        self.0.freed.notify_one();
+        let mut counts = self
+            .limiter
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        counts.running -= 1;
+        if self.background {
+            counts.background -= 1;
+        }
+        self.limiter.freed.notify_one();
     }
 }
 
@@ -595,6 +658,43 @@ mod tests {
 
     #[test]
     fn limiter_bounds_and_releases() {
+        // Queued work never takes the last slot, nor any while a request waits.
+        let limiter = Limiter::new(3);
+        let first = limiter.try_background().expect("a free slot");
+        let second = limiter.try_background().expect("a second one, of three");
+        assert!(
+            limiter.try_background().is_none(),
+            "the last slot is kept for requests"
+        );
+        let request = limiter.acquire(Duration::ZERO).expect("the kept slot");
+        std::thread::scope(|s| {
+            // It keeps the slot it gets until joined, so the slot never frees in between.
+            let waiting = s.spawn(|| limiter.acquire(Duration::from_secs(30)));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            // While the request waits, queued work gets nothing, even a free slot.
+            while !limiter
+                .counts
+                .lock()
+                .map(|c| c.waiting == 1)
+                .unwrap_or(false)
+            {
+                assert!(Instant::now() < deadline, "the request never waited");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            drop(first);
+            assert!(limiter.try_background().is_none());
+            assert!(
+                waiting.join().unwrap().is_some(),
+                "the request got the freed slot"
+            );
+        });
+        drop((second, request));
+        let single = Limiter::new(1);
+        assert!(
+            single.try_background().is_some(),
+            "with one slot, queued work may use it"
+        );
+
         let limiter = Limiter::new(2);
         let a = limiter.acquire(Duration::ZERO).expect("first slot");
         let b = limiter.acquire(Duration::ZERO).expect("second slot");

@@ -395,6 +395,7 @@ fn serve(config: &Path, cwd: &Path) -> Server {
         .arg(config)
         .current_dir(cwd)
         .env("RUST_LOG", "info")
+        .env("STATE_DIRECTORY", cwd.join("state"))
         .env_remove("JOURNAL_STREAM")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

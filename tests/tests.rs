@@ -9,6 +9,7 @@ mod lifecycle;
 mod logs;
 mod packaging;
 mod runner;
+mod store;
 mod systemd;
 mod tools;
 

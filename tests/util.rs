@@ -53,6 +53,11 @@ impl Env {
         self.dir.path().join("payloads")
     }
 
+    /// The store's directory (`state_dir`).
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
     /// Writes an executable `sh` script; `body` follows the `#!/bin/sh` line.
     pub fn script(&self, name: &str, body: &str) -> PathBuf {
         let path = self.scripts().join(name);
@@ -110,6 +115,7 @@ impl Env {
         Command::new(BIN)
             .args(["check", "--config"])
             .arg(self.config_path())
+            .env("STATE_DIRECTORY", self.state())
             .output()
             .expect("run check")
     }
@@ -323,6 +329,8 @@ impl Env {
             .args(["serve", "--listen", listen, "--config"])
             .arg(self.config_path())
             .env("RUST_LOG", "info")
+            // Every test its own store (the default `state_dir` under systemd), never the system's.
+            .env("STATE_DIRECTORY", self.state())
             .env_remove("JOURNAL_STREAM")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

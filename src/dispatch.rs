@@ -1,0 +1,391 @@
+//! The dispatcher: runs the store's queued deliveries with the same contract as a sync run (`$1` a private
+//! payload file, the same environment plus `HOOKRUNNER_ATTEMPT` and `HOOKRUNNER_QUEUED_AT`, its own process
+//! group, the route's timeout, output logged and its tail kept), through [`Runner::run`].
+//!
+//! What it guarantees:
+//! - at least once: an entry leaves the queue only when an attempt's result is committed; one interrupted
+//!   by a crash is queued again at start and runs again (the script sees the attempt number);
+//! - order: the first attempts of one route's entries start in arrival order; a retry starts when it is
+//!   due, so later entries may overtake it. A `serial` route runs one entry at a time, strictly in arrival
+//!   order: a later entry waits while an earlier one waits to retry;
+//! - sync requests are not starved: queued deliveries take script slots only through
+//!   [`Limiter::try_background`];
+//! - outcome: exit 0 is done; 65 (EX_DATAERR) is dead at once; 75 (EX_TEMPFAIL) is retried whatever the
+//!   attempt count; anything else (another code, a signal, a timeout, a failed start) is retried until the
+//!   route's attempts are spent, then dead. Pauses double from 1 s up to `retry_max`, each drawn between
+//!   half and all of that (jitter, so retries of many entries spread out).
+
+use std::collections::HashSet;
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::io::{self, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::config::Config;
+use crate::logging::Escaped;
+use crate::payload::PayloadDir;
+use crate::routes;
+use crate::runner::{Exit, Job, Limiter, Runner};
+use crate::store::{Attempt, Next, Pending, Retention, Shared, now_ms};
+
+/// EX_DATAERR: the script says the payload can never succeed. Dead at once.
+pub const EXIT_NEVER_RETRY: i32 = 65;
+/// EX_TEMPFAIL: the script says try again later. Retried even past the route's attempts.
+pub const EXIT_TEMPFAIL: i32 = 75;
+/// The pause before the second attempt; each next one doubles, up to the route's `retry_max`.
+const FIRST_PAUSE: Duration = Duration::from_secs(1);
+/// How often the queue is looked at without being told: entries the CLI queued again, retries coming due.
+const POLL: Duration = Duration::from_millis(250);
+/// Entries read per look at the queue.
+const SCAN: usize = 512;
+/// How often finished history is pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// Rung when something may have become runnable (an entry accepted, a run finished).
+#[derive(Default)]
+pub struct Bell {
+    rung: Mutex<bool>,
+    ringing: Condvar,
+}
+
+impl Bell {
+    pub fn ring(&self) {
+        *self.rung.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.ringing.notify_one();
+    }
+
+    fn wait(&self, timeout: Duration) {
+        let rung = self.rung.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut rung, _) = self
+            .ringing
+            .wait_timeout_while(rung, timeout, |rung| !*rung)
+            .unwrap_or_else(|e| e.into_inner());
+        *rung = false;
+    }
+}
+
+pub struct Dispatcher {
+    pub store: Shared,
+    pub limiter: Arc<Limiter>,
+    pub payloads: Arc<PayloadDir>,
+    pub runner: Runner,
+    /// The configuration in force (kill_grace, retention), as the gateway has it after a reload.
+    pub config: Box<dyn Fn() -> Arc<Config> + Send + Sync>,
+    pub bell: Arc<Bell>,
+    /// Set at SIGTERM: start nothing more.
+    pub stop: Arc<AtomicBool>,
+    /// Written to when the store breaks, to wake the accept loop so the daemon stops.
+    pub waker: UnixStream,
+}
+
+/// What is running now: entries, and the serial routes they hold.
+#[derive(Default)]
+struct Running {
+    ids: HashSet<i64>,
+    serial_routes: HashSet<String>,
+}
+
+impl Dispatcher {
+    /// Runs until `stop` is set, then waits for the scripts it started to end (each within its timeout
+    /// and kill grace) and returns. Whatever did not start stays in the store.
+    pub fn run(&self) {
+        let running = Mutex::new(Running::default());
+        let mut pruned_at: Option<Instant> = None;
+        std::thread::scope(|scope| {
+            while !self.stop.load(Ordering::SeqCst) {
+                if self.store.broken() {
+                    // The accept loop stops the daemon when it wakes and finds the store broken.
+                    let _ = (&self.waker).write_all(b"!");
+                    break;
+                }
+                if pruned_at.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
+                    self.prune();
+                    pruned_at = Some(Instant::now());
+                }
+                let wait = self.start_due(scope, &running);
+                self.bell.wait(wait);
+            }
+        });
+    }
+
+    /// Starts every due entry a slot can be had for; returns how long to wait before looking again.
+    fn start_due<'s>(
+        &'s self,
+        scope: &'s std::thread::Scope<'s, '_>,
+        running: &'s Mutex<Running>,
+    ) -> Duration {
+        // No slot, nothing to start: the queue is not read while every slot is busy.
+        let Some(mut slot) = self.limiter.try_background() else {
+            return POLL;
+        };
+        let pending = match self.store.pending(SCAN) {
+            Ok(pending) => pending,
+            Err(e) => {
+                log::error!("cannot read the queue: {e}");
+                return POLL;
+            }
+        };
+        let now = now_ms();
+        let mut wait = POLL;
+        // Serial routes that already have an earlier entry waiting or running: later ones wait behind it.
+        let mut held = HashSet::new();
+        for entry in pending {
+            let route = entry.route();
+            {
+                let running = running.lock().unwrap_or_else(|e| e.into_inner());
+                if running.ids.contains(&entry.id) {
+                    continue;
+                }
+                if entry.policy.serial
+                    && (running.serial_routes.contains(&route) || !held.insert(route.clone()))
+                {
+                    continue;
+                }
+            }
+            if entry.due_at > now {
+                let until = Duration::from_millis((entry.due_at - now) as u64);
+                wait = wait.min(until);
+                continue;
+            }
+            {
+                let mut running = running.lock().unwrap_or_else(|e| e.into_inner());
+                running.ids.insert(entry.id);
+                if entry.policy.serial {
+                    running.serial_routes.insert(route.clone());
+                }
+            }
+            self.store.started(entry.id);
+            scope.spawn(move || {
+                self.run_one(&entry);
+                drop(slot);
+                let mut running = running.lock().unwrap_or_else(|e| e.into_inner());
+                running.ids.remove(&entry.id);
+                running.serial_routes.remove(&route);
+                drop(running);
+                self.bell.ring();
+            });
+            match self.limiter.try_background() {
+                Some(next) => slot = next,
+                None => return POLL,
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                break;
+            }
+        }
+        wait
+    }
+
+    fn prune(&self) {
+        let config = (self.config)();
+        let s = &config.store;
+        let retention = Retention {
+            keep_payloads: s.keep_payloads,
+            keep_history: s.keep_history,
+            max_store_bytes: s.max_store_bytes,
+            dedupe_window: s.dedupe_window,
+        };
+        match self.store.prune(retention) {
+            Ok(p) if p.rows > 0 || p.payloads > 0 => log::info!(
+                "store pruned: {} finished row(s) removed, {} payload(s) dropped",
+                p.rows,
+                p.payloads
+            ),
+            Ok(_) => {}
+            Err(e) => log::warn!("cannot prune the store: {e}"),
+        }
+    }
+
+    /// One attempt of one entry, its result committed before the entry counts as run.
+    fn run_one(&self, entry: &Pending) {
+        let n = entry.attempts + 1;
+        let started_at = now_ms();
+        let started = Instant::now();
+        let (exit, output) = match self.attempt(entry, n) {
+            Ok(outcome) => (Some(outcome.exit), outcome.output),
+            Err(e) => {
+                log::error!(
+                    "{} cannot run {}: {e}",
+                    entry.request_id,
+                    Escaped(&entry.script)
+                );
+                (None, e.to_string().into_bytes())
+            }
+        };
+        let next = next_step(entry, n, exit, now_ms(), random_unit());
+        let (exit_code, signal, timed_out) = match exit {
+            Some(Exit::Code(code)) => (Some(code), None, false),
+            Some(Exit::Signal(signal)) => (None, Some(signal), false),
+            Some(Exit::TimedOut) => (None, None, true),
+            None => (None, None, false),
+        };
+        let attempt = Attempt {
+            n,
+            started_at,
+            duration_ms: (started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
+            exit_code,
+            signal,
+            timed_out,
+            output: String::from_utf8_lossy(&output).into_owned(),
+        };
+        let shown = match exit {
+            Some(Exit::Code(code)) => code.to_string(),
+            Some(Exit::Signal(signal)) => format!("signal{signal}"),
+            Some(Exit::TimedOut) => "timeout".to_string(),
+            None => "not-started".to_string(),
+        };
+        let then = match next {
+            Next::Done => "done".to_string(),
+            Next::Dead => "dead".to_string(),
+            Next::Retry(at) => format!("retry_in={}ms", (at - now_ms()).max(0)),
+        };
+        if let Err(e) = self.store.finish(entry.id, attempt, next) {
+            // Not committed: the entry is still queued, and runs again (at least once).
+            log::error!(
+                "{} cannot record attempt {n}: {e}; it will run again",
+                entry.request_id
+            );
+            return;
+        }
+        log::info!(
+            "{} async id={} event={} attempt={n} exit={shown} {then}",
+            entry.request_id,
+            entry.id,
+            entry.event
+        );
+    }
+
+    fn attempt(&self, entry: &Pending, n: u32) -> io::Result<crate::runner::Outcome> {
+        let script = Path::new(&entry.script);
+        routes::check_before_run(script).map_err(|e| io::Error::other(e.0))?;
+        let body = self
+            .store
+            .payload(entry.id)
+            .map_err(io::Error::other)?
+            .ok_or_else(|| io::Error::other("the entry has no payload any more"))?;
+        let mut payload = self.payloads.create()?;
+        payload.write_all(&body)?;
+        payload.finish()?;
+        let attempt = n.to_string();
+        let queued_at = humantime::format_rfc3339_millis(
+            UNIX_EPOCH + Duration::from_millis(entry.received_at.max(0) as u64),
+        )
+        .to_string();
+        let mut env: Vec<(&str, &str)> = entry
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        env.push(("HOOKRUNNER_ATTEMPT", &attempt));
+        env.push(("HOOKRUNNER_QUEUED_AT", &queued_at));
+        let config = (self.config)();
+        let job = Job {
+            script,
+            payload: payload.path(),
+            env: &env,
+            timeout: entry.policy.timeout,
+            kill_grace: config.kill_grace,
+            request_id: &entry.request_id,
+        };
+        self.runner.run(&job)
+    }
+}
+
+/// Where an entry goes after attempt `n` ended with `exit` (`None`: it could not be started). `unit` is a
+/// random number in [0, 1) for the jitter.
+fn next_step(entry: &Pending, n: u32, exit: Option<Exit>, now: i64, unit: f64) -> Next {
+    let retry = || Next::Retry(now + pause(n, entry.policy.retry_max, unit).as_millis() as i64);
+    match exit {
+        Some(Exit::Code(0)) => Next::Done,
+        Some(Exit::Code(EXIT_NEVER_RETRY)) => Next::Dead,
+        Some(Exit::Code(EXIT_TEMPFAIL)) => retry(),
+        _ if n >= entry.policy.max_attempts => Next::Dead,
+        _ => retry(),
+    }
+}
+
+/// The pause after attempt `n`: 1 s doubling, at most `max`, drawn between half and all of that.
+fn pause(n: u32, max: Duration, unit: f64) -> Duration {
+    let doubled = FIRST_PAUSE.saturating_mul(1u32 << (n.saturating_sub(1)).min(20));
+    let full = doubled.min(max);
+    full.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
+}
+
+/// A number in [0, 1), different at every call: the standard library's per-instance random hash keys.
+fn random_unit() -> f64 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let bits = RandomState::new().hash_one(nanos);
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Policy;
+
+    fn entry(max_attempts: u32) -> Pending {
+        Pending {
+            id: 1,
+            request_id: "r".into(),
+            received_at: 0,
+            event: "E".into(),
+            route_line: 1,
+            script: "/s".into(),
+            env: Vec::new(),
+            attempts: 0,
+            due_at: 0,
+            policy: Policy {
+                max_attempts,
+                retry_max: Duration::from_secs(3600),
+                timeout: Duration::from_secs(30),
+                serial: false,
+            },
+        }
+    }
+
+    #[test]
+    fn exit_codes_decide_what_happens_next() {
+        let e = entry(3);
+        assert_eq!(next_step(&e, 1, Some(Exit::Code(0)), 0, 0.0), Next::Done);
+        assert_eq!(next_step(&e, 1, Some(Exit::Code(65)), 0, 0.0), Next::Dead);
+        assert_eq!(
+            next_step(&e, 1, Some(Exit::Code(1)), 0, 0.0),
+            Next::Retry(500)
+        );
+        assert_eq!(
+            next_step(&e, 2, Some(Exit::TimedOut), 0, 1.0),
+            Next::Retry(2000)
+        );
+        assert_eq!(next_step(&e, 3, Some(Exit::Code(1)), 0, 0.0), Next::Dead);
+        assert_eq!(next_step(&e, 3, None, 0, 0.0), Next::Dead);
+        assert_eq!(
+            next_step(&e, 2, Some(Exit::Signal(9)), 0, 0.0),
+            Next::Retry(1000)
+        );
+        // 75 is retried past the last attempt.
+        assert!(matches!(
+            next_step(&e, 9, Some(Exit::Code(75)), 0, 0.0),
+            Next::Retry(_)
+        ));
+    }
+
+    #[test]
+    fn pauses_double_up_to_the_maximum_with_jitter() {
+        let hour = Duration::from_secs(3600);
+        assert_eq!(pause(1, hour, 0.999_999).as_millis(), 999);
+        assert_eq!(pause(1, hour, 0.0), Duration::from_millis(500));
+        assert_eq!(pause(4, hour, 0.0), Duration::from_secs(4));
+        assert_eq!(pause(40, hour, 0.0), Duration::from_secs(1800));
+        assert_eq!(
+            pause(3, Duration::from_millis(200), 0.0),
+            Duration::from_millis(100)
+        );
+        let a = random_unit();
+        assert!((0.0..1.0).contains(&a), "{a}");
+    }
+}

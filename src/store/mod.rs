@@ -1,0 +1,307 @@
+//! The durable store: the queue of accepted async deliveries, their dead letters, the dedupe keys and the
+//! history of every delivery, sync or async. Everything the rest of the program needs from it is the
+//! [`Store`] trait and the plain types below; [`sqlite`] is the one backend. A second one (PostgreSQL, so
+//! several instances share one queue) would implement the same trait and leave the gateway, the dispatcher
+//! and the runner as they are.
+
+mod schema;
+pub mod sqlite;
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// What the dispatcher needs to run an entry again as it was accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Attempts in all (the first run and its retries).
+    pub max_attempts: u32,
+    /// The longest pause between two attempts.
+    pub retry_max: Duration,
+    pub timeout: Duration,
+    /// Entries of this route run one at a time, in arrival order.
+    pub serial: bool,
+}
+
+/// An async delivery, authenticated and routed, to be committed before it is answered.
+#[derive(Debug, Clone)]
+pub struct NewDelivery {
+    pub request_id: String,
+    /// Milliseconds since the epoch.
+    pub received_at: i64,
+    pub sender: Option<String>,
+    pub event: String,
+    /// The route's line in the routes file and its script (absolute): together, the route.
+    pub route_line: usize,
+    pub script: String,
+    pub delivery_id: Option<String>,
+    /// The key a repeat of this delivery would carry (sender and delivery id), if it has one.
+    pub dedupe_key: Option<String>,
+    /// The `HOOKRUNNER_*` variables as the request gave them.
+    pub env: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// The status the sender is answered (202, or 200 where a sender insists).
+    pub ack_status: u16,
+    pub policy: Policy,
+}
+
+/// The bounds an accept is checked against, in the same transaction that commits it.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    pub max_queued: u64,
+    pub max_queued_bytes: u64,
+    pub dedupe_window: Duration,
+}
+
+/// How an accept ended once committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accepted {
+    /// Queued as a new entry.
+    Queued { id: i64 },
+    /// A delivery with this key was accepted within the dedupe window: answered as that one was.
+    Duplicate {
+        id: i64,
+        request_id: String,
+        status: u16,
+    },
+}
+
+/// Why the store could not do what was asked. Every one of them is a 503 to a sender: the request may
+/// succeed later, and nothing of it was kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// `max_queued` or `max_queued_bytes` is reached.
+    Full(String),
+    /// The disk is full, the database is locked or busy: it may pass by itself.
+    Unavailable(String),
+    /// An I/O error (a failed write or fsync): after a failed fsync the kernel may have dropped the dirty
+    /// pages it could not write, so what this process reads back can no longer be trusted. The daemon
+    /// stops with a failure for its supervisor to restart it, and SQLite's recovery starts from the disk.
+    Broken(String),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Full(what) => write!(f, "the queue is full ({what})"),
+            StoreError::Unavailable(what) => write!(f, "the store is unavailable: {what}"),
+            StoreError::Broken(what) => write!(f, "the store failed: {what}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// One run of a script, as the history keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attempt {
+    /// 1 for the first run.
+    pub n: u32,
+    pub started_at: i64,
+    pub duration_ms: f64,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    /// The last bytes the script wrote to stdout and stderr.
+    pub output: String,
+}
+
+/// A sync delivery's row, written off the request's path.
+#[derive(Debug, Clone)]
+pub struct SyncRecord {
+    pub request_id: String,
+    pub received_at: i64,
+    pub sender: Option<String>,
+    pub event: String,
+    pub route_line: usize,
+    pub script: String,
+    pub delivery_id: Option<String>,
+    pub status: u16,
+    pub attempt: Option<Attempt>,
+    /// The body, when it was small enough to be held in memory.
+    pub body: Option<Vec<u8>>,
+}
+
+/// A queued entry the dispatcher may start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    pub id: i64,
+    pub request_id: String,
+    pub received_at: i64,
+    pub event: String,
+    pub route_line: usize,
+    pub script: String,
+    pub env: Vec<(String, String)>,
+    /// Attempts made so far.
+    pub attempts: u32,
+    pub due_at: i64,
+    pub policy: Policy,
+}
+
+impl Pending {
+    /// Entries of one route share this key (the dispatcher's ordering and `serial` work per route).
+    pub fn route(&self) -> String {
+        format!("{}:{}", self.route_line, self.script)
+    }
+}
+
+/// Where an entry goes after an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    Done,
+    /// Failed; runs again at this time (ms since the epoch).
+    Retry(i64),
+    Dead,
+}
+
+/// An entry's state as the history shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Queued,
+    Running,
+    Done,
+    /// A sync run that failed, or an async entry whose last attempt failed and that waits to retry.
+    Failed,
+    Dead,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Queued => "queued",
+            State::Running => "running",
+            State::Done => "done",
+            State::Failed => "failed",
+            State::Dead => "dead",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<State> {
+        [
+            State::Queued,
+            State::Running,
+            State::Done,
+            State::Failed,
+            State::Dead,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
+    }
+}
+
+/// A row of the history.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub id: i64,
+    pub request_id: String,
+    pub received_at: i64,
+    pub mode: &'static str,
+    pub sender: Option<String>,
+    pub event: String,
+    pub route_line: usize,
+    pub script: String,
+    pub delivery_id: Option<String>,
+    pub state: State,
+    pub status: u16,
+    pub attempts: u32,
+    pub last_exit: Option<i32>,
+    pub due_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub payload_bytes: u64,
+    pub payload_kept: bool,
+}
+
+/// What `deliveries list` selects.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Query {
+    /// A glob on the event name.
+    pub event: Option<String>,
+    pub state: Option<State>,
+    /// Rows whose last exit code is this.
+    pub exit_code: Option<i32>,
+    pub sender: Option<String>,
+    pub since: Option<i64>,
+    pub limit: usize,
+}
+
+/// The summary line: totals as a sender's own log screen shows them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub total: u64,
+    pub done: u64,
+    pub failed: u64,
+    pub dead: u64,
+    pub queued: u64,
+    pub running: u64,
+    pub store_bytes: u64,
+}
+
+/// How long finished history is kept, and how large the store may grow.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub keep_payloads: Duration,
+    pub keep_history: Duration,
+    pub max_store_bytes: u64,
+    pub dedupe_window: Duration,
+}
+
+/// What a pruning pass removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub payloads: u64,
+    pub rows: u64,
+}
+
+/// Which entries `deliveries retry` runs again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    One(String),
+    /// Every dead entry, of events matching the glob if one is given.
+    Dead(Option<String>),
+}
+
+/// The store as the gateway, the dispatcher and the CLI see it.
+pub trait Store: Send + Sync {
+    /// Commits an async delivery (durably, before returning) or finds it a duplicate.
+    fn accept(&self, delivery: NewDelivery, bounds: Bounds) -> Result<Accepted, StoreError>;
+    /// Writes a sync delivery's row later, without making the request wait for it.
+    fn record(&self, record: SyncRecord);
+    /// Due or not, the entries waiting to run, oldest first.
+    fn pending(&self, limit: usize) -> Result<Vec<Pending>, StoreError>;
+    fn payload(&self, id: i64) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Marks an entry as running (for the history only: a crash makes it queued again).
+    fn started(&self, id: i64);
+    /// Keeps an attempt and moves the entry on.
+    fn finish(&self, id: i64, attempt: Attempt, next: Next) -> Result<(), StoreError>;
+    /// At start: entries left running by a crash are queued again. Returns how many are waiting.
+    fn recover(&self) -> Result<u64, StoreError>;
+    fn prune(&self, retention: Retention) -> Result<Pruned, StoreError>;
+    fn list(&self, query: &Query) -> Result<Vec<Row>, StoreError>;
+    /// A row by its number or its request id, with its attempts.
+    fn show(&self, id: &str) -> Result<Option<(Row, Vec<Attempt>)>, StoreError>;
+    /// Queues entries again to run now; returns how many.
+    fn retry(&self, target: &Target) -> Result<u64, StoreError>;
+    /// Removes an entry that is not running; returns whether there was one.
+    fn drop_entry(&self, id: &str) -> Result<bool, StoreError>;
+    fn summary(&self) -> Result<Summary, StoreError>;
+    /// A write failed in a way that makes the store untrustworthy (see [`StoreError::Broken`]).
+    fn broken(&self) -> bool;
+}
+
+pub type Shared = Arc<dyn Store>;
+
+/// The database file under `state_dir`.
+pub const DATABASE: &str = "hookrunner.db";
+
+/// Opens (creating and migrating) the store in `dir`.
+pub fn open(dir: &Path) -> Result<Shared, String> {
+    sqlite::Sqlite::open(dir).map(|s| Arc::new(s) as Shared)
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -1,0 +1,866 @@
+//! The SQLite backend: one database file in WAL mode with `synchronous=FULL`, so a committed transaction
+//! survives a crash, a kill -9 or a power cut (SQLite's WAL document: with FULL, the WAL is synced at every
+//! commit).
+//!
+//! Group commit: one writer thread owns the write connection. Requests hand it their work through a bounded
+//! channel and wait for their own reply; it takes everything that has gathered, runs it in one transaction
+//! (each piece in its own savepoint, so one failing piece does not undo the others), commits once, and only
+//! then answers every waiter. Many connections' accepts cost one fsync. Reads (the dispatcher, the CLI) use
+//! their own connection and never wait for the writer.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, ErrorCode, OptionalExtension, Row as SqlRow, params};
+
+use super::{
+    Accepted, Attempt, Bounds, NewDelivery, Next, Pending, Policy, Pruned, Query, Retention, Row,
+    State, Store, StoreError, Summary, SyncRecord, Target, now_ms, schema,
+};
+use crate::routes::Glob;
+
+/// Work waiting for the writer. More than this and a request waits to hand its work over (back-pressure,
+/// bounded memory); one transaction takes all that has gathered, up to this many.
+const CHANNEL: usize = 1024;
+/// How long history rows wait for more before their transaction begins (never work someone waits for).
+const GATHER: Duration = Duration::from_millis(50);
+/// Each connection's page cache, in KiB (SQLite's negative `cache_size`).
+const CACHE_KIB: i64 = -256;
+/// How long a connection waits for another process's write lock (the CLI's) before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// What a history row takes besides its payload (its columns, attempts, index entries), to estimate how
+/// many rows pruning must remove.
+const ROW_OVERHEAD: i64 = 512;
+
+/// Counts of waiting entries, read in each transaction when first needed and kept up to date within it, so
+/// the bounds are checked against what is committed plus what this transaction adds. A transaction of
+/// history rows alone never reads them.
+#[derive(Default)]
+struct Counts {
+    loaded: Option<Waiting>,
+}
+
+#[derive(Clone, Copy)]
+struct Waiting {
+    queued: u64,
+    queued_bytes: u64,
+}
+
+impl Counts {
+    fn get(&mut self, conn: &Connection) -> Result<&mut Waiting, StoreError> {
+        if self.loaded.is_none() {
+            self.loaded = Some(waiting(conn)?);
+        }
+        Ok(self.loaded.get_or_insert(Waiting {
+            queued: 0,
+            queued_bytes: 0,
+        }))
+    }
+}
+
+/// Told how the transaction that held its work ended.
+type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// A piece of work for the writer.
+trait Work: Send {
+    /// Runs it: whether it succeeded (else its savepoint is rolled back), and its reply for after the commit.
+    fn run(self: Box<Self>, conn: &Connection, counts: &mut Counts) -> (bool, Reply);
+    /// Answers it without running it.
+    fn fail(self: Box<Self>, error: StoreError);
+    /// Whether its commit must be on disk before it is answered (an accept, an attempt's result), or may
+    /// wait for the next one that is (a history row, a "running" mark).
+    fn durable(&self) -> bool;
+}
+
+type Job = Box<dyn Work>;
+
+/// Work and what to do with its result.
+struct Task<W, D> {
+    work: W,
+    done: D,
+    durable: bool,
+}
+
+impl<T, W, D> Work for Task<W, D>
+where
+    T: Send + 'static,
+    W: FnOnce(&Connection, &mut Counts) -> Result<T, StoreError> + Send + 'static,
+    D: FnOnce(Result<T, StoreError>) + Send + 'static,
+{
+    fn run(self: Box<Self>, conn: &Connection, counts: &mut Counts) -> (bool, Reply) {
+        let Task { work, done, .. } = *self;
+        let result = work(conn, counts);
+        let ok = result.is_ok();
+        (ok, Box::new(move |commit| done(commit.and(result))))
+    }
+
+    fn fail(self: Box<Self>, error: StoreError) {
+        (self.done)(Err(error));
+    }
+
+    fn durable(&self) -> bool {
+        self.durable
+    }
+}
+
+pub struct Sqlite {
+    path: PathBuf,
+    jobs: SyncSender<Job>,
+    reader: Mutex<Connection>,
+    broken: Arc<AtomicBool>,
+}
+
+impl Sqlite {
+    /// Creates `dir` (0700) if it is missing, opens or creates the database in it (0600), migrates it to
+    /// the newest schema and starts the writer thread.
+    pub fn open(dir: &Path) -> Result<Sqlite, String> {
+        let context = |what: &str, e: &dyn std::fmt::Display| {
+            format!("state_dir {}: {what}: {e}", dir.display())
+        };
+        match fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+        {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(context("cannot create", &e)),
+        }
+        let path = dir.join(super::DATABASE);
+        // Created here so it is private from the start; SQLite gives its -wal and -shm files the same mode.
+        fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| context("cannot create the database", &e))?;
+        let mut writer = connect(&path).map_err(|e| context("cannot open the database", &e))?;
+        // Only takes effect on a new, empty database: freed pages can then be given back with
+        // `PRAGMA incremental_vacuum` instead of a full VACUUM that rewrites the file.
+        writer
+            .pragma_update(None, "auto_vacuum", "INCREMENTAL")
+            .map_err(|e| context("cannot set auto_vacuum", &e))?;
+        let mode: String = writer
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(|e| context("cannot enable WAL", &e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(context(
+                "cannot enable WAL",
+                &format!("journal mode is {mode}"),
+            ));
+        }
+        schema::migrate(&mut writer).map_err(|e| context("schema", &e))?;
+        let reader = connect(&path).map_err(|e| context("cannot open the database", &e))?;
+        let (jobs, queue) = mpsc::sync_channel(CHANNEL);
+        let broken = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&broken);
+        std::thread::Builder::new()
+            .name("hookrunner-store".into())
+            .spawn(move || write_loop(&writer, &queue, &flag))
+            .map_err(|e| context("cannot start the writer thread", &e))?;
+        Ok(Sqlite {
+            path,
+            jobs,
+            reader: Mutex::new(reader),
+            broken,
+        })
+    }
+
+    /// Hands `work` to the writer and waits until the transaction that holds it has committed.
+    fn write<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Connection, &mut Counts) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.submit(
+            work,
+            move |result| {
+                let _ = tx.send(result);
+            },
+            true,
+        )?;
+        rx.recv()
+            .unwrap_or_else(|_| Err(StoreError::Broken("the writer thread stopped".into())))
+    }
+
+    /// Hands `work` to the writer; `done` gets its result once its transaction has ended.
+    fn submit<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Connection, &mut Counts) -> Result<T, StoreError> + Send + 'static,
+        done: impl FnOnce(Result<T, StoreError>) + Send + 'static,
+        durable: bool,
+    ) -> Result<(), StoreError> {
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(broken_error());
+        }
+        let job: Job = Box::new(Task {
+            work,
+            done,
+            durable,
+        });
+        self.jobs
+            .send(job)
+            .map_err(|_| StoreError::Broken("the writer thread stopped".into()))
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+        let conn = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        f(&conn).map_err(|e| classify(&e))
+    }
+
+    /// A row's number from `deliveries show ID`: the number itself, or the row of a request id.
+    fn resolve(&self, id: &str) -> Result<Option<i64>, StoreError> {
+        if let Ok(n) = id.parse::<i64>() {
+            return Ok(Some(n));
+        }
+        let id = id.to_string();
+        self.read(move |c| {
+            c.query_row(
+                "SELECT id FROM deliveries WHERE request_id = ?1 ORDER BY id DESC LIMIT 1",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+    }
+
+    /// The database file and its WAL, as they take space on the disk.
+    fn bytes_on_disk(&self) -> u64 {
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        [self.path.as_os_str(), wal.as_os_str()]
+            .iter()
+            .filter_map(|p| fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+}
+
+fn broken_error() -> StoreError {
+    StoreError::Broken(
+        "an earlier write to the store failed; the daemon is stopping for its supervisor to restart it"
+            .into(),
+    )
+}
+
+fn connect(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    // The default page cache (2 MiB) per connection would triple the daemon's idle memory; the writer
+    // appends and the readers look at the recent end of the queue, which a small cache holds.
+    conn.pragma_update(None, "cache_size", CACHE_KIB)?;
+    Ok(conn)
+}
+
+/// Maps SQLite's errors to what a sender is told and what the daemon does. A failed fsync poisons the store
+/// (see [`StoreError::Broken`]); a full disk, a lock held too long or anything else fails this work only.
+fn classify(e: &rusqlite::Error) -> StoreError {
+    const SQLITE_IOERR_FSYNC: i32 = 1034;
+    const SQLITE_IOERR_DIR_FSYNC: i32 = 1290;
+    match e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(f.extended_code, SQLITE_IOERR_FSYNC | SQLITE_IOERR_DIR_FSYNC) =>
+        {
+            StoreError::Broken(e.to_string())
+        }
+        rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::DiskFull => {
+            StoreError::Unavailable("the disk is full".into())
+        }
+        _ => StoreError::Unavailable(e.to_string()),
+    }
+}
+
+fn write_loop(conn: &Connection, queue: &Receiver<Job>, broken: &AtomicBool) {
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        // History rows wait a moment for company, so a stream of sync requests costs one transaction per
+        // up to 50 ms rather than one per request; work someone waits for ends the wait at once.
+        let gather = Instant::now() + GATHER;
+        while batch.len() < CHANNEL && !batch.iter().any(|j| j.durable()) {
+            let left = gather.saturating_duration_since(Instant::now());
+            match queue.recv_timeout(left) {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        while batch.len() < CHANNEL {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        if broken.load(Ordering::SeqCst) {
+            for job in batch {
+                job.fail(broken_error());
+            }
+            continue;
+        }
+        let result = commit_batch(conn, batch);
+        if let Err(StoreError::Broken(e)) = &result {
+            log::error!(
+                "store: {e}; after a failed fsync the kernel may have dropped what it could not write, \
+                 so nothing more is written and the daemon stops"
+            );
+            broken.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Runs a batch in one transaction and answers each job with the commit's result. A batch of which no job
+/// needs its commit on disk is committed without an fsync (`synchronous=NORMAL`: in WAL mode that can lose
+/// the last such commits in a power cut, never a process crash, and never corrupts); the next durable
+/// commit syncs them with it.
+fn commit_batch(conn: &Connection, batch: Vec<Job>) -> Result<(), StoreError> {
+    let mut replies = Vec::with_capacity(batch.len());
+    let durable = batch.iter().any(|j| j.durable());
+    let level = if durable { "FULL" } else { "NORMAL" };
+    let begun = conn
+        .pragma_update(None, "synchronous", level)
+        .and_then(|()| conn.execute_batch("BEGIN IMMEDIATE"))
+        .map_err(|e| classify(&e));
+    let mut counts = Counts::default();
+    match begun {
+        Ok(()) => {}
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            for job in batch {
+                job.fail(e.clone());
+            }
+            return Err(e);
+        }
+    };
+    for job in batch {
+        let saved = conn
+            .prepare_cached("SAVEPOINT job")
+            .and_then(|mut s| s.execute([]));
+        let (ok, reply) = job.run(conn, &mut counts);
+        if saved.is_ok() {
+            if !ok {
+                let _ = conn.execute_batch("ROLLBACK TO job");
+            }
+            let _ = conn
+                .prepare_cached("RELEASE job")
+                .and_then(|mut s| s.execute([]));
+        }
+        replies.push(reply);
+    }
+    let result = conn.execute_batch("COMMIT").map_err(|e| classify(&e));
+    if result.is_err() && !conn.is_autocommit() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    for reply in replies {
+        reply(result.clone());
+    }
+    result
+}
+
+fn waiting(conn: &Connection) -> Result<Waiting, StoreError> {
+    conn.query_row(
+        "SELECT count(*), total(payload_bytes) FROM deliveries
+         WHERE state IN ('queued', 'failed', 'running') AND mode = 'async'",
+        [],
+        |r| {
+            Ok(Waiting {
+                queued: r.get::<_, i64>(0)? as u64,
+                queued_bytes: r.get::<_, f64>(1)? as u64,
+            })
+        },
+    )
+    .map_err(|e| classify(&e))
+}
+
+fn sql(e: rusqlite::Error) -> StoreError {
+    classify(&e)
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> StoreError {
+        classify(&e)
+    }
+}
+
+fn accept_in(
+    conn: &Connection,
+    counts: &mut Counts,
+    d: &NewDelivery,
+    bounds: Bounds,
+) -> Result<Accepted, StoreError> {
+    let now = now_ms();
+    if let Some(key) = &d.dedupe_key {
+        let since = now - bounds.dedupe_window.as_millis() as i64;
+        let first = conn
+            .query_row(
+                "SELECT delivery, request_id, status FROM dedupe WHERE key = ?1 AND accepted_at >= ?2",
+                params![key, since],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(sql)?;
+        if let Some((id, request_id, status)) = first {
+            return Ok(Accepted::Duplicate {
+                id,
+                request_id,
+                status,
+            });
+        }
+    }
+    let counts = counts.get(conn)?;
+    if counts.queued >= bounds.max_queued {
+        return Err(StoreError::Full(format!(
+            "max_queued = {} entries",
+            bounds.max_queued
+        )));
+    }
+    let bytes = d.body.len() as u64;
+    if counts.queued_bytes.saturating_add(bytes) > bounds.max_queued_bytes {
+        return Err(StoreError::Full(format!(
+            "max_queued_bytes = {} bytes",
+            bounds.max_queued_bytes
+        )));
+    }
+    let env = serde_json::to_string(&d.env).unwrap_or_else(|_| "[]".into());
+    conn.prepare_cached("INSERT INTO deliveries (request_id, received_at, mode, sender, event, route_line, script,
+             delivery_id, state, status, max_attempts, retry_max_ms, timeout_ms, serial, due_at, env,
+             payload, payload_bytes)
+         VALUES (?1, ?2, 'async', ?3, ?4, ?5, ?6, ?7, 'queued', ?8, ?9, ?10, ?11, ?12, ?2, ?13, ?14, ?15)")?
+.execute(
+        params![
+            d.request_id,
+            d.received_at,
+            d.sender,
+            d.event,
+            d.route_line as i64,
+            d.script,
+            d.delivery_id,
+            d.ack_status,
+            d.policy.max_attempts,
+            d.policy.retry_max.as_millis() as i64,
+            d.policy.timeout.as_millis() as i64,
+            d.policy.serial,
+            env,
+            d.body,
+            bytes as i64,
+        ],
+    )
+    .map_err(sql)?;
+    let id = conn.last_insert_rowid();
+    if let Some(key) = &d.dedupe_key {
+        conn.prepare_cached(
+            "INSERT OR REPLACE INTO dedupe (key, delivery, request_id, status, accepted_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute(params![key, id, d.request_id, d.ack_status, now])
+        .map_err(sql)?;
+    }
+    counts.queued += 1;
+    counts.queued_bytes += bytes;
+    Ok(Accepted::Queued { id })
+}
+
+fn insert_attempt(conn: &Connection, id: i64, a: &Attempt) -> rusqlite::Result<usize> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO attempts (delivery, n, started_at, duration_ms, exit_code, signal,
+             timed_out, output)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        id,
+        a.n,
+        a.started_at,
+        a.duration_ms,
+        a.exit_code,
+        a.signal,
+        a.timed_out,
+        a.output
+    ])
+}
+
+fn record_in(conn: &Connection, r: &SyncRecord) -> rusqlite::Result<()> {
+    let ok = r.attempt.as_ref().is_some_and(|a| a.exit_code == Some(0));
+    let state = if ok { State::Done } else { State::Failed };
+    let bytes = r.body.as_ref().map_or(0, Vec::len) as i64;
+    conn.prepare_cached(
+        "INSERT INTO deliveries (request_id, received_at, mode, sender, event, route_line, script,
+             delivery_id, state, status, attempts, last_exit, finished_at, payload, payload_bytes)
+         VALUES (?1, ?2, 'sync', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+    )?
+    .execute(params![
+        r.request_id,
+        r.received_at,
+        r.sender,
+        r.event,
+        r.route_line as i64,
+        r.script,
+        r.delivery_id,
+        state.as_str(),
+        r.status,
+        u32::from(r.attempt.is_some()),
+        r.attempt.as_ref().and_then(|a| a.exit_code),
+        now_ms(),
+        r.body,
+        bytes,
+    ])?;
+    if let Some(attempt) = &r.attempt {
+        insert_attempt(conn, conn.last_insert_rowid(), attempt)?;
+    }
+    Ok(())
+}
+
+const ROW_COLUMNS: &str = "id, request_id, received_at, mode, sender, event, route_line, script, \
+     delivery_id, state, status, attempts, last_exit, due_at, finished_at, payload_bytes, \
+     payload IS NOT NULL";
+
+fn row(r: &SqlRow<'_>) -> rusqlite::Result<Row> {
+    let mode: String = r.get(3)?;
+    let state: String = r.get(9)?;
+    Ok(Row {
+        id: r.get(0)?,
+        request_id: r.get(1)?,
+        received_at: r.get(2)?,
+        mode: if mode == "sync" { "sync" } else { "async" },
+        sender: r.get(4)?,
+        event: r.get(5)?,
+        route_line: r.get::<_, i64>(6)? as usize,
+        script: r.get(7)?,
+        delivery_id: r.get(8)?,
+        state: State::parse(&state).unwrap_or(State::Failed),
+        status: r.get(10)?,
+        attempts: r.get(11)?,
+        last_exit: r.get(12)?,
+        due_at: r.get(13)?,
+        finished_at: r.get(14)?,
+        payload_bytes: r.get::<_, i64>(15)? as u64,
+        payload_kept: r.get(16)?,
+    })
+}
+
+impl Store for Sqlite {
+    fn accept(&self, delivery: NewDelivery, bounds: Bounds) -> Result<Accepted, StoreError> {
+        self.write(move |conn, counts| accept_in(conn, counts, &delivery, bounds))
+    }
+
+    fn record(&self, record: SyncRecord) {
+        if self.broken.load(Ordering::SeqCst) {
+            return;
+        }
+        let request_id = record.request_id.clone();
+        let job: Job = Box::new(Task {
+            work: move |conn: &Connection, _: &mut Counts| record_in(conn, &record).map_err(sql),
+            done: move |result: Result<(), StoreError>| {
+                if let Err(e) = result {
+                    log::warn!("{request_id} history row not written: {e}");
+                }
+            },
+            durable: false,
+        });
+        // A full channel means the writer is behind: wait for room rather than lose the row.
+        if let Err(TrySendError::Full(job)) = self.jobs.try_send(job) {
+            let _ = self.jobs.send(job);
+        }
+    }
+
+    fn pending(&self, limit: usize) -> Result<Vec<Pending>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare(
+                "SELECT id, request_id, received_at, event, route_line, script, env, attempts, due_at,
+                     max_attempts, retry_max_ms, timeout_ms, serial
+                 FROM deliveries WHERE state IN ('queued', 'failed') AND mode = 'async'
+                 ORDER BY id LIMIT ?1",
+            )?;
+            let rows = stmt.query_map([limit as i64], |r| {
+                let env: String = r.get(6)?;
+                Ok(Pending {
+                    id: r.get(0)?,
+                    request_id: r.get(1)?,
+                    received_at: r.get(2)?,
+                    event: r.get(3)?,
+                    route_line: r.get::<_, i64>(4)? as usize,
+                    script: r.get(5)?,
+                    env: serde_json::from_str(&env).unwrap_or_default(),
+                    attempts: r.get(7)?,
+                    due_at: r.get::<_, Option<i64>>(8)?.unwrap_or(0),
+                    policy: Policy {
+                        max_attempts: r.get(9)?,
+                        retry_max: Duration::from_millis(r.get::<_, i64>(10)?.max(0) as u64),
+                        timeout: Duration::from_millis(r.get::<_, i64>(11)?.max(0) as u64),
+                        serial: r.get(12)?,
+                    },
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    fn payload(&self, id: i64) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read(|c| {
+            c.query_row("SELECT payload FROM deliveries WHERE id = ?1", [id], |r| {
+                r.get::<_, Option<Vec<u8>>>(0)
+            })
+            .optional()
+            .map(Option::flatten)
+        })
+    }
+
+    fn started(&self, id: i64) {
+        let _ = self.submit(
+            move |conn, _| {
+                conn.prepare_cached(
+                    "UPDATE deliveries SET state = 'running'
+                     WHERE id = ?1 AND state IN ('queued', 'failed')",
+                )?
+                .execute([id])
+                .map_err(sql)
+            },
+            |_| {},
+            false,
+        );
+    }
+
+    fn finish(&self, id: i64, attempt: Attempt, next: Next) -> Result<(), StoreError> {
+        self.write(move |conn, _| {
+            let now = now_ms();
+            let (state, due, finished) = match next {
+                Next::Done => (State::Done, None, Some(now)),
+                Next::Retry(at) => (State::Failed, Some(at), None),
+                Next::Dead => (State::Dead, None, Some(now)),
+            };
+            // An entry dropped by the operator while it ran is gone: its attempt has nowhere to go.
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE deliveries SET state = ?2, attempts = ?3, last_exit = ?4, due_at = ?5,
+                         finished_at = ?6
+                     WHERE id = ?1",
+                )?
+                .execute(params![
+                    id,
+                    state.as_str(),
+                    attempt.n,
+                    attempt.exit_code,
+                    due,
+                    finished
+                ])
+                .map_err(sql)?;
+            if changed > 0 {
+                insert_attempt(conn, id, &attempt).map_err(sql)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn recover(&self) -> Result<u64, StoreError> {
+        self.write(|conn, counts| {
+            conn.prepare_cached("UPDATE deliveries SET state = 'queued' WHERE state = 'running'")?
+                .execute([])
+                .map_err(sql)?;
+            Ok(counts.get(conn)?.queued)
+        })
+    }
+
+    fn prune(&self, retention: Retention) -> Result<Pruned, StoreError> {
+        self.write(move |conn, _| {
+            let now = now_ms();
+            let age = |d: Duration| now - d.as_millis() as i64;
+            let payloads = conn
+                .prepare_cached(
+                    "UPDATE deliveries SET payload = NULL
+                     WHERE payload IS NOT NULL AND finished_at IS NOT NULL AND received_at < ?1",
+                )?
+                .execute([age(retention.keep_payloads)])
+                .map_err(sql)? as u64;
+            let mut rows = conn
+                .prepare_cached(
+                    "DELETE FROM deliveries WHERE finished_at IS NOT NULL AND received_at < ?1",
+                )?
+                .execute([age(retention.keep_history)])
+                .map_err(sql)? as u64;
+            conn.prepare_cached("DELETE FROM dedupe WHERE accepted_at < ?1")?
+                .execute([age(retention.dedupe_window)])
+                .map_err(sql)?;
+            // Over the size bound: the oldest finished rows go first, as many as the excess is estimated to
+            // take (their payloads and a row's overhead); an entry still waiting never does.
+            loop {
+                let used: i64 = conn
+                    .query_row(
+                        "SELECT (page_count - freelist_count) * page_size
+                         FROM pragma_page_count, pragma_freelist_count, pragma_page_size",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .map_err(sql)?;
+                let excess = used - retention.max_store_bytes as i64;
+                if excess <= 0 {
+                    break;
+                }
+                let removed = conn
+                    .prepare_cached(
+                        "DELETE FROM deliveries WHERE id IN (
+                             SELECT id FROM (
+                                 SELECT id, cost, sum(cost) OVER (ORDER BY id) AS upto FROM (
+                                     SELECT id, ?2 + CASE WHEN payload IS NULL THEN 0
+                                                          ELSE payload_bytes END AS cost
+                                     FROM deliveries WHERE finished_at IS NOT NULL))
+                             WHERE upto - cost < ?1)",
+                    )?
+                    .execute(params![excess, ROW_OVERHEAD])
+                    .map_err(sql)? as u64;
+                if removed == 0 {
+                    break;
+                }
+                rows += removed;
+            }
+            // Gives the freed pages back to the file system.
+            conn.execute_batch("PRAGMA incremental_vacuum")
+                .map_err(sql)?;
+            Ok(Pruned { payloads, rows })
+        })
+    }
+
+    fn list(&self, query: &Query) -> Result<Vec<Row>, StoreError> {
+        let q = query.clone();
+        self.read(move |c| {
+            let sql = format!(
+                "SELECT {ROW_COLUMNS} FROM deliveries
+                 WHERE (?1 IS NULL OR lower(event) GLOB lower(?1))
+                   AND (?2 IS NULL OR state = ?2)
+                   AND (?3 IS NULL OR last_exit = ?3)
+                   AND (?4 IS NULL OR sender = ?4)
+                   AND (?5 IS NULL OR received_at >= ?5)
+                 ORDER BY id DESC LIMIT ?6"
+            );
+            let mut stmt = c.prepare(&sql)?;
+            let rows = stmt.query_map(
+                params![
+                    q.event,
+                    q.state.map(State::as_str),
+                    q.exit_code,
+                    q.sender,
+                    q.since,
+                    q.limit as i64
+                ],
+                row,
+            )?;
+            rows.collect()
+        })
+    }
+
+    fn show(&self, id: &str) -> Result<Option<(Row, Vec<Attempt>)>, StoreError> {
+        let Some(id) = self.resolve(id)? else {
+            return Ok(None);
+        };
+        self.read(move |c| {
+            let found = c
+                .query_row(
+                    &format!("SELECT {ROW_COLUMNS} FROM deliveries WHERE id = ?1"),
+                    [id],
+                    row,
+                )
+                .optional()?;
+            let Some(found) = found else {
+                return Ok(None);
+            };
+            let mut stmt = c.prepare(
+                "SELECT n, started_at, duration_ms, exit_code, signal, timed_out, output
+                 FROM attempts WHERE delivery = ?1 ORDER BY n",
+            )?;
+            let attempts = stmt
+                .query_map([id], |r| {
+                    Ok(Attempt {
+                        n: r.get(0)?,
+                        started_at: r.get(1)?,
+                        duration_ms: r.get(2)?,
+                        exit_code: r.get(3)?,
+                        signal: r.get(4)?,
+                        timed_out: r.get(5)?,
+                        output: r.get(6)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(Some((found, attempts)))
+        })
+    }
+
+    fn retry(&self, target: &Target) -> Result<u64, StoreError> {
+        let ids: Vec<i64> = match target {
+            Target::One(id) => self.resolve(id)?.into_iter().collect(),
+            Target::Dead(glob) => {
+                let glob = glob.as_ref().map(|g| Glob::new(g, true));
+                let dead = self.read(|c| {
+                    let mut stmt =
+                        c.prepare("SELECT id, event FROM deliveries WHERE state = 'dead'")?;
+                    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                    rows.collect::<rusqlite::Result<Vec<(i64, String)>>>()
+                })?;
+                dead.into_iter()
+                    .filter(|(_, event)| glob.as_ref().is_none_or(|g| g.matches(event)))
+                    .map(|(id, _)| id)
+                    .collect()
+            }
+        };
+        self.write(move |conn, _| {
+            let now = now_ms();
+            let mut n = 0;
+            for id in ids {
+                // One more attempt, now; only async entries whose payload is still kept can run again.
+                n += conn
+                    .prepare_cached(
+                        "UPDATE deliveries SET state = 'queued', due_at = ?2, finished_at = NULL,
+                             max_attempts = attempts + 1
+                         WHERE id = ?1 AND mode = 'async' AND state IN ('dead', 'failed', 'done')
+                           AND payload IS NOT NULL",
+                    )?
+                    .execute(params![id, now])
+                    .map_err(sql)? as u64;
+            }
+            Ok(n)
+        })
+    }
+
+    fn drop_entry(&self, id: &str) -> Result<bool, StoreError> {
+        let Some(id) = self.resolve(id)? else {
+            return Ok(false);
+        };
+        self.write(move |conn, _| {
+            conn.prepare_cached("DELETE FROM deliveries WHERE id = ?1 AND state != 'running'")?
+                .execute([id])
+                .map(|n| n > 0)
+                .map_err(sql)
+        })
+    }
+
+    fn summary(&self) -> Result<Summary, StoreError> {
+        let mut summary = self.read(|c| {
+            c.query_row(
+                "SELECT count(*), total(state = 'done'), total(state = 'failed'), total(state = 'dead'),
+                     total(state = 'queued'), total(state = 'running')
+                 FROM deliveries",
+                [],
+                |r| {
+                    Ok(Summary {
+                        total: r.get::<_, i64>(0)? as u64,
+                        done: r.get::<_, f64>(1)? as u64,
+                        failed: r.get::<_, f64>(2)? as u64,
+                        dead: r.get::<_, f64>(3)? as u64,
+                        queued: r.get::<_, f64>(4)? as u64,
+                        running: r.get::<_, f64>(5)? as u64,
+                        store_bytes: 0,
+                    })
+                },
+            )
+        })?;
+        summary.store_bytes = self.bytes_on_disk();
+        Ok(summary)
+    }
+
+    fn broken(&self) -> bool {
+        self.broken.load(Ordering::SeqCst)
+    }
+}

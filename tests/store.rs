@@ -1,0 +1,915 @@
+//! The durable store and async delivery, against the real binary: acknowledgement before the run, retries,
+//! dead letters and the exit-code convention, dedupe across restarts, recovery after kill -9, SIGTERM, a
+//! full disk, a failed fsync, the history of sync requests, pruning, and the `deliveries` CLI while the
+//! daemon runs. Every wait is bounded.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::util::{BIN, Env, Response, Server, wait_until};
+
+/// Runs `hookrunner deliveries ARGS` on the env's config and store.
+fn deliveries(env: &Env, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("deliveries")
+        .arg("--config")
+        .arg(env.config_path())
+        .args(args)
+        .env("STATE_DIRECTORY", env.state())
+        .output()
+        .expect("run deliveries")
+}
+
+/// `deliveries list --json ARGS`, parsed.
+fn rows(env: &Env, args: &[&str]) -> Vec<Value> {
+    let mut all = vec!["list", "--json", "--limit", "100000"];
+    all.extend_from_slice(args);
+    let out = deliveries(env, &all);
+    assert!(
+        out.status.success(),
+        "deliveries list: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match serde_json::from_slice(&out.stdout) {
+        Ok(Value::Array(rows)) => rows,
+        other => panic!("not a JSON array: {other:?}"),
+    }
+}
+
+/// `deliveries show ID`, parsed.
+fn show(env: &Env, id: &str) -> Value {
+    let out = deliveries(env, &["show", id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("show prints JSON")
+}
+
+/// Waits (bounded) until the store holds a row of `event` in `state`; returns the row.
+fn wait_state(env: &Env, event: &str, state: &str, timeout: Duration) -> Value {
+    let mut found = None;
+    let done = wait_until(timeout, || {
+        found = rows(env, &["--event", event, "--status", state])
+            .into_iter()
+            .next();
+        found.is_some()
+    });
+    assert!(done, "no {event} row became {state}: {:?}", rows(env, &[]));
+    found.expect("found")
+}
+
+/// The lines a script appended to `path` (each run one line).
+fn lines(path: &std::path::Path) -> Vec<String> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn post_to(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Option<Response> {
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    // Written here rather than with util::send, which panics on a failed write: a daemon killed mid-request
+    // resets the connection, and the client must see that as "no answer".
+    let mut head = format!(
+        "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("Connection: close\r\n\r\n");
+    let mut bytes = head.into_bytes();
+    bytes.extend_from_slice(body);
+    stream.write_all(&bytes).ok()?;
+    Response::read(&mut stream).ok()
+}
+
+#[test]
+fn an_async_delivery_is_answered_before_its_script_runs_and_runs_with_the_same_contract() {
+    let env = Env::new();
+    let dir = env.path().to_path_buf();
+    env.script(
+        "a.sh",
+        &format!(
+            "while [ ! -e {release:?} ]; do sleep 0.02; done\n\
+             printf '%s|%s|%s|%s\\n' \"$HOOKRUNNER_ATTEMPT\" \"$HOOKRUNNER_QUEUED_AT\" \"$HOOKRUNNER_EVENT\" \"$(cat \"$1\")\" >> {ran:?}",
+            release = dir.join("release"),
+            ran = dir.join("ran")
+        ),
+    );
+    env.script("k.sh", "exit 0");
+    env.routes("A a.sh async\nK k.sh async ack_status=200\nS k.sh\n");
+    let server = env.serve();
+    let _release = crate::util::Release(dir.join("release"));
+    let r = server.post("/hooks/A", b"{\"n\":1}");
+    // Answered while the script cannot have finished: it waits for the release file.
+    assert_eq!(r.status, 202, "{}", r.text());
+    let body = r.json();
+    assert_eq!(body["queued"], true);
+    assert_eq!(body["event"], "A");
+    let request_id = body["request_id"].as_str().expect("request id").to_string();
+    assert!(lines(&dir.join("ran")).is_empty());
+    fs::write(dir.join("release"), "").expect("release");
+    assert!(wait_until(Duration::from_secs(10), || !lines(
+        &dir.join("ran")
+    )
+    .is_empty()));
+    let ran = lines(&dir.join("ran"));
+    let fields: Vec<&str> = ran[0].split('|').collect();
+    assert_eq!(fields[0], "1", "HOOKRUNNER_ATTEMPT: {ran:?}");
+    assert!(
+        fields[1].starts_with("20") && fields[1].ends_with('Z'),
+        "HOOKRUNNER_QUEUED_AT: {ran:?}"
+    );
+    assert_eq!(&fields[2..], ["A", "{\"n\":1}"]);
+    let row = wait_state(&env, "A", "done", Duration::from_secs(10));
+    assert_eq!(row["request_id"], request_id.as_str());
+    assert_eq!(row["mode"], "async");
+    // A sender that insists on 200 gets it; a route without `async` stays sync.
+    assert_eq!(server.post("/hooks/K", b"{}").status, 200);
+    assert_eq!(server.post("/hooks/K", b"{}").json()["queued"], true);
+    assert!(server.post("/hooks/S", b"{}").json()["exit_code"] == 0);
+}
+
+#[test]
+fn a_failing_script_is_retried_with_backoff_then_dead_with_every_attempt_kept() {
+    let env = Env::new();
+    let count = env.path().join("count");
+    env.script("fail.sh", "echo \"try $HOOKRUNNER_ATTEMPT\"\nexit 3");
+    env.script(
+        "flaky.sh",
+        &format!("echo x >> {count:?}\n[ $(wc -l < {count:?}) -ge 3 ]"),
+    );
+    env.routes(
+        "F fail.sh async retries=2 retry_max=100ms\nR flaky.sh async retries=5 retry_max=100ms\n",
+    );
+    let server = env.serve();
+    assert_eq!(server.post("/hooks/F", b"{}").status, 202);
+    assert_eq!(server.post("/hooks/R", b"{}").status, 202);
+    let dead = wait_state(&env, "F", "dead", Duration::from_secs(20));
+    let shown = show(&env, &dead["id"].to_string());
+    let attempts = shown["attempts_made"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 3, "{shown}");
+    for (i, a) in attempts.iter().enumerate() {
+        assert_eq!(a["exit_code"], 3);
+        assert_eq!(a["output_tail"], format!("try {}\n", i + 1));
+        assert!(a["duration_ms"].as_f64().is_some());
+    }
+    let done = wait_state(&env, "R", "done", Duration::from_secs(20));
+    assert_eq!(done["attempts"], 3, "{done}");
+    assert_eq!(lines(&count).len(), 3);
+}
+
+#[test]
+fn exit_65_is_dead_at_once_and_exit_75_is_retried_past_the_attempts() {
+    let env = Env::new();
+    let count = env.path().join("count");
+    env.script("data.sh", "exit 65");
+    env.script(
+        "temp.sh",
+        &format!("echo x >> {count:?}\n[ $(wc -l < {count:?}) -ge 3 ] || exit 75"),
+    );
+    env.routes(
+        "D data.sh async retries=5 retry_max=100ms\nT temp.sh async retries=0 retry_max=100ms\n",
+    );
+    let server = env.serve();
+    assert_eq!(server.post("/hooks/D", b"{}").status, 202);
+    assert_eq!(server.post("/hooks/T", b"{}").status, 202);
+    let dead = wait_state(&env, "D", "dead", Duration::from_secs(20));
+    assert_eq!(dead["attempts"], 1, "65 never retries: {dead}");
+    let done = wait_state(&env, "T", "done", Duration::from_secs(20));
+    assert_eq!(done["attempts"], 3, "75 retried although retries=0: {done}");
+}
+
+#[test]
+fn the_cli_retries_shows_and_drops_entries_while_the_daemon_runs() {
+    let env = Env::new();
+    let fixed = env.path().join("fixed");
+    env.script(
+        "x.sh",
+        &format!("echo \"payload $(cat \"$1\")\"\n[ -e {fixed:?} ]"),
+    );
+    env.routes("X x.sh async retries=0\nY x.sh async retries=0\n");
+    let server = env.serve();
+    assert_eq!(server.post("/hooks/X", b"{\"x\":1}").status, 202);
+    assert_eq!(server.post("/hooks/Y", b"{\"y\":1}").status, 202);
+    let x = wait_state(&env, "X", "dead", Duration::from_secs(10));
+    wait_state(&env, "Y", "dead", Duration::from_secs(10));
+    let id = x["id"].to_string();
+    let payload = deliveries(&env, &["show", &id, "--payload"]);
+    assert_eq!(payload.stdout, b"{\"x\":1}");
+    let summary = deliveries(&env, &["list"]);
+    let text = String::from_utf8_lossy(&summary.stdout);
+    assert!(
+        text.contains("total 2, done 0, failed 0, dead 2, queued 0"),
+        "{text}"
+    );
+    fs::write(&fixed, "").expect("fix");
+    let retried = deliveries(&env, &["retry", &id]);
+    assert!(
+        retried.status.success(),
+        "{}",
+        String::from_utf8_lossy(&retried.stderr)
+    );
+    // The daemon sees the CLI's change at its next look, well within a second or two.
+    let done = wait_state(&env, "X", "done", Duration::from_secs(5));
+    assert_eq!(done["attempts"], 2);
+    let y = rows(&env, &["--event", "Y"]);
+    let y_id = y[0]["id"].to_string();
+    let dropped = deliveries(&env, &["drop", &y_id]);
+    assert!(dropped.status.success());
+    assert!(rows(&env, &["--event", "Y"]).is_empty());
+    assert_eq!(deliveries(&env, &["drop", &y_id]).status.code(), Some(1));
+    assert_eq!(
+        deliveries(&env, &["retry", "--dead"]).status.code(),
+        Some(1),
+        "nothing dead is left"
+    );
+    assert!(
+        server.log().contains("attempt=2 exit=0 done"),
+        "{}",
+        server.log()
+    );
+}
+
+#[test]
+fn a_repeated_delivery_id_is_answered_as_the_first_and_not_run_again_across_a_restart() {
+    let env = Env::new();
+    let ran = env.path().join("ran");
+    env.script(
+        "d.sh",
+        &format!("printf '%s\\n' \"$(cat \"$1\")\" >> {ran:?}"),
+    );
+    env.routes("D d.sh async\nB d.sh async dedupe_key=json:/webhook/id\n");
+    let first = {
+        let server = env.serve();
+        let r = server.request(
+            "POST",
+            "/hooks/D",
+            &[("X-GitHub-Delivery", "abc-1")],
+            b"first",
+        );
+        assert_eq!(r.status, 202);
+        // Done, not only run: a daemon killed before the result is committed runs it again (at least once).
+        wait_state(&env, "D", "done", Duration::from_secs(10));
+        r.json()["request_id"].clone()
+    };
+    let server = env.serve();
+    let again = server.request(
+        "POST",
+        "/hooks/D",
+        &[("X-GitHub-Delivery", "abc-1")],
+        b"again",
+    );
+    assert_eq!(again.status, 202);
+    assert_eq!(again.json()["duplicate"], true);
+    assert_eq!(
+        again.json()["request_id"],
+        first,
+        "answered as the first one was"
+    );
+    // Without a delivery id two identical bodies are two events; an id in the body works like a header's.
+    for _ in 0..2 {
+        assert_eq!(server.post("/hooks/D", b"same").status, 202);
+    }
+    let body = br#"{"webhook":{"id":7}}"#;
+    assert_eq!(
+        server.post("/hooks/B", body).json()["duplicate"],
+        Value::Null
+    );
+    assert_eq!(server.post("/hooks/B", body).json()["duplicate"], true);
+    assert!(wait_until(Duration::from_secs(10), || lines(&ran).len() >= 4));
+    std::thread::sleep(Duration::from_millis(500));
+    let got = lines(&ran);
+    assert_eq!(
+        got.iter().filter(|l| l.starts_with("again")).count(),
+        0,
+        "{got:?}"
+    );
+    let count = |text: &str| got.iter().filter(|l| l.as_str() == text).count();
+    assert_eq!(count("first"), 1, "{got:?}");
+    assert_eq!(count("same"), 2, "{got:?}");
+    assert_eq!(count(r#"{"webhook":{"id":7}}"#), 1, "{got:?}");
+}
+
+#[test]
+fn entries_left_queued_by_a_kill_run_after_the_restart() {
+    let env = Env::new().config("max_running = 8");
+    let dir = env.path().to_path_buf();
+    let go = dir.join("go");
+    env.script(
+        "q.sh",
+        &format!(
+            "while [ ! -e {go:?} ]; do sleep 0.05; done\nprintf '%s\\n' \"$(cat \"$1\")\" >> {ran:?}",
+            ran = dir.join("ran")
+        ),
+    );
+    env.routes("Q q.sh async\n");
+    const N: usize = 1000;
+    let mut server = env.serve();
+    let addr = server.addr;
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                loop {
+                    let n = next.fetch_add(1, Ordering::SeqCst);
+                    if n >= N {
+                        break;
+                    }
+                    let r =
+                        post_to(addr, "/hooks/Q", &[], n.to_string().as_bytes()).expect("answer");
+                    assert_eq!(r.status, 202);
+                }
+            });
+        }
+    });
+    server.signal(libc::SIGKILL);
+    server.wait_exit(Duration::from_secs(10)).expect("killed");
+    let _release = crate::util::Release(go.clone());
+    let server = restart(&env);
+    // Those the kill caught running are queued again, and counted with the rest.
+    let line = server.wait_log("queued deliveries to run", Duration::from_secs(10));
+    assert!(
+        line.as_deref()
+            .is_some_and(|l| l.contains(&format!(": {N} queued deliveries to run"))),
+        "{}",
+        server.log()
+    );
+    fs::write(&go, "").expect("go");
+    let expected: HashSet<String> = (0..N).map(|n| n.to_string()).collect();
+    let all = || expected.is_subset(&lines(&dir.join("ran")).into_iter().collect());
+    assert!(
+        wait_until(Duration::from_secs(90), all),
+        "ran {}",
+        lines(&dir.join("ran")).len()
+    );
+    // A script the kill orphaned may find its payload file removed by the restart (stale files go at
+    // start), and print nothing: that is not a run of its entry, which runs again.
+    let unexpected: Vec<String> = lines(&dir.join("ran"))
+        .into_iter()
+        .filter(|l| !l.is_empty() && !expected.contains(l))
+        .collect();
+    assert!(unexpected.is_empty(), "{unexpected:?}");
+}
+
+/// Starts the daemon right after a kill -9 of the last one. The killed daemon's lock on `payload_dir` can
+/// outlive it for an instant: a script it was starting holds a copy of every descriptor between fork and
+/// exec. A start refused for that alone is tried again, briefly.
+fn restart(env: &Env) -> Server {
+    for _ in 0..50 {
+        let mut server = Server::spawn(env.serve_command("127.0.0.1:0"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let log = server.log();
+            if let Some(line) = log.lines().find(|l| l.contains("listening on ")) {
+                server.addr = line
+                    .split("listening on ")
+                    .nth(1)
+                    .and_then(|a| a.trim().parse().ok())
+                    .expect("address");
+                return server;
+            }
+            if log.contains("is in use by another hookrunner") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            server.log().contains("is in use by another hookrunner"),
+            "did not start:\n{}",
+            server.log()
+        );
+        server.wait_exit(Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("payload_dir stayed locked after the kill");
+}
+
+/// The kill -9 storm: numbered events from 4 clients while the daemon is killed and restarted at random;
+/// every event that was answered 2xx must have run at least once.
+#[test]
+fn kill_9_storm_loses_no_acknowledged_event() {
+    const EVENTS: usize = 2000;
+    const KILLS: usize = 50;
+    let env = Env::new();
+    let ran = env.path().join("ran");
+    env.script(
+        "n.sh",
+        &format!("printf '%s\\n' \"$(cat \"$1\")\" >> {ran:?}"),
+    );
+    env.routes("N n.sh async\n");
+    let addr: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
+    let acked = Mutex::new(HashSet::new());
+    let next = AtomicUsize::new(0);
+    let done = AtomicBool::new(false);
+    let started = Instant::now();
+    let mut kills = 0;
+    let mut last: Option<Server> = None;
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                let mut retry: Option<usize> = None;
+                while started.elapsed() < Duration::from_secs(120) {
+                    let n = match retry.take() {
+                        Some(n) => n,
+                        None => {
+                            let n = next.fetch_add(1, Ordering::SeqCst);
+                            if n >= EVENTS {
+                                break;
+                            }
+                            n
+                        }
+                    };
+                    let Some(to) = *addr.lock().expect("addr") else {
+                        retry = Some(n);
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    };
+                    match post_to(to, "/hooks/N", &[], n.to_string().as_bytes()) {
+                        Some(r) if (200..300).contains(&r.status) => {
+                            acked.lock().expect("acked").insert(n);
+                            // Paced, so the events spread over the whole storm.
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        // Refused or cut off by the kill: the client tries the same event again.
+                        _ => retry = Some(n),
+                    }
+                }
+            });
+        }
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut random = move |max: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % max
+        };
+        while kills < KILLS || next.load(Ordering::SeqCst) < EVENTS {
+            let mut server = restart(&env);
+            *addr.lock().expect("addr") = Some(server.addr);
+            std::thread::sleep(Duration::from_millis(20 + random(80)));
+            *addr.lock().expect("addr") = None;
+            server.signal(libc::SIGKILL);
+            server.wait_exit(Duration::from_secs(10)).expect("killed");
+            kills += 1;
+            if started.elapsed() > Duration::from_secs(100) {
+                break;
+            }
+        }
+        done.store(true, Ordering::SeqCst);
+        // The clients finish what they had left on this last daemon; the scope waits for them.
+        let server = restart(&env);
+        *addr.lock().expect("addr") = Some(server.addr);
+        last = Some(server);
+    });
+    assert!(last.is_some());
+    assert!(done.load(Ordering::SeqCst));
+    let acked = acked.into_inner().expect("acked");
+    let all_ran = || {
+        let ran: HashSet<usize> = lines(&ran).iter().filter_map(|l| l.parse().ok()).collect();
+        acked.is_subset(&ran)
+    };
+    let settled = wait_until(Duration::from_secs(60), all_ran);
+    let runs: Vec<usize> = lines(&ran).iter().filter_map(|l| l.parse().ok()).collect();
+    let unique: HashSet<usize> = runs.iter().copied().collect();
+    let lost = acked.difference(&unique).count();
+    println!(
+        "kill -9 storm: {kills} kills, acked {}, lost {lost}, duplicates {}",
+        acked.len(),
+        runs.len() - unique.len()
+    );
+    assert!(kills >= KILLS, "only {kills} kills");
+    assert_eq!(
+        acked.len(),
+        EVENTS,
+        "every event was acknowledged in the end"
+    );
+    assert!(settled && lost == 0, "lost {lost} acknowledged events");
+}
+
+#[test]
+fn sigterm_under_load_exits_within_the_grace_and_loses_nothing_acknowledged() {
+    let env = Env::new();
+    let ran = env.path().join("ran");
+    env.script(
+        "s.sh",
+        &format!("sleep 0.3\nprintf '%s\\n' \"$(cat \"$1\")\" >> {ran:?}"),
+    );
+    env.routes("S s.sh async\n");
+    let mut server = env.serve();
+    let addr = server.addr;
+    let acked = Mutex::new(HashSet::new());
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                while !stop.load(Ordering::SeqCst) {
+                    let n = next.fetch_add(1, Ordering::SeqCst);
+                    match post_to(addr, "/hooks/S", &[], n.to_string().as_bytes()) {
+                        Some(r) if (200..300).contains(&r.status) => {
+                            acked.lock().expect("acked").insert(n);
+                        }
+                        Some(_) => {}
+                        None => break,
+                    }
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(800));
+        let signalled = Instant::now();
+        server.signal(libc::SIGTERM);
+        let status = server.wait_exit(Duration::from_secs(10)).expect("exited");
+        stop.store(true, Ordering::SeqCst);
+        assert!(status.success(), "{status:?}");
+        // Running scripts (0.3 s each) finish; nothing else holds it.
+        assert!(
+            signalled.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            signalled.elapsed()
+        );
+    });
+    let acked = acked.into_inner().expect("acked");
+    assert!(!acked.is_empty());
+    let _server = env.serve();
+    let all_ran = || {
+        let ran: HashSet<usize> = lines(&ran).iter().filter_map(|l| l.parse().ok()).collect();
+        acked.is_subset(&ran)
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), all_ran),
+        "acked {} ran {}",
+        acked.len(),
+        lines(&ran).len()
+    );
+}
+
+#[test]
+fn every_sync_request_leaves_a_history_row_with_its_status() {
+    let env = Env::new();
+    env.script("ok.sh", "echo fine");
+    env.script("bad.sh", "echo broken >&2\nexit 4");
+    env.script("slow.sh", "sleep 5");
+    env.routes("OK ok.sh\nBAD bad.sh\nSLOW slow.sh timeout=200ms\n");
+    let server = env.serve();
+    assert_eq!(server.post("/hooks/OK", b"{\"a\":1}").status, 200);
+    assert_eq!(server.post("/hooks/BAD", b"{}").status, 500);
+    assert_eq!(server.post("/hooks/SLOW", b"{}").status, 504);
+    assert!(wait_until(Duration::from_secs(10), || rows(&env, &[])
+        .len()
+        == 3));
+    let ok = &rows(&env, &["--event", "OK"])[0];
+    assert_eq!(
+        (
+            ok["mode"].as_str(),
+            ok["state"].as_str(),
+            ok["status"].as_u64()
+        ),
+        (Some("sync"), Some("done"), Some(200))
+    );
+    assert_eq!(ok["exit_code"], 0);
+    assert_eq!(
+        show(&env, &ok["id"].to_string())["attempts_made"][0]["output_tail"],
+        "fine\n"
+    );
+    let bad = &rows(&env, &["--status", "4"])[0];
+    assert_eq!(
+        (
+            bad["event"].as_str(),
+            bad["state"].as_str(),
+            bad["status"].as_u64()
+        ),
+        (Some("BAD"), Some("failed"), Some(500))
+    );
+    let slow = &rows(&env, &["--event", "sl*"])[0];
+    assert_eq!(slow["status"], 504);
+    assert_eq!(
+        show(&env, &slow["id"].to_string())["attempts_made"][0]["timed_out"],
+        true
+    );
+    let payload = deliveries(
+        &env,
+        &["show", ok["request_id"].as_str().expect("id"), "--payload"],
+    );
+    assert_eq!(payload.stdout, b"{\"a\":1}");
+}
+
+#[test]
+fn pruning_drops_old_payloads_and_the_oldest_rows_but_never_a_waiting_entry() {
+    let mut env = Env::new();
+    env.script("ok.sh", "exit 0");
+    // Retried far apart: it stays waiting through the restart.
+    env.script("later.sh", "exit 75");
+    env.routes("OK ok.sh\nW later.sh async retry_max=24h\n");
+    {
+        let server = env.serve();
+        assert_eq!(server.post("/hooks/W", b"{\"keep\":1}").status, 202);
+        let big = vec![b'x'; 100 << 10];
+        for _ in 0..30 {
+            assert_eq!(server.post("/hooks/OK", &big).status, 200);
+        }
+        assert!(wait_until(Duration::from_secs(10), || rows(
+            &env,
+            &["--event", "OK"]
+        )
+        .len()
+            == 30));
+    }
+    // Over max_store_bytes: the oldest finished rows go, the older waiting entry stays.
+    env.reconfigure("max_store_bytes = \"1MiB\"");
+    {
+        let server = env.serve();
+        assert!(
+            wait_until(Duration::from_secs(10), || server
+                .log()
+                .contains("store pruned")),
+            "{}",
+            server.log()
+        );
+    }
+    let ok = rows(&env, &["--event", "OK"]);
+    assert!(!ok.is_empty() && ok.len() < 30, "{} rows left", ok.len());
+    let oldest_left = ok
+        .iter()
+        .filter_map(|r| r["id"].as_i64())
+        .min()
+        .expect("ids");
+    assert!(oldest_left > 2, "the oldest rows went first");
+    let waiting = rows(&env, &["--event", "W"]);
+    assert_eq!(waiting.len(), 1, "a waiting entry is never pruned");
+    // Past keep_payloads the bodies of finished rows go, not that of a waiting entry.
+    env.reconfigure("keep_payloads = \"0s\"");
+    let server = env.serve();
+    assert!(
+        wait_until(Duration::from_secs(10), || server
+            .log()
+            .contains("payload(s) dropped")),
+        "{}",
+        server.log()
+    );
+    let ok = rows(&env, &["--event", "OK"]);
+    assert!(
+        ok.iter().all(|r| r["payload_kept"] == false),
+        "payloads older than 0s are dropped"
+    );
+    assert_eq!(rows(&env, &["--event", "W"])[0]["payload_kept"], true);
+    let summary = String::from_utf8_lossy(&deliveries(&env, &["list"]).stdout).to_string();
+    assert!(summary.contains("store "), "{summary}");
+}
+
+#[test]
+fn check_validates_the_store_options() {
+    let env = Env::new().config("max_queued = 0");
+    env.script("a.sh", "exit 0");
+    let out = env.check();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("max_queued = 0 is out of range: use 1 to 10000000")
+    );
+    let env = Env::new();
+    env.script("a.sh", "exit 0");
+    env.routes("A a.sh async retries=200\n");
+    let out = env.check();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("routes:1: retries=200 is out of range"));
+    env.routes("A a.sh async ack_status=200 serial retries=3 retry_max=5m dedupe_key=json:/id\n");
+    let out = env.check();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        table.contains(
+            "async ack_status=200 retries=3 retry_max=300000ms serial dedupe_key=JSON /id"
+        ),
+        "{table}"
+    );
+}
+
+/// Unmounts on drop, so a failing test leaves no mount behind.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[test]
+fn a_full_disk_is_answered_503_never_2xx_and_service_resumes_when_space_is_freed() {
+    if !is_root() {
+        println!("skipped: mounting a small tmpfs for the store needs root");
+        return;
+    }
+    let env = Env::new();
+    fs::create_dir(env.state()).expect("state dir");
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs"])
+        .arg(env.state())
+        .status();
+    if !mounted.as_ref().is_ok_and(|s| s.success()) {
+        println!("skipped: cannot mount a tmpfs here ({mounted:?})");
+        return;
+    }
+    let _mount = Mounted(env.state());
+    // Space that can be given back later.
+    let filler = env.state().join("filler");
+    fs::write(&filler, vec![0u8; 1 << 20]).expect("filler");
+    let ran = env.path().join("ran");
+    env.script(
+        "f.sh",
+        // One write per run, so the lines of runs at the same time do not interleave.
+        &format!("printf '%s\\n' \"$(head -c 8 \"$1\")\" >> {ran:?}"),
+    );
+    env.routes("F f.sh async\n");
+    let server = env.serve();
+    let mut acked = HashSet::new();
+    let mut refused = None;
+    for n in 0..200usize {
+        let mut body = format!("{n:08}").into_bytes();
+        body.resize(64 << 10, b'x');
+        let r = server.post("/hooks/F", &body);
+        match r.status {
+            202 => {
+                assert!(refused.is_none(), "a 2xx after the store was full: {n}");
+                acked.insert(format!("{n:08}"));
+            }
+            503 => {
+                assert!(r.header("Retry-After").is_some());
+                assert!(
+                    r.text().contains("cannot queue the delivery"),
+                    "{}",
+                    r.text()
+                );
+                refused = Some(n);
+                break;
+            }
+            other => panic!("answer {other} to {n}: {}", r.text()),
+        }
+    }
+    assert!(
+        !acked.is_empty() && refused.is_some(),
+        "acked {} refused {refused:?}",
+        acked.len()
+    );
+    // A failed commit leaves its partial space reusable, so the next may fit: 202 or 503, nothing else.
+    let mut big = b"full....".to_vec();
+    big.resize(64 << 10, b'x');
+    match server.post("/hooks/F", &big).status {
+        202 => {
+            acked.insert("full....".into());
+        }
+        status => assert_eq!(status, 503),
+    }
+    fs::remove_file(&filler).expect("free space");
+    let resumed = server.post("/hooks/F", b"resumed!");
+    assert_eq!(resumed.status, 202, "{}", resumed.text());
+    acked.insert("resumed!".into());
+    let all_ran = || {
+        let ran: HashSet<String> = lines(&ran).into_iter().collect();
+        acked.is_subset(&ran)
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), all_ran),
+        "acked {acked:?} ran {:?}\n{}",
+        lines(&ran),
+        server.log()
+    );
+}
+
+#[test]
+fn a_failed_fsync_is_answered_503_and_the_daemon_exits_1_losing_nothing_acknowledged() {
+    if !Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        println!("skipped: strace is not installed (.ci/run installs it)");
+        return;
+    }
+    let env = Env::new();
+    let ran = env.path().join("ran");
+    env.script(
+        "e.sh",
+        &format!("printf '%s\\n' \"$(cat \"$1\")\" >> {ran:?}"),
+    );
+    env.routes("E e.sh async\n");
+    {
+        let mut server = env.serve();
+        for n in 0..3 {
+            assert_eq!(
+                server
+                    .post("/hooks/E", format!("before-{n}").as_bytes())
+                    .status,
+                202
+            );
+        }
+        assert!(wait_until(Duration::from_secs(10), || lines(&ran).len() == 3));
+        server.signal(libc::SIGTERM);
+        assert!(
+            server
+                .wait_exit(Duration::from_secs(10))
+                .is_some_and(|s| s.success())
+        );
+    }
+    // From the third fsync or fdatasync of each thread on, every one fails: starting passes (the main thread
+    // syncs twice at most on a database that exists), then the store's writer fails within a few commits.
+    let mut command = Command::new("strace");
+    command
+        .args([
+            "-f",
+            "-qq",
+            "-o",
+            "/dev/null",
+            "-e",
+            "trace=fsync,fdatasync",
+        ])
+        .args(["-e", "inject=fsync,fdatasync:error=EIO:when=3+"])
+        .arg(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(env.config_path())
+        .env("RUST_LOG", "info")
+        .env("STATE_DIRECTORY", env.state())
+        .env_remove("JOURNAL_STREAM")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut server = Server::spawn(command);
+    let line = server
+        .wait_log("listening on ", Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("did not start under strace:\n{}", server.log()));
+    server.addr = line
+        .split("listening on ")
+        .nth(1)
+        .and_then(|a| a.trim().parse().ok())
+        .expect("address");
+    let mut acked: HashSet<String> = (0..3).map(|n| format!("before-{n}")).collect();
+    let mut refused = 0;
+    for n in 0..20 {
+        let body = format!("during-{n}");
+        match post_to(server.addr, "/hooks/E", &[], body.as_bytes()) {
+            Some(r) if r.status == 202 => {
+                acked.insert(body);
+            }
+            Some(r) => {
+                assert_eq!(r.status, 503, "never anything but 202 or 503: {}", r.text());
+                assert!(r.header("Retry-After").is_some());
+                refused += 1;
+            }
+            // The daemon is gone: the dispatcher's own write may have met the failed fsync first.
+            None => break,
+        }
+    }
+    let status = server
+        .wait_exit(Duration::from_secs(15))
+        .expect("the daemon stops");
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "exits 1 for its supervisor to restart it\n{}",
+        server.log()
+    );
+    assert!(server.log().contains("failed fsync"), "{}", server.log());
+    println!(
+        "failed fsync: {} acknowledged during, {refused} refused",
+        acked.len() - 3
+    );
+    // Restarted without the fault: everything acknowledged runs, and it serves again.
+    let server = env.serve();
+    assert_eq!(server.post("/hooks/E", b"after").status, 202);
+    acked.insert("after".into());
+    let all_ran = || acked.is_subset(&lines(&ran).into_iter().collect());
+    assert!(
+        wait_until(Duration::from_secs(20), all_ran),
+        "acked {acked:?} ran {:?}",
+        lines(&ran)
+    );
+}
