@@ -16,6 +16,9 @@ const LOCK_FILE: &str = ".lock";
 #[derive(Debug)]
 pub struct PayloadDir {
     path: PathBuf,
+    /// Random for each run, in every file name: a script a killed daemon left running still holds the path
+    /// of its own payload, and must never find another request's body there after a restart.
+    run: u32,
     next: AtomicU64,
     /// Held for the daemon's lifetime: the flock on it marks the directory as ours.
     _lock: File,
@@ -81,6 +84,7 @@ impl PayloadDir {
         }
         let dir = PayloadDir {
             path: path.to_path_buf(),
+            run: run_tag(),
             next: AtomicU64::new(0),
             _lock: lock,
         };
@@ -105,11 +109,15 @@ impl PayloadDir {
         &self.path
     }
 
+    fn name(&self, n: u64) -> String {
+        format!("payload-{:08x}-{n}", self.run)
+    }
+
     /// A new, empty payload file. Names are a counter: the directory is ours alone and emptied at start, and
     /// `create_new` would refuse a clash rather than share a file.
     pub fn create(&self) -> io::Result<Payload> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let path = self.path.join(format!("payload-{n}"));
+        let path = self.path.join(self.name(n));
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -131,7 +139,7 @@ impl PayloadDir {
             Ok(fd) => {
                 let n = self.next.fetch_add(1, Ordering::Relaxed);
                 Ok(Payload {
-                    path: self.path.join(format!("payload-{n}")),
+                    path: self.path.join(self.name(n)),
                     file: Some(File::from(fd)),
                     named: false,
                 })
@@ -142,13 +150,30 @@ impl PayloadDir {
     }
 }
 
-/// `.lock` or `payload-N`: the only names hookrunner creates in its directory.
+/// A random tag for this run's file names (the clock's nanoseconds where /dev/urandom cannot be read).
+fn run_tag() -> u32 {
+    let mut seed = [0u8; 4];
+    match File::open("/dev/urandom").and_then(|mut f| io::Read::read_exact(&mut f, &mut seed)) {
+        Ok(()) => u32::from_ne_bytes(seed),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos()),
+    }
+}
+
+/// `.lock`, `payload-RUN-N` (RUN eight hex digits) or the older `payload-N`: the only names hookrunner
+/// creates in its directory.
 fn is_ours(name: &std::ffi::OsStr) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     name == LOCK_FILE
         || name.to_str().is_some_and(|n| {
-            n.strip_prefix("payload-").is_some_and(|digits| {
-                !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
-            })
+            n.strip_prefix("payload-")
+                .is_some_and(|rest| match rest.split_once('-') {
+                    Some((run, n)) => {
+                        run.len() == 8 && run.bytes().all(|b| b.is_ascii_hexdigit()) && digits(n)
+                    }
+                    None => digits(rest),
+                })
         })
 }
 
@@ -241,7 +266,7 @@ mod tests {
             2,
             "lock + stale file"
         );
-        let (_dir, stale) = PayloadDir::open(&dir_path).expect("reopen");
+        let (dir, stale) = PayloadDir::open(&dir_path).expect("reopen");
         assert_eq!(stale, 1, "the stale file is counted");
         let left: Vec<_> = fs::read_dir(&dir_path)
             .expect("ls")
@@ -249,6 +274,13 @@ mod tests {
             .map(|e| e.file_name())
             .collect();
         assert_eq!(left, vec![std::ffi::OsString::from(LOCK_FILE)]);
+        // A script the crashed run left behind still holds `first`: the new run never reuses the name.
+        let again = dir.create().expect("create after the restart");
+        assert_ne!(
+            again.path(),
+            first,
+            "a restarted daemon's first payload has a new name"
+        );
     }
 
     #[test]
@@ -313,8 +345,18 @@ mod tests {
             "nor is it chmodded"
         );
         assert!(!shared.join(LOCK_FILE).exists());
-        for name in ["payload-", "payload-1x", "Payload-1", ".lock2"] {
+        for name in [
+            "payload-",
+            "payload-1x",
+            "Payload-1",
+            ".lock2",
+            "payload-abc-1",
+            "payload-0123456z-1",
+        ] {
             assert!(!is_ours(std::ffi::OsStr::new(name)), "{name}");
+        }
+        for name in ["payload-7", "payload-0123abcd-7"] {
+            assert!(is_ours(std::ffi::OsStr::new(name)), "{name}");
         }
     }
 }
