@@ -146,22 +146,7 @@ fn aiosmtpd() -> &'static Path {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("aiosmtpd");
-        if !dir.join("aiosmtpd").exists() {
-            let status = Command::new("python3")
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                    "--target",
-                ])
-                .arg(&dir)
-                .arg("aiosmtpd")
-                .status()
-                .expect("run pip");
-            assert!(status.success(), "pip install aiosmtpd failed");
-        }
+        crate::util::pip_install(&dir, "aiosmtpd");
         dir
     })
 }

@@ -522,6 +522,40 @@ pub fn listens(pid: u32, addr: SocketAddr) -> bool {
 // Signers nobody here wrote, for the authentication tests: the Standard Webhooks reference library (PyPI)
 // and GitHub's own (npm), installed once per build directory.
 
+/// Installs the PyPI package `package` into `dir` unless it is there already (its import directory exists).
+pub fn pip_install(dir: &Path, package: &str) {
+    if dir.join(package).exists() {
+        return;
+    }
+    let status = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--target",
+        ])
+        .arg(dir)
+        .arg(package)
+        .status()
+        .expect("run pip");
+    assert!(status.success(), "pip install {package} failed");
+}
+
+/// The trimmed stdout of a signer that must have succeeded.
+fn signed(out: std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("UTF-8")
+        .trim()
+        .to_string()
+}
+
 /// A directory holding the `standardwebhooks` Python package and `@octokit/webhooks-methods`, installed on
 /// first use from the registries (CI reaches them; so does a developer's machine).
 pub fn signers() -> &'static Path {
@@ -529,22 +563,7 @@ pub fn signers() -> &'static Path {
     DIR.get_or_init(|| {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("signers");
         let python = dir.join("python");
-        if !python.join("standardwebhooks").exists() {
-            let status = Command::new("python3")
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                    "--target",
-                ])
-                .arg(&python)
-                .arg("standardwebhooks")
-                .status()
-                .expect("run pip");
-            assert!(status.success(), "pip install standardwebhooks failed");
-        }
+        pip_install(&python, "standardwebhooks");
         let node = dir.join("node");
         if !node.join("node_modules/@octokit/webhooks-methods").exists() {
             fs::create_dir_all(&node).expect("node dir");
@@ -577,15 +596,7 @@ pub fn standard_webhooks_sign(secret: &str, id: &str, timestamp: i64, body: &[u8
         .arg(body_file.path())
         .output()
         .expect("run python3");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .expect("UTF-8")
-        .trim()
-        .to_string()
+    signed(out)
 }
 
 /// `X-Hub-Signature-256` for a body, made by GitHub's own @octokit/webhooks-methods.
@@ -604,15 +615,7 @@ pub fn github_sign(secret: &str, body: &[u8]) -> String {
         .arg(body_file.path())
         .output()
         .expect("run node");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .expect("UTF-8")
-        .trim()
-        .to_string()
+    signed(out)
 }
 
 /// How many files in the payload directory the daemon `pid` holds open, named or not.
