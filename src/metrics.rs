@@ -431,13 +431,34 @@ mod tests {
     }
 
     /// A row as the daemon or `hookrunner deliveries` in another process would leave it.
-    fn insert(db: &rusqlite::Connection, state: &str) {
+    fn insert(db: &rusqlite::Connection, mode: &str, state: &str) {
         db.execute(
             "INSERT INTO deliveries (request_id, received_at, mode, event, route_line, script, state, status)
-             VALUES ('r', 0, 'async', 'E', 1, 's', ?1, 202)",
-            [state],
+             VALUES ('r', 0, ?1, 'E', 1, 's', ?2, 202)",
+            [mode, state],
         )
         .expect("insert");
+    }
+
+    /// A scrape's read costs what waits and what is dead, never the history: SQLite answers it from the
+    /// covering index of the async entries not done.
+    #[test]
+    fn the_store_is_read_through_its_index_of_the_entries_not_done() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _store = store::open(dir.path()).expect("store");
+        let db = rusqlite::Connection::open(dir.path().join(store::DATABASE)).expect("open");
+        let mut stmt = db
+            .prepare(&format!("EXPLAIN QUERY PLAN {}", store::sqlite::BACKLOG))
+            .expect("explain");
+        let plan: Vec<String> = stmt
+            .query_map([], |r| r.get::<_, String>(3))
+            .and_then(|rows| rows.collect())
+            .expect("plan");
+        assert!(
+            plan.iter().any(|p| p.contains("COVERING INDEX")
+                && p.split_whitespace().any(|w| w == "deliveries_async_open")),
+            "{plan:?}"
+        );
     }
 
     #[test]
@@ -456,8 +477,10 @@ mod tests {
         }
         let other = rusqlite::Connection::open(dir.path().join(store::DATABASE)).expect("open");
         for state in ["queued", "queued", "failed", "running", "dead", "done"] {
-            insert(&other, state);
+            insert(&other, "async", state);
         }
+        // A sync run that failed is history, not waiting to retry.
+        insert(&other, "sync", "failed");
         let text = metrics.encode();
         for expected in [
             "hookrunner_async_deliveries{state=\"queued\"} 2\n",

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, Row as SqlRow, params};
 
 use super::{
-    Accepted, Attempt, Backlog, Bounds, NewDelivery, Next, Pending, Policy, Pruned, Query,
-    Retention, Row, State, Store, StoreError, Summary, SyncRecord, Target, now_ms, schema,
+    Accepted, Attempt, Bounds, NewDelivery, Next, Pending, Policy, Pruned, Query, Retention, Row,
+    State, Store, StoreError, Summary, SyncRecord, Target, now_ms, schema,
 };
 use crate::routes::Glob;
 
@@ -515,8 +515,8 @@ fn record_in(conn: &Connection, r: &SyncRecord) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Answered from the covering index `deliveries_async_open` alone (a test checks the plan).
-const BACKLOG: &str = "SELECT state, count(*) FROM deliveries
+/// Answered from the covering index `deliveries_async_open` alone (a test in `metrics` checks the plan).
+pub(crate) const BACKLOG: &str = "SELECT state, count(*) FROM deliveries
      WHERE mode = 'async' AND state != 'done' GROUP BY state";
 
 const ROW_COLUMNS: &str = "id, request_id, received_at, mode, sender, event, route_line, script, \
@@ -864,9 +864,9 @@ impl Store for Sqlite {
         Ok(summary)
     }
 
-    fn backlog(&self) -> Result<Backlog, StoreError> {
+    fn backlog(&self) -> Result<super::Backlog, StoreError> {
         self.read(|c| {
-            let mut backlog = Backlog::default();
+            let mut backlog = super::Backlog::default();
             let mut stmt = c.prepare_cached(BACKLOG)?;
             let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
             for row in rows {
@@ -886,58 +886,5 @@ impl Store for Sqlite {
 
     fn broken(&self) -> bool {
         self.broken.load(Ordering::SeqCst)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_backlog_is_read_from_its_index_and_counts_async_entries_by_state() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Sqlite::open(dir.path()).expect("open");
-        let plan: Vec<String> = store
-            .read(|c| {
-                let mut stmt = c.prepare(&format!("EXPLAIN QUERY PLAN {BACKLOG}"))?;
-                stmt.query_map([], |r| r.get::<_, String>(3))?.collect()
-            })
-            .expect("plan");
-        assert!(
-            plan.iter().any(|p| p.contains("COVERING INDEX")
-                && p.split_whitespace().any(|w| w == "deliveries_async_open")),
-            "{plan:?}"
-        );
-        store
-            .write(|conn, _| {
-                for (mode, state) in [
-                    ("async", "queued"),
-                    ("async", "queued"),
-                    ("async", "failed"),
-                    ("async", "running"),
-                    ("async", "dead"),
-                    ("async", "done"),
-                    ("sync", "failed"),
-                    ("sync", "done"),
-                ] {
-                    conn.execute(
-                        "INSERT INTO deliveries (request_id, received_at, mode, event, route_line, script,
-                             state, status)
-                         VALUES ('r', 0, ?1, 'E', 1, 's', ?2, 202)",
-                        [mode, state],
-                    )?;
-                }
-                Ok(())
-            })
-            .expect("insert");
-        assert_eq!(
-            store.backlog().expect("backlog"),
-            Backlog {
-                queued: 2,
-                retrying: 1,
-                running: 1,
-                dead: 1
-            }
-        );
     }
 }
