@@ -1,12 +1,13 @@
-//! The command line: one clap definition gives `--help`, the usage errors and the man pages
-//! (`packaging/man/`, checked against this definition by a test below), so none of them can drift. This is
-//! the one place that turns an outcome into an exit code.
+//! The command line: one clap definition gives `--help`, the usage errors, the shell completions and the
+//! man pages (`packaging/man/` and `packaging/completions/`, checked against this definition by tests
+//! below), so none of them can drift. This is the one place that turns an outcome into an exit code.
 
 use std::ffi::OsString;
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
 
 use crate::config::{Config, Listen, Overrides};
 use crate::deliveries::{self, DeliveriesArgs};
@@ -95,6 +96,48 @@ each answer's status, request id and body; exits 0 when every answer was 2xx, 1 
 usage, 78 on a bad configuration."
     )]
     Send(tools::SendArgs),
+    /// Print the completion script for a shell
+    #[command(
+        long_about = "Print the completion script for SHELL (bash, zsh or fish) on stdout: commands, \
+options and their values as this hookrunner knows them. The Debian package installs them where each shell \
+looks; elsewhere, e.g. `hookrunner completions bash > ~/.local/share/bash-completion/completions/hookrunner`, \
+`hookrunner completions zsh > \"${fpath[1]}/_hookrunner\"`, or `hookrunner completions fish > \
+~/.config/fish/completions/hookrunner.fish`."
+    )]
+    Completions {
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+}
+
+/// The shells whose scripts the package ships and the tests load (clap_complete knows more).
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Shell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+impl Shell {
+    fn generator(self) -> clap_complete::Shell {
+        match self {
+            Shell::Bash => clap_complete::Shell::Bash,
+            Shell::Zsh => clap_complete::Shell::Zsh,
+            Shell::Fish => clap_complete::Shell::Fish,
+        }
+    }
+}
+
+/// The completion script for `shell`, as `hookrunner completions SHELL` prints it.
+fn completion_script(shell: Shell) -> Vec<u8> {
+    let mut script = Vec::new();
+    clap_complete::generate(
+        shell.generator(),
+        &mut Cli::command(),
+        "hookrunner",
+        &mut script,
+    );
+    script
 }
 
 #[derive(Args, Debug)]
@@ -135,6 +178,17 @@ pub fn run() -> ExitCode {
                 Err((message, code)) => {
                     eprintln!("hookrunner: {message}");
                     ExitCode::from(code)
+                }
+            }
+        }
+        Command::Completions { shell } => {
+            // Rendered first and written here: clap_complete panics on a failed write (`| head`).
+            match std::io::stdout().write_all(&completion_script(shell)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("hookrunner: cannot write the completion script: {e}");
+                    ExitCode::FAILURE
                 }
             }
         }
@@ -319,33 +373,87 @@ mod tests {
             .collect()
     }
 
-    /// packaging/man/*.1 are what the package ships; they must be what this definition renders. Run with
-    /// `HOOKRUNNER_WRITE_MAN=1` to rewrite them after changing the command line.
-    #[test]
-    fn the_committed_man_pages_match_the_command_line() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/man");
+    /// Compares the files in `dir` (of those `ours` selects) with what this definition renders, or, with
+    /// `HOOKRUNNER_WRITE_MAN=1`, rewrites them first.
+    fn check_generated(dir: &str, files: Vec<(String, Vec<u8>)>, ours: impl Fn(&str) -> bool) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
         let write = std::env::var_os("HOOKRUNNER_WRITE_MAN").is_some();
-        let pages = man_pages();
-        for (name, text) in &pages {
+        for (name, text) in &files {
             let path = dir.join(name);
             if write {
-                std::fs::write(&path, text).expect("write man page");
+                std::fs::create_dir_all(&dir).expect("create the directory");
+                std::fs::write(&path, text).expect("write a generated file");
             }
             let committed = std::fs::read(&path).unwrap_or_default();
             assert!(
                 committed == *text,
-                "{} differs from the command line; rerun with HOOKRUNNER_WRITE_MAN=1",
+                "{} differs from the command line; rerun with HOOKRUNNER_WRITE_MAN=1 cargo test committed",
                 path.display()
             );
         }
         let mut shipped: Vec<String> = std::fs::read_dir(&dir)
-            .expect("packaging/man")
+            .expect("the directory of generated files")
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|n| n.starts_with("hookrunner") && n.ends_with(".1"))
+            .filter(|n| ours(n))
             .collect();
         shipped.sort();
-        let mut generated: Vec<String> = pages.into_iter().map(|(n, _)| n).collect();
+        let mut generated: Vec<String> = files.into_iter().map(|(n, _)| n).collect();
         generated.sort();
-        assert_eq!(shipped, generated, "a man page for a command that is gone");
+        assert_eq!(
+            shipped, generated,
+            "a generated file the command line no longer makes"
+        );
+    }
+
+    /// packaging/man/*.1 are what the package ships; they must be what this definition renders. Run with
+    /// `HOOKRUNNER_WRITE_MAN=1` to rewrite them after changing the command line.
+    #[test]
+    fn the_committed_man_pages_match_the_command_line() {
+        check_generated("packaging/man", man_pages(), |n| {
+            n.starts_with("hookrunner") && n.ends_with(".1")
+        });
+    }
+
+    /// packaging/completions/ holds what `hookrunner completions SHELL` prints, for the package; the
+    /// same variable rewrites them.
+    #[test]
+    fn the_committed_completions_match_the_command_line() {
+        let scripts = Shell::value_variants()
+            .iter()
+            .map(|&shell| {
+                let name = clap_complete::Generator::file_name(&shell.generator(), "hookrunner");
+                (name, completion_script(shell))
+            })
+            .collect();
+        check_generated("packaging/completions", scripts, |_| true);
+    }
+
+    #[test]
+    fn completions_are_for_the_three_shells_only() {
+        let got = parse(args(&["completions", "zsh"]));
+        assert!(
+            matches!(got, Ok(Command::Completions { shell: Shell::Zsh })),
+            "{got:?}"
+        );
+        for bad in [
+            &["completions"][..],
+            &["completions", "tcsh"],
+            &["completions", "bash", "x"],
+        ] {
+            let kind = parse(args(bad)).map_err(|e| e.kind()).err();
+            assert!(
+                matches!(
+                    kind,
+                    Some(
+                        ErrorKind::InvalidValue
+                            | ErrorKind::MissingRequiredArgument
+                            | ErrorKind::UnknownArgument
+                    )
+                ),
+                "{bad:?}: {kind:?}"
+            );
+        }
+        let bash = String::from_utf8(completion_script(Shell::Bash)).expect("UTF-8");
+        assert!(bash.contains("complete -F _hookrunner"), "{bash}");
     }
 }

@@ -164,7 +164,7 @@ impl Gateway {
     ) -> Gateway {
         Gateway {
             limiter,
-            metrics: Arc::new(Metrics::new(config.metrics_listen.is_some())),
+            metrics: Arc::new(Metrics::new(config.metrics_listen.is_some(), store.clone())),
             config: RwLock::new(Arc::new(config)),
             payloads,
             runner,

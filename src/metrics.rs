@@ -5,20 +5,28 @@
 //!
 //! Label values are only ever what the configuration names (sender names, route lines, scripts) or fixed
 //! words, never text from a request, so no client can grow the number of series.
+//!
+//! The counts of async entries (queued, retrying, running, dead) are not kept here: they are read from the
+//! store at each scrape, so they stay true when `hookrunner deliveries retry` or `drop` changes the
+//! database from another process.
 
+use std::fmt;
 use std::io::{self, BufRead, BufReader, Read as _, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::auth::Failure;
+use crate::store;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -40,6 +48,63 @@ struct RunLabels {
 struct AuthLabels {
     sender: String,
     reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    /// `queued`, `retrying`, `running` or `dead`.
+    state: &'static str,
+}
+
+/// The store's async entries by state, read at each scrape through [`store::Store::backlog`] (one query
+/// on an index of the entries not done). When the read fails, this scrape leaves the gauges out rather
+/// than show figures that may be stale, counts the failure in `store_read_errors`, and logs it; the
+/// other figures are served as always.
+struct Backlog {
+    store: store::Shared,
+    errors: Counter,
+}
+
+impl fmt::Debug for Backlog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Backlog").finish_non_exhaustive()
+    }
+}
+
+impl Collector for Backlog {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        match self.store.backlog() {
+            Ok(backlog) => {
+                let mut family = encoder.encode_descriptor(
+                    "async_deliveries",
+                    "Async deliveries in the store not done, by state (queued: waiting for their first \
+                     attempt or a retry asked for; retrying: failed, waiting to retry)",
+                    None,
+                    MetricType::Gauge,
+                )?;
+                for (state, n) in [
+                    ("queued", backlog.queued),
+                    ("retrying", backlog.retrying),
+                    ("running", backlog.running),
+                    ("dead", backlog.dead),
+                ] {
+                    let gauge = ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX));
+                    gauge.encode(family.encode_family(&StateLabels { state })?)?;
+                }
+            }
+            Err(e) => {
+                self.errors.inc();
+                log::warn!("metrics: the async delivery counts are left out of this scrape: {e}");
+            }
+        }
+        let errors = encoder.encode_descriptor(
+            "store_read_errors",
+            "Scrapes whose read of the store failed, so that they carry no async_deliveries",
+            None,
+            self.errors.metric_type(),
+        )?;
+        self.errors.encode(errors)
+    }
 }
 
 /// How a script ended, for `hookrunner_runs_total`.
@@ -79,8 +144,9 @@ fn duration_buckets() -> impl Iterator<Item = f64> {
 }
 
 impl Metrics {
-    /// The figures, counted only when `enabled`.
-    pub fn new(enabled: bool) -> Metrics {
+    /// The figures, counted only when `enabled`; the store's counts are read at each scrape, when there is
+    /// a store.
+    pub fn new(enabled: bool, store: Option<store::Shared>) -> Metrics {
         let mut registry = Registry::with_prefix("hookrunner");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -109,8 +175,12 @@ impl Metrics {
             "Requests refused by sender authentication, by sender profile and reason",
             auth_failures.clone(),
         );
-        // The spool's queued and dead entries join here as gauges read from the store when it lands
-        // (issue 12 asks for them "once the spool exists").
+        if let (true, Some(store)) = (enabled, store) {
+            registry.register_collector(Box::new(Backlog {
+                store,
+                errors: Counter::default(),
+            }));
+        }
         Metrics {
             enabled,
             registry,
@@ -324,7 +394,7 @@ mod tests {
 
     #[test]
     fn counts_what_happened() {
-        let metrics = Metrics::new(true);
+        let metrics = Metrics::new(true, None);
         metrics.request(200, Some("jamf"));
         metrics.request(200, Some("jamf"));
         metrics.request(404, None);
@@ -360,9 +430,100 @@ mod tests {
         }
     }
 
+    /// A row as the daemon or `hookrunner deliveries` in another process would leave it.
+    fn insert(db: &rusqlite::Connection, mode: &str, state: &str) {
+        db.execute(
+            "INSERT INTO deliveries (request_id, received_at, mode, event, route_line, script, state, status)
+             VALUES ('r', 0, ?1, 'E', 1, 's', ?2, 202)",
+            [mode, state],
+        )
+        .expect("insert");
+    }
+
+    /// A scrape's read costs what waits and what is dead, never the history: SQLite answers it from the
+    /// covering index of the async entries not done.
+    #[test]
+    fn the_store_is_read_through_its_index_of_the_entries_not_done() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _store = store::open(dir.path()).expect("store");
+        let db = rusqlite::Connection::open(dir.path().join(store::DATABASE)).expect("open");
+        let mut stmt = db
+            .prepare(&format!("EXPLAIN QUERY PLAN {}", store::sqlite::BACKLOG))
+            .expect("explain");
+        let plan: Vec<String> = stmt
+            .query_map([], |r| r.get::<_, String>(3))
+            .and_then(|rows| rows.collect())
+            .expect("plan");
+        assert!(
+            plan.iter().any(|p| p.contains("COVERING INDEX")
+                && p.split_whitespace().any(|w| w == "deliveries_async_open")),
+            "{plan:?}"
+        );
+    }
+
+    #[test]
+    fn the_store_is_read_at_each_scrape_and_a_failed_read_spares_the_other_figures() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let metrics = Metrics::new(true, Some(store::open(dir.path()).expect("store")));
+        metrics.request(200, None);
+        let text = metrics.encode();
+        for expected in [
+            "# TYPE hookrunner_async_deliveries gauge\n",
+            "hookrunner_async_deliveries{state=\"queued\"} 0\n",
+            "hookrunner_async_deliveries{state=\"dead\"} 0\n",
+            "hookrunner_store_read_errors_total 0\n",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
+        let other = rusqlite::Connection::open(dir.path().join(store::DATABASE)).expect("open");
+        for state in ["queued", "queued", "failed", "running", "dead", "done"] {
+            insert(&other, "async", state);
+        }
+        // A sync run that failed is history, not waiting to retry.
+        insert(&other, "sync", "failed");
+        let text = metrics.encode();
+        for expected in [
+            "hookrunner_async_deliveries{state=\"queued\"} 2\n",
+            "hookrunner_async_deliveries{state=\"retrying\"} 1\n",
+            "hookrunner_async_deliveries{state=\"running\"} 1\n",
+            "hookrunner_async_deliveries{state=\"dead\"} 1\n",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
+        // A store that cannot be read: its gauges are left out, the failure counted, the rest served.
+        other
+            .execute_batch("DROP TABLE attempts; DROP TABLE deliveries;")
+            .expect("drop");
+        let text = metrics.encode();
+        assert!(!text.contains("hookrunner_async_deliveries"), "{text}");
+        for expected in [
+            "hookrunner_store_read_errors_total 1\n",
+            "hookrunner_requests_total{status=\"200\",sender=\"-\"} 1\n",
+            "# EOF\n",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
+        assert!(
+            metrics
+                .encode_prometheus()
+                .contains("# TYPE hookrunner_store_read_errors_total counter\n")
+        );
+    }
+
+    #[test]
+    fn the_store_is_not_read_when_no_listener_serves_the_figures() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let metrics = Metrics::new(false, Some(store::open(dir.path()).expect("store")));
+        let text = metrics.encode();
+        assert!(
+            !text.contains("async_deliveries") && !text.contains("store_read_errors"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn only_get_metrics_is_served() {
-        let metrics = Metrics::new(true);
+        let metrics = Metrics::new(true, None);
         let status = |line: &str| route(line, false, &metrics).0;
         assert_eq!(status("GET /metrics HTTP/1.1\r\n"), "200 OK");
         assert_eq!(status("GET /metrics?x HTTP/1.1\r\n"), "200 OK");
@@ -378,7 +539,7 @@ mod tests {
 
     #[test]
     fn prometheus_text_names_counter_families_with_their_total() {
-        let metrics = Metrics::new(true);
+        let metrics = Metrics::new(true, None);
         metrics.request(200, None);
         let text = metrics.encode_prometheus();
         assert!(
@@ -405,7 +566,7 @@ mod tests {
 
     #[test]
     fn nothing_is_counted_when_no_listener_serves_the_figures() {
-        let metrics = Metrics::new(false);
+        let metrics = Metrics::new(false, None);
         metrics.request(200, Some("jamf"));
         metrics.ran(3, "x.sh", RunOutcome::Ok, Duration::from_millis(5));
         metrics.auth_failure(Some("jamf"), &Failure::Mismatch);

@@ -106,6 +106,8 @@ fn activated(env: &Env, fd: i32, listen_pid: Option<&str>, listen: Option<&str>)
         .arg("--config")
         .arg(env.config_path())
         .env("RUST_LOG", "info")
+        // The test's own store, never the system's /var/lib/hookrunner (the history is on by default).
+        .env("STATE_DIRECTORY", env.state())
         .env_remove("JOURNAL_STREAM")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -3,6 +3,7 @@
 mod util;
 
 mod auth;
+mod completions;
 mod config;
 mod core;
 mod lifecycle;

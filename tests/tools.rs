@@ -460,6 +460,45 @@ fn check_payload_explains_sender_event_routes_and_environment_without_running() 
     assert!(!marker.exists(), "nothing ran");
 }
 
+/// The address `metrics_listen` bound, from the daemon's log.
+fn metrics_addr(server: &crate::util::Server) -> String {
+    let line = server
+        .wait_log("metrics on http://", Duration::from_secs(5))
+        .expect("metrics address logged");
+    line.split("http://")
+        .nth(1)
+        .and_then(|rest| rest.strip_suffix("/metrics"))
+        .expect("address")
+        .to_string()
+}
+
+/// `GET /metrics`, its body.
+fn scrape(addr: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("send");
+    let answer = crate::util::Response::read(&mut stream).expect("answer");
+    assert_eq!(answer.status, 200);
+    answer.text()
+}
+
+/// `promtool check metrics` on `text`: it must pass without a complaint.
+fn promtool_accepts(env: &Env, text: &str) {
+    let file = env.path().join("metrics.txt");
+    fs::write(&file, text).expect("write metrics");
+    let promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(fs::File::open(&file).expect("open"))
+        .output()
+        .expect("promtool (Debian package prometheus; .ci/run installs it)");
+    assert!(
+        promtool.status.success(),
+        "promtool: {}{}\n{text}",
+        String::from_utf8_lossy(&promtool.stdout),
+        String::from_utf8_lossy(&promtool.stderr)
+    );
+}
+
 #[test]
 fn metrics_count_requests_runs_and_auth_failures_and_promtool_accepts_them() {
     let env = Env::new();
@@ -471,15 +510,7 @@ fn metrics_count_requests_runs_and_auth_failures_and_promtool_accepts_them() {
     env.script("fails", "exit 3");
     env.routes("ComputerAdded ok\nPushSent fails\n");
     let server = env.serve();
-    let line = server
-        .wait_log("metrics on http://", Duration::from_secs(5))
-        .expect("metrics address logged");
-    let metrics_addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.strip_suffix("/metrics"))
-        .expect("address")
-        .to_string();
+    let metrics_addr = metrics_addr(&server);
     let key = [
         ("X-Api-Key", "metrics-key"),
         ("Content-Type", "application/json"),
@@ -509,15 +540,7 @@ fn metrics_count_requests_runs_and_auth_failures_and_promtool_accepts_them() {
         server.post("/", body("ComputerAdded").as_bytes()).status,
         401
     );
-    let scrape = || {
-        let mut stream = std::net::TcpStream::connect(&metrics_addr).expect("connect to metrics");
-        std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .expect("send");
-        crate::util::Response::read(&mut stream).expect("answer")
-    };
-    let answer = scrape();
-    assert_eq!(answer.status, 200);
-    let text = answer.text();
+    let text = scrape(&metrics_addr);
     for expected in [
         "hookrunner_requests_total{status=\"200\",sender=\"jamf\"} 2",
         "hookrunner_requests_total{status=\"500\",sender=\"jamf\"} 1",
@@ -528,25 +551,120 @@ fn metrics_count_requests_runs_and_auth_failures_and_promtool_accepts_them() {
         "hookrunner_run_duration_seconds_count 3",
         "hookrunner_running_scripts 0",
         "hookrunner_auth_failures_total{sender=\"jamf\",reason=\"missing_header\"} 1",
+        // The store is open (for the history): its counts are there, none of these sync runs among them.
+        "hookrunner_async_deliveries{state=\"queued\"} 0",
+        "hookrunner_async_deliveries{state=\"retrying\"} 0",
+        "hookrunner_async_deliveries{state=\"dead\"} 0",
+        "hookrunner_store_read_errors_total 0",
     ] {
         assert!(text.contains(expected), "missing {expected:?} in\n{text}");
     }
     assert!(!text.contains("metrics-key"));
     // The webhook port does not serve them.
     assert_ne!(server.get("/metrics").text(), text);
-    let file = env.path().join("metrics.txt");
-    fs::write(&file, &text).expect("write metrics");
-    let promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(fs::File::open(&file).expect("open"))
-        .output()
-        .expect("promtool (Debian package prometheus; .ci/run installs it)");
-    assert!(
-        promtool.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&promtool.stdout),
-        String::from_utf8_lossy(&promtool.stderr)
+    promtool_accepts(&env, &text);
+}
+
+/// The value of the sample `name` in `text` (Prometheus text format).
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn metrics_count_queued_running_and_dead_deliveries_as_the_store_holds_them() {
+    let env = Env::new().config("metrics_listen = \"127.0.0.1:0\"");
+    let dir = env.path().to_path_buf();
+    let fixed = dir.join("fixed");
+    env.script("data.sh", &format!("[ -e {fixed:?} ] || exit 65"));
+    env.script(
+        "slow.sh",
+        &crate::util::wait_for_release(&dir.join("started"), &dir.join("release")),
     );
+    env.routes("D data.sh async\nS slow.sh async serial\n");
+    let server = env.serve();
+    let addr = metrics_addr(&server);
+    let _release = crate::util::Release(dir.join("release"));
+    let gauge = |text: &str, state: &str| {
+        sample(
+            text,
+            &format!("hookrunner_async_deliveries{{state=\"{state}\"}}"),
+        )
+    };
+    // Waits (bounded) until the scrape shows these counts; returns that scrape.
+    let wait_for = |want: [(&str, f64); 4]| {
+        let mut text = String::new();
+        let seen = crate::util::wait_until(Duration::from_secs(10), || {
+            text = scrape(&addr);
+            want.iter()
+                .all(|(state, n)| gauge(&text, state) == Some(*n))
+        });
+        assert!(seen, "never {want:?}:\n{text}\n{}", server.log());
+        text
+    };
+    let mut dead = Vec::new();
+    for _ in 0..2 {
+        let r = server.post("/hooks/D", b"{}");
+        assert_eq!(r.status, 202, "{}", r.text());
+        dead.push(r.json()["request_id"].as_str().expect("id").to_string());
+    }
+    // Exit 65: dead at once.
+    wait_for([
+        ("queued", 0.0),
+        ("retrying", 0.0),
+        ("running", 0.0),
+        ("dead", 2.0),
+    ]);
+    // A serial route whose first entry sleeps: the other two wait behind it.
+    for _ in 0..3 {
+        assert_eq!(server.post("/hooks/S", b"{}").status, 202);
+    }
+    let text = wait_for([
+        ("queued", 2.0),
+        ("retrying", 0.0),
+        ("running", 1.0),
+        ("dead", 2.0),
+    ]);
+    promtool_accepts(&env, &text);
+    // `deliveries drop` from another process: the next scrape reads it from the store (the daemon
+    // itself did nothing).
+    let cli = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .arg("deliveries")
+            .arg("--config")
+            .arg(env.config_path())
+            .args(args)
+            .env("STATE_DIRECTORY", env.state())
+            .output()
+            .expect("run deliveries");
+        assert!(
+            out.status.success(),
+            "deliveries {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    cli(&["drop", &dead[0]]);
+    let text = scrape(&addr);
+    assert_eq!(gauge(&text, "dead"), Some(1.0), "{text}");
+    // `deliveries retry` of the other, now fixed: out of dead at once, then run and done.
+    fs::write(&fixed, "").expect("fix");
+    cli(&["retry", &dead[1]]);
+    let text = scrape(&addr);
+    assert_eq!(gauge(&text, "dead"), Some(0.0), "{text}");
+    wait_for([
+        ("queued", 2.0),
+        ("retrying", 0.0),
+        ("running", 1.0),
+        ("dead", 0.0),
+    ]);
+    // Released, the serial route runs its entries one after the other, and nothing is left.
+    fs::write(dir.join("release"), "").expect("release");
+    wait_for([
+        ("queued", 0.0),
+        ("retrying", 0.0),
+        ("running", 0.0),
+        ("dead", 0.0),
+    ]);
 }
 
 #[test]

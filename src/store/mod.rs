@@ -237,6 +237,18 @@ pub struct Summary {
     pub store_bytes: u64,
 }
 
+/// The async entries not yet done, by state, for the metrics: read from an index that holds only them, so
+/// it costs what is waiting and dead, never the size of the history.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Backlog {
+    /// Waiting for their first attempt, or queued again by `deliveries retry`.
+    pub queued: u64,
+    /// Failed, waiting to retry (the async part of `failed`).
+    pub retrying: u64,
+    pub running: u64,
+    pub dead: u64,
+}
+
 /// How long finished history is kept, and how large the store may grow.
 #[derive(Debug, Clone, Copy)]
 pub struct Retention {
@@ -285,6 +297,7 @@ pub trait Store: Send + Sync {
     /// Removes an entry that is not running; returns whether there was one.
     fn drop_entry(&self, id: &str) -> Result<bool, StoreError>;
     fn summary(&self) -> Result<Summary, StoreError>;
+    fn backlog(&self) -> Result<Backlog, StoreError>;
     /// A write failed in a way that makes the store untrustworthy (see [`StoreError::Broken`]).
     fn broken(&self) -> bool;
 }

@@ -53,6 +53,10 @@ const MIGRATIONS: &[&str] = &["
         accepted_at INTEGER NOT NULL
     );
     CREATE INDEX dedupe_accepted ON dedupe(accepted_at);
+", "
+    -- The metrics' counts of async entries by state (store::Backlog): only the entries not done, so a
+    -- scrape reads what waits and what is dead, never the history; (mode, state) makes it a covering index.
+    CREATE INDEX deliveries_async_open ON deliveries(mode, state) WHERE mode = 'async' AND state != 'done';
 "];
 
 /// Brings the database to the newest version, one transaction per step (a crash mid-way leaves the last
