@@ -6,15 +6,22 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, IsCa, KeyPair,
     KeyUsagePurpose,
 };
+use rustls::client::{
+    ClientSessionMemoryCache, ClientSessionStore, Resumption, Tls12ClientSessionValue,
+    Tls13ClientSessionValue,
+};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use rustls::{
+    ClientConfig, ClientConnection, HandshakeKind, NamedGroup, RootCertStore, StreamOwned,
+};
 
 use crate::util::{Env, Response, Server, payload};
 
@@ -666,5 +673,114 @@ fn an_mtls_sender_admits_only_a_verified_certificate_naming_one_of_its_subjects(
     assert!(
         err.contains("type mtls needs [tls] with client_ca_file"),
         "{err}"
+    );
+}
+
+/// rustls's own client session cache, counting the TLS 1.3 tickets the server sent.
+#[derive(Debug)]
+struct CountingTickets {
+    cache: ClientSessionMemoryCache,
+    tickets: AtomicUsize,
+}
+
+impl CountingTickets {
+    fn count(&self) -> usize {
+        self.tickets.load(Ordering::SeqCst)
+    }
+}
+
+impl ClientSessionStore for CountingTickets {
+    fn set_kx_hint(&self, name: ServerName<'static>, group: NamedGroup) {
+        self.cache.set_kx_hint(name, group)
+    }
+    fn kx_hint(&self, name: &ServerName<'_>) -> Option<NamedGroup> {
+        self.cache.kx_hint(name)
+    }
+    fn set_tls12_session(&self, name: ServerName<'static>, value: Tls12ClientSessionValue) {
+        self.cache.set_tls12_session(name, value)
+    }
+    fn tls12_session(&self, name: &ServerName<'_>) -> Option<Tls12ClientSessionValue> {
+        self.cache.tls12_session(name)
+    }
+    fn remove_tls12_session(&self, name: &ServerName<'static>) {
+        self.cache.remove_tls12_session(name)
+    }
+    fn insert_tls13_ticket(&self, name: ServerName<'static>, value: Tls13ClientSessionValue) {
+        self.tickets.fetch_add(1, Ordering::SeqCst);
+        self.cache.insert_tls13_ticket(name, value)
+    }
+    fn take_tls13_ticket(&self, name: &ServerName<'static>) -> Option<Tls13ClientSessionValue> {
+        self.cache.take_tls13_ticket(name)
+    }
+}
+
+#[test]
+fn one_ticket_comes_with_the_first_answer_and_the_next_connection_resumes_with_it() {
+    let ca = Ca::new("server CA");
+    let env = tls_env(&server_leaf(&ca), None, "");
+    let server = env.serve();
+    let store = Arc::new(CountingTickets {
+        cache: ClientSessionMemoryCache::new(8),
+        tickets: AtomicUsize::new(0),
+    });
+    let mut config = (*client_config(&ca, None)).clone();
+    config.resumption = Resumption::store(Arc::clone(&store) as Arc<dyn ClientSessionStore>);
+    let config = Arc::new(config);
+
+    let mut tls = connect(&server, Arc::clone(&config));
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock).expect("handshake");
+    }
+    assert_eq!(tls.conn.handshake_kind(), Some(HandshakeKind::Full));
+    // The client (ring's order) offers AES-256-GCM-SHA384 first; the server's order wins.
+    assert_eq!(
+        tls.conn.negotiated_cipher_suite().map(|s| s.suite()),
+        Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+    );
+    // The client's Finished is sent; the ticket waits for the first answer, so it costs no write of its own.
+    tls.sock
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    let early = tls.sock.read(&mut [0u8; 64]);
+    assert!(
+        matches!(&early, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+        "bytes before the first answer: {early:?}"
+    );
+    tls.sock.set_read_timeout(None).expect("timeout");
+    assert_eq!(get(&mut tls, "/healthz").expect("healthz").status, 200);
+    // One ticket, not rustls's default two: a client resumes with one, and each costs both sides work.
+    assert_eq!(store.count(), 1);
+    drop(tls);
+
+    let mut again = connect(&server, config);
+    assert_eq!(get(&mut again, "/healthz").expect("healthz").status, 200);
+    assert_eq!(again.conn.handshake_kind(), Some(HandshakeKind::Resumed));
+    assert_eq!(
+        store.count(),
+        2,
+        "a resumed connection gets the ticket for the next"
+    );
+}
+
+#[test]
+fn a_tls_1_2_client_gets_the_servers_last_flight_and_an_answer() {
+    let ca = Ca::new("server CA");
+    let env = tls_env(&server_leaf(&ca), None, "");
+    let server = env.serve();
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .expect("versions")
+        .with_root_certificates(ca.roots())
+        .with_no_client_auth();
+    let mut tls = connect(&server, Arc::new(config));
+    // In TLS 1.2 the client waits for the server's Finished: were it held back like a TLS 1.3 ticket,
+    // this would wait for the server's header timeout.
+    tls.sock
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    assert_eq!(get(&mut tls, "/healthz").expect("healthz").status, 200);
+    assert_eq!(
+        tls.conn.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
     );
 }

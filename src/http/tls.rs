@@ -107,9 +107,22 @@ impl Read for TlsStream {
         if self.tls.read_tls(&mut self.sock)? == 0 {
             return Ok(0);
         }
+        let was_handshaking = self.tls.is_handshaking();
         let processed = self.tls.process_new_packets();
-        // Even after an error: rustls has queued the alert that tells the client why.
-        let flushed = self.flush_tls();
+        // During the handshake the client waits for what rustls queued: it is written now, and so is the
+        // alert after an error (rustls has queued the one that tells the client why). What a TLS 1.3
+        // handshake queues as it ends (on the client's Finished) is the session ticket, and after the
+        // handshake only what no client waits for (a key update's answer): those go out in the write of
+        // the next answer, rather than costing a write here and a wake-up and a read on the client.
+        // TLS 1.2's last flight, the server's Finished, is waited for.
+        let waited_for = was_handshaking
+            && (self.tls.is_handshaking()
+                || self.tls.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3));
+        let flushed = if processed.is_err() || waited_for {
+            self.flush_tls()
+        } else {
+            Ok(())
+        };
         if let Err(e) = processed {
             let what = if self.tls.is_handshaking() {
                 "TLS handshake failed"
