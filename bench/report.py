@@ -368,6 +368,8 @@ def section(res):
                           f"{kib_text(row.get('idle_pss_kib'))})")
             peak_text += (f" in up to {row.get('peak_processes')} processes (PSS "
                           f"{kib_text(row.get('peak_pss_kib'))})")
+        if s.startswith("hookrunner") and row and row.get("idle_anon_kib"):
+            idle_text += f" (anonymous {kib_text(row['idle_anon_kib'])})"
         if s == "hookrunner-nohistory" and idle is not None:
             idle_text += f" {mark(idle <= TARGET_IDLE_NO_STORE_KIB)}"
         if s == "hookrunner":
@@ -384,7 +386,9 @@ def section(res):
                       "start to ready (median)", "binary size"], rows))
     out.append("\nRSS is VmRSS (peak: VmHWM for one process); for Apache it is the sum over "
                "its processes, which counts shared pages once per process, so PSS is given "
-               "too. The handlers' own processes are not counted for any system.")
+               "too. The handlers' own processes are not counted for any system. hookrunner's "
+               "*anonymous* share (RssAnon: heap, stacks) is given beside it; the rest is mostly its "
+               "code, clean pages shared with the page cache.")
 
     points = [r for kind in ("ceiling", "load", "async") for r in res.rows[kind]
               if isinstance(r.get("foreign_pct"), (int, float))]

@@ -167,6 +167,8 @@ class HistoryTargets(unittest.TestCase):
         self.assertEqual(verdict(res, "idle RSS ≤ 4 MiB")[1], "pass")
         self.assertIn("| hookrunner without the history (history = false) | 3.9 MiB pass |",
                       report.section(res))
+        res.rows["rss"][0]["idle_anon_kib"] = 700
+        self.assertIn("| hookrunner | 6.1 MiB (anonymous 0.7 MiB) **FAIL** |", report.section(res))
 
 
 class Logging(unittest.TestCase):
