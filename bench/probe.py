@@ -226,7 +226,7 @@ def tree(root):
 
 def measure(pid, whole_tree):
     pids = tree(pid) if whole_tree else [pid]
-    rss = hwm = pss = 0
+    rss = hwm = pss = anon = 0
     counted = 0
     for p in pids:
         try:
@@ -235,9 +235,12 @@ def measure(pid, whole_tree):
             continue
         rss += kib(fields.get("VmRSS"))
         hwm += kib(fields.get("VmHWM"))
+        anon += kib(fields.get("RssAnon"))
         pss += pss_kib(p)
         counted += 1
-    return {"rss_kib": rss, "hwm_kib": hwm, "pss_kib": pss, "processes": counted}
+    # RssAnon (heap, stacks) apart from the rest: mostly the program's code pages, clean and shared
+    # with the page cache, which the kernel maps 64 KiB around each page first touched.
+    return {"rss_kib": rss, "hwm_kib": hwm, "pss_kib": pss, "anon_kib": anon, "processes": counted}
 
 
 def cmd_mem(args):

@@ -125,6 +125,64 @@ class Targets(unittest.TestCase):
 
 
 
+class HistoryTargets(unittest.TestCase):
+    def with_nohistory(self, rate, rss=None):
+        res = results()
+        for row in sync_rows("hookrunner-nohistory", rate):
+            res.sync.setdefault("hookrunner-nohistory", {}).setdefault(row["concurrency"], {})[row["rep"]] = row
+        if rss is not None:
+            res.rows["rss"].append(rss)
+        return res
+
+    def test_the_history_passes_within_2_percent_of_no_history_at_every_concurrency(self):
+        # hookrunner answers 950/s: 960/s without the history is 0.990 x, 975/s 0.974 x.
+        label = "sync history ≥ 0.98 × without it"
+        res = self.with_nohistory(960)
+        self.assertEqual(verdicts(res)[label], ("lowest 0.990× (c=1)", "pass"))
+        set_rate(res, "hookrunner-nohistory", 16, 975)
+        self.assertEqual(verdicts(res)[label], ("lowest 0.974× (c=16)", "**FAIL**"))
+        res = self.with_nohistory(960)
+        del res.sync["hookrunner-nohistory"][64]
+        measured, mark = verdicts(res)[label]
+        self.assertEqual(mark, "**FAIL**")
+        self.assertIn("not measured at c=64", measured)
+        # The ceiling's own target stays beside it.
+        self.assertEqual(verdict(res, "sync ≥ 0.90")[1], "pass")
+
+    def test_no_history_row_without_a_run_without_it(self):
+        self.assertFalse(any(label.startswith("sync history") for label in verdicts(results())))
+
+    def test_each_idle_bound_is_checked_against_its_own_system(self):
+        bare = {"kind": "rss", "system": "hookrunner-nohistory", "concurrency": 16,
+                "idle_rss_kib": 4200, "peak_rss_kib": 5000, "hwm_kib": 5000,
+                "load_statuses": {"200": 10}}
+        res = self.with_nohistory(960, rss=bare)
+        # hookrunner idles at 2.6 MiB with its store (results()): under 6 MiB; 4.1 MiB without is over 4.
+        self.assertEqual(verdict(res, "idle RSS ≤ 6 MiB with the store open"), ("2.5 MiB", "pass"))
+        self.assertEqual(verdict(res, "idle RSS ≤ 4 MiB without the store"),
+                         ("4.1 MiB", "**FAIL**"))
+        res.rows["rss"][0]["idle_rss_kib"] = 6200
+        self.assertEqual(verdict(res, "idle RSS ≤ 6 MiB")[1], "**FAIL**")
+        res.rows["rss"][1]["idle_rss_kib"] = 4000
+        self.assertEqual(verdict(res, "idle RSS ≤ 4 MiB")[1], "pass")
+        self.assertIn("| hookrunner without the history (history = false) | 3.9 MiB pass |",
+                      report.section(res))
+        res.rows["rss"][0]["idle_anon_kib"] = 700
+        self.assertIn("| hookrunner | 6.1 MiB (anonymous 0.7 MiB) **FAIL** |", report.section(res))
+
+
+class Logging(unittest.TestCase):
+    def test_the_report_says_when_logging_was_turned_down(self):
+        res = results()
+        res.meta["rust_log"] = "warn"
+        text = report.section(res)
+        self.assertIn("logging turned down (`RUST_LOG=warn`, not the default info)", text)
+        res.meta["rust_log"] = "info"
+        text = report.section(res)
+        self.assertNotIn("turned down", text)
+        self.assertIn("default log level (`RUST_LOG=info`", text)
+
+
 class TlsTargets(unittest.TestCase):
     def test_tls_variants_pass_only_at_every_concurrency_measured(self):
         res = results()

@@ -207,6 +207,10 @@ pub fn serve(config_path: Option<PathBuf>, mut overrides: Overrides) -> Result<(
     if let Some(dispatcher) = dispatcher {
         let _ = dispatcher.join();
     }
+    // History rows still gathering in the writer would die with the process.
+    if let Some(store) = &store {
+        store.flush();
+    }
     served.map_err(|e| Error::Start("accept loop".into(), e))?;
     if broken() {
         return Err(Error::Start(

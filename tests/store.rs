@@ -615,6 +615,22 @@ fn every_sync_request_leaves_a_history_row_with_its_status() {
 }
 
 #[test]
+fn the_history_rows_of_the_last_requests_are_written_before_a_sigterm_exit() {
+    let env = Env::new();
+    env.script("ok.sh", "exit 0");
+    env.routes("OK ok.sh\n");
+    let mut server = env.serve();
+    for _ in 0..3 {
+        assert_eq!(server.post("/hooks/OK", b"{}").status, 200);
+    }
+    // At once: the rows are still gathering in the store's writer for company.
+    server.signal(libc::SIGTERM);
+    let status = server.wait_exit(Duration::from_secs(10)).expect("exited");
+    assert!(status.success(), "{status:?}");
+    assert_eq!(rows(&env, &[]).len(), 3);
+}
+
+#[test]
 fn pruning_drops_old_payloads_and_the_oldest_rows_but_never_a_waiting_entry() {
     let mut env = Env::new();
     env.script("ok.sh", "exit 0");

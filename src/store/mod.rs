@@ -279,6 +279,8 @@ pub trait Store: Send + Sync {
     fn accept(&self, delivery: NewDelivery, bounds: Bounds) -> Result<Accepted, StoreError>;
     /// Writes a sync delivery's row later, without making the request wait for it.
     fn record(&self, record: SyncRecord);
+    /// Waits until every row handed to [`Store::record`] so far is committed (at shutdown).
+    fn flush(&self);
     /// Due or not, the entries waiting to run, oldest first.
     fn pending(&self, limit: usize) -> Result<Vec<Pending>, StoreError>;
     fn payload(&self, id: i64) -> Result<Option<Vec<u8>>, StoreError>;

@@ -54,6 +54,19 @@ const MIGRATIONS: &[&str] = &["
     );
     CREATE INDEX dedupe_accepted ON dedupe(accepted_at);
 ", "
+    -- A sync delivery runs once and is never retried: its one attempt is kept in its own row, so
+    -- writing it costs one b-tree insert instead of three (the row, the attempt, its key). An
+    -- async entry's attempts stay in `attempts`. NULL run_started_at: no attempt in the row.
+    ALTER TABLE deliveries ADD COLUMN run_started_at INTEGER;
+    ALTER TABLE deliveries ADD COLUMN run_ms REAL;
+    ALTER TABLE deliveries ADD COLUMN run_signal INTEGER;
+    ALTER TABLE deliveries ADD COLUMN run_timed_out INTEGER;
+    ALTER TABLE deliveries ADD COLUMN run_output TEXT;
+    UPDATE deliveries SET run_started_at = a.started_at, run_ms = a.duration_ms,
+        run_signal = a.signal, run_timed_out = a.timed_out, run_output = a.output
+        FROM attempts AS a WHERE a.delivery = deliveries.id AND a.n = 1 AND deliveries.mode = 'sync';
+    DELETE FROM attempts WHERE delivery IN (SELECT id FROM deliveries WHERE mode = 'sync');
+", "
     -- The metrics' counts of async entries by state (store::Backlog): only the entries not done, so a
     -- scrape reads what waits and what is dead, never the history; (mode, state) makes it a covering index.
     CREATE INDEX deliveries_async_open ON deliveries(mode, state) WHERE mode = 'async' AND state != 'done';
@@ -64,6 +77,13 @@ const MIGRATIONS: &[&str] = &["
 /// taken first serialises them, and each re-reads the version under it.
 pub fn migrate(conn: &mut Connection) -> Result<(), String> {
     let newest = MIGRATIONS.len() as i64;
+    // The common case, an up-to-date database, without taking the write lock at every start.
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| format!("cannot read the schema version: {e}"))?;
+    if version == newest {
+        return Ok(());
+    }
     loop {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -106,5 +126,56 @@ mod tests {
             .expect("set");
         let err = migrate(&mut conn).expect_err("newer refused");
         assert!(err.contains("newer than this hookrunner knows"), "{err}");
+    }
+
+    #[test]
+    fn a_version_1_database_keeps_its_rows_and_its_sync_attempts_move_into_them() {
+        let mut conn = Connection::open_in_memory().expect("open");
+        conn.execute_batch(MIGRATIONS[0]).expect("schema v1");
+        conn.execute_batch(
+            "PRAGMA user_version = 1;
+             INSERT INTO deliveries (id, request_id, received_at, mode, event, route_line, script,
+                 state, status, attempts, last_exit)
+             VALUES (1, 'r-1', 10, 'sync', 'A', 1, 'a.sh', 'failed', 500, 1, 3),
+                    (2, 'r-2', 20, 'async', 'B', 2, 'b.sh', 'failed', 202, 2, 1);
+             INSERT INTO attempts VALUES (1, 1, 11, 2.5, 3, NULL, 0, 'sync out'),
+                                         (2, 1, 21, 1.0, 1, NULL, 0, 'first'),
+                                         (2, 2, 22, 1.5, 1, NULL, 0, 'second');",
+        )
+        .expect("v1 rows");
+        migrate(&mut conn).expect("migrated");
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        let sync: (String, i64, f64, i64, String) = conn
+            .query_row(
+                "SELECT request_id, run_started_at, run_ms, run_timed_out, run_output
+                 FROM deliveries WHERE id = 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            )
+            .expect("sync row");
+        assert_eq!(sync, ("r-1".into(), 11, 2.5, 0, "sync out".into()));
+        let kept: Vec<(i64, i64, String)> = conn
+            .prepare("SELECT delivery, n, output FROM attempts ORDER BY delivery, n")
+            .and_then(|mut s| {
+                s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect()
+            })
+            .expect("attempts");
+        assert_eq!(
+            kept,
+            [(2, 1, "first".into()), (2, 2, "second".into())],
+            "an async entry's attempts stay where they were"
+        );
+        let async_run: Option<i64> = conn
+            .query_row(
+                "SELECT run_started_at FROM deliveries WHERE id = 2",
+                [],
+                |r| r.get(0),
+            )
+            .expect("async row");
+        assert_eq!(async_run, None);
     }
 }
