@@ -40,8 +40,9 @@ pub const EXIT_TEMPFAIL: i32 = 75;
 const FIRST_PAUSE: Duration = Duration::from_secs(1);
 /// How often the queue is looked at without being told: entries the CLI queued again, retries coming due.
 const POLL: Duration = Duration::from_millis(250);
-/// Entries read per look at the queue.
-const SCAN: usize = 512;
+/// Entries read at a time while looking at the queue: a look that starts a few entries (as each finished
+/// run frees a slot) reads a few rows, not the whole queue.
+const PAGE: usize = 32;
 /// How often finished history is pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
@@ -122,61 +123,68 @@ impl Dispatcher {
         let Some(mut slot) = self.limiter.try_background() else {
             return POLL;
         };
-        let pending = match self.store.pending(SCAN) {
-            Ok(pending) => pending,
-            Err(e) => {
-                log::error!("cannot read the queue: {e}");
-                return POLL;
-            }
-        };
         let now = now_ms();
         let mut wait = POLL;
         // Serial routes that already have an earlier entry waiting or running: later ones wait behind it.
         let mut held = HashSet::new();
-        for entry in pending {
-            let route = entry.route();
-            {
-                let running = running.lock().unwrap_or_else(|e| e.into_inner());
-                if running.ids.contains(&entry.id) {
-                    continue;
+        let mut after = 0;
+        loop {
+            let page = match self.store.pending(after, PAGE) {
+                Ok(page) => page,
+                Err(e) => {
+                    log::error!("cannot read the queue: {e}");
+                    return POLL;
                 }
-                if entry.policy.serial
-                    && (running.serial_routes.contains(&route) || !held.insert(route.clone()))
+            };
+            let last = page.len() < PAGE;
+            for entry in page {
+                after = entry.id;
+                let route = entry.route();
                 {
+                    let running = running.lock().unwrap_or_else(|e| e.into_inner());
+                    if running.ids.contains(&entry.id) {
+                        continue;
+                    }
+                    if entry.policy.serial
+                        && (running.serial_routes.contains(&route) || !held.insert(route.clone()))
+                    {
+                        continue;
+                    }
+                }
+                if entry.due_at > now {
+                    let until = Duration::from_millis((entry.due_at - now) as u64);
+                    wait = wait.min(until);
                     continue;
                 }
-            }
-            if entry.due_at > now {
-                let until = Duration::from_millis((entry.due_at - now) as u64);
-                wait = wait.min(until);
-                continue;
-            }
-            {
-                let mut running = running.lock().unwrap_or_else(|e| e.into_inner());
-                running.ids.insert(entry.id);
-                if entry.policy.serial {
-                    running.serial_routes.insert(route.clone());
+                {
+                    let mut running = running.lock().unwrap_or_else(|e| e.into_inner());
+                    running.ids.insert(entry.id);
+                    if entry.policy.serial {
+                        running.serial_routes.insert(route.clone());
+                    }
+                }
+                self.store.started(entry.id);
+                scope.spawn(move || {
+                    self.run_one(&entry);
+                    drop(slot);
+                    let mut running = running.lock().unwrap_or_else(|e| e.into_inner());
+                    running.ids.remove(&entry.id);
+                    running.serial_routes.remove(&route);
+                    drop(running);
+                    self.bell.ring();
+                });
+                match self.limiter.try_background() {
+                    Some(next) => slot = next,
+                    None => return POLL,
+                }
+                if self.stop.load(Ordering::SeqCst) {
+                    return wait;
                 }
             }
-            self.store.started(entry.id);
-            scope.spawn(move || {
-                self.run_one(&entry);
-                drop(slot);
-                let mut running = running.lock().unwrap_or_else(|e| e.into_inner());
-                running.ids.remove(&entry.id);
-                running.serial_routes.remove(&route);
-                drop(running);
-                self.bell.ring();
-            });
-            match self.limiter.try_background() {
-                Some(next) => slot = next,
-                None => return POLL,
-            }
-            if self.stop.load(Ordering::SeqCst) {
-                break;
+            if last {
+                return wait;
             }
         }
-        wait
     }
 
     fn prune(&self) {
