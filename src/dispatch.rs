@@ -10,6 +10,10 @@
 //!   order: a later entry waits while an earlier one waits to retry;
 //! - sync requests are not starved: queued deliveries take script slots only through
 //!   [`Limiter::try_background`];
+//! - requests and their acknowledgements stay ahead of queued runs for the CPUs: the dispatcher and
+//!   everything it starts run [`NICE`] steps nicer than the daemon, so in a burst the queue absorbs what
+//!   the CPUs cannot run at once, rather than the scripts' start-ups (a fork and an exec or more each)
+//!   slowing the answers;
 //! - outcome: exit 0 is done; 65 (EX_DATAERR) is dead at once; 75 (EX_TEMPFAIL) is retried whatever the
 //!   attempt count; anything else (another code, a signal, a timeout, a failed start) is retried until the
 //!   route's attempts are spent, then dead. Pauses double from 1 s up to `retry_max`, each drawn between
@@ -45,6 +49,8 @@ const POLL: Duration = Duration::from_millis(250);
 const PAGE: usize = 32;
 /// How often finished history is pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// How much lower the dispatcher's CPU priority is than the daemon's (nice steps; 19 is the lowest).
+pub const NICE: i32 = 10;
 
 /// Rung when something may have become runnable (an entry accepted, a run finished).
 #[derive(Default)]
@@ -94,6 +100,7 @@ impl Dispatcher {
     /// Runs until `stop` is set, then waits for the scripts it started to end (each within its timeout
     /// and kill grace) and returns. Whatever did not start stays in the store.
     pub fn run(&self) {
+        lower_priority();
         let running = Mutex::new(Running::default());
         let mut pruned_at: Option<Instant> = None;
         std::thread::scope(|scope| {
@@ -299,6 +306,19 @@ impl Dispatcher {
             request_id: &entry.request_id,
         };
         self.runner.run(&job)
+    }
+}
+
+/// Lowers the calling thread's CPU priority by [`NICE`]. Linux keeps a nice value per thread, and a new
+/// thread or process takes its creator's: the threads that run entries, and their scripts, inherit it,
+/// while the gateway's threads and the store's writer keep the daemon's. (No `pre_exec` in the child:
+/// that would make std fork instead of using posix_spawn.)
+fn lower_priority() {
+    use rustix::process::{getpriority_process, setpriority_process};
+    let lowered =
+        getpriority_process(None).and_then(|nice| setpriority_process(None, (nice + NICE).min(19)));
+    if let Err(e) = lowered {
+        log::warn!("cannot lower the priority of queued runs: {e}; they compete with requests");
     }
 }
 
