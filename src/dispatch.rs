@@ -11,7 +11,7 @@
 //! - sync requests are not starved: queued deliveries take script slots only through
 //!   [`Limiter::try_background`];
 //! - requests and their acknowledgements stay ahead of queued runs for the CPUs: the dispatcher and
-//!   everything it starts run [`NICE`] steps nicer than the daemon, so in a burst the queue absorbs what
+//!   everything it starts run at the lowest priority ([`NICE`]), so in a burst the queue absorbs what
 //!   the CPUs cannot run at once, rather than the scripts' start-ups (a fork and an exec or more each)
 //!   slowing the answers;
 //! - outcome: exit 0 is done; 65 (EX_DATAERR) is dead at once; 75 (EX_TEMPFAIL) is retried whatever the
@@ -49,8 +49,10 @@ const POLL: Duration = Duration::from_millis(250);
 const PAGE: usize = 32;
 /// How often finished history is pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
-/// How much lower the dispatcher's CPU priority is than the daemon's (nice steps; 19 is the lowest).
-pub const NICE: i32 = 10;
+/// How much lower the dispatcher's CPU priority is than the daemon's, in nice steps: as low as it goes (a
+/// nice value is at most 19). Each niced thread still weighs something, and a burst starts as many runs as
+/// there are slots: at 10, a thousand of them together outweighed the few threads answering requests.
+pub const NICE: i32 = 19;
 
 /// Rung when something may have become runnable (an entry accepted, a run finished).
 #[derive(Default)]
