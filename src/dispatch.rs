@@ -10,6 +10,10 @@
 //!   order: a later entry waits while an earlier one waits to retry;
 //! - sync requests are not starved: queued deliveries take script slots only through
 //!   [`Limiter::try_background`];
+//! - requests and their acknowledgements stay ahead of queued runs for the CPUs: the dispatcher and
+//!   everything it starts run at the lowest priority ([`NICE`]), so in a burst the queue absorbs what
+//!   the CPUs cannot run at once, rather than the scripts' start-ups (a fork and an exec or more each)
+//!   slowing the answers;
 //! - outcome: exit 0 is done; 65 (EX_DATAERR) is dead at once; 75 (EX_TEMPFAIL) is retried whatever the
 //!   attempt count; anything else (another code, a signal, a timeout, a failed start) is retried until the
 //!   route's attempts are spent, then dead. Pauses double from 1 s up to `retry_max`, each drawn between
@@ -40,10 +44,15 @@ pub const EXIT_TEMPFAIL: i32 = 75;
 const FIRST_PAUSE: Duration = Duration::from_secs(1);
 /// How often the queue is looked at without being told: entries the CLI queued again, retries coming due.
 const POLL: Duration = Duration::from_millis(250);
-/// Entries read per look at the queue.
-const SCAN: usize = 512;
+/// Entries read at a time while looking at the queue: a look that starts a few entries (as each finished
+/// run frees a slot) reads a few rows, not the whole queue.
+const PAGE: usize = 32;
 /// How often finished history is pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// How much lower the dispatcher's CPU priority is than the daemon's, in nice steps: as low as it goes (a
+/// nice value is at most 19). Each niced thread still weighs something, and a burst starts as many runs as
+/// there are slots: at 10, a thousand of them together outweighed the few threads answering requests.
+pub const NICE: i32 = 19;
 
 /// Rung when something may have become runnable (an entry accepted, a run finished).
 #[derive(Default)]
@@ -93,6 +102,7 @@ impl Dispatcher {
     /// Runs until `stop` is set, then waits for the scripts it started to end (each within its timeout
     /// and kill grace) and returns. Whatever did not start stays in the store.
     pub fn run(&self) {
+        lower_priority();
         let running = Mutex::new(Running::default());
         let mut pruned_at: Option<Instant> = None;
         std::thread::scope(|scope| {
@@ -122,61 +132,68 @@ impl Dispatcher {
         let Some(mut slot) = self.limiter.try_background() else {
             return POLL;
         };
-        let pending = match self.store.pending(SCAN) {
-            Ok(pending) => pending,
-            Err(e) => {
-                log::error!("cannot read the queue: {e}");
-                return POLL;
-            }
-        };
         let now = now_ms();
         let mut wait = POLL;
         // Serial routes that already have an earlier entry waiting or running: later ones wait behind it.
         let mut held = HashSet::new();
-        for entry in pending {
-            let route = entry.route();
-            {
-                let running = running.lock().unwrap_or_else(|e| e.into_inner());
-                if running.ids.contains(&entry.id) {
-                    continue;
+        let mut after = 0;
+        loop {
+            let page = match self.store.pending(after, PAGE) {
+                Ok(page) => page,
+                Err(e) => {
+                    log::error!("cannot read the queue: {e}");
+                    return POLL;
                 }
-                if entry.policy.serial
-                    && (running.serial_routes.contains(&route) || !held.insert(route.clone()))
+            };
+            let last = page.len() < PAGE;
+            for entry in page {
+                after = entry.id;
+                let route = entry.route();
                 {
+                    let running = running.lock().unwrap_or_else(|e| e.into_inner());
+                    if running.ids.contains(&entry.id) {
+                        continue;
+                    }
+                    if entry.policy.serial
+                        && (running.serial_routes.contains(&route) || !held.insert(route.clone()))
+                    {
+                        continue;
+                    }
+                }
+                if entry.due_at > now {
+                    let until = Duration::from_millis((entry.due_at - now) as u64);
+                    wait = wait.min(until);
                     continue;
                 }
-            }
-            if entry.due_at > now {
-                let until = Duration::from_millis((entry.due_at - now) as u64);
-                wait = wait.min(until);
-                continue;
-            }
-            {
-                let mut running = running.lock().unwrap_or_else(|e| e.into_inner());
-                running.ids.insert(entry.id);
-                if entry.policy.serial {
-                    running.serial_routes.insert(route.clone());
+                {
+                    let mut running = running.lock().unwrap_or_else(|e| e.into_inner());
+                    running.ids.insert(entry.id);
+                    if entry.policy.serial {
+                        running.serial_routes.insert(route.clone());
+                    }
+                }
+                self.store.started(entry.id);
+                scope.spawn(move || {
+                    self.run_one(&entry);
+                    drop(slot);
+                    let mut running = running.lock().unwrap_or_else(|e| e.into_inner());
+                    running.ids.remove(&entry.id);
+                    running.serial_routes.remove(&route);
+                    drop(running);
+                    self.bell.ring();
+                });
+                match self.limiter.try_background() {
+                    Some(next) => slot = next,
+                    None => return POLL,
+                }
+                if self.stop.load(Ordering::SeqCst) {
+                    return wait;
                 }
             }
-            self.store.started(entry.id);
-            scope.spawn(move || {
-                self.run_one(&entry);
-                drop(slot);
-                let mut running = running.lock().unwrap_or_else(|e| e.into_inner());
-                running.ids.remove(&entry.id);
-                running.serial_routes.remove(&route);
-                drop(running);
-                self.bell.ring();
-            });
-            match self.limiter.try_background() {
-                Some(next) => slot = next,
-                None => return POLL,
-            }
-            if self.stop.load(Ordering::SeqCst) {
-                break;
+            if last {
+                return wait;
             }
         }
-        wait
     }
 
     fn prune(&self) {
@@ -291,6 +308,19 @@ impl Dispatcher {
             request_id: &entry.request_id,
         };
         self.runner.run(&job)
+    }
+}
+
+/// Lowers the calling thread's CPU priority by [`NICE`]. Linux keeps a nice value per thread, and a new
+/// thread or process takes its creator's: the threads that run entries, and their scripts, inherit it,
+/// while the gateway's threads and the store's writer keep the daemon's. (No `pre_exec` in the child:
+/// that would make std fork instead of using posix_spawn.)
+fn lower_priority() {
+    use rustix::process::{getpriority_process, setpriority_process};
+    let lowered =
+        getpriority_process(None).and_then(|nice| setpriority_process(None, (nice + NICE).min(19)));
+    if let Err(e) = lowered {
+        log::warn!("cannot lower the priority of queued runs: {e}; they compete with requests");
     }
 }
 

@@ -151,6 +151,31 @@ fn an_async_delivery_is_answered_before_its_script_runs_and_runs_with_the_same_c
 }
 
 #[test]
+fn queued_scripts_run_at_the_lowest_priority_and_sync_ones_at_the_daemons() {
+    let env = Env::new();
+    let dir = env.path().to_path_buf();
+    env.script("n.sh", &format!("nice >> {:?}", dir.join("nice")));
+    env.routes("A n.sh async\nS n.sh\n");
+    let server = env.serve();
+    assert_eq!(server.post("/hooks/S", b"{}").json()["exit_code"], 0);
+    assert_eq!(server.post("/hooks/A", b"{}").status, 202);
+    assert!(wait_until(Duration::from_secs(10), || lines(
+        &dir.join("nice")
+    )
+    .len()
+        == 2));
+    let nice: Vec<i32> = lines(&dir.join("nice"))
+        .iter()
+        .map(|l| l.trim().parse().expect("nice prints a number"))
+        .collect();
+    assert!(
+        nice[0] < 19,
+        "a sync script at the daemon's priority: {nice:?}"
+    );
+    assert_eq!(nice[1], 19, "sync, then async: {nice:?}");
+}
+
+#[test]
 fn a_failing_script_is_retried_with_backoff_then_dead_with_every_attempt_kept() {
     let env = Env::new();
     let count = env.path().join("count");

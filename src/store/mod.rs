@@ -281,8 +281,8 @@ pub trait Store: Send + Sync {
     fn record(&self, record: SyncRecord);
     /// Waits until every row handed to [`Store::record`] so far is committed (at shutdown).
     fn flush(&self);
-    /// Due or not, the entries waiting to run, oldest first.
-    fn pending(&self, limit: usize) -> Result<Vec<Pending>, StoreError>;
+    /// Due or not, up to `limit` entries waiting to run whose id is above `after`, oldest first.
+    fn pending(&self, after: i64, limit: usize) -> Result<Vec<Pending>, StoreError>;
     fn payload(&self, id: i64) -> Result<Option<Vec<u8>>, StoreError>;
     /// Marks an entry as running (for the history only: a crash makes it queued again).
     fn started(&self, id: i64);
