@@ -167,6 +167,7 @@ pub fn serve(config_path: Option<PathBuf>, mut overrides: Overrides) -> Result<(
                 Box::new(move || gateway.config())
             },
             bell: Arc::clone(&bell),
+            metrics: gateway.metrics(),
             stop: Arc::clone(&dispatching),
             waker: waker
                 .try_clone()

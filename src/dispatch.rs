@@ -31,6 +31,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::Config;
 use crate::logging::Escaped;
+use crate::metrics::{Metrics, RunOutcome};
 use crate::payload::PayloadDir;
 use crate::routes;
 use crate::runner::{Exit, Job, Limiter, Runner};
@@ -85,6 +86,8 @@ pub struct Dispatcher {
     /// The configuration in force (kill_grace, retention), as the gateway has it after a reload.
     pub config: Box<dyn Fn() -> Arc<Config> + Send + Sync>,
     pub bell: Arc<Bell>,
+    /// The gateway's: queued runs count in the same run figures as sync ones.
+    pub metrics: Arc<Metrics>,
     /// Set at SIGTERM: start nothing more.
     pub stop: Arc<AtomicBool>,
     /// Written to when the store breaks, to wake the accept loop so the daemon stops.
@@ -221,8 +224,23 @@ impl Dispatcher {
         let n = entry.attempts + 1;
         let started_at = now_ms();
         let started = Instant::now();
-        let (exit, output) = match self.attempt(entry, n) {
-            Ok(outcome) => (Some(outcome.exit), outcome.output),
+        let ran = {
+            let _running = self.metrics.running();
+            self.attempt(entry, n)
+        };
+        let (exit, output) = match ran {
+            Ok(outcome) => {
+                let config = (self.config)();
+                let script = Path::new(&entry.script);
+                let script = script.strip_prefix(&config.scripts_dir).unwrap_or(script);
+                self.metrics.ran(
+                    entry.route_line,
+                    &script.display().to_string(),
+                    RunOutcome::of(outcome.exit),
+                    outcome.duration,
+                );
+                (Some(outcome.exit), outcome.output)
+            }
             Err(e) => {
                 log::error!(
                     "{} cannot run {}: {e}",

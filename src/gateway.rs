@@ -494,14 +494,12 @@ impl Gateway {
     fn answer(&self, config: &Config, request: &mut Request<'_>) -> Response {
         match self.serve(config, request) {
             Ok(Served::Ran(ran)) => {
-                let outcome = match ran.outcome.exit {
-                    Exit::Code(0) => RunOutcome::Ok,
-                    Exit::Code(_) => RunOutcome::Failed,
-                    Exit::Signal(_) => RunOutcome::Signal,
-                    Exit::TimedOut => RunOutcome::Timeout,
-                };
-                self.metrics
-                    .ran(ran.line, &ran.script, outcome, ran.outcome.duration);
+                self.metrics.ran(
+                    ran.line,
+                    &ran.script,
+                    RunOutcome::of(ran.outcome.exit),
+                    ran.outcome.duration,
+                );
                 ran.response(&request.id)
             }
             Ok(Served::Queued {

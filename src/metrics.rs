@@ -26,6 +26,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::auth::Failure;
+use crate::runner::Exit;
 use crate::store;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -117,6 +118,15 @@ pub enum RunOutcome {
 }
 
 impl RunOutcome {
+    pub fn of(exit: Exit) -> RunOutcome {
+        match exit {
+            Exit::Code(0) => RunOutcome::Ok,
+            Exit::Code(_) => RunOutcome::Failed,
+            Exit::Signal(_) => RunOutcome::Signal,
+            Exit::TimedOut => RunOutcome::Timeout,
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             RunOutcome::Ok => "ok",

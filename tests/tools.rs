@@ -609,12 +609,27 @@ fn metrics_count_queued_running_and_dead_deliveries_as_the_store_holds_them() {
         dead.push(r.json()["request_id"].as_str().expect("id").to_string());
     }
     // Exit 65: dead at once.
-    wait_for([
+    let text = wait_for([
         ("queued", 0.0),
         ("retrying", 0.0),
         ("running", 0.0),
         ("dead", 2.0),
     ]);
+    // Queued runs count in the run figures as sync ones do.
+    let runs = |text: &str, line: u32, script: &str, outcome: &str| {
+        sample(
+            text,
+            &format!(
+                "hookrunner_runs_total{{line=\"{line}\",script=\"{script}\",outcome=\"{outcome}\"}}"
+            ),
+        )
+    };
+    assert_eq!(runs(&text, 1, "data.sh", "failed"), Some(2.0), "{text}");
+    assert_eq!(
+        sample(&text, "hookrunner_run_duration_seconds_count"),
+        Some(2.0),
+        "{text}"
+    );
     // A serial route whose first entry sleeps: the other two wait behind it.
     for _ in 0..3 {
         assert_eq!(server.post("/hooks/S", b"{}").status, 202);
@@ -625,6 +640,11 @@ fn metrics_count_queued_running_and_dead_deliveries_as_the_store_holds_them() {
         ("running", 1.0),
         ("dead", 2.0),
     ]);
+    assert_eq!(
+        sample(&text, "hookrunner_running_scripts"),
+        Some(1.0),
+        "{text}"
+    );
     promtool_accepts(&env, &text);
     // `deliveries drop` from another process: the next scrape reads it from the store (the daemon
     // itself did nothing).
@@ -659,12 +679,19 @@ fn metrics_count_queued_running_and_dead_deliveries_as_the_store_holds_them() {
     ]);
     // Released, the serial route runs its entries one after the other, and nothing is left.
     fs::write(dir.join("release"), "").expect("release");
-    wait_for([
+    let text = wait_for([
         ("queued", 0.0),
         ("retrying", 0.0),
         ("running", 0.0),
         ("dead", 0.0),
     ]);
+    assert_eq!(runs(&text, 2, "slow.sh", "ok"), Some(3.0), "{text}");
+    assert_eq!(runs(&text, 1, "data.sh", "ok"), Some(1.0), "{text}");
+    assert_eq!(
+        sample(&text, "hookrunner_running_scripts"),
+        Some(0.0),
+        "{text}"
+    );
 }
 
 #[test]
