@@ -17,7 +17,7 @@ use serde_json::Value;
 use crate::util::{BIN, Env, Response, Server, wait_until};
 
 /// Runs `hookrunner deliveries ARGS` on the env's config and store.
-fn deliveries(env: &Env, args: &[&str]) -> Output {
+pub(crate) fn deliveries(env: &Env, args: &[&str]) -> Output {
     Command::new(BIN)
         .arg("deliveries")
         .arg("--config")

@@ -649,14 +649,7 @@ fn metrics_count_queued_running_and_dead_deliveries_as_the_store_holds_them() {
     // `deliveries drop` from another process: the next scrape reads it from the store (the daemon
     // itself did nothing).
     let cli = |args: &[&str]| {
-        let out = Command::new(BIN)
-            .arg("deliveries")
-            .arg("--config")
-            .arg(env.config_path())
-            .args(args)
-            .env("STATE_DIRECTORY", env.state())
-            .output()
-            .expect("run deliveries");
+        let out = crate::store::deliveries(&env, args);
         assert!(
             out.status.success(),
             "deliveries {args:?}: {}",
