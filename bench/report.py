@@ -38,6 +38,7 @@ PEERS = ["ceiling", "webhook", "apache"]
 TARGET_VS = {"ceiling": 0.90, "webhook": 1.3, "apache": 1.8}
 TARGET_ADDED_MS = 0.3
 TARGET_ACKS = 3000
+TARGET_ACK_P99_MS = 10.0
 # With the store open (the history is on by default), issue 10's bound; without it (history = false, no
 # store), the core gateway's older bound of issue 3.
 TARGET_IDLE_KIB = 6 * 1024
@@ -79,6 +80,13 @@ def ok_count(row):
 
 def rate(row):
     return ok_count(row) / row["duration_s"] if row.get("duration_s") else 0.0
+
+
+def ack_latency_ms(rows, key):
+    """Median over repetitions of each request's own latency (post.lua's "raw" timing), in ms; None
+    where it was not taken (wrk's own figures are corrected for coordinated omission, see post.lua)."""
+    values = [r["raw"][key] / 1000.0 for r in rows if isinstance(r.get("raw"), dict) and key in r["raw"]]
+    return median(values) if values else None
 
 
 def median(values):
@@ -312,14 +320,19 @@ def section(res):
         ran = sum(r.get("ran", 0) for r in group)
         unsettled = sum(1 for r in group if not r.get("settled", True))
         settle = max(r.get("settle_s", 0) for r in group)
-        latency = " / ".join(fmt(median([r.get(k) / 1000.0 for r in group if r.get(k) is not None]),
-                                 2) for k in ("p50_us", "p99_us"))
-        rows.append([NAMES.get(system, system), c, fmt(median(acks)) + spread(acks), latency,
+        own = " / ".join(fmt(ack_latency_ms(group, k), 2) for k in ("p50_us", "p99_us", "max_us"))
+        corrected = fmt(median([r["p99_us"] / 1000.0 for r in group if r.get("p99_us") is not None]), 2)
+        rows.append([NAMES.get(system, system), c, fmt(median(acks)) + spread(acks), own, corrected,
                      acked, ran, f"{ran / acked * 100:.1f}%" if acked else "—",
                      f"{settle:.1f}" + (f" ({unsettled} not settled)" if unsettled else "")])
-    out.append(table(["system", "c", "acks/s (median)", "ack latency p50 / p99 (ms, median)",
-                      "acked (all reps)", "ran (all reps)", "ran / acked",
+    out.append(table(["system", "c", "acks/s (median)",
+                      "ack latency p50 / p99 / max, each request's own (ms, median)",
+                      "wrk's corrected p99 (ms)", "acked (all reps)", "ran (all reps)", "ran / acked",
                       "max wait for stragglers (s)"], rows))
+    out.append("\nEach request's own latency is timed by `post.lua` around every request (one wrk "
+               "thread per connection). wrk's own percentiles add, for every answer slower than "
+               "twice a connection's mean interval, synthetic samples below it (its correction for "
+               "coordinated omission), so a single stall shows in them many times over.\n")
     ceilings = {r.get("what"): r for r in res.rows["async_ceiling"]}
     if ceilings:
         fsync = ceilings.get("fsync", {}).get("rate")
@@ -505,6 +518,12 @@ def targets(res):
                 times = median(by_c[c]) / fsync
                 rows.append([f"async acks/s at c={c} ≥ {factor} × one thread's write+fsync+rename+dirfsync",
                              f"{times:.2f} ×", mark(times >= factor)])
+        for c in (16, 64):
+            group = [r for r in async_rows if r["concurrency"] == c]
+            p99 = ack_latency_ms(group, "p99_us")
+            rows.append([f"async ack p99 ≤ {TARGET_ACK_P99_MS:g} ms at c={c} (each request's own)",
+                         "not measured" if p99 is None else fmt(p99, 2, " ms"),
+                         "—" if p99 is None else mark(p99 <= TARGET_ACK_P99_MS)])
     else:
         rows.append([f"async ≥ {TARGET_ACKS} acks/s durable, 100% run", "not measured", "—"])
     idle, peak, row = res.rss("hookrunner")

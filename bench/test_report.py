@@ -215,5 +215,44 @@ class TlsTargets(unittest.TestCase):
         self.assertEqual(verdicts(res)[label][1], "**FAIL**")
 
 
+
+def async_row(c, rep, raw_p99_us, wrk_p99_us=200000.0):
+    """hookrunner async at concurrency c: 30,000 acks in 3 s, all run; latencies as given."""
+    row = {"kind": "async", "system": "hookrunner", "concurrency": c, "rep": rep,
+           "statuses": {"202": 30000}, "duration_s": 3.0, "ran": 30000, "settled": True,
+           "settle_s": 40.0, "p50_us": 1000.0, "p99_us": wrk_p99_us, "max_us": 300000.0}
+    if raw_p99_us is not None:
+        row["raw"] = {"count": 30000, "mean_us": 1200.0, "p50_us": 900.0, "p90_us": 2000.0,
+                      "p99_us": raw_p99_us, "max_us": 40000.0}
+    return row
+
+
+class AckLatency(unittest.TestCase):
+    def with_async(self, *rows):
+        res = results()
+        res.rows["async"] = list(rows)
+        return res
+
+    def test_the_target_is_judged_on_each_requests_own_latency_not_wrks_corrected_one(self):
+        res = self.with_async(*[async_row(c, rep, 6000.0) for c in (16, 64) for rep in (1, 2, 3)])
+        self.assertEqual(verdict(res, "async ack p99 ≤ 10 ms at c=16"), ("6.00 ms", "pass"))
+        self.assertEqual(verdict(res, "async ack p99 ≤ 10 ms at c=64"), ("6.00 ms", "pass"))
+
+    def test_the_median_repetition_over_the_target_fails_it(self):
+        res = self.with_async(*[async_row(16, rep, p99) for rep, p99 in ((1, 9000.0), (2, 11000.0),
+                                                                          (3, 12000.0))])
+        self.assertEqual(verdict(res, "async ack p99 ≤ 10 ms at c=16"), ("11.00 ms", "**FAIL**"))
+        self.assertEqual(verdict(res, "async ack p99 ≤ 10 ms at c=64"), ("not measured", "—"))
+
+    def test_a_run_without_the_raw_timing_does_not_pass_on_wrks_figures(self):
+        res = self.with_async(async_row(16, 1, None, wrk_p99_us=1000.0))
+        self.assertEqual(verdict(res, "async ack p99 ≤ 10 ms at c=16"), ("not measured", "—"))
+
+    def test_the_async_table_shows_both_latencies(self):
+        res = self.with_async(async_row(16, 1, 4500.0, wrk_p99_us=87000.0))
+        text = report.section(res)
+        self.assertIn("0.90 / 4.50 / 40.00", text)
+        self.assertIn("87.00", text)
+
 if __name__ == "__main__":
     unittest.main()
