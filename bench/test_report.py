@@ -256,3 +256,36 @@ class AckLatency(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class Drained(unittest.TestCase):
+    def with_async(self, *rows):
+        res = results()
+        res.rows["async"] = list(rows)
+        res.meta["async_settle_s"] = "60"
+        return res
+
+    def test_a_queue_that_had_not_drained_is_not_reported_as_lost_nor_passed(self):
+        short = dict(async_row(4, 1, 3000.0), ran=20000, settled=False)
+        res = self.with_async(short)
+        text = report.section(res)
+        self.assertIn("had not run every acknowledged event when the harness stopped waiting "
+                      "(BENCH_ASYNC_SETTLE = 60 s) at c = 4", text)
+        self.assertNotIn("never ran", text)
+        measured, mark = verdict(res, "async ≥ 3000")
+        self.assertEqual(mark, "not shown")
+        self.assertIn("not drained at c=4", measured)
+
+    def test_a_drained_queue_that_ran_fewer_than_it_acknowledged_is_a_broken_promise(self):
+        res = self.with_async(dict(async_row(16, 1, 3000.0), ran=29000))
+        self.assertIn("hookrunner acknowledged events that never ran at c = 16**", report.section(res))
+        self.assertEqual(verdict(res, "async ≥ 3000")[1], "**FAIL**")
+
+    def test_webhooks_losses_are_explained_by_its_open_file_limit(self):
+        dropped = dict(async_row(64, 1, 3000.0), system="webhook", ran=23000)
+        res = self.with_async(async_row(64, 1, 3000.0), dropped)
+        res.meta["webhook_open_files_limit"] = "1024"
+        text = report.section(res)
+        self.assertIn("adnanh/webhook acknowledged events that never ran at c = 64. It answers 200", text)
+        self.assertIn("(here 1024)", text)
+        self.assertNotIn("hookrunner acknowledged events that never ran", text)
