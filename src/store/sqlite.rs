@@ -4,8 +4,8 @@
 //!
 //! Group commit: one writer thread owns the write connection. Requests hand it their work through a bounded
 //! channel and wait for their own reply; it takes everything that has gathered, runs it in one transaction
-//! (each piece in its own savepoint, so one failing piece does not undo the others), commits once, and only
-//! then answers every waiter. Many connections' accepts cost one fsync. Reads (the dispatcher, the CLI) use
+//! (tried again with a savepoint around each piece if one fails, so one failing piece does not undo the
+//! others), commits once, and only then answers every waiter. Many connections' accepts cost one fsync. Reads (the dispatcher, the CLI) use
 //! their own connection and never wait for the writer.
 
 use std::fs;
@@ -95,41 +95,59 @@ impl Counts {
     }
 }
 
-/// Told how the transaction that held its work ended.
-type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
-
 /// A piece of work for the writer.
 trait Work: Send {
-    /// Runs it: whether it succeeded (else its savepoint is rolled back), and its reply for after the commit.
-    fn run(self: Box<Self>, conn: &Connection, counts: &mut Counts) -> (bool, Reply);
+    /// Runs it in the open transaction and keeps its result; says whether it succeeded. It runs again
+    /// when its batch is tried a second time (see [`commit_batch`]), after the first try was rolled back.
+    fn run(&mut self, conn: &Connection, counts: &mut Counts) -> bool;
+    /// Answers it with its last run's result, now that the transaction that held it has ended thus.
+    fn answer(self: Box<Self>, commit: Result<(), StoreError>);
     /// Answers it without running it.
     fn fail(self: Box<Self>, error: StoreError);
     /// Whether its commit must be on disk before it is answered (an accept, an attempt's result), or may
     /// wait for the next one that is (a history row, a "running" mark). Work that need not be durable is
-    /// a single statement, so it runs without a savepoint of its own.
+    /// a single statement, which SQLite applies whole or not at all.
     fn durable(&self) -> bool;
 }
 
 type Job = Box<dyn Work>;
 
-/// Work and what to do with its result.
-struct Task<W, D> {
+/// Work, what to do with its result, and the result of its last run.
+struct Task<W, D, T> {
     work: W,
     done: D,
     durable: bool,
+    result: Option<Result<T, StoreError>>,
 }
 
-impl<T, W, D> Work for Task<W, D>
+impl<W, D, T> Task<W, D, T> {
+    fn new(work: W, done: D, durable: bool) -> Task<W, D, T> {
+        Task {
+            work,
+            done,
+            durable,
+            result: None,
+        }
+    }
+}
+
+impl<T, W, D> Work for Task<W, D, T>
 where
     T: Send + 'static,
-    W: FnOnce(&Connection, &mut Counts) -> Result<T, StoreError> + Send + 'static,
+    W: FnMut(&Connection, &mut Counts) -> Result<T, StoreError> + Send + 'static,
     D: FnOnce(Result<T, StoreError>) + Send + 'static,
 {
-    fn run(self: Box<Self>, conn: &Connection, counts: &mut Counts) -> (bool, Reply) {
-        let Task { work, done, .. } = *self;
-        let result = work(conn, counts);
+    fn run(&mut self, conn: &Connection, counts: &mut Counts) -> bool {
+        let result = (self.work)(conn, counts);
         let ok = result.is_ok();
-        (ok, Box::new(move |commit| done(commit.and(result))))
+        self.result = Some(result);
+        ok
+    }
+
+    fn answer(self: Box<Self>, commit: Result<(), StoreError>) {
+        let Task { done, result, .. } = *self;
+        let ran = || Err(StoreError::Unavailable("the work was not run".into()));
+        done(commit.and_then(|()| result.unwrap_or_else(ran)));
     }
 
     fn fail(self: Box<Self>, error: StoreError) {
@@ -214,7 +232,7 @@ impl Sqlite {
     /// Hands `work` to the writer and waits until the transaction that holds it has committed.
     fn write<T: Send + 'static>(
         &self,
-        work: impl FnOnce(&Connection, &mut Counts) -> Result<T, StoreError> + Send + 'static,
+        work: impl FnMut(&Connection, &mut Counts) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (tx, rx) = mpsc::sync_channel(1);
         self.submit(
@@ -231,18 +249,14 @@ impl Sqlite {
     /// Hands `work` to the writer; `done` gets its result once its transaction has ended.
     fn submit<T: Send + 'static>(
         &self,
-        work: impl FnOnce(&Connection, &mut Counts) -> Result<T, StoreError> + Send + 'static,
+        work: impl FnMut(&Connection, &mut Counts) -> Result<T, StoreError> + Send + 'static,
         done: impl FnOnce(Result<T, StoreError>) + Send + 'static,
         durable: bool,
     ) -> Result<(), StoreError> {
         if self.broken.load(Ordering::SeqCst) {
             return Err(broken_error());
         }
-        let job: Job = Box::new(Task {
-            work,
-            done,
-            durable,
-        });
+        let job: Job = Box::new(Task::new(work, done, durable));
         self.jobs
             .send(job)
             .map_err(|_| StoreError::Broken("the writer thread stopped".into()))
@@ -360,42 +374,76 @@ fn write_loop(conn: &Connection, queue: &Receiver<Job>, broken: &AtomicBool) {
 /// needs its commit on disk is committed without an fsync (`synchronous=NORMAL`: in WAL mode that can lose
 /// the last such commits in a power cut, never a process crash, and never corrupts); the next durable
 /// commit syncs them with it.
-fn commit_batch(conn: &Connection, batch: Vec<Job>, counts: &mut Counts) -> Result<(), StoreError> {
-    let mut replies = Vec::with_capacity(batch.len());
+///
+/// The first try runs every job straight in the transaction. A durable job is several statements, and if
+/// one of them fails (a full disk, a constraint) its earlier ones must not commit with the others: the
+/// whole try is rolled back and the batch runs again with a savepoint around each durable job, so only the
+/// failing one's writes are undone. Savepoints only then, because the statement journal SQLite keeps for
+/// each one (a copy of every page it changes) was an eighth of the writer's instructions.
+fn commit_batch(
+    conn: &Connection,
+    mut batch: Vec<Job>,
+    counts: &mut Counts,
+) -> Result<(), StoreError> {
     let durable = batch.iter().any(|j| j.durable());
+    let result = match transaction(conn, &mut batch, counts, durable, false) {
+        Some(result) => result,
+        None => transaction(conn, &mut batch, counts, durable, true).unwrap_or_else(|| {
+            Err(StoreError::Unavailable(
+                "the batch failed even with savepoints".into(),
+            ))
+        }),
+    };
+    for job in batch {
+        job.answer(result.clone());
+    }
+    result
+}
+
+/// One try at `batch` (see [`commit_batch`]): how the transaction ended, or None when a durable job failed
+/// in a try without savepoints and everything was rolled back for a try with them.
+fn transaction(
+    conn: &Connection,
+    batch: &mut [Job],
+    counts: &mut Counts,
+    durable: bool,
+    savepoints: bool,
+) -> Option<Result<(), StoreError>> {
     let level = if durable {
         "PRAGMA synchronous = FULL"
     } else {
         "PRAGMA synchronous = NORMAL"
     };
-    // Cached: parsing these three statements again cost more than a history row's own insert.
+    // Cached: parsing these statements again cost more than a history row's own insert.
     let run = |sql: &str| conn.prepare_cached(sql).and_then(|mut s| s.execute([]));
     let begun = run(level)
         .and_then(|_| run("BEGIN IMMEDIATE"))
         .map(|_| ())
         .map_err(|e| classify(&e));
-    match begun {
-        Ok(()) => counts.check(conn),
-        Err(e) => {
-            let _ = conn.execute_batch("ROLLBACK");
-            for job in batch {
-                job.fail(e.clone());
-            }
-            return Err(e);
-        }
-    };
-    for job in batch {
-        // Work that is not durable is one statement (a history row, a running mark), which SQLite applies
-        // whole or not at all: it needs no savepoint of its own.
-        let saved = job.durable() && run("SAVEPOINT job").is_ok();
-        let (ok, reply) = job.run(conn, counts);
+    if let Err(e) = begun {
+        let _ = conn.execute_batch("ROLLBACK");
+        return Some(Err(e));
+    }
+    counts.check(conn);
+    for job in batch.iter_mut() {
+        let saved = savepoints && job.durable() && run("SAVEPOINT job").is_ok();
+        let ok = job.run(conn, counts);
         if saved {
             if !ok {
                 let _ = conn.execute_batch("ROLLBACK TO job");
             }
             let _ = run("RELEASE job");
+        } else if !ok && job.durable() {
+            counts.forget();
+            let _ = conn.execute_batch("ROLLBACK");
+            if savepoints {
+                // No savepoint could be opened: nothing of this batch can be kept apart from the rest.
+                return Some(Err(StoreError::Unavailable(
+                    "could not open a savepoint".into(),
+                )));
+            }
+            return None;
         }
-        replies.push(reply);
     }
     let result = run("COMMIT").map(|_| ()).map_err(|e| classify(&e));
     if result.is_err() {
@@ -404,10 +452,7 @@ fn commit_batch(conn: &Connection, batch: Vec<Job>, counts: &mut Counts) -> Resu
             let _ = conn.execute_batch("ROLLBACK");
         }
     }
-    for reply in replies {
-        reply(result.clone());
-    }
-    result
+    Some(result)
 }
 
 fn waiting(conn: &Connection) -> Result<Waiting, StoreError> {
@@ -631,15 +676,15 @@ impl Store for Sqlite {
             return;
         }
         let request_id = record.request_id.clone();
-        let job: Job = Box::new(Task {
-            work: move |conn: &Connection, _: &mut Counts| record_in(conn, &record).map_err(sql),
-            done: move |result: Result<(), StoreError>| {
+        let job: Job = Box::new(Task::new(
+            move |conn: &Connection, _: &mut Counts| record_in(conn, &record).map_err(sql),
+            move |result: Result<(), StoreError>| {
                 if let Err(e) = result {
                     log::warn!("{request_id} history row not written: {e}");
                 }
             },
-            durable: false,
-        });
+            false,
+        ));
         // A full channel means the writer is behind: wait for room rather than lose the row.
         if let Err(TrySendError::Full(job)) = self.jobs.try_send(job) {
             let _ = self.jobs.send(job);
@@ -897,7 +942,7 @@ impl Store for Sqlite {
             counts.forget();
             let now = now_ms();
             let mut n = 0;
-            for id in ids {
+            for &id in &ids {
                 // One more attempt, now; only async entries whose payload is still kept can run again.
                 n += conn
                     .prepare_cached(
@@ -999,6 +1044,86 @@ mod tests {
                 serial: false,
             },
         }
+    }
+
+    /// A job for [`commit_batch`] that inserts the dedupe keys `keys` one by one (a repeated key fails
+    /// with SQLite's UNIQUE constraint), counts its runs, and sends its answer to `answers`.
+    fn keys_job(
+        keys: &'static [&'static str],
+        durable: bool,
+        runs: &Arc<std::sync::atomic::AtomicUsize>,
+        answers: &mpsc::Sender<(&'static str, bool)>,
+    ) -> Job {
+        let runs = Arc::clone(runs);
+        let answers = answers.clone();
+        Box::new(Task::new(
+            move |conn: &Connection, _: &mut Counts| {
+                runs.fetch_add(1, Ordering::SeqCst);
+                for key in keys {
+                    conn.execute(
+                        "INSERT INTO dedupe (key, delivery, request_id, status, accepted_at)
+                         VALUES (?1, 0, 'r', 202, 0)",
+                        [key],
+                    )
+                    .map_err(sql)?;
+                }
+                Ok(())
+            },
+            move |result: Result<(), StoreError>| {
+                let _ = answers.send((keys[0], result.is_ok()));
+            },
+            durable,
+        ))
+    }
+
+    fn dedupe_keys(conn: &Connection) -> Vec<String> {
+        let mut stmt = conn
+            .prepare("SELECT key FROM dedupe ORDER BY key")
+            .expect("prepare");
+        let keys = stmt.query_map([], |r| r.get(0)).expect("query");
+        keys.collect::<rusqlite::Result<_>>().expect("keys")
+    }
+
+    #[test]
+    fn a_batch_runs_once_without_savepoints_and_again_with_them_when_a_job_fails_half_way() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Sqlite::open(dir.path()).expect("open");
+        // The writer thread is idle: this connection runs the batches itself.
+        let conn = connect(&store.path).expect("connect");
+        let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (answers, answered) = mpsc::channel();
+
+        let batch = vec![
+            keys_job(&["a"], true, &runs, &answers),
+            keys_job(&["b"], false, &runs, &answers),
+        ];
+        commit_batch(&conn, batch, &mut Counts::default()).expect("commit");
+        assert_eq!(runs.load(Ordering::SeqCst), 2, "one try: each job ran once");
+        assert_eq!(dedupe_keys(&conn), ["a", "b"]);
+
+        // "c" is written and then "a" again fails: "c" must not commit, the jobs around it must.
+        runs.store(0, Ordering::SeqCst);
+        let batch = vec![
+            keys_job(&["d"], true, &runs, &answers),
+            keys_job(&["c", "a"], true, &runs, &answers),
+            keys_job(&["e"], false, &runs, &answers),
+        ];
+        commit_batch(&conn, batch, &mut Counts::default()).expect("commit");
+        assert_eq!(dedupe_keys(&conn), ["a", "b", "d", "e"]);
+        // The first try stopped at the failing job; the second ran all three.
+        assert_eq!(runs.load(Ordering::SeqCst), 2 + 3);
+        let mut told: Vec<(&str, bool)> = answered.try_iter().collect();
+        told.sort();
+        assert_eq!(
+            told,
+            [
+                ("a", true),
+                ("b", true),
+                ("c", false),
+                ("d", true),
+                ("e", true)
+            ]
+        );
     }
 
     fn attempt() -> Attempt {
