@@ -338,7 +338,7 @@ fn write_loop(conn: &Connection, queue: &Receiver<Job>, broken: &AtomicBool) {
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
         // History rows wait a moment for company, so a stream of sync requests costs one transaction per
-        // up to 50 ms rather than one per request; work someone waits for ends the wait at once.
+        // up to GATHER rather than one per request; work someone waits for ends the wait at once.
         let gather = Instant::now() + GATHER;
         while batch.len() < CHANNEL && !batch.iter().any(|j| j.durable()) {
             let left = gather.saturating_duration_since(Instant::now());
