@@ -386,29 +386,22 @@ fn commit_batch(
     counts: &mut Counts,
 ) -> Result<(), StoreError> {
     let durable = batch.iter().any(|j| j.durable());
-    let result = match transaction(conn, &mut batch, counts, durable, false) {
-        Some(result) => result,
-        None => transaction(conn, &mut batch, counts, durable, true).unwrap_or_else(|| {
-            Err(StoreError::Unavailable(
-                "the batch failed even with savepoints".into(),
-            ))
-        }),
-    };
+    let result = transaction(conn, &mut batch, counts, durable, false);
     for job in batch {
         job.answer(result.clone());
     }
     result
 }
 
-/// One try at `batch` (see [`commit_batch`]): how the transaction ended, or None when a durable job failed
-/// in a try without savepoints and everything was rolled back for a try with them.
+/// One try at `batch` (see [`commit_batch`]): how its transaction ended. A try without savepoints in which
+/// a durable job fails is rolled back and followed by the try with them.
 fn transaction(
     conn: &Connection,
     batch: &mut [Job],
     counts: &mut Counts,
     durable: bool,
     savepoints: bool,
-) -> Option<Result<(), StoreError>> {
+) -> Result<(), StoreError> {
     let level = if durable {
         "PRAGMA synchronous = FULL"
     } else {
@@ -422,7 +415,7 @@ fn transaction(
         .map_err(|e| classify(&e));
     if let Err(e) = begun {
         let _ = conn.execute_batch("ROLLBACK");
-        return Some(Err(e));
+        return Err(e);
     }
     counts.check(conn);
     for job in batch.iter_mut() {
@@ -438,11 +431,9 @@ fn transaction(
             let _ = conn.execute_batch("ROLLBACK");
             if savepoints {
                 // No savepoint could be opened: nothing of this batch can be kept apart from the rest.
-                return Some(Err(StoreError::Unavailable(
-                    "could not open a savepoint".into(),
-                )));
+                return Err(StoreError::Unavailable("could not open a savepoint".into()));
             }
-            return None;
+            return transaction(conn, batch, counts, durable, true);
         }
     }
     let result = run("COMMIT").map(|_| ()).map_err(|e| classify(&e));
@@ -452,7 +443,7 @@ fn transaction(
             let _ = conn.execute_batch("ROLLBACK");
         }
     }
-    Some(result)
+    result
 }
 
 fn waiting(conn: &Connection) -> Result<Waiting, StoreError> {
@@ -1076,6 +1067,16 @@ mod tests {
         ))
     }
 
+    /// The steps SQLite's planner chooses for `sql` (the detail column of EXPLAIN QUERY PLAN).
+    fn query_plan(store: &Sqlite, sql: &str, args: &[&dyn rusqlite::ToSql]) -> Vec<String> {
+        store
+            .read(|c| {
+                let mut stmt = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+                stmt.query_map(args, |r| r.get(3))?.collect()
+            })
+            .expect("plan")
+    }
+
     fn dedupe_keys(conn: &Connection) -> Vec<String> {
         let mut stmt = conn
             .prepare("SELECT key FROM dedupe ORDER BY key")
@@ -1156,15 +1157,8 @@ mod tests {
     fn the_queue_is_read_through_the_waiting_index_not_the_history() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Sqlite::open(dir.path()).expect("open");
-        let plan: Vec<String> = store
-            .read(|c| {
-                let mut stmt = c.prepare(&format!("EXPLAIN QUERY PLAN {PENDING}"))?;
-                let rows = stmt.query_map([0], |r| r.get(3))?;
-                rows.collect()
-            })
-            .expect("plan");
         assert_eq!(
-            plan,
+            query_plan(&store, PENDING, &[&0]),
             ["SEARCH deliveries USING INDEX deliveries_waiting (id>?)"]
         );
     }
@@ -1217,12 +1211,7 @@ mod tests {
     fn the_recovery_at_start_reads_only_the_waiting_entries() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Sqlite::open(dir.path()).expect("open");
-        let plan: Vec<String> = store
-            .read(|c| {
-                let mut stmt = c.prepare(&format!("EXPLAIN QUERY PLAN {RECOVER}"))?;
-                stmt.query_map([], |r| r.get::<_, String>(3))?.collect()
-            })
-            .expect("plan");
+        let plan = query_plan(&store, RECOVER, &[]);
         assert!(
             plan.iter().any(|step| step.contains("deliveries_waiting")),
             "{plan:?}"
