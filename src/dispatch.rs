@@ -99,6 +99,10 @@ pub struct Dispatcher {
 struct Running {
     ids: HashSet<i64>,
     serial_routes: HashSet<String>,
+    /// Entries whose run ended since the queue was last read. That read may have been taken before
+    /// their result was committed and show them still waiting: they are not started from it (the run's
+    /// end rings the bell, and the next read shows them as they are).
+    ended: HashSet<i64>,
 }
 
 impl Dispatcher {
@@ -141,6 +145,11 @@ impl Dispatcher {
         let mut held = HashSet::new();
         let mut after = 0;
         loop {
+            running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .ended
+                .clear();
             let page = match self.store.pending(after, PAGE) {
                 Ok(page) => page,
                 Err(e) => {
@@ -154,7 +163,7 @@ impl Dispatcher {
                 let route = entry.route();
                 {
                     let running = running.lock().unwrap_or_else(|e| e.into_inner());
-                    if running.ids.contains(&entry.id) {
+                    if running.ids.contains(&entry.id) || running.ended.contains(&entry.id) {
                         continue;
                     }
                     if entry.policy.serial
@@ -181,6 +190,7 @@ impl Dispatcher {
                     drop(slot);
                     let mut running = running.lock().unwrap_or_else(|e| e.into_inner());
                     running.ids.remove(&entry.id);
+                    running.ended.insert(entry.id);
                     running.serial_routes.remove(&route);
                     drop(running);
                     self.bell.ring();

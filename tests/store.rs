@@ -176,6 +176,45 @@ fn queued_scripts_run_at_the_lowest_priority_and_sync_ones_at_the_daemons() {
 }
 
 #[test]
+fn without_a_crash_every_attempt_runs_once() {
+    // Quick runs that fail once each: results are committed while the dispatcher reads the queue, and
+    // a read taken before a result's commit must not start that attempt a second time.
+    let env = Env::new();
+    let ran = env.path().join("ran");
+    env.script(
+        "once.sh",
+        &format!(
+            "echo \"$HOOKRUNNER_REQUEST_ID $HOOKRUNNER_ATTEMPT\" >> {ran:?}\n[ \"$HOOKRUNNER_ATTEMPT\" = 2 ]"
+        ),
+    );
+    env.routes("* once.sh async retries=2 retry_max=100ms\n");
+    let server = env.serve();
+    const N: usize = 200;
+    for _ in 0..N {
+        assert_eq!(server.post("/hooks/E", b"{}").status, 202);
+    }
+    assert!(
+        wait_until(Duration::from_secs(60), || lines(&ran).len() >= 2 * N),
+        "{} of {} attempts ran",
+        lines(&ran).len(),
+        2 * N
+    );
+    // Anything started twice has had time to run again.
+    std::thread::sleep(Duration::from_millis(500));
+    let all = lines(&ran);
+    let unique: HashSet<&String> = all.iter().collect();
+    assert_eq!(
+        all.len(),
+        unique.len(),
+        "attempts that ran twice: {:?}",
+        all.iter()
+            .filter(|l| all.iter().filter(|m| m == l).count() > 1)
+            .collect::<HashSet<_>>()
+    );
+    assert_eq!(all.len(), 2 * N);
+}
+
+#[test]
 fn a_failing_script_is_retried_with_backoff_then_dead_with_every_attempt_kept() {
     let env = Env::new();
     let count = env.path().join("count");
