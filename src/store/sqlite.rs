@@ -5,16 +5,18 @@
 //! Group commit: one writer thread owns the write connection. Requests hand it their work through a bounded
 //! channel and wait for their own reply; it takes everything that has gathered, runs it in one transaction
 //! (tried again with a savepoint around each piece if one fails, so one failing piece does not undo the
-//! others), commits once, and only then answers every waiter. Many connections' accepts cost one fsync. Reads (the dispatcher, the CLI) use
-//! their own connection and never wait for the writer.
+//! others), commits once, and only then answers every waiter. Many connections' accepts cost one fsync.
+//! Work nobody waits for (history rows, "running" marks) is set aside in a list instead, which wakes the
+//! writer only when it was empty: the first row of a gather wakes it, the rest of the rows cost a lock.
+//! Reads (the dispatcher, the CLI) use their own connection and never wait for the writer.
 
 use std::fs;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, Row as SqlRow, params};
@@ -162,6 +164,7 @@ where
 pub struct Sqlite {
     path: PathBuf,
     jobs: SyncSender<Job>,
+    later: Arc<Later>,
     reader: Mutex<Connection>,
     broken: Arc<AtomicBool>,
 }
@@ -216,14 +219,16 @@ impl Sqlite {
         let reader = connect(&path).map_err(|e| context("cannot open the database", &e))?;
         let (jobs, queue) = mpsc::sync_channel(CHANNEL);
         let broken = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&broken);
+        let later = Arc::new(Later::default());
+        let (flag, set_aside) = (Arc::clone(&broken), Arc::clone(&later));
         std::thread::Builder::new()
             .name("hookrunner-store".into())
-            .spawn(move || write_loop(&writer, &queue, &flag))
+            .spawn(move || write_loop(&writer, &queue, &set_aside, &flag))
             .map_err(|e| context("cannot start the writer thread", &e))?;
         Ok(Sqlite {
             path,
             jobs,
+            later,
             reader: Mutex::new(reader),
             broken,
         })
@@ -257,9 +262,27 @@ impl Sqlite {
             return Err(broken_error());
         }
         let job: Job = Box::new(Task::new(work, done, durable));
-        self.jobs
-            .send(job)
-            .map_err(|_| StoreError::Broken("the writer thread stopped".into()))
+        if durable {
+            self.jobs.send(job)
+        } else {
+            self.set_aside(job)
+        }
+        .map_err(|_| StoreError::Broken("the writer thread stopped".into()))
+    }
+
+    /// Puts work nobody waits for in the [`Later`] list, waking the writer when the list asks for it.
+    fn set_aside(&self, job: Job) -> Result<(), mpsc::SendError<Job>> {
+        if !self.later.push(job) {
+            return Ok(());
+        }
+        // A wake-up with no work of its own: the writer gathers, then takes the list.
+        let wake: Job = Box::new(Task::new(
+            |_: &Connection, _: &mut Counts| Ok(()),
+            |_| {},
+            false,
+        ));
+        // The channel is bounded: a writer that has fallen behind holds the caller here.
+        self.jobs.send(wake)
     }
 
     fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
@@ -333,14 +356,48 @@ fn classify(e: &rusqlite::Error) -> StoreError {
     }
 }
 
-fn write_loop(conn: &Connection, queue: &Receiver<Job>, broken: &AtomicBool) {
+/// Work nobody waits for, set aside for the writer's next transaction. Whoever finds it empty wakes the
+/// writer (through the channel), and so does whoever makes it [`CHANNEL`] long, which ends the writer's
+/// gather; past that, callers wait until the writer has taken it (back-pressure, bounded memory, as the
+/// bounded channel gives the work that comes through it).
+#[derive(Default)]
+struct Later {
+    jobs: Mutex<Vec<Job>>,
+    taken: Condvar,
+}
+
+impl Later {
+    /// Adds `job`, once there is room; says whether the writer must be woken for it.
+    fn push(&self, job: Job) -> bool {
+        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut jobs = self
+            .taken
+            .wait_while(jobs, |jobs| jobs.len() >= CHANNEL)
+            .unwrap_or_else(|e| e.into_inner());
+        jobs.push(job);
+        jobs.len() == 1 || jobs.len() == CHANNEL
+    }
+
+    /// Whether the writer should stop gathering and take the list now.
+    fn long(&self) -> bool {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).len() >= CHANNEL
+    }
+
+    fn take(&self) -> Vec<Job> {
+        let jobs = std::mem::take(&mut *self.jobs.lock().unwrap_or_else(|e| e.into_inner()));
+        self.taken.notify_all();
+        jobs
+    }
+}
+
+fn write_loop(conn: &Connection, queue: &Receiver<Job>, later: &Later, broken: &AtomicBool) {
     let mut counts = Counts::default();
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
         // History rows wait a moment for company, so a stream of sync requests costs one transaction per
         // up to GATHER rather than one per request; work someone waits for ends the wait at once.
         let gather = Instant::now() + GATHER;
-        while batch.len() < CHANNEL && !batch.iter().any(|j| j.durable()) {
+        while batch.len() < CHANNEL && !batch.iter().any(|j| j.durable()) && !later.long() {
             let left = gather.saturating_duration_since(Instant::now());
             match queue.recv_timeout(left) {
                 Ok(job) => batch.push(job),
@@ -352,6 +409,14 @@ fn write_loop(conn: &Connection, queue: &Receiver<Job>, broken: &AtomicBool) {
                 Ok(job) => batch.push(job),
                 Err(_) => break,
             }
+        }
+        // The set-aside work goes first: a piece of it was set aside before any work of the same thread
+        // that came through the channel meanwhile (a run's "running" mark before its result), and the
+        // channel's work of other threads does not depend on it.
+        let mut set_aside = later.take();
+        if !set_aside.is_empty() {
+            set_aside.append(&mut batch);
+            batch = set_aside;
         }
         if broken.load(Ordering::SeqCst) {
             for job in batch {
@@ -663,23 +728,18 @@ impl Store for Sqlite {
     }
 
     fn record(&self, record: SyncRecord) {
-        if self.broken.load(Ordering::SeqCst) {
-            return;
-        }
         let request_id = record.request_id.clone();
-        let job: Job = Box::new(Task::new(
-            move |conn: &Connection, _: &mut Counts| record_in(conn, &record).map_err(sql),
-            move |result: Result<(), StoreError>| {
+        // Set aside (see [`Later`]); a writer that is behind holds this request back rather than lose
+        // the row, and a broken store writes nothing more.
+        let _ = self.submit(
+            move |conn, _| record_in(conn, &record).map_err(sql),
+            move |result| {
                 if let Err(e) = result {
                     log::warn!("{request_id} history row not written: {e}");
                 }
             },
             false,
-        ));
-        // A full channel means the writer is behind: wait for room rather than lose the row.
-        if let Err(TrySendError::Full(job)) = self.jobs.try_send(job) {
-            let _ = self.jobs.send(job);
-        }
+        );
     }
 
     fn pending(&self, after: i64, limit: usize) -> Result<Vec<Pending>, StoreError> {
@@ -1216,5 +1276,73 @@ mod tests {
             plan.iter().any(|step| step.contains("deliveries_waiting")),
             "{plan:?}"
         );
+    }
+
+    #[test]
+    fn the_set_aside_list_wakes_the_writer_when_empty_and_when_long() {
+        let later = Later::default();
+        let job = || -> Job {
+            Box::new(Task::new(
+                |_: &Connection, _: &mut Counts| Ok(()),
+                |_| {},
+                false,
+            ))
+        };
+        assert!(later.push(job()), "the first one wakes the writer");
+        for n in 2..CHANNEL {
+            assert!(!later.push(job()), "row {n} comes without a wake-up");
+        }
+        assert!(!later.long());
+        assert!(later.push(job()), "a long list wakes the writer again");
+        assert!(later.long());
+        // Full: the next one waits until the writer has taken the list.
+        let pushed = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| {
+                let woke = later.push(job());
+                pushed.store(true, Ordering::SeqCst);
+                woke
+            });
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(!pushed.load(Ordering::SeqCst), "pushed into a full list");
+            assert_eq!(later.take().len(), CHANNEL);
+            assert!(
+                waiter.join().expect("join"),
+                "once taken, the next one wakes the writer"
+            );
+        });
+        assert_eq!(later.take().len(), 1);
+    }
+
+    #[test]
+    fn set_aside_work_commits_before_the_work_that_came_after_it_through_the_channel() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Sqlite::open(dir.path()).expect("open");
+        let bounds = Bounds {
+            max_queued: 100,
+            max_queued_bytes: 1 << 20,
+            dedupe_window: Duration::ZERO,
+        };
+        let state = |id: i64| -> String {
+            store
+                .read(|c| {
+                    c.query_row("SELECT state FROM deliveries WHERE id = ?1", [id], |r| {
+                        r.get(0)
+                    })
+                })
+                .expect("state")
+        };
+        for n in 0..20 {
+            let id = queued(store.accept(delivery(n), bounds));
+            // The "running" mark is set aside and wakes the writer, which gathers; the result comes
+            // through the channel at once and ends the gather, so both are in one transaction. The
+            // mark must go first: after the result it would leave the entry running, out of the queue.
+            store.started(id);
+            let retry = now_ms() + 60_000;
+            store
+                .finish(id, attempt(), Next::Retry(retry))
+                .expect("finish");
+            assert_eq!(state(id), "failed", "entry {n}");
+        }
     }
 }
