@@ -275,14 +275,9 @@ impl Sqlite {
         if !self.later.push(job) {
             return Ok(());
         }
-        // A wake-up with no work of its own: the writer gathers, then takes the list.
-        let wake: Job = Box::new(Task::new(
-            |_: &Connection, _: &mut Counts| Ok(()),
-            |_| {},
-            false,
-        ));
-        // The channel is bounded: a writer that has fallen behind holds the caller here.
-        self.jobs.send(wake)
+        // A wake-up with no work of its own: the writer gathers, then takes the list. The channel is
+        // bounded: a writer that has fallen behind holds the caller here.
+        self.jobs.send(nothing())
     }
 
     fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
@@ -316,6 +311,15 @@ impl Sqlite {
             .map(|m| m.len())
             .sum()
     }
+}
+
+/// Work that does nothing and that nobody waits for.
+fn nothing() -> Job {
+    Box::new(Task::new(
+        |_: &Connection, _: &mut Counts| Ok(()),
+        |_| {},
+        false,
+    ))
 }
 
 fn broken_error() -> StoreError {
@@ -1281,13 +1285,7 @@ mod tests {
     #[test]
     fn the_set_aside_list_wakes_the_writer_when_empty_and_when_long() {
         let later = Later::default();
-        let job = || -> Job {
-            Box::new(Task::new(
-                |_: &Connection, _: &mut Counts| Ok(()),
-                |_| {},
-                false,
-            ))
-        };
+        let job = nothing;
         assert!(later.push(job()), "the first one wakes the writer");
         for n in 2..CHANNEL {
             assert!(!later.push(job()), "row {n} comes without a wake-up");
