@@ -272,8 +272,10 @@ impl Sqlite {
 
     /// Puts work nobody waits for in the [`Later`] list, waking the writer when the list asks for it.
     fn set_aside(&self, job: Job) -> Result<(), mpsc::SendError<Job>> {
-        if !self.later.push(job) {
-            return Ok(());
+        match self.later.push(job) {
+            Ok(false) => return Ok(()),
+            Ok(true) => {}
+            Err(job) => return Err(mpsc::SendError(job)),
         }
         // A wake-up with no work of its own: the writer gathers, then takes the list. The channel is
         // bounded: a writer that has fallen behind holds the caller here.
@@ -366,35 +368,84 @@ fn classify(e: &rusqlite::Error) -> StoreError {
 /// bounded channel gives the work that comes through it).
 #[derive(Default)]
 struct Later {
-    jobs: Mutex<Vec<Job>>,
+    list: Mutex<List>,
     taken: Condvar,
 }
 
+#[derive(Default)]
+struct List {
+    jobs: Vec<Job>,
+    /// The writer is gone: nothing pushed now would ever be taken.
+    closed: bool,
+}
+
 impl Later {
-    /// Adds `job`, once there is room; says whether the writer must be woken for it.
-    fn push(&self, job: Job) -> bool {
-        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
-        let mut jobs = self
+    /// Adds `job`, once there is room; says whether the writer must be woken for it. Gives the job back
+    /// when the writer is gone.
+    fn push(&self, job: Job) -> Result<bool, Job> {
+        let list = self.list.lock().unwrap_or_else(|e| e.into_inner());
+        let mut list = self
             .taken
-            .wait_while(jobs, |jobs| jobs.len() >= CHANNEL)
+            .wait_while(list, |l| l.jobs.len() >= CHANNEL && !l.closed)
             .unwrap_or_else(|e| e.into_inner());
-        jobs.push(job);
-        jobs.len() == 1 || jobs.len() == CHANNEL
+        if list.closed {
+            return Err(job);
+        }
+        list.jobs.push(job);
+        Ok(list.jobs.len() == 1 || list.jobs.len() == CHANNEL)
     }
 
     /// Whether the writer should stop gathering and take the list now.
     fn long(&self) -> bool {
-        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).len() >= CHANNEL
+        self.list
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .jobs
+            .len()
+            >= CHANNEL
     }
 
     fn take(&self) -> Vec<Job> {
-        let jobs = std::mem::take(&mut *self.jobs.lock().unwrap_or_else(|e| e.into_inner()));
+        let jobs = std::mem::take(&mut self.list.lock().unwrap_or_else(|e| e.into_inner()).jobs);
+        self.taken.notify_all();
+        jobs
+    }
+
+    /// The writer is ending: whoever waits for room, and whoever comes later, is refused; returns what
+    /// was still set aside.
+    fn close(&self) -> Vec<Job> {
+        let mut list = self.list.lock().unwrap_or_else(|e| e.into_inner());
+        list.closed = true;
+        let jobs = std::mem::take(&mut list.jobs);
         self.taken.notify_all();
         jobs
     }
 }
 
+/// Held by the writer thread for its whole life. When it ends, by a panic too (a bug: the release
+/// profile unwinds), the store is marked broken, so the daemon stops for its supervisor to restart it,
+/// and the set-aside list is closed and its work failed, so no caller waits for room forever.
+struct WriterEnd<'a> {
+    later: &'a Later,
+    broken: &'a AtomicBool,
+}
+
+impl Drop for WriterEnd<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            log::error!(
+                "store: the writer thread failed; nothing more is written and the daemon stops"
+            );
+        }
+        self.broken.store(true, Ordering::SeqCst);
+        for job in self.later.close() {
+            job.fail(broken_error());
+        }
+    }
+}
+
 fn write_loop(conn: &Connection, queue: &Receiver<Job>, later: &Later, broken: &AtomicBool) {
+    let _end = WriterEnd { later, broken };
     let mut counts = Counts::default();
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
@@ -1286,18 +1337,19 @@ mod tests {
     fn the_set_aside_list_wakes_the_writer_when_empty_and_when_long() {
         let later = Later::default();
         let job = nothing;
-        assert!(later.push(job()), "the first one wakes the writer");
+        let push = |job| later.push(job).map_err(|_| "refused").expect("open list");
+        assert!(push(job()), "the first one wakes the writer");
         for n in 2..CHANNEL {
-            assert!(!later.push(job()), "row {n} comes without a wake-up");
+            assert!(!push(job()), "row {n} comes without a wake-up");
         }
         assert!(!later.long());
-        assert!(later.push(job()), "a long list wakes the writer again");
+        assert!(push(job()), "a long list wakes the writer again");
         assert!(later.long());
         // Full: the next one waits until the writer has taken the list.
         let pushed = AtomicBool::new(false);
         std::thread::scope(|s| {
             let waiter = s.spawn(|| {
-                let woke = later.push(job());
+                let woke = push(job());
                 pushed.store(true, Ordering::SeqCst);
                 woke
             });
@@ -1310,6 +1362,57 @@ mod tests {
             );
         });
         assert_eq!(later.take().len(), 1);
+    }
+
+    #[test]
+    fn a_writer_that_panics_breaks_the_store_and_leaves_no_caller_waiting() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Sqlite::open(dir.path()).expect("open");
+        let failed =
+            store.write(|_, _| -> Result<(), StoreError> { panic!("a bug in the writer") });
+        assert!(
+            matches!(failed, Err(StoreError::Broken(_))),
+            "{:?}",
+            failed.err()
+        );
+        assert!(
+            store.broken(),
+            "the daemon must learn that nothing is written any more"
+        );
+        // More set-aside work than the list holds: every piece is refused, none waits for room.
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let refused = (0..CHANNEL + 10)
+                .filter(|_| store.submit(|_, _| Ok(()), |_| {}, false).is_err())
+                .count();
+            let _ = tx.send(refused);
+        });
+        let refused = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a caller is stuck waiting for a writer that is gone");
+        assert_eq!(refused, CHANNEL + 10);
+    }
+
+    #[test]
+    fn a_closed_set_aside_list_gives_work_back_and_wakes_whoever_waits_for_room() {
+        let later = Later::default();
+        for _ in 0..CHANNEL {
+            assert!(later.push(nothing()).is_ok());
+        }
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| later.push(nothing()).is_err());
+            std::thread::sleep(Duration::from_millis(50));
+            assert_eq!(
+                later.close().len(),
+                CHANNEL,
+                "what was set aside is handed back"
+            );
+            assert!(
+                waiter.join().expect("join"),
+                "the waiter is refused, not left waiting"
+            );
+        });
+        assert!(later.push(nothing()).is_err());
     }
 
     #[test]
