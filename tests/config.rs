@@ -523,3 +523,29 @@ fn the_daemon_refuses_an_out_of_range_value_at_start_and_on_reload() {
     let hello = server.post("/hooks/hello", b"{}");
     assert_eq!(hello.status, 200, "still serving: {}", hello.text());
 }
+
+/// The unit runs no `ExecStartPre=check` (systemd restarts a unit whose ExecStartPre fails, whatever
+/// its exit status), so `serve` itself must say what `check` says, exit 78 (the unit's
+/// RestartPreventExitStatus), and do so before it binds, locks or creates anything.
+#[test]
+fn serve_refuses_a_bad_routes_file_as_check_does_before_binding_anything() {
+    let env = Env::new();
+    env.script("ok.sh", "exit 0");
+    env.routes("ComputerAdded  ok.sh\nComputerUpdated  no-such-script\n");
+    let check = env.check();
+    assert_eq!(check.status.code(), Some(78), "{}", stderr(&check));
+    let said = stderr(&check);
+    let message = said
+        .trim()
+        .strip_prefix("hookrunner: ")
+        .unwrap_or_else(|| panic!("check's error: {said}"));
+    assert!(message.contains("routes:2: "), "{message}");
+    let mut server = Server::spawn(env.serve_command("127.0.0.1:0"));
+    let status = server.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.and_then(|s| s.code()), Some(78), "{}", server.log());
+    server
+        .wait_log(message, Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("not check's message {message:?}:\n{}", server.log()));
+    assert!(!server.log().contains("listening on"), "{}", server.log());
+    assert!(!env.state().exists(), "the store was created");
+}
