@@ -547,5 +547,9 @@ fn serve_refuses_a_bad_routes_file_as_check_does_before_binding_anything() {
         .wait_log(message, Duration::from_secs(5))
         .unwrap_or_else(|| panic!("not check's message {message:?}:\n{}", server.log()));
     assert!(!server.log().contains("listening on"), "{}", server.log());
+    assert!(
+        !env.payloads().exists(),
+        "the payload directory was made and locked"
+    );
     assert!(!env.state().exists(), "the store was created");
 }
