@@ -86,6 +86,8 @@ pub struct Config {
     /// `[[sender]]`: the sender profiles (README, "Sender authentication"). With none, every request is
     /// accepted, and only on a loopback address or a unix socket unless `allow_unauthenticated`.
     pub senders: Senders,
+    /// `allow_unauthenticated`: serve without any sender on a non-loopback address (default false).
+    pub allow_unauthenticated: bool,
     /// `trusted_proxies`: the peers whose `X-Forwarded-For` is believed, as addresses or blocks
     /// (`127.0.0.1/32`), and `unix` for a reverse proxy on the unix socket (default: none).
     pub trusted_proxies: Trusted,
@@ -294,6 +296,23 @@ struct RawConfig {
     tls: Option<crate::tls::RawTls>,
 }
 
+/// The one rule of "secure by default": without a sender, only a loopback address or a unix socket, unless
+/// the operator opted in. `None` when `listen` may be served; else why not. Checked at load against the
+/// configured address, and on reload against the address actually served (which a reload cannot change).
+pub fn open_to_anyone(
+    listen: &Listen,
+    no_sender: bool,
+    allow_unauthenticated: bool,
+) -> Option<String> {
+    (no_sender && !allow_unauthenticated && !listen.is_local()).then(|| {
+        format!(
+            "listen = {listen} is not a loopback address or a unix socket, and no [[sender]] is configured: \
+             anyone who can reach it could run your scripts. Configure a sender (README, \"Sender \
+             authentication\"), or set allow_unauthenticated = true"
+        )
+    })
+}
+
 impl Config {
     /// Loads the configuration: `path` if given (it must exist), else [`DEFAULT_CONFIG`] if it exists, else
     /// the built-in defaults.
@@ -417,12 +436,7 @@ impl Config {
         // `allow_unauthenticated`: serve without any sender on a non-loopback address (default false; the
         // daemon warns at every start when it does).
         let allow_unauthenticated = raw.allow_unauthenticated.unwrap_or(false);
-        if senders.is_empty() && !allow_unauthenticated && !listen.is_local() {
-            let message = format!(
-                "listen = {listen} is not a loopback address or a unix socket, and no [[sender]] is configured: \
-                 anyone who can reach it could run your scripts. Configure a sender (README, \"Sender \
-                 authentication\"), or set allow_unauthenticated = true"
-            );
+        if let Some(message) = open_to_anyone(&listen, senders.is_empty(), allow_unauthenticated) {
             return Err(match overrides.listen {
                 Some(_) => ConfigError::new(None, None, format!("--listen: {message}")),
                 None => file.error("listen", message),
@@ -592,6 +606,7 @@ impl Config {
             )?,
             event,
             senders: Senders { senders },
+            allow_unauthenticated,
             trusted_proxies,
             store,
             warnings,

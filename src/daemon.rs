@@ -354,7 +354,7 @@ fn reload_config(
     path: Option<&std::path::Path>,
     overrides: &Overrides,
 ) {
-    let new = match Config::load(path, overrides) {
+    let mut new = match Config::load(path, overrides) {
         Ok(new) => new,
         Err(e) => {
             log::error!("reload failed; still serving with the previous configuration: {e}");
@@ -387,6 +387,20 @@ fn reload_config(
             old.keepalive_timeout != new.keepalive_timeout,
         ),
     ];
+    // The socket stays where it is until a restart, so the new senders are judged against it: a reload
+    // that moves `listen` to loopback and drops the last sender must not leave a public socket open.
+    new.listen = old.listen.clone();
+    if let Some(message) = crate::config::open_to_anyone(
+        &new.listen,
+        new.senders.is_empty(),
+        new.allow_unauthenticated,
+    ) {
+        log::error!(
+            "reload failed; still serving with the previous configuration: {message} (the address \
+             served until a restart)"
+        );
+        return;
+    }
     for (key, changed) in fixed {
         if changed {
             log::warn!("reload: a change to {key} takes effect only after a restart");

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use std::io::Write;
 
 use crate::util::{
-    Env, Response, Server, github_sign, open_payload_files, payload, payload_files,
+    BIN, Env, Response, Server, github_sign, open_payload_files, payload, payload_files,
     standard_webhooks_sign, wait_until,
 };
 
@@ -711,6 +711,81 @@ fn without_a_sender_only_loopback_and_unix_are_served() {
             .is_some(),
         "{}",
         local.log()
+    );
+}
+
+/// A reload cannot move the socket, so it must not drop the last sender while a public address is still
+/// served: the configuration file saying `listen` is now loopback does not make the bound socket so.
+#[test]
+fn a_reload_that_drops_the_last_sender_is_refused_while_a_public_address_is_served() {
+    let env = Env::new();
+    let key = secret(&env, "key", "s3cret-header-value");
+    let out = counter(&env, "ComputerAdded");
+    let scripts = env.scripts();
+    let config = env.path().join("live.toml");
+    let write = |listen: &str, sender: bool| {
+        let mut text = format!("listen = {listen:?}\nscripts_dir = {scripts:?}\n");
+        if sender {
+            text.push_str(&format!(
+                "[[sender]]\nname = \"jh\"\ntype = \"headers\"\nheaders = {{ \"X-Api-Key\" = {key:?} }}\n"
+            ));
+        }
+        fs::write(&config, text).expect("write config");
+    };
+    write("0.0.0.0:0", true);
+    let mut command = std::process::Command::new(BIN);
+    command
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .env("STATE_DIRECTORY", env.state())
+        .env("RUNTIME_DIRECTORY", env.payloads())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let server = Server::start(command);
+    let body = b"{}";
+    let signed = [("X-Api-Key", "s3cret-header-value")];
+    assert_eq!(
+        server
+            .request("POST", "/hooks/ComputerAdded", &signed, body)
+            .status,
+        200
+    );
+    assert_eq!(server.post("/hooks/ComputerAdded", body).status, 401);
+    assert_eq!(runs(&out).len(), 1, "{}", server.log());
+
+    write("127.0.0.1:0", false);
+    server.signal(libc::SIGHUP);
+    let failed = server
+        .wait_log("reload failed", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("the reload was not refused:\n{}", server.log()));
+    assert!(
+        failed.contains("listen = 0.0.0.0:") && failed.contains("no [[sender]] is configured"),
+        "names the address still served and why: {failed}"
+    );
+    assert!(
+        !server.log().contains("reachable only from this machine"),
+        "{}",
+        server.log()
+    );
+    let open = server.post("/hooks/ComputerAdded", body);
+    assert_eq!(
+        open.status,
+        401,
+        "the old sender still applies: {}",
+        open.text()
+    );
+    assert_eq!(
+        runs(&out).len(),
+        1,
+        "nothing ran for the unauthenticated request"
+    );
+    assert_eq!(
+        server
+            .request("POST", "/hooks/ComputerAdded", &signed, body)
+            .status,
+        200
     );
 }
 

@@ -135,7 +135,7 @@ pub struct Server {
 }
 
 impl Server {
-    fn start(command: Command) -> Server {
+    pub fn start(command: Command) -> Server {
         let mut server = Server::spawn(command);
         let line = server
             .wait_log("listening on ", Duration::from_secs(10))
