@@ -247,8 +247,15 @@ impl Sqlite {
             },
             true,
         )?;
-        rx.recv()
-            .unwrap_or_else(|_| Err(StoreError::Broken("the writer thread stopped".into())))
+        rx.recv().unwrap_or_else(|_| Err(self.writer_gone()))
+    }
+
+    /// A job dropped unanswered, or a channel closed: the writer thread is gone (it unwound). Said here
+    /// too, not only by the writer's own guard, which runs after the batch it dropped: whoever learns of
+    /// it first must find the store broken already.
+    fn writer_gone(&self) -> StoreError {
+        self.broken.store(true, Ordering::SeqCst);
+        StoreError::Broken("the writer thread stopped".into())
     }
 
     /// Hands `work` to the writer; `done` gets its result once its transaction has ended.
@@ -267,7 +274,7 @@ impl Sqlite {
         } else {
             self.set_aside(job)
         }
-        .map_err(|_| StoreError::Broken("the writer thread stopped".into()))
+        .map_err(|_| self.writer_gone())
     }
 
     /// Puts work nobody waits for in the [`Later`] list, waking the writer when the list asks for it.
