@@ -421,6 +421,21 @@ impl Config {
                     ),
                 ));
             }
+            // The longest path decides, so of two senders on one path only one could ever apply.
+            if let Some(other) = senders
+                .iter()
+                .find(|s: &&crate::auth::Sender| s.path == sender.path)
+            {
+                return Err(ConfigError::new(
+                    file.path,
+                    table_line(file.text, "[[sender]]", index),
+                    format!(
+                        "sender {name:?}: path {:?} is already sender {:?}'s; a request under it is \
+                         checked by one sender only, so give each sender its own path",
+                        sender.path, other.name
+                    ),
+                ));
+            }
             senders.push(sender);
         }
         let mut trusted_proxies = Trusted::default();

@@ -797,6 +797,8 @@ fn check_validates_profiles_and_secret_files() {
     fs::set_permissions(&readable, fs::Permissions::from_mode(0o644)).expect("chmod");
     let empty = env.path().join("empty");
     fs::write(&empty, "\n").expect("write");
+    // Not empty as a file, but no key: an HMAC under the empty key is anybody's.
+    let bare_prefix = secret(&env, "bare-prefix", "whsec_");
     let cases = [
         (
             format!(
@@ -830,6 +832,10 @@ fn check_validates_profiles_and_secret_files() {
             "must be a URL path",
         ),
         ("type = \"mtls\"".to_string(), "type mtls needs subjects"),
+        (
+            format!("type = \"standard-webhooks\"\nsecret_file = {bare_prefix:?}"),
+            "must hold a Standard Webhooks secret",
+        ),
     ];
     for (body, says) in cases {
         let env = Env::new().config(&format!("# a comment\n[[sender]]\nname = \"s\"\n{body}\n"));
@@ -841,6 +847,18 @@ fn check_validates_profiles_and_secret_files() {
             "{body}: {err}"
         );
     }
+    // Two senders on one path: only one of them could ever apply.
+    let twice = Env::new().config(
+        "[[sender]]\nname = \"a\"\ntype = \"none\"\npath = \"/jamf\"\n\
+         [[sender]]\nname = \"b\"\ntype = \"none\"\npath = \"/jamf\"\n",
+    );
+    let out = twice.check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(
+        err.contains("hookrunner.toml:7: sender \"b\": path \"/jamf\" is already sender \"a\"'s"),
+        "{err}"
+    );
     let env = Env::new().config(&format!(
         "[[sender]]\nname = \"s\"\ntype = \"gitlab\"\nsecret_file = {readable:?}\n"
     ));

@@ -188,12 +188,14 @@ pub fn token(header: &str, value: Option<&str>, secret: &Secret) -> Result<(), F
     }
 }
 
-/// The Standard Webhooks key: the secret's base64 after `whsec_` (the prefix is optional).
+/// The Standard Webhooks key: the secret's base64 after `whsec_` (the prefix is optional). Never empty: a
+/// bare `whsec_` decodes to no bytes, and an HMAC under the empty key is one anybody can compute.
 pub fn standard_webhooks_key(secret: &[u8]) -> Option<Vec<u8>> {
     let text = std::str::from_utf8(secret).ok()?.trim();
     BASE64
         .decode(text.strip_prefix("whsec_").unwrap_or(text))
         .ok()
+        .filter(|key| !key.is_empty())
 }
 
 /// The signatures of a `webhook-signature` header: its space-separated `v1,<base64>` entries (other
@@ -313,6 +315,23 @@ mod tests {
                 &[b"what do ya want for nothing?"]
             )
             .matches_any(&[expected])
+        );
+    }
+
+    #[test]
+    fn a_standard_webhooks_secret_must_decode_to_a_key() {
+        for empty in [&b"whsec_"[..], b"whsec_\n", b"", b"  "] {
+            assert_eq!(
+                standard_webhooks_key(empty),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(empty)
+            );
+        }
+        assert_eq!(standard_webhooks_key(b"whsec_not base64!"), None);
+        assert_eq!(
+            standard_webhooks_key(b"whsec_MDEyMzQ1Njc4OWFiY2RlZg==\n").as_deref(),
+            Some(&b"0123456789abcdef"[..])
         );
     }
 
