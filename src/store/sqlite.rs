@@ -106,6 +106,8 @@ trait Work: Send {
     fn answer(self: Box<Self>, commit: Result<(), StoreError>);
     /// Answers it without running it.
     fn fail(self: Box<Self>, error: StoreError);
+    /// Its last run's error, if it failed.
+    fn failure(&self) -> Option<StoreError>;
     /// Whether its commit must be on disk before it is answered (an accept, an attempt's result), or may
     /// wait for the next one that is (a history row, a "running" mark). Work that need not be durable is
     /// a single statement, which SQLite applies whole or not at all.
@@ -154,6 +156,10 @@ where
 
     fn fail(self: Box<Self>, error: StoreError) {
         (self.done)(Err(error));
+    }
+
+    fn failure(&self) -> Option<StoreError> {
+        self.result.as_ref()?.as_ref().err().cloned()
     }
 
     fn durable(&self) -> bool {
@@ -548,6 +554,16 @@ fn transaction(
     for job in batch.iter_mut() {
         let saved = savepoints && job.durable() && run("SAVEPOINT job").is_ok();
         let ok = job.run(conn, counts);
+        if conn.is_autocommit() {
+            // SQLite rolled the whole transaction back by itself (an I/O error; a full disk where no
+            // statement journal could undo the one statement): what ran before is gone, and whatever ran
+            // next, a savepoint included, would commit on its own while every job is answered with an
+            // error. So the batch ends here, all of it undone.
+            counts.forget();
+            return Err(job.failure().unwrap_or_else(|| {
+                StoreError::Unavailable("SQLite rolled the transaction back".into())
+            }));
+        }
         if saved {
             if !ok {
                 let _ = conn.execute_batch("ROLLBACK TO job");
@@ -1205,6 +1221,55 @@ mod tests {
             .expect("prepare");
         let keys = stmt.query_map([], |r| r.get(0)).expect("query");
         keys.collect::<rusqlite::Result<_>>().expect("keys")
+    }
+
+    /// SQLite ends the whole transaction by itself on some errors (an I/O error, a full disk without a
+    /// statement journal). A job that does what SQLite then does, a ROLLBACK, stands in for it: nothing of
+    /// the batch may commit, the jobs after it included, and every job hears that it failed.
+    #[test]
+    fn a_transaction_sqlite_rolled_back_by_itself_commits_nothing_of_its_batch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Sqlite::open(dir.path()).expect("open");
+        let conn = connect(&store.path).expect("connect");
+        let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (answers, answered) = mpsc::channel();
+        let rolled_back: Job = {
+            let answers = answers.clone();
+            Box::new(Task::new(
+                |conn: &Connection, _: &mut Counts| -> Result<(), StoreError> {
+                    conn.execute_batch("ROLLBACK").map_err(sql)?;
+                    Err(StoreError::Unavailable("database or disk is full".into()))
+                },
+                move |result: Result<(), StoreError>| {
+                    let _ = answers.send(("rolled back", result.is_ok()));
+                },
+                true,
+            ))
+        };
+        let batch = vec![
+            keys_job(&["before"], true, &runs, &answers),
+            rolled_back,
+            keys_job(&["after"], true, &runs, &answers),
+            keys_job(&["history"], false, &runs, &answers),
+        ];
+        let result = commit_batch(&conn, batch, &mut Counts::default());
+        assert_eq!(
+            result,
+            Err(StoreError::Unavailable("database or disk is full".into()))
+        );
+        assert!(dedupe_keys(&conn).is_empty(), "{:?}", dedupe_keys(&conn));
+        assert!(conn.is_autocommit(), "no transaction is left open");
+        let mut told: Vec<(&str, bool)> = answered.try_iter().collect();
+        told.sort();
+        assert_eq!(
+            told,
+            [
+                ("after", false),
+                ("before", false),
+                ("history", false),
+                ("rolled back", false)
+            ]
+        );
     }
 
     #[test]
