@@ -48,6 +48,10 @@ const POLL: Duration = Duration::from_millis(250);
 /// Entries read at a time while looking at the queue: a look that starts a few entries (as each finished
 /// run frees a slot) reads a few rows, not the whole queue.
 const PAGE: usize = 32;
+/// After a result could not be committed, the first pause before trying again; each next one doubles, up
+/// to [`RECORD_PAUSE_MAX`].
+const RECORD_PAUSE: Duration = Duration::from_millis(500);
+const RECORD_PAUSE_MAX: Duration = Duration::from_secs(10);
 /// How often finished history is pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// How much lower the dispatcher's CPU priority is than the daemon's, in nice steps: as low as it goes (a
@@ -287,12 +291,7 @@ impl Dispatcher {
             Next::Dead => "dead".to_string(),
             Next::Retry(at) => format!("retry_in={}ms", (at - now_ms()).max(0)),
         };
-        if let Err(e) = self.store.finish(entry.id, attempt, next) {
-            // Not committed: the entry is still queued, and runs again (at least once).
-            log::error!(
-                "{} cannot record attempt {n}: {e}; it will run again",
-                entry.request_id
-            );
+        if !self.record(entry, attempt, next) {
             return;
         }
         log::info!(
@@ -301,6 +300,38 @@ impl Dispatcher {
             entry.id,
             entry.event
         );
+    }
+
+    /// Commits an attempt's result, trying again while the store cannot write (a full disk, a lock held
+    /// by someone else): until then the entry is marked running, which nothing but this or a restart
+    /// changes, so giving up would leave it waiting until the next start. Gives up only at SIGTERM or when
+    /// the store is broken, when the daemon is stopping anyway: the entry is then queued again at start
+    /// and runs again (at least once). Says whether the result was committed.
+    fn record(&self, entry: &Pending, attempt: Attempt, next: Next) -> bool {
+        let n = attempt.n;
+        let mut pause = RECORD_PAUSE;
+        loop {
+            let Err(e) = self.store.finish(entry.id, attempt.clone(), next) else {
+                return true;
+            };
+            if self.stop.load(Ordering::SeqCst) || self.store.broken() {
+                log::error!(
+                    "{} cannot record attempt {n}: {e}; it runs again after the restart",
+                    entry.request_id
+                );
+                return false;
+            }
+            log::error!(
+                "{} cannot record attempt {n}: {e}; trying again in {} ms",
+                entry.request_id,
+                pause.as_millis()
+            );
+            let until = Instant::now() + pause;
+            while !self.stop.load(Ordering::SeqCst) && Instant::now() < until {
+                std::thread::sleep(until.saturating_duration_since(Instant::now()).min(POLL));
+            }
+            pause = (pause * 2).min(RECORD_PAUSE_MAX);
+        }
     }
 
     fn attempt(&self, entry: &Pending, n: u32) -> io::Result<crate::runner::Outcome> {

@@ -885,6 +885,67 @@ fn a_full_disk_is_answered_503_never_2xx_and_service_resumes_when_space_is_freed
     );
 }
 
+/// An attempt whose result cannot be committed (here: an operator's `sqlite3` holding the write lock
+/// past the store's 5 s busy timeout) is not left marked running until a restart: the result is
+/// committed once the store can write again, and the entry goes on to its next attempt.
+#[test]
+fn a_result_that_cannot_be_committed_at_first_is_committed_later_and_the_entry_goes_on() {
+    let env = Env::new();
+    let dir = env.path().to_path_buf();
+    let (started, release, ran) = (dir.join("started"), dir.join("release"), dir.join("ran"));
+    env.script(
+        "f.sh",
+        &format!(
+            "if [ \"$HOOKRUNNER_ATTEMPT\" = 1 ]; then\n{}\nexit 1\nfi\necho \"$HOOKRUNNER_ATTEMPT\" >> {ran:?}",
+            crate::util::wait_for_release(&started, &release)
+        ),
+    );
+    env.routes("F f.sh async retries=3 retry_max=100ms\n");
+    let server = env.serve();
+    let r = server.post("/hooks/F", b"{}");
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert!(wait_until(Duration::from_secs(10), || started.exists()));
+    // The "running" mark is committed with the next commit or within the writer's 250 ms gather.
+    std::thread::sleep(Duration::from_millis(750));
+    // A write lock held for 7 s from another process, as `sqlite3` in a BEGIN IMMEDIATE would.
+    let mut lock = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sqlite3, sys, time\n\
+             c = sqlite3.connect(sys.argv[1], timeout=10, isolation_level=None)\n\
+             c.execute('BEGIN IMMEDIATE')\n\
+             print('locked', flush=True)\n\
+             time.sleep(7)\n\
+             c.execute('ROLLBACK')\n",
+        )
+        .arg(env.state().join("hookrunner.db"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut said = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(lock.stdout.as_mut().expect("stdout")),
+        &mut said,
+    )
+    .expect("read");
+    assert_eq!(said.trim(), "locked");
+    fs::write(&release, "").expect("release");
+    assert!(
+        server
+            .wait_log("cannot record attempt 1", Duration::from_secs(15))
+            .is_some(),
+        "the lock did not keep the result out:\n{}",
+        server.log()
+    );
+    assert!(lock.wait().expect("wait").success());
+    assert!(
+        wait_until(Duration::from_secs(20), || lines(&ran) == ["2"]),
+        "attempt 2 never ran: {:?}\n{}",
+        lines(&ran),
+        server.log()
+    );
+}
+
 #[test]
 fn a_failed_fsync_is_answered_503_and_the_daemon_exits_1_losing_nothing_acknowledged() {
     if !Command::new("strace")
