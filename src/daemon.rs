@@ -196,13 +196,18 @@ pub fn serve(config_path: Option<PathBuf>, mut overrides: Overrides) -> Result<(
             if !stopping {
                 stopping = true;
                 systemd::stopping();
+                // No queued run starts from now on, not only once the open requests are answered: a sync
+                // script still running would otherwise keep the dispatcher starting runs until it ends.
+                dispatching.store(true, Ordering::SeqCst);
+                bell.ring();
             }
             Control::Stop
         } else {
             Control::Continue
         }
     });
-    // Queued deliveries: start no new run, let the running ones end, leave the rest in the store.
+    // Queued deliveries: start no new run, let the running ones end, leave the rest in the store. (Said
+    // at the stop above already; again here for an accept loop that ended by itself.)
     dispatching.store(true, Ordering::SeqCst);
     bell.ring();
     if let Some(dispatcher) = dispatcher {

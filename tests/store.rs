@@ -571,6 +571,57 @@ fn kill_9_storm_loses_no_acknowledged_event() {
     assert!(settled && lost == 0, "lost {lost} acknowledged events");
 }
 
+/// At SIGTERM the dispatcher starts nothing more at once, even while a sync script keeps the daemon
+/// answering its request: a retry that comes due meanwhile waits in the store for the next start.
+#[test]
+fn sigterm_starts_no_queued_run_while_a_sync_script_finishes() {
+    let env = Env::new();
+    let dir = env.path().to_path_buf();
+    let (started, release, tries) = (dir.join("started"), dir.join("release"), dir.join("tries"));
+    env.script(
+        "sync.sh",
+        &crate::util::wait_for_release(&started, &release),
+    );
+    // Fails its first attempt; the retry is due 0.5-1 s later (the first pause, jittered).
+    env.script(
+        "flaky.sh",
+        &format!("echo \"$HOOKRUNNER_ATTEMPT\" >> {tries:?}\n[ \"$HOOKRUNNER_ATTEMPT\" != 1 ]"),
+    );
+    env.routes("Sync sync.sh\nFlaky flaky.sh async retries=3 retry_max=1s\n");
+    let mut server = env.serve();
+    std::thread::scope(|scope| {
+        let answer = scope.spawn(|| server.post("/hooks/Sync", b"{}").status);
+        assert!(wait_until(Duration::from_secs(10), || started.exists()));
+        assert_eq!(server.post("/hooks/Flaky", b"{}").status, 202);
+        assert!(wait_until(Duration::from_secs(10), || lines(&tries) == ["1"]));
+        server.signal(libc::SIGTERM);
+        // Past the retry's due time, with the sync script still running.
+        std::thread::sleep(Duration::from_millis(2_000));
+        fs::write(&release, "").expect("release");
+        assert_eq!(answer.join().expect("sync request"), 200);
+    });
+    let status = server.wait_exit(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        server.log()
+    );
+    assert_eq!(
+        lines(&tries),
+        ["1"],
+        "a run started after SIGTERM:\n{}",
+        server.log()
+    );
+    // The retry waited in the store: the next start runs it.
+    let server = env.serve();
+    assert!(
+        wait_until(Duration::from_secs(10), || lines(&tries) == ["1", "2"]),
+        "{:?}\n{}",
+        lines(&tries),
+        server.log()
+    );
+}
+
 #[test]
 fn sigterm_under_load_exits_within_the_grace_and_loses_nothing_acknowledged() {
     let env = Env::new();
