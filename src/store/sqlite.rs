@@ -1073,10 +1073,12 @@ impl Store for Sqlite {
             let mut n = 0;
             for &id in &ids {
                 // One more attempt, now; only async entries whose payload is still kept can run again.
+                // An entry waiting to retry keeps the attempts it has left: it only runs sooner.
                 n += conn
                     .prepare_cached(
                         "UPDATE deliveries SET state = 'queued', due_at = ?2, finished_at = NULL,
-                             max_attempts = attempts + 1
+                             max_attempts = CASE state WHEN 'failed' THEN max(max_attempts, attempts + 1)
+                                                       ELSE attempts + 1 END
                          WHERE id = ?1 AND mode = 'async' AND state IN ('dead', 'failed', 'done')
                            AND payload IS NOT NULL",
                     )?
@@ -1337,6 +1339,57 @@ mod tests {
         assert!(
             matches!(result, Err(StoreError::Full(_))),
             "not full: {result:?}"
+        );
+    }
+
+    /// `deliveries retry` of an entry waiting for its next attempt runs it now and keeps the attempts it
+    /// has left; of a dead or done one, it allows exactly one more.
+    #[test]
+    fn retry_brings_an_attempt_forward_without_taking_the_attempts_left() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Sqlite::open(dir.path()).expect("open");
+        let bounds = Bounds {
+            max_queued: 10,
+            max_queued_bytes: 1 << 20,
+            dedupe_window: Duration::ZERO,
+        };
+        let mut waiting = delivery(1);
+        waiting.policy.max_attempts = 5;
+        let waiting = queued(store.accept(waiting, bounds));
+        let dead = queued(store.accept(delivery(2), bounds));
+        let in_an_hour = now_ms() + 3_600_000;
+        let failed = Attempt {
+            exit_code: Some(1),
+            ..attempt()
+        };
+        store
+            .finish(waiting, failed.clone(), Next::Retry(in_an_hour))
+            .expect("finish");
+        store.finish(dead, failed, Next::Dead).expect("finish");
+        let row =
+            |id: i64| {
+                store
+                    .read(move |c| {
+                        c.query_row(
+                        "SELECT state, max_attempts, due_at <= ?2 FROM deliveries WHERE id = ?1",
+                        params![id, now_ms()],
+                        |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?, r.get::<_, bool>(2)?)),
+                    )
+                    })
+                    .expect("row")
+            };
+        for id in [waiting, dead] {
+            assert_eq!(store.retry(&Target::One(id.to_string())).expect("retry"), 1);
+        }
+        assert_eq!(
+            row(waiting),
+            ("queued".to_string(), 5, true),
+            "due now, 4 attempts left"
+        );
+        assert_eq!(
+            row(dead),
+            ("queued".to_string(), 2, true),
+            "one more attempt"
         );
     }
 
