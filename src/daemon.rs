@@ -228,17 +228,13 @@ pub fn serve(config_path: Option<PathBuf>, mut overrides: Overrides) -> Result<(
     Ok(())
 }
 
-/// The store, when anything needs it: an async route, or the history of sync ones. Entries a crash left
-/// running are queued again before anything is served; returns how many entries wait.
+/// The store, when anything needs it: an async route, the history of sync ones, or entries acknowledged
+/// earlier that still wait (a route since made sync, with `history = false`: they were promised a run).
+/// Entries a crash left running are queued again before anything is served; returns how many entries wait.
 fn open_store(config: &Config) -> Result<(Option<store::Shared>, Option<u64>), Error> {
     let settings = &config.store;
-    let any_async = settings.run_async
-        || config
-            .routes
-            .routes
-            .iter()
-            .any(|r| r.options.queueing.run_async == Some(true));
-    if !any_async && !settings.history {
+    let needed = settings.history || any_async(config);
+    if !needed && !settings.state_dir.join(store::DATABASE).exists() {
         return Ok((None, None));
     }
     let store = store::open(&settings.state_dir)
@@ -246,7 +242,28 @@ fn open_store(config: &Config) -> Result<(Option<store::Shared>, Option<u64>), E
     let waiting = store
         .recover()
         .map_err(|e| Error::Start("store".into(), io::Error::other(e)))?;
+    if !needed {
+        if waiting == 0 {
+            return Ok((None, None));
+        }
+        log::warn!(
+            "no route is async and history = false, but {waiting} acknowledged deliver{} from before still \
+             wait{} in the store: the store stays open to run them",
+            if waiting == 1 { "y" } else { "ies" },
+            if waiting == 1 { "s" } else { "" }
+        );
+    }
     Ok((Some(store), Some(waiting)))
+}
+
+/// Whether any request may be queued: `async = true`, or a route with the `async` option.
+fn any_async(config: &Config) -> bool {
+    config.store.run_async
+        || config
+            .routes
+            .routes
+            .iter()
+            .any(|r| r.options.queueing.run_async == Some(true))
 }
 
 fn start_dispatcher(dispatcher: Dispatcher) -> Result<std::thread::JoinHandle<()>, Error> {
@@ -416,6 +433,12 @@ fn reload_config(
         log::info!(
             "reloaded the TLS certificate from {} for new connections",
             new_tls.cert_file.display()
+        );
+    }
+    if !gateway.has_store() && any_async(&new) {
+        log::warn!(
+            "reload: an async route needs the store, which was not opened at start (no route was async \
+             and history = false): its requests run sync until a restart"
         );
     }
     let routes = new.routes.routes.len();

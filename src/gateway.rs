@@ -189,6 +189,11 @@ impl Gateway {
     }
 
     /// Swaps in a new configuration; requests already running keep the one they started with.
+    /// Whether the store was opened at start (a reload cannot open it).
+    pub fn has_store(&self) -> bool {
+        self.store.is_some()
+    }
+
     pub fn replace(&self, config: Config) {
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
     }

@@ -571,6 +571,66 @@ fn kill_9_storm_loses_no_acknowledged_event() {
     assert!(settled && lost == 0, "lost {lost} acknowledged events");
 }
 
+/// An acknowledged entry is a promise even after its route is made sync and the history turned off: the
+/// store, which nothing else needs any more, is opened to run it, and the daemon says why.
+#[test]
+fn entries_left_queued_run_after_their_route_is_made_sync_with_the_history_off() {
+    let mut env = Env::new();
+    let dir = env.path().to_path_buf();
+    let (started, never, tries) = (dir.join("started"), dir.join("never"), dir.join("tries"));
+    env.script(
+        "q.sh",
+        &format!(
+            "echo \"$HOOKRUNNER_ATTEMPT\" >> {tries:?}\nif [ \"$HOOKRUNNER_ATTEMPT\" = 1 ]; then\n{}\nfi",
+            crate::util::wait_for_release(&started, &never)
+        ),
+    );
+    env.routes("Q q.sh async\n");
+    let id;
+    {
+        let mut server = env.serve();
+        let r = server.post("/hooks/Q", b"{}");
+        assert_eq!(r.status, 202);
+        id = r.json()["request_id"].as_str().expect("id").to_string();
+        assert!(wait_until(Duration::from_secs(10), || started.exists()));
+        // The "running" mark is committed within the writer's 250 ms gather.
+        std::thread::sleep(Duration::from_millis(750));
+        server.child.kill().expect("kill -9");
+        server.child.wait().expect("reap");
+    }
+    env.routes("Q q.sh\n");
+    env.reconfigure("history = false");
+    let server = env.serve();
+    assert!(
+        wait_until(Duration::from_secs(10), || lines(&tries) == ["1", "2"]),
+        "{:?}\n{}",
+        lines(&tries),
+        server.log()
+    );
+    assert!(
+        server
+            .wait_log(
+                "acknowledged delivery from before still waits",
+                Duration::from_secs(5)
+            )
+            .is_some(),
+        "{}",
+        server.log()
+    );
+    // The interrupted attempt is in the history: the script saw attempt 2 the second time.
+    let show = || String::from_utf8_lossy(&deliveries(&env, &["show", &id]).stdout).into_owned();
+    assert!(
+        wait_until(Duration::from_secs(10), || show().contains("done")),
+        "{}",
+        show()
+    );
+    assert!(
+        show().contains("interrupted: hookrunner stopped"),
+        "{}",
+        show()
+    );
+}
+
 /// At SIGTERM the dispatcher starts nothing more at once, even while a sync script keeps the daemon
 /// answering its request: a retry that comes due meanwhile waits in the store for the next start.
 #[test]

@@ -764,7 +764,18 @@ const PENDING: &str =
        AND mode = 'async' AND id > ?1
      ORDER BY id";
 /// At start: entries a crash left running are queued again (through the same index, not a scan).
-const RECOVER: &str = "UPDATE deliveries SET state = 'queued'
+/// At start, entries a crash left running: their interrupted attempt is kept, as one without an exit (when
+/// it started is not known, so the time it was due stands in), and they are queued again. The attempt
+/// counts, so the script sees the next number and can tell it may have run before; yet the entry always
+/// runs once more (at least once), whatever attempts it had left.
+const RECOVER_ATTEMPTS: &str = "INSERT OR IGNORE INTO attempts (delivery, n, started_at, duration_ms,
+         exit_code, signal, timed_out, output)
+     SELECT id, attempts + 1, coalesce(due_at, received_at), 0, NULL, NULL, 0,
+         'interrupted: hookrunner stopped before this attempt''s result was recorded (a crash, kill -9, a \
+          power cut); it may have run in part or in full'
+     FROM deliveries WHERE state IN ('queued', 'failed', 'running') AND state = 'running' AND mode = 'async'";
+const RECOVER: &str = "UPDATE deliveries SET state = 'queued', attempts = attempts + 1,
+         max_attempts = max(max_attempts, attempts + 2)
      WHERE state IN ('queued', 'failed', 'running') AND state = 'running'";
 
 const ROW_COLUMNS: &str = "id, request_id, received_at, mode, sender, event, route_line, script, \
@@ -917,6 +928,9 @@ impl Store for Sqlite {
 
     fn recover(&self) -> Result<u64, StoreError> {
         self.write(|conn, counts| {
+            conn.prepare_cached(RECOVER_ATTEMPTS)?
+                .execute([])
+                .map_err(sql)?;
             conn.prepare_cached(RECOVER)?.execute([]).map_err(sql)?;
             Ok(counts.get(conn)?.queued)
         })
@@ -1451,6 +1465,13 @@ mod tests {
     fn the_recovery_at_start_reads_only_the_waiting_entries() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Sqlite::open(dir.path()).expect("open");
+        for sql in [RECOVER, RECOVER_ATTEMPTS] {
+            let plan = query_plan(&store, sql, &[]);
+            assert!(
+                plan.iter().any(|step| step.contains("deliveries_waiting")),
+                "{sql}: {plan:?}"
+            );
+        }
         let plan = query_plan(&store, RECOVER, &[]);
         assert!(
             plan.iter().any(|step| step.contains("deliveries_waiting")),
