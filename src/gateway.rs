@@ -712,6 +712,8 @@ fn receive(
     mut check: Option<BodyCheck>,
 ) -> Result<Received, Refusal> {
     let mut received = Received::Inline(Vec::new());
+    // A signature covers the body alone: the query string must not stand in for it as the payload.
+    let signed = check.is_some();
     let mut chunk = [0u8; 16 << 10];
     loop {
         let n = match request.body.read(&mut chunk) {
@@ -742,7 +744,7 @@ fn receive(
         check.finish().map_err(Refusal::Auth)?;
     }
     if let Received::Inline(bytes) = &mut received {
-        if bytes.is_empty() && request.method == Method::Get {
+        if bytes.is_empty() && request.method == Method::Get && !signed {
             bytes.extend_from_slice(request.query.as_bytes());
         }
     }

@@ -94,6 +94,46 @@ fn assert_refused(
     }
 }
 
+/// A GET without a body hands its query string to the script as the payload, but a signature covers the
+/// body alone: behind a signing sender the query must not become the payload, or one signed empty body
+/// (whose HMAC never changes) would carry any payload an attacker writes after the `?`.
+#[test]
+fn behind_a_signing_sender_a_get_query_does_not_become_the_payload() {
+    let env = Env::new();
+    let key = "It's a Secret to Everybody";
+    let file = secret(&env, "github-secret", key);
+    let env = env.config(&format!(
+        "[[sender]]\nname = \"gh\"\ntype = \"github\"\nsecret_file = {file:?}\n"
+    ));
+    let out = env.path().join("payloads-seen");
+    env.script(
+        "ping",
+        &format!("printf '[%s]\\n' \"$(cat \"$1\")\" >> {out:?}"),
+    );
+    let server = env.serve();
+    // (octokit refuses to sign an empty payload; openssl does it.)
+    let hmac = std::process::Command::new("openssl")
+        .args(["dgst", "-sha256", "-hmac", key])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl");
+    let hmac = String::from_utf8_lossy(&hmac.stdout);
+    let signature = format!("sha256={}", hmac.trim().rsplit(' ').next().expect("hex"));
+    assert_eq!(signature.len(), 7 + 64, "{signature}");
+    let r = server.request(
+        "GET",
+        "/hooks/ping?rm=-rf&target=everything",
+        &[("X-Hub-Signature-256", signature.as_str())],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        runs(&out),
+        ["[]"],
+        "the script saw the unsigned query as its payload"
+    );
+}
+
 #[test]
 fn github_signatures_made_by_octokit_pass_and_anything_else_fails() {
     let env = Env::new();
