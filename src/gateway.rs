@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 
-use crate::auth::replay::{Claim, Guard, Replays};
+use crate::auth::replay::{Claim, First, Guard, Replays};
 use crate::auth::{self, Admitted, BodyCheck, Failure, Scheme, Sender};
 use crate::config::Config;
 use crate::dispatch::Bell;
@@ -60,8 +60,8 @@ pub struct Gateway {
 enum Refusal {
     /// The sender could not prove who it is (401), or may not do this (403).
     Auth(Failure),
-    /// A Standard Webhooks delivery already accepted: answered 200, not run again.
-    Duplicate(String),
+    /// A Standard Webhooks delivery already accepted: answered as the first was, not run again.
+    Duplicate(String, First),
     /// The same delivery is running now: the sender should retry.
     InProgress,
     Event(EventError),
@@ -83,7 +83,7 @@ impl Refusal {
     fn status(&self) -> u16 {
         match self {
             Refusal::Auth(failure) => failure.status(),
-            Refusal::Duplicate(_) => 200,
+            Refusal::Duplicate(_, first) => first.status,
             Refusal::InProgress => 503,
             Refusal::Event(_) | Refusal::Malformed(_) => 400,
             Refusal::NoRoute(_) => 404,
@@ -99,7 +99,7 @@ impl Refusal {
             // The client learns only that it failed; the log says which check.
             Refusal::Auth(f) if f.status() == 401 => "authentication required".to_string(),
             Refusal::Auth(_) => "forbidden".to_string(),
-            Refusal::Duplicate(id) => format!("delivery {id} was already accepted"),
+            Refusal::Duplicate(id, _) => format!("delivery {id} was already accepted"),
             Refusal::InProgress => "this delivery is being run now; retry later".to_string(),
             Refusal::Event(e) => e.to_string(),
             Refusal::Malformed(m) => m.0.clone(),
@@ -247,7 +247,7 @@ impl Gateway {
         };
         match self.replays.claim(&sender.name, id, *window) {
             Claim::New(guard) => Ok(Some(guard)),
-            Claim::Duplicate => Err(Refusal::Duplicate(id.to_string())),
+            Claim::Duplicate(first) => Err(Refusal::Duplicate(id.to_string(), first)),
             Claim::Busy => Err(Refusal::InProgress),
         }
     }
@@ -347,7 +347,18 @@ impl Gateway {
             };
             let accepted = store.accept(delivery, bounds).map_err(Refusal::Store)?;
             if let Some(claim) = claim {
-                claim.accept();
+                claim.accept(match &accepted {
+                    Accepted::Queued { .. } => First {
+                        request_id: request.id.clone(),
+                        status: ack_status,
+                    },
+                    Accepted::Duplicate {
+                        request_id, status, ..
+                    } => First {
+                        request_id: request_id.clone(),
+                        status: *status,
+                    },
+                });
             }
             self.bell.ring();
             return Ok(Served::Queued {
@@ -414,7 +425,10 @@ impl Gateway {
         };
         if let Some(claim) = claim {
             if outcome.exit == Exit::Code(0) {
-                claim.accept();
+                claim.accept(First {
+                    request_id: request.id.clone(),
+                    status: 200,
+                });
             }
         }
         Ok(outcome)
@@ -513,12 +527,24 @@ impl Gateway {
                 accepted,
                 ack_status,
             }) => queued_response(&request.id, &event, &script, &accepted, ack_status),
-            Err(Refusal::Duplicate(id)) => {
-                let mut response = Response::json(
-                    200,
-                    &json!({ "request_id": request.id, "delivery_id": id, "duplicate": true }),
+            Err(Refusal::Duplicate(id, first)) => {
+                // As the first was answered, as the store answers a duplicate it finds: 200 after a sync
+                // run, the route's ack status (202) with `queued` after an async accept.
+                let body = match first.status {
+                    200 => json!({
+                        "request_id": first.request_id, "delivery_id": id, "duplicate": true
+                    }),
+                    _ => json!({
+                        "request_id": first.request_id, "delivery_id": id, "queued": true,
+                        "duplicate": true
+                    }),
+                };
+                let mut response = Response::json(first.status, &body);
+                response.note = format!(
+                    " delivery_id=\"{}\" duplicate=true duplicate_of={}",
+                    Escaped(&id),
+                    first.request_id
                 );
-                response.note = format!(" delivery_id=\"{}\" duplicate=true", Escaped(&id));
                 response
             }
             Err(Refusal::Auth(failure)) => {

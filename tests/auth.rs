@@ -289,6 +289,45 @@ fn standard_request(
     )
 }
 
+/// On an async route a replayed Standard Webhooks delivery is answered as its first one was, 202 with
+/// that one's request id, whether the daemon's memory of ids or, after a restart, the store's dedupe
+/// finds it; it is queued once and runs once.
+#[test]
+fn a_replay_on_an_async_route_is_answered_as_its_first_delivery_was_before_and_after_a_restart() {
+    let env = Env::new();
+    let key = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+    let file = secret(&env, "sw-secret", key);
+    let env = env.config(&format!(
+        "[[sender]]\nname = \"sw\"\ntype = \"standard-webhooks\"\nsecret_file = {file:?}\n"
+    ));
+    env.routes("sw sw async\n");
+    let out = counter(&env, "sw");
+    let body = payload("standardwebhooks-json-example.event.json");
+    let mut server = env.serve();
+    let first = standard_request(&server, key, "webhook", "msg_a", now(), &body);
+    assert_eq!(first.status, 202, "{}", first.text());
+    let first_id = first.json()["request_id"].clone();
+    for restarted in [false, true] {
+        if restarted {
+            server.signal(libc::SIGTERM);
+            assert!(server.wait_exit(Duration::from_secs(10)).is_some());
+            server = env.serve();
+        }
+        let again = standard_request(&server, key, "webhook", "msg_a", now(), &body);
+        assert_eq!(again.status, 202, "restarted {restarted}: {}", again.text());
+        let json = again.json();
+        assert_eq!(json["duplicate"], true, "restarted {restarted}: {json}");
+        assert_eq!(json["queued"], true, "restarted {restarted}: {json}");
+        assert_eq!(
+            json["request_id"], first_id,
+            "restarted {restarted}: {json}"
+        );
+    }
+    assert!(wait_until(Duration::from_secs(10), || runs(&out).len() == 1));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(runs(&out).len(), 1, "{:?}", runs(&out));
+}
+
 #[test]
 fn standard_webhooks_from_the_reference_library_pass_once_and_replays_are_answered_not_run() {
     let env = Env::new();
@@ -307,6 +346,11 @@ fn standard_webhooks_from_the_reference_library_pass_once_and_replays_are_answer
     let again = standard_request(&server, key, "webhook", "msg_1", now(), &body);
     assert_eq!(again.status, 200, "{}", again.text());
     assert_eq!(again.json()["duplicate"], true);
+    assert_eq!(
+        again.json()["request_id"],
+        first.json()["request_id"],
+        "answered as the first was"
+    );
     assert_eq!(runs(&out).len(), 1, "{:?}", runs(&out));
     // Svix sends the same scheme under its own names.
     let svix = standard_request(&server, key, "svix", "msg_2", now(), &body);
