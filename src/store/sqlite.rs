@@ -569,7 +569,8 @@ fn transaction(
                 let _ = conn.execute_batch("ROLLBACK TO job");
             }
             let _ = run("RELEASE job");
-        } else if !ok && job.durable() {
+        } else if !ok && job.durable() && !matches!(job.failure(), Some(StoreError::Full(_))) {
+            // (A full queue is found before anything is written: that job is refused, the rest stand.)
             counts.forget();
             let _ = conn.execute_batch("ROLLBACK");
             if savepoints {
@@ -1237,6 +1238,42 @@ mod tests {
             .expect("prepare");
         let keys = stmt.query_map([], |r| r.get(0)).expect("query");
         keys.collect::<rusqlite::Result<_>>().expect("keys")
+    }
+
+    /// A job refused because the queue is full wrote nothing: the batch around it commits in its one try,
+    /// without the second try with savepoints (which also re-counts the whole queue).
+    #[test]
+    fn a_full_queue_refuses_its_job_and_leaves_the_batch_its_one_try() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Sqlite::open(dir.path()).expect("open");
+        let conn = connect(&store.path).expect("connect");
+        let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (answers, answered) = mpsc::channel();
+        let full: Job = {
+            let answers = answers.clone();
+            let runs = Arc::clone(&runs);
+            Box::new(Task::new(
+                move |_: &Connection, _: &mut Counts| -> Result<(), StoreError> {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Err(StoreError::Full("max_queued = 1 entries".into()))
+                },
+                move |result: Result<(), StoreError>| {
+                    let _ = answers.send(("full", result.is_ok()));
+                },
+                true,
+            ))
+        };
+        let batch = vec![
+            keys_job(&["before"], true, &runs, &answers),
+            full,
+            keys_job(&["after"], true, &runs, &answers),
+        ];
+        commit_batch(&conn, batch, &mut Counts::default()).expect("commit");
+        assert_eq!(runs.load(Ordering::SeqCst), 3, "one try");
+        assert_eq!(dedupe_keys(&conn), ["after", "before"]);
+        let mut told: Vec<(&str, bool)> = answered.try_iter().collect();
+        told.sort();
+        assert_eq!(told, [("after", true), ("before", true), ("full", false)]);
     }
 
     /// SQLite ends the whole transaction by itself on some errors (an I/O error, a full disk without a
