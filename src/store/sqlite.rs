@@ -764,8 +764,8 @@ const PENDING: &str =
      WHERE state IN ('queued', 'failed', 'running') AND state != 'running'
        AND mode = 'async' AND id > ?1
      ORDER BY id";
-/// At start: entries a crash left running are queued again (through the same index, not a scan).
-/// At start, entries a crash left running: their interrupted attempt is kept, as one without an exit (when
+/// At start, entries a crash left running (found through the waiting index, not a scan): their
+/// interrupted attempt is kept, as one without an exit (when
 /// it started is not known, so the time it was due stands in), and they are queued again. The attempt
 /// counts, so the script sees the next number and can tell it may have run before; yet the entry always
 /// runs once more (at least once), whatever attempts it had left.
@@ -775,6 +775,7 @@ const RECOVER_ATTEMPTS: &str = "INSERT OR IGNORE INTO attempts (delivery, n, sta
          'interrupted: hookrunner stopped before this attempt''s result was recorded (a crash, kill -9, a \
           power cut); it may have run in part or in full'
      FROM deliveries WHERE state IN ('queued', 'failed', 'running') AND state = 'running' AND mode = 'async'";
+/// ...and then they are queued again, with that attempt counted and one more always allowed.
 const RECOVER: &str = "UPDATE deliveries SET state = 'queued', attempts = attempts + 1,
          max_attempts = max(max_attempts, attempts + 2)
      WHERE state IN ('queued', 'failed', 'running') AND state = 'running'";
