@@ -107,6 +107,9 @@ struct Running {
     /// their result was committed and show them still waiting: they are not started from it (the run's
     /// end rings the bell, and the next read shows them as they are).
     ended: HashSet<i64>,
+    /// The serial routes of those entries: a read taken before an ended run's retry was committed does not
+    /// show it waiting, and a later entry of its route must not start from that read.
+    ended_routes: HashSet<String>,
 }
 
 impl Dispatcher {
@@ -149,11 +152,11 @@ impl Dispatcher {
         let mut held = HashSet::new();
         let mut after = 0;
         loop {
-            running
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .ended
-                .clear();
+            {
+                let mut running = running.lock().unwrap_or_else(|e| e.into_inner());
+                running.ended.clear();
+                running.ended_routes.clear();
+            }
             let page = match self.store.pending(after, PAGE) {
                 Ok(page) => page,
                 Err(e) => {
@@ -171,7 +174,9 @@ impl Dispatcher {
                         continue;
                     }
                     if entry.policy.serial
-                        && (running.serial_routes.contains(&route) || !held.insert(route.clone()))
+                        && (running.serial_routes.contains(&route)
+                            || running.ended_routes.contains(&route)
+                            || !held.insert(route.clone()))
                     {
                         continue;
                     }
@@ -195,7 +200,9 @@ impl Dispatcher {
                     let mut running = running.lock().unwrap_or_else(|e| e.into_inner());
                     running.ids.remove(&entry.id);
                     running.ended.insert(entry.id);
-                    running.serial_routes.remove(&route);
+                    if running.serial_routes.remove(&route) {
+                        running.ended_routes.insert(route);
+                    }
                     drop(running);
                     self.bell.ring();
                 });

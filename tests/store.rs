@@ -631,6 +631,46 @@ fn entries_left_queued_run_after_their_route_is_made_sync_with_the_history_off()
     );
 }
 
+/// A serial route runs its entries one at a time and strictly in arrival order, and a later entry waits
+/// while an earlier one waits to retry (README, "Ordering").
+#[test]
+fn a_serial_route_runs_in_arrival_order_one_at_a_time_waiting_for_retries() {
+    let env = Env::new();
+    let log = env.path().join("log");
+    env.script(
+        "s.sh",
+        &format!(
+            "n=$(cat \"$1\")\necho \"start $n $HOOKRUNNER_ATTEMPT\" >> {log:?}\nsleep 0.05\n\
+             echo \"end $n\" >> {log:?}\n\
+             [ \"$n\" != 0 ] && [ \"$n\" != 3 ] || [ \"$HOOKRUNNER_ATTEMPT\" != 1 ]"
+        ),
+    );
+    env.routes("S s.sh async serial retries=2 retry_max=1s\n");
+    let server = env.serve();
+    for n in 0..8 {
+        assert_eq!(
+            server.post("/hooks/S", n.to_string().as_bytes()).status,
+            202
+        );
+    }
+    // Entries 0 and 3 fail their first attempt and are retried 0.5-1 s later.
+    let mut want = Vec::new();
+    for n in 0..8 {
+        let attempts: &[u32] = if n == 0 || n == 3 { &[1, 2] } else { &[1] };
+        for attempt in attempts {
+            want.push(format!("start {n} {attempt}"));
+            want.push(format!("end {n}"));
+        }
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || lines(&log).len() >= want.len()),
+        "{:?}\n{}",
+        lines(&log),
+        server.log()
+    );
+    assert_eq!(lines(&log), want);
+}
+
 /// At SIGTERM the dispatcher starts nothing more at once, even while a sync script keeps the daemon
 /// answering its request: a retry that comes due meanwhile waits in the store for the next start.
 #[test]
