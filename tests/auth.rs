@@ -630,6 +630,29 @@ fn gitlab_tokens_and_the_generic_hmac_scheme() {
     assert_eq!(runs(&out).len(), 2);
 }
 
+/// A sender's `path` written with a trailing slash covers the path without it too, and counts as that
+/// path for the longest match.
+#[test]
+fn a_sender_path_with_a_trailing_slash_covers_the_path_itself() {
+    let env = Env::new();
+    let a = secret(&env, "a", "secret-a");
+    let b = secret(&env, "b", "secret-b");
+    let env = env.config(&format!(
+        "[[sender]]\nname = \"wide\"\npath = \"/\"\ntype = \"headers\"\nheaders = {{ \"X-Key\" = {a:?} }}\n\
+         [[sender]]\nname = \"jamf\"\npath = \"/hooks/x/\"\ntype = \"headers\"\nheaders = {{ \"X-Key\" = {b:?} }}\n"
+    ));
+    let out = counter(&env, "x");
+    let server = env.serve();
+    let post = |key: &str| server.request("POST", "/hooks/x", &[("X-Key", key)], b"{}");
+    assert_eq!(post("secret-b").status, 200, "/hooks/x is under /hooks/x/");
+    assert_eq!(
+        post("secret-a").status,
+        401,
+        "the longer path's profile applies"
+    );
+    assert_eq!(runs(&out), ["jamf  {}"]);
+}
+
 #[test]
 fn the_longest_path_decides_and_a_path_under_no_sender_is_401() {
     let env = Env::new();

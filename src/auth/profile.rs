@@ -70,6 +70,12 @@ impl RawSender {
                 "path {path:?} must be a URL path starting with '/'"
             ));
         }
+        // `/jamf/` and `/jamf` are one tree: `/jamf` itself is in it, and the longest path compares like
+        // with like.
+        let path = match path.trim_end_matches('/') {
+            "" => "/".to_string(),
+            tree => tree.to_string(),
+        };
         let allow_ips = self
             .allow_ips
             .iter()
