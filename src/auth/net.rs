@@ -20,9 +20,8 @@ impl Cidr {
             Some((address, prefix)) => (address, Some(prefix)),
             None => (text, None),
         };
-        let network: IpAddr = address.trim().parse().map_err(|_| bad())?;
-        let network = canonical(network);
-        let bits = if network.is_ipv4() { 32 } else { 128 };
+        let written: IpAddr = address.trim().parse().map_err(|_| bad())?;
+        let bits = if written.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             Some(p) => p
                 .trim()
@@ -31,6 +30,13 @@ impl Cidr {
                 .filter(|&p| p <= bits)
                 .ok_or_else(bad)?,
             None => bits,
+        };
+        // An IPv4-mapped block (`::ffff:10.0.0.0/104`) is the IPv4 block it maps, as clients are compared
+        // in their IPv4 form; one wider than the mapped range stays an IPv6 block.
+        let (network, prefix) = match canonical(written) {
+            v4 @ IpAddr::V4(_) if written.is_ipv6() && prefix >= 96 => (v4, prefix - 96),
+            IpAddr::V4(_) if written.is_ipv6() => (written, prefix),
+            network => (network, prefix),
         };
         if mask(network, prefix) != network {
             return Err(format!(
@@ -180,7 +186,20 @@ mod tests {
                 .contains(ip("8.8.8.8"))
         );
         assert!(Cidr::parse("::/0").expect("all").contains(ip("::1")));
+        // IPv4-mapped blocks are the IPv4 blocks they map.
+        let mapped = Cidr::parse("::ffff:10.0.0.0/104").expect("mapped block");
+        assert_eq!(mapped, Cidr::parse("10.0.0.0/8").expect("block"));
+        assert!(mapped.contains(ip("10.1.2.3")) && mapped.contains(ip("::ffff:10.1.2.3")));
+        assert!(!mapped.contains(ip("11.0.0.1")));
+        let every_v4 = Cidr::parse("::ffff:0:0/96").expect("the mapped range");
+        assert!(every_v4.contains(ip("198.51.100.1")) && !every_v4.contains(ip("2001:db8::1")));
+        assert!(
+            Cidr::parse("::ffff:10.0.0.1")
+                .expect("one")
+                .contains(ip("10.0.0.1"))
+        );
         for bad in [
+            "::ffff:10.0.0.1/104",
             "",
             "203.0.113.0/33",
             "203.0.113.1/24",
