@@ -188,12 +188,12 @@ impl Gateway {
         Arc::clone(&self.config.read().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Swaps in a new configuration; requests already running keep the one they started with.
     /// Whether the store was opened at start (a reload cannot open it).
     pub fn has_store(&self) -> bool {
         self.store.is_some()
     }
 
+    /// Swaps in a new configuration; requests already running keep the one they started with.
     pub fn replace(&self, config: Config) {
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
     }
@@ -351,12 +351,14 @@ impl Gateway {
                     Accepted::Queued { .. } => First {
                         request_id: request.id.clone(),
                         status: ack_status,
+                        queued: true,
                     },
                     Accepted::Duplicate {
                         request_id, status, ..
                     } => First {
                         request_id: request_id.clone(),
                         status: *status,
+                        queued: true,
                     },
                 });
             }
@@ -428,6 +430,7 @@ impl Gateway {
                 claim.accept(First {
                     request_id: request.id.clone(),
                     status: 200,
+                    queued: false,
                 });
             }
         }
@@ -529,16 +532,13 @@ impl Gateway {
             }) => queued_response(&request.id, &event, &script, &accepted, ack_status),
             Err(Refusal::Duplicate(id, first)) => {
                 // As the first was answered, as the store answers a duplicate it finds: 200 after a sync
-                // run, the route's ack status (202) with `queued` after an async accept.
-                let body = match first.status {
-                    200 => json!({
-                        "request_id": first.request_id, "delivery_id": id, "duplicate": true
-                    }),
-                    _ => json!({
-                        "request_id": first.request_id, "delivery_id": id, "queued": true,
-                        "duplicate": true
-                    }),
-                };
+                // run, the route's ack status (202, or 200 for Kazoo) with `queued` after an async accept.
+                let mut body = json!({
+                    "request_id": first.request_id, "delivery_id": id, "duplicate": true
+                });
+                if first.queued {
+                    body["queued"] = json!(true);
+                }
                 let mut response = Response::json(first.status, &body);
                 response.note = format!(
                     " delivery_id=\"{}\" duplicate=true duplicate_of={}",

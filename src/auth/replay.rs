@@ -34,6 +34,8 @@ enum State {
 pub struct First {
     pub request_id: String,
     pub status: u16,
+    /// Queued (an async route), not run while the sender waited.
+    pub queued: bool,
 }
 
 /// What a delivery id says about a request.
@@ -147,6 +149,7 @@ mod tests {
         let answered = First {
             request_id: "r-1".into(),
             status: 202,
+            queued: true,
         };
         first.accept(answered.clone());
         assert!(
@@ -192,6 +195,7 @@ mod tests {
         guard.accept(First {
             request_id: "r".into(),
             status: 200,
+            queued: false,
         });
         assert!(matches!(
             replays.claim("sw", "msg_1", Duration::ZERO),
