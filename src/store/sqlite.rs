@@ -765,17 +765,16 @@ const PENDING: &str =
        AND mode = 'async' AND id > ?1
      ORDER BY id";
 /// At start, entries a crash left running (found through the waiting index, not a scan): their
-/// interrupted attempt is kept, as one without an exit (when
-/// it started is not known, so the time it was due stands in), and they are queued again. The attempt
-/// counts, so the script sees the next number and can tell it may have run before; yet the entry always
-/// runs once more (at least once), whatever attempts it had left.
+/// interrupted attempt is kept, as one without an exit (when it started is not known, so the time it was
+/// due stands in). It counts, so the script sees the next number and can tell it may have run before.
 const RECOVER_ATTEMPTS: &str = "INSERT OR IGNORE INTO attempts (delivery, n, started_at, duration_ms,
          exit_code, signal, timed_out, output)
      SELECT id, attempts + 1, coalesce(due_at, received_at), 0, NULL, NULL, 0,
          'interrupted: hookrunner stopped before this attempt''s result was recorded (a crash, kill -9, a \
           power cut); it may have run in part or in full'
      FROM deliveries WHERE state IN ('queued', 'failed', 'running') AND state = 'running' AND mode = 'async'";
-/// ...and then they are queued again, with that attempt counted and one more always allowed.
+/// ...and then they are queued again, with that attempt counted and one more always allowed (at least
+/// once, whatever attempts they had left).
 const RECOVER: &str = "UPDATE deliveries SET state = 'queued', attempts = attempts + 1,
          max_attempts = max(max_attempts, attempts + 2)
      WHERE state IN ('queued', 'failed', 'running') AND state = 'running'";
@@ -1223,6 +1222,28 @@ mod tests {
         ))
     }
 
+    /// A durable job for [`commit_batch`] that runs `work` (which fails), counts its runs, and sends its
+    /// answer to `answers` under `name`.
+    fn failing_job(
+        name: &'static str,
+        work: impl Fn(&Connection) -> Result<(), StoreError> + Send + 'static,
+        runs: &Arc<std::sync::atomic::AtomicUsize>,
+        answers: &mpsc::Sender<(&'static str, bool)>,
+    ) -> Job {
+        let runs = Arc::clone(runs);
+        let answers = answers.clone();
+        Box::new(Task::new(
+            move |conn: &Connection, _: &mut Counts| {
+                runs.fetch_add(1, Ordering::SeqCst);
+                work(conn)
+            },
+            move |result: Result<(), StoreError>| {
+                let _ = answers.send((name, result.is_ok()));
+            },
+            true,
+        ))
+    }
+
     /// The steps SQLite's planner chooses for `sql` (the detail column of EXPLAIN QUERY PLAN).
     fn query_plan(store: &Sqlite, sql: &str, args: &[&dyn rusqlite::ToSql]) -> Vec<String> {
         store
@@ -1250,20 +1271,12 @@ mod tests {
         let conn = connect(&store.path).expect("connect");
         let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (answers, answered) = mpsc::channel();
-        let full: Job = {
-            let answers = answers.clone();
-            let runs = Arc::clone(&runs);
-            Box::new(Task::new(
-                move |_: &Connection, _: &mut Counts| -> Result<(), StoreError> {
-                    runs.fetch_add(1, Ordering::SeqCst);
-                    Err(StoreError::Full("max_queued = 1 entries".into()))
-                },
-                move |result: Result<(), StoreError>| {
-                    let _ = answers.send(("full", result.is_ok()));
-                },
-                true,
-            ))
-        };
+        let full = failing_job(
+            "full",
+            |_| Err(StoreError::Full("max_queued = 1 entries".into())),
+            &runs,
+            &answers,
+        );
         let batch = vec![
             keys_job(&["before"], true, &runs, &answers),
             full,
@@ -1287,19 +1300,15 @@ mod tests {
         let conn = connect(&store.path).expect("connect");
         let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (answers, answered) = mpsc::channel();
-        let rolled_back: Job = {
-            let answers = answers.clone();
-            Box::new(Task::new(
-                |conn: &Connection, _: &mut Counts| -> Result<(), StoreError> {
-                    conn.execute_batch("ROLLBACK").map_err(sql)?;
-                    Err(StoreError::Unavailable("database or disk is full".into()))
-                },
-                move |result: Result<(), StoreError>| {
-                    let _ = answers.send(("rolled back", result.is_ok()));
-                },
-                true,
-            ))
-        };
+        let rolled_back = failing_job(
+            "rolled back",
+            |conn| {
+                conn.execute_batch("ROLLBACK").map_err(sql)?;
+                Err(StoreError::Unavailable("database or disk is full".into()))
+            },
+            &runs,
+            &answers,
+        );
         let batch = vec![
             keys_job(&["before"], true, &runs, &answers),
             rolled_back,
