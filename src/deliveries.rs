@@ -39,7 +39,7 @@ enum DeliveriesCommand {
         #[arg(long)]
         payload: bool,
     },
-    /// Queue an async delivery again, with one more attempt, to run now
+    /// Queue an async delivery to run now (a dead or done one gets one more attempt)
     Retry {
         /// The delivery's number or request id
         #[arg(required_unless_present = "dead")]

@@ -52,7 +52,7 @@ complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and no
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and not __fish_seen_subcommand_from list show retry drop" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and not __fish_seen_subcommand_from list show retry drop" -f -a "list" -d 'List deliveries, newest first, and a summary line (the default command)'
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and not __fish_seen_subcommand_from list show retry drop" -f -a "show" -d 'Show one delivery: its metadata and every attempt with its exit, duration and output tail'
-complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and not __fish_seen_subcommand_from list show retry drop" -f -a "retry" -d 'Queue an async delivery again, with one more attempt, to run now'
+complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and not __fish_seen_subcommand_from list show retry drop" -f -a "retry" -d 'Queue an async delivery to run now (a dead or done one gets one more attempt)'
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and not __fish_seen_subcommand_from list show retry drop" -f -a "drop" -d 'Remove a delivery that is not running'
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __fish_seen_subcommand_from list" -l event -d 'Only events matching this glob (`*`, `?`; ignoring case)' -r
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __fish_seen_subcommand_from list" -l status -d 'queued, running, done, failed, dead, or an exit code' -r
