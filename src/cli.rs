@@ -172,7 +172,13 @@ pub fn run() -> ExitCode {
     };
     match command {
         Command::Deliveries(args) => {
-            let (config, action) = args.resolve(crate::store::now_ms());
+            let (config, action) = match args.resolve(crate::store::now_ms()) {
+                Ok(resolved) => resolved,
+                Err(message) => {
+                    eprintln!("hookrunner: {message}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
             match deliveries::run(config, action) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err((message, code)) => {

@@ -73,11 +73,25 @@ struct ListArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     since: Option<Duration>,
     /// At most this many rows
-    #[arg(long, value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_LIMIT, value_parser = clap::value_parser!(u32).range(1..))]
     limit: u32,
     /// Print the rows as a JSON array
     #[arg(long)]
     json: bool,
+}
+
+const DEFAULT_LIMIT: u32 = 50;
+
+impl ListArgs {
+    /// Whether any option was given (clap gives `limit` its default when it was not).
+    fn any(&self) -> bool {
+        self.event.is_some()
+            || self.status.is_some()
+            || self.sender.is_some()
+            || self.since.is_some()
+            || self.limit != DEFAULT_LIMIT
+            || self.json
+    }
 }
 
 /// What `--status` selects.
@@ -106,7 +120,16 @@ pub enum Action {
 
 impl DeliveriesArgs {
     /// The configuration file and the action; `now` (ms since the epoch) turns `--since 1h` into a time.
-    pub fn resolve(self, now: i64) -> (Option<PathBuf>, Action) {
+    /// `list`'s options written before a command are refused: clap takes them as `deliveries`' own and
+    /// would drop them, so `deliveries --event 'A*' retry --dead` would retry every dead entry.
+    pub fn resolve(self, now: i64) -> Result<(Option<PathBuf>, Action), String> {
+        if let (Some(command), true) = (&self.command, self.list.any()) {
+            return Err(format!(
+                "--event, --status, --sender, --since, --limit and --json go after the command \
+                 (`deliveries {} ...`) or without one; written before `{0}` they would be ignored",
+                command.name()
+            ));
+        }
         let list = |l: ListArgs| Action::List {
             query: Query {
                 event: l.event,
@@ -134,7 +157,18 @@ impl DeliveriesArgs {
             }) => Action::Retry(Target::Dead(event)),
             Some(DeliveriesCommand::Drop { id }) => Action::Drop(id),
         };
-        (self.config, action)
+        Ok((self.config, action))
+    }
+}
+
+impl DeliveriesCommand {
+    fn name(&self) -> &'static str {
+        match self {
+            DeliveriesCommand::List(_) => "list",
+            DeliveriesCommand::Show { .. } => "show",
+            DeliveriesCommand::Retry { .. } => "retry",
+            DeliveriesCommand::Drop { .. } => "drop",
+        }
     }
 }
 
@@ -291,9 +325,10 @@ mod tests {
         deliveries: DeliveriesArgs,
     }
 
-    fn args(list: &[&str]) -> Result<(Option<PathBuf>, Action), clap::Error> {
+    fn args(list: &[&str]) -> Result<(Option<PathBuf>, Action), String> {
         Cli::try_parse_from(std::iter::once("deliveries").chain(list.iter().copied()))
-            .map(|cli| cli.deliveries.resolve(10_000_000))
+            .map_err(|e| e.to_string())
+            .and_then(|cli| cli.deliveries.resolve(10_000_000))
     }
 
     #[test]
@@ -350,8 +385,16 @@ mod tests {
             &["frobnicate"],
             &["show", "1", "2"],
             &["list", "--bogus"],
+            // list's options before a command: ignored by clap, so refused here.
+            &["--event", "A*", "retry", "--dead"],
+            &["--status", "dead", "list"],
+            &["--limit", "3", "list"],
+            &["--json", "show", "1"],
+            &["--sender", "jamf", "drop", "1"],
         ] {
             assert!(args(bad).is_err(), "{bad:?}");
         }
+        let refused = args(&["--event", "A*", "retry", "--dead"]).expect_err("before retry");
+        assert!(refused.contains("`deliveries retry ...`"), "{refused}");
     }
 }

@@ -287,8 +287,17 @@ fn the_cli_retries_shows_and_drops_entries_while_the_daemon_runs() {
         text.contains("total 2, done 0, failed 0, dead 2, queued 0"),
         "{text}"
     );
+    // A filter written before the command would be dropped by the parser and every dead entry retried:
+    // it is refused, and nothing changes.
+    let misplaced = deliveries(&env, &["--event", "Y", "retry", "--dead"]);
+    assert_eq!(misplaced.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&misplaced.stderr).contains("go after the command"),
+        "{}",
+        String::from_utf8_lossy(&misplaced.stderr)
+    );
     fs::write(&fixed, "").expect("fix");
-    let retried = deliveries(&env, &["retry", &id]);
+    let retried = deliveries(&env, &["retry", "--dead", "--event", "X"]);
     assert!(
         retried.status.success(),
         "{}",
@@ -297,8 +306,17 @@ fn the_cli_retries_shows_and_drops_entries_while_the_daemon_runs() {
     // The daemon sees the CLI's change at its next look, well within a second or two.
     let done = wait_state(&env, "X", "done", Duration::from_secs(5));
     assert_eq!(done["attempts"], 2);
+    assert_eq!(done["id"].to_string(), id);
+    // Only the dead entries of the glob's events were retried.
     let y = rows(&env, &["--event", "Y"]);
+    assert_eq!(
+        (y[0]["state"].as_str(), &y[0]["attempts"]),
+        (Some("dead"), &1.into())
+    );
     let y_id = y[0]["id"].to_string();
+    assert!(deliveries(&env, &["retry", &y_id]).status.success());
+    let y = wait_state(&env, "Y", "done", Duration::from_secs(5));
+    assert_eq!(y["attempts"], 2);
     let dropped = deliveries(&env, &["drop", &y_id]);
     assert!(dropped.status.success());
     assert!(rows(&env, &["--event", "Y"]).is_empty());
