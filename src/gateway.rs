@@ -281,7 +281,7 @@ impl Gateway {
                 Err(SelectError::Unsafe(e)) => return Err(Refusal::Unsafe(e)),
             };
             // A delivery id in the body, for a route that names where (`dedupe_key=`).
-            // Body sources read like route filters, so a numeric id (Jamf's `/webhook/id`) counts too.
+            // Body sources read like route filters, so a numeric id counts too.
             let body_key = selected
                 .queueing
                 .dedupe_key

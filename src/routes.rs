@@ -139,8 +139,9 @@ pub struct Queueing {
     pub retry_max: Option<Duration>,
     /// `serial`: this route's entries run one at a time, in arrival order.
     pub serial: bool,
-    /// `dedupe_key=SOURCE` (`json:/webhook/id`, `header:NAME`, ...): where the delivery id is for a
-    /// sender whose id is in the body, in place of the sender's delivery-id header.
+    /// `dedupe_key=SOURCE` (`json:/delivery/id`, `header:NAME`, ...): where the delivery id is for a
+    /// sender whose id is in the body, in place of the sender's delivery-id header. (Not Jamf's
+    /// `/webhook/id`: that numbers the webhook's definition and is the same on every event.)
     pub dedupe_key: Option<Source>,
 }
 
@@ -723,7 +724,7 @@ MobileDevice*              mobile-device.sh
     #[test]
     fn queueing_options() {
         let specs = parse_lines(
-            "a a.sh async ack_status=200 retries=0 retry_max=100ms serial dedupe_key=json:/webhook/id\n\
+            "a a.sh async ack_status=200 retries=0 retry_max=100ms serial dedupe_key=json:/delivery/id\n\
              b b.sh sync retries=100 retry_max=24h\n",
         )
         .expect("options parse");
@@ -732,7 +733,7 @@ MobileDevice*              mobile-device.sh
         assert_eq!(q.ack_status, Some(200));
         assert_eq!((q.retries, q.retry_max), (Some(0), Some(RETRY_MAX.min)));
         assert!(q.serial);
-        assert_eq!(q.dedupe_key, Some(Source::Json("/webhook/id".into())));
+        assert_eq!(q.dedupe_key, Some(Source::Json("/delivery/id".into())));
         let q = &specs[1].options.queueing;
         assert_eq!(q.run_async, Some(false));
         assert_eq!((q.retries, q.retry_max), (Some(100), Some(RETRY_MAX.max)));

@@ -341,7 +341,7 @@ fn a_repeated_delivery_id_is_answered_as_the_first_and_not_run_again_across_a_re
         "d.sh",
         &format!("printf '%s\\n' \"$(cat \"$1\")\" >> {ran:?}"),
     );
-    env.routes("D d.sh async\nB d.sh async dedupe_key=json:/webhook/id\n");
+    env.routes("D d.sh async\nB d.sh async dedupe_key=json:/delivery/id\n");
     let first = {
         let server = env.serve();
         let r = server.request(
@@ -373,7 +373,7 @@ fn a_repeated_delivery_id_is_answered_as_the_first_and_not_run_again_across_a_re
     for _ in 0..2 {
         assert_eq!(server.post("/hooks/D", b"same").status, 202);
     }
-    let body = br#"{"webhook":{"id":7}}"#;
+    let body = br#"{"delivery":{"id":7}}"#;
     assert_eq!(
         server.post("/hooks/B", body).json()["duplicate"],
         Value::Null
@@ -390,7 +390,7 @@ fn a_repeated_delivery_id_is_answered_as_the_first_and_not_run_again_across_a_re
     let count = |text: &str| got.iter().filter(|l| l.as_str() == text).count();
     assert_eq!(count("first"), 1, "{got:?}");
     assert_eq!(count("same"), 2, "{got:?}");
-    assert_eq!(count(r#"{"webhook":{"id":7}}"#), 1, "{got:?}");
+    assert_eq!(count(r#"{"delivery":{"id":7}}"#), 1, "{got:?}");
 }
 
 #[test]
