@@ -193,9 +193,11 @@ impl Dispatcher {
                         running.serial_routes.insert(route.clone());
                     }
                 }
-                self.store.started(entry.id);
                 scope.spawn(move || {
-                    self.run_one(&entry);
+                    // On the run's own thread, so that its commit holds up no other start.
+                    if self.mark_running(&entry) {
+                        self.run_one(&entry);
+                    }
                     drop(slot);
                     let mut running = running.lock().unwrap_or_else(|e| e.into_inner());
                     running.ids.remove(&entry.id);
@@ -237,6 +239,39 @@ impl Dispatcher {
             ),
             Ok(_) => {}
             Err(e) => log::warn!("cannot prune the store: {e}"),
+        }
+    }
+
+    /// Marks `entry` running before its script starts; says whether it may start. Not when the operator
+    /// dropped it meanwhile. While the mark cannot be written (a full disk, a lock held too long) it is
+    /// tried again, with pauses as [`Dispatcher::record`] takes, holding the entry's slot: it starts once
+    /// the store takes writes again, and at SIGTERM, or when the store is broken, it stays queued.
+    fn mark_running(&self, entry: &Pending) -> bool {
+        let mut pause = RECORD_PAUSE;
+        loop {
+            if self.stop.load(Ordering::SeqCst) || self.store.broken() {
+                return false;
+            }
+            match self.store.started(entry.id) {
+                Ok(true) => return true,
+                Ok(false) => {
+                    log::info!(
+                        "{} async id={} event={} no longer waits to run (dropped): not started",
+                        entry.request_id,
+                        entry.id,
+                        entry.event
+                    );
+                    return false;
+                }
+                Err(e) => log::error!(
+                    "{} cannot mark id={} running: {e}; trying again in {} ms",
+                    entry.request_id,
+                    entry.id,
+                    pause.as_millis()
+                ),
+            }
+            self.pause(pause);
+            pause = (pause * 2).min(RECORD_PAUSE_MAX);
         }
     }
 
@@ -333,11 +368,16 @@ impl Dispatcher {
                 entry.request_id,
                 pause.as_millis()
             );
-            let until = Instant::now() + pause;
-            while !self.stop.load(Ordering::SeqCst) && Instant::now() < until {
-                std::thread::sleep(until.saturating_duration_since(Instant::now()).min(POLL));
-            }
+            self.pause(pause);
             pause = (pause * 2).min(RECORD_PAUSE_MAX);
+        }
+    }
+
+    /// Sleeps for `length`, or until SIGTERM.
+    fn pause(&self, length: Duration) {
+        let until = Instant::now() + length;
+        while !self.stop.load(Ordering::SeqCst) && Instant::now() < until {
+            std::thread::sleep(until.saturating_duration_since(Instant::now()).min(POLL));
         }
     }
 

@@ -454,6 +454,57 @@ fn entries_left_queued_by_a_kill_run_after_the_restart() {
     assert!(unexpected.is_empty(), "{unexpected:?}");
 }
 
+/// An entry is marked running before its script starts: the operator's `drop` cannot remove it while the
+/// script runs, and a kill mid-run counts the interrupted attempt, so the run after the restart is told it
+/// is the second.
+#[test]
+fn a_running_entry_cannot_be_dropped_and_a_kill_mid_run_counts_its_attempt() {
+    let env = Env::new();
+    let dir = env.path().to_path_buf();
+    let go = dir.join("go");
+    let _release = crate::util::Release(go.clone());
+    env.script(
+        "r.sh",
+        &format!(
+            "echo \"$HOOKRUNNER_ATTEMPT\" >> {attempts:?}\n{}",
+            crate::util::wait_for_release(&dir.join("started"), &go),
+            attempts = dir.join("attempts")
+        ),
+    );
+    env.routes("R r.sh async\n");
+    let mut server = env.serve();
+    let accepted = server.post("/hooks/R", b"{}");
+    assert_eq!(accepted.status, 202);
+    let request_id = accepted.json()["request_id"]
+        .as_str()
+        .expect("request id")
+        .to_string();
+    assert!(wait_until(Duration::from_secs(10), || dir
+        .join("started")
+        .exists()));
+    // At once, while the script runs: refused, and the entry stays.
+    let dropped = deliveries(&env, &["drop", &request_id]);
+    assert_eq!(
+        dropped.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&dropped.stdout)
+    );
+    assert_eq!(show(&env, &request_id)["state"], "running");
+    server.signal(libc::SIGKILL);
+    server.wait_exit(Duration::from_secs(10)).expect("killed");
+    fs::remove_file(dir.join("started")).expect("remove");
+    let server = restart(&env);
+    assert!(wait_until(Duration::from_secs(10), || dir
+        .join("started")
+        .exists()));
+    assert_eq!(lines(&dir.join("attempts")), ["1", "2"]);
+    fs::write(&go, "").expect("go");
+    let done = wait_state(&env, "R", "done", Duration::from_secs(10));
+    assert_eq!(done["attempts"], 2);
+    drop(server);
+}
+
 /// Starts the daemon right after a kill -9 of the last one. The killed daemon's lock on `payload_dir` can
 /// outlive it for an instant: a script it was starting holds a copy of every descriptor between fork and
 /// exec. A start refused for that alone is tried again, briefly.
@@ -989,9 +1040,12 @@ fn a_full_disk_is_answered_503_never_2xx_and_service_resumes_when_space_is_freed
         return;
     }
     let _mount = Mounted(env.state());
-    // Space that can be given back later.
+    // Space that can be given back later: half the file system. Until SQLite can checkpoint (which needs
+    // room for the database beside its WAL) every write after the space is freed appends to the WAL, and
+    // each entry caught waiting by the full disk still has two of them to come (its "running" mark and its
+    // result, each rewriting its 64 KiB row).
     let filler = env.state().join("filler");
-    fs::write(&filler, vec![0u8; 1 << 20]).expect("filler");
+    fs::write(&filler, vec![0u8; 2 << 20]).expect("filler");
     let ran = env.path().join("ran");
     env.script(
         "f.sh",

@@ -284,8 +284,11 @@ pub trait Store: Send + Sync {
     /// Due or not, up to `limit` entries waiting to run whose id is above `after`, oldest first.
     fn pending(&self, after: i64, limit: usize) -> Result<Vec<Pending>, StoreError>;
     fn payload(&self, id: i64) -> Result<Option<Vec<u8>>, StoreError>;
-    /// Marks an entry as running (for the history only: a crash makes it queued again).
-    fn started(&self, id: i64);
+    /// Marks an entry as running, committed (not synced) before it returns, so that the operator's `drop`
+    /// cannot remove it while it runs and a crash counts its attempt as interrupted; false when it no
+    /// longer waits to run (dropped meanwhile). A power cut may lose the mark: the attempt then does not
+    /// count, and the entry runs again all the same.
+    fn started(&self, id: i64) -> Result<bool, StoreError>;
     /// Keeps an attempt and moves the entry on.
     fn finish(&self, id: i64, attempt: Attempt, next: Next) -> Result<(), StoreError>;
     /// At start: entries left running by a crash are queued again. Returns how many are waiting.

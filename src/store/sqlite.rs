@@ -6,8 +6,9 @@
 //! channel and wait for their own reply; it takes everything that has gathered, runs it in one transaction
 //! (tried again with a savepoint around each piece if one fails, so one failing piece does not undo the
 //! others), commits once, and only then answers every waiter. Many connections' accepts cost one fsync.
-//! Work nobody waits for (history rows, "running" marks) is set aside in a list instead, which wakes the
-//! writer only when it was empty: the first row of a gather wakes it, the rest of the rows cost a lock.
+//! Work nobody waits for (history rows) is set aside in a list instead, which wakes the writer only when it
+//! was empty: the first row of a gather wakes it, the rest of the rows cost a lock. A run's "running" mark
+//! is waited for, so that no one can drop its entry once the script starts, but not synced.
 //! Reads (the dispatcher, the CLI) use their own connection and never wait for the writer.
 
 use std::fs;
@@ -108,10 +109,26 @@ trait Work: Send {
     fn fail(self: Box<Self>, error: StoreError);
     /// Its last run's error, if it failed.
     fn failure(&self) -> Option<StoreError>;
-    /// Whether its commit must be on disk before it is answered (an accept, an attempt's result), or may
-    /// wait for the next one that is (a history row, a "running" mark). Work that need not be durable is
-    /// a single statement, which SQLite applies whole or not at all.
-    fn durable(&self) -> bool;
+    /// What its caller needs of the commit that holds it.
+    fn wait(&self) -> Wait;
+    fn durable(&self) -> bool {
+        self.wait() == Wait::Durable
+    }
+}
+
+/// What the caller of a piece of work needs of the commit that holds it. Work that need not be durable is
+/// a single statement, which SQLite applies whole or not at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// On disk before it is answered (an accept, an attempt's result): the transaction is synced.
+    Durable,
+    /// Committed, so every other connection sees it, before it is answered, but not synced (a "running"
+    /// mark, which the operator's `drop` must see before the script starts). It ends the writer's
+    /// gathering at once, as durable work does.
+    Committed,
+    /// Nobody waits (a history row): set aside in the [`Later`] list, and committed with whatever comes
+    /// next.
+    SetAside,
 }
 
 type Job = Box<dyn Work>;
@@ -120,16 +137,16 @@ type Job = Box<dyn Work>;
 struct Task<W, D, T> {
     work: W,
     done: D,
-    durable: bool,
+    wait: Wait,
     result: Option<Result<T, StoreError>>,
 }
 
 impl<W, D, T> Task<W, D, T> {
-    fn new(work: W, done: D, durable: bool) -> Task<W, D, T> {
+    fn new(work: W, done: D, wait: Wait) -> Task<W, D, T> {
         Task {
             work,
             done,
-            durable,
+            wait,
             result: None,
         }
     }
@@ -162,8 +179,8 @@ where
         self.result.as_ref()?.as_ref().err().cloned()
     }
 
-    fn durable(&self) -> bool {
-        self.durable
+    fn wait(&self) -> Wait {
+        self.wait
     }
 }
 
@@ -240,9 +257,19 @@ impl Sqlite {
         })
     }
 
-    /// Hands `work` to the writer and waits until the transaction that holds it has committed.
+    /// Hands `work` to the writer and waits until the transaction that holds it is on disk.
     fn write<T: Send + 'static>(
         &self,
+        work: impl FnMut(&Connection, &mut Counts) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.write_as(Wait::Durable, work)
+    }
+
+    /// Hands `work` to the writer and waits until the transaction that holds it has ended as `wait`
+    /// asks (durable or committed).
+    fn write_as<T: Send + 'static>(
+        &self,
+        wait: Wait,
         work: impl FnMut(&Connection, &mut Counts) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (tx, rx) = mpsc::sync_channel(1);
@@ -251,7 +278,7 @@ impl Sqlite {
             move |result| {
                 let _ = tx.send(result);
             },
-            true,
+            wait,
         )?;
         rx.recv().unwrap_or_else(|_| Err(self.writer_gone()))
     }
@@ -269,16 +296,16 @@ impl Sqlite {
         &self,
         work: impl FnMut(&Connection, &mut Counts) -> Result<T, StoreError> + Send + 'static,
         done: impl FnOnce(Result<T, StoreError>) + Send + 'static,
-        durable: bool,
+        wait: Wait,
     ) -> Result<(), StoreError> {
         if self.broken.load(Ordering::SeqCst) {
             return Err(broken_error());
         }
-        let job: Job = Box::new(Task::new(work, done, durable));
-        if durable {
-            self.jobs.send(job)
-        } else {
+        let job: Job = Box::new(Task::new(work, done, wait));
+        if wait == Wait::SetAside {
             self.set_aside(job)
+        } else {
+            self.jobs.send(job)
         }
         .map_err(|_| self.writer_gone())
     }
@@ -333,7 +360,7 @@ fn nothing() -> Job {
     Box::new(Task::new(
         |_: &Connection, _: &mut Counts| Ok(()),
         |_| {},
-        false,
+        Wait::SetAside,
     ))
 }
 
@@ -465,7 +492,10 @@ fn write_loop(conn: &Connection, queue: &Receiver<Job>, later: &Later, broken: &
         // History rows wait a moment for company, so a stream of sync requests costs one transaction per
         // up to GATHER rather than one per request; work someone waits for ends the wait at once.
         let gather = Instant::now() + GATHER;
-        while batch.len() < CHANNEL && !batch.iter().any(|j| j.durable()) && !later.long() {
+        while batch.len() < CHANNEL
+            && batch.iter().all(|j| j.wait() == Wait::SetAside)
+            && !later.long()
+        {
             let left = gather.saturating_duration_since(Instant::now());
             match queue.recv_timeout(left) {
                 Ok(job) => batch.push(job),
@@ -479,8 +509,8 @@ fn write_loop(conn: &Connection, queue: &Receiver<Job>, later: &Later, broken: &
             }
         }
         // The set-aside work goes first: a piece of it was set aside before any work of the same thread
-        // that came through the channel meanwhile (a run's "running" mark before its result), and the
-        // channel's work of other threads does not depend on it.
+        // that came through the channel meanwhile, and the channel's work of other threads does not
+        // depend on it.
         let mut set_aside = later.take();
         if !set_aside.is_empty() {
             set_aside.append(&mut batch);
@@ -828,7 +858,7 @@ impl Store for Sqlite {
                     log::warn!("{request_id} history row not written: {e}");
                 }
             },
-            false,
+            Wait::SetAside,
         );
     }
 
@@ -870,19 +900,16 @@ impl Store for Sqlite {
         })
     }
 
-    fn started(&self, id: i64) {
-        let _ = self.submit(
-            move |conn, _| {
-                conn.prepare_cached(
-                    "UPDATE deliveries SET state = 'running'
-                     WHERE id = ?1 AND state IN ('queued', 'failed')",
-                )?
-                .execute([id])
-                .map_err(sql)
-            },
-            |_| {},
-            false,
-        );
+    fn started(&self, id: i64) -> Result<bool, StoreError> {
+        self.write_as(Wait::Committed, move |conn, _| {
+            conn.prepare_cached(
+                "UPDATE deliveries SET state = 'running'
+                 WHERE id = ?1 AND state IN ('queued', 'failed')",
+            )?
+            .execute([id])
+            .map(|n| n > 0)
+            .map_err(sql)
+        })
     }
 
     fn finish(&self, id: i64, attempt: Attempt, next: Next) -> Result<(), StoreError> {
@@ -901,12 +928,14 @@ impl Store for Sqlite {
                 Next::Retry(at) => (State::Failed, Some(at), None),
                 Next::Dead => (State::Dead, None, Some(now)),
             };
-            // An entry dropped by the operator while it ran is gone: its attempt has nowhere to go.
+            // Only the entry this run marked running, which nothing else changes meanwhile (`drop` and
+            // `retry` leave a running entry alone). A row without that mark is not this run's: its number
+            // may even have been given to a newer entry, SQLite reusing the highest one after a delete.
             let changed = conn
                 .prepare_cached(
                     "UPDATE deliveries SET state = ?2, attempts = ?3, last_exit = ?4, due_at = ?5,
                          finished_at = ?6
-                     WHERE id = ?1",
+                     WHERE id = ?1 AND state = 'running'",
                 )?
                 .execute(params![
                     id,
@@ -1196,7 +1225,7 @@ mod tests {
     /// with SQLite's UNIQUE constraint), counts its runs, and sends its answer to `answers`.
     fn keys_job(
         keys: &'static [&'static str],
-        durable: bool,
+        wait: Wait,
         runs: &Arc<std::sync::atomic::AtomicUsize>,
         answers: &mpsc::Sender<(&'static str, bool)>,
     ) -> Job {
@@ -1218,7 +1247,7 @@ mod tests {
             move |result: Result<(), StoreError>| {
                 let _ = answers.send((keys[0], result.is_ok()));
             },
-            durable,
+            wait,
         ))
     }
 
@@ -1240,7 +1269,7 @@ mod tests {
             move |result: Result<(), StoreError>| {
                 let _ = answers.send((name, result.is_ok()));
             },
-            true,
+            Wait::Durable,
         ))
     }
 
@@ -1278,9 +1307,9 @@ mod tests {
             &answers,
         );
         let batch = vec![
-            keys_job(&["before"], true, &runs, &answers),
+            keys_job(&["before"], Wait::Durable, &runs, &answers),
             full,
-            keys_job(&["after"], true, &runs, &answers),
+            keys_job(&["after"], Wait::Durable, &runs, &answers),
         ];
         commit_batch(&conn, batch, &mut Counts::default()).expect("commit");
         assert_eq!(runs.load(Ordering::SeqCst), 3, "one try");
@@ -1310,10 +1339,10 @@ mod tests {
             &answers,
         );
         let batch = vec![
-            keys_job(&["before"], true, &runs, &answers),
+            keys_job(&["before"], Wait::Durable, &runs, &answers),
             rolled_back,
-            keys_job(&["after"], true, &runs, &answers),
-            keys_job(&["history"], false, &runs, &answers),
+            keys_job(&["after"], Wait::Durable, &runs, &answers),
+            keys_job(&["history"], Wait::SetAside, &runs, &answers),
         ];
         let result = commit_batch(&conn, batch, &mut Counts::default());
         assert_eq!(
@@ -1345,8 +1374,8 @@ mod tests {
         let (answers, answered) = mpsc::channel();
 
         let batch = vec![
-            keys_job(&["a"], true, &runs, &answers),
-            keys_job(&["b"], false, &runs, &answers),
+            keys_job(&["a"], Wait::Durable, &runs, &answers),
+            keys_job(&["b"], Wait::SetAside, &runs, &answers),
         ];
         commit_batch(&conn, batch, &mut Counts::default()).expect("commit");
         assert_eq!(runs.load(Ordering::SeqCst), 2, "one try: each job ran once");
@@ -1355,9 +1384,9 @@ mod tests {
         // "c" is written and then "a" again fails: "c" must not commit, the jobs around it must.
         runs.store(0, Ordering::SeqCst);
         let batch = vec![
-            keys_job(&["d"], true, &runs, &answers),
-            keys_job(&["c", "a"], true, &runs, &answers),
-            keys_job(&["e"], false, &runs, &answers),
+            keys_job(&["d"], Wait::Durable, &runs, &answers),
+            keys_job(&["c", "a"], Wait::Durable, &runs, &answers),
+            keys_job(&["e"], Wait::SetAside, &runs, &answers),
         ];
         commit_batch(&conn, batch, &mut Counts::default()).expect("commit");
         assert_eq!(dedupe_keys(&conn), ["a", "b", "d", "e"]);
@@ -1423,9 +1452,11 @@ mod tests {
             exit_code: Some(1),
             ..attempt()
         };
+        assert_eq!(store.started(waiting), Ok(true));
         store
             .finish(waiting, failed.clone(), Next::Retry(in_an_hour))
             .expect("finish");
+        assert_eq!(store.started(dead), Ok(true));
         store.finish(dead, failed, Next::Dead).expect("finish");
         let row =
             |id: i64| {
@@ -1477,6 +1508,7 @@ mod tests {
         queued(store.accept(delivery(2), two));
         full(store.accept(delivery(3), two));
         // A finished entry gives its place back, within the counts the writer keeps.
+        assert_eq!(store.started(first), Ok(true));
         store.finish(first, attempt(), Next::Done).expect("finish");
         let third = queued(store.accept(delivery(3), two));
         full(store.accept(delivery(4), two));
@@ -1486,6 +1518,7 @@ mod tests {
         queued(store.accept(delivery(4), two));
         full(store.accept(delivery(5), two));
         // A finished one queued again by the operator takes a place again.
+        assert_eq!(store.started(first + 1), Ok(true));
         store
             .finish(first + 1, attempt(), Next::Dead)
             .expect("finish");
@@ -1503,6 +1536,7 @@ mod tests {
         let first = queued(store.accept(delivery(1), bytes));
         queued(store.accept(delivery(2), bytes));
         full(store.accept(delivery(3), bytes));
+        assert_eq!(store.started(first), Ok(true));
         store.finish(first, attempt(), Next::Dead).expect("finish");
         queued(store.accept(delivery(3), bytes));
         full(store.accept(delivery(4), bytes));
@@ -1576,7 +1610,7 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             let refused = (0..CHANNEL + 10)
-                .filter(|_| store.submit(|_, _| Ok(()), |_| {}, false).is_err())
+                .filter(|_| store.submit(|_, _| Ok(()), |_| {}, Wait::SetAside).is_err())
                 .count();
             let _ = tx.send(refused);
         });
@@ -1609,7 +1643,7 @@ mod tests {
     }
 
     #[test]
-    fn set_aside_work_commits_before_the_work_that_came_after_it_through_the_channel() {
+    fn a_running_mark_is_committed_before_the_run_starts_and_a_dropped_entry_does_not_start() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Sqlite::open(dir.path()).expect("open");
         let bounds = Bounds {
@@ -1617,26 +1651,60 @@ mod tests {
             max_queued_bytes: 1 << 20,
             dedupe_window: Duration::ZERO,
         };
-        let state = |id: i64| -> String {
-            store
-                .read(|c| {
-                    c.query_row("SELECT state FROM deliveries WHERE id = ?1", [id], |r| {
-                        r.get(0)
-                    })
+        // What another process (the operator's CLI) sees: its own connection.
+        let other = connect(&store.path).expect("connect");
+        let state = |id: i64| -> Option<String> {
+            other
+                .query_row("SELECT state FROM deliveries WHERE id = ?1", [id], |r| {
+                    r.get(0)
                 })
+                .optional()
                 .expect("state")
         };
+        let waited = Instant::now();
         for n in 0..20 {
             let id = queued(store.accept(delivery(n), bounds));
-            // The "running" mark is set aside and wakes the writer, which gathers; the result comes
-            // through the channel at once and ends the gather, so both are in one transaction. The
-            // mark must go first: after the result it would leave the entry running, out of the queue.
-            store.started(id);
+            // A history row set aside just before wakes the writer to gather more for up to 250 ms: the
+            // mark, which someone waits for, must end that wait as an accept does.
+            store.record(SyncRecord {
+                request_id: format!("sync-{n}"),
+                received_at: now_ms(),
+                sender: None,
+                event: "E".into(),
+                route_line: 1,
+                script: "s.sh".into(),
+                delivery_id: None,
+                status: 200,
+                attempt: Some(attempt()),
+                body: None,
+            });
+            assert_eq!(store.started(id), Ok(true), "entry {n}");
+            assert_eq!(state(id).as_deref(), Some("running"), "entry {n}");
+            assert_eq!(
+                store.drop_entry(&id.to_string()),
+                Ok(false),
+                "a running entry is not dropped"
+            );
             let retry = now_ms() + 60_000;
             store
                 .finish(id, attempt(), Next::Retry(retry))
                 .expect("finish");
-            assert_eq!(state(id), "failed", "entry {n}");
+            assert_eq!(state(id).as_deref(), Some("failed"), "entry {n}");
         }
+        // 20 × 250 ms if the marks waited for the gathering; a generous bound, to stay clear of a slow
+        // machine's fsyncs.
+        assert!(
+            waited.elapsed() < GATHER * 10,
+            "20 marks took {:?}: they waited for the set-aside work's gathering",
+            waited.elapsed()
+        );
+        let id = queued(store.accept(delivery(99), bounds));
+        assert_eq!(store.drop_entry(&id.to_string()), Ok(true));
+        assert_eq!(
+            store.started(id),
+            Ok(false),
+            "a dropped entry is not started"
+        );
+        assert_eq!(state(id), None);
     }
 }
