@@ -312,7 +312,7 @@ fn reason(failure: &Failure) -> &'static str {
         Failure::NoCertificate => "no_client_certificate",
         Failure::Subject(_) => "certificate_subject",
         Failure::OutOfWindow { .. } => "timestamp_out_of_window",
-        Failure::Address(_) => "address_not_allowed",
+        Failure::Address(_) | Failure::UnknownClient(_) => "address_not_allowed",
         Failure::Event(_) => "event_not_allowed",
     }
 }

@@ -756,6 +756,25 @@ fn events_and_addresses_a_sender_may_not_use_are_403() {
             )
             .is_some()
     );
+    // A trusted proxy that names no address: the client is unknown, never guessed, and the log says why.
+    assert_refused(
+        &server,
+        &env,
+        &via("/jamf/hooks/ComputerAdded", Some("unknown")),
+        403,
+        &out.with_extension("none"),
+        &[],
+    );
+    assert!(
+        server
+            .wait_log(
+                "client address unknown: a trusted proxy sent an X-Forwarded-For entry that is not an address",
+                Duration::from_secs(5)
+            )
+            .is_some(),
+        "{}",
+        server.log()
+    );
     assert_eq!(via("/local/hooks/ComputerAdded", None).status, 200);
     assert_eq!(runs(&out).len(), 2);
 }

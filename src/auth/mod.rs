@@ -41,8 +41,10 @@ pub enum Failure {
     Subject(Vec<String>),
     /// A signed timestamp too far from now (`age` negative: in the future).
     OutOfWindow { age: i64, window: u64 },
-    /// The client's address is not in the sender's allow-list (`None`: it could not be told).
-    Address(Option<IpAddr>),
+    /// The client's address is not in the sender's allow-list.
+    Address(IpAddr),
+    /// The client's address could not be told, so no allow-list can admit it.
+    UnknownClient(net::Unknown),
     /// The sender may not send this event.
     Event(String),
 }
@@ -51,7 +53,7 @@ impl Failure {
     /// 403 for a sender that proved who it is but may not do this; 401 for everything else.
     pub fn status(&self) -> u16 {
         match self {
-            Failure::Address(_) | Failure::Event(_) => 403,
+            Failure::Address(_) | Failure::UnknownClient(_) | Failure::Event(_) => 403,
             _ => 401,
         }
     }
@@ -64,7 +66,9 @@ impl fmt::Display for Failure {
             Failure::Missing(header) => write!(f, "no {header} header"),
             Failure::Malformed(header) => write!(f, "{header} header is not in the scheme's form"),
             Failure::WrongCredentials => f.write_str("user or password does not match"),
-            Failure::WrongToken(header) => write!(f, "{header} does not match the configured secret"),
+            Failure::WrongToken(header) => {
+                write!(f, "{header} does not match the configured secret")
+            }
             Failure::Mismatch => f.write_str("signature does not match the body"),
             Failure::NoCertificate => f.write_str("no client certificate"),
             Failure::Subject(names) => write!(
@@ -76,12 +80,14 @@ impl fmt::Display for Failure {
                 write!(f, "timestamp {age} s old, window {window} s")
             }
             Failure::OutOfWindow { age, window } => {
-                write!(f, "timestamp {} s in the future, window {window} s", age.unsigned_abs())
+                write!(
+                    f,
+                    "timestamp {} s in the future, window {window} s",
+                    age.unsigned_abs()
+                )
             }
-            Failure::Address(Some(ip)) => write!(f, "client address {ip} is not allowed"),
-            Failure::Address(None) => {
-                f.write_str("client address unknown: a trusted proxy sent an X-Forwarded-For that is not an address")
-            }
+            Failure::Address(ip) => write!(f, "client address {ip} is not allowed"),
+            Failure::UnknownClient(why) => write!(f, "client address unknown: {why}"),
             Failure::Event(event) => write!(f, "event {event} is not one this sender may send"),
         }
     }
@@ -173,8 +179,9 @@ impl Sender {
     /// The checks the head decides: the address, then the scheme's headers.
     pub fn admit(&self, head: &Head<'_>, trusted: &Trusted) -> Result<Admitted, Failure> {
         if !self.allow_ips.is_empty() {
-            let client = net::client(head.peer, &head.forwarded_for, trusted);
-            if !client.is_some_and(|ip| self.allow_ips.iter().any(|c| c.contains(ip))) {
+            let client = net::client(head.peer, &head.forwarded_for, trusted)
+                .map_err(Failure::UnknownClient)?;
+            if !self.allow_ips.iter().any(|c| c.contains(client)) {
                 return Err(Failure::Address(client));
             }
         }
@@ -433,7 +440,7 @@ mod tests {
         );
         assert_eq!(
             forged.err(),
-            Some(Failure::Address(Some("198.51.100.1".parse().expect("ip"))))
+            Some(Failure::Address("198.51.100.1".parse().expect("ip")))
         );
         let err = admit(&s, &[], "127.0.0.1", &trusted)
             .err()

@@ -105,25 +105,56 @@ impl Trusted {
     }
 }
 
+/// Why the client behind a request cannot be told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unknown {
+    /// A peer on the unix socket, which `trusted_proxies` does not name (`"unix"`).
+    UntrustedUnix,
+    /// A trusted peer on the unix socket that sent no `X-Forwarded-For`.
+    NoForwardedFor,
+    /// A trusted proxy passed on an `X-Forwarded-For` entry that is not an address.
+    NotAnAddress,
+}
+
+impl fmt::Display for Unknown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Unknown::UntrustedUnix => {
+                "the peer is on the unix socket, whose X-Forwarded-For is believed only with \"unix\" in \
+                 trusted_proxies"
+            }
+            Unknown::NoForwardedFor => "the trusted proxy on the unix socket sent no X-Forwarded-For",
+            Unknown::NotAnAddress => {
+                "a trusted proxy sent an X-Forwarded-For entry that is not an address"
+            }
+        })
+    }
+}
+
 /// The client a request really comes from; `peer` is `None` for a unix-socket peer. `X-Forwarded-For` is
 /// believed only from a trusted peer: then its entries are read from the right (the hop nearest us),
 /// skipping trusted proxies, and the first untrusted one is the client. From any other peer the header is
-/// ignored: anyone can send one. `None` when the client cannot be told: an untrusted unix peer, a trusted
-/// one that sent no address, or a trusted proxy that passed on an entry that is not an address.
-pub fn client(peer: Option<IpAddr>, forwarded_for: &[&str], trusted: &Trusted) -> Option<IpAddr> {
+/// ignored: anyone can send one.
+pub fn client(
+    peer: Option<IpAddr>,
+    forwarded_for: &[&str],
+    trusted: &Trusted,
+) -> Result<IpAddr, Unknown> {
     let mut client = match peer {
-        Some(ip) if !trusted.contains(ip) => return Some(canonical(ip)),
+        Some(ip) if !trusted.contains(ip) => return Ok(canonical(ip)),
         Some(ip) => Some(canonical(ip)),
         None if trusted.unix => None,
-        None => return None,
+        None => return Err(Unknown::UntrustedUnix),
     };
     for entry in forwarded_for.iter().rev().flat_map(|v| v.rsplit(',')) {
         if client.is_some_and(|ip| !trusted.contains(ip)) {
             break;
         }
-        client = Some(canonical(parse_entry(entry.trim())?));
+        client = Some(canonical(
+            parse_entry(entry.trim()).ok_or(Unknown::NotAnAddress)?,
+        ));
     }
-    client
+    client.ok_or(Unknown::NoForwardedFor)
 }
 
 /// One `X-Forwarded-For` entry: an address, perhaps with a port (`192.0.2.1:4711`, `[2001:db8::1]:80`).
@@ -218,12 +249,12 @@ mod tests {
         // Straight from an untrusted peer: the header is ignored.
         assert_eq!(
             client(Some(ip("198.51.100.9")), &["203.0.113.5"], &trusted),
-            Some(ip("198.51.100.9"))
+            Ok(ip("198.51.100.9"))
         );
         // Through one trusted proxy.
         assert_eq!(
             client(Some(ip("127.0.0.1")), &["203.0.113.5"], &trusted),
-            Some(ip("203.0.113.5"))
+            Ok(ip("203.0.113.5"))
         );
         // A client that forged an entry before the proxy appended the real one: the right-most untrusted wins.
         assert_eq!(
@@ -232,7 +263,7 @@ mod tests {
                 &["203.0.113.99, 198.51.100.1"],
                 &trusted
             ),
-            Some(ip("198.51.100.1"))
+            Ok(ip("198.51.100.1"))
         );
         // Two trusted hops, in two header fields.
         assert_eq!(
@@ -241,44 +272,56 @@ mod tests {
                 &["203.0.113.5", "10.1.2.3"],
                 &trusted
             ),
-            Some(ip("203.0.113.5"))
+            Ok(ip("203.0.113.5"))
         );
         // Ports and brackets.
         assert_eq!(
             client(Some(ip("127.0.0.1")), &["203.0.113.5:4711"], &trusted),
-            Some(ip("203.0.113.5"))
+            Ok(ip("203.0.113.5"))
         );
         assert_eq!(
             client(Some(ip("127.0.0.1")), &["[2001:db8::1]:80"], &trusted),
-            Some(ip("2001:db8::1"))
+            Ok(ip("2001:db8::1"))
         );
         // Only trusted hops: the left-most of them is the client.
         assert_eq!(
             client(Some(ip("127.0.0.1")), &["10.0.0.1"], &trusted),
-            Some(ip("10.0.0.1"))
+            Ok(ip("10.0.0.1"))
         );
         // No header from a trusted proxy: the proxy itself.
         assert_eq!(
             client(Some(ip("127.0.0.1")), &[], &trusted),
-            Some(ip("127.0.0.1"))
+            Ok(ip("127.0.0.1"))
         );
         // Garbage from a trusted proxy: unknown, never a guess.
-        assert_eq!(client(Some(ip("127.0.0.1")), &["unknown"], &trusted), None);
+        assert_eq!(
+            client(Some(ip("127.0.0.1")), &["unknown"], &trusted),
+            Err(Unknown::NotAnAddress)
+        );
         assert_eq!(
             client(Some(ip("127.0.0.1")), &["203.0.113.5, "], &trusted),
-            None
+            Err(Unknown::NotAnAddress)
         );
         // A unix-socket peer: unknown unless trusted, and then the header names the client.
-        assert_eq!(client(None, &["203.0.113.5"], &trusted), None);
+        assert_eq!(
+            client(None, &["203.0.113.5"], &trusted),
+            Err(Unknown::UntrustedUnix)
+        );
         let with_unix = Trusted {
             unix: true,
             ..trusted
         };
         assert_eq!(
             client(None, &["203.0.113.5"], &with_unix),
-            Some(ip("203.0.113.5"))
+            Ok(ip("203.0.113.5"))
         );
-        assert_eq!(client(None, &[], &with_unix), None);
+        assert_eq!(client(None, &[], &with_unix), Err(Unknown::NoForwardedFor));
+        // What the operator reads for the unix case says what to change.
+        let why = Unknown::UntrustedUnix.to_string();
+        assert!(
+            why.contains("unix socket") && why.contains("\"unix\" in trusted_proxies"),
+            "{why}"
+        );
     }
 
     use proptest::prelude::*;
@@ -292,7 +335,7 @@ mod tests {
             let trusted = blocks(&["127.0.0.0/8"]);
             let _ = client(Some(ip("127.0.0.1")), &[&header], &trusted);
             let peer = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, a, b));
-            prop_assert_eq!(client(Some(peer), &[&header], &trusted), Some(peer));
+            prop_assert_eq!(client(Some(peer), &[&header], &trusted), Ok(peer));
         }
 
         #[test]
@@ -308,7 +351,7 @@ mod tests {
             let header = entries.join(", ");
             prop_assert_eq!(
                 client(Some(ip("127.0.0.1")), &[&header], &trusted),
-                Some(IpAddr::V4(real.into()))
+                Ok(IpAddr::V4(real.into()))
             );
         }
     }
