@@ -1,32 +1,53 @@
 //! Memory of the delivery ids a Standard Webhooks sender has had accepted, so that a replayed or retried
 //! delivery is answered but not run twice. Bounded: an id is kept only while its signed timestamp could
-//! still pass the window check, and at most `MAX_IDS` at once.
+//! still pass the window check, and at most `MAX_IDS` at once. A full memory forgets the accepted id
+//! closest to its end first (and says so in the log) rather than refuse new deliveries: one busy sender
+//! must not make every Standard Webhooks sender's deliveries fail until it ends. On an async route the
+//! store's dedupe, which has no such bound, still catches a replay of a forgotten id.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// More ids than a sender has within one window at a sustained few hundred deliveries a second.
+/// Ids kept at most: at ~200 bytes each, about 20 MB when full. A sender filling it within its
+/// window (two of them, see [`Replays::claim`]) sends more than 160 deliveries a second with the default
+/// 300 s window, or more than 1.1 a second with a 24 h one.
 const MAX_IDS: usize = 100_000;
+/// The log says that accepted ids are forgotten early at most this often.
+const WARN_EVERY: Duration = Duration::from_secs(60);
 
-#[derive(Default)]
 pub struct Replays {
-    seen: Mutex<HashMap<String, Entry>>,
+    memory: Mutex<Memory>,
     /// Tells one claim of an id from a later one.
     claims: AtomicU64,
+    capacity: usize,
+}
+
+impl Default for Replays {
+    fn default() -> Replays {
+        Replays::with_capacity(MAX_IDS)
+    }
+}
+
+#[derive(Default)]
+struct Memory {
+    seen: HashMap<String, Entry>,
+    /// The accepted ids by when they are forgotten (and their claim, which makes each key unique); a
+    /// running claim is not here: it is never forgotten while its request runs.
+    ends: BTreeMap<(Instant, u64), String>,
+    warned_at: Option<Instant>,
 }
 
 struct Entry {
     state: State,
-    /// When an accepted id is forgotten; a claim whose request still runs is never forgotten (its guard
-    /// ends it), however long its script runs.
-    until: Instant,
+    claim: u64,
 }
 
 enum State {
-    Running(u64),
-    Accepted(First),
+    Running,
+    /// Accepted, and kept until then.
+    Accepted(First, Instant),
 }
 
 /// How the first delivery of an id was answered, so that a duplicate is answered alike.
@@ -44,7 +65,8 @@ pub enum Claim<'a> {
     New(Guard<'a>),
     /// Accepted before, within the window, and answered thus.
     Duplicate(First),
-    /// The same delivery is running right now, or the memory is full: the sender should retry later.
+    /// The same delivery is running right now (or, never in practice, the whole memory is): the sender
+    /// should retry later.
     Busy,
 }
 
@@ -58,45 +80,88 @@ pub struct Guard<'a> {
 }
 
 impl Replays {
+    fn with_capacity(capacity: usize) -> Replays {
+        Replays {
+            memory: Mutex::default(),
+            claims: AtomicU64::new(0),
+            capacity,
+        }
+    }
+
     /// Claims `id` of `sender`; `window` is the sender's timestamp window.
     pub fn claim(&self, sender: &str, id: &str, window: Duration) -> Claim<'_> {
         let key = format!("{sender}\0{id}");
         let now = Instant::now();
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        match seen.get(&key) {
-            Some(Entry {
-                state: State::Accepted(first),
-                until,
-            }) if *until > now => return Claim::Duplicate(first.clone()),
-            Some(Entry {
-                state: State::Running(_),
-                ..
-            }) => return Claim::Busy,
+        let mut memory = self.memory.lock().unwrap_or_else(|e| e.into_inner());
+        match memory.seen.get(&key).map(|e| &e.state) {
+            Some(State::Accepted(first, until)) if *until > now => {
+                return Claim::Duplicate(first.clone());
+            }
+            Some(State::Running) => return Claim::Busy,
             _ => {}
         }
-        if seen.len() >= MAX_IDS {
-            seen.retain(|_, entry| matches!(entry.state, State::Running(_)) || entry.until > now);
-            if seen.len() >= MAX_IDS {
+        memory.forget_ended(now);
+        if memory.seen.len() >= self.capacity {
+            if !memory.forget_first() {
                 return Claim::Busy;
             }
+            if memory
+                .warned_at
+                .is_none_or(|at| now.duration_since(at) >= WARN_EVERY)
+            {
+                memory.warned_at = Some(now);
+                log::warn!(
+                    "the memory of accepted Standard Webhooks ids is full ({} ids): the oldest are \
+                     forgotten before their window ends, and a replay of one would run on a sync route",
+                    self.capacity
+                );
+            }
         }
-        // A timestamp may be up to one window in the future, and then passes for two windows from now.
-        let keep = window.saturating_mul(2);
         let claim = self.claims.fetch_add(1, Ordering::Relaxed);
-        seen.insert(
+        memory.seen.insert(
             key.clone(),
             Entry {
-                state: State::Running(claim),
-                until: now + keep,
+                state: State::Running,
+                claim,
             },
         );
+        // A timestamp may be up to one window in the future, and then passes for two windows from now.
         Claim::New(Guard {
             replays: self,
             key,
             claim,
-            keep,
+            keep: window.saturating_mul(2),
             accepted: None,
         })
+    }
+}
+
+impl Memory {
+    /// Forgets the accepted ids whose time is over.
+    fn forget_ended(&mut self, now: Instant) {
+        while let Some(entry) = self.ends.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let ((_, claim), key) = entry.remove_entry();
+            self.forget(&key, claim);
+        }
+    }
+
+    /// Forgets the accepted id closest to its end; false when none is accepted (every one runs).
+    fn forget_first(&mut self) -> bool {
+        let Some(((_, claim), key)) = self.ends.pop_first() else {
+            return false;
+        };
+        self.forget(&key, claim);
+        true
+    }
+
+    /// Removes `key` if it is still the entry of `claim` (not a later claim of the same id).
+    fn forget(&mut self, key: &str, claim: u64) {
+        if self.seen.get(key).is_some_and(|e| e.claim == claim) {
+            self.seen.remove(key);
+        }
     }
 }
 
@@ -109,19 +174,34 @@ impl Guard<'_> {
 
 impl Drop for Guard<'_> {
     fn drop(&mut self) {
-        let mut seen = self.replays.seen.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(first) = self.accepted.take() {
-            seen.insert(
-                std::mem::take(&mut self.key),
-                Entry {
-                    state: State::Accepted(first),
-                    until: Instant::now() + self.keep,
-                },
-            );
-        } else if matches!(seen.get(&self.key), Some(Entry { state: State::Running(c), .. }) if *c == self.claim)
-        {
+        let mut memory = self
+            .replays
+            .memory
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let ours = memory
+            .seen
+            .get(&self.key)
+            .is_some_and(|e| e.claim == self.claim);
+        if !ours {
+            return;
+        }
+        match self.accepted.take() {
+            Some(first) => {
+                let until = Instant::now() + self.keep;
+                memory.ends.insert((until, self.claim), self.key.clone());
+                memory.seen.insert(
+                    std::mem::take(&mut self.key),
+                    Entry {
+                        state: State::Accepted(first, until),
+                        claim: self.claim,
+                    },
+                );
+            }
             // Not accepted: the sender will retry, and the retry must run.
-            seen.remove(&self.key);
+            None => {
+                memory.seen.remove(&self.key);
+            }
         }
     }
 }
@@ -184,6 +264,50 @@ mod tests {
             replays.claim("sw", "msg_1", Duration::ZERO),
             Claim::New(_)
         ));
+    }
+
+    fn accepted(replays: &Replays, id: &str) {
+        let Claim::New(guard) = replays.claim("sw", id, WINDOW) else {
+            panic!("{id} is new");
+        };
+        guard.accept(First {
+            request_id: id.into(),
+            status: 200,
+            queued: false,
+        });
+    }
+
+    /// A full memory forgets its oldest accepted id to take a new one, rather than refuse every new
+    /// delivery; it never forgets one that still runs.
+    #[test]
+    fn a_full_memory_forgets_the_oldest_accepted_id_never_a_running_one() {
+        let replays = Replays::with_capacity(3);
+        let Claim::New(running) = replays.claim("sw", "running", WINDOW) else {
+            panic!("new");
+        };
+        accepted(&replays, "a");
+        accepted(&replays, "b");
+        accepted(&replays, "c");
+        assert!(matches!(
+            replays.claim("sw", "running", WINDOW),
+            Claim::Busy
+        ));
+        for id in ["b", "c"] {
+            assert!(
+                matches!(replays.claim("sw", id, WINDOW), Claim::Duplicate(f) if f.request_id == id),
+                "{id}"
+            );
+        }
+        assert!(
+            matches!(replays.claim("sw", "a", WINDOW), Claim::New(_)),
+            "the oldest accepted id was forgotten to make room for c"
+        );
+        drop(running);
+        // Nothing accepted to forget, every place taken by a running claim: come back later.
+        let full = Replays::with_capacity(2);
+        let _one = full.claim("sw", "1", WINDOW);
+        let _two = full.claim("sw", "2", WINDOW);
+        assert!(matches!(full.claim("sw", "3", WINDOW), Claim::Busy));
     }
 
     #[test]
