@@ -2,7 +2,7 @@
 //! owns (an exclusive `flock` on `.lock`), removed when the request ends whatever happened.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -126,13 +126,14 @@ impl PayloadDir {
         Ok(Payload {
             path,
             file: Some(file),
-            named: true,
+            naming: Naming::Named,
         })
     }
 
     /// A new payload file without a name yet (`O_TMPFILE`): it appears in the directory only when
     /// [`Payload::finish`] links it, so a body streamed to disk before the request is authenticated and
-    /// routed leaves no file behind when it is refused. On a file system without `O_TMPFILE`, a named file.
+    /// routed leaves no file behind when it is refused. On a file system without `O_TMPFILE`, see
+    /// [`PayloadDir::create_anonymous`].
     pub fn create_unnamed(&self) -> io::Result<Payload> {
         let flags = OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC;
         match rustix::fs::open(&self.path, flags, Mode::from_raw_mode(0o600)) {
@@ -141,12 +142,35 @@ impl PayloadDir {
                 Ok(Payload {
                     path: self.path.join(self.name(n)),
                     file: Some(File::from(fd)),
-                    named: false,
+                    naming: Naming::Linked,
                 })
             }
-            Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => self.create(),
+            Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => self.create_anonymous(),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Where there is no `O_TMPFILE` (overlayfs before Linux 6.6, NFS): a file whose name is removed as
+    /// soon as it is created, so none stays in the directory while an unverified body streams in;
+    /// [`Payload::finish`] copies it to its name. A crash in between leaves a stale file, removed at start.
+    fn create_anonymous(&self) -> io::Result<Payload> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let path = self.path.join(self.name(n));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        let mut payload = Payload {
+            path,
+            file: Some(file),
+            naming: Naming::Named,
+        };
+        // On an error the payload still has its name, and dropping it removes the file.
+        fs::remove_file(&payload.path)?;
+        payload.naming = Naming::Copied;
+        Ok(payload)
     }
 }
 
@@ -182,8 +206,17 @@ fn is_ours(name: &std::ffi::OsStr) -> bool {
 pub struct Payload {
     path: PathBuf,
     file: Option<File>,
-    /// False while an `O_TMPFILE` file has no name in the directory.
-    named: bool,
+    naming: Naming,
+}
+
+/// Whether a payload file has its name in the directory yet, and how [`Payload::finish`] gives it one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Naming {
+    Named,
+    /// An `O_TMPFILE` file: linked to its name.
+    Linked,
+    /// A file whose name was removed at once: copied to its name.
+    Copied,
 }
 
 impl Payload {
@@ -194,14 +227,29 @@ impl Payload {
     /// Gives an unnamed file its name, and closes the file so the script sees it complete and does not
     /// inherit it.
     pub fn finish(&mut self) -> io::Result<()> {
-        let Some(file) = self.file.take() else {
+        let Some(mut file) = self.file.take() else {
             return Ok(());
         };
-        if !self.named {
-            // Linking through /proc is how an O_TMPFILE file gets a name without CAP_DAC_READ_SEARCH.
-            let fd_path = format!("/proc/self/fd/{}", file.as_raw_fd());
-            rustix::fs::linkat(CWD, fd_path, CWD, &self.path, AtFlags::SYMLINK_FOLLOW)?;
-            self.named = true;
+        match self.naming {
+            Naming::Named => {}
+            Naming::Linked => {
+                // Linking through /proc is how an O_TMPFILE file gets a name without
+                // CAP_DAC_READ_SEARCH.
+                let fd_path = format!("/proc/self/fd/{}", file.as_raw_fd());
+                rustix::fs::linkat(CWD, fd_path, CWD, &self.path, AtFlags::SYMLINK_FOLLOW)?;
+                self.naming = Naming::Named;
+            }
+            Naming::Copied => {
+                let mut named = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&self.path)?;
+                // Named from here on, so that a failed copy is removed on drop too.
+                self.naming = Naming::Named;
+                file.seek(SeekFrom::Start(0))?;
+                io::copy(&mut file, &mut named)?;
+            }
         }
         Ok(())
     }
@@ -223,7 +271,7 @@ impl Write for Payload {
 impl Drop for Payload {
     fn drop(&mut self) {
         self.file = None;
-        if !self.named {
+        if self.naming != Naming::Named {
             return;
         }
         if let Err(e) = fs::remove_file(&self.path) {
@@ -296,29 +344,40 @@ mod tests {
             names.sort();
             names
         };
-        let mut refused = dir.create_unnamed().expect("create");
-        refused.write_all(b"never seen").expect("write");
-        assert_eq!(
-            names(),
-            [LOCK_FILE],
-            "an unnamed file is in no directory listing"
-        );
-        drop(refused);
-        assert_eq!(names(), [LOCK_FILE]);
-        let mut accepted = dir.create_unnamed().expect("create");
-        accepted.write_all(b"body").expect("write");
-        accepted.finish().expect("link");
-        assert_eq!(fs::read(accepted.path()).expect("read"), b"body");
-        assert_eq!(
-            fs::metadata(accepted.path()).expect("stat").mode() & 0o777,
-            0o600
-        );
-        drop(accepted);
-        assert_eq!(
-            names(),
-            [LOCK_FILE],
-            "removed on drop like any payload file"
-        );
+        // With O_TMPFILE (this test's file system has it), and as where there is none.
+        type Create = fn(&PayloadDir) -> io::Result<Payload>;
+        let kinds: [(&str, Create); 2] = [
+            ("O_TMPFILE", PayloadDir::create_unnamed),
+            ("unlinked at once", PayloadDir::create_anonymous),
+        ];
+        for (kind, create) in kinds {
+            let mut refused = create(&dir).expect("create");
+            refused.write_all(b"never seen").expect("write");
+            assert_eq!(
+                names(),
+                [LOCK_FILE],
+                "{kind}: an unnamed file is in no directory listing"
+            );
+            drop(refused);
+            assert_eq!(names(), [LOCK_FILE], "{kind}");
+            let mut accepted = create(&dir).expect("create");
+            let body = vec![b'x'; 300 << 10];
+            accepted.write_all(&body).expect("write");
+            assert_eq!(names(), [LOCK_FILE], "{kind}");
+            accepted.finish().expect("name");
+            assert_eq!(fs::read(accepted.path()).expect("read"), body, "{kind}");
+            assert_eq!(
+                fs::metadata(accepted.path()).expect("stat").mode() & 0o777,
+                0o600,
+                "{kind}"
+            );
+            drop(accepted);
+            assert_eq!(
+                names(),
+                [LOCK_FILE],
+                "{kind}: removed on drop like any payload file"
+            );
+        }
     }
 
     #[test]
