@@ -372,13 +372,16 @@ fn standard_webhooks_from_the_reference_library_pass_once_and_replays_are_answer
         ),
     ] {
         let response = standard_request(&server, sign_key, "webhook", id, ts, &sent_body);
+        // What was sent as the signature is never logged either.
+        let sent = standard_webhooks_sign(sign_key, id, ts, &sent_body);
+        let sent = sent.trim_start_matches("v1,");
         assert_refused(
             &server,
             &env,
             &response,
             401,
             &out.with_extension("none"),
-            &[key],
+            &[key, sent],
         );
         assert_eq!(runs(&out).len(), 2, "{what} ran");
     }
@@ -396,7 +399,15 @@ fn standard_webhooks_from_the_reference_library_pass_once_and_replays_are_answer
         ],
         b"{\"type\":\"other\"}",
     );
-    assert_eq!(response.status, 401, "{}", response.text());
+    assert_refused(
+        &server,
+        &env,
+        &response,
+        401,
+        &out.with_extension("none"),
+        &[key, signature.trim_start_matches("v1,")],
+    );
+    assert_eq!(runs(&out).len(), 2);
     // Several entries, one of them right: accepted.
     let several = format!("v1,bm90IGl0 {signature} v1a,AAAA");
     let response = server.request(
@@ -606,11 +617,12 @@ fn gitlab_tokens_and_the_generic_hmac_scheme() {
     };
     let good = sign("a-signing-secret-of-16+", b"{\"x\":1}");
     let bad = sign("a-signing-secret-of-16-", b"{\"x\":1}");
+    // A sender with nothing but the generic Idempotency-Key names its delivery so.
     let js = |sig: &str| {
         server.request(
             "POST",
             "/js/hooks/push",
-            &[("X-Signature", sig)],
+            &[("X-Signature", sig), ("Idempotency-Key", "idem-1")],
             b"{\"x\":1}",
         )
     };
@@ -629,6 +641,7 @@ fn gitlab_tokens_and_the_generic_hmac_scheme() {
     );
     assert_eq!(js(&good).status, 200);
     assert_eq!(runs(&out).len(), 2);
+    assert!(runs(&out)[1].starts_with("js idem-1 "), "{:?}", runs(&out));
 }
 
 /// A sender's `path` written with a trailing slash covers the path without it too, and counts as that
@@ -815,6 +828,18 @@ fn without_a_sender_only_loopback_and_unix_are_served() {
     assert!(
         err.contains("hookrunner.toml:3:") && err.contains("no [[sender]] is configured"),
         "{err}"
+    );
+    // serve refuses it as check does, before it listens (--listen is judged like the file's listen).
+    let mut refused = Server::spawn(env.serve_command("0.0.0.0:0"));
+    let status = refused
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("serve did not refuse to start:\n{}", refused.log()));
+    assert_eq!(status.code(), Some(78), "{}", refused.log());
+    assert!(
+        refused.log().contains("no [[sender]] is configured")
+            && !refused.log().contains("listening on"),
+        "{}",
+        refused.log()
     );
     let open = Env::new().config("listen = \"0.0.0.0:0\"\nallow_unauthenticated = true");
     assert!(open.check().status.success());
