@@ -150,6 +150,66 @@ fn an_async_delivery_is_answered_before_its_script_runs_and_runs_with_the_same_c
     assert!(server.post("/hooks/S", b"{}").json()["exit_code"] == 0);
 }
 
+/// `async = true` makes every route async unless it says `sync`; past `max_queued` waiting entries
+/// (running ones count) a request is answered 503 with `Retry-After`, and nothing of it is kept or run.
+#[test]
+fn async_by_default_and_the_queue_bound_answers_503() {
+    let env = Env::new().config("async = true\nmax_queued = 2");
+    let dir = env.path().to_path_buf();
+    let release = dir.join("release");
+    let _release = crate::util::Release(release.clone());
+    env.script(
+        "w.sh",
+        &format!(
+            "while [ ! -e {release:?} ]; do sleep 0.02; done\nprintf '%s\\n' \"$(cat \"$1\")\" >> {ran:?}",
+            ran = dir.join("ran")
+        ),
+    );
+    env.script("s.sh", "exit 0");
+    env.routes("W w.sh\nS s.sh sync\n");
+    let server = env.serve();
+    for n in ["1", "2"] {
+        let r = server.post("/hooks/W", n.as_bytes());
+        assert_eq!(
+            (r.status, r.json()["queued"].clone()),
+            (202, true.into()),
+            "{}",
+            r.text()
+        );
+    }
+    let full = server.post("/hooks/W", b"3");
+    assert_eq!(full.status, 503, "{}", full.text());
+    assert!(full.header("Retry-After").is_some());
+    assert!(
+        full.text().contains("cannot queue the delivery"),
+        "{}",
+        full.text()
+    );
+    // A sync route is not queued, so the bound does not touch it.
+    assert_eq!(server.post("/hooks/S", b"{}").json()["exit_code"], 0);
+    fs::write(&release, "").expect("release");
+    assert!(wait_until(Duration::from_secs(10), || lines(
+        &dir.join("ran")
+    )
+    .len()
+        == 2));
+    assert!(wait_until(Duration::from_secs(10), || rows(
+        &env,
+        &["--status", "done", "--event", "W"]
+    )
+    .len()
+        == 2));
+    assert_eq!(server.post("/hooks/W", b"4").status, 202, "room again");
+    assert!(wait_until(Duration::from_secs(10), || lines(
+        &dir.join("ran")
+    )
+    .len()
+        == 3));
+    let mut ran = lines(&dir.join("ran"));
+    ran.sort();
+    assert_eq!(ran, ["1", "2", "4"], "the refused delivery never runs");
+}
+
 #[test]
 fn queued_scripts_run_at_the_lowest_priority_and_sync_ones_at_the_daemons() {
     let env = Env::new();
@@ -1062,7 +1122,6 @@ fn a_full_disk_is_answered_503_never_2xx_and_service_resumes_when_space_is_freed
         let r = server.post("/hooks/F", &body);
         match r.status {
             202 => {
-                assert!(refused.is_none(), "a 2xx after the store was full: {n}");
                 acked.insert(format!("{n:08}"));
             }
             503 => {
@@ -1086,11 +1145,15 @@ fn a_full_disk_is_answered_503_never_2xx_and_service_resumes_when_space_is_freed
     // A failed commit leaves its partial space reusable, so the next may fit: 202 or 503, nothing else.
     let mut big = b"full....".to_vec();
     big.resize(64 << 10, b'x');
+    let mut never = vec![format!("{:08}", refused.expect("refused"))];
     match server.post("/hooks/F", &big).status {
         202 => {
             acked.insert("full....".into());
         }
-        status => assert_eq!(status, 503),
+        status => {
+            assert_eq!(status, 503);
+            never.push("full....".into());
+        }
     }
     fs::remove_file(&filler).expect("free space");
     let resumed = server.post("/hooks/F", b"resumed!");
@@ -1106,6 +1169,11 @@ fn a_full_disk_is_answered_503_never_2xx_and_service_resumes_when_space_is_freed
         lines(&ran),
         server.log()
     );
+    // What was answered 503 was not kept: it never runs.
+    let ran = lines(&ran);
+    for body in &never {
+        assert!(!ran.contains(body), "{body} was refused but ran: {ran:?}");
+    }
 }
 
 /// An attempt whose result cannot be committed (here: an operator's `sqlite3` holding the write lock
