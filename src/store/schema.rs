@@ -70,6 +70,11 @@ const MIGRATIONS: &[&str] = &["
     -- The metrics' counts of async entries by state (store::Backlog): only the entries not done, so a
     -- scrape reads what waits and what is dead, never the history; (mode, state) makes it a covering index.
     CREATE INDEX deliveries_async_open ON deliveries(mode, state) WHERE mode = 'async' AND state != 'done';
+", "
+    -- Pruning's payloads past keep_payloads: only the finished rows that still hold one, so the minute's
+    -- prune reads what it drops, not every older row whose payload went long ago.
+    CREATE INDEX deliveries_payload_kept ON deliveries(received_at)
+        WHERE payload IS NOT NULL AND finished_at IS NOT NULL;
 "];
 
 /// Brings the database to the newest version, one transaction per step (a crash mid-way leaves the last

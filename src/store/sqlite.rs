@@ -620,6 +620,116 @@ fn transaction(
     result
 }
 
+/// Rows one step of pruning changes at most.
+const PRUNE_STEP: i64 = 1000;
+/// Pages one step of pruning gives back to the file system at most (4 MiB of 4 KiB pages).
+const VACUUM_STEP: i64 = 1024;
+
+/// The oldest finished rows whose room covers `?1` bytes, each counted as `?2` plus its payload, among
+/// the first `?3` of them.
+const PRUNE_OLDEST: &str = "DELETE FROM deliveries WHERE id IN (
+         SELECT id FROM (
+             SELECT id, cost, sum(cost) OVER (ORDER BY id) AS upto FROM (
+                 SELECT id, ?2 + CASE WHEN payload IS NULL THEN 0 ELSE payload_bytes END AS cost
+                 FROM deliveries WHERE finished_at IS NOT NULL ORDER BY id LIMIT ?3))
+         WHERE upto - cost < ?1)";
+/// Payloads past `keep_payloads`, at most `?2` of them.
+const PRUNE_PAYLOADS: &str = "UPDATE deliveries SET payload = NULL WHERE id IN (
+         SELECT id FROM deliveries
+         WHERE payload IS NOT NULL AND finished_at IS NOT NULL AND received_at < ?1
+         LIMIT ?2)";
+
+/// What one step of pruning did.
+enum Step {
+    Payloads(u64),
+    Rows(u64),
+    Other,
+}
+
+/// The first piece of pruning that has work left, at most [`PRUNE_STEP`] rows of it; `None` when there
+/// is none: payloads past `keep_payloads`, rows past `keep_history`, dedupe keys past `dedupe_window`, the
+/// oldest finished rows while the store is over `max_store_bytes` (never an entry still waiting), and
+/// last the freed pages given back to the file system.
+fn prune_step(
+    conn: &Connection,
+    retention: &Retention,
+    now: i64,
+) -> Result<Option<Step>, StoreError> {
+    let before = |d: Duration| now - d.as_millis() as i64;
+    let payloads = conn
+        .prepare_cached(PRUNE_PAYLOADS)?
+        .execute(params![before(retention.keep_payloads), PRUNE_STEP])
+        .map_err(sql)? as u64;
+    if payloads > 0 {
+        return Ok(Some(Step::Payloads(payloads)));
+    }
+    let rows = conn
+        .prepare_cached(
+            "DELETE FROM deliveries WHERE id IN (
+                 SELECT id FROM deliveries WHERE finished_at IS NOT NULL AND received_at < ?1 LIMIT ?2)",
+        )?
+        .execute(params![before(retention.keep_history), PRUNE_STEP])
+        .map_err(sql)? as u64;
+    if rows > 0 {
+        return Ok(Some(Step::Rows(rows)));
+    }
+    let keys = conn
+        .prepare_cached(
+            "DELETE FROM dedupe WHERE key IN (
+                 SELECT key FROM dedupe WHERE accepted_at < ?1 LIMIT ?2)",
+        )?
+        .execute(params![before(retention.dedupe_window), PRUNE_STEP])
+        .map_err(sql)?;
+    if keys > 0 {
+        return Ok(Some(Step::Other));
+    }
+    let used: i64 = conn
+        .query_row(
+            "SELECT (page_count - freelist_count) * page_size
+             FROM pragma_page_count, pragma_freelist_count, pragma_page_size",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(sql)?;
+    if used > retention.max_store_bytes as i64 {
+        // The oldest finished rows (by number, which is arrival order), as many as the excess is estimated
+        // to take (their payloads and a row's overhead) and at most a step's worth; the next step looks at
+        // the size again.
+        let rows = conn
+            .prepare_cached(PRUNE_OLDEST)?
+            .execute(params![
+                used - retention.max_store_bytes as i64,
+                ROW_OVERHEAD,
+                PRUNE_STEP
+            ])
+            .map_err(sql)? as u64;
+        if rows > 0 {
+            return Ok(Some(Step::Rows(rows)));
+        }
+    }
+    let free: i64 = conn
+        .query_row("PRAGMA freelist_count", [], |r| r.get(0))
+        .map_err(sql)?;
+    if free > 0 {
+        // Gives freed pages back to the file system (auto_vacuum = INCREMENTAL). The pragma frees one
+        // page per row it returns, so it is read to its end (executing it would free one).
+        let mut vacuum =
+            conn.prepare_cached(&format!("PRAGMA incremental_vacuum({VACUUM_STEP})"))?;
+        let mut freed = vacuum.query([])?;
+        while freed.next()?.is_some() {}
+        drop(freed);
+        let left: i64 = conn
+            .query_row("PRAGMA freelist_count", [], |r| r.get(0))
+            .map_err(sql)?;
+        // A database made before auto_vacuum was set cannot give pages back: nothing changes, and
+        // pruning ends rather than try again.
+        if left < free {
+            return Ok(Some(Step::Other));
+        }
+    }
+    Ok(None)
+}
+
 fn waiting(conn: &Connection) -> Result<Waiting, StoreError> {
     conn.query_row(
         "SELECT count(*), total(payload_bytes) FROM deliveries
@@ -967,62 +1077,21 @@ impl Store for Sqlite {
     }
 
     fn prune(&self, retention: Retention) -> Result<Pruned, StoreError> {
-        self.write(move |conn, _| {
-            let now = now_ms();
-            let age = |d: Duration| now - d.as_millis() as i64;
-            let payloads = conn
-                .prepare_cached(
-                    "UPDATE deliveries SET payload = NULL
-                     WHERE payload IS NOT NULL AND finished_at IS NOT NULL AND received_at < ?1",
-                )?
-                .execute([age(retention.keep_payloads)])
-                .map_err(sql)? as u64;
-            let mut rows = conn
-                .prepare_cached(
-                    "DELETE FROM deliveries WHERE finished_at IS NOT NULL AND received_at < ?1",
-                )?
-                .execute([age(retention.keep_history)])
-                .map_err(sql)? as u64;
-            conn.prepare_cached("DELETE FROM dedupe WHERE accepted_at < ?1")?
-                .execute([age(retention.dedupe_window)])
-                .map_err(sql)?;
-            // Over the size bound: the oldest finished rows go first, as many as the excess is estimated to
-            // take (their payloads and a row's overhead); an entry still waiting never does.
-            loop {
-                let used: i64 = conn
-                    .query_row(
-                        "SELECT (page_count - freelist_count) * page_size
-                         FROM pragma_page_count, pragma_freelist_count, pragma_page_size",
-                        [],
-                        |r| r.get(0),
-                    )
-                    .map_err(sql)?;
-                let excess = used - retention.max_store_bytes as i64;
-                if excess <= 0 {
-                    break;
-                }
-                let removed = conn
-                    .prepare_cached(
-                        "DELETE FROM deliveries WHERE id IN (
-                             SELECT id FROM (
-                                 SELECT id, cost, sum(cost) OVER (ORDER BY id) AS upto FROM (
-                                     SELECT id, ?2 + CASE WHEN payload IS NULL THEN 0
-                                                          ELSE payload_bytes END AS cost
-                                     FROM deliveries WHERE finished_at IS NOT NULL))
-                             WHERE upto - cost < ?1)",
-                    )?
-                    .execute(params![excess, ROW_OVERHEAD])
-                    .map_err(sql)? as u64;
-                if removed == 0 {
-                    break;
-                }
-                rows += removed;
+        // In steps of at most PRUNE_STEP rows (or VACUUM_STEP pages), each its own transaction, so the
+        // accepts waiting for the writer meanwhile are held up by one step at most, not by the whole of a
+        // prune of a large store (measured on 1,000,000 rows: 0.15 s for the payloads' UPDATE read through
+        // every older row, 1.5 s for one size-bound DELETE over all finished rows).
+        let now = now_ms();
+        let mut pruned = Pruned::default();
+        loop {
+            let step = self.write(move |conn, _| prune_step(conn, &retention, now))?;
+            match step {
+                Some(Step::Payloads(n)) => pruned.payloads += n,
+                Some(Step::Rows(n)) => pruned.rows += n,
+                Some(Step::Other) => {}
+                None => return Ok(pruned),
             }
-            // Gives the freed pages back to the file system.
-            conn.execute_batch("PRAGMA incremental_vacuum")
-                .map_err(sql)?;
-            Ok(Pruned { payloads, rows })
-        })
+        }
     }
 
     fn list(&self, query: &Query) -> Result<Vec<Row>, StoreError> {
@@ -1540,6 +1609,89 @@ mod tests {
         store.finish(first, attempt(), Next::Dead).expect("finish");
         queued(store.accept(delivery(3), bytes));
         full(store.accept(delivery(4), bytes));
+    }
+
+    /// Pruning goes in bounded steps, each its own transaction, so that accepts wait for one step at
+    /// most; the payloads' step reads only rows that still hold a payload.
+    #[test]
+    fn pruning_goes_in_bounded_steps_until_nothing_is_left() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Sqlite::open(dir.path()).expect("open");
+        let plan = query_plan(&store, PRUNE_PAYLOADS, &[&0, &1]);
+        assert!(
+            plan.iter().any(|s| s.contains("deliveries_payload_kept")),
+            "{plan:?}"
+        );
+        let conn = connect(&store.path).expect("connect");
+        let day = 86_400_000;
+        let now = now_ms();
+        // 2,500 finished rows 40 days old (past keep_history) and 2,500 of 10 days (past keep_payloads),
+        // each with a 2 KiB payload, and one entry still waiting from long ago.
+        conn.execute_batch("BEGIN").expect("begin");
+        for n in 0..5000i64 {
+            let received = if n < 2500 {
+                now - 40 * day
+            } else {
+                now - 10 * day
+            };
+            conn.execute(
+                "INSERT INTO deliveries (request_id, received_at, mode, event, route_line, script, state,
+                     status, finished_at, payload, payload_bytes)
+                 VALUES (?1, ?2, 'sync', 'E', 1, 's', 'done', 200, ?2, zeroblob(2048), 2048)",
+                params![format!("r-{n}"), received],
+            )
+            .expect("insert");
+        }
+        conn.execute(
+            "INSERT INTO deliveries (request_id, received_at, mode, event, route_line, script, state,
+                 status, payload, payload_bytes)
+             VALUES ('waiting', ?1, 'async', 'E', 1, 's', 'queued', 202, zeroblob(2048), 2048)",
+            [now - 400 * day],
+        )
+        .expect("insert");
+        conn.execute_batch("COMMIT").expect("commit");
+        let retention = Retention {
+            keep_payloads: Duration::from_secs(7 * 86_400),
+            keep_history: Duration::from_secs(30 * 86_400),
+            max_store_bytes: 1 << 30,
+            dedupe_window: Duration::from_secs(86_400),
+        };
+        let count = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).expect("count") };
+        let pages = count("PRAGMA page_count");
+        let step = store
+            .write(move |conn, _| prune_step(conn, &retention, now))
+            .expect("step");
+        assert!(
+            matches!(step, Some(Step::Payloads(n)) if n == PRUNE_STEP as u64),
+            "one step changes {PRUNE_STEP} rows at most"
+        );
+        let pruned = store.prune(retention).expect("prune");
+        assert_eq!(pruned.payloads, 5000 - PRUNE_STEP as u64);
+        assert_eq!(pruned.rows, 2500);
+        assert_eq!(count("SELECT count(*) FROM deliveries"), 2501);
+        assert_eq!(
+            count("SELECT count(*) FROM deliveries WHERE payload IS NOT NULL"),
+            1,
+            "the waiting entry keeps its payload"
+        );
+        assert_eq!(count("PRAGMA freelist_count"), 0, "freed pages given back");
+        // Over the size bound: the oldest finished rows go, step by step, never the waiting entry.
+        let tight = Retention {
+            max_store_bytes: 1,
+            ..retention
+        };
+        assert_eq!(store.prune(tight).expect("prune").rows, 2500);
+        let left: String = conn
+            .query_row("SELECT group_concat(request_id) FROM deliveries", [], |r| {
+                r.get(0)
+            })
+            .expect("left");
+        assert_eq!(left, "waiting", "only the waiting entry is left");
+        assert!(
+            count("PRAGMA page_count") < pages / 10,
+            "the file shrinks: {pages} pages before, {} after",
+            count("PRAGMA page_count")
+        );
     }
 
     #[test]
