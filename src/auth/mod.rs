@@ -239,7 +239,12 @@ impl Sender {
                     header(names[1]).ok_or_else(|| Failure::Missing(names[1].into()))?;
                 let signature =
                     header(names[2]).ok_or_else(|| Failure::Missing(names[2].into()))?;
-                verify::timestamp_within(timestamp, head.now, window.as_secs())?;
+                verify::timestamp_within(timestamp, head.now, window.as_secs()).map_err(
+                    |failure| match failure {
+                        Failure::Malformed(_) => Failure::Malformed(names[1].into()),
+                        other => other,
+                    },
+                )?;
                 let expected = verify::standard_webhooks_signatures(signature);
                 if expected.is_empty() {
                     return Err(Failure::Malformed(names[2].into()));
@@ -508,6 +513,16 @@ mod tests {
             }
             .to_string(),
             "timestamp 412 s old, window 300 s"
+        );
+        // A malformed timestamp is named as it was sent.
+        let garbled = [
+            ("svix-id", "msg_1"),
+            ("svix-timestamp", "soon"),
+            ("svix-signature", "v1,AAAA"),
+        ];
+        assert_eq!(
+            admit(&s, &garbled, "127.0.0.1", &Trusted::default()).err(),
+            Some(Failure::Malformed("svix-timestamp".into()))
         );
     }
 

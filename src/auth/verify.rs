@@ -208,7 +208,8 @@ pub fn standard_webhooks_signatures(value: &str) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// A `webhook-timestamp` within `window` seconds of `now`, either way.
+/// A `webhook-timestamp` within `window` seconds of `now`, either way (a malformed one is named so; the
+/// caller renames it for Svix's `svix-timestamp`).
 pub fn timestamp_within(value: &str, now: i64, window: u64) -> Result<i64, Failure> {
     let sent: i64 = value
         .trim()
