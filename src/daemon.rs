@@ -56,6 +56,13 @@ pub fn serve(config_path: Option<PathBuf>, mut overrides: Overrides) -> Result<(
         }
         None => None,
     };
+    // Under a file-size limit (`LimitFSIZE=`, `ulimit -f`) a write past it raises SIGXFSZ, whose default
+    // action ends the process without a word: with a handler the write fails with EFBIG instead, so a
+    // payload written past it is that request's 500, and a store that cannot grow at start is an error
+    // that says so. Handled before anything is opened. Scripts get the default action back at exec, as
+    // with any handled signal.
+    signal_hook::flag::register(SIGXFSZ, Arc::new(AtomicBool::new(false)))
+        .map_err(|e| Error::Start("signal handlers".into(), e))?;
     let config = Config::load(config_path.as_deref(), &overrides).map_err(|mut e| {
         if passed.is_some() {
             // The override's error names `--listen`; here it was the socket unit's ListenStream=.
@@ -360,10 +367,6 @@ fn register_signals(
     signal_hook::flag::register(SIGTERM, Arc::clone(stop))?;
     signal_hook::flag::register(SIGINT, Arc::clone(stop))?;
     signal_hook::flag::register(SIGHUP, Arc::clone(reload))?;
-    // Under a file-size limit (`LimitFSIZE=`, `ulimit -f`) a payload written past it raises SIGXFSZ, whose
-    // default action ends the process: with a handler the write fails with EFBIG and that request alone is
-    // answered 500. Scripts get the default action back at exec, as with any handled signal.
-    signal_hook::flag::register(SIGXFSZ, Arc::new(AtomicBool::new(false)))?;
     for signal in [SIGTERM, SIGINT, SIGHUP] {
         signal_hook::low_level::pipe::register(signal, waker.try_clone()?)?;
     }

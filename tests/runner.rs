@@ -897,7 +897,8 @@ fn out_of_descriptors_storing_the_payload_or_starting_the_script_is_503() {
 #[test]
 fn a_payload_past_the_file_size_limit_is_500_and_leaves_no_file() {
     use std::os::unix::process::CommandExt;
-    let env = Env::new();
+    // Without the history, so that no store has to fit under the limit (its schema alone takes more).
+    let env = Env::new().config("history = false");
     env.script("quick", "exit 0");
     // SAFETY: setrlimit is an async-signal-safe system call. SIGXFSZ keeps its default action (end the
     // process): the daemon must handle it itself for the write to fail with EFBIG instead.
@@ -932,6 +933,30 @@ fn a_payload_past_the_file_size_limit_is_500_and_leaves_no_file() {
         "the daemon still serves: {}",
         small.text()
     );
+    // A store that cannot grow under the limit at start is an error that says so, not a silent death by
+    // SIGXFSZ.
+    let env = Env::new();
+    env.script("quick", "exit 0");
+    let mut command = env.serve_command("127.0.0.1:0");
+    // SAFETY: as above.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = rustix::process::Rlimit {
+                current: Some(4 << 10),
+                maximum: Some(4 << 10),
+            };
+            Ok(rustix::process::setrlimit(
+                rustix::process::Resource::Fsize,
+                limit,
+            )?)
+        });
+    }
+    let mut refused = crate::util::Server::spawn(command);
+    let status = refused
+        .wait_exit(Duration::from_secs(10))
+        .expect("serve exits");
+    assert_eq!(status.code(), Some(1), "{status:?}: {}", refused.log());
+    assert!(refused.log().contains("ERROR store: "), "{}", refused.log());
 }
 
 /// Shell lines that start `command` in its own session (`setsid -f`) with the script's stdout, publish its
