@@ -118,17 +118,19 @@ impl Dispatcher {
     pub fn run(&self) {
         lower_priority();
         let running = Mutex::new(Running::default());
-        let mut pruned_at: Option<Instant> = None;
         std::thread::scope(|scope| {
+            // On a thread of its own (niced too): a long pass over a large store must not hold up starts.
+            scope.spawn(|| {
+                while !self.stop.load(Ordering::SeqCst) && !self.store.broken() {
+                    self.prune();
+                    self.pause(PRUNE_EVERY);
+                }
+            });
             while !self.stop.load(Ordering::SeqCst) {
                 if self.store.broken() {
                     // The accept loop stops the daemon when it wakes and finds the store broken.
                     let _ = (&self.waker).write_all(b"!");
                     break;
-                }
-                if pruned_at.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
-                    self.prune();
-                    pruned_at = Some(Instant::now());
                 }
                 let wait = self.start_due(scope, &running);
                 self.bell.wait(wait);
@@ -231,7 +233,10 @@ impl Dispatcher {
             max_store_bytes: s.max_store_bytes,
             dedupe_window: s.dedupe_window,
         };
-        match self.store.prune(retention) {
+        match self
+            .store
+            .prune(retention, &|| !self.stop.load(Ordering::SeqCst))
+        {
             Ok(p) if p.rows > 0 || p.payloads > 0 => log::info!(
                 "store pruned: {} finished row(s) removed, {} payload(s) dropped",
                 p.rows,

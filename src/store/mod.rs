@@ -293,7 +293,9 @@ pub trait Store: Send + Sync {
     fn finish(&self, id: i64, attempt: Attempt, next: Next) -> Result<(), StoreError>;
     /// At start: entries left running by a crash are queued again. Returns how many are waiting.
     fn recover(&self) -> Result<u64, StoreError>;
-    fn prune(&self, retention: Retention) -> Result<Pruned, StoreError>;
+    /// Removes what `retention` no longer keeps, in steps, for as long as `go_on` says (it is asked
+    /// between steps). Only what was there when it began: rows written meanwhile wait for the next pass.
+    fn prune(&self, retention: Retention, go_on: &dyn Fn() -> bool) -> Result<Pruned, StoreError>;
     fn list(&self, query: &Query) -> Result<Vec<Row>, StoreError>;
     /// A row by its number or its request id, with its attempts.
     fn show(&self, id: &str) -> Result<Option<(Row, Vec<Attempt>)>, StoreError>;

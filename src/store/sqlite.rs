@@ -626,12 +626,12 @@ const PRUNE_STEP: i64 = 1000;
 const VACUUM_STEP: i64 = 1024;
 
 /// The oldest finished rows whose room covers `?1` bytes, each counted as `?2` plus its payload, among
-/// the first `?3` of them.
+/// the first `?3` of them numbered `?4` or less.
 const PRUNE_OLDEST: &str = "DELETE FROM deliveries WHERE id IN (
          SELECT id FROM (
              SELECT id, cost, sum(cost) OVER (ORDER BY id) AS upto FROM (
                  SELECT id, ?2 + CASE WHEN payload IS NULL THEN 0 ELSE payload_bytes END AS cost
-                 FROM deliveries WHERE finished_at IS NOT NULL ORDER BY id LIMIT ?3))
+                 FROM deliveries WHERE finished_at IS NOT NULL AND id <= ?4 ORDER BY id LIMIT ?3))
          WHERE upto - cost < ?1)";
 /// Payloads past `keep_payloads`, at most `?2` of them.
 const PRUNE_PAYLOADS: &str = "UPDATE deliveries SET payload = NULL WHERE id IN (
@@ -648,12 +648,13 @@ enum Step {
 
 /// The first piece of pruning that has work left, at most [`PRUNE_STEP`] rows of it; `None` when there
 /// is none: payloads past `keep_payloads`, rows past `keep_history`, dedupe keys past `dedupe_window`, the
-/// oldest finished rows while the store is over `max_store_bytes` (never an entry still waiting), and
-/// last the freed pages given back to the file system.
+/// oldest finished rows up to `newest` while the store is over `max_store_bytes` (never an entry still
+/// waiting), and last the freed pages given back to the file system.
 fn prune_step(
     conn: &Connection,
     retention: &Retention,
     now: i64,
+    newest: i64,
 ) -> Result<Option<Step>, StoreError> {
     let before = |d: Duration| now - d.as_millis() as i64;
     let payloads = conn
@@ -700,7 +701,8 @@ fn prune_step(
             .execute(params![
                 used - retention.max_store_bytes as i64,
                 ROW_OVERHEAD,
-                PRUNE_STEP
+                PRUNE_STEP,
+                newest
             ])
             .map_err(sql)? as u64;
         if rows > 0 {
@@ -1059,7 +1061,7 @@ impl Store for Sqlite {
             if changed > 0 {
                 insert_attempt(conn, id, &attempt).map_err(sql)?;
             }
-            if let (Some((true, bytes)), Next::Done | Next::Dead) = (waited, next) {
+            if let (true, Some((true, bytes)), Next::Done | Next::Dead) = (changed > 0, waited, next) {
                 counts.left(bytes.max(0) as u64);
             }
             Ok(())
@@ -1076,22 +1078,30 @@ impl Store for Sqlite {
         })
     }
 
-    fn prune(&self, retention: Retention) -> Result<Pruned, StoreError> {
+    fn prune(&self, retention: Retention, go_on: &dyn Fn() -> bool) -> Result<Pruned, StoreError> {
         // In steps of at most PRUNE_STEP rows (or VACUUM_STEP pages), each its own transaction, so the
         // accepts waiting for the writer meanwhile are held up by one step at most, not by the whole of a
         // prune of a large store (measured on 1,000,000 rows: 0.15 s for the payloads' UPDATE read through
-        // every older row, 1.5 s for one size-bound DELETE over all finished rows).
+        // every older row, 1.5 s for one size-bound DELETE over all finished rows). The time cutoffs and
+        // the newest row are fixed at the start: history rows written meanwhile (a stream of them under
+        // load) are left to the next pass, so a pass always ends.
         let now = now_ms();
+        let newest: i64 = self.read(|c| {
+            c.query_row("SELECT coalesce(max(id), 0) FROM deliveries", [], |r| {
+                r.get(0)
+            })
+        })?;
         let mut pruned = Pruned::default();
-        loop {
-            let step = self.write(move |conn, _| prune_step(conn, &retention, now))?;
+        while go_on() {
+            let step = self.write(move |conn, _| prune_step(conn, &retention, now, newest))?;
             match step {
                 Some(Step::Payloads(n)) => pruned.payloads += n,
                 Some(Step::Rows(n)) => pruned.rows += n,
                 Some(Step::Other) => {}
-                None => return Ok(pruned),
+                None => break,
             }
         }
+        Ok(pruned)
     }
 
     fn list(&self, query: &Query) -> Result<Vec<Row>, StoreError> {
@@ -1659,13 +1669,13 @@ mod tests {
         let count = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).expect("count") };
         let pages = count("PRAGMA page_count");
         let step = store
-            .write(move |conn, _| prune_step(conn, &retention, now))
+            .write(move |conn, _| prune_step(conn, &retention, now, i64::MAX))
             .expect("step");
         assert!(
             matches!(step, Some(Step::Payloads(n)) if n == PRUNE_STEP as u64),
             "one step changes {PRUNE_STEP} rows at most"
         );
-        let pruned = store.prune(retention).expect("prune");
+        let pruned = store.prune(retention, &|| true).expect("prune");
         assert_eq!(pruned.payloads, 5000 - PRUNE_STEP as u64);
         assert_eq!(pruned.rows, 2500);
         assert_eq!(count("SELECT count(*) FROM deliveries"), 2501);
@@ -1680,13 +1690,39 @@ mod tests {
             max_store_bytes: 1,
             ..retention
         };
-        assert_eq!(store.prune(tight).expect("prune").rows, 2500);
+        assert_eq!(store.prune(tight, &|| true).expect("prune").rows, 2500);
         let left: String = conn
             .query_row("SELECT group_concat(request_id) FROM deliveries", [], |r| {
                 r.get(0)
             })
             .expect("left");
         assert_eq!(left, "waiting", "only the waiting entry is left");
+        // Rows written while a pass runs (here: one each time it asks whether to go on) wait for the
+        // next pass, so the pass ends however fast they come.
+        let insert = |id: &str, received: i64| {
+            conn.execute(
+                "INSERT INTO deliveries (request_id, received_at, mode, event, route_line, script, state,
+                     status, finished_at, payload_bytes)
+                 VALUES (?1, ?2, 'sync', 'E', 1, 's', 'done', 200, ?2, 0)",
+                params![id, received],
+            )
+            .expect("insert");
+        };
+        for n in 0..10 {
+            insert(&format!("old-{n}"), now - day);
+        }
+        let asked = std::cell::Cell::new(0);
+        let late = || {
+            asked.set(asked.get() + 1);
+            insert(&format!("late-{}", asked.get()), now);
+            asked.get() < 1000
+        };
+        assert_eq!(store.prune(tight, &late).expect("prune").rows, 10);
+        assert!(asked.get() < 1000, "the pass did not end");
+        assert_eq!(
+            count("SELECT count(*) FROM deliveries WHERE request_id LIKE 'late-%'"),
+            asked.get()
+        );
         assert!(
             count("PRAGMA page_count") < pages / 10,
             "the file shrinks: {pages} pages before, {} after",
