@@ -92,14 +92,20 @@ impl PayloadDir {
         Ok((dir, stale))
     }
 
-    /// Removes the payload files a crashed run left (the directory holds nothing else: see `open`).
+    /// Removes the payload files a crashed run left (the directory holds nothing else: see `open`). NFS
+    /// refuses to remove a `.nfs` file that a process of this machine still holds open (a script the
+    /// last run left running): it goes by itself when that closes it.
     fn remove_stale(&self) -> io::Result<usize> {
         let mut removed = 0;
         for entry in fs::read_dir(&self.path)? {
             let entry = entry?;
-            if entry.file_name() != LOCK_FILE {
-                fs::remove_file(entry.path())?;
-                removed += 1;
+            if entry.file_name() == LOCK_FILE {
+                continue;
+            }
+            match fs::remove_file(entry.path()) {
+                Ok(()) => removed += 1,
+                Err(e) if e.raw_os_error() == Some(Errno::BUSY.raw_os_error()) => {}
+                Err(e) => return Err(e),
             }
         }
         Ok(removed)
@@ -151,8 +157,9 @@ impl PayloadDir {
     }
 
     /// Where there is no `O_TMPFILE` (overlayfs before Linux 6.6, NFS): a file whose name is removed as
-    /// soon as it is created, so none stays in the directory while an unverified body streams in;
-    /// [`Payload::finish`] copies it to its name. A crash in between leaves a stale file, removed at start.
+    /// soon as it is created, so none stays in the directory while an unverified body streams in (NFS
+    /// keeps it as a `.nfs` file while it is open); [`Payload::finish`] copies it to its name. A crash
+    /// leaves a stale file, removed at start.
     fn create_anonymous(&self) -> io::Result<Payload> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let path = self.path.join(self.name(n));
@@ -186,10 +193,16 @@ fn run_tag() -> u32 {
 }
 
 /// `.lock`, `payload-RUN-N` (RUN eight hex digits) or the older `payload-N`: the only names hookrunner
-/// creates in its directory.
+/// creates in its directory; and on NFS `.nfs` and hex digits, the name NFS gives one of them removed while
+/// still open (a payload a script still reads, or an unverified body streaming in without `O_TMPFILE`),
+/// which a crash can leave behind.
 fn is_ours(name: &std::ffi::OsStr) -> bool {
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     name == LOCK_FILE
+        || name.to_str().is_some_and(|n| {
+            n.strip_prefix(".nfs")
+                .is_some_and(|hex| !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+        })
         || name.to_str().is_some_and(|n| {
             n.strip_prefix("payload-")
                 .is_some_and(|rest| match rest.split_once('-') {
@@ -309,13 +322,15 @@ mod tests {
             assert!(!first.exists());
             std::mem::forget(b); // as if the daemon crashed mid-request
         }
+        // What NFS leaves of a payload file removed while open, when the machine then went down.
+        fs::write(dir_path.join(".nfs000000000123abcd00000004"), "").expect("nfs file");
         assert_eq!(
             fs::read_dir(&dir_path).expect("ls").count(),
-            2,
-            "lock + stale file"
+            3,
+            "lock + stale files"
         );
         let (dir, stale) = PayloadDir::open(&dir_path).expect("reopen");
-        assert_eq!(stale, 1, "the stale file is counted");
+        assert_eq!(stale, 2, "the stale files are counted");
         let left: Vec<_> = fs::read_dir(&dir_path)
             .expect("ls")
             .filter_map(Result::ok)
@@ -414,7 +429,14 @@ mod tests {
         ] {
             assert!(!is_ours(std::ffi::OsStr::new(name)), "{name}");
         }
-        for name in ["payload-7", "payload-0123abcd-7"] {
+        for name in [".nfs", ".nfsxyz", ".nfs0000-1"] {
+            assert!(!is_ours(std::ffi::OsStr::new(name)), "{name}");
+        }
+        for name in [
+            "payload-7",
+            "payload-0123abcd-7",
+            ".nfs000000000123abcd00000004",
+        ] {
             assert!(is_ours(std::ffi::OsStr::new(name)), "{name}");
         }
     }
