@@ -159,7 +159,7 @@ impl Dispatcher {
                 running.ended.clear();
                 running.ended_routes.clear();
             }
-            let page = match self.store.pending(after, PAGE) {
+            let page = match self.store.pending(after, now, PAGE) {
                 Ok(page) => page,
                 Err(e) => {
                     log::error!("cannot read the queue: {e}");
@@ -183,6 +183,9 @@ impl Dispatcher {
                         continue;
                     }
                 }
+                // Only a serial route's entries come before they are due (the store leaves out the
+                // others): one waiting to retry holds the later ones of its route. The others are seen
+                // once due, at the next look (POLL at the latest).
                 if entry.due_at > now {
                     let until = Duration::from_millis((entry.due_at - now) as u64);
                     wait = wait.min(until);

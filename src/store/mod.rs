@@ -281,8 +281,10 @@ pub trait Store: Send + Sync {
     fn record(&self, record: SyncRecord);
     /// Waits until every row handed to [`Store::record`] so far is committed (at shutdown).
     fn flush(&self);
-    /// Due or not, up to `limit` entries waiting to run whose id is above `after`, oldest first.
-    fn pending(&self, after: i64, limit: usize) -> Result<Vec<Pending>, StoreError>;
+    /// Up to `limit` entries waiting to run whose id is above `after`, oldest first: those due by `due_by`,
+    /// and a serial route's whether due or not (a later entry of its route waits behind one that is not).
+    /// Entries waiting to retry later are not read at all: in an outage thousands may wait.
+    fn pending(&self, after: i64, due_by: i64, limit: usize) -> Result<Vec<Pending>, StoreError>;
     fn payload(&self, id: i64) -> Result<Option<Vec<u8>>, StoreError>;
     /// Marks an entry as running, committed (not synced) before it returns, so that the operator's `drop`
     /// cannot remove it while it runs and a crash counts its attempt as interrupted; false when it no

@@ -75,6 +75,12 @@ const MIGRATIONS: &[&str] = &["
     -- prune reads what it drops, not every older row whose payload went long ago.
     CREATE INDEX deliveries_payload_kept ON deliveries(received_at)
         WHERE payload IS NOT NULL AND finished_at IS NOT NULL;
+", "
+    -- The dispatcher's look at the queue skips the entries not due yet (thousands in an outage, waiting
+    -- to retry) in the index itself, without reading their rows.
+    DROP INDEX deliveries_waiting;
+    CREATE INDEX deliveries_waiting ON deliveries(id, due_at, serial)
+        WHERE state IN ('queued', 'failed', 'running');
 "];
 
 /// Brings the database to the newest version, one transaction per step (a crash mid-way leaves the last

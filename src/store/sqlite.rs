@@ -904,7 +904,7 @@ const PENDING: &str =
          due_at, max_attempts, retry_max_ms, timeout_ms, serial
      FROM deliveries
      WHERE state IN ('queued', 'failed', 'running') AND state != 'running'
-       AND mode = 'async' AND id > ?1
+       AND mode = 'async' AND id > ?1 AND (serial OR coalesce(due_at, 0) <= ?2)
      ORDER BY id";
 /// At start, entries a crash left running (found through the waiting index, not a scan): their
 /// interrupted attempt is kept, as one without an exit (when it started is not known, so the time it was
@@ -974,11 +974,11 @@ impl Store for Sqlite {
         );
     }
 
-    fn pending(&self, after: i64, limit: usize) -> Result<Vec<Pending>, StoreError> {
+    fn pending(&self, after: i64, due_by: i64, limit: usize) -> Result<Vec<Pending>, StoreError> {
         self.read(|c| {
             // Cached: the dispatcher asks whenever a slot frees, and parsing it cost more than running it.
             let mut stmt = c.prepare_cached(PENDING)?;
-            let rows = stmt.query_map([after], |r| {
+            let rows = stmt.query_map([after, due_by], |r| {
                 let env: String = r.get(6)?;
                 Ok(Pending {
                     id: r.get(0)?,
@@ -1569,9 +1569,59 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Sqlite::open(dir.path()).expect("open");
         assert_eq!(
-            query_plan(&store, PENDING, &[&0]),
+            query_plan(&store, PENDING, &[&0, &0]),
             ["SEARCH deliveries USING INDEX deliveries_waiting (id>?)"]
         );
+    }
+
+    /// Entries waiting to retry later are left out of the dispatcher's look (in an outage thousands wait
+    /// in front of the new ones), except a serial route's, which hold its later entries.
+    #[test]
+    fn the_queue_read_leaves_out_what_is_not_due_but_a_serial_routes_entries() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Sqlite::open(dir.path()).expect("open");
+        let bounds = Bounds {
+            max_queued: 100,
+            max_queued_bytes: 1 << 20,
+            dedupe_window: Duration::ZERO,
+        };
+        let later = now_ms() + 3_600_000;
+        let mut retrying = Vec::new();
+        for n in 0..40 {
+            let id = queued(store.accept(delivery(n), bounds));
+            assert_eq!(store.started(id), Ok(true));
+            store
+                .finish(id, attempt(), Next::Retry(later))
+                .expect("finish");
+            retrying.push(id);
+        }
+        let serial = queued(store.accept(
+            NewDelivery {
+                policy: Policy {
+                    serial: true,
+                    ..delivery(40).policy
+                },
+                ..delivery(40)
+            },
+            bounds,
+        ));
+        assert_eq!(store.started(serial), Ok(true));
+        store
+            .finish(serial, attempt(), Next::Retry(later))
+            .expect("finish");
+        let due = queued(store.accept(delivery(41), bounds));
+        let ids = |due_by: i64| -> Vec<i64> {
+            store
+                .pending(0, due_by, 100)
+                .expect("pending")
+                .iter()
+                .map(|p| p.id)
+                .collect()
+        };
+        assert_eq!(ids(now_ms()), [serial, due]);
+        let mut all = retrying.clone();
+        all.extend([serial, due]);
+        assert_eq!(ids(later), all, "all of them once due");
     }
 
     #[test]
