@@ -35,7 +35,7 @@ use crate::metrics::{Metrics, RunOutcome};
 use crate::payload::PayloadDir;
 use crate::routes;
 use crate::runner::{Exit, Job, Limiter, Runner};
-use crate::store::{Attempt, Next, Pending, Retention, Shared, now_ms};
+use crate::store::{Attempt, Next, Pending, Retention, Shared, StoreError, now_ms};
 
 /// EX_DATAERR: the script says the payload can never succeed. Dead at once.
 pub const EXIT_NEVER_RETRY: i32 = 65;
@@ -252,34 +252,35 @@ impl Dispatcher {
 
     /// Marks `entry` running before its script starts; says whether it may start. Not when the operator
     /// dropped it meanwhile. While the mark cannot be written (a full disk, a lock held too long) it is
-    /// tried again, with pauses as [`Dispatcher::record`] takes, holding the entry's slot: it starts once
-    /// the store takes writes again, and at SIGTERM, or when the store is broken, it stays queued.
+    /// tried again ([`Dispatcher::keep_trying`]), holding the entry's slot: it starts once the store takes
+    /// writes again, and at SIGTERM, or when the store is broken, it stays queued.
     fn mark_running(&self, entry: &Pending) -> bool {
-        let mut pause = RECORD_PAUSE;
-        loop {
-            if self.stop.load(Ordering::SeqCst) || self.store.broken() {
-                return false;
-            }
-            match self.store.started(entry.id) {
-                Ok(true) => return true,
-                Ok(false) => {
-                    log::info!(
-                        "{} async id={} event={} no longer waits to run (dropped): not started",
-                        entry.request_id,
-                        entry.id,
-                        entry.event
-                    );
-                    return false;
-                }
-                Err(e) => log::error!(
+        if self.stop.load(Ordering::SeqCst) {
+            return false;
+        }
+        let marked = self.keep_trying(
+            || self.store.started(entry.id),
+            |e, pause| {
+                log::error!(
                     "{} cannot mark id={} running: {e}; trying again in {} ms",
                     entry.request_id,
                     entry.id,
                     pause.as_millis()
-                ),
+                )
+            },
+        );
+        match marked {
+            Ok(true) => true,
+            Ok(false) => {
+                log::info!(
+                    "{} async id={} event={} no longer waits to run (dropped): not started",
+                    entry.request_id,
+                    entry.id,
+                    entry.event
+                );
+                false
             }
-            self.pause(pause);
-            pause = (pause * 2).min(RECORD_PAUSE_MAX);
+            Err(_) => false,
         }
     }
 
@@ -359,23 +360,43 @@ impl Dispatcher {
     /// and runs again (at least once). Says whether the result was committed.
     fn record(&self, entry: &Pending, attempt: Attempt, next: Next) -> bool {
         let n = attempt.n;
+        let recorded = self.keep_trying(
+            || self.store.finish(entry.id, attempt.clone(), next),
+            |e, pause| {
+                log::error!(
+                    "{} cannot record attempt {n}: {e}; trying again in {} ms",
+                    entry.request_id,
+                    pause.as_millis()
+                )
+            },
+        );
+        if let Err(e) = &recorded {
+            log::error!(
+                "{} cannot record attempt {n}: {e}; it runs again after the restart",
+                entry.request_id
+            );
+        }
+        recorded.is_ok()
+    }
+
+    /// Runs `write` until the store takes it, calling `failed` with each error and the pause before the
+    /// next try (doubling from [`RECORD_PAUSE`] to [`RECORD_PAUSE_MAX`]); gives up with the last error at
+    /// SIGTERM or when the store is broken.
+    fn keep_trying<T>(
+        &self,
+        mut write: impl FnMut() -> Result<T, StoreError>,
+        failed: impl Fn(&StoreError, Duration),
+    ) -> Result<T, StoreError> {
         let mut pause = RECORD_PAUSE;
         loop {
-            let Err(e) = self.store.finish(entry.id, attempt.clone(), next) else {
-                return true;
+            let e = match write() {
+                Ok(done) => return Ok(done),
+                Err(e) => e,
             };
             if self.stop.load(Ordering::SeqCst) || self.store.broken() {
-                log::error!(
-                    "{} cannot record attempt {n}: {e}; it runs again after the restart",
-                    entry.request_id
-                );
-                return false;
+                return Err(e);
             }
-            log::error!(
-                "{} cannot record attempt {n}: {e}; trying again in {} ms",
-                entry.request_id,
-                pause.as_millis()
-            );
+            failed(&e, pause);
             self.pause(pause);
             pause = (pause * 2).min(RECORD_PAUSE_MAX);
         }

@@ -158,8 +158,9 @@ impl PayloadDir {
 
     /// Where there is no `O_TMPFILE` (overlayfs before Linux 6.6, NFS): a file whose name is removed as
     /// soon as it is created, so none stays in the directory while an unverified body streams in (NFS
-    /// keeps it as a `.nfs` file while it is open); [`Payload::finish`] copies it to its name. A crash
-    /// leaves a stale file, removed at start.
+    /// keeps it as a `.nfs` file while it is open); [`Payload::finish`] copies it to its name. What a
+    /// crash leaves (the file, between its creation and its removal; NFS's `.nfs` file) is removed at
+    /// start.
     fn create_anonymous(&self) -> io::Result<Payload> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let path = self.path.join(self.name(n));

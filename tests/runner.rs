@@ -894,26 +894,31 @@ fn out_of_descriptors_storing_the_payload_or_starting_the_script_is_503() {
     );
 }
 
-#[test]
-fn a_payload_past_the_file_size_limit_is_500_and_leaves_no_file() {
+/// Starts `command` under a file-size limit of `bytes` (`ulimit -f`).
+fn limit_file_size(command: &mut std::process::Command, bytes: u64) {
     use std::os::unix::process::CommandExt;
-    // Without the history, so that no store has to fit under the limit (its schema alone takes more).
-    let env = Env::new().config("history = false");
-    env.script("quick", "exit 0");
     // SAFETY: setrlimit is an async-signal-safe system call. SIGXFSZ keeps its default action (end the
-    // process): the daemon must handle it itself for the write to fail with EFBIG instead.
-    let server = env.serve_with(|command| unsafe {
-        command.pre_exec(|| {
+    // process): the daemon must handle it itself for a write past the limit to fail with EFBIG instead.
+    unsafe {
+        command.pre_exec(move || {
             let limit = rustix::process::Rlimit {
-                current: Some(64 << 10),
-                maximum: Some(64 << 10),
+                current: Some(bytes),
+                maximum: Some(bytes),
             };
             Ok(rustix::process::setrlimit(
                 rustix::process::Resource::Fsize,
                 limit,
             )?)
         });
-    });
+    }
+}
+
+#[test]
+fn a_payload_past_the_file_size_limit_is_500_and_leaves_no_file() {
+    // Without the history, so that no store has to fit under the limit (its schema alone takes more).
+    let env = Env::new().config("history = false");
+    env.script("quick", "exit 0");
+    let server = env.serve_with(|command| limit_file_size(command, 64 << 10));
     // Over 64 KiB and under 256 KiB, so it is written in one piece once the route is chosen.
     let response = server.post("/hooks/quick", &vec![b'x'; 100 << 10]);
     assert_eq!(response.status, 500, "{}", response.text());
@@ -938,19 +943,7 @@ fn a_payload_past_the_file_size_limit_is_500_and_leaves_no_file() {
     let env = Env::new();
     env.script("quick", "exit 0");
     let mut command = env.serve_command("127.0.0.1:0");
-    // SAFETY: as above.
-    unsafe {
-        command.pre_exec(|| {
-            let limit = rustix::process::Rlimit {
-                current: Some(4 << 10),
-                maximum: Some(4 << 10),
-            };
-            Ok(rustix::process::setrlimit(
-                rustix::process::Resource::Fsize,
-                limit,
-            )?)
-        });
-    }
+    limit_file_size(&mut command, 4 << 10);
     let mut refused = crate::util::Server::spawn(command);
     let status = refused
         .wait_exit(Duration::from_secs(10))

@@ -633,11 +633,17 @@ const PRUNE_OLDEST: &str = "DELETE FROM deliveries WHERE id IN (
                  SELECT id, ?2 + CASE WHEN payload IS NULL THEN 0 ELSE payload_bytes END AS cost
                  FROM deliveries WHERE finished_at IS NOT NULL AND id <= ?4 ORDER BY id LIMIT ?3))
          WHERE upto - cost < ?1)";
-/// Payloads past `keep_payloads`, at most `?2` of them.
+/// Payloads of finished rows received before `?1`, at most `?2` of them.
 const PRUNE_PAYLOADS: &str = "UPDATE deliveries SET payload = NULL WHERE id IN (
          SELECT id FROM deliveries
          WHERE payload IS NOT NULL AND finished_at IS NOT NULL AND received_at < ?1
          LIMIT ?2)";
+/// Finished rows received before `?1`, at most `?2` of them.
+const PRUNE_HISTORY: &str = "DELETE FROM deliveries WHERE id IN (
+         SELECT id FROM deliveries WHERE finished_at IS NOT NULL AND received_at < ?1 LIMIT ?2)";
+/// Dedupe keys accepted before `?1`, at most `?2` of them.
+const PRUNE_DEDUPE: &str = "DELETE FROM dedupe WHERE key IN (
+         SELECT key FROM dedupe WHERE accepted_at < ?1 LIMIT ?2)";
 
 /// What one step of pruning did.
 enum Step {
@@ -656,33 +662,21 @@ fn prune_step(
     now: i64,
     newest: i64,
 ) -> Result<Option<Step>, StoreError> {
-    let before = |d: Duration| now - d.as_millis() as i64;
-    let payloads = conn
-        .prepare_cached(PRUNE_PAYLOADS)?
-        .execute(params![before(retention.keep_payloads), PRUNE_STEP])
-        .map_err(sql)? as u64;
-    if payloads > 0 {
-        return Ok(Some(Step::Payloads(payloads)));
-    }
-    let rows = conn
-        .prepare_cached(
-            "DELETE FROM deliveries WHERE id IN (
-                 SELECT id FROM deliveries WHERE finished_at IS NOT NULL AND received_at < ?1 LIMIT ?2)",
-        )?
-        .execute(params![before(retention.keep_history), PRUNE_STEP])
-        .map_err(sql)? as u64;
-    if rows > 0 {
-        return Ok(Some(Step::Rows(rows)));
-    }
-    let keys = conn
-        .prepare_cached(
-            "DELETE FROM dedupe WHERE key IN (
-                 SELECT key FROM dedupe WHERE accepted_at < ?1 LIMIT ?2)",
-        )?
-        .execute(params![before(retention.dedupe_window), PRUNE_STEP])
-        .map_err(sql)?;
-    if keys > 0 {
-        return Ok(Some(Step::Other));
+    // What time has put past its keeping, a step's worth of the first that has any.
+    type Past = (&'static str, Duration, fn(u64) -> Step);
+    let past: [Past; 3] = [
+        (PRUNE_PAYLOADS, retention.keep_payloads, Step::Payloads),
+        (PRUNE_HISTORY, retention.keep_history, Step::Rows),
+        (PRUNE_DEDUPE, retention.dedupe_window, |_| Step::Other),
+    ];
+    for (statement, keep, step) in past {
+        let n = conn
+            .prepare_cached(statement)?
+            .execute(params![now - keep.as_millis() as i64, PRUNE_STEP])
+            .map_err(sql)? as u64;
+        if n > 0 {
+            return Ok(Some(step(n)));
+        }
     }
     let used: i64 = conn
         .query_row(
