@@ -7,7 +7,8 @@
 //!   by a crash is queued again at start and runs again (the script sees the attempt number);
 //! - order: the first attempts of one route's entries start in arrival order; a retry starts when it is
 //!   due, so later entries may overtake it. A `serial` route runs one entry at a time, strictly in arrival
-//!   order: a later entry waits while an earlier one waits to retry;
+//!   order: a later entry waits while an earlier one waits to retry (held by script, so across reloads that
+//!   move the route's line: [`Pending::serial_lane`]);
 //! - sync requests are not starved: queued deliveries take script slots only through
 //!   [`Limiter::try_background`];
 //! - requests and their acknowledgements stay ahead of queued runs for the CPUs: the dispatcher and
@@ -98,18 +99,18 @@ pub struct Dispatcher {
     pub waker: UnixStream,
 }
 
-/// What is running now: entries, and the serial routes they hold.
+/// What is running now: entries, and the serial lanes (scripts, see [`Pending::serial_lane`]) they hold.
 #[derive(Default)]
 struct Running {
     ids: HashSet<i64>,
-    serial_routes: HashSet<String>,
+    serial_lanes: HashSet<String>,
     /// Entries whose run ended since the queue was last read. That read may have been taken before
     /// their result was committed and show them still waiting: they are not started from it (the run's
     /// end rings the bell, and the next read shows them as they are).
     ended: HashSet<i64>,
-    /// The serial routes of those entries: a read taken before an ended run's retry was committed does not
-    /// show it waiting, and a later entry of its route must not start from that read.
-    ended_routes: HashSet<String>,
+    /// The serial lanes of those entries: a read taken before an ended run's retry was committed does not
+    /// show it waiting, and a later entry of its lane must not start from that read.
+    ended_lanes: HashSet<String>,
 }
 
 impl Dispatcher {
@@ -150,14 +151,14 @@ impl Dispatcher {
         };
         let now = now_ms();
         let mut wait = POLL;
-        // Serial routes that already have an earlier entry waiting or running: later ones wait behind it.
+        // Serial lanes that already have an earlier entry waiting or running: later ones wait behind it.
         let mut held = HashSet::new();
         let mut after = 0;
         loop {
             {
                 let mut running = running.lock().unwrap_or_else(|e| e.into_inner());
                 running.ended.clear();
-                running.ended_routes.clear();
+                running.ended_lanes.clear();
             }
             let page = match self.store.pending(after, now, PAGE) {
                 Ok(page) => page,
@@ -169,22 +170,22 @@ impl Dispatcher {
             let last = page.len() < PAGE;
             for entry in page {
                 after = entry.id;
-                let route = entry.route();
+                let lane = entry.serial_lane().to_owned();
                 {
                     let running = running.lock().unwrap_or_else(|e| e.into_inner());
                     if running.ids.contains(&entry.id) || running.ended.contains(&entry.id) {
                         continue;
                     }
                     if entry.policy.serial
-                        && (running.serial_routes.contains(&route)
-                            || running.ended_routes.contains(&route)
-                            || !held.insert(route.clone()))
+                        && (running.serial_lanes.contains(&lane)
+                            || running.ended_lanes.contains(&lane)
+                            || !held.insert(lane.clone()))
                     {
                         continue;
                     }
                 }
                 // Only a serial route's entries come before they are due (the store leaves out the
-                // others): one waiting to retry holds the later ones of its route. The others are seen
+                // others): one waiting to retry holds the later ones of its lane. The others are seen
                 // once due, at the next look (POLL at the latest).
                 if entry.due_at > now {
                     let until = Duration::from_millis((entry.due_at - now) as u64);
@@ -195,7 +196,7 @@ impl Dispatcher {
                     let mut running = running.lock().unwrap_or_else(|e| e.into_inner());
                     running.ids.insert(entry.id);
                     if entry.policy.serial {
-                        running.serial_routes.insert(route.clone());
+                        running.serial_lanes.insert(lane.clone());
                     }
                 }
                 scope.spawn(move || {
@@ -207,8 +208,8 @@ impl Dispatcher {
                     let mut running = running.lock().unwrap_or_else(|e| e.into_inner());
                     running.ids.remove(&entry.id);
                     running.ended.insert(entry.id);
-                    if running.serial_routes.remove(&route) {
-                        running.ended_routes.insert(route);
+                    if running.serial_lanes.remove(&lane) {
+                        running.ended_lanes.insert(lane);
                     }
                     drop(running);
                     self.bell.ring();

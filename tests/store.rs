@@ -800,6 +800,51 @@ fn a_serial_route_runs_in_arrival_order_one_at_a_time_waiting_for_retries() {
     assert_eq!(lines(&log), want);
 }
 
+/// A serial route keeps its order across a reload that moves it to another line of the routes file: a
+/// later entry, queued under the new line, still waits while an earlier one waits to retry.
+#[test]
+fn a_serial_route_keeps_its_order_across_a_reload_that_moves_its_line() {
+    let env = Env::new();
+    let log = env.path().join("log");
+    env.script(
+        "s.sh",
+        &format!(
+            "n=$(cat \"$1\")\necho \"start $n $HOOKRUNNER_ATTEMPT\" >> {log:?}\n\
+             [ \"$n\" != 0 ] || [ \"$HOOKRUNNER_ATTEMPT\" != 1 ]"
+        ),
+    );
+    env.routes("S s.sh async serial retries=2 retry_max=1s\n");
+    let server = env.serve();
+    assert_eq!(server.post("/hooks/S", b"0").status, 202);
+    // Entry 0 failed its first attempt and waits 0.5-1 s for its second.
+    assert!(
+        wait_until(Duration::from_secs(10), || lines(&log) == ["start 0 1"]),
+        "{:?}\n{}",
+        lines(&log),
+        server.log()
+    );
+    env.routes(
+        "# a line above the route moves it to line 2\nS s.sh async serial retries=2 retry_max=1s\n",
+    );
+    server.signal(libc::SIGHUP);
+    assert!(
+        server
+            .wait_log("reloaded", Duration::from_secs(5))
+            .is_some(),
+        "{}",
+        server.log()
+    );
+    assert_eq!(server.post("/hooks/S", b"1").status, 202);
+    let want = ["start 0 1", "start 0 2", "start 1 1"];
+    assert!(
+        wait_until(Duration::from_secs(10), || lines(&log).len() >= want.len()),
+        "{:?}\n{}",
+        lines(&log),
+        server.log()
+    );
+    assert_eq!(lines(&log), want, "{}", server.log());
+}
+
 /// At SIGTERM the dispatcher starts nothing more at once, even while a sync script keeps the daemon
 /// answering its request: a retry that comes due meanwhile waits in the store for the next start.
 #[test]

@@ -140,9 +140,11 @@ pub struct Pending {
 }
 
 impl Pending {
-    /// Entries of one route share this key (the dispatcher's ordering and `serial` work per route).
-    pub fn route(&self) -> String {
-        format!("{}:{}", self.route_line, self.script)
+    /// The lane a `serial` entry runs in: its script. Not its route's line, which a reload that adds or
+    /// removes a line above it moves while older entries wait with the old one; two serial routes that
+    /// run one script share a lane, which holds each of them to one run at a time all the same.
+    pub fn serial_lane(&self) -> &str {
+        &self.script
     }
 }
 
