@@ -1023,6 +1023,19 @@ fn check_validates_profiles_and_secret_files() {
     );
     assert!(!err.contains("s3cr3t") && !String::from_utf8_lossy(&out.stdout).contains("s3cr3t"));
     assert!(String::from_utf8_lossy(&out.stdout).contains("# sender s: gitlab on /"));
+    // A generic hmac on GitHub's header is shown as what it was configured as.
+    let env = Env::new().config(&format!(
+        "[[sender]]\nname = \"s\"\ntype = \"hmac\"\nheader = \"X-Hub-Signature-256\"\n\
+         algorithm = \"sha256\"\nencoding = \"hex\"\nprefix = \"sha256=\"\nsecret_file = {readable:?}\n"
+    ));
+    let out = env.check();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("# sender s: hmac on /"), "{stdout}");
 }
 
 #[test]

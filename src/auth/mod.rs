@@ -122,16 +122,15 @@ pub enum Scheme {
 }
 
 impl Scheme {
-    /// The `type` it was configured as (`github` and `scalefusion` are `hmac` with a fixed header).
+    /// The `type` it was configured as (`github` and `scalefusion` are `hmac` with a fixed header; a generic
+    /// `hmac` that names GitHub's header is still `hmac`).
     pub fn name(&self) -> &'static str {
         match self {
             Scheme::None => "none",
             Scheme::Basic { .. } => "basic",
             Scheme::Headers(_) => "headers",
             Scheme::Gitlab(_) => "gitlab",
-            Scheme::Signed { header, .. } if header.header == "X-Hub-Signature-256" => "github",
-            Scheme::Signed { header, .. } if header.header == "X-SF-Signature" => "scalefusion",
-            Scheme::Signed { .. } => "hmac",
+            Scheme::Signed { header, .. } => header.kind,
             Scheme::StandardWebhooks { .. } => "standard-webhooks",
             Scheme::Mtls { .. } => "mtls",
         }

@@ -176,6 +176,7 @@ impl RawSender {
                     Some(other) => return Err(format!("encoding {other:?}: use hex or base64")),
                 };
                 let how = SignatureHeader {
+                    kind: "hmac",
                     header,
                     prefix: self.prefix.clone().unwrap_or_default(),
                     encoding,

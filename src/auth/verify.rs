@@ -116,6 +116,8 @@ impl Mac {
 /// encoded, and which hash.
 #[derive(Debug, Clone)]
 pub struct SignatureHeader {
+    /// The sender `type` this format was configured as: `github`, `scalefusion` or `hmac`.
+    pub kind: &'static str,
     pub header: String,
     pub prefix: String,
     pub encoding: Encoding,
@@ -125,6 +127,7 @@ pub struct SignatureHeader {
 impl SignatureHeader {
     pub fn github() -> SignatureHeader {
         SignatureHeader {
+            kind: "github",
             header: "X-Hub-Signature-256".into(),
             prefix: "sha256=".into(),
             encoding: Encoding::Hex,
@@ -134,6 +137,7 @@ impl SignatureHeader {
 
     pub fn scalefusion() -> SignatureHeader {
         SignatureHeader {
+            kind: "scalefusion",
             header: "X-SF-Signature".into(),
             prefix: String::new(),
             encoding: Encoding::Hex,
@@ -281,6 +285,7 @@ mod tests {
     #[test]
     fn the_generic_scheme_does_sha512_and_base64() {
         let header = SignatureHeader {
+            kind: "hmac",
             header: "X-Signature".into(),
             prefix: String::new(),
             encoding: Encoding::Base64,
@@ -302,6 +307,7 @@ mod tests {
             .matches_any(&[expected])
         );
         let hex_header = SignatureHeader {
+            kind: "hmac",
             encoding: Encoding::Hex,
             prefix: "sha512=".into(),
             ..header

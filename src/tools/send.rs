@@ -183,6 +183,7 @@ mod tests {
             },
             Scheme::Signed {
                 header: SignatureHeader {
+                    kind: "hmac",
                     header: "X-Signature".into(),
                     prefix: "sha512=".into(),
                     encoding: Encoding::Base64,
