@@ -626,12 +626,14 @@ const PRUNE_STEP: i64 = 1000;
 const VACUUM_STEP: i64 = 1024;
 
 /// The oldest finished rows whose room covers `?1` bytes, each counted as `?2` plus its payload, among
-/// the first `?3` of them numbered `?4` or less.
+/// the first `?3` of them numbered `?4` or less that are dead letters (`?5` true) or not (false).
 const PRUNE_OLDEST: &str = "DELETE FROM deliveries WHERE id IN (
          SELECT id FROM (
              SELECT id, cost, sum(cost) OVER (ORDER BY id) AS upto FROM (
                  SELECT id, ?2 + CASE WHEN payload IS NULL THEN 0 ELSE payload_bytes END AS cost
-                 FROM deliveries WHERE finished_at IS NOT NULL AND id <= ?4 ORDER BY id LIMIT ?3))
+                 FROM deliveries
+                 WHERE finished_at IS NOT NULL AND id <= ?4 AND (state = 'dead') = ?5
+                 ORDER BY id LIMIT ?3))
          WHERE upto - cost < ?1)";
 /// Payloads of finished rows received before `?1`, at most `?2` of them.
 const PRUNE_PAYLOADS: &str = "UPDATE deliveries SET payload = NULL WHERE id IN (
@@ -654,8 +656,8 @@ enum Step {
 
 /// The first piece of pruning that has work left, at most [`PRUNE_STEP`] rows of it; `None` when there
 /// is none: payloads past `keep_payloads`, rows past `keep_history`, dedupe keys past `dedupe_window`, the
-/// oldest finished rows up to `newest` while the store is over `max_store_bytes` (never an entry still
-/// waiting), and last the freed pages given back to the file system.
+/// oldest finished rows up to `newest` while the store is over `max_store_bytes` (dead letters after the
+/// others, never an entry still waiting), and last the freed pages given back to the file system.
 fn prune_step(
     conn: &Connection,
     retention: &Retention,
@@ -689,18 +691,22 @@ fn prune_step(
     if used > retention.max_store_bytes as i64 {
         // The oldest finished rows (by number, which is arrival order), as many as the excess is estimated
         // to take (their payloads and a row's overhead) and at most a step's worth; the next step looks at
-        // the size again.
-        let rows = conn
-            .prepare_cached(PRUNE_OLDEST)?
-            .execute(params![
-                used - retention.max_store_bytes as i64,
-                ROW_OVERHEAD,
-                PRUNE_STEP,
-                newest
-            ])
-            .map_err(sql)? as u64;
-        if rows > 0 {
-            return Ok(Some(Step::Rows(rows)));
+        // the size again. Dead letters go only when no other finished row is left: they wait for an
+        // operator's `deliveries retry`, and a busy route's history must not push them out.
+        for dead in [false, true] {
+            let rows = conn
+                .prepare_cached(PRUNE_OLDEST)?
+                .execute(params![
+                    used - retention.max_store_bytes as i64,
+                    ROW_OVERHEAD,
+                    PRUNE_STEP,
+                    newest,
+                    dead
+                ])
+                .map_err(sql)? as u64;
+            if rows > 0 {
+                return Ok(Some(Step::Rows(rows)));
+            }
         }
     }
     let free: i64 = conn
@@ -1663,6 +1669,63 @@ mod tests {
         store.finish(first, attempt(), Next::Dead).expect("finish");
         queued(store.accept(delivery(3), bytes));
         full(store.accept(delivery(4), bytes));
+    }
+
+    /// Over `max_store_bytes`, the oldest finished rows go first, but a dead letter only once no other
+    /// finished row is left: it waits for an operator, however busy the other routes are.
+    #[test]
+    fn the_size_bound_takes_dead_letters_last() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Sqlite::open(dir.path()).expect("open");
+        let conn = connect(&store.path).expect("connect");
+        let now = now_ms();
+        conn.execute_batch("BEGIN").expect("begin");
+        // The oldest row is a dead letter; 2,000 newer done rows follow, each with a 2 KiB payload.
+        for n in 0..2001i64 {
+            conn.execute(
+                "INSERT INTO deliveries (request_id, received_at, mode, event, route_line, script, state,
+                     status, finished_at, payload, payload_bytes)
+                 VALUES (?1, ?2, 'async', 'E', 1, 's', ?3, 202, ?2, zeroblob(2048), 2048)",
+                params![format!("r-{n}"), now - 1000 + n, if n == 0 { "dead" } else { "done" }],
+            )
+            .expect("insert");
+        }
+        conn.execute_batch("COMMIT").expect("commit");
+        let count = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).expect("count") };
+        let used = count(
+            "SELECT (page_count - freelist_count) * page_size FROM pragma_page_count, pragma_freelist_count, pragma_page_size",
+        );
+        let retention = Retention {
+            keep_payloads: Duration::from_secs(7 * 86_400),
+            keep_history: Duration::from_secs(30 * 86_400),
+            // Room for about half of the rows.
+            max_store_bytes: (used / 2) as u64,
+            dedupe_window: Duration::from_secs(86_400),
+        };
+        let pruned = store.prune(retention, &|| true).expect("prune");
+        assert!(pruned.rows > 0, "over the bound, rows go");
+        let done_left = count("SELECT count(*) FROM deliveries WHERE state = 'done'");
+        assert!(
+            done_left < 2000 && done_left > 0,
+            "{done_left} done rows left"
+        );
+        assert_eq!(
+            count("SELECT min(id) FROM deliveries WHERE state = 'done'"),
+            2002 - done_left,
+            "the oldest done rows went"
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM deliveries WHERE state = 'dead'"),
+            1,
+            "the dead letter, older than all of them, stays"
+        );
+        // With no room at all, the dead letter goes too, after every other finished row.
+        let none = Retention {
+            max_store_bytes: 1,
+            ..retention
+        };
+        store.prune(none, &|| true).expect("prune");
+        assert_eq!(count("SELECT count(*) FROM deliveries"), 0);
     }
 
     /// Pruning goes in bounded steps, each its own transaction, so that accepts wait for one step at
