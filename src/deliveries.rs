@@ -72,9 +72,9 @@ struct ListArgs {
     /// Only those received within this long (30s, 5m, 1h)
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     since: Option<Duration>,
-    /// At most this many rows
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_LIMIT, value_parser = clap::value_parser!(u32).range(1..))]
-    limit: u32,
+    /// At most this many rows (default 50)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    limit: Option<u32>,
     /// Print the rows as a JSON array
     #[arg(long)]
     json: bool,
@@ -83,13 +83,13 @@ struct ListArgs {
 const DEFAULT_LIMIT: u32 = 50;
 
 impl ListArgs {
-    /// Whether any option was given (clap gives `limit` its default when it was not).
+    /// Whether any option was given (`--limit 50` too, though it is the default).
     fn any(&self) -> bool {
         self.event.is_some()
             || self.status.is_some()
             || self.sender.is_some()
             || self.since.is_some()
-            || self.limit != DEFAULT_LIMIT
+            || self.limit.is_some()
             || self.json
     }
 }
@@ -143,7 +143,7 @@ impl DeliveriesArgs {
                 },
                 sender: l.sender,
                 since: l.since.map(|d| now - d.as_millis() as i64),
-                limit: l.limit as usize,
+                limit: l.limit.unwrap_or(DEFAULT_LIMIT) as usize,
             },
             json: l.json,
         };
@@ -351,6 +351,8 @@ mod tests {
         assert_eq!(query.event.as_deref(), Some("Computer*"));
         assert_eq!(query.since, Some(10_000_000 - 3_600_000));
         assert_eq!(query.limit, 50);
+        let (_, action) = args(&["list", "--limit", "7"]).expect("limit");
+        assert!(matches!(action, Action::List { query, .. } if query.limit == 7));
         let (_, action) = args(&["list", "--status", "75"]).expect("code");
         assert!(matches!(action, Action::List { query, .. } if query.exit_code == Some(75)));
         assert_eq!(
@@ -389,6 +391,7 @@ mod tests {
             &["--event", "A*", "retry", "--dead"],
             &["--status", "dead", "list"],
             &["--limit", "3", "list"],
+            &["--limit", "50", "list"],
             &["--json", "show", "1"],
             &["--sender", "jamf", "drop", "1"],
         ] {

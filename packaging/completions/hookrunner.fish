@@ -47,7 +47,7 @@ complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and no
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and not __fish_seen_subcommand_from list show retry drop" -l status -d 'queued, running, done, failed, dead, or an exit code' -r
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and not __fish_seen_subcommand_from list show retry drop" -l sender -d 'Only those from this sender' -r
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and not __fish_seen_subcommand_from list show retry drop" -l since -d 'Only those received within this long (30s, 5m, 1h)' -r
-complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and not __fish_seen_subcommand_from list show retry drop" -l limit -d 'At most this many rows' -r
+complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and not __fish_seen_subcommand_from list show retry drop" -l limit -d 'At most this many rows (default 50)' -r
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and not __fish_seen_subcommand_from list show retry drop" -l json -d 'Print the rows as a JSON array'
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and not __fish_seen_subcommand_from list show retry drop" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and not __fish_seen_subcommand_from list show retry drop" -f -a "list" -d 'List deliveries, newest first, and a summary line (the default command)'
@@ -58,7 +58,7 @@ complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __fish_seen_subcommand_from list" -l status -d 'queued, running, done, failed, dead, or an exit code' -r
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __fish_seen_subcommand_from list" -l sender -d 'Only those from this sender' -r
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __fish_seen_subcommand_from list" -l since -d 'Only those received within this long (30s, 5m, 1h)' -r
-complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __fish_seen_subcommand_from list" -l limit -d 'At most this many rows' -r
+complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __fish_seen_subcommand_from list" -l limit -d 'At most this many rows (default 50)' -r
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __fish_seen_subcommand_from list" -l config -d 'Configuration file, to find the store as `serve` does (default /etc/hookrunner/hookrunner.toml if it exists, else built-in defaults)' -r -F
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __fish_seen_subcommand_from list" -l json -d 'Print the rows as a JSON array'
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __fish_seen_subcommand_from list" -s h -l help -d 'Print help'
