@@ -86,7 +86,8 @@ pub struct Config {
     /// `[[sender]]`: the sender profiles (README, "Sender authentication"). With none, every request is
     /// accepted, and only on a loopback address or a unix socket unless `allow_unauthenticated`.
     pub senders: Senders,
-    /// `allow_unauthenticated`: serve without any sender on a non-loopback address (default false).
+    /// `allow_unauthenticated`: serve without any sender, or with a `none` sender without `allow_ips`, on a
+    /// non-loopback address (default false).
     pub allow_unauthenticated: bool,
     /// `trusted_proxies`: the peers whose `X-Forwarded-For` is believed, as addresses or blocks
     /// (`127.0.0.1/32`), and `unix` for a reverse proxy on the unix socket (default: none).
@@ -296,19 +297,31 @@ struct RawConfig {
     tls: Option<crate::tls::RawTls>,
 }
 
-/// The one rule of "secure by default": without a sender, only a loopback address or a unix socket, unless
-/// the operator opted in. `None` when `listen` may be served; else why not. Checked at load against the
-/// configured address, and on reload against the address actually served (which a reload cannot change).
+/// The one rule of "secure by default": without a sender that checks something, only a loopback address or
+/// a unix socket, unless the operator opted in. `None` when `listen` may be served; else why not. Checked
+/// at load against the configured address, and on reload against the address actually served (which a
+/// reload cannot change).
 pub fn open_to_anyone(
     listen: &Listen,
-    no_sender: bool,
+    senders: &Senders,
     allow_unauthenticated: bool,
 ) -> Option<String> {
-    (no_sender && !allow_unauthenticated && !listen.is_local()).then(|| {
-        format!(
+    if allow_unauthenticated || listen.is_local() {
+        return None;
+    }
+    if senders.is_empty() {
+        return Some(format!(
             "listen = {listen} is not a loopback address or a unix socket, and no [[sender]] is configured: \
              anyone who can reach it could run your scripts. Configure a sender (README, \"Sender \
              authentication\"), or set allow_unauthenticated = true"
+        ));
+    }
+    senders.open().map(|s| {
+        format!(
+            "listen = {listen} is not a loopback address or a unix socket, and sender {:?} is type \"none\" \
+             without allow_ips: anyone who can reach it could run the scripts under {}. Give it allow_ips or \
+             a type that checks the sender, or set allow_unauthenticated = true",
+            s.name, s.path
         )
     })
 }
@@ -448,10 +461,11 @@ impl Config {
                 trusted_proxies.blocks.push(block);
             }
         }
-        // `allow_unauthenticated`: serve without any sender on a non-loopback address (default false; the
-        // daemon warns at every start when it does).
+        // `allow_unauthenticated`: serve without any sender, or with a `none` sender open to every address,
+        // on a non-loopback address (default false; the daemon warns at every start when it does).
         let allow_unauthenticated = raw.allow_unauthenticated.unwrap_or(false);
-        if let Some(message) = open_to_anyone(&listen, senders.is_empty(), allow_unauthenticated) {
+        let senders = Senders { senders };
+        if let Some(message) = open_to_anyone(&listen, &senders, allow_unauthenticated) {
             return Err(match overrides.listen {
                 Some(_) => ConfigError::new(None, None, format!("--listen: {message}")),
                 None => file.error("listen", message),
@@ -579,6 +593,7 @@ impl Config {
         // An mtls sender checks the names of a certificate the TLS layer verified: it needs one to be asked for.
         let asks_for_certificates = tls.as_ref().is_some_and(|t| t.client_ca_file.is_some());
         if let Some((index, sender)) = senders
+            .senders
             .iter()
             .enumerate()
             .find(|(_, s)| matches!(s.scheme, crate::auth::Scheme::Mtls { .. }))
@@ -620,7 +635,7 @@ impl Config {
                 KEEPALIVE_TIMEOUT,
             )?,
             event,
-            senders: Senders { senders },
+            senders,
             allow_unauthenticated,
             trusted_proxies,
             store,

@@ -293,6 +293,15 @@ fn announce_senders(config: &Config) {
             .map(|s| s.name.as_str())
             .collect();
         log::info!("{} sender(s): {}", names.len(), names.join(", "));
+        if let Some(open) = config.senders.open().filter(|_| !config.listen.is_local()) {
+            log::warn!(
+                "open: sender {:?} is type \"none\" without allow_ips and allow_unauthenticated = true: anyone \
+                 who can reach {} can run the scripts under {}",
+                open.name,
+                config.listen,
+                open.path
+            );
+        }
     } else if config.listen.is_local() {
         log::info!(
             "open: no sender is configured, so every request is accepted; {} is reachable only from this machine",
@@ -415,11 +424,9 @@ fn reload_config(
     // The socket stays where it is until a restart, so the new senders are judged against it: a reload
     // that moves `listen` to loopback and drops the last sender must not leave a public socket open.
     new.listen = old.listen.clone();
-    if let Some(message) = crate::config::open_to_anyone(
-        &new.listen,
-        new.senders.is_empty(),
-        new.allow_unauthenticated,
-    ) {
+    if let Some(message) =
+        crate::config::open_to_anyone(&new.listen, &new.senders, new.allow_unauthenticated)
+    {
         log::error!(
             "reload failed; still serving with the previous configuration: {message} (the address \
              served until a restart)"

@@ -853,6 +853,34 @@ fn without_a_sender_only_loopback_and_unix_are_served() {
         )
         .unwrap_or_else(|| panic!("no warning:\n{}", server.log()));
     assert!(line.contains("WARN"), "{line}");
+    // A sender that checks nothing and admits every address is no sender: refused as well, unless allowed.
+    let none = "[[sender]]\nname = \"kazoo\"\npath = \"/k\"\ntype = \"none\"\n";
+    let env = Env::new().config(&format!("listen = \"0.0.0.0:0\"\n{none}"));
+    let check = env.check();
+    assert_eq!(check.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&check.stderr);
+    assert!(
+        err.contains("sender \"kazoo\" is type \"none\" without allow_ips"),
+        "{err}"
+    );
+    let env = Env::new().config(&format!(
+        "listen = \"0.0.0.0:0\"\n{none}allow_ips = [\"127.0.0.1/32\"]\n"
+    ));
+    assert!(env.check().status.success(), "with allow_ips it is served");
+    let env = Env::new().config(&format!(
+        "listen = \"0.0.0.0:0\"\nallow_unauthenticated = true\n{none}"
+    ));
+    assert!(env.check().status.success());
+    let mut command = env.serve_command("0.0.0.0:0");
+    command.env("RUST_LOG", "info");
+    let server = Server::spawn(command);
+    let line = server
+        .wait_log(
+            "open: sender \"kazoo\" is type \"none\"",
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|| panic!("no warning:\n{}", server.log()));
+    assert!(line.contains("WARN"), "{line}");
     let local = Env::new().serve();
     assert!(
         local
