@@ -173,13 +173,16 @@ fn not_pem(key: &str, path: &Path, e: &pem::Error) -> String {
     format!("[tls] {key} {}: not PEM: {what}", path.display())
 }
 
-/// The names hookrunner knows a client by: the DNS names in its certificate's subjectAltName, or when it has
-/// none, its subject's common name. `der` is a certificate that already verified against `client_ca_file`.
+/// The names hookrunner knows a client by: the DNS names in its certificate's subjectAltName, or, only when
+/// it has no subjectAltName at all, its subject's common name. A certificate whose subjectAltName names it
+/// otherwise (a URI, an e-mail address, an IP address) is not known by a CN its holder may have chosen
+/// freely (RFC 6125, 6.4.4), and one whose extension does not parse is known by nothing. `der` is a
+/// certificate that already verified against `client_ca_file`.
 pub fn client_names(der: &[u8]) -> Vec<String> {
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
         return Vec::new();
     };
-    let dns: Vec<String> = match cert.subject_alternative_name() {
+    match cert.subject_alternative_name() {
         Ok(Some(san)) => san
             .value
             .general_names
@@ -189,16 +192,14 @@ pub fn client_names(der: &[u8]) -> Vec<String> {
                 _ => None,
             })
             .collect(),
-        _ => Vec::new(),
-    };
-    if !dns.is_empty() {
-        return dns;
+        Ok(None) => cert
+            .subject()
+            .iter_common_name()
+            .filter_map(|cn| cn.as_str().ok())
+            .map(str::to_string)
+            .collect(),
+        Err(_) => Vec::new(),
     }
-    cert.subject()
-        .iter_common_name()
-        .filter_map(|cn| cn.as_str().ok())
-        .map(str::to_string)
-        .collect()
 }
 
 #[cfg(test)]
@@ -206,9 +207,16 @@ mod tests {
     use super::*;
 
     fn cert(sans: &[&str], cn: Option<&str>) -> (String, String, Vec<u8>) {
-        let mut params =
+        let params =
             rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
                 .expect("params");
+        cert_with(params, cn)
+    }
+
+    fn cert_with(
+        mut params: rcgen::CertificateParams,
+        cn: Option<&str>,
+    ) -> (String, String, Vec<u8>) {
         params.distinguished_name = rcgen::DistinguishedName::new();
         if let Some(cn) = cn {
             params
@@ -229,6 +237,15 @@ mod tests {
         let (_, _, der) = cert(&[], None);
         assert!(client_names(&der).is_empty());
         assert!(client_names(b"not a certificate").is_empty());
+        // A subjectAltName without DNS names (a URI, an e-mail address, an IP address): not its CN.
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![
+            rcgen::SanType::URI("spiffe://example.com/jamf".try_into().expect("uri")),
+            rcgen::SanType::Rfc822Name("ops@example.com".try_into().expect("mail")),
+            rcgen::SanType::IpAddress([192, 0, 2, 1].into()),
+        ];
+        let (_, _, der) = cert_with(params, Some("jamf.example.com"));
+        assert!(client_names(&der).is_empty(), "{:?}", client_names(&der));
     }
 
     fn load(dir: &Path, cert: &str, key: &str, ca: Option<&str>) -> Result<Tls, String> {

@@ -115,7 +115,7 @@ pub enum Scheme {
         window: Duration,
     },
     /// Mutual TLS: a client certificate that verified against `[tls] client_ca_file` and names one of
-    /// these (globs, compared ignoring ASCII case, against its DNS names, else its CN).
+    /// these (globs, compared ignoring ASCII case, against its DNS names, its CN only without a subjectAltName).
     Mtls {
         subjects: Vec<Glob>,
     },
@@ -162,7 +162,7 @@ pub struct Head<'a> {
     pub forwarded_for: Vec<&'a str>,
     /// `None` for a peer on the unix socket.
     pub peer: Option<IpAddr>,
-    /// A verified TLS client certificate's DNS names, else its CN; empty without one.
+    /// A verified TLS client certificate's DNS names, its CN only without a subjectAltName; empty without one.
     pub client_names: &'a [String],
     /// Seconds since the epoch.
     pub now: i64,
