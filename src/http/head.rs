@@ -80,6 +80,12 @@ impl Head {
             &after[end..]
         };
         let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        // A `.` or `..` segment would make the path that picks the sender profile (taken as sent) differ
+        // from the one a reverse proxy in front matched its rules on (normalised, RFC 3986 §5.2.4). No
+        // sender sends one, so it is refused rather than resolved.
+        if path.split('/').any(is_dot_segment) {
+            return Err(Refused::Malformed("a . or .. segment in the request path"));
+        }
         Ok((if path.is_empty() { "/" } else { path }, query))
     }
 
@@ -160,6 +166,12 @@ impl Head {
             None => Ok(Framing::Length(0)),
         }
     }
+}
+
+/// `.` or `..`, also percent-encoded (`%2e`, `%2E`).
+fn is_dot_segment(segment: &str) -> bool {
+    let decoded = segment.replace("%2e", ".").replace("%2E", ".");
+    decoded == "." || decoded == ".."
 }
 
 /// `uri-host [ ":" port ]` (RFC 3986 §3.2.2): a bracketed IP literal, or a reg-name / IPv4 address of
@@ -410,6 +422,7 @@ mod tests {
             ("https://[::1]:443/x", "/x", ""),
             ("http://host", "/", ""),
             ("http://host?q", "/", "q"),
+            ("/hooks/A.B/..x/.y?z=..", "/hooks/A.B/..x/.y", "z=.."),
         ] {
             let h = with("POST", target, false, &[("Host", "h")]);
             assert_eq!(h.path_and_query(), Ok((path, query)), "{target}");
@@ -421,6 +434,11 @@ mod tests {
             "http:///x",
             "http://ho st/x",
             "http://a@b/x",
+            "/jamf/../github/hooks/push",
+            "/hooks/./A",
+            "/hooks/%2E%2e/A",
+            "/..",
+            "http://host/a/./b",
         ] {
             let h = with("POST", bad, false, &[("Host", "h")]);
             assert_eq!(h.accept(10).map_err(|e| e.status()), Err(400), "{bad}");
