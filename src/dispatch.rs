@@ -52,6 +52,9 @@ const PAGE: usize = 32;
 /// After a result could not be committed, the first pause before trying again; each next one doubles, up
 /// to [`RECORD_PAUSE_MAX`].
 const RECORD_PAUSE: Duration = Duration::from_millis(500);
+/// How long an entry waits after the daemon could not prepare its attempt (its payload file could not be
+/// written, its payload not read): until then the disk may have room again.
+const HERE_PAUSE: Duration = Duration::from_secs(5);
 const RECORD_PAUSE_MAX: Duration = Duration::from_secs(10);
 /// How often finished history is pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
@@ -111,6 +114,26 @@ struct Running {
     /// The serial lanes of those entries: a read taken before an ended run's retry was committed does not
     /// show it waiting, and a later entry of its lane must not start from that read.
     ended_lanes: HashSet<String>,
+}
+
+impl Running {
+    /// Whether `entry`, read in the current look at the queue, may start as far as what runs allows: not
+    /// while it runs or its result may be newer than the read, and for a serial entry, not behind an
+    /// earlier entry of its lane that runs, has just ended, or came before it in this look (`held`, kept
+    /// for the whole look). The lane goes into `held` at its first entry of the look whether that one
+    /// starts or not: `held` outlives the page, while `ended_lanes` is cleared at every page, so a lane
+    /// whose run ends between two pages stays held for its later entries.
+    fn may_start(&self, entry: &Pending, held: &mut HashSet<String>) -> bool {
+        if self.ids.contains(&entry.id) || self.ended.contains(&entry.id) {
+            return false;
+        }
+        if !entry.policy.serial {
+            return true;
+        }
+        let lane = entry.serial_lane();
+        let first = held.insert(lane.to_owned());
+        first && !self.serial_lanes.contains(lane) && !self.ended_lanes.contains(lane)
+    }
 }
 
 impl Dispatcher {
@@ -173,14 +196,7 @@ impl Dispatcher {
                 let lane = entry.serial_lane().to_owned();
                 {
                     let running = running.lock().unwrap_or_else(|e| e.into_inner());
-                    if running.ids.contains(&entry.id) || running.ended.contains(&entry.id) {
-                        continue;
-                    }
-                    if entry.policy.serial
-                        && (running.serial_lanes.contains(&lane)
-                            || running.ended_lanes.contains(&lane)
-                            || !held.insert(lane.clone()))
-                    {
+                    if !running.may_start(&entry, &mut held) {
                         continue;
                     }
                 }
@@ -260,7 +276,7 @@ impl Dispatcher {
             return false;
         }
         let marked = self.keep_trying(
-            || self.store.started(entry.id),
+            || self.store.started(entry.id, &entry.request_id),
             |e, pause| {
                 log::error!(
                     "{} cannot mark id={} running: {e}; trying again in {} ms",
@@ -295,6 +311,41 @@ impl Dispatcher {
             self.attempt(entry, n)
         };
         let (exit, output) = match ran {
+            Err(Unstarted::Here(e)) => {
+                // The script never had its chance: not an attempt, so a full payload directory or a
+                // store that cannot be read spends none of the route's attempts.
+                let due = now_ms() + HERE_PAUSE.as_millis() as i64;
+                let put_back = self.keep_trying(
+                    || self.store.put_back(entry.id, due),
+                    |e, pause| {
+                        log::error!(
+                            "{} cannot put id={} back in the queue: {e}; trying again in {} ms",
+                            entry.request_id,
+                            entry.id,
+                            pause.as_millis()
+                        )
+                    },
+                );
+                if put_back.is_ok() {
+                    log::error!(
+                        "{} async id={} event={} cannot prepare attempt {n}: {e}; not counted as an \
+                         attempt, tried again in {} ms",
+                        entry.request_id,
+                        entry.id,
+                        entry.event,
+                        HERE_PAUSE.as_millis()
+                    );
+                }
+                return;
+            }
+            Err(Unstarted::Script(e)) => {
+                log::error!(
+                    "{} cannot run {}: {e}",
+                    entry.request_id,
+                    Escaped(&entry.script)
+                );
+                (None, e.to_string().into_bytes())
+            }
             Ok(outcome) => {
                 let config = (self.config)();
                 let script = Path::new(&entry.script);
@@ -306,14 +357,6 @@ impl Dispatcher {
                     outcome.duration,
                 );
                 (Some(outcome.exit), outcome.output)
-            }
-            Err(e) => {
-                log::error!(
-                    "{} cannot run {}: {e}",
-                    entry.request_id,
-                    Escaped(&entry.script)
-                );
-                (None, e.to_string().into_bytes())
             }
         };
         let next = next_step(entry, n, exit, now_ms(), random_unit());
@@ -411,17 +454,21 @@ impl Dispatcher {
         }
     }
 
-    fn attempt(&self, entry: &Pending, n: u32) -> io::Result<crate::runner::Outcome> {
+    fn attempt(&self, entry: &Pending, n: u32) -> Result<crate::runner::Outcome, Unstarted> {
         let script = Path::new(&entry.script);
-        routes::check_before_run(script).map_err(|e| io::Error::other(e.0))?;
+        routes::check_before_run(script).map_err(|e| Unstarted::Script(io::Error::other(e.0)))?;
         let body = self
             .store
             .payload(entry.id)
-            .map_err(io::Error::other)?
-            .ok_or_else(|| io::Error::other("the entry has no payload any more"))?;
-        let mut payload = self.payloads.create()?;
-        payload.write_all(&body)?;
-        payload.finish()?;
+            .map_err(|e| Unstarted::Here(io::Error::other(e)))?
+            // Pruning never takes a waiting entry's payload: only a broken store loses one, and then
+            // no later attempt can do better.
+            .ok_or_else(|| {
+                Unstarted::Script(io::Error::other("the entry has no payload any more"))
+            })?;
+        let mut payload = self.payloads.create().map_err(Unstarted::Here)?;
+        payload.write_all(&body).map_err(Unstarted::Here)?;
+        payload.finish().map_err(Unstarted::Here)?;
         let attempt = n.to_string();
         let queued_at = humantime::format_rfc3339_millis(
             UNIX_EPOCH + Duration::from_millis(entry.received_at.max(0) as u64),
@@ -443,7 +490,24 @@ impl Dispatcher {
             kill_grace: config.kill_grace,
             request_id: &entry.request_id,
         };
-        self.runner.run(&job)
+        self.runner.run(&job).map_err(Unstarted::Script)
+    }
+}
+
+/// Why an attempt did not start.
+enum Unstarted {
+    /// The daemon's own failure (reading the payload from the store, writing its file: a full or failing
+    /// disk): the entry is put back, and the attempt does not count.
+    Here(io::Error),
+    /// The script's (missing, not executable, cannot be started): an attempt that failed.
+    Script(io::Error),
+}
+
+impl std::fmt::Display for Unstarted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unstarted::Here(e) | Unstarted::Script(e) => e.fmt(f),
+        }
     }
 }
 
@@ -512,6 +576,47 @@ mod tests {
                 serial: false,
             },
         }
+    }
+
+    /// A serial lane's run that ends between two pages of one look does not let a later entry of its
+    /// lane, on the second page, start ahead of the earlier ones skipped on the first (and of the ended
+    /// run's own retry, which the second page does not read again).
+    #[test]
+    fn a_serial_lane_stays_held_across_the_pages_of_one_look() {
+        let serial = |id| Pending {
+            id,
+            policy: Policy {
+                serial: true,
+                ..entry(3).policy
+            },
+            ..entry(3)
+        };
+        let mut running = Running::default();
+        running.ids.insert(1);
+        running.serial_lanes.insert("/s".into());
+        let mut held = HashSet::new();
+        // First page: entry 1 runs, entries 2 and 3 wait behind it.
+        assert!(!running.may_start(&serial(1), &mut held));
+        assert!(!running.may_start(&serial(2), &mut held));
+        assert!(!running.may_start(&serial(3), &mut held));
+        // Entry 1 ends (its retry committed) and goes into `ended` and `ended_lanes`, which the next
+        // page clears before its read.
+        running.ids.remove(&1);
+        running.serial_lanes.remove("/s");
+        assert!(
+            !running.may_start(&serial(33), &mut held),
+            "a later entry overtook entries 2 and 3"
+        );
+        // Another lane, and entries that are not serial, are not held by it.
+        let other = Pending {
+            script: "/other".into(),
+            ..serial(34)
+        };
+        assert!(running.may_start(&other, &mut held));
+        assert!(!running.may_start(&other, &mut held), "one per lane a look");
+        assert!(running.may_start(&entry(3), &mut held));
+        // The next look starts with nothing held: the lane's first entry may start.
+        assert!(running.may_start(&serial(2), &mut HashSet::new()));
     }
 
     #[test]

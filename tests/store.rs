@@ -1221,6 +1221,68 @@ fn a_full_disk_is_answered_503_never_2xx_and_service_resumes_when_space_is_freed
     }
 }
 
+/// When the daemon itself cannot prepare an attempt (here: the payload directory is full, so the payload
+/// file cannot be written), the script never had its chance: the entry waits and runs once there is room,
+/// and the failure spends none of its attempts (a route with one attempt is not dead of it).
+#[test]
+fn a_full_payload_directory_spends_no_attempt_and_the_entry_runs_when_there_is_room() {
+    if !is_root() {
+        println!("skipped: mounting a small tmpfs for the payload directory needs root");
+        return;
+    }
+    let env = Env::new();
+    fs::create_dir(env.payloads()).expect("payload dir");
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs"])
+        .arg(env.payloads())
+        .status();
+    if !mounted.as_ref().is_ok_and(|s| s.success()) {
+        println!("skipped: cannot mount a tmpfs here ({mounted:?})");
+        return;
+    }
+    let _mount = Mounted(env.payloads());
+    let ran = env.path().join("ran");
+    env.script(
+        "f.sh",
+        &format!("echo \"$HOOKRUNNER_ATTEMPT $(wc -c < \"$1\")\" >> {ran:?}"),
+    );
+    env.routes("F f.sh async retries=0\n");
+    let server = env.serve();
+    // Filled after the start (the daemon refuses a payload directory holding files not its own).
+    let filler = env.payloads().join("filler");
+    let mut fill = fs::File::create(&filler).expect("filler");
+    while fill.write_all(&[0u8; 4096]).is_ok() {}
+    drop(fill);
+    let r = server.post("/hooks/F", &[b'x'; 8192]);
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["request_id"]
+        .as_str()
+        .expect("request_id")
+        .to_string();
+    assert!(
+        server
+            .wait_log("not counted as an attempt", Duration::from_secs(10))
+            .is_some(),
+        "{}",
+        server.log()
+    );
+    let show = || String::from_utf8_lossy(&deliveries(&env, &["show", &id]).stdout).into_owned();
+    assert!(!show().contains("dead"), "{}", show());
+    assert!(!ran.exists(), "the script ran without its payload");
+    fs::remove_file(&filler).expect("free space");
+    assert!(
+        wait_until(Duration::from_secs(15), || lines(&ran) == ["1 8192"]),
+        "{:?}\n{}",
+        lines(&ran),
+        server.log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || show().contains("done")),
+        "{}",
+        show()
+    );
+}
+
 /// An attempt whose result cannot be committed (here: an operator's `sqlite3` holding the write lock
 /// past the store's 5 s busy timeout) is not left marked running until a restart: the result is
 /// committed once the store can write again, and the entry goes on to its next attempt.

@@ -68,16 +68,18 @@ pub enum Accepted {
 }
 
 /// Why the store could not do what was asked. Every one of them is a 503 to a sender: the request may
-/// succeed later, and nothing of it was kept.
+/// succeed later. Nothing of it was kept, but for [`StoreError::Broken`]: the commit whose sync failed
+/// may have reached the disk, and SQLite's recovery then keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreError {
     /// `max_queued` or `max_queued_bytes` is reached.
     Full(String),
     /// The disk is full, the database is locked or busy: it may pass by itself.
     Unavailable(String),
-    /// An I/O error (a failed write or fsync): after a failed fsync the kernel may have dropped the dirty
-    /// pages it could not write, so what this process reads back can no longer be trusted. The daemon
-    /// stops with a failure for its supervisor to restart it, and SQLite's recovery starts from the disk.
+    /// A failed fsync: the kernel may have dropped the dirty pages it could not write, so what this process
+    /// reads back can no longer be trusted. The daemon stops with a failure for its supervisor to restart
+    /// it, and SQLite's recovery starts from the disk. (A failed write is `Unavailable`: SQLite rolls the
+    /// transaction back, and frames without their commit are never read.)
     Broken(String),
 }
 
@@ -291,10 +293,15 @@ pub trait Store: Send + Sync {
     /// Marks an entry as running, committed (not synced) before it returns, so that the operator's `drop`
     /// cannot remove it while it runs and a crash counts its attempt as interrupted; false when it no
     /// longer waits to run (dropped meanwhile). A power cut may lose the mark: the attempt then does not
-    /// count, and the entry runs again all the same.
-    fn started(&self, id: i64) -> Result<bool, StoreError>;
+    /// count, and the entry runs again all the same. The request id must match too: a row number can be
+    /// given again to a new entry once the newest row was dropped, and a read taken before the drop must
+    /// not start the new entry as the old one.
+    fn started(&self, id: i64, request_id: &str) -> Result<bool, StoreError>;
     /// Keeps an attempt and moves the entry on.
     fn finish(&self, id: i64, attempt: Attempt, next: Next) -> Result<(), StoreError>;
+    /// Puts an entry marked running back in the queue, due at `due_at`, with no attempt counted: its
+    /// script never started, for a reason of the daemon's own.
+    fn put_back(&self, id: i64, due_at: i64) -> Result<(), StoreError>;
     /// At start: entries left running by a crash are queued again. Returns how many are waiting.
     fn recover(&self) -> Result<u64, StoreError>;
     /// Removes what `retention` no longer keeps, in steps, for as long as `go_on` says (it is asked

@@ -635,14 +635,19 @@ const PRUNE_OLDEST: &str = "DELETE FROM deliveries WHERE id IN (
                  WHERE finished_at IS NOT NULL AND id <= ?4 AND (state = 'dead') = ?5
                  ORDER BY id LIMIT ?3))
          WHERE upto - cost < ?1)";
-/// Payloads of finished rows received before `?1`, at most `?2` of them.
+/// Payloads of rows finished before `?1`, at most `?2` of them. The keeping counts from the end, not from
+/// the arrival: an entry that went on retrying for longer keeps its body for `deliveries retry`. (A row
+/// finishes after it arrives, so `received_at` bounds the index's range; the few retried for long are
+/// read and passed over.)
 const PRUNE_PAYLOADS: &str = "UPDATE deliveries SET payload = NULL WHERE id IN (
          SELECT id FROM deliveries
          WHERE payload IS NOT NULL AND finished_at IS NOT NULL AND received_at < ?1
+           AND finished_at < ?1
          LIMIT ?2)";
-/// Finished rows received before `?1`, at most `?2` of them.
+/// Rows finished before `?1`, at most `?2` of them.
 const PRUNE_HISTORY: &str = "DELETE FROM deliveries WHERE id IN (
-         SELECT id FROM deliveries WHERE finished_at IS NOT NULL AND received_at < ?1 LIMIT ?2)";
+         SELECT id FROM deliveries
+         WHERE finished_at IS NOT NULL AND received_at < ?1 AND finished_at < ?1 LIMIT ?2)";
 /// Dedupe keys accepted before `?1`, at most `?2` of them.
 const PRUNE_DEDUPE: &str = "DELETE FROM dedupe WHERE key IN (
          SELECT key FROM dedupe WHERE accepted_at < ?1 LIMIT ?2)";
@@ -1012,13 +1017,14 @@ impl Store for Sqlite {
         })
     }
 
-    fn started(&self, id: i64) -> Result<bool, StoreError> {
+    fn started(&self, id: i64, request_id: &str) -> Result<bool, StoreError> {
+        let request_id = request_id.to_owned();
         self.write_as(Wait::Committed, move |conn, _| {
             conn.prepare_cached(
                 "UPDATE deliveries SET state = 'running'
-                 WHERE id = ?1 AND state IN ('queued', 'failed')",
+                 WHERE id = ?1 AND request_id = ?2 AND state IN ('queued', 'failed')",
             )?
-            .execute([id])
+            .execute(params![id, request_id])
             .map(|n| n > 0)
             .map_err(sql)
         })
@@ -1065,6 +1071,17 @@ impl Store for Sqlite {
                 counts.left(bytes.max(0) as u64);
             }
             Ok(())
+        })
+    }
+
+    fn put_back(&self, id: i64, due_at: i64) -> Result<(), StoreError> {
+        self.write(move |conn, _| {
+            conn.prepare_cached(
+                "UPDATE deliveries SET state = 'queued', due_at = ?2 WHERE id = ?1 AND state = 'running'",
+            )?
+            .execute([id, due_at])
+            .map(drop)
+            .map_err(sql)
         })
     }
 
@@ -1531,11 +1548,11 @@ mod tests {
             exit_code: Some(1),
             ..attempt()
         };
-        assert_eq!(store.started(waiting), Ok(true));
+        assert_eq!(store.started(waiting, "r1"), Ok(true));
         store
             .finish(waiting, failed.clone(), Next::Retry(in_an_hour))
             .expect("finish");
-        assert_eq!(store.started(dead), Ok(true));
+        assert_eq!(store.started(dead, "r2"), Ok(true));
         store.finish(dead, failed, Next::Dead).expect("finish");
         let row =
             |id: i64| {
@@ -1589,7 +1606,7 @@ mod tests {
         let mut retrying = Vec::new();
         for n in 0..40 {
             let id = queued(store.accept(delivery(n), bounds));
-            assert_eq!(store.started(id), Ok(true));
+            assert_eq!(store.started(id, &format!("r{n}")), Ok(true));
             store
                 .finish(id, attempt(), Next::Retry(later))
                 .expect("finish");
@@ -1605,7 +1622,7 @@ mod tests {
             },
             bounds,
         ));
-        assert_eq!(store.started(serial), Ok(true));
+        assert_eq!(store.started(serial, "r40"), Ok(true));
         store
             .finish(serial, attempt(), Next::Retry(later))
             .expect("finish");
@@ -1637,7 +1654,7 @@ mod tests {
         queued(store.accept(delivery(2), two));
         full(store.accept(delivery(3), two));
         // A finished entry gives its place back, within the counts the writer keeps.
-        assert_eq!(store.started(first), Ok(true));
+        assert_eq!(store.started(first, "r1"), Ok(true));
         store.finish(first, attempt(), Next::Done).expect("finish");
         let third = queued(store.accept(delivery(3), two));
         full(store.accept(delivery(4), two));
@@ -1647,7 +1664,7 @@ mod tests {
         queued(store.accept(delivery(4), two));
         full(store.accept(delivery(5), two));
         // A finished one queued again by the operator takes a place again.
-        assert_eq!(store.started(first + 1), Ok(true));
+        assert_eq!(store.started(first + 1, "r2"), Ok(true));
         store
             .finish(first + 1, attempt(), Next::Dead)
             .expect("finish");
@@ -1665,10 +1682,58 @@ mod tests {
         let first = queued(store.accept(delivery(1), bytes));
         queued(store.accept(delivery(2), bytes));
         full(store.accept(delivery(3), bytes));
-        assert_eq!(store.started(first), Ok(true));
+        assert_eq!(store.started(first, "r1"), Ok(true));
         store.finish(first, attempt(), Next::Dead).expect("finish");
         queued(store.accept(delivery(3), bytes));
         full(store.accept(delivery(4), bytes));
+    }
+
+    /// `keep_payloads` and `keep_history` count from when a delivery finished: one that went on retrying
+    /// for weeks keeps its body and its row, for `deliveries retry`, as long as one that failed at once.
+    #[test]
+    fn keeping_counts_from_the_end_not_the_arrival() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Sqlite::open(dir.path()).expect("open");
+        let conn = connect(&store.path).expect("connect");
+        let day = 86_400_000;
+        let now = now_ms();
+        for (request, received, finished) in [
+            ("retried-for-40-days", now - 40 * day, now - 60_000),
+            ("ended-40-days-ago", now - 41 * day, now - 40 * day),
+            ("ended-10-days-ago", now - 10 * day, now - 10 * day),
+        ] {
+            conn.execute(
+                "INSERT INTO deliveries (request_id, received_at, mode, event, route_line, script, state,
+                     status, finished_at, payload, payload_bytes)
+                 VALUES (?1, ?2, 'async', 'E', 1, 's', 'dead', 202, ?3, zeroblob(100), 100)",
+                params![request, received, finished],
+            )
+            .expect("insert");
+        }
+        let retention = Retention {
+            keep_payloads: Duration::from_secs(7 * 86_400),
+            keep_history: Duration::from_secs(30 * 86_400),
+            max_store_bytes: 1 << 30,
+            dedupe_window: Duration::from_secs(86_400),
+        };
+        let pruned = store.prune(retention, &|| true).expect("prune");
+        // The payloads' step comes first: both rows that ended over 7 days ago lose theirs.
+        assert_eq!((pruned.rows, pruned.payloads), (1, 2));
+        let kept: Vec<(String, bool)> = conn
+            .prepare("SELECT request_id, payload IS NOT NULL FROM deliveries ORDER BY id")
+            .expect("prepare")
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .expect("query")
+            .collect::<rusqlite::Result<_>>()
+            .expect("rows");
+        assert_eq!(
+            kept,
+            [
+                ("retried-for-40-days".to_string(), true),
+                ("ended-10-days-ago".to_string(), false)
+            ]
+        );
+        assert_eq!(store.retry(&Target::One("1".into())), Ok(1));
     }
 
     /// Over `max_store_bytes`, the oldest finished rows go first, but a dead letter only once no other
@@ -1973,7 +2038,7 @@ mod tests {
                 attempt: Some(attempt()),
                 body: None,
             });
-            assert_eq!(store.started(id), Ok(true), "entry {n}");
+            assert_eq!(store.started(id, &format!("r{n}")), Ok(true), "entry {n}");
             assert_eq!(state(id).as_deref(), Some("running"), "entry {n}");
             assert_eq!(
                 store.drop_entry(&id.to_string()),
@@ -1996,10 +2061,17 @@ mod tests {
         let id = queued(store.accept(delivery(99), bounds));
         assert_eq!(store.drop_entry(&id.to_string()), Ok(true));
         assert_eq!(
-            store.started(id),
+            store.started(id, "r99"),
             Ok(false),
             "a dropped entry is not started"
         );
         assert_eq!(state(id), None);
+        // The newest row dropped, its number is given again; a read of the dropped entry taken before
+        // the drop does not start the new one in its name.
+        let reused = queued(store.accept(delivery(100), bounds));
+        assert_eq!(reused, id, "SQLite numbers the next row after the largest");
+        assert_eq!(store.started(id, "r99"), Ok(false));
+        assert_eq!(state(id).as_deref(), Some("queued"));
+        assert_eq!(store.started(id, "r100"), Ok(true));
     }
 }
