@@ -7,6 +7,7 @@
 use std::borrow::Cow;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -30,6 +31,10 @@ use crate::store::{self, Accepted, Bounds, NewDelivery, Policy, StoreError, Sync
 /// ones go straight to their payload file and are never parsed, which bounds what one request can make the
 /// parsers allocate. Webhook payloads that carry their event in the body are a few KiB.
 pub const INLINE_BODY: usize = 256 << 10;
+/// Bytes past [`INLINE_BODY`] of bodies whose signature is still being checked, held in memory across all
+/// connections at most (or `max_body`, when that is more): such a body touches the disk only once it
+/// verified, so this is all that senders who cannot sign can make the daemon hold.
+pub const UNVERIFIED_MAX: u64 = 64 << 20;
 
 /// Attempts in all when a route does not say (`retries=4`).
 const DEFAULT_ATTEMPTS: u32 = 5;
@@ -50,6 +55,8 @@ pub struct Gateway {
     /// flood the log (each request's own line still says why it was refused).
     auth_log: Mutex<RateLimit>,
     metrics: Arc<Metrics>,
+    /// What [`UNVERIFIED_MAX`] bounds.
+    unverified: Unverified,
     /// This binary, for scripts as `HOOKRUNNER_BIN`: `"$HOOKRUNNER_BIN" get "$1" /event/deviceName` works
     /// whether or not hookrunner is on the scripts' PATH (a checkout, a test).
     bin: String,
@@ -71,6 +78,8 @@ enum Refusal {
     Busy,
     /// The body failed while it was read (framing, size, pace, the client gone).
     Body(BodyError),
+    /// Bodies whose signature is being checked already hold [`UNVERIFIED_MAX`]: the sender should retry.
+    Unverified,
     /// The payload file could not be created or written.
     Payload(io::Error),
     /// The script could not be started.
@@ -88,7 +97,7 @@ impl Refusal {
             Refusal::Event(_) | Refusal::Malformed(_) => 400,
             Refusal::NoRoute(_) => 404,
             Refusal::Body(e) => e.status(),
-            Refusal::Busy | Refusal::Store(_) => 503,
+            Refusal::Busy | Refusal::Store(_) | Refusal::Unverified => 503,
             Refusal::Payload(e) | Refusal::Spawn(e) if is_resource_shortage(e) => 503,
             Refusal::Unsafe(_) | Refusal::Payload(_) | Refusal::Spawn(_) => 500,
         }
@@ -107,6 +116,9 @@ impl Refusal {
             Refusal::Unsafe(u) => format!("refusing to run {}", u.0),
             Refusal::Busy => "too many scripts running; retry later".to_string(),
             Refusal::Body(e) => e.to_string(),
+            Refusal::Unverified => {
+                "too many large bodies are being received and checked; retry later".to_string()
+            }
             Refusal::Payload(e) => format!("cannot store the payload: {e}"),
             Refusal::Spawn(e) => format!("cannot run the script: {e}"),
             Refusal::Store(e) => format!("cannot queue the delivery: {e}; retry later"),
@@ -172,6 +184,7 @@ impl Gateway {
             bell,
             replays: Replays::default(),
             auth_log: Mutex::new(RateLimit::new(log::Level::Warn)),
+            unverified: Unverified::default(),
 
             bin: std::env::current_exe()
                 .map(|p| p.display().to_string())
@@ -257,7 +270,12 @@ impl Gateway {
         let Authenticated { sender, admitted } = self.authenticate(config, request)?;
         let check = admitted.and_then(|a| a.body);
         let delivery_id = auth::delivery_id(&|name: &str| request.header(name));
-        let received = receive(request, &self.payloads, check)?;
+        let unverified = Hold {
+            budget: &self.unverified,
+            max: UNVERIFIED_MAX.max(config.max_body),
+            bytes: 0,
+        };
+        let received = receive(request, &self.payloads, check, unverified)?;
         let claim = self.claim_delivery(sender, delivery_id.as_deref())?;
         let (event, selected, body_key) = {
             let mut inputs = RequestInputs {
@@ -728,14 +746,54 @@ impl Received {
     }
 }
 
+/// Bytes held in memory by bodies whose signature is being checked, across connections.
+#[derive(Default)]
+struct Unverified(AtomicU64);
+
+/// One request's share of [`Unverified`], given back when it is dropped.
+struct Hold<'g> {
+    budget: &'g Unverified,
+    max: u64,
+    bytes: u64,
+}
+
+impl Hold<'_> {
+    /// Takes `n` more bytes; false (taking none) when that would pass `max`.
+    fn grow(&mut self, n: u64) -> bool {
+        let taken = self
+            .budget
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                held.checked_add(n).filter(|&after| after <= self.max)
+            })
+            .is_ok();
+        if taken {
+            self.bytes += n;
+        }
+        taken
+    }
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        // Most bodies take nothing: no shared write for them.
+        if self.bytes > 0 {
+            self.budget.0.fetch_sub(self.bytes, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Reads the body, keeping it in memory up to `INLINE_BODY` and streaming the rest to a payload file that
 /// has no name until the request is routed. Every byte goes through the sender's signature check, if it has
-/// one, which must pass before anything else happens. A bodiless GET stands for its raw query string (Kazoo
-/// sends its payload that way); a signature covers the body, so for it too the empty body.
+/// one, which must pass before anything else happens: until then a larger body stays in memory, against
+/// `unverified`, and it is written to its file only once it verified, so a request that fails its check
+/// writes nothing. A bodiless GET stands for its raw query string (Kazoo sends its payload that way); a
+/// signature covers the body, so for it too the empty body.
 fn receive(
     request: &mut Request<'_>,
     payloads: &PayloadDir,
     mut check: Option<BodyCheck>,
+    mut unverified: Hold<'_>,
 ) -> Result<Received, Refusal> {
     let mut received = Received::Inline(Vec::new());
     // A signature covers the body alone: the query string must not stand in for it as the payload.
@@ -755,6 +813,13 @@ fn receive(
             Received::Inline(bytes) if bytes.len() + n <= INLINE_BODY => {
                 bytes.extend_from_slice(&chunk[..n]);
             }
+            Received::Inline(bytes) if signed => {
+                let past_inline = (bytes.len() + n - INLINE_BODY.max(bytes.len())) as u64;
+                if !unverified.grow(past_inline) {
+                    return Err(Refusal::Unverified);
+                }
+                bytes.extend_from_slice(&chunk[..n]);
+            }
             Received::Inline(bytes) => {
                 let mut payload = payloads.create_unnamed().map_err(Refusal::Payload)?;
                 payload.write_all(bytes).map_err(Refusal::Payload)?;
@@ -769,6 +834,15 @@ fn receive(
     if let Some(check) = check {
         check.finish().map_err(Refusal::Auth)?;
     }
+    if let Received::Inline(bytes) = &received {
+        if bytes.len() > INLINE_BODY {
+            // Verified: now it may go to its file, as an unsigned body that large went at once.
+            let mut payload = payloads.create_unnamed().map_err(Refusal::Payload)?;
+            payload.write_all(bytes).map_err(Refusal::Payload)?;
+            received = Received::Spilled(payload);
+        }
+    }
+    drop(unverified);
     if let Received::Inline(bytes) = &mut received {
         if bytes.is_empty() && request.method == Method::Get && !signed {
             bytes.extend_from_slice(request.query.as_bytes());

@@ -225,13 +225,14 @@ fn a_large_signed_body_with_a_bad_signature_never_becomes_a_payload_file() {
     ));
     let out = counter(&env, "big");
     let server = env.serve();
-    // 1 MiB: past the 256 KiB kept in memory, so it streams to disk while its signature is computed.
+    // 1 MiB: past the 256 KiB an unsigned body keeps in memory; a signed one stays there until it verified.
     let mut body = br#"{"pad":""#.to_vec();
     body.extend(std::iter::repeat_n(b'x', 1 << 20));
     body.extend_from_slice(b"\"}");
     let good = github_sign("large-body-secret", &body);
     let bad = github_sign("another-secret", &body);
-    // Half the body, then a look at the payload directory while the daemon holds the spilled part.
+    // Over half the body, then a look at the payload directory once the daemon has read it all: no file,
+    // not even one without a name.
     let mut stream = server.connect();
     let head = format!(
         "POST /hooks/big HTTP/1.1\r\nHost: t\r\nX-Hub-Signature-256: {bad}\r\nContent-Length: {}\r\n\r\n",
@@ -241,15 +242,15 @@ fn a_large_signed_body_with_a_bad_signature_never_becomes_a_payload_file() {
     stream.write_all(&body[..600 << 10]).expect("first part");
     let pid = server.child.id();
     assert!(
-        wait_until(Duration::from_secs(10), || open_payload_files(pid, &env)
-            == 1),
-        "the daemon spilled the body to a file"
+        wait_until(Duration::from_secs(10), || unread(&stream) == Some(0)),
+        "the daemon did not read what was sent"
     );
     assert_eq!(
-        payload_files(&env),
-        [".lock"],
-        "the spilled body has no name while it is unverified"
+        open_payload_files(pid, &env),
+        0,
+        "an unverified body went to a file"
     );
+    assert_eq!(payload_files(&env), [".lock"]);
     stream.write_all(&body[600 << 10..]).expect("the rest");
     let response = Response::read(&mut stream).expect("an answer");
     assert_refused(&server, &env, &response, 401, &out, &["large-body-secret"]);
@@ -263,6 +264,110 @@ fn a_large_signed_body_with_a_bad_signature_never_becomes_a_payload_file() {
         &body,
     );
     assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(runs(&out).len(), 1);
+}
+
+/// Bytes sent on `stream` that the other end has not read yet: its socket's receive queue, from
+/// /proc/net/tcp (both ends are on this machine's loopback). `None` when the socket is not listed.
+fn unread(stream: &std::net::TcpStream) -> Option<u64> {
+    let hex = |addr: std::net::SocketAddr| match addr {
+        std::net::SocketAddr::V4(a) => format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(a.ip().octets()),
+            a.port()
+        ),
+        std::net::SocketAddr::V6(_) => String::new(),
+    };
+    let (server, client) = (
+        hex(stream.peer_addr().ok()?),
+        hex(stream.local_addr().ok()?),
+    );
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.get(1) == Some(&server.as_str()) && fields.get(2) == Some(&client.as_str()))
+            .then(|| fields.get(4)?.split_once(':'))
+            .flatten()
+            .and_then(|(_, rx)| u64::from_str_radix(rx, 16).ok())
+    })
+}
+
+/// Bodies whose signature is still being checked are held in memory, never on disk, and together at
+/// most 64 MiB past the first 256 KiB of each: past that, such a request is answered 503 with
+/// Retry-After. What they held is given back when they end, and a signed body is served again.
+#[test]
+fn unverified_bodies_are_held_up_to_a_bound_then_answered_503() {
+    let env = Env::new();
+    let file = secret(&env, "github-secret", "bound-secret");
+    let env = env.config(&format!(
+        "[[sender]]\nname = \"gh\"\ntype = \"github\"\nsecret_file = {file:?}\n"
+    ));
+    let out = counter(&env, "big");
+    let server = env.serve();
+    let pid = server.child.id();
+    let body = vec![b'x'; 9 << 20];
+    let bad = github_sign("another-secret", &body);
+    let head = format!(
+        "POST /hooks/big HTTP/1.1\r\nHost: t\r\nX-Hub-Signature-256: {bad}\r\nContent-Length: {}\r\n\r\n",
+        body.len() + 1
+    );
+    // Eight bodies of 9 MiB, each one byte short of its length, so none is checked: 8 × 8.75 MiB past
+    // the inline part is more than 64 MiB.
+    let streams: Vec<std::net::TcpStream> = (0..8).map(|_| server.connect()).collect();
+    std::thread::scope(|scope| {
+        for stream in &streams {
+            let (head, body) = (&head, &body);
+            scope.spawn(move || {
+                let mut stream = stream;
+                // A refused one may be closed before all of it is taken.
+                let _ = stream.write_all(head.as_bytes());
+                let _ = stream.write_all(body);
+            });
+        }
+    });
+    let mut refused = 0;
+    for stream in &streams {
+        stream
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .expect("timeout");
+        let mut stream = stream;
+        if let Ok(response) = Response::read(&mut stream) {
+            assert_eq!(response.status, 503, "{}", response.text());
+            assert!(response.header("Retry-After").is_some());
+            assert!(
+                response.text().contains("retry later"),
+                "{}",
+                response.text()
+            );
+            refused += 1;
+        }
+    }
+    assert!((1..8).contains(&refused), "{refused} of 8 refused");
+    assert_eq!(
+        open_payload_files(pid, &env),
+        0,
+        "an unverified body went to a file"
+    );
+    assert!(runs(&out).is_empty());
+    drop(streams);
+    // Given back: a signed body as large is served (once the ended requests let go of theirs).
+    let good = github_sign("bound-secret", &body);
+    let mut last = 0;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            last = server
+                .request(
+                    "POST",
+                    "/hooks/big",
+                    &[("X-Hub-Signature-256", &good)],
+                    &body,
+                )
+                .status;
+            last == 200
+        }),
+        "last answer {last}\n{}",
+        server.log()
+    );
     assert_eq!(runs(&out).len(), 1);
 }
 
