@@ -1128,23 +1128,37 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-#[test]
-fn a_full_disk_is_answered_503_never_2xx_and_service_resumes_when_space_is_freed() {
+/// Makes `dir` a tmpfs of `size` (mode 0700), unmounted when the result is dropped; `None`, saying the test
+/// is skipped, where that cannot be done (not root, no mount).
+fn small_tmpfs(dir: &std::path::Path, size: &str) -> Option<Mounted> {
     if !is_root() {
-        println!("skipped: mounting a small tmpfs for the store needs root");
-        return;
+        println!("skipped: mounting a small tmpfs needs root");
+        return None;
     }
-    let env = Env::new();
-    fs::create_dir(env.state()).expect("state dir");
+    fs::create_dir(dir).expect("mount point");
     let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs"])
-        .arg(env.state())
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={size},mode=0700"),
+            "tmpfs",
+        ])
+        .arg(dir)
         .status();
     if !mounted.as_ref().is_ok_and(|s| s.success()) {
         println!("skipped: cannot mount a tmpfs here ({mounted:?})");
-        return;
+        return None;
     }
-    let _mount = Mounted(env.state());
+    Some(Mounted(dir.to_path_buf()))
+}
+
+#[test]
+fn a_full_disk_is_answered_503_never_2xx_and_service_resumes_when_space_is_freed() {
+    let env = Env::new();
+    let Some(_mount) = small_tmpfs(&env.state(), "4m") else {
+        return;
+    };
     // Space that can be given back later: half the file system. Until SQLite can checkpoint (which needs
     // room for the database beside its WAL) every write after the space is freed appends to the WAL, and
     // each entry caught waiting by the full disk still has two of them to come (its "running" mark and its
@@ -1226,21 +1240,10 @@ fn a_full_disk_is_answered_503_never_2xx_and_service_resumes_when_space_is_freed
 /// and the failure spends none of its attempts (a route with one attempt is not dead of it).
 #[test]
 fn a_full_payload_directory_spends_no_attempt_and_the_entry_runs_when_there_is_room() {
-    if !is_root() {
-        println!("skipped: mounting a small tmpfs for the payload directory needs root");
-        return;
-    }
     let env = Env::new();
-    fs::create_dir(env.payloads()).expect("payload dir");
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs"])
-        .arg(env.payloads())
-        .status();
-    if !mounted.as_ref().is_ok_and(|s| s.success()) {
-        println!("skipped: cannot mount a tmpfs here ({mounted:?})");
+    let Some(_mount) = small_tmpfs(&env.payloads(), "256k") else {
         return;
-    }
-    let _mount = Mounted(env.payloads());
+    };
     let ran = env.path().join("ran");
     env.script(
         "f.sh",

@@ -203,10 +203,13 @@ impl Server {
         }
     }
 
+    /// Waits for the daemon to exit, then (for a few seconds at most: a script it left may still hold its
+    /// stderr) for its log to be read to the end, so a caller can assert on its last lines.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
+                self.wait_log_complete(Duration::from_secs(5));
                 return Some(status);
             }
             std::thread::sleep(Duration::from_millis(20));
