@@ -5,7 +5,8 @@
 use rusqlite::{Connection, TransactionBehavior};
 
 /// Times are milliseconds since the epoch. `state` is one of `store::State`'s names; `mode` `sync` or
-/// `async`. A queued entry is a row whose state is `queued`, `failed` (waiting to retry) or `running`.
+/// `async`. A queued entry is an async row whose state is `queued`, `failed` (waiting to retry) or `running`;
+/// a sync row is `done` or `failed` from the start.
 const MIGRATIONS: &[&str] = &["
     CREATE TABLE deliveries (
         id INTEGER PRIMARY KEY,
@@ -81,6 +82,13 @@ const MIGRATIONS: &[&str] = &["
     DROP INDEX deliveries_waiting;
     CREATE INDEX deliveries_waiting ON deliveries(id, due_at, serial)
         WHERE state IN ('queued', 'failed', 'running');
+", "
+    -- Only async entries wait: a sync request whose script failed leaves a `failed` row too, and those
+    -- stayed in the waiting index for as long as the history keeps them (30 days by default), so every
+    -- look at the queue walked all of them. An idle daemon with 300,000 of them spent a sixth of a CPU.
+    DROP INDEX deliveries_waiting;
+    CREATE INDEX deliveries_waiting ON deliveries(id, due_at, serial)
+        WHERE mode = 'async' AND state IN ('queued', 'failed', 'running');
 "];
 
 /// Brings the database to the newest version, one transaction per step (a crash mid-way leaves the last

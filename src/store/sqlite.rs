@@ -899,9 +899,9 @@ fn record_in(conn: &Connection, r: &SyncRecord) -> rusqlite::Result<()> {
 pub(crate) const BACKLOG: &str = "SELECT state, count(*) FROM deliveries
      WHERE mode = 'async' AND state != 'done' GROUP BY state";
 
-/// The dispatcher's read of the queue, a page at a time from `?1` on. The first term is the waiting index's
-/// own condition, written out: SQLite uses a partial index only where it finds that condition in the
-/// query, and without it this read scanned the whole history. No `LIMIT ?`: SQLite plans with a bound
+/// The dispatcher's read of the queue, a page at a time from `?1` on. The state and mode terms are the
+/// waiting index's own condition, written out: SQLite uses a partial index only where it finds that
+/// condition in the query, and without it this read scanned the whole history. No `LIMIT ?`: SQLite plans with a bound
 /// LIMIT's value, so binding it again at every look made it prepare the statement again (most of a look's
 /// cost); the caller stops reading at its page's end instead.
 const PENDING: &str =
@@ -924,7 +924,7 @@ const RECOVER_ATTEMPTS: &str = "INSERT OR IGNORE INTO attempts (delivery, n, sta
 /// once, whatever attempts they had left).
 const RECOVER: &str = "UPDATE deliveries SET state = 'queued', attempts = attempts + 1,
          max_attempts = max(max_attempts, attempts + 2)
-     WHERE state IN ('queued', 'failed', 'running') AND state = 'running'";
+     WHERE state IN ('queued', 'failed', 'running') AND state = 'running' AND mode = 'async'";
 
 const ROW_COLUMNS: &str = "id, request_id, received_at, mode, sender, event, route_line, script, \
      delivery_id, state, status, attempts, last_exit, due_at, finished_at, payload_bytes, \
@@ -1022,7 +1022,7 @@ impl Store for Sqlite {
         self.write_as(Wait::Committed, move |conn, _| {
             conn.prepare_cached(
                 "UPDATE deliveries SET state = 'running'
-                 WHERE id = ?1 AND request_id = ?2 AND state IN ('queued', 'failed')",
+                 WHERE id = ?1 AND request_id = ?2 AND mode = 'async' AND state IN ('queued', 'failed')",
             )?
             .execute(params![id, request_id])
             .map(|n| n > 0)
@@ -1588,6 +1588,63 @@ mod tests {
         assert_eq!(
             query_plan(&store, PENDING, &[&0, &0]),
             ["SEARCH deliveries USING INDEX deliveries_waiting (id>?)"]
+        );
+    }
+
+    /// A sync request whose script failed leaves a `failed` row in the history, which is not waiting to run:
+    /// the dispatcher's look at the queue (several a second) must not walk past the history's failures.
+    #[test]
+    fn the_queue_read_does_not_walk_the_failed_sync_history() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Sqlite::open(dir.path()).expect("open");
+        let failures = 2_000;
+        for n in 0..failures {
+            store.record(SyncRecord {
+                request_id: format!("sync-{n}"),
+                received_at: now_ms(),
+                sender: None,
+                event: "E".into(),
+                route_line: 1,
+                script: "s.sh".into(),
+                delivery_id: None,
+                status: 500,
+                attempt: Some(Attempt {
+                    exit_code: Some(1),
+                    ..attempt()
+                }),
+                body: None,
+            });
+        }
+        let bounds = Bounds {
+            max_queued: 10,
+            max_queued_bytes: 1 << 20,
+            dedupe_window: Duration::ZERO,
+        };
+        let queued = queued(store.accept(delivery(1), bounds));
+        let failed: i64 = store
+            .read(|c| {
+                c.query_row(
+                    "SELECT count(*) FROM deliveries WHERE mode = 'sync' AND state = 'failed'",
+                    [],
+                    |r| r.get(0),
+                )
+            })
+            .expect("count");
+        assert_eq!(failed, failures, "the history rows are written, as failed");
+        let (ids, steps) = store
+            .read(|c| {
+                let mut stmt = c.prepare(PENDING)?;
+                let ids = stmt
+                    .query_map([0, now_ms()], |r| r.get::<_, i64>(0))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok((ids, stmt.get_status(rusqlite::StatementStatus::VmStep)))
+            })
+            .expect("read");
+        assert_eq!(ids, [queued]);
+        // 36 steps for the one entry here; walking past the failures cost 12 each (24,039 in all).
+        assert!(
+            steps < 500,
+            "{steps} steps of SQLite's machine to find 1 entry among {failures} failed sync rows"
         );
     }
 
