@@ -202,6 +202,21 @@ class TlsTargets(unittest.TestCase):
         self.assertEqual(close[1], "**FAIL**", close)
         self.assertIn("not measured at c=64", close[0])
 
+    def test_the_rustls_client_pair_is_judged_against_its_own_baseline(self):
+        res = results()
+        label = ("hookrunner TLS (new connection per request), rustls client ≥ 0.85 × plain with the "
+                 "same client")
+        self.assertNotIn(label, verdicts(res))
+        # 700 / 950 (hookrunner under wrk) would fail; 700 / 800 (the same client's plain load) passes.
+        for system, rate in (("hookrunner-rustls", 800), ("hookrunner-tls-close-rustls", 700)):
+            for row in sync_rows(system, rate):
+                res.sync.setdefault(system, {}).setdefault(row["concurrency"], {})[row["rep"]] = row
+        self.assertEqual(verdicts(res)[label][1], "pass", verdicts(res)[label])
+        set_rate(res, "hookrunner-tls-close-rustls", 2, 670)
+        self.assertEqual(verdicts(res)[label][1], "**FAIL**", verdicts(res)[label])
+        self.assertIn("TLS with a new connection per request, driven by a rustls client",
+                      report.section(res))
+
     def test_no_tls_row_without_a_tls_run(self):
         self.assertFalse(any("TLS" in label for label in verdicts(results())))
 
