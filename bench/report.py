@@ -44,6 +44,8 @@ PEERS = ["ceiling", "webhook", "apache"]
 TARGET_VS = {"ceiling": 0.90, "webhook": 1.3, "apache": 1.8}
 TARGET_ADDED_MS = 0.3
 TARGET_ACKS = 3000
+# The concurrencies of issue 10's async table, at which its acks/s targets are set.
+ACK_POINTS = (16, 64)
 TARGET_ACK_P99_MS = 10.0
 # With the store open (the history is on by default), issue 10's bound; without it (history = false, no
 # store), the core gateway's older bound of issue 3.
@@ -541,18 +543,26 @@ def targets(res):
         by_c = defaultdict(list)
         for r in async_rows:
             by_c[r["concurrency"]].append(rate(r))
-        worst = min(median(v) for v in by_c.values())
+        # The floor qualifies the issue's two async points, c=16 and c=64. Below them it is no target: one
+        # client waiting for each durable commit in turn gets at most one ack per fsync, whatever the
+        # server (so the lower concurrencies are shown, not judged).
+        judged = {c: median(v) for c, v in by_c.items() if c in ACK_POINTS}
+        shown = {c: median(v) for c, v in by_c.items() if c not in ACK_POINTS}
+        worst = min(judged.values()) if judged else None
+        measured = ("not measured at c=16 or c=64" if worst is None
+                    else f"{fmt(worst)}/s at worst (c={min(judged, key=judged.get)})")
+        if shown:
+            measured += " (not judged: " + ", ".join(f"c={c} {fmt(r)}/s" for c, r in sorted(shown.items())) + ")"
         acked = sum(ok_count(r) for r in async_rows)
         ran = sum(r.get("ran", 0) for r in async_rows)
         undrained = sorted({r["concurrency"] for r in async_rows if not r.get("settled", True)})
+        label = f"async ≥ {TARGET_ACKS} acks/s durable at c=16 and c=64, 100% run"
         if undrained:
-            rows.append([f"async ≥ {TARGET_ACKS} acks/s durable, 100% run",
-                         f"{fmt(worst)}/s at worst; {ran} of {acked} acked ran, the queue not drained "
+            rows.append([label, f"{measured}; {ran} of {acked} acked ran, the queue not drained "
                          f"at c={', c='.join(str(c) for c in undrained)}", "not shown"])
         else:
-            rows.append([f"async ≥ {TARGET_ACKS} acks/s durable, 100% run",
-                         f"{fmt(worst)}/s at worst; {ran} of {acked} acked ran",
-                         mark(worst >= TARGET_ACKS and ran >= acked)])
+            rows.append([label, f"{measured}; {ran} of {acked} acked ran",
+                         "—" if worst is None else mark(worst >= TARGET_ACKS and ran >= acked)])
         fsync = next((r.get("rate") for r in res.rows["async_ceiling"] if r.get("what") == "fsync"),
                      None)
         for c, factor in ((16, 2), (64, 3)):
@@ -567,7 +577,8 @@ def targets(res):
                          "not measured" if p99 is None else fmt(p99, 2, " ms"),
                          "—" if p99 is None else mark(p99 <= TARGET_ACK_P99_MS)])
     else:
-        rows.append([f"async ≥ {TARGET_ACKS} acks/s durable, 100% run", "not measured", "—"])
+        rows.append([f"async ≥ {TARGET_ACKS} acks/s durable at c=16 and c=64, 100% run", "not measured",
+                     "—"])
     idle, peak, row = res.rss("hookrunner")
     idle_text, peak_text = kib_text(idle), kib_text(peak)
     if row is not None:

@@ -269,10 +269,6 @@ class AckLatency(unittest.TestCase):
         self.assertIn("0.90 / 4.50 / 40.00", text)
         self.assertIn("87.00", text)
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 class Drained(unittest.TestCase):
     def with_async(self, *rows):
         res = results()
@@ -304,3 +300,33 @@ class Drained(unittest.TestCase):
         self.assertIn("adnanh/webhook acknowledged events that never ran at c = 64. It answers 200", text)
         self.assertIn("(here 1024)", text)
         self.assertNotIn("hookrunner acknowledged events that never ran", text)
+
+
+class AckFloor(unittest.TestCase):
+    def with_async(self, *rows):
+        res = results()
+        res.rows["async"] = list(rows)
+        return res
+
+    def test_the_floor_is_judged_at_c16_and_c64_and_the_rest_is_shown(self):
+        one = dict(async_row(1, 1, 3000.0), statuses={"202": 6300}, ran=6300)
+        res = self.with_async(one, async_row(16, 1, 3000.0), async_row(64, 1, 3000.0))
+        measured, mark = verdict(res, "async ≥ 3000")
+        self.assertEqual(mark, "pass", measured)
+        self.assertIn("10,000/s at worst", measured)
+        self.assertIn("not judged: c=1 2,100/s", measured)
+        slow = dict(async_row(64, 1, 3000.0), statuses={"202": 8700}, ran=8700)
+        res = self.with_async(one, async_row(16, 1, 3000.0), slow)
+        measured, mark = verdict(res, "async ≥ 3000")
+        self.assertEqual(mark, "**FAIL**", measured)
+        self.assertIn("2,900/s at worst (c=64)", measured)
+
+    def test_without_c16_and_c64_the_floor_is_not_measured(self):
+        res = self.with_async(dict(async_row(4, 1, 3000.0)))
+        measured, mark = verdict(res, "async ≥ 3000")
+        self.assertEqual(mark, "—")
+        self.assertIn("not measured at c=16 or c=64", measured)
+
+
+if __name__ == "__main__":
+    unittest.main()
