@@ -176,6 +176,8 @@ impl Dispatcher {
         let mut wait = POLL;
         // Serial lanes that already have an earlier entry waiting or running: later ones wait behind it.
         let mut held = HashSet::new();
+        // First the first entry of each serial lane, then the other routes' due entries, a page at a time.
+        let mut heads = true;
         let mut after = 0;
         loop {
             {
@@ -183,16 +185,24 @@ impl Dispatcher {
                 running.ended.clear();
                 running.ended_lanes.clear();
             }
-            let page = match self.store.pending(after, now, PAGE) {
+            let read = if heads {
+                self.store.lane_heads()
+            } else {
+                self.store.pending(after, now, PAGE)
+            };
+            let page = match read {
                 Ok(page) => page,
                 Err(e) => {
                     log::error!("cannot read the queue: {e}");
                     return POLL;
                 }
             };
-            let last = page.len() < PAGE;
+            let last = !heads && page.len() < PAGE;
+            heads = false;
             for entry in page {
-                after = entry.id;
+                if !entry.policy.serial {
+                    after = entry.id;
+                }
                 let lane = entry.serial_lane().to_owned();
                 {
                     let running = running.lock().unwrap_or_else(|e| e.into_inner());
@@ -200,9 +210,9 @@ impl Dispatcher {
                         continue;
                     }
                 }
-                // Only a serial route's entries come before they are due (the store leaves out the
-                // others): one waiting to retry holds the later ones of its lane. The others are seen
-                // once due, at the next look (POLL at the latest).
+                // Only the first entry of a serial lane comes before it is due (the store leaves out the
+                // others): waiting to retry, it holds the later ones of its lane. The others are seen once
+                // due, at the next look (POLL at the latest).
                 if entry.due_at > now {
                     let until = Duration::from_millis((entry.due_at - now) as u64);
                     wait = wait.min(until);

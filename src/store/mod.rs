@@ -285,10 +285,14 @@ pub trait Store: Send + Sync {
     fn record(&self, record: SyncRecord);
     /// Waits until every row handed to [`Store::record`] so far is committed (at shutdown).
     fn flush(&self);
-    /// Up to `limit` entries waiting to run whose id is above `after`, oldest first: those due by `due_by`,
-    /// and a serial route's whether due or not (a later entry of its route waits behind one that is not).
-    /// Entries waiting to retry later are not read at all: in an outage thousands may wait.
+    /// Up to `limit` entries of routes that are not serial, waiting to run and due by `due_by`, whose id is
+    /// above `after`, oldest first. Entries waiting to retry later are not read at all: in an outage
+    /// thousands may wait.
     fn pending(&self, after: i64, due_by: i64, limit: usize) -> Result<Vec<Pending>, StoreError>;
+    /// The first entry waiting in each serial lane ([`Pending::serial_lane`]), due or not, oldest first:
+    /// the only one of its lane that may start, so what waits behind it is not read (in an outage, a
+    /// whole backlog).
+    fn lane_heads(&self) -> Result<Vec<Pending>, StoreError>;
     fn payload(&self, id: i64) -> Result<Option<Vec<u8>>, StoreError>;
     /// Marks an entry as running, committed (not synced) before it returns, so that the operator's `drop`
     /// cannot remove it while it runs and a crash counts its attempt as interrupted; false when it no
