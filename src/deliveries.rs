@@ -189,12 +189,14 @@ pub fn run(config: Option<PathBuf>, action: Action) -> Result<(), (String, u8)> 
     match action {
         Action::List { query, json } => {
             let rows = store.list(&query).map_err(failed)?;
-            let summary = store.summary().map_err(failed)?;
             if json {
                 let rows: Vec<_> = rows.iter().map(row_json).collect();
                 let _ = writeln!(out, "{}", serde_json::Value::Array(rows));
                 return Ok(());
             }
+            // Counted over every row kept (the summary line's figures are the whole history's), so only
+            // for the human listing that prints it.
+            let summary = store.summary().map_err(failed)?;
             let _ = writeln!(
                 out,
                 "{:>6}  {:<24} {:<5} {:<7} {:>6} {:>8} {:>4}  {:<12} {:<20} SCRIPT",
