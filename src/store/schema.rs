@@ -85,21 +85,17 @@ const MIGRATIONS: &[&str] = &["
 ", "
     -- Only async entries wait: a sync request whose script failed leaves a `failed` row too, and those
     -- stayed in the waiting index for as long as the history keeps them (30 days by default), so every
-    -- look at the queue walked all of them. An idle daemon with 300,000 of them spent a sixth of a CPU.
-    DROP INDEX deliveries_waiting;
-    CREATE INDEX deliveries_waiting ON deliveries(id, due_at, serial)
-        WHERE mode = 'async' AND state IN ('queued', 'failed', 'running');
-", "
-    -- A serial lane (its script) waits behind its first entry: the dispatcher reads that one alone, one
-    -- index search per lane, instead of every entry behind it (50,000 behind a head waiting to retry
-    -- cost a fifth of a CPU while idle, and draining them took time quadratic in their number). The
-    -- other routes' entries are read from the waiting index's own part, `serial = 0`, so a serial
-    -- backlog is not walked there either.
-    CREATE INDEX deliveries_lanes ON deliveries(script, id)
-        WHERE mode = 'async' AND serial AND state IN ('queued', 'failed');
+    -- look at the queue walked all of them (an idle daemon with 300,000 of them spent a sixth of a CPU).
+    -- The other routes' entries are read from the index's `serial = 0` part, so a serial backlog is not
+    -- walked there either. A serial lane (its script) waits behind its first entry: the dispatcher reads
+    -- that one alone, one search of the lanes index per lane, instead of every entry behind it (50,000
+    -- behind a head waiting to retry cost a fifth of a CPU while idle, and draining them took time
+    -- quadratic in their number).
     DROP INDEX deliveries_waiting;
     CREATE INDEX deliveries_waiting ON deliveries(serial, id, due_at)
         WHERE mode = 'async' AND state IN ('queued', 'failed', 'running');
+    CREATE INDEX deliveries_lanes ON deliveries(script, id)
+        WHERE mode = 'async' AND serial AND state IN ('queued', 'failed');
 "];
 
 /// Brings the database to the newest version, one transaction per step (a crash mid-way leaves the last

@@ -1416,6 +1416,36 @@ mod tests {
             .expect("plan")
     }
 
+    /// The ids of the entries `sql` (a read of [`pending_row`]s) finds, and the steps SQLite's virtual
+    /// machine took to find them: a count that grows with the rows a read walks past.
+    fn ids_and_steps(store: &Sqlite, sql: &str, args: &[&dyn rusqlite::ToSql]) -> (Vec<i64>, i32) {
+        store
+            .read(|c| {
+                let mut stmt = c.prepare(sql)?;
+                let ids = stmt
+                    .query_map(args, |r| pending_row(r).map(|p| p.id))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok((ids, stmt.get_status(rusqlite::StatementStatus::VmStep)))
+            })
+            .expect("read")
+    }
+
+    /// The history row of sync request `n`, answered `status` after `attempt`.
+    fn sync_record(n: u32, status: u16, attempt: Attempt) -> SyncRecord {
+        SyncRecord {
+            request_id: format!("sync-{n}"),
+            received_at: now_ms(),
+            sender: None,
+            event: "E".into(),
+            route_line: 1,
+            script: "s.sh".into(),
+            delivery_id: None,
+            status,
+            attempt: Some(attempt),
+            body: None,
+        }
+    }
+
     fn dedupe_keys(conn: &Connection) -> Vec<String> {
         let mut stmt = conn
             .prepare("SELECT key FROM dedupe ORDER BY key")
@@ -1646,21 +1676,11 @@ mod tests {
         let store = Sqlite::open(dir.path()).expect("open");
         let failures = 2_000;
         for n in 0..failures {
-            store.record(SyncRecord {
-                request_id: format!("sync-{n}"),
-                received_at: now_ms(),
-                sender: None,
-                event: "E".into(),
-                route_line: 1,
-                script: "s.sh".into(),
-                delivery_id: None,
-                status: 500,
-                attempt: Some(Attempt {
-                    exit_code: Some(1),
-                    ..attempt()
-                }),
-                body: None,
-            });
+            let failed = Attempt {
+                exit_code: Some(1),
+                ..attempt()
+            };
+            store.record(sync_record(n, 500, failed));
         }
         let bounds = Bounds {
             max_queued: 10,
@@ -1677,16 +1697,12 @@ mod tests {
                 )
             })
             .expect("count");
-        assert_eq!(failed, failures, "the history rows are written, as failed");
-        let (ids, steps) = store
-            .read(|c| {
-                let mut stmt = c.prepare(PENDING)?;
-                let ids = stmt
-                    .query_map([0, now_ms()], |r| r.get::<_, i64>(0))?
-                    .collect::<rusqlite::Result<Vec<_>>>()?;
-                Ok((ids, stmt.get_status(rusqlite::StatementStatus::VmStep)))
-            })
-            .expect("read");
+        assert_eq!(
+            failed,
+            i64::from(failures),
+            "the history rows are written, as failed"
+        );
+        let (ids, steps) = ids_and_steps(&store, PENDING, &[&0, &now_ms()]);
         assert_eq!(ids, [queued]);
         // 36 steps for the one entry here; walking past the failures cost 12 each (24,039 in all).
         assert!(
@@ -1773,37 +1789,16 @@ mod tests {
             queued(store.accept(serial_delivery(n + 2, script), bounds));
         }
         let c = queued(store.accept(serial_delivery(behind + 2, "/c"), bounds));
-        let heads = |store: &Sqlite| -> (Vec<(i64, String)>, i32) {
-            store
-                .read(|conn| {
-                    let mut stmt = conn.prepare(LANE_HEADS)?;
-                    let heads = stmt
-                        .query_map([], pending_row)?
-                        .map(|p| p.map(|p| (p.id, p.script)))
-                        .collect::<rusqlite::Result<Vec<_>>>()?;
-                    Ok((heads, stmt.get_status(rusqlite::StatementStatus::VmStep)))
-                })
-                .expect("heads")
-        };
-        let (found, steps) = heads(&store);
-        assert_eq!(
-            found,
-            [(a, "/a".to_string()), (b, "/b".into()), (c, "/c".into())]
-        );
+        let (found, steps) = ids_and_steps(&store, LANE_HEADS, &[]);
+        assert_eq!(found, [a, b, c], "the first entries of lanes /a, /b and /c");
         // 306 steps here; reading the lanes' entries without their index took 123,485.
         assert!(
             steps < 1_000,
             "{steps} steps of SQLite's machine for 3 lanes with {behind} entries behind their heads"
         );
         // Nor does the other routes' read walk past them.
-        let (others, steps) = store
-            .read(|conn| {
-                let mut stmt = conn.prepare(PENDING)?;
-                let n = stmt.query_map([0, now_ms()], |_| Ok(()))?.count();
-                Ok((n, stmt.get_status(rusqlite::StatementStatus::VmStep)))
-            })
-            .expect("pending");
-        assert_eq!(others, 0);
+        let (others, steps) = ids_and_steps(&store, PENDING, &[&0, &now_ms()]);
+        assert_eq!(others, Vec::<i64>::new());
         assert!(
             steps < 100,
             "{steps} steps to find no entry of a route that is not serial"
@@ -2206,18 +2201,7 @@ mod tests {
             let id = queued(store.accept(delivery(n), bounds));
             // A history row set aside just before wakes the writer to gather more for up to 250 ms: the
             // mark, which someone waits for, must end that wait as an accept does.
-            store.record(SyncRecord {
-                request_id: format!("sync-{n}"),
-                received_at: now_ms(),
-                sender: None,
-                event: "E".into(),
-                route_line: 1,
-                script: "s.sh".into(),
-                delivery_id: None,
-                status: 200,
-                attempt: Some(attempt()),
-                body: None,
-            });
+            store.record(sync_record(n, 200, attempt()));
             assert_eq!(store.started(id, &format!("r{n}")), Ok(true), "entry {n}");
             assert_eq!(state(id).as_deref(), Some("running"), "entry {n}");
             assert_eq!(
