@@ -565,6 +565,59 @@ fn a_running_entry_cannot_be_dropped_and_a_kill_mid_run_counts_its_attempt() {
     drop(server);
 }
 
+/// A second daemon on the same store (here with a payload directory of its own, as `sudo hookrunner serve`
+/// beside the service gets) is refused before it touches the store: it would take the first daemon's
+/// running entry for one a crash left, queue it again and run it a second time.
+#[test]
+fn a_second_daemon_on_the_same_store_is_refused_and_a_running_entry_runs_once() {
+    let env = Env::new();
+    let dir = env.path().to_path_buf();
+    let go = dir.join("go");
+    let _release = crate::util::Release(go.clone());
+    env.script(
+        "r.sh",
+        &format!(
+            "echo \"$HOOKRUNNER_ATTEMPT\" >> {attempts:?}\n{}",
+            crate::util::wait_for_release(&dir.join("started"), &go),
+            attempts = dir.join("attempts")
+        ),
+    );
+    env.routes("R r.sh async\n");
+    let server = env.serve();
+    assert_eq!(server.post("/hooks/R", b"{}").status, 202);
+    assert!(wait_until(Duration::from_secs(10), || dir
+        .join("started")
+        .exists()));
+    // The same scripts and routes, its own payload directory, the first one's store.
+    let other = Env::new();
+    other.script("r.sh", "exit 0");
+    other.routes("R r.sh async\n");
+    let mut command = other.serve_command("127.0.0.1:0");
+    command.env("STATE_DIRECTORY", env.state());
+    let mut second = Server::spawn(command);
+    let status = second
+        .wait_exit(Duration::from_secs(10))
+        .expect("the second daemon exits");
+    assert!(!status.success(), "{status:?}");
+    assert!(
+        second
+            .log()
+            .contains("is in use by another hookrunner serve; give each daemon its own state_dir"),
+        "{}",
+        second.log()
+    );
+    assert_eq!(
+        rows(&env, &["--event", "R"])[0]["state"],
+        "running",
+        "the first daemon's entry is left as it was"
+    );
+    fs::write(&go, "").expect("go");
+    let done = wait_state(&env, "R", "done", Duration::from_secs(10));
+    assert_eq!(done["attempts"], 1);
+    assert_eq!(lines(&dir.join("attempts")), ["1"], "ran once");
+    drop(server);
+}
+
 /// Starts the daemon right after a kill -9 of the last one. The killed daemon's lock on `payload_dir` can
 /// outlive it for an instant: a script it was starting holds a copy of every descriptor between fork and
 /// exec. A start refused for that alone is tried again, briefly.

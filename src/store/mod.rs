@@ -306,7 +306,10 @@ pub trait Store: Send + Sync {
     /// Puts an entry marked running back in the queue, due at `due_at`, with no attempt counted: its
     /// script never started, for a reason of the daemon's own.
     fn put_back(&self, id: i64, due_at: i64) -> Result<(), StoreError>;
-    /// At start: entries left running by a crash are queued again. Returns how many are waiting.
+    /// At a daemon's start: claims the store for this daemon alone, for as long as the store is open (a
+    /// second daemon on the same store is refused here, before it touches anything), then queues again the
+    /// entries a crash left running. Returns how many are waiting. Only a daemon calls it: the operator's
+    /// CLI works beside the daemon without a claim.
     fn recover(&self) -> Result<u64, StoreError>;
     /// Removes what `retention` no longer keeps, in steps, for as long as `go_on` says (it is asked
     /// between steps). Only what was there when it began: rows written meanwhile wait for the next pass.

@@ -17,7 +17,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, Row as SqlRow, params};
@@ -190,6 +190,8 @@ pub struct Sqlite {
     later: Arc<Later>,
     reader: Mutex<Connection>,
     broken: Arc<AtomicBool>,
+    /// The daemon's claim on the store (see [`Sqlite::claim`]), held until the store is dropped.
+    claim: Mutex<Option<fs::File>>,
 }
 
 impl Sqlite {
@@ -254,7 +256,50 @@ impl Sqlite {
             later,
             reader: Mutex::new(reader),
             broken,
+            claim: Mutex::new(None),
         })
+    }
+
+    /// Takes an exclusive `flock` on `hookrunner.db.lock` beside the database, for as long as this store
+    /// is open. Two daemons on one store would each take the other's running entries for ones a crash
+    /// left behind, queue them again at start (`recover`) and run them a second time, even at once; the
+    /// second daemon is refused instead. Its payload directory has a lock of its own, but two daemons can
+    /// have different payload directories (a `sudo hookrunner serve` beside the service gets another
+    /// default) and still share the store. The lock goes with the process, however it ends.
+    fn claim(&self) -> Result<(), StoreError> {
+        let mut claim = self.claim.lock().unwrap_or_else(PoisonError::into_inner);
+        if claim.is_some() {
+            return Ok(());
+        }
+        let mut name = self.path.clone().into_os_string();
+        name.push(".lock");
+        let lock_path = PathBuf::from(name);
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|e| {
+                StoreError::Unavailable(format!("cannot open {}: {e}", lock_path.display()))
+            })?;
+        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(StoreError::Unavailable(format!(
+                    "{} is in use by another hookrunner serve; give each daemon its own state_dir",
+                    self.path.display()
+                )));
+            }
+            Err(e) => {
+                return Err(StoreError::Unavailable(format!(
+                    "cannot lock {}: {e}",
+                    lock_path.display()
+                )));
+            }
+        }
+        *claim = Some(lock);
+        Ok(())
     }
 
     /// Hands `work` to the writer and waits until the transaction that holds it is on disk.
@@ -1122,6 +1167,7 @@ impl Store for Sqlite {
     }
 
     fn recover(&self) -> Result<u64, StoreError> {
+        self.claim()?;
         self.write(|conn, counts| {
             conn.prepare_cached(RECOVER_ATTEMPTS)?
                 .execute([])
