@@ -331,9 +331,16 @@ impl Gateway {
             .run_async
             .unwrap_or(config.store.run_async);
         if let (true, Some(store)) = (run_async, store) {
-            let key = body_key
-                .or(delivery_id.clone())
-                .map(|id| format!("{}\n{id}", sender_name.as_deref().unwrap_or("")));
+            // A sender's delivery id is unique among its deliveries. An id read from the body by a route's
+            // `dedupe_key` is often only a counter of one kind of event (order 42, invoice 42): it is
+            // unique within its event, so the event is part of its key.
+            let sender_part = sender_name.as_deref().unwrap_or("");
+            let key = match body_key {
+                Some(id) => Some(format!("{sender_part}\n{event}\n{id}")),
+                None => delivery_id
+                    .as_ref()
+                    .map(|id| format!("{sender_part}\n{id}")),
+            };
             let q = &selected.queueing;
             let delivery = NewDelivery {
                 request_id: request.id.clone(),
