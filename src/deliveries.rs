@@ -252,7 +252,34 @@ pub fn run(config: Option<PathBuf>, action: Action) -> Result<(), (String, u8)> 
             );
         }
         Action::Retry(target) => {
-            let n = store.retry(&target).map_err(failed)?;
+            let bounds = store::Bounds {
+                max_queued: config.store.max_queued,
+                max_queued_bytes: config.store.max_queued_bytes,
+                dedupe_window: config.store.dedupe_window,
+            };
+            let retried = store.retry(&target, bounds).map_err(failed)?;
+            let n = retried.queued;
+            if n > 0 {
+                let _ = writeln!(
+                    out,
+                    "{n} entr{} queued to run now",
+                    if n == 1 { "y" } else { "ies" }
+                );
+            }
+            if retried.no_room > 0 {
+                let m = retried.no_room;
+                return Err((
+                    format!(
+                        "{m} entr{} left as {}: the queue is full (max_queued = {}, max_queued_bytes = \
+                         {}); retry once it has drained",
+                        if m == 1 { "y" } else { "ies" },
+                        if m == 1 { "it was" } else { "they were" },
+                        config.store.max_queued,
+                        config.store.max_queued_bytes
+                    ),
+                    1,
+                ));
+            }
             if n == 0 {
                 return Err((
                     "nothing to retry: no such async entry, it is queued or running, or its payload is \
@@ -261,11 +288,6 @@ pub fn run(config: Option<PathBuf>, action: Action) -> Result<(), (String, u8)> 
                     1,
                 ));
             }
-            let _ = writeln!(
-                out,
-                "{n} entr{} queued to run now",
-                if n == 1 { "y" } else { "ies" }
-            );
         }
         Action::Drop(id) => {
             if !store.drop_entry(&id).map_err(failed)? {

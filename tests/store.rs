@@ -393,6 +393,50 @@ fn the_cli_retries_shows_and_drops_entries_while_the_daemon_runs() {
     );
 }
 
+/// `deliveries retry` queues an entry again only while the queue has room, as an accept would: past
+/// `max_queued` it says so, exits 1 and leaves the entry as it was.
+#[test]
+fn the_cli_retry_keeps_to_the_queue_bound() {
+    let env = Env::new().config("max_queued = 1");
+    let dir = env.path().to_path_buf();
+    let go = dir.join("go");
+    let _release = crate::util::Release(go.clone());
+    env.script("dead.sh", "exit 65");
+    env.script(
+        "w.sh",
+        &crate::util::wait_for_release(&dir.join("started"), &go),
+    );
+    env.routes("D dead.sh async\nW w.sh async\n");
+    let server = env.serve();
+    assert_eq!(server.post("/hooks/D", b"{}").status, 202);
+    wait_state(&env, "D", "dead", Duration::from_secs(10));
+    assert_eq!(server.post("/hooks/W", b"{}").status, 202);
+    assert!(wait_until(Duration::from_secs(10), || dir
+        .join("started")
+        .exists()));
+    let refused = deliveries(&env, &["retry", "--dead"]);
+    assert_eq!(refused.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains("1 entry left as it was: the queue is full (max_queued = 1"),
+        "{said}"
+    );
+    assert_eq!(rows(&env, &["--event", "D"])[0]["state"], "dead");
+    fs::write(&go, "").expect("go");
+    wait_state(&env, "W", "done", Duration::from_secs(10));
+    let retried = deliveries(&env, &["retry", "--dead"]);
+    assert!(
+        retried.status.success(),
+        "{}",
+        String::from_utf8_lossy(&retried.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&retried.stdout),
+        "1 entry queued to run now\n"
+    );
+    drop(server);
+}
+
 #[test]
 fn a_repeated_delivery_id_is_answered_as_the_first_and_not_run_again_across_a_restart() {
     let env = Env::new();

@@ -277,6 +277,15 @@ pub enum Target {
     Dead(Option<String>),
 }
 
+/// What a `retry` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Retried {
+    /// Entries queued to run now.
+    pub queued: u64,
+    /// Entries left as they were because the queue had no room for them.
+    pub no_room: u64,
+}
+
 /// The store as the gateway, the dispatcher and the CLI see it.
 pub trait Store: Send + Sync {
     /// Commits an async delivery (durably, before returning) or finds it a duplicate.
@@ -317,8 +326,10 @@ pub trait Store: Send + Sync {
     fn list(&self, query: &Query) -> Result<Vec<Row>, StoreError>;
     /// A row by its number or its request id, with its attempts.
     fn show(&self, id: &str) -> Result<Option<(Row, Vec<Attempt>)>, StoreError>;
-    /// Queues entries again to run now; returns how many.
-    fn retry(&self, target: &Target) -> Result<u64, StoreError>;
+    /// Queues entries again to run now, within `bounds`' `max_queued` and `max_queued_bytes` (an entry
+    /// waiting to retry is already counted; a dead or done one is counted again), in the transaction
+    /// that queues them.
+    fn retry(&self, target: &Target, bounds: Bounds) -> Result<Retried, StoreError>;
     /// Removes an entry that is not running; returns whether there was one.
     fn drop_entry(&self, id: &str) -> Result<bool, StoreError>;
     fn summary(&self) -> Result<Summary, StoreError>;

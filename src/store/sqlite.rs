@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, Row as SqlRow, params};
 
 use super::{
-    Accepted, Attempt, Bounds, NewDelivery, Next, Pending, Policy, Pruned, Query, Retention, Row,
-    State, Store, StoreError, Summary, SyncRecord, Target, now_ms, schema,
+    Accepted, Attempt, Bounds, NewDelivery, Next, Pending, Policy, Pruned, Query, Retention,
+    Retried, Row, State, Store, StoreError, Summary, SyncRecord, Target, now_ms, schema,
 };
 use crate::routes::Glob;
 
@@ -1271,7 +1271,7 @@ impl Store for Sqlite {
         })
     }
 
-    fn retry(&self, target: &Target) -> Result<u64, StoreError> {
+    fn retry(&self, target: &Target, bounds: Bounds) -> Result<Retried, StoreError> {
         let ids: Vec<i64> = match target {
             Target::One(id) => self.resolve(id)?.into_iter().collect(),
             Target::Dead(glob) => {
@@ -1293,22 +1293,51 @@ impl Store for Sqlite {
             // Rare (the operator's): the counts are read again rather than followed.
             counts.forget();
             let now = now_ms();
-            let mut n = 0;
+            let mut retried = Retried::default();
             for &id in &ids {
-                // One more attempt, now; only async entries whose payload is still kept can run again.
-                // An entry waiting to retry keeps the attempts it has left: it only runs sooner.
-                n += conn
+                // Only async entries whose payload is still kept can run again.
+                let found = conn
                     .prepare_cached(
-                        "UPDATE deliveries SET state = 'queued', due_at = ?2, finished_at = NULL,
-                             max_attempts = CASE state WHEN 'failed' THEN max(max_attempts, attempts + 1)
-                                                       ELSE attempts + 1 END
+                        "SELECT state, payload_bytes FROM deliveries
                          WHERE id = ?1 AND mode = 'async' AND state IN ('dead', 'failed', 'done')
                            AND payload IS NOT NULL",
                     )?
-                    .execute(params![id, now])
-                    .map_err(sql)? as u64;
+                    .query_row(params![id], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+                    })
+                    .optional()
+                    .map_err(sql)?;
+                let Some((state, bytes)) = found else {
+                    continue;
+                };
+                // An entry waiting to retry is counted already; a dead or done one waits again.
+                let again = state != State::Failed.as_str();
+                let bytes = bytes.max(0) as u64;
+                let waiting = counts.get(conn)?;
+                if again
+                    && (waiting.queued >= bounds.max_queued
+                        || waiting.queued_bytes.saturating_add(bytes) > bounds.max_queued_bytes)
+                {
+                    retried.no_room += 1;
+                    continue;
+                }
+                // One more attempt, now. An entry waiting to retry keeps the attempts it has left: it
+                // only runs sooner.
+                conn.prepare_cached(
+                    "UPDATE deliveries SET state = 'queued', due_at = ?2, finished_at = NULL,
+                         max_attempts = CASE state WHEN 'failed' THEN max(max_attempts, attempts + 1)
+                                                   ELSE attempts + 1 END
+                     WHERE id = ?1",
+                )?
+                .execute(params![id, now])
+                .map_err(sql)?;
+                if again {
+                    waiting.queued += 1;
+                    waiting.queued_bytes += bytes;
+                }
+                retried.queued += 1;
             }
-            Ok(n)
+            Ok(retried)
         })
     }
 
@@ -1377,6 +1406,13 @@ impl Store for Sqlite {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Bounds no test reaches.
+    const ROOMY: Bounds = Bounds {
+        max_queued: u64::MAX,
+        max_queued_bytes: u64::MAX,
+        dedupe_window: Duration::ZERO,
+    };
 
     fn delivery(n: u32) -> NewDelivery {
         NewDelivery {
@@ -1680,7 +1716,13 @@ mod tests {
                     .expect("row")
             };
         for id in [waiting, dead] {
-            assert_eq!(store.retry(&Target::One(id.to_string())).expect("retry"), 1);
+            assert_eq!(
+                store
+                    .retry(&Target::One(id.to_string()), bounds)
+                    .expect("retry")
+                    .queued,
+                1
+            );
         }
         assert_eq!(
             row(waiting),
@@ -1889,8 +1931,23 @@ mod tests {
         store
             .finish(first + 1, attempt(), Next::Dead)
             .expect("finish");
-        assert_eq!(cli.retry(&Target::One(first.to_string())), Ok(1));
+        let one = Retried {
+            queued: 1,
+            no_room: 0,
+        };
+        let no_room = Retried {
+            queued: 0,
+            no_room: 1,
+        };
+        assert_eq!(cli.retry(&Target::One(first.to_string()), two), Ok(one));
         full(store.accept(delivery(5), two));
+        // ...and only while the queue has room: the operator's retry is held to the bounds an accept is.
+        assert_eq!(
+            cli.retry(&Target::One((first + 1).to_string()), two),
+            Ok(no_room)
+        );
+        assert_eq!(cli.retry(&Target::Dead(None), two), Ok(no_room));
+        assert_eq!(waiting(&cli.reader.lock().unwrap()).unwrap().queued, 2);
 
         // The byte bound the same way: 100-byte bodies, room for two.
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1907,6 +1964,11 @@ mod tests {
         store.finish(first, attempt(), Next::Dead).expect("finish");
         queued(store.accept(delivery(3), bytes));
         full(store.accept(delivery(4), bytes));
+        assert_eq!(
+            store.retry(&Target::One(first.to_string()), bytes),
+            Ok(no_room),
+            "100 more bytes than there is room for"
+        );
     }
 
     /// `keep_payloads` and `keep_history` count from when a delivery finished: one that went on retrying
@@ -1954,7 +2016,12 @@ mod tests {
                 ("ended-10-days-ago".to_string(), false)
             ]
         );
-        assert_eq!(store.retry(&Target::One("1".into())), Ok(1));
+        assert_eq!(
+            store
+                .retry(&Target::One("1".into()), ROOMY)
+                .map(|r| r.queued),
+            Ok(1)
+        );
     }
 
     /// Over `max_store_bytes`, the oldest finished rows go first, but a dead letter only once no other
