@@ -38,6 +38,10 @@ const CHANNEL: usize = 1024;
 const GATHER: Duration = Duration::from_millis(250);
 /// Each connection's page cache, in KiB (SQLite's negative `cache_size`).
 const CACHE_KIB: i64 = -256;
+/// What the write-ahead log is cut back to when SQLite starts it over after a checkpoint. It grows by a
+/// transaction's pages past the 1,000-page checkpoint (~4 MiB), and without a limit the file keeps its
+/// largest size for good: one 40 MB async body left a 41 MB log behind it.
+const WAL_LIMIT: i64 = 8 << 20;
 /// How long a connection waits for another process's write lock (the CLI's) before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// What a history row takes besides its payload (its columns, attempts, index entries), to estimate how
@@ -424,6 +428,7 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
     // The default page cache (2 MiB) per connection would triple the daemon's idle memory; the writer
     // appends and the readers look at the recent end of the queue, which a small cache holds.
     conn.pragma_update(None, "cache_size", CACHE_KIB)?;
+    conn.pragma_update(None, "journal_size_limit", WAL_LIMIT)?;
     // The writer's statements (each kind of work, the transaction's own) all stay prepared.
     conn.set_prepared_statement_cache_capacity(32);
     Ok(conn)
@@ -1679,6 +1684,21 @@ mod tests {
 
     /// `deliveries retry` of an entry waiting for its next attempt runs it now and keeps the attempts it
     /// has left; of a dead or done one, it allows exactly one more.
+    #[test]
+    fn the_write_ahead_log_is_cut_back_after_a_large_delivery() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Sqlite::open(dir.path()).expect("open");
+        let wal = dir.path().join(format!("{}-wal", super::super::DATABASE));
+        let mut large = delivery(1);
+        large.body = vec![b'x'; 24 << 20];
+        queued(store.accept(large, ROOMY));
+        assert!(fs::metadata(&wal).expect("wal").len() > 24 << 20);
+        // The large one's commit was checkpointed; the next transaction starts the log over and cuts it.
+        queued(store.accept(delivery(2), ROOMY));
+        let len = fs::metadata(&wal).expect("wal").len();
+        assert!(len <= WAL_LIMIT as u64, "the log kept {len} bytes");
+    }
+
     #[test]
     fn retry_brings_an_attempt_forward_without_taking_the_attempts_left() {
         let dir = tempfile::tempdir().expect("tempdir");
