@@ -890,7 +890,31 @@ fn accept_in(
     Ok(Accepted::Queued { id })
 }
 
-fn insert_attempt(conn: &Connection, id: i64, a: &Attempt) -> rusqlite::Result<usize> {
+/// An entry retried past its route's attempts (exit 75, through a long outage: two dozen attempts a day
+/// at the default `retry_max`, each with up to 4 KiB of output) keeps its first attempts, which say how
+/// the trouble began, and its latest, which say where it stands; those between go. Otherwise a waiting
+/// entry, which pruning never touches, would grow the store without bound. An entry keeps
+/// `ATTEMPTS_KEPT` or its route's attempts, whichever is more, so within its attempts it keeps every
+/// one. The row's `attempts` still counts every one.
+const FIRST_ATTEMPTS_KEPT: u32 = 5;
+const ATTEMPTS_KEPT: u32 = 25;
+
+/// Writes attempt `a` of entry `id`, whose route allows `max_attempts`.
+fn insert_attempt(
+    conn: &Connection,
+    id: i64,
+    a: &Attempt,
+    max_attempts: u32,
+) -> rusqlite::Result<()> {
+    let kept = ATTEMPTS_KEPT.max(max_attempts);
+    if a.n > kept {
+        conn.prepare_cached("DELETE FROM attempts WHERE delivery = ?1 AND n > ?2 AND n <= ?3")?
+            .execute(params![
+                id,
+                FIRST_ATTEMPTS_KEPT,
+                a.n - (kept - FIRST_ATTEMPTS_KEPT)
+            ])?;
+    }
     conn.prepare_cached(
         "INSERT OR REPLACE INTO attempts (delivery, n, started_at, duration_ms, exit_code, signal,
              timed_out, output)
@@ -906,6 +930,7 @@ fn insert_attempt(conn: &Connection, id: i64, a: &Attempt) -> rusqlite::Result<u
         a.timed_out,
         a.output
     ])
+    .map(drop)
 }
 
 /// A sync row and its one attempt, in one statement (see schema's migration 2).
@@ -1119,12 +1144,13 @@ impl Store for Sqlite {
     fn finish(&self, id: i64, attempt: Attempt, next: Next) -> Result<(), StoreError> {
         self.write(move |conn, counts| {
             let now = now_ms();
-            let waited: Option<(bool, i64)> = conn
+            let waited: Option<(bool, i64, u32)> = conn
                 .prepare_cached(
-                    "SELECT state IN ('queued', 'failed', 'running') AND mode = 'async', payload_bytes
+                    "SELECT state IN ('queued', 'failed', 'running') AND mode = 'async', payload_bytes,
+                         max_attempts
                      FROM deliveries WHERE id = ?1",
                 )?
-                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                 .optional()
                 .map_err(sql)?;
             let (state, due, finished) = match next {
@@ -1151,9 +1177,11 @@ impl Store for Sqlite {
                 ])
                 .map_err(sql)?;
             if changed > 0 {
-                insert_attempt(conn, id, &attempt).map_err(sql)?;
+                let max_attempts = waited.map_or(1, |(_, _, max)| max);
+                insert_attempt(conn, id, &attempt, max_attempts).map_err(sql)?;
             }
-            if let (true, Some((true, bytes)), Next::Done | Next::Dead) = (changed > 0, waited, next) {
+            if let (true, Some((true, bytes, _)), Next::Done | Next::Dead) = (changed > 0, waited, next)
+            {
                 counts.left(bytes.max(0) as u64);
             }
             Ok(())
@@ -1684,6 +1712,49 @@ mod tests {
 
     /// `deliveries retry` of an entry waiting for its next attempt runs it now and keeps the attempts it
     /// has left; of a dead or done one, it allows exactly one more.
+    #[test]
+    fn an_entry_retried_without_end_keeps_its_first_and_latest_attempts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Sqlite::open(dir.path()).expect("open");
+        let id = queued(store.accept(delivery(1), ROOMY));
+        for n in 1..=40 {
+            assert_eq!(store.started(id, "r1"), Ok(true));
+            let tempfail = Attempt {
+                n,
+                exit_code: Some(75),
+                ..attempt()
+            };
+            store
+                .finish(id, tempfail, Next::Retry(now_ms()))
+                .expect("finish");
+        }
+        let (row, attempts) = store.show(&id.to_string()).expect("show").expect("row");
+        assert_eq!(row.attempts, 40, "every attempt counted");
+        let kept: Vec<u32> = attempts.iter().map(|a| a.n).collect();
+        let expected: Vec<u32> = (1..=5).chain(21..=40).collect();
+        assert_eq!(kept, expected);
+
+        // A route with more attempts than that keeps every one of them.
+        let mut many = delivery(2);
+        many.policy.max_attempts = 30;
+        let id = queued(store.accept(many, ROOMY));
+        for n in 1..=31 {
+            assert_eq!(store.started(id, "r2"), Ok(true));
+            let failed = Attempt {
+                n,
+                exit_code: Some(if n < 30 { 1 } else { 75 }),
+                ..attempt()
+            };
+            store
+                .finish(id, failed, Next::Retry(now_ms()))
+                .expect("finish");
+        }
+        let (_, attempts) = store.show(&id.to_string()).expect("show").expect("row");
+        let kept: Vec<u32> = attempts.iter().map(|a| a.n).collect();
+        let expected: Vec<u32> = (1..=5).chain(7..=31).collect();
+        assert_eq!(kept, expected, "30 kept: the route's attempts");
+    }
+
     #[test]
     fn the_write_ahead_log_is_cut_back_after_a_large_delivery() {
         let dir = tempfile::tempdir().expect("tempdir");
