@@ -537,6 +537,49 @@ fn standard_webhooks_from_the_reference_library_pass_once_and_replays_are_answer
     assert!(!log.contains(key));
 }
 
+/// An id is kept in the replay memory once accepted, so its length is capped before anything else is done
+/// with it: one byte past the cap is refused however well it is signed, one at the cap runs.
+#[test]
+fn a_standard_webhooks_id_past_256_bytes_is_refused_before_it_is_run_or_remembered() {
+    let env = Env::new();
+    let key = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+    let file = secret(&env, "sw-secret", key);
+    let env = env.config(&format!(
+        "[[sender]]\nname = \"sw\"\ntype = \"standard-webhooks\"\nsecret_file = {file:?}\n"
+    ));
+    let out = counter(&env, "sw");
+    let server = env.serve();
+    let body = payload("standardwebhooks-json-example.event.json");
+    let long = "m".repeat(257);
+    let signed_at = now();
+    let response = standard_request(&server, key, "webhook", &long, signed_at, &body);
+    let sent = standard_webhooks_sign(key, &long, signed_at, &body);
+    assert_refused(
+        &server,
+        &env,
+        &response,
+        401,
+        &out,
+        &[key, sent.trim_start_matches("v1,")],
+    );
+    assert!(
+        server
+            .log()
+            .contains("auth=\"webhook-id header is not in the scheme's form\""),
+        "refused for its id, not its signature:\n{}",
+        server.log()
+    );
+    let at_cap = "m".repeat(256);
+    let response = standard_request(&server, key, "webhook", &at_cap, now(), &body);
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(runs(&out).len(), 1, "{:?}", runs(&out));
+    assert!(
+        runs(&out)[0].starts_with(&format!("sw {at_cap} ")),
+        "{:?}",
+        runs(&out)
+    );
+}
+
 #[test]
 fn a_failed_run_does_not_make_its_retry_a_duplicate() {
     let env = Env::new();

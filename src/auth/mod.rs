@@ -155,6 +155,12 @@ const STANDARD_WEBHOOKS_HEADERS: [[&str; 3]; 2] = [
     ["svix-id", "svix-timestamp", "svix-signature"],
 ];
 
+/// The longest Standard Webhooks delivery id (`webhook-id`, `svix-id`) accepted, in bytes. Svix and the
+/// Standard Webhooks libraries send ids of about 30 characters (`msg_` and a KSUID), so this refuses no
+/// real sender; without it an id is bounded only by the head limit (up to 1 MiB), and every accepted one
+/// is kept in the replay memory (see [`replay`]) for two windows.
+pub const MAX_DELIVERY_ID_BYTES: usize = 256;
+
 /// What the head of a request said, as the checks need it.
 pub struct Head<'a> {
     pub header: &'a dyn Fn(&str) -> Option<&'a str>,
@@ -234,6 +240,11 @@ impl Sender {
                     .find(|names| header(names[0]).is_some())
                     .unwrap_or(&STANDARD_WEBHOOKS_HEADERS[0]);
                 let id = header(names[0]).ok_or_else(|| Failure::Missing(names[0].into()))?;
+                // Before the signature is computed or the id claimed: a sender with the secret could
+                // otherwise fill the replay memory with ids of up to the head limit each.
+                if id.len() > MAX_DELIVERY_ID_BYTES {
+                    return Err(Failure::Malformed(names[0].into()));
+                }
                 let timestamp =
                     header(names[1]).ok_or_else(|| Failure::Missing(names[1].into()))?;
                 let signature =
@@ -531,6 +542,50 @@ mod tests {
             admit(&s, &garbled, "127.0.0.1", &Trusted::default()).err(),
             Some(Failure::Malformed("svix-timestamp".into()))
         );
+    }
+
+    /// An id past the cap is refused as malformed (401) from the head alone, under either scheme's name;
+    /// one at the cap goes on to the signature check.
+    #[test]
+    fn a_standard_webhooks_id_longer_than_the_cap_is_malformed() {
+        let key = Secret::new(
+            verify::standard_webhooks_key(b"whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD").expect("key"),
+        );
+        let s = sender(
+            "sw",
+            "/",
+            Scheme::StandardWebhooks {
+                key,
+                window: Duration::from_secs(300),
+            },
+        );
+        let at_cap = "m".repeat(MAX_DELIVERY_ID_BYTES);
+        let past_cap = "m".repeat(MAX_DELIVERY_ID_BYTES + 1);
+        for prefix in ["webhook", "svix"] {
+            let id_header = format!("{prefix}-id");
+            let timestamp = format!("{prefix}-timestamp");
+            let signature = format!("{prefix}-signature");
+            let with_id = |id: &str| {
+                admit(
+                    &s,
+                    &[
+                        (&id_header, id),
+                        (&timestamp, "1649367553"),
+                        (&signature, "v1,AAAA"),
+                    ],
+                    "127.0.0.1",
+                    &Trusted::default(),
+                )
+            };
+            let refused = with_id(&past_cap).err().expect("refused");
+            assert_eq!(refused, Failure::Malformed(id_header.clone()));
+            assert_eq!(refused.status(), 401);
+            let admitted = with_id(&at_cap).expect("an id at the cap is admitted");
+            assert!(
+                admitted.body.is_some(),
+                "{prefix}: its signature is still checked"
+            );
+        }
     }
 
     #[test]

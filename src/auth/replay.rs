@@ -10,9 +10,12 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// Ids kept at most: at ~200 bytes each, about 20 MB when full. A sender filling it within its
-/// window (two of them, see [`Replays::claim`]) sends more than 160 deliveries a second with the default
-/// 300 s window, or more than 1.1 a second with a 24 h one.
+/// Ids kept at most. An entry holds its key (the sender's name, at most 128 bytes, and the id, at most
+/// [`MAX_DELIVERY_ID_BYTES`](super::MAX_DELIVERY_ID_BYTES)) twice, once in each map, and its first answer.
+/// Counted allocations of a full memory: about 300 bytes an entry for Svix's ~30-byte ids (30 MB), and
+/// 1.1 KB with a name and ids at their caps (110 MB). A sender filling it within its window (two of them,
+/// see [`Replays::claim`]) sends more than 160 deliveries a second with the default 300 s window, or more
+/// than 1.1 a second with a 24 h one.
 const MAX_IDS: usize = 100_000;
 /// The log says that accepted ids are forgotten early at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(60);
