@@ -1160,6 +1160,11 @@ fn check_validates_profiles_and_secret_files() {
             "must be a URL path",
         ),
         ("type = \"mtls\"".to_string(), "type mtls needs subjects"),
+        // RFC 7617 splits at the first colon: no client could send this user.
+        (
+            format!("type = \"basic\"\nuser = \"jamf:ops\"\npassword_file = {readable:?}"),
+            "user \"jamf:ops\" must not contain ':'",
+        ),
         (
             format!("type = \"standard-webhooks\"\nsecret_file = {bare_prefix:?}"),
             "must hold a Standard Webhooks secret",

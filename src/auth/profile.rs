@@ -101,13 +101,24 @@ impl RawSender {
     fn scheme(&self, context: &mut Context<'_>) -> Result<Scheme, String> {
         let (allowed, scheme): (&[&str], _) = match self.kind.as_str() {
             "none" => (&[], Scheme::None),
-            "basic" => (
-                &["user", "password_file"],
-                Scheme::Basic {
-                    user: self.user.clone().ok_or("type basic needs user")?,
-                    password: self.secret(&self.password_file, "password_file", context)?,
-                },
-            ),
+            "basic" => {
+                let user = self.user.clone().ok_or("type basic needs user")?;
+                // RFC 7617 splits user-pass at its first colon, so a user with one could never match
+                // what a client sends. (An empty user can: `:password` splits into it.)
+                if user.contains(':') {
+                    return Err(format!(
+                        "user {user:?} must not contain ':': Basic credentials are split at the first colon, \
+                         so no client could send it"
+                    ));
+                }
+                (
+                    &["user", "password_file"],
+                    Scheme::Basic {
+                        user,
+                        password: self.secret(&self.password_file, "password_file", context)?,
+                    },
+                )
+            }
             "headers" => {
                 let headers = self.headers.as_ref().filter(|h| !h.is_empty()).ok_or(
                     "type headers needs headers = { \"Header-Name\" = \"/path/to/file-with-its-value\" }",
@@ -275,4 +286,43 @@ fn is_token(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn basic(user: &str, password_file: PathBuf) -> RawSender {
+        let text = format!(
+            "name = \"jamf\"\ntype = \"basic\"\nuser = {user:?}\npassword_file = {password_file:?}\n"
+        );
+        basic_toml::from_str(&text).expect("a sender table")
+    }
+
+    #[test]
+    fn a_basic_user_with_a_colon_is_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        let password = dir.path().join("password");
+        fs::write(&password, "s3cret\n").expect("write");
+        fs::set_permissions(&password, fs::Permissions::from_mode(0o600)).expect("chmod");
+        let mut warnings = Vec::new();
+        let mut context = Context {
+            credentials: None,
+            base: dir.path(),
+            warnings: &mut warnings,
+        };
+        let err = basic("jamf:ops", password.clone())
+            .build(&mut context)
+            .expect_err("refused");
+        assert!(
+            err.contains("user \"jamf:ops\" must not contain ':'"),
+            "{err}"
+        );
+        let sender = basic("jamf", password).build(&mut context).expect("built");
+        assert!(
+            matches!(&sender.scheme, Scheme::Basic { user, .. } if user == "jamf"),
+            "{:?}",
+            sender.scheme
+        );
+    }
 }
