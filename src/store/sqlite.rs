@@ -1248,10 +1248,13 @@ impl Store for Sqlite {
                    AND (?5 IS NULL OR received_at >= ?5)
                  ORDER BY id DESC LIMIT ?6"
             );
+            // The same glob as `retry --dead --event` (`routes::Glob`: `*` and `?` only): SQLite's GLOB
+            // would read `[...]` as a class, so `[` is made literal (`[[]`).
+            let event = q.event.as_deref().map(|e| e.replace('[', "[[]"));
             let mut stmt = c.prepare(&sql)?;
             let rows = stmt.query_map(
                 params![
-                    q.event,
+                    event,
                     q.state.map(State::as_str),
                     q.exit_code,
                     q.sender,
@@ -1753,6 +1756,44 @@ mod tests {
         let kept: Vec<u32> = attempts.iter().map(|a| a.n).collect();
         let expected: Vec<u32> = (1..=5).chain(7..=31).collect();
         assert_eq!(kept, expected, "30 kept: the route's attempts");
+    }
+
+    #[test]
+    fn list_and_retry_read_an_event_glob_alike() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Sqlite::open(dir.path()).expect("open");
+        for (n, event) in [(1, "ComputerAdded"), (2, "ComputerInventoryCompleted")] {
+            let mut d = delivery(n);
+            d.event = event.into();
+            let id = queued(store.accept(d, ROOMY));
+            assert_eq!(store.started(id, &format!("r{n}")), Ok(true));
+            store.finish(id, attempt(), Next::Dead).expect("finish");
+        }
+        let listed = |glob: &str| {
+            let query = Query {
+                event: Some(glob.into()),
+                state: None,
+                exit_code: None,
+                sender: None,
+                since: None,
+                limit: 10,
+            };
+            store.list(&query).expect("list").len()
+        };
+        assert_eq!(listed("computer*"), 2, "case-insensitive, as routes match");
+        assert_eq!(listed("Computer?dded"), 1);
+        // `[AI]` is no class to either: it matches nothing, as `retry --dead --event` finds nothing.
+        assert_eq!(listed("Computer[AI]*"), 0);
+        assert_eq!(
+            store.retry(&Target::Dead(Some("Computer[AI]*".into())), ROOMY),
+            Ok(Retried::default())
+        );
+        assert_eq!(
+            store
+                .retry(&Target::Dead(Some("computer*".into())), ROOMY)
+                .map(|r| r.queued),
+            Ok(2)
+        );
     }
 
     #[test]
