@@ -306,9 +306,9 @@ pub trait Store: Send + Sync {
     /// Marks an entry as running, committed (not synced) before it returns, so that the operator's `drop`
     /// cannot remove it while it runs and a crash counts its attempt as interrupted; false when it no
     /// longer waits to run (dropped meanwhile). A power cut may lose the mark: the attempt then does not
-    /// count, and the entry runs again all the same. The request id must match too: a row number can be
-    /// given again to a new entry once the newest row was dropped, and a read taken before the drop must
-    /// not start the new entry as the old one.
+    /// count, and the entry runs again all the same. The request id must match too, so that a read taken
+    /// before a drop cannot start another entry under the dropped one's number, whatever a backend does
+    /// with the numbers of dropped rows (SQLite's are never given again, see the schema's version 7).
     fn started(&self, id: i64, request_id: &str) -> Result<bool, StoreError>;
     /// Keeps an attempt and moves the entry on.
     fn finish(&self, id: i64, attempt: Attempt, next: Next) -> Result<(), StoreError>;

@@ -96,11 +96,77 @@ const MIGRATIONS: &[&str] = &["
         WHERE mode = 'async' AND state IN ('queued', 'failed', 'running');
     CREATE INDEX deliveries_lanes ON deliveries(script, id)
         WHERE mode = 'async' AND serial AND state IN ('queued', 'failed');
+", "
+    -- An id is never given twice. Without AUTOINCREMENT SQLite hands out the largest id plus one, so once
+    -- the newest row was dropped (`deliveries drop`, or pruning the whole history) the next delivery got
+    -- its id: a stale `deliveries drop 5` or `retry 5` then hit a newer, acknowledged delivery, and a
+    -- repeat answered from a dedupe row still naming 5 named that newer delivery. SQLite cannot add AUTOINCREMENT to a table, so it is
+    -- rebuilt (https://www.sqlite.org/lang_altertable.html#otheralter), with the same columns in the same
+    -- order, every row under its id and the indexes as version 6 has them; `migrate` turns foreign keys off
+    -- around it, or dropping the old table would delete every attempt with it. The ids already used and
+    -- forgotten cannot be known; the largest one still named, by a row or by a dedupe row, is.
+    CREATE TABLE deliveries_new (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        request_id TEXT NOT NULL,
+        received_at INTEGER NOT NULL,
+        mode TEXT NOT NULL,
+        sender TEXT,
+        event TEXT NOT NULL,
+        route_line INTEGER NOT NULL,
+        script TEXT NOT NULL,
+        delivery_id TEXT,
+        state TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_exit INTEGER,
+        max_attempts INTEGER NOT NULL DEFAULT 1,
+        retry_max_ms INTEGER NOT NULL DEFAULT 0,
+        timeout_ms INTEGER NOT NULL DEFAULT 0,
+        serial INTEGER NOT NULL DEFAULT 0,
+        due_at INTEGER,
+        finished_at INTEGER,
+        env TEXT NOT NULL DEFAULT '[]',
+        payload BLOB,
+        payload_bytes INTEGER NOT NULL DEFAULT 0,
+        run_started_at INTEGER,
+        run_ms REAL,
+        run_signal INTEGER,
+        run_timed_out INTEGER,
+        run_output TEXT
+    );
+    INSERT INTO deliveries_new (id, request_id, received_at, mode, sender, event, route_line, script,
+        delivery_id, state, status, attempts, last_exit, max_attempts, retry_max_ms, timeout_ms, serial,
+        due_at, finished_at, env, payload, payload_bytes, run_started_at, run_ms, run_signal,
+        run_timed_out, run_output)
+    SELECT id, request_id, received_at, mode, sender, event, route_line, script,
+        delivery_id, state, status, attempts, last_exit, max_attempts, retry_max_ms, timeout_ms, serial,
+        due_at, finished_at, env, payload, payload_bytes, run_started_at, run_ms, run_signal,
+        run_timed_out, run_output
+    FROM deliveries ORDER BY id;
+    DELETE FROM sqlite_sequence WHERE name = 'deliveries_new';
+    INSERT INTO sqlite_sequence (name, seq) SELECT 'deliveries_new',
+        max((SELECT coalesce(max(id), 0) FROM deliveries), (SELECT coalesce(max(delivery), 0) FROM dedupe));
+    DROP TABLE deliveries;
+    ALTER TABLE deliveries_new RENAME TO deliveries;
+    CREATE INDEX deliveries_received ON deliveries(received_at);
+    CREATE INDEX deliveries_request ON deliveries(request_id);
+    CREATE INDEX deliveries_async_open ON deliveries(mode, state) WHERE mode = 'async' AND state != 'done';
+    CREATE INDEX deliveries_payload_kept ON deliveries(received_at)
+        WHERE payload IS NOT NULL AND finished_at IS NOT NULL;
+    CREATE INDEX deliveries_waiting ON deliveries(serial, id, due_at)
+        WHERE mode = 'async' AND state IN ('queued', 'failed', 'running');
+    CREATE INDEX deliveries_lanes ON deliveries(script, id)
+        WHERE mode = 'async' AND serial AND state IN ('queued', 'failed');
 "];
 
 /// Brings the database to the newest version, one transaction per step (a crash mid-way leaves the last
 /// completed version). Several processes may open the file at once (the daemon, the CLI): the write lock
 /// taken first serialises them, and each re-reads the version under it.
+///
+/// Foreign keys are off while the steps run: a step that rebuilds a table drops the old one, and with
+/// them on that would delete every row that refers to it (`attempts`, by `ON DELETE CASCADE`). The pragma
+/// is a no-op inside a transaction, so it is set around the steps, and each step is checked with
+/// `PRAGMA foreign_key_check` before it commits instead. The connection's setting is put back after.
 pub fn migrate(conn: &mut Connection) -> Result<(), String> {
     let newest = MIGRATIONS.len() as i64;
     // The common case, an up-to-date database, without taking the write lock at every start.
@@ -110,6 +176,20 @@ pub fn migrate(conn: &mut Connection) -> Result<(), String> {
     if version == newest {
         return Ok(());
     }
+    let foreign_keys: bool = conn
+        .query_row("PRAGMA foreign_keys", [], |r| r.get(0))
+        .map_err(|e| format!("cannot read the foreign keys setting: {e}"))?;
+    conn.pragma_update(None, "foreign_keys", false)
+        .map_err(|e| format!("cannot turn foreign keys off to migrate: {e}"))?;
+    // Every transaction of `steps` has ended (committed, or rolled back when dropped): the pragma takes
+    // effect.
+    let migrated = steps(conn, newest);
+    conn.pragma_update(None, "foreign_keys", foreign_keys)
+        .map_err(|e| format!("cannot turn foreign keys back on after migrating: {e}"))?;
+    migrated
+}
+
+fn steps(conn: &mut Connection, newest: i64) -> Result<(), String> {
     loop {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -126,18 +206,173 @@ pub fn migrate(conn: &mut Connection) -> Result<(), String> {
         if version == newest {
             return Ok(());
         }
+        let step =
+            |e: &dyn std::fmt::Display| format!("migration to schema version {}: {e}", version + 1);
         tx.execute_batch(MIGRATIONS[version as usize])
-            .map_err(|e| format!("migration to schema version {}: {e}", version + 1))?;
+            .map_err(|e| step(&e))?;
+        let dangling: Vec<(String, String)> = tx
+            .prepare("PRAGMA foreign_key_check")
+            .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(2)?)))?.collect())
+            .map_err(|e| step(&e))?;
+        if let Some((table, parent)) = dangling.first() {
+            return Err(step(&format!(
+                "{} rows refer to rows that are not there (the first: a row of {table}, to {parent})",
+                dangling.len()
+            )));
+        }
         tx.pragma_update(None, "user_version", version + 1)
             .map_err(|e| format!("cannot set the schema version: {e}"))?;
-        tx.commit()
-            .map_err(|e| format!("migration to schema version {}: {e}", version + 1))?;
+        tx.commit().map_err(|e| step(&e))?;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rusqlite::types::Value;
+
+    /// A database as `version` left it, with foreign keys on as the store's connections have them.
+    fn at_version(version: usize) -> Connection {
+        let conn = Connection::open_in_memory().expect("open");
+        conn.pragma_update(None, "foreign_keys", true)
+            .expect("foreign keys");
+        for step in &MIGRATIONS[..version] {
+            conn.execute_batch(step).expect("step");
+        }
+        conn.pragma_update(None, "user_version", version as i64)
+            .expect("version");
+        conn
+    }
+
+    fn all(conn: &Connection, sql: &str) -> Vec<Vec<Value>> {
+        let mut statement = conn.prepare(sql).expect("prepare");
+        let columns = statement.column_count();
+        statement
+            .query_map([], |r| (0..columns).map(|i| r.get(i)).collect())
+            .and_then(|rows| rows.collect())
+            .expect("rows")
+    }
+
+    /// The table's columns and its indexes, each index's SQL with its whitespace evened out.
+    fn deliveries_schema(conn: &Connection) -> (Vec<Vec<Value>>, Vec<(String, String)>) {
+        let indexes = all(
+            conn,
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'deliveries'
+             ORDER BY name",
+        )
+        .into_iter()
+        .map(|row| match &row[..] {
+            [Value::Text(name), Value::Text(sql)] => (
+                name.clone(),
+                sql.split_whitespace().collect::<Vec<_>>().join(" "),
+            ),
+            other => panic!("index {other:?}"),
+        })
+        .collect();
+        (all(conn, "PRAGMA table_info(deliveries)"), indexes)
+    }
+
+    fn insert(conn: &Connection, request_id: &str) -> i64 {
+        conn.execute(
+            "INSERT INTO deliveries (request_id, received_at, mode, event, route_line, script, state, status)
+             VALUES (?1, 1, 'async', 'E', 1, 'a.sh', 'queued', 202)",
+            [request_id],
+        )
+        .expect("insert");
+        conn.last_insert_rowid()
+    }
+
+    fn flag(conn: &Connection, pragma: &str) -> i64 {
+        conn.query_row(&format!("PRAGMA {pragma}"), [], |r| r.get(0))
+            .expect(pragma)
+    }
+
+    #[test]
+    fn a_version_6_database_keeps_every_row_id_attempt_and_index_and_its_ids_are_never_given_again()
+    {
+        let mut conn = at_version(6);
+        // Row 3 was dropped, and so was 7, the newest, whose dedupe row is still there.
+        conn.execute_batch(
+            "INSERT INTO deliveries (id, request_id, received_at, mode, sender, event, route_line, script,
+                 delivery_id, state, status, attempts, last_exit, max_attempts, due_at, payload,
+                 payload_bytes, run_started_at, run_ms, run_signal, run_timed_out, run_output)
+             VALUES (1, 'r-1', 10, 'sync', 'gh', 'A', 1, 'a.sh', NULL, 'failed', 500, 1, 3, 1, NULL,
+                     NULL, 0, 11, 2.5, NULL, 0, 'sync out'),
+                    (2, 'r-2', 20, 'async', NULL, 'B', 2, 'b.sh', 'd-2', 'failed', 202, 2, 1, 5, 99,
+                     x'0102', 2, NULL, NULL, NULL, NULL, NULL),
+                    (4, 'r-4', 40, 'async', NULL, 'B', 2, 'b.sh', 'd-4', 'queued', 202, 0, NULL, 5, 40,
+                     x'03', 1, NULL, NULL, NULL, NULL, NULL);
+             INSERT INTO attempts VALUES (2, 1, 21, 1.0, 1, NULL, 0, 'first'),
+                                         (2, 2, 22, 1.5, 1, NULL, 0, 'second');
+             INSERT INTO dedupe VALUES ('d-2', 2, 'r-2', 202, 20), ('d-7', 7, 'r-7', 202, 70);",
+        )
+        .expect("v6 rows");
+        let contents = |conn: &Connection| {
+            [
+                "SELECT * FROM deliveries ORDER BY id",
+                "SELECT * FROM attempts ORDER BY delivery, n",
+                "SELECT * FROM dedupe ORDER BY key",
+            ]
+            .map(|sql| all(conn, sql))
+        };
+        let before = (contents(&conn), deliveries_schema(&conn));
+        assert_eq!(before.1.1.len(), 6, "{:?}", before.1.1);
+
+        migrate(&mut conn).expect("migrated");
+
+        assert_eq!(flag(&conn, "user_version"), MIGRATIONS.len() as i64);
+        assert_eq!(flag(&conn, "foreign_keys"), 1, "on again after migrating");
+        assert_eq!((contents(&conn), deliveries_schema(&conn)), before);
+        let table: String = conn
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'deliveries'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("table");
+        assert!(table.contains("AUTOINCREMENT"), "{table}");
+        assert_eq!(
+            insert(&conn, "r-8"),
+            8,
+            "above 7, still named by its dedupe row"
+        );
+        // The attempts still refer to the table: dropping their entry takes them with it.
+        conn.execute("DELETE FROM deliveries WHERE id = 2", [])
+            .expect("delete");
+        assert!(all(&conn, "SELECT * FROM attempts").is_empty());
+    }
+
+    #[test]
+    fn a_migration_that_would_leave_a_row_referring_to_nothing_is_refused() {
+        let mut conn = at_version(6);
+        conn.pragma_update(None, "foreign_keys", false)
+            .expect("off");
+        conn.execute_batch("INSERT INTO attempts VALUES (9, 1, 91, 1.0, 1, NULL, 0, 'orphan')")
+            .expect("orphan");
+        conn.pragma_update(None, "foreign_keys", true).expect("on");
+        let err = migrate(&mut conn).expect_err("refused");
+        assert!(
+            err.contains("migration to schema version 7: 1 rows refer to rows that are not there"),
+            "{err}"
+        );
+        assert_eq!(flag(&conn, "user_version"), 6, "the step rolled back");
+        assert_eq!(flag(&conn, "foreign_keys"), 1, "on again after failing");
+    }
+
+    #[test]
+    fn the_id_of_a_deleted_newest_row_is_not_given_again() {
+        let mut conn = Connection::open_in_memory().expect("open");
+        migrate(&mut conn).expect("migrated");
+        for n in 1..=3 {
+            insert(&conn, &format!("r-{n}"));
+        }
+        conn.execute("DELETE FROM deliveries WHERE id = 3", [])
+            .expect("drop the newest");
+        assert_eq!(insert(&conn, "r-4"), 4);
+        conn.execute("DELETE FROM deliveries", [])
+            .expect("prune everything");
+        assert_eq!(insert(&conn, "r-5"), 5);
+    }
 
     #[test]
     fn migrates_once_and_refuses_a_newer_database() {

@@ -2475,12 +2475,37 @@ mod tests {
             "a dropped entry is not started"
         );
         assert_eq!(state(id), None);
-        // The newest row dropped, its number is given again; a read of the dropped entry taken before
-        // the drop does not start the new one in its name.
-        let reused = queued(store.accept(delivery(100), bounds));
-        assert_eq!(reused, id, "SQLite numbers the next row after the largest");
-        assert_eq!(store.started(id, "r99"), Ok(false));
-        assert_eq!(state(id).as_deref(), Some("queued"));
-        assert_eq!(store.started(id, "r100"), Ok(true));
+        // A read of the dropped entry taken before the drop does not start another entry in its name.
+        let next = queued(store.accept(delivery(100), bounds));
+        assert_eq!(store.started(next, "r99"), Ok(false));
+        assert_eq!(state(next).as_deref(), Some("queued"));
+        assert_eq!(store.started(next, "r100"), Ok(true));
+    }
+
+    /// `deliveries drop 3` given twice (or late) must not find another entry under 3: the newest entry
+    /// dropped, its number is not given to the next one.
+    #[test]
+    fn a_dropped_newest_entry_s_number_is_not_given_to_the_next_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Sqlite::open(dir.path()).expect("open");
+        let bounds = Bounds {
+            max_queued: 100,
+            max_queued_bytes: 1 << 20,
+            dedupe_window: Duration::ZERO,
+        };
+        let ids: Vec<i64> = (1..=3)
+            .map(|n| queued(store.accept(delivery(n), bounds)))
+            .collect();
+        let newest = ids[2].to_string();
+        assert_eq!(store.drop_entry(&newest), Ok(true));
+        let next = queued(store.accept(delivery(4), bounds));
+        assert!(next > ids[2], "{next} after {ids:?}");
+        assert_eq!(store.drop_entry(&newest), Ok(false), "dropped already");
+        assert!(store.show(&newest).expect("show").is_none());
+        let (row, _) = store
+            .show(&next.to_string())
+            .expect("show")
+            .expect("the next entry is still there");
+        assert_eq!(row.request_id, "r4");
     }
 }
