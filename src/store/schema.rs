@@ -100,8 +100,8 @@ const MIGRATIONS: &[&str] = &["
     -- An id is never given twice. Without AUTOINCREMENT SQLite hands out the largest id plus one, so once
     -- the newest row was dropped (`deliveries drop`, or pruning the whole history) the next delivery got
     -- its id: a stale `deliveries drop 5` or `retry 5` then hit a newer, acknowledged delivery, and a
-    -- repeat answered from a dedupe row still naming 5 named that newer delivery. SQLite cannot add AUTOINCREMENT to a table, so it is
-    -- rebuilt (https://www.sqlite.org/lang_altertable.html#otheralter), with the same columns in the same
+    -- repeat answered from a dedupe row still naming 5 named that newer delivery. SQLite cannot add
+    -- AUTOINCREMENT to a table, so it is rebuilt (https://www.sqlite.org/lang_altertable.html#otheralter), with the same columns in the same
     -- order, every row under its id and the indexes as version 6 has them; `migrate` turns foreign keys off
     -- around it, or dropping the old table would delete every attempt with it. The ids already used and
     -- forgotten cannot be known; the largest one still named, by a row or by a dedupe row, is.
