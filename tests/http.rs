@@ -920,6 +920,8 @@ fn faulty_framing_is_400_and_closes_so_nothing_behind_it_runs() {
         ("LF-only end of the trailers", format!("{chunked}5\r\nhello\r\n0\r\n\n"), "not ended by CRLF"),
         ("invalid trailer line", format!("{chunked}5\r\nhello\r\n0\r\nnot a field\r\n\r\n"), "invalid trailer field"),
         ("trailer with a NUL", format!("{chunked}5\r\nhello\r\n0\r\nX-T: a\0b\r\n\r\n"), "invalid trailer field"),
+        // As long as the read buffer (max_header_bytes + 1), with no end: once spun a CPU for good.
+        ("a trailer line filling the buffer", format!("{chunked}5\r\nhello\r\n0\r\n{}", "A".repeat(16385)), "chunk line too long"),
     ];
     for (what, request, says) in cases {
         let mut stream = raw(&server, format!("{request}{SMUGGLED}").as_bytes());
@@ -939,6 +941,17 @@ fn faulty_framing_is_400_and_closes_so_nothing_behind_it_runs() {
             String::from_utf8_lossy(&rest)
         );
     }
+    // A handler that reads no body (/healthz) leaves it to be drained, through the same decoder: the
+    // overlong trailer line ends the drain and the connection.
+    let drained = format!(
+        "GET /healthz HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n{}",
+        "A".repeat(16385)
+    );
+    let mut stream = raw(&server, drained.as_bytes());
+    assert!(
+        until_closed(&mut stream, Duration::from_secs(10)).is_some(),
+        "the drain of an overlong trailer line never ended"
+    );
     // The smuggled request would have been answered within this; give a late run the chance to show.
     assert_eq!(server.get("/healthz").status, 200);
     assert!(!smuggled.exists(), "a request behind faulty framing ran");

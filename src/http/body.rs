@@ -179,6 +179,9 @@ impl<'c> Body<'c> {
                 .conn
                 .fill(deadline.min(Instant::now() + BODY_WAIT_SLICE))
             {
+                // Nothing read: the buffer is full of one line with no end in it (a trailer line as long
+                // as the whole buffer). Taken for progress, it was a loop that spun a CPU for good.
+                Ok(0) => return Err(BodyError::Malformed("chunk line too long")),
                 Ok(_) => return Ok(()),
                 Err(ReadStop::Timeout) if Instant::now() < self.deadline() => continue,
                 Err(ReadStop::Timeout) => return Err(BodyError::TooSlow),
