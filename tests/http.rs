@@ -361,6 +361,16 @@ fn ambiguous_or_unsupported_framing_is_400() {
             "gzip, chunked",
             "POST /hooks/copy HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
         ),
+        // Only spaces and tabs surround a value: a no-break space (UTF-8 C2 A0) or an ideographic space
+        // is part of it, so these are no length and no coding a front proxy would agree on.
+        (
+            "Content-Length with a no-break space",
+            "POST /hooks/copy HTTP/1.1\r\nHost: t\r\nContent-Length: 5\u{a0}\r\n\r\nhello",
+        ),
+        (
+            "chunked with an ideographic space",
+            "POST /hooks/copy HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: \u{3000}chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        ),
     ];
     for (what, request) in cases {
         let mut stream = raw(&server, request.as_bytes());

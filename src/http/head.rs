@@ -32,6 +32,14 @@ pub(super) struct Accepted {
     pub(super) framing: Framing,
 }
 
+/// A list element without the optional whitespace around it: spaces and tabs only (RFC 9110 §5.6.3).
+/// `str::trim` would also take Unicode spaces (U+00A0, U+3000, ...) that a header value may carry as
+/// UTF-8: `Content-Length: 33` followed by a no-break space was read as 33, where a front proxy may read
+/// no length at all, and the two would frame the body differently.
+fn trim_ows(value: &str) -> &str {
+    value.trim_matches([' ', '\t'])
+}
+
 impl Head {
     pub(super) fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
         self.headers
@@ -43,7 +51,7 @@ impl Head {
     pub(super) fn has_token(&self, name: &str, token: &str) -> bool {
         self.values(name)
             .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
+            .any(|t| trim_ows(t).eq_ignore_ascii_case(token))
     }
 
     pub(super) fn keep_alive(&self) -> bool {
@@ -135,11 +143,7 @@ impl Head {
                     "both Transfer-Encoding and Content-Length",
                 ));
             }
-            let codings: Vec<&str> = te
-                .iter()
-                .flat_map(|v| v.split(','))
-                .map(str::trim)
-                .collect();
+            let codings: Vec<&str> = te.iter().flat_map(|v| v.split(',')).map(trim_ows).collect();
             if codings.len() != 1 || !codings[0].eq_ignore_ascii_case("chunked") {
                 return Err(Refused::Malformed(
                     "unsupported Transfer-Encoding: only chunked is accepted",
@@ -149,7 +153,7 @@ impl Head {
         }
         let mut length: Option<u64> = None;
         for value in self.values("Content-Length").flat_map(|v| v.split(',')) {
-            let value = value.trim();
+            let value = trim_ows(value);
             if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(Refused::Malformed("invalid Content-Length"));
             }
