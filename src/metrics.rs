@@ -11,10 +11,10 @@
 //! database from another process.
 
 use std::fmt;
-use std::io::{self, BufRead, BufReader, Read as _, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _};
@@ -322,7 +322,7 @@ const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_HEAD_LINES: usize = 100;
 
 /// Serves `GET /metrics` on `listener`, one connection at a time (a scrape takes microseconds; each
-/// connection has [`SCRAPE_TIMEOUT`] to ask). Runs for the life of the process.
+/// connection has [`SCRAPE_TIMEOUT`] in all to ask). Runs for the life of the process.
 pub fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     for stream in listener.incoming() {
         match stream {
@@ -338,10 +338,32 @@ pub fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     }
 }
 
+/// A socket whose reads all end by one deadline. A read timeout alone bounds each read, and a client
+/// sending a byte every second kept the one connection this listener serves for hours, so no scrape got
+/// through meanwhile.
+struct ByDeadline {
+    stream: TcpStream,
+    deadline: Instant,
+}
+
+impl Read for ByDeadline {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
 fn answer(stream: TcpStream, metrics: &Metrics) -> io::Result<()> {
-    stream.set_read_timeout(Some(SCRAPE_TIMEOUT))?;
     stream.set_write_timeout(Some(SCRAPE_TIMEOUT))?;
-    let mut reader = BufReader::new(stream.try_clone()?).take(16 << 10);
+    let head = ByDeadline {
+        stream: stream.try_clone()?,
+        deadline: Instant::now() + SCRAPE_TIMEOUT,
+    };
+    let mut reader = BufReader::new(head).take(16 << 10);
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
     // The rest of the head, up to its blank line, so the client sees its answer rather than a reset.

@@ -5,7 +5,7 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Output};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::util::{BIN, Env};
 
@@ -696,6 +696,39 @@ fn metrics_count_queued_running_and_dead_deliveries_as_the_store_holds_them() {
         Some(0.0),
         "{text}"
     );
+}
+
+/// The listener serves one connection at a time, each with 2 s in all to ask: a client that sends its
+/// head a byte a second is cut off then, and the scrape waiting behind it is answered.
+#[test]
+fn a_slow_client_holds_the_metrics_listener_for_2_s_at_most() {
+    let env = Env::new().config("metrics_listen = \"127.0.0.1:0\"");
+    let server = env.serve();
+    let addr = metrics_addr(&server);
+    let slow_addr = addr.clone();
+    let dribbling = std::thread::spawn(move || {
+        let mut stream = std::net::TcpStream::connect(&slow_addr).expect("connect");
+        let started = Instant::now();
+        let _ = std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.1\r\nX-A: ");
+        // Until the listener gives up (a failed write), for 20 s at most.
+        while started.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(700));
+            if std::io::Write::write_all(&mut stream, b"a").is_err() {
+                break;
+            }
+        }
+        started.elapsed()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let asked = Instant::now();
+    assert!(scrape(&addr).contains("hookrunner_"));
+    let waited = asked.elapsed();
+    assert!(
+        waited < Duration::from_secs(5),
+        "the scrape waited {waited:?} behind a slow client"
+    );
+    let held = dribbling.join().expect("slow client");
+    assert!(held < Duration::from_secs(10), "held for {held:?}");
 }
 
 #[test]
