@@ -638,6 +638,23 @@ fn delete_is_405_with_allow() {
     assert_eq!(response.header("Allow"), Some("GET, POST, PUT"));
 }
 
+/// HEAD is refused like any other method, and its answer is the head alone: a body after it would be read
+/// as the start of the next answer.
+#[test]
+fn head_is_405_with_no_content() {
+    let env = Env::new();
+    let server = env.serve();
+    let mut stream = raw(&server, b"HEAD /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
+    let all = until_closed(&mut stream, Duration::from_secs(10)).expect("closed");
+    let text = String::from_utf8_lossy(&all);
+    assert!(text.starts_with("HTTP/1.1 405 "), "{text}");
+    assert!(text.contains("\r\nAllow: GET, POST, PUT\r\n"), "{text}");
+    assert!(
+        text.ends_with("\r\n\r\n"),
+        "content after the head: {text:?}"
+    );
+}
+
 /// 503 and 408 are checked where they happen: the connection-limit, descriptor and slow-client tests.
 #[test]
 fn every_response_carries_a_request_id() {

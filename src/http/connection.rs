@@ -178,7 +178,13 @@ fn finish(
     close: bool,
 ) -> bool {
     let echo = exchange.client_id.unwrap_or(exchange.id);
-    let written = conn.write_all(&response::encode(response, echo, close));
+    let mut bytes = response::encode(response, echo, close);
+    if exchange.method == "HEAD" {
+        // The answer to HEAD carries no content (RFC 9110 §9.3.2): a client reads the head alone, and
+        // a body would be taken for the start of the next answer.
+        bytes.truncate(bytes.len() - response.body.len());
+    }
+    let written = conn.write_all(&bytes);
     let path: String = exchange.path.chars().take(200).collect();
     let mut client = exchange
         .client_id
