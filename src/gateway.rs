@@ -31,9 +31,11 @@ use crate::store::{self, Accepted, Bounds, NewDelivery, Policy, StoreError, Sync
 /// ones go straight to their payload file and are never parsed, which bounds what one request can make the
 /// parsers allocate. Webhook payloads that carry their event in the body are a few KiB.
 pub const INLINE_BODY: usize = 256 << 10;
-/// Bytes past [`INLINE_BODY`] of bodies whose signature is still being checked, held in memory across all
-/// connections at most (or `max_body`, when that is more): such a body touches the disk only once it
-/// verified, so this is all that senders who cannot sign can make the daemon hold.
+/// Bytes of large bodies held in memory across all connections at most (or `max_body`, when that is
+/// more): the part past [`INLINE_BODY`] of bodies whose signature is still being checked (such a body
+/// touches the disk only once it verified, so this is all that senders who cannot sign can make the daemon
+/// hold), and the spilled bodies of async requests, read back from their payload files for the store's
+/// commit.
 pub const UNVERIFIED_MAX: u64 = 64 << 20;
 
 /// Attempts in all when a route does not say (`retries=4`).
@@ -78,7 +80,8 @@ enum Refusal {
     Busy,
     /// The body failed while it was read (framing, size, pace, the client gone).
     Body(BodyError),
-    /// Bodies whose signature is being checked already hold [`UNVERIFIED_MAX`]: the sender should retry.
+    /// Large bodies held in memory (being checked, or on their way to the store) already hold
+    /// [`UNVERIFIED_MAX`]: the sender should retry.
     Unverified,
     /// The payload file could not be created or written.
     Payload(io::Error),
@@ -117,7 +120,7 @@ impl Refusal {
             Refusal::Busy => "too many scripts running; retry later".to_string(),
             Refusal::Body(e) => e.to_string(),
             Refusal::Unverified => {
-                "too many large bodies are being received and checked; retry later".to_string()
+                "too many large bodies are held in memory now; retry later".to_string()
             }
             Refusal::Payload(e) => format!("cannot store the payload: {e}"),
             Refusal::Spawn(e) => format!("cannot run the script: {e}"),
@@ -270,12 +273,19 @@ impl Gateway {
         let Authenticated { sender, admitted } = self.authenticate(config, request)?;
         let check = admitted.and_then(|a| a.body);
         let delivery_id = auth::delivery_id(&|name: &str| request.header(name));
+        let held_max = UNVERIFIED_MAX.max(config.max_body);
         let unverified = Hold {
             budget: &self.unverified,
-            max: UNVERIFIED_MAX.max(config.max_body),
+            max: held_max,
             bytes: 0,
         };
         let received = receive(request, &self.payloads, check, unverified)?;
+        // An async request's spilled body, in memory from its read-back until the commit that holds it.
+        let mut held = Hold {
+            budget: &self.unverified,
+            max: held_max,
+            bytes: 0,
+        };
         let claim = self.claim_delivery(sender, delivery_id.as_deref())?;
         let (event, selected, body_key) = {
             let mut inputs = RequestInputs {
@@ -355,7 +365,7 @@ impl Gateway {
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
-                body: received.into_bytes(&self.payloads)?,
+                body: received.into_bytes(&self.payloads, &mut held)?,
                 ack_status: q.ack_status.unwrap_or(202),
                 policy: Policy {
                     max_attempts: q.retries.map_or(DEFAULT_ATTEMPTS, |n| n + 1),
@@ -727,12 +737,19 @@ impl Received {
         }
     }
 
-    /// The body's bytes, for the store.
-    fn into_bytes(self, payloads: &PayloadDir) -> Result<Vec<u8>, Refusal> {
+    /// The body's bytes, for the store. A spilled one is read back into memory only within `held`'s
+    /// budget: otherwise many large async bodies at once could hold `max_connections` × `max_body`.
+    fn into_bytes(self, payloads: &PayloadDir, held: &mut Hold<'_>) -> Result<Vec<u8>, Refusal> {
         match self {
             Received::Inline(bytes) => Ok(bytes),
             spilled => {
                 let payload = spilled.into_payload(payloads)?;
+                let len = std::fs::metadata(payload.path())
+                    .map_err(Refusal::Payload)?
+                    .len();
+                if !held.grow(len) {
+                    return Err(Refusal::Unverified);
+                }
                 std::fs::read(payload.path()).map_err(Refusal::Payload)
             }
         }
@@ -753,7 +770,8 @@ impl Received {
     }
 }
 
-/// Bytes held in memory by bodies whose signature is being checked, across connections.
+/// Bytes held in memory by large bodies across connections: those whose signature is being checked, and
+/// async ones on their way to the store.
 #[derive(Default)]
 struct Unverified(AtomicU64);
 

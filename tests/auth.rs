@@ -383,6 +383,65 @@ fn unverified_bodies_are_held_up_to_a_bound_then_answered_503() {
     assert_eq!(runs(&out).len(), 1);
 }
 
+/// An async request's body over 256 KiB goes to the store from memory, read back from its payload file,
+/// within the same budget as bodies being checked: while the budget is held it is answered 503, runs
+/// nothing and leaves no file, and it is accepted once the budget is given back.
+#[test]
+fn large_async_bodies_share_the_bound_of_bodies_held_in_memory() {
+    let env = Env::new();
+    let file = secret(&env, "github-secret", "bound-secret");
+    let env = env.config(&format!(
+        "[[sender]]\nname = \"gh\"\npath = \"/gh\"\ntype = \"github\"\nsecret_file = {file:?}\n\
+         [[sender]]\nname = \"plain\"\npath = \"/plain\"\ntype = \"none\"\n"
+    ));
+    let out = counter(&env, "big");
+    env.routes("big big async\n");
+    let server = env.serve();
+    let pid = server.child.id();
+    // Seven unsigned-for-good bodies of 9 MiB, each one byte short: 7 × 8.75 MiB of the 64 MiB held.
+    let body = vec![b'x'; 9 << 20];
+    let bad = github_sign("another-secret", &body);
+    let head = format!(
+        "POST /gh/hooks/big HTTP/1.1\r\nHost: t\r\nX-Hub-Signature-256: {bad}\r\nContent-Length: {}\r\n\r\n",
+        body.len() + 1
+    );
+    let streams: Vec<std::net::TcpStream> = (0..7).map(|_| server.connect()).collect();
+    std::thread::scope(|scope| {
+        for stream in &streams {
+            let (head, body) = (&head, &body);
+            scope.spawn(move || {
+                let mut stream = stream;
+                stream.write_all(head.as_bytes()).expect("head");
+                stream.write_all(body).expect("body");
+            });
+        }
+    });
+    // Every byte read by the daemon, so the seven hold their share.
+    for stream in &streams {
+        assert!(
+            wait_until(Duration::from_secs(10), || unread(stream) == Some(0)),
+            "a held body was not read"
+        );
+    }
+    let large = vec![b'{'; 4 << 20];
+    let refused = server.post("/plain/hooks/big", &large);
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert!(refused.header("Retry-After").is_some());
+    assert!(refused.text().contains("retry later"), "{}", refused.text());
+    assert_eq!(open_payload_files(pid, &env), 0, "its payload file is gone");
+    drop(streams);
+    let mut last = 0;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            last = server.post("/plain/hooks/big", &large).status;
+            last == 202
+        }),
+        "last answer {last}\n{}",
+        server.log()
+    );
+    assert!(wait_until(Duration::from_secs(10), || runs(&out).len() == 1));
+}
+
 /// A Standard Webhooks request signed by the reference library.
 fn standard_request(
     server: &Server,
