@@ -369,6 +369,32 @@ impl Dispatcher {
                 (Some(outcome.exit), outcome.output)
             }
         };
+        if self.stop.load(Ordering::SeqCst) && matches!(exit, Some(Exit::Signal(_))) {
+            // Killed from outside while the daemon stops: a supervisor that signals every process of the
+            // service at once (systemd's default KillMode, an operator's `pkill -g`). That is the stop's
+            // doing, not the script's: the entry waits for the next start, and the attempt is not counted.
+            let put_back = self.keep_trying(
+                || self.store.put_back(entry.id, now_ms()),
+                |e, pause| {
+                    log::error!(
+                        "{} cannot put id={} back in the queue: {e}; trying again in {} ms",
+                        entry.request_id,
+                        entry.id,
+                        pause.as_millis()
+                    )
+                },
+            );
+            if put_back.is_ok() {
+                log::warn!(
+                    "{} async id={} event={} attempt {n} was killed by a signal while the daemon stops: \
+                     not counted, it runs again at the next start",
+                    entry.request_id,
+                    entry.id,
+                    entry.event
+                );
+            }
+            return;
+        }
         let next = next_step(entry, n, exit, now_ms(), random_unit());
         let (exit_code, signal, timed_out) = match exit {
             Some(Exit::Code(code)) => (Some(code), None, false),
@@ -500,14 +526,23 @@ impl Dispatcher {
             kill_grace: config.kill_grace,
             request_id: &entry.request_id,
         };
-        self.runner.run(&job).map_err(Unstarted::Script)
+        self.runner.run(&job).map_err(|e| {
+            // Out of processes, descriptors or memory: the daemon's shortage, which the sync path answers
+            // 503. The script never started, so it spends none of the route's attempts.
+            if crate::gateway::is_resource_shortage(&e) {
+                Unstarted::Here(e)
+            } else {
+                Unstarted::Script(e)
+            }
+        })
     }
 }
 
 /// Why an attempt did not start.
 enum Unstarted {
     /// The daemon's own failure (reading the payload from the store, writing its file: a full or failing
-    /// disk): the entry is put back, and the attempt does not count.
+    /// disk; no process, descriptor or memory to start the script with): the entry is put back, and the
+    /// attempt does not count.
     Here(io::Error),
     /// The script's (missing, not executable, cannot be started): an attempt that failed.
     Script(io::Error),

@@ -131,7 +131,7 @@ impl Refusal {
 
 /// Out of descriptors, processes, memory, disk space or quota: the request may succeed later, so 503, not
 /// 500.
-fn is_resource_shortage(e: &io::Error) -> bool {
+pub fn is_resource_shortage(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(

@@ -951,6 +951,127 @@ fn a_serial_route_keeps_its_order_across_a_reload_that_moves_its_line() {
 
 /// At SIGTERM the dispatcher starts nothing more at once, even while a sync script keeps the daemon
 /// answering its request: a retry that comes due meanwhile waits in the store for the next start.
+/// The descriptor numbers `pid` has open.
+fn open_fds(pid: u32) -> Vec<u32> {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("list the daemon's descriptors")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// Out of descriptors while a queued entry is started (its payload file, its output pipes, its pidfd)
+/// is the daemon's shortage, not the script's failure: the entry is put back without an attempt counted,
+/// and runs once there are descriptors again, even on a route with no retries.
+#[test]
+fn out_of_descriptors_when_a_queued_run_starts_spends_no_attempt() {
+    use rustix::process::{Pid, Resource, Rlimit, getrlimit, prlimit};
+    let env = Env::new();
+    let runs = env.path().join("runs");
+    env.script("q.sh", &format!("echo ran >> {runs:?}"));
+    env.routes("Q q.sh async retries=0\n");
+    let server = env.serve();
+    let pid = server.child.id();
+    let daemon = Pid::from_raw(pid as i32).expect("daemon pid");
+    let own = getrlimit(Resource::Nofile);
+    let set_limit = |current: Option<u64>| {
+        let limit = Rlimit {
+            current,
+            maximum: own.maximum,
+        };
+        prlimit(Some(daemon), Resource::Nofile, limit).expect("prlimit");
+    };
+    // One keep-alive connection, open before the limit is lowered: the accepts need no descriptor.
+    let mut conn = server.connect();
+    crate::util::send(&mut conn, "GET", "/healthz", &[], b"", false);
+    assert_eq!(Response::read(&mut conn).expect("healthz").status, 200);
+    let mut accepted = 0;
+    // RLIMIT_NOFILE binds root too. With k descriptors free the k-th start fails a step further on.
+    for k in 0..8 {
+        set_limit(own.current);
+        let idle = open_fds(pid);
+        let lowest_free = (0..).find(|n| !idle.contains(n)).expect("a free number");
+        set_limit(Some(u64::from(lowest_free + k)));
+        crate::util::send(&mut conn, "POST", "/hooks/Q", &[], b"{}", false);
+        let answer = Response::read(&mut conn).expect("an answer");
+        if answer.status == 202 {
+            accepted += 1;
+        }
+        // The dispatcher starts it at once, within the lowered limit.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    set_limit(own.current);
+    assert!(accepted >= 4, "{accepted} accepted\n{}", server.log());
+    assert!(
+        server.log().contains("not counted as an attempt"),
+        "no start ran out of descriptors:\n{}",
+        server.log()
+    );
+    // Put back for 5 s, then run.
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            rows(&env, &["--event", "Q", "--status", "done"]).len() == accepted
+        }),
+        "{:?}\n{}",
+        rows(&env, &["--event", "Q"]),
+        server.log()
+    );
+    for row in rows(&env, &["--event", "Q"]) {
+        assert_eq!(row["attempts"], 1, "{row}");
+    }
+    assert_eq!(lines(&runs).len(), accepted);
+}
+
+/// A supervisor that signals every process of the service at a stop (systemd's default KillMode; the
+/// unit we ship sets KillMode=mixed) kills the running script too. That is the stop's doing: the attempt
+/// is not counted, and the entry runs again at the next start, even on a route with no retries.
+#[test]
+fn a_run_killed_along_with_the_daemon_at_a_stop_is_not_counted() {
+    let env = Env::new();
+    let dir = env.path().to_path_buf();
+    let (pid, runs, second) = (dir.join("pid"), dir.join("runs"), dir.join("second"));
+    env.script(
+        "s.sh",
+        &format!(
+            "echo \"$HOOKRUNNER_ATTEMPT\" >> {runs:?}\necho $$ > {pid:?}.new && mv {pid:?}.new {pid:?}\n\
+             [ -e {second:?} ] || sleep 10"
+        ),
+    );
+    env.routes("S s.sh async retries=0\n");
+    let mut server = env.serve();
+    assert_eq!(server.post("/hooks/S", b"{}").status, 202);
+    let mut group = 0;
+    assert!(wait_until(Duration::from_secs(10), || {
+        group = fs::read_to_string(&pid)
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or(0);
+        group > 0
+    }));
+    // What a supervisor does: the daemon, and every other process of the service (the script runs in a
+    // process group of its own, led by its shell).
+    server.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: signalling the script's process group, which this test's daemon started.
+    unsafe {
+        libc::kill(-group, libc::SIGTERM);
+    }
+    let status = server.wait_exit(Duration::from_secs(10)).expect("stopped");
+    assert!(status.success(), "{status:?}\n{}", server.log());
+    assert!(
+        server
+            .log()
+            .contains("not counted, it runs again at the next start"),
+        "{}",
+        server.log()
+    );
+    fs::write(&second, "").expect("second");
+    let server = restart(&env);
+    let done = wait_state(&env, "S", "done", Duration::from_secs(10));
+    assert_eq!(done["attempts"], 1, "the killed run was not counted");
+    assert_eq!(lines(&runs), ["1", "1"]);
+    drop(server);
+}
+
 #[test]
 fn sigterm_starts_no_queued_run_while_a_sync_script_finishes() {
     let env = Env::new();
