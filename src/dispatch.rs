@@ -144,12 +144,20 @@ impl Dispatcher {
         let running = Mutex::new(Running::default());
         std::thread::scope(|scope| {
             // On a thread of its own (niced too): a long pass over a large store must not hold up starts.
-            scope.spawn(|| {
-                while !self.stop.load(Ordering::SeqCst) && !self.store.broken() {
-                    self.prune();
-                    self.pause(PRUNE_EVERY);
-                }
-            });
+            // Without one (out of threads at start), pruning waits for the next start: the queue still runs.
+            let pruning = std::thread::Builder::new()
+                .name("hookrunner-prune".into())
+                .spawn_scoped(scope, || {
+                    while !self.stop.load(Ordering::SeqCst) && !self.store.broken() {
+                        self.prune();
+                        self.pause(PRUNE_EVERY);
+                    }
+                });
+            if let Err(e) = pruning {
+                log::error!(
+                    "cannot start the pruning thread: {e}; the store is not pruned until a restart"
+                );
+            }
             while !self.stop.load(Ordering::SeqCst) {
                 if self.store.broken() {
                     // The accept loop stops the daemon when it wakes and finds the store broken.
@@ -225,21 +233,41 @@ impl Dispatcher {
                         running.serial_lanes.insert(lane.clone());
                     }
                 }
-                scope.spawn(move || {
-                    // On the run's own thread, so that its commit holds up no other start.
-                    if self.mark_running(&entry) {
-                        self.run_one(&entry);
-                    }
-                    drop(slot);
+                let (id, serial) = (entry.id, entry.policy.serial);
+                let started = std::thread::Builder::new()
+                    .name("hookrunner-run".into())
+                    .spawn_scoped(scope, {
+                        let lane = lane.clone();
+                        move || {
+                            // On the run's own thread, so that its commit holds up no other start.
+                            if self.mark_running(&entry) {
+                                self.run_one(&entry);
+                            }
+                            drop(slot);
+                            let mut running = running.lock().unwrap_or_else(|e| e.into_inner());
+                            running.ids.remove(&entry.id);
+                            running.ended.insert(entry.id);
+                            if running.serial_lanes.remove(&lane) {
+                                running.ended_lanes.insert(lane);
+                            }
+                            drop(running);
+                            self.bell.ring();
+                        }
+                    });
+                if let Err(e) = started {
+                    // Out of threads (TasksMax, RLIMIT_NPROC): the entry was not touched and waits; looked at
+                    // again after a pause. (Scope::spawn would panic and end the dispatcher for good.)
                     let mut running = running.lock().unwrap_or_else(|e| e.into_inner());
-                    running.ids.remove(&entry.id);
-                    running.ended.insert(entry.id);
-                    if running.serial_lanes.remove(&lane) {
-                        running.ended_lanes.insert(lane);
+                    running.ids.remove(&id);
+                    if serial {
+                        running.serial_lanes.remove(&lane);
                     }
                     drop(running);
-                    self.bell.ring();
-                });
+                    log::error!(
+                        "cannot start a thread for a queued run: {e}; trying again shortly"
+                    );
+                    return POLL;
+                }
                 match self.limiter.try_background() {
                     Some(next) => slot = next,
                     None => return POLL,

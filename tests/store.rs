@@ -1378,6 +1378,99 @@ fn small_tmpfs(dir: &std::path::Path, size: &str) -> Option<Mounted> {
     Some(Mounted(dir.to_path_buf()))
 }
 
+/// A pids cgroup holding one process, whose `pids.max` the test sets; the process is moved back to the
+/// root group and the group removed when dropped.
+struct PidsGroup {
+    dir: std::path::PathBuf,
+    pid: u32,
+}
+
+impl PidsGroup {
+    /// `None`, saying the test is skipped, where no pids cgroup can be made (not root, no controller).
+    fn holding(pid: u32) -> Option<PidsGroup> {
+        let root = ["/sys/fs/cgroup/pids", "/sys/fs/cgroup"]
+            .into_iter()
+            .map(std::path::Path::new)
+            .find(|root| root.join("cgroup.procs").exists())?;
+        let dir = root.join(format!("hookrunner-test-{pid}"));
+        if !is_root() || fs::create_dir(&dir).is_err() || !dir.join("pids.max").exists() {
+            println!("skipped: no pids cgroup can be made here");
+            let _ = fs::remove_dir(&dir);
+            return None;
+        }
+        let group = PidsGroup { dir, pid };
+        fs::write(group.dir.join("cgroup.procs"), pid.to_string()).expect("move the daemon");
+        Some(group)
+    }
+
+    /// No more tasks than there are now (`true`), or no bound.
+    fn freeze(&self, frozen: bool) {
+        let max = if frozen {
+            fs::read_to_string(self.dir.join("pids.current"))
+                .expect("pids.current")
+                .trim()
+                .to_string()
+        } else {
+            "max".to_string()
+        };
+        fs::write(self.dir.join("pids.max"), max).expect("pids.max");
+    }
+}
+
+impl Drop for PidsGroup {
+    fn drop(&mut self) {
+        let root = self.dir.parent().expect("root");
+        let _ = fs::write(root.join("cgroup.procs"), self.pid.to_string());
+        let _ = fs::remove_dir(&self.dir);
+    }
+}
+
+/// Out of threads (systemd's TasksMax, RLIMIT_NPROC): a queued entry waits and runs once threads can be
+/// had again, rather than the dispatcher ending for good while the daemon goes on answering 202; a new
+/// connection that no thread can serve is answered 503 at once rather than left waiting.
+#[test]
+fn out_of_threads_delays_queued_runs_and_refuses_new_connections() {
+    let env = Env::new();
+    let runs = env.path().join("runs");
+    env.script("q.sh", &format!("echo ran >> {runs:?}"));
+    env.routes("Q q.sh async retries=0\n");
+    let server = env.serve();
+    let Some(group) = PidsGroup::holding(server.child.id()) else {
+        return;
+    };
+    // A connection with its worker, before the bound.
+    let mut conn = server.connect();
+    crate::util::send(&mut conn, "GET", "/healthz", &[], b"", false);
+    assert_eq!(Response::read(&mut conn).expect("healthz").status, 200);
+    group.freeze(true);
+    crate::util::send(&mut conn, "POST", "/hooks/Q", &[], b"{}", false);
+    assert_eq!(Response::read(&mut conn).expect("accepted").status, 202);
+    assert!(
+        server
+            .wait_log(
+                "cannot start a thread for a queued run",
+                Duration::from_secs(10)
+            )
+            .is_some(),
+        "{}",
+        server.log()
+    );
+    let mut fresh = server.connect();
+    fresh
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    crate::util::send(&mut fresh, "GET", "/healthz", &[], b"", false);
+    let refused = Response::read(&mut fresh).expect("an answer, not a wait");
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert!(refused.header("Retry-After").is_some());
+    assert!(lines(&runs).is_empty());
+    group.freeze(false);
+    let done = wait_state(&env, "Q", "done", Duration::from_secs(10));
+    assert_eq!(done["attempts"], 1);
+    assert_eq!(lines(&runs), ["ran"]);
+    assert_eq!(server.get("/healthz").status, 200);
+}
+
 #[test]
 fn a_full_disk_is_answered_503_never_2xx_and_service_resumes_when_space_is_freed() {
     let env = Env::new();

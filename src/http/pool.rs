@@ -48,8 +48,22 @@ pub(super) fn submit(shared: &Arc<Shared>, conn: Conn) {
             .spawn(move || work(&worker));
         match spawned {
             Ok(_) => pool.workers += 1,
-            // The connection stays queued for the next free worker.
-            Err(e) => log::error!("cannot start a worker thread: {e}"),
+            Err(e) => {
+                // Out of threads (TasksMax, RLIMIT_NPROC), and no idle worker for this connection: it would
+                // wait for another connection to end, however long that takes. Answered 503 now instead.
+                if let Some(conn) = pool.queue.pop_back() {
+                    drop(pool);
+                    let line = super::server::reject_busy(
+                        conn.stream,
+                        shared,
+                        &conn.remote,
+                        "no thread to serve it",
+                    );
+                    log::error!("cannot start a worker thread: {e}; {line}");
+                    shared.open.fetch_sub(1, Ordering::SeqCst);
+                    return;
+                }
+            }
         }
     }
     shared.pool.work.notify_one();

@@ -185,7 +185,12 @@ fn accept_ready(
 
 /// Answers 503 and closes; returns the line to log (through a rate limit: a flood must not flood the log).
 /// On a TLS listener it only closes: an answer would need a handshake, which the accept loop never does.
-fn reject_busy(mut stream: Stream, shared: &Shared, remote: &str, why: &'static str) -> String {
+pub(super) fn reject_busy(
+    mut stream: Stream,
+    shared: &Shared,
+    remote: &str,
+    why: &'static str,
+) -> String {
     let id = shared.ids.next();
     let refused = Refused::Busy(why);
     let answer = Response::error(refused.status(), &id, &refused.to_string());
