@@ -61,6 +61,15 @@ pub fn stopping() {
     ]);
 }
 
+/// `EXTEND_TIMEOUT_USEC=`: the start (or stop) may take `more` from now before systemd gives up on it.
+pub fn extend_start(more: std::time::Duration) {
+    let usec = u32::try_from(more.as_micros()).unwrap_or(u32::MAX);
+    send(&[
+        NotifyState::ExtendTimeoutUsec(usec),
+        NotifyState::Status("migrating the store"),
+    ]);
+}
+
 /// A `STATUS=` line alone (what `systemctl status` shows).
 pub fn status(status: &str) {
     send(&[NotifyState::Status(status)]);
