@@ -520,7 +520,9 @@ impl Dispatcher {
 
     fn attempt(&self, entry: &Pending, n: u32) -> Result<crate::runner::Outcome, Unstarted> {
         let script = Path::new(&entry.script);
-        routes::check_before_run(script).map_err(|e| Unstarted::Script(io::Error::other(e.0)))?;
+        let config = (self.config)();
+        routes::check_before_run(&config.scripts_dir, script)
+            .map_err(|e| Unstarted::Script(io::Error::other(e.0)))?;
         let body = self
             .store
             .payload(entry.id)
@@ -545,7 +547,6 @@ impl Dispatcher {
             .collect();
         env.push(("HOOKRUNNER_ATTEMPT", &attempt));
         env.push(("HOOKRUNNER_QUEUED_AT", &queued_at));
-        let config = (self.config)();
         let job = Job {
             script,
             payload: payload.path(),

@@ -279,16 +279,18 @@ impl Routes {
                 continue;
             }
             let script = match &route.script {
-                Script::Fixed { written, path } => match recheck_script(written, path) {
-                    None => {
-                        skipped(route.line, Skip::Gone(path));
-                        continue;
+                Script::Fixed { written, path } => {
+                    match recheck_script(&self.scripts_dir, written, path) {
+                        None => {
+                            skipped(route.line, Skip::Gone(path));
+                            continue;
+                        }
+                        Some(checked) => {
+                            checked.map_err(SelectError::Unsafe)?;
+                            path.clone()
+                        }
                     }
-                    Some(checked) => {
-                        checked.map_err(SelectError::Unsafe)?;
-                        path.clone()
-                    }
-                },
+                }
                 Script::Template(template) => {
                     let written = template.replace(EVENT_PLACEHOLDER, event);
                     let wanted = resolve_path(&self.scripts_dir, &written);
@@ -409,21 +411,32 @@ fn check_script(scripts_dir: &Path, written: &str, path: &Path) -> Result<(), Un
     check_mode(written, &real, &meta)
 }
 
-/// The per-request check of a script whose place was checked when the routes loaded: one `stat`. `None` when
-/// it no longer exists.
-fn recheck_script(written: &str, path: &Path) -> Option<Result<(), UnsafeScript>> {
-    match fs::metadata(path) {
-        Ok(meta) => Some(check_mode(written, path, &meta)),
+/// The per-request check of a fixed script: the whole of [`check_script`] again, since the file, or a
+/// symlink on its way, may have changed since the routes loaded (a symlink retargeted out of
+/// `scripts_dir` was followed when only the mode was checked again). `None` when it no longer exists.
+fn recheck_script(
+    scripts_dir: &Path,
+    written: &str,
+    path: &Path,
+) -> Option<Result<(), UnsafeScript>> {
+    match fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => Some(Err(refusal(written, format!("{}: {e}", path.display())))),
+        _ => Some(check_script(scripts_dir, written, path)),
     }
 }
 
 /// The check a queued delivery's script gets before each attempt, as a sync request's does when it is
-/// selected: it may have been removed or made unsafe since it was accepted.
-pub fn check_before_run(path: &Path) -> Result<(), UnsafeScript> {
-    let written = path.to_string_lossy();
-    recheck_script(&written, path)
+/// selected: it may have been removed or made unsafe since it was accepted. Its path is stored whole; one
+/// under `scripts_dir` must still resolve inside it.
+pub fn check_before_run(scripts_dir: &Path, path: &Path) -> Result<(), UnsafeScript> {
+    let written = if path.starts_with(scripts_dir) {
+        path.strip_prefix(scripts_dir)
+            .unwrap_or(path)
+            .to_string_lossy()
+    } else {
+        path.to_string_lossy()
+    };
+    recheck_script(scripts_dir, &written, path)
         .unwrap_or_else(|| Err(refusal(&written, "no longer exists".to_string())))
 }
 

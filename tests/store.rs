@@ -951,6 +951,65 @@ fn a_serial_route_keeps_its_order_across_a_reload_that_moves_its_line() {
 
 /// At SIGTERM the dispatcher starts nothing more at once, even while a sync script keeps the daemon
 /// answering its request: a retry that comes due meanwhile waits in the store for the next start.
+/// A fixed script's symlink retargeted out of `scripts_dir` after the routes loaded is refused when a
+/// request selects it and before a queued entry's attempt, as `check` refuses it, never followed.
+#[test]
+fn a_fixed_script_symlink_retargeted_out_of_scripts_dir_is_refused_sync_and_queued() {
+    use std::os::unix::fs::{PermissionsExt, symlink};
+    let env = Env::new();
+    let dir = env.path().to_path_buf();
+    let (go, escaped) = (dir.join("go"), dir.join("escaped"));
+    let _release = crate::util::Release(go.clone());
+    let elsewhere = dir.join("elsewhere");
+    fs::create_dir(&elsewhere).expect("mkdir");
+    let evil = elsewhere.join("evil");
+    fs::write(&evil, format!("#!/bin/sh\ntouch {escaped:?}\n")).expect("evil");
+    fs::set_permissions(&evil, fs::Permissions::from_mode(0o755)).expect("chmod");
+    fs::create_dir(env.scripts().join("sub")).expect("mkdir sub");
+    env.script(
+        "sub/real",
+        &crate::util::wait_for_release(&dir.join("started"), &go),
+    );
+    symlink("sub/real", env.scripts().join("a.sh")).expect("symlink");
+    env.routes("A a.sh\nQ a.sh async serial retries=0\n");
+    let server = env.serve();
+    // The first queued entry runs (and waits); the second waits behind it in its serial lane.
+    assert_eq!(server.post("/hooks/Q", b"{}").status, 202);
+    assert!(wait_until(Duration::from_secs(10), || dir
+        .join("started")
+        .exists()));
+    assert_eq!(server.post("/hooks/Q", b"{}").status, 202);
+    fs::remove_file(env.scripts().join("a.sh")).expect("rm");
+    symlink(&evil, env.scripts().join("a.sh")).expect("retarget");
+    let refused = server.post("/hooks/A", b"{}");
+    assert_eq!(refused.status, 500, "{}", refused.text());
+    assert!(
+        refused.text().contains("outside scripts_dir"),
+        "{}",
+        refused.text()
+    );
+    fs::write(&go, "").expect("go");
+    assert!(
+        server
+            .wait_log(
+                "event=Q attempt=1 exit=not-started dead",
+                Duration::from_secs(10)
+            )
+            .is_some(),
+        "{}",
+        server.log()
+    );
+    assert!(!escaped.exists(), "a script outside scripts_dir ran");
+    // Back inside, so the CLI (which loads the routes, and refuses them meanwhile) can show the entries.
+    fs::remove_file(env.scripts().join("a.sh")).expect("rm");
+    symlink("sub/real", env.scripts().join("a.sh")).expect("symlink");
+    assert_eq!(rows(&env, &["--event", "Q", "--status", "done"]).len(), 1);
+    let dead = rows(&env, &["--event", "Q", "--status", "dead"]);
+    assert_eq!(dead.len(), 1);
+    let shown = show(&env, &dead[0]["id"].to_string());
+    assert!(shown.to_string().contains("outside scripts_dir"), "{shown}");
+}
+
 /// The descriptor numbers `pid` has open.
 fn open_fds(pid: u32) -> Vec<u32> {
     fs::read_dir(format!("/proc/{pid}/fd"))
