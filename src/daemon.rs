@@ -395,11 +395,22 @@ fn reload_config(
             return;
         }
     };
+    let old = gateway.config();
+    if let (Some(gone), None) = (&old.routes.source, &new.routes.source) {
+        // The routes file beside the configuration is missing now (renamed away by an editor or a tool
+        // mid-edit, or moved aside): falling back to the embedded `* {event}` would widen what runs, from
+        // the scripts the file named to any script named like an event, without a word.
+        log::error!(
+            "reload failed; still serving with the previous configuration: the routes file {} is gone \
+             (the embedded default `* {{event}}` is used only at start)",
+            gone.display()
+        );
+        return;
+    }
     // Reopened whether or not the path changed: after logrotate renamed it, this makes a new file.
     if let Err(e) = crate::logging::use_file(new.log_file.as_deref()) {
         log::error!("reload: cannot open log_file: {e}; logging where it did before");
     }
-    let old = gateway.config();
     let fixed = [
         ("listen", old.listen.to_string() != new.listen.to_string()),
         ("payload_dir", old.payload_dir != new.payload_dir),

@@ -69,6 +69,32 @@ fn sighup_reloads_the_routes_and_keeps_the_old_ones_when_the_new_are_invalid() {
     }
 }
 
+/// A routes file beside the configuration that is gone at a reload (renamed away mid-edit, moved aside)
+/// fails the reload: the embedded `* {event}` that a start without one falls back to would widen what
+/// runs to any script named like an event.
+#[test]
+fn a_reload_with_the_routes_file_gone_keeps_the_old_routes() {
+    let env = Env::new();
+    env.script("old.sh", "exit 0");
+    env.script("Evil", "exit 0");
+    // No routes file at start, so no `routes` key: the file beside the configuration is read on reload.
+    let server = env.serve();
+    let beside = env.path().join("routes");
+    fs::write(&beside, "Old old.sh\n").expect("routes");
+    reload(&server);
+    assert_eq!(server.post("/hooks/Evil", b"").status, 404);
+    fs::remove_file(&beside).expect("rm routes");
+    server.signal(libc::SIGHUP);
+    let failed = logged(&server, "reload failed");
+    assert!(failed.contains("is gone"), "{failed}");
+    assert_eq!(
+        server.post("/hooks/Evil", b"").status,
+        404,
+        "still routed by the old file"
+    );
+    assert_eq!(server.post("/hooks/Old", b"").status, 200);
+}
+
 /// Sends SIGHUP and waits for the reload to be logged as done: from that line on, the new configuration is in
 /// force.
 fn reload(server: &Server) {
