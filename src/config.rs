@@ -743,6 +743,25 @@ fn check_payload_dir(
             ));
         }
     }
+    // What the daemon's start refuses to adopt (a directory that holds anything but its own files), found
+    // here too: `check` says so with the key's line, and `serve` exits 78, which systemd does not restart,
+    // instead of 1 every two seconds.
+    let foreign = std::fs::read_dir(&real).ok().and_then(|entries| {
+        entries
+            .filter_map(Result::ok)
+            .map(|entry| entry.file_name())
+            .find(|name| !crate::payload::is_ours(name))
+    });
+    if let Some(name) = foreign {
+        return Err(file.error(
+            "payload_dir",
+            format!(
+                "payload_dir {} holds {name:?}, which is not a hookrunner payload file: give hookrunner a \
+                 directory of its own",
+                payload_dir.display()
+            ),
+        ));
+    }
     Ok(())
 }
 

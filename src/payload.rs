@@ -197,7 +197,9 @@ fn run_tag() -> u32 {
 /// creates in its directory; and on NFS `.nfs` and hex digits, the name NFS gives one of them removed while
 /// still open (a payload a script still reads, or an unverified body streaming in without `O_TMPFILE`),
 /// which a crash can leave behind.
-fn is_ours(name: &std::ffi::OsStr) -> bool {
+/// Whether a name in a payload directory is one hookrunner makes there (its lock, a payload file, NFS's
+/// stand-in for a removed one still open).
+pub fn is_ours(name: &std::ffi::OsStr) -> bool {
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     name == LOCK_FILE
         || name.to_str().is_some_and(|n| {

@@ -336,6 +336,29 @@ fn payload_dir_may_not_hold_what_its_start_up_cleaning_would_remove() {
     .expect("write config");
     let out = check(&config);
     assert!(out.status.success(), "{}", stderr(&out));
+    // A file of someone else's in it: what the start would refuse, `check` refuses, and `serve` exits 78
+    // (a configuration error, which systemd does not restart) rather than 1.
+    fs::create_dir(dir.path().join("payloads")).expect("payloads");
+    fs::write(dir.path().join("payloads").join("foreign.txt"), "x").expect("foreign");
+    let out = check(&config);
+    assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("hookrunner.toml:2: payload_dir")
+            && stderr(&out).contains("holds \"foreign.txt\""),
+        "{}",
+        stderr(&out)
+    );
+    let served = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .env("STATE_DIRECTORY", dir.path().join("state"))
+        .output()
+        .expect("run serve");
+    assert_eq!(served.status.code(), Some(78), "{}", stderr(&served));
+    assert!(
+        dir.path().join("payloads").join("foreign.txt").exists(),
+        "left as it was"
+    );
 }
 
 #[test]
