@@ -406,6 +406,7 @@ impl Config {
             .or(raw.listen.map(|l| l.0))
             .unwrap_or_else(|| Listen::Tcp(DEFAULT_LISTEN.to_string()));
         let mut warnings = Vec::new();
+        warnings.extend(scripts_dir_warning(&scripts_dir));
         let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
         let mut senders = Vec::new();
         for (index, raw_sender) in raw.sender.into_iter().flatten().enumerate() {
@@ -686,6 +687,29 @@ fn key_line(text: &str, key: &str) -> Option<usize> {
                 .is_some_and(|after| after.trim_start().starts_with('='))
         })
         .map(|index| index + 1)
+}
+
+/// A `scripts_dir` that others may write to: a script is refused when group or others can write it, but
+/// whoever can write the directory can add a script of their own, mode 0755, and with `* {event}` it runs
+/// as this daemon's user. A warning rather than an error, so an upgrade does not stop a running setup.
+fn scripts_dir_warning(scripts_dir: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(scripts_dir).ok()?;
+    let mode = meta.mode();
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        return Some(format!(
+            "scripts_dir {} is writable by {} (mode {:04o}): whoever can write there can add a script that \
+             runs as this daemon's user; chmod go-w it",
+            scripts_dir.display(),
+            if mode & 0o002 != 0 {
+                "anyone"
+            } else {
+                "its group"
+            },
+            mode & 0o7777
+        ));
+    }
+    None
 }
 
 fn canonical_dir(dir: &Path) -> io::Result<PathBuf> {

@@ -361,6 +361,44 @@ fn payload_dir_may_not_hold_what_its_start_up_cleaning_would_remove() {
     );
 }
 
+/// A scripts_dir others can write to is warned about: whoever can write there can add a script of their
+/// own that passes every check on the file itself.
+#[test]
+fn check_warns_of_a_scripts_dir_others_can_write() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let scripts = dir.path().join("scripts");
+    fs::create_dir(&scripts).expect("scripts dir");
+    let config = dir.path().join("hookrunner.toml");
+    fs::write(
+        &config,
+        "scripts_dir = \"scripts\"\npayload_dir = \"payloads\"\n",
+    )
+    .expect("config");
+    for (mode, warned) in [
+        (0o755, None),
+        (0o775, Some("its group")),
+        (0o777, Some("anyone")),
+        (0o1777, None),
+    ] {
+        fs::set_permissions(&scripts, fs::Permissions::from_mode(mode)).expect("chmod");
+        let out = check(&config);
+        assert!(out.status.success(), "{mode:o}: {}", stderr(&out));
+        match warned {
+            Some(who) => assert!(
+                stderr(&out).contains(&format!("is writable by {who}")),
+                "{mode:o}: {}",
+                stderr(&out)
+            ),
+            None => assert!(
+                !stderr(&out).contains("is writable by"),
+                "{mode:o}: {}",
+                stderr(&out)
+            ),
+        }
+    }
+}
+
 #[test]
 fn the_ends_of_the_ranges_serve() {
     let smallest = Env::new().config(
