@@ -1077,7 +1077,9 @@ fn out_of_descriptors_when_a_queued_run_starts_spends_no_attempt() {
     for row in rows(&env, &["--event", "Q"]) {
         assert_eq!(row["attempts"], 1, "{row}");
     }
-    assert_eq!(lines(&runs).len(), accepted);
+    // At least once each: a start that failed after the spawn (its pidfd) killed a script that may have
+    // begun, and it runs again, as a sync request answered 503 is sent again.
+    assert!(lines(&runs).len() >= accepted, "{:?}", lines(&runs));
 }
 
 /// A supervisor that signals every process of the service at a stop (systemd's default KillMode; the
