@@ -36,7 +36,7 @@ pub const INLINE_BODY: usize = 256 << 10;
 /// touches the disk only once it verified, so this is all that senders who cannot sign can make the daemon
 /// hold), and the spilled bodies of async requests, read back from their payload files for the store's
 /// commit.
-pub const UNVERIFIED_MAX: u64 = 64 << 20;
+pub const HELD_BODIES_MAX: u64 = 64 << 20;
 
 /// Attempts in all when a route does not say (`retries=4`).
 const DEFAULT_ATTEMPTS: u32 = 5;
@@ -57,8 +57,8 @@ pub struct Gateway {
     /// flood the log (each request's own line still says why it was refused).
     auth_log: Mutex<RateLimit>,
     metrics: Arc<Metrics>,
-    /// What [`UNVERIFIED_MAX`] bounds.
-    unverified: Unverified,
+    /// What [`HELD_BODIES_MAX`] bounds.
+    held_bodies: HeldBodies,
     /// This binary, for scripts as `HOOKRUNNER_BIN`: `"$HOOKRUNNER_BIN" get "$1" /event/deviceName` works
     /// whether or not hookrunner is on the scripts' PATH (a checkout, a test).
     bin: String,
@@ -81,8 +81,8 @@ enum Refusal {
     /// The body failed while it was read (framing, size, pace, the client gone).
     Body(BodyError),
     /// Large bodies held in memory (being checked, or on their way to the store) already hold
-    /// [`UNVERIFIED_MAX`]: the sender should retry.
-    Unverified,
+    /// [`HELD_BODIES_MAX`]: the sender should retry.
+    BodiesHeld,
     /// The payload file could not be created or written.
     Payload(io::Error),
     /// The script could not be started.
@@ -100,7 +100,7 @@ impl Refusal {
             Refusal::Event(_) | Refusal::Malformed(_) => 400,
             Refusal::NoRoute(_) => 404,
             Refusal::Body(e) => e.status(),
-            Refusal::Busy | Refusal::Store(_) | Refusal::Unverified => 503,
+            Refusal::Busy | Refusal::Store(_) | Refusal::BodiesHeld => 503,
             Refusal::Payload(e) | Refusal::Spawn(e) if is_resource_shortage(e) => 503,
             Refusal::Unsafe(_) | Refusal::Payload(_) | Refusal::Spawn(_) => 500,
         }
@@ -119,7 +119,7 @@ impl Refusal {
             Refusal::Unsafe(u) => format!("refusing to run {}", u.0),
             Refusal::Busy => "too many scripts running; retry later".to_string(),
             Refusal::Body(e) => e.to_string(),
-            Refusal::Unverified => {
+            Refusal::BodiesHeld => {
                 "too many large bodies are held in memory now; retry later".to_string()
             }
             Refusal::Payload(e) => format!("cannot store the payload: {e}"),
@@ -187,7 +187,7 @@ impl Gateway {
             bell,
             replays: Replays::default(),
             auth_log: Mutex::new(RateLimit::new(log::Level::Warn)),
-            unverified: Unverified::default(),
+            held_bodies: HeldBodies::default(),
 
             bin: std::env::current_exe()
                 .map(|p| p.display().to_string())
@@ -273,16 +273,16 @@ impl Gateway {
         let Authenticated { sender, admitted } = self.authenticate(config, request)?;
         let check = admitted.and_then(|a| a.body);
         let delivery_id = auth::delivery_id(&|name: &str| request.header(name));
-        let held_max = UNVERIFIED_MAX.max(config.max_body);
+        let held_max = HELD_BODIES_MAX.max(config.max_body);
         let unverified = Hold {
-            budget: &self.unverified,
+            budget: &self.held_bodies,
             max: held_max,
             bytes: 0,
         };
         let received = receive(request, &self.payloads, check, unverified)?;
         // An async request's spilled body, in memory from its read-back until the commit that holds it.
         let mut held = Hold {
-            budget: &self.unverified,
+            budget: &self.held_bodies,
             max: held_max,
             bytes: 0,
         };
@@ -748,7 +748,7 @@ impl Received {
                     .map_err(Refusal::Payload)?
                     .len();
                 if !held.grow(len) {
-                    return Err(Refusal::Unverified);
+                    return Err(Refusal::BodiesHeld);
                 }
                 std::fs::read(payload.path()).map_err(Refusal::Payload)
             }
@@ -773,11 +773,11 @@ impl Received {
 /// Bytes held in memory by large bodies across connections: those whose signature is being checked, and
 /// async ones on their way to the store.
 #[derive(Default)]
-struct Unverified(AtomicU64);
+struct HeldBodies(AtomicU64);
 
-/// One request's share of [`Unverified`], given back when it is dropped.
+/// One request's share of [`HeldBodies`], given back when it is dropped.
 struct Hold<'g> {
-    budget: &'g Unverified,
+    budget: &'g HeldBodies,
     max: u64,
     bytes: u64,
 }
@@ -841,7 +841,7 @@ fn receive(
             Received::Inline(bytes) if signed => {
                 let past_inline = (bytes.len() + n - INLINE_BODY.max(bytes.len())) as u64;
                 if !unverified.grow(past_inline) {
-                    return Err(Refusal::Unverified);
+                    return Err(Refusal::BodiesHeld);
                 }
                 bytes.extend_from_slice(&chunk[..n]);
             }
