@@ -339,6 +339,24 @@ impl Dispatcher {
         }
     }
 
+    /// Puts a running entry back in the queue, due at `due_at`, with no attempt counted
+    /// ([`crate::store::Store::put_back`]), trying again while the store cannot write; says whether it
+    /// was put back.
+    fn put_back(&self, entry: &Pending, due_at: i64) -> bool {
+        self.keep_trying(
+            || self.store.put_back(entry.id, due_at),
+            |e, pause| {
+                log::error!(
+                    "{} cannot put id={} back in the queue: {e}; trying again in {} ms",
+                    entry.request_id,
+                    entry.id,
+                    pause.as_millis()
+                )
+            },
+        )
+        .is_ok()
+    }
+
     /// One attempt of one entry, its result committed before the entry counts as run.
     fn run_one(&self, entry: &Pending) {
         let n = entry.attempts + 1;
@@ -352,19 +370,7 @@ impl Dispatcher {
             Err(Unstarted::Here(e)) => {
                 // The script never had its chance: not an attempt, so a full payload directory or a
                 // store that cannot be read spends none of the route's attempts.
-                let due = now_ms() + HERE_PAUSE.as_millis() as i64;
-                let put_back = self.keep_trying(
-                    || self.store.put_back(entry.id, due),
-                    |e, pause| {
-                        log::error!(
-                            "{} cannot put id={} back in the queue: {e}; trying again in {} ms",
-                            entry.request_id,
-                            entry.id,
-                            pause.as_millis()
-                        )
-                    },
-                );
-                if put_back.is_ok() {
+                if self.put_back(entry, now_ms() + HERE_PAUSE.as_millis() as i64) {
                     log::error!(
                         "{} async id={} event={} cannot prepare attempt {n}: {e}; not counted as an \
                          attempt, tried again in {} ms",
@@ -401,18 +407,7 @@ impl Dispatcher {
             // Killed from outside while the daemon stops: a supervisor that signals every process of the
             // service at once (systemd's default KillMode, an operator's `pkill -g`). That is the stop's
             // doing, not the script's: the entry waits for the next start, and the attempt is not counted.
-            let put_back = self.keep_trying(
-                || self.store.put_back(entry.id, now_ms()),
-                |e, pause| {
-                    log::error!(
-                        "{} cannot put id={} back in the queue: {e}; trying again in {} ms",
-                        entry.request_id,
-                        entry.id,
-                        pause.as_millis()
-                    )
-                },
-            );
-            if put_back.is_ok() {
+            if self.put_back(entry, now_ms()) {
                 log::warn!(
                     "{} async id={} event={} attempt {n} was killed by a signal while the daemon stops: \
                      not counted, it runs again at the next start",

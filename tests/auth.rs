@@ -292,6 +292,31 @@ fn unread(stream: &std::net::TcpStream) -> Option<u64> {
     })
 }
 
+/// `n` connections each sending `path` a 9 MiB body with a wrong signature, one byte short of its length,
+/// so the daemon holds each in memory waiting for the rest and never checks it. Returns the connections
+/// (open: the bodies stay held until they are dropped) and the body.
+fn unchecked_bodies(server: &Server, path: &str, n: usize) -> (Vec<std::net::TcpStream>, Vec<u8>) {
+    let body = vec![b'x'; 9 << 20];
+    let bad = github_sign("another-secret", &body);
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: t\r\nX-Hub-Signature-256: {bad}\r\nContent-Length: {}\r\n\r\n",
+        body.len() + 1
+    );
+    let streams: Vec<std::net::TcpStream> = (0..n).map(|_| server.connect()).collect();
+    std::thread::scope(|scope| {
+        for stream in &streams {
+            let (head, body) = (&head, &body);
+            scope.spawn(move || {
+                let mut stream = stream;
+                // A refused one may be closed before all of it is taken.
+                let _ = stream.write_all(head.as_bytes());
+                let _ = stream.write_all(body);
+            });
+        }
+    });
+    (streams, body)
+}
+
 /// Bodies whose signature is still being checked are held in memory, never on disk, and together at
 /// most 64 MiB past the first 256 KiB of each: past that, such a request is answered 503 with
 /// Retry-After. What they held is given back when they end, and a signed body is served again.
@@ -305,26 +330,9 @@ fn unverified_bodies_are_held_up_to_a_bound_then_answered_503() {
     let out = counter(&env, "big");
     let server = env.serve();
     let pid = server.child.id();
-    let body = vec![b'x'; 9 << 20];
-    let bad = github_sign("another-secret", &body);
-    let head = format!(
-        "POST /hooks/big HTTP/1.1\r\nHost: t\r\nX-Hub-Signature-256: {bad}\r\nContent-Length: {}\r\n\r\n",
-        body.len() + 1
-    );
     // Eight bodies of 9 MiB, each one byte short of its length, so none is checked: 8 × 8.75 MiB past
     // the inline part is more than 64 MiB.
-    let streams: Vec<std::net::TcpStream> = (0..8).map(|_| server.connect()).collect();
-    std::thread::scope(|scope| {
-        for stream in &streams {
-            let (head, body) = (&head, &body);
-            scope.spawn(move || {
-                let mut stream = stream;
-                // A refused one may be closed before all of it is taken.
-                let _ = stream.write_all(head.as_bytes());
-                let _ = stream.write_all(body);
-            });
-        }
-    });
+    let (streams, body) = unchecked_bodies(&server, "/hooks/big", 8);
     // Each read at once, so the held ones' wait is paid once; 3 s, for a loaded machine's slow answer.
     let answers: Vec<Response> = std::thread::scope(|scope| {
         let reads: Vec<_> = streams
@@ -398,24 +406,8 @@ fn large_async_bodies_share_the_bound_of_bodies_held_in_memory() {
     env.routes("big big async\n");
     let server = env.serve();
     let pid = server.child.id();
-    // Seven unsigned-for-good bodies of 9 MiB, each one byte short: 7 × 8.75 MiB of the 64 MiB held.
-    let body = vec![b'x'; 9 << 20];
-    let bad = github_sign("another-secret", &body);
-    let head = format!(
-        "POST /gh/hooks/big HTTP/1.1\r\nHost: t\r\nX-Hub-Signature-256: {bad}\r\nContent-Length: {}\r\n\r\n",
-        body.len() + 1
-    );
-    let streams: Vec<std::net::TcpStream> = (0..7).map(|_| server.connect()).collect();
-    std::thread::scope(|scope| {
-        for stream in &streams {
-            let (head, body) = (&head, &body);
-            scope.spawn(move || {
-                let mut stream = stream;
-                stream.write_all(head.as_bytes()).expect("head");
-                stream.write_all(body).expect("body");
-            });
-        }
-    });
+    // Seven bodies of 9 MiB that are never checked: 7 × 8.75 MiB of the 64 MiB held.
+    let (streams, _) = unchecked_bodies(&server, "/gh/hooks/big", 7);
     // Every byte read by the daemon, so the seven hold their share.
     for stream in &streams {
         assert!(

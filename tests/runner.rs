@@ -806,14 +806,6 @@ fn a_script_busy_for_longer_than_the_retries_is_500_saying_so() {
     );
 }
 
-/// The descriptor numbers `pid` has open.
-fn open_fds(pid: u32) -> Vec<u32> {
-    fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("list the daemon's descriptors")
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect()
-}
-
 #[test]
 fn out_of_descriptors_storing_the_payload_or_starting_the_script_is_503() {
     use rustix::process::{Pid, Resource, Rlimit, getrlimit, prlimit};
@@ -847,7 +839,7 @@ fn out_of_descriptors_storing_the_payload_or_starting_the_script_is_503() {
             assert_eq!(ready.status, 200);
             conn
         });
-        let idle = open_fds(pid);
+        let idle = crate::util::open_fds(pid);
         let lowest_free = (0..).find(|n| !idle.contains(n)).expect("a free number");
         set_limit(Some(u64::from(lowest_free + k)));
         send(conn, "POST", "/hooks/Quick", &[], b"{}", false);
@@ -859,7 +851,8 @@ fn out_of_descriptors_storing_the_payload_or_starting_the_script_is_503() {
             stream = None;
         }
         assert!(
-            wait_until(Duration::from_secs(5), || open_fds(pid).len() <= idle.len()),
+            wait_until(Duration::from_secs(5), || crate::util::open_fds(pid).len()
+                <= idle.len()),
             "the request's descriptors were all closed"
         );
         assert_eq!(payload_files(&env), [".lock"], "no payload file is left");

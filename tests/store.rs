@@ -565,6 +565,21 @@ fn entries_left_queued_by_a_kill_run_after_the_restart() {
     assert!(unexpected.is_empty(), "{unexpected:?}");
 }
 
+/// A script `name` that appends its attempt number to `<env>/attempts`, touches `<env>/started`, then
+/// waits (10 s at most) for `<env>/go`, which the returned guard creates when dropped.
+fn held_script(env: &Env, name: &str) -> crate::util::Release {
+    let dir = env.path();
+    env.script(
+        name,
+        &format!(
+            "echo \"$HOOKRUNNER_ATTEMPT\" >> {attempts:?}\n{}",
+            crate::util::wait_for_release(&dir.join("started"), &dir.join("go")),
+            attempts = dir.join("attempts")
+        ),
+    );
+    crate::util::Release(dir.join("go"))
+}
+
 /// An entry is marked running before its script starts: the operator's `drop` cannot remove it while the
 /// script runs, and a kill mid-run counts the interrupted attempt, so the run after the restart is told it
 /// is the second.
@@ -573,15 +588,7 @@ fn a_running_entry_cannot_be_dropped_and_a_kill_mid_run_counts_its_attempt() {
     let env = Env::new();
     let dir = env.path().to_path_buf();
     let go = dir.join("go");
-    let _release = crate::util::Release(go.clone());
-    env.script(
-        "r.sh",
-        &format!(
-            "echo \"$HOOKRUNNER_ATTEMPT\" >> {attempts:?}\n{}",
-            crate::util::wait_for_release(&dir.join("started"), &go),
-            attempts = dir.join("attempts")
-        ),
-    );
+    let _release = held_script(&env, "r.sh");
     env.routes("R r.sh async\n");
     let mut server = env.serve();
     let accepted = server.post("/hooks/R", b"{}");
@@ -624,15 +631,7 @@ fn a_second_daemon_on_the_same_store_is_refused_and_a_running_entry_runs_once() 
     let env = Env::new();
     let dir = env.path().to_path_buf();
     let go = dir.join("go");
-    let _release = crate::util::Release(go.clone());
-    env.script(
-        "r.sh",
-        &format!(
-            "echo \"$HOOKRUNNER_ATTEMPT\" >> {attempts:?}\n{}",
-            crate::util::wait_for_release(&dir.join("started"), &go),
-            attempts = dir.join("attempts")
-        ),
-    );
+    let _release = held_script(&env, "r.sh");
     env.routes("R r.sh async\n");
     let server = env.serve();
     assert_eq!(server.post("/hooks/R", b"{}").status, 202);
@@ -1010,14 +1009,6 @@ fn a_fixed_script_symlink_retargeted_out_of_scripts_dir_is_refused_sync_and_queu
     assert!(shown.to_string().contains("outside scripts_dir"), "{shown}");
 }
 
-/// The descriptor numbers `pid` has open.
-fn open_fds(pid: u32) -> Vec<u32> {
-    fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("list the daemon's descriptors")
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect()
-}
-
 /// Out of descriptors while a queued entry is started (its payload file, its output pipes, its pidfd)
 /// is the daemon's shortage, not the script's failure: the entry is put back without an attempt counted,
 /// and runs once there are descriptors again, even on a route with no retries.
@@ -1047,7 +1038,7 @@ fn out_of_descriptors_when_a_queued_run_starts_spends_no_attempt() {
     // RLIMIT_NOFILE binds root too. With k descriptors free the k-th start fails a step further on.
     for k in 0..8 {
         set_limit(own.current);
-        let idle = open_fds(pid);
+        let idle = crate::util::open_fds(pid);
         let lowest_free = (0..).find(|n| !idle.contains(n)).expect("a free number");
         set_limit(Some(u64::from(lowest_free + k)));
         crate::util::send(&mut conn, "POST", "/hooks/Q", &[], b"{}", false);

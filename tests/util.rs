@@ -621,6 +621,14 @@ pub fn github_sign(secret: &str, body: &[u8]) -> String {
     signed(out)
 }
 
+/// The descriptor numbers `pid` has open.
+pub fn open_fds(pid: u32) -> Vec<u32> {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("list the daemon's descriptors")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
 /// How many files in the payload directory the daemon `pid` holds open, named or not.
 pub fn open_payload_files(pid: u32, env: &Env) -> usize {
     let dir = env.payloads().canonicalize().expect("payload dir");
