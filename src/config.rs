@@ -330,45 +330,41 @@ impl Config {
     /// Loads the configuration: `path` if given (it must exist), else [`DEFAULT_CONFIG`] if it exists, else
     /// the built-in defaults.
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
-        let (file, text) = match path {
-            Some(path) => {
-                let text = fs::read_to_string(path)
-                    .map_err(|e| ConfigError::new(Some(path), None, format!("cannot read: {e}")))?;
-                (Some(path), text)
-            }
-            None => match fs::read_to_string(DEFAULT_CONFIG) {
-                Ok(text) => (Some(Path::new(DEFAULT_CONFIG)), text),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => (None, String::new()),
-                Err(e) => {
-                    return Err(ConfigError::new(
-                        Some(Path::new(DEFAULT_CONFIG)),
-                        None,
-                        format!("cannot read: {e}"),
-                    ));
-                }
-            },
-        };
+        let (path, text) = read(path)?;
         let file = ConfigFile {
-            path: file,
+            path: path.as_deref(),
             text: &text,
         };
         let raw = parse_toml(file.path, file.text)?;
         Config::from_raw(raw, &file, overrides)
     }
 
+    /// Loads only what the operator's `deliveries` commands need, the store's keys, from the file
+    /// [`Config::load`] would read: a route's unsafe script, a secret file this user cannot read or a missing
+    /// `scripts_dir` stops the daemon, but must not keep the operator from the deliveries.
+    pub fn load_store(path: Option<&Path>) -> Result<StoreSettings, ConfigError> {
+        let (path, text) = read(path)?;
+        let file = ConfigFile {
+            path: path.as_deref(),
+            text: &text,
+        };
+        let mut raw = parse_toml(file.path, file.text)?;
+        let payload_dir = file
+            .path_of("payload_dir", raw.payload_dir.take())?
+            .unwrap_or_else(default_payload_dir);
+        store_settings(&mut raw, &file, &payload_dir)
+    }
+
     fn from_raw(
-        raw: RawConfig,
+        mut raw: RawConfig,
         file: &ConfigFile<'_>,
         overrides: &Overrides,
     ) -> Result<Config, ConfigError> {
         let base = file.path.and_then(Path::parent).unwrap_or(Path::new("."));
-        // Relative paths in the file are relative to the file, so a config works from any working directory.
-        let path = |key: &str, value: Option<PathBuf>| match value {
-            Some(p) if p.as_os_str().is_empty() => Err(file.error(key, format!("{key} is empty"))),
-            Some(p) if p.is_absolute() => Ok(Some(p)),
-            Some(p) => Ok(Some(base.join(p))),
-            None => Ok(None),
-        };
+        let path = |key: &str, value: Option<PathBuf>| file.path_of(key, value);
+        let payload_dir =
+            path("payload_dir", raw.payload_dir.take())?.unwrap_or_else(default_payload_dir);
+        let store = store_settings(&mut raw, file, &payload_dir)?;
         let scripts_dir = match &overrides.scripts_dir {
             Some(dir) => canonical_dir(dir).map_err(|e| {
                 ConfigError::new(None, None, format!("--scripts-dir {}: {e}", dir.display()))
@@ -398,7 +394,6 @@ impl Config {
                 }
             }
         };
-        let payload_dir = path("payload_dir", raw.payload_dir)?.unwrap_or_else(default_payload_dir);
         check_payload_dir(&payload_dir, file, &routes, &scripts_dir)?;
         let listen = overrides
             .listen
@@ -472,31 +467,9 @@ impl Config {
                 None => file.error("listen", message),
             });
         }
-        let duration = |key: &str, value: Option<DurationValue>, default: u64, range| {
-            file.within(
-                key,
-                value.map_or(Duration::from_millis(default), |d| d.0),
-                range,
-            )
-        };
-        let count = |key: &str, value: Option<Count>, default: usize, range: Range<usize>| {
-            let Some(Count(n)) = value else {
-                return file.within(key, default, range);
-            };
-            let n = usize::try_from(n).map_err(|_| {
-                file.error(key, format!("{key} = {n} is out of range: use {range}"))
-            })?;
-            file.within(key, n, range)
-        };
-        let size = |key: &str, value: Option<SizeValue>, default: u64, range: Range<Bytes>| {
-            let Some(SizeValue(n)) = value else {
-                return file.within(key, Bytes(default), range).map(|b| b.0);
-            };
-            let n = u64::try_from(n).map_err(|_| {
-                file.error(key, format!("{key} = {n} is out of range: use {range}"))
-            })?;
-            file.within(key, Bytes(n), range).map(|b| b.0)
-        };
+        let duration = |key: &str, value, default, range| file.duration(key, value, default, range);
+        let count = |key: &str, value, default, range| file.count(key, value, default, range);
+        let size = |key: &str, value, default, range| file.size(key, value, default, range);
         let max_header_bytes = size(
             "max_header_bytes",
             raw.max_header_bytes,
@@ -521,53 +494,6 @@ impl Config {
         let event = raw.event.map_or_else(crate::event::default_sources, |v| {
             v.into_iter().map(|s| s.0).collect()
         });
-        let state_dir = path("state_dir", raw.state_dir)?.unwrap_or_else(default_state_dir);
-        if state_dir == payload_dir {
-            return Err(file.error(
-                "state_dir",
-                format!(
-                    "state_dir {} is payload_dir, whose files are removed at start: give the store a \
-                     directory of its own",
-                    state_dir.display()
-                ),
-            ));
-        }
-        let store = StoreSettings {
-            state_dir,
-            run_async: raw.run_async.unwrap_or(false),
-            history: raw.history.unwrap_or(true),
-            max_queued: count("max_queued", raw.max_queued, 100_000, MAX_QUEUED)? as u64,
-            max_queued_bytes: size(
-                "max_queued_bytes",
-                raw.max_queued_bytes,
-                1 << 30,
-                MAX_QUEUED_BYTES,
-            )?,
-            dedupe_window: duration(
-                "dedupe_window",
-                raw.dedupe_window,
-                24 * 3_600_000,
-                DEDUPE_WINDOW,
-            )?,
-            keep_payloads: duration(
-                "keep_payloads",
-                raw.keep_payloads,
-                7 * 24 * 3_600_000,
-                KEEP_PAYLOADS,
-            )?,
-            keep_history: duration(
-                "keep_history",
-                raw.keep_history,
-                30 * 24 * 3_600_000,
-                KEEP_HISTORY,
-            )?,
-            max_store_bytes: size(
-                "max_store_bytes",
-                raw.max_store_bytes,
-                1 << 30,
-                MAX_STORE_BYTES,
-            )?,
-        };
         if !EVENT_SOURCES.contains(event.len()) {
             return Err(file.error(
                 "event",
@@ -674,6 +600,140 @@ impl ConfigFile<'_> {
         range
             .check(value)
             .map_err(|e| self.error(key, format!("{key} = {e}")))
+    }
+
+    /// A path key's value: relative to the file's directory, so a config works from any working directory.
+    fn path_of(&self, key: &str, value: Option<PathBuf>) -> Result<Option<PathBuf>, ConfigError> {
+        let base = self.path.and_then(Path::parent).unwrap_or(Path::new("."));
+        match value {
+            Some(p) if p.as_os_str().is_empty() => Err(self.error(key, format!("{key} is empty"))),
+            Some(p) if p.is_absolute() => Ok(Some(p)),
+            Some(p) => Ok(Some(base.join(p))),
+            None => Ok(None),
+        }
+    }
+
+    fn duration(
+        &self,
+        key: &str,
+        value: Option<DurationValue>,
+        default: u64,
+        range: Range<Duration>,
+    ) -> Result<Duration, ConfigError> {
+        self.within(
+            key,
+            value.map_or(Duration::from_millis(default), |d| d.0),
+            range,
+        )
+    }
+
+    fn count(
+        &self,
+        key: &str,
+        value: Option<Count>,
+        default: usize,
+        range: Range<usize>,
+    ) -> Result<usize, ConfigError> {
+        let Some(Count(n)) = value else {
+            return self.within(key, default, range);
+        };
+        let n = usize::try_from(n)
+            .map_err(|_| self.error(key, format!("{key} = {n} is out of range: use {range}")))?;
+        self.within(key, n, range)
+    }
+
+    fn size(
+        &self,
+        key: &str,
+        value: Option<SizeValue>,
+        default: u64,
+        range: Range<Bytes>,
+    ) -> Result<u64, ConfigError> {
+        let Some(SizeValue(n)) = value else {
+            return self.within(key, Bytes(default), range).map(|b| b.0);
+        };
+        let n = u64::try_from(n)
+            .map_err(|_| self.error(key, format!("{key} = {n} is out of range: use {range}")))?;
+        self.within(key, Bytes(n), range).map(|b| b.0)
+    }
+}
+
+/// The store's keys (checked as [`Config::load`] checks every key); `payload_dir` is the one the rest of
+/// the file gives, which the store must not share.
+fn store_settings(
+    raw: &mut RawConfig,
+    file: &ConfigFile<'_>,
+    payload_dir: &Path,
+) -> Result<StoreSettings, ConfigError> {
+    let state_dir = file
+        .path_of("state_dir", raw.state_dir.take())?
+        .unwrap_or_else(default_state_dir);
+    if state_dir == payload_dir {
+        return Err(file.error(
+            "state_dir",
+            format!(
+                "state_dir {} is payload_dir, whose files are removed at start: give the store a \
+                 directory of its own",
+                state_dir.display()
+            ),
+        ));
+    }
+    Ok(StoreSettings {
+        state_dir,
+        run_async: raw.run_async.unwrap_or(false),
+        history: raw.history.unwrap_or(true),
+        max_queued: file.count("max_queued", raw.max_queued.take(), 100_000, MAX_QUEUED)? as u64,
+        max_queued_bytes: file.size(
+            "max_queued_bytes",
+            raw.max_queued_bytes.take(),
+            1 << 30,
+            MAX_QUEUED_BYTES,
+        )?,
+        dedupe_window: file.duration(
+            "dedupe_window",
+            raw.dedupe_window.take(),
+            24 * 3_600_000,
+            DEDUPE_WINDOW,
+        )?,
+        keep_payloads: file.duration(
+            "keep_payloads",
+            raw.keep_payloads.take(),
+            7 * 24 * 3_600_000,
+            KEEP_PAYLOADS,
+        )?,
+        keep_history: file.duration(
+            "keep_history",
+            raw.keep_history.take(),
+            30 * 24 * 3_600_000,
+            KEEP_HISTORY,
+        )?,
+        max_store_bytes: file.size(
+            "max_store_bytes",
+            raw.max_store_bytes.take(),
+            1 << 30,
+            MAX_STORE_BYTES,
+        )?,
+    })
+}
+
+/// The configuration file's path and text: `path` if given (it must exist), else [`DEFAULT_CONFIG`] if it
+/// exists, else none (the built-in defaults).
+fn read(path: Option<&Path>) -> Result<(Option<PathBuf>, String), ConfigError> {
+    match path {
+        Some(path) => {
+            let text = fs::read_to_string(path)
+                .map_err(|e| ConfigError::new(Some(path), None, format!("cannot read: {e}")))?;
+            Ok((Some(path.to_path_buf()), text))
+        }
+        None => match fs::read_to_string(DEFAULT_CONFIG) {
+            Ok(text) => Ok((Some(PathBuf::from(DEFAULT_CONFIG)), text)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok((None, String::new())),
+            Err(e) => Err(ConfigError::new(
+                Some(Path::new(DEFAULT_CONFIG)),
+                None,
+                format!("cannot read: {e}"),
+            )),
+        },
     }
 }
 

@@ -9,15 +9,15 @@ use std::time::{Duration, UNIX_EPOCH};
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use crate::config::{Config, Overrides};
+use crate::config::Config;
 use crate::store::{self, Attempt, Query, Row, State, Target};
 use crate::units::parse_duration;
 
 /// `hookrunner deliveries`: without a command, `list`.
 #[derive(Args, Debug)]
 pub struct DeliveriesArgs {
-    /// Configuration file, to find the store as `serve` does (default /etc/hookrunner/hookrunner.toml if it
-    /// exists, else built-in defaults)
+    /// Configuration file, to find the store as `serve` does; only its store keys are read (default
+    /// /etc/hookrunner/hookrunner.toml if it exists, else built-in defaults)
     #[arg(long, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
     #[command(subcommand)]
@@ -174,9 +174,8 @@ impl DeliveriesCommand {
 
 /// Runs it; `Err` is a message and an exit code.
 pub fn run(config: Option<PathBuf>, action: Action) -> Result<(), (String, u8)> {
-    let config =
-        Config::load(config.as_deref(), &Overrides::default()).map_err(|e| (e.to_string(), 78))?;
-    let dir = &config.store.state_dir;
+    let settings = Config::load_store(config.as_deref()).map_err(|e| (e.to_string(), 78))?;
+    let dir = &settings.state_dir;
     if !dir.join(store::DATABASE).exists() {
         return Err((
             format!("no store in {}: the daemon has not run yet", dir.display()),
@@ -253,9 +252,9 @@ pub fn run(config: Option<PathBuf>, action: Action) -> Result<(), (String, u8)> 
         }
         Action::Retry(target) => {
             let bounds = store::Bounds {
-                max_queued: config.store.max_queued,
-                max_queued_bytes: config.store.max_queued_bytes,
-                dedupe_window: config.store.dedupe_window,
+                max_queued: settings.max_queued,
+                max_queued_bytes: settings.max_queued_bytes,
+                dedupe_window: settings.dedupe_window,
             };
             let retried = store.retry(&target, bounds).map_err(failed)?;
             let n = retried.queued;
@@ -274,8 +273,8 @@ pub fn run(config: Option<PathBuf>, action: Action) -> Result<(), (String, u8)> 
                          {}); retry once it has drained",
                         if m == 1 { "y" } else { "ies" },
                         if m == 1 { "it was" } else { "they were" },
-                        config.store.max_queued,
-                        config.store.max_queued_bytes
+                        settings.max_queued,
+                        settings.max_queued_bytes
                     ),
                     1,
                 ));

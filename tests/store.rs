@@ -393,6 +393,35 @@ fn the_cli_retries_shows_and_drops_entries_while_the_daemon_runs() {
     );
 }
 
+/// The operator's commands read only the store's keys: a route whose script became unsafe (which stops
+/// the daemon's start) does not keep the operator from the deliveries, while a bad store key is still
+/// refused with its line.
+#[test]
+fn the_cli_reads_the_store_when_the_rest_of_the_config_would_stop_the_daemon() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let script = env.script("x.sh", "exit 0");
+    env.routes("X x.sh async\n");
+    let server = env.serve();
+    assert_eq!(server.post("/hooks/X", b"{}").status, 202);
+    wait_state(&env, "X", "done", Duration::from_secs(10));
+    drop(server);
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o777)).expect("chmod");
+    let check = env.check();
+    assert_eq!(check.status.code(), Some(78), "the daemon would not start");
+    let listed = rows(&env, &["--event", "X"]);
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["state"], "done");
+    let env = env.config("max_queued = 0");
+    let refused = deliveries(&env, &["list"]);
+    assert_eq!(refused.status.code(), Some(78));
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains("hookrunner.toml:") && said.contains("max_queued = 0"),
+        "{said}"
+    );
+}
+
 /// `deliveries retry` queues an entry again only while the queue has room, as an accept would: past
 /// `max_queued` it says so, exits 1 and leaves the entry as it was.
 #[test]
