@@ -167,6 +167,12 @@ pub fn resolve_from(
     Err(EventError::NotFound(looked.join(", ")))
 }
 
+/// What `source` yields as it is, not held to the rules of a name (a route's `dedupe_key`: an id may hold
+/// any character).
+pub fn value(source: &Source, inputs: &mut impl Inputs) -> Result<Option<String>, EventError> {
+    lookup(source, inputs).map(|found| found.map(|(value, _)| value))
+}
+
 /// What `source` yields, and where it came from when that is not the source itself (GitLab's name comes
 /// from the body or from the header).
 fn lookup(

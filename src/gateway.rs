@@ -74,6 +74,8 @@ enum Refusal {
     /// The same delivery is running now: the sender should retry.
     InProgress,
     Event(EventError),
+    /// A delivery id header longer than [`auth::MAX_DELIVERY_ID_BYTES`]; names the header.
+    DeliveryId(&'static str),
     Malformed(MalformedBody),
     NoRoute(String),
     Unsafe(UnsafeScript),
@@ -97,7 +99,7 @@ impl Refusal {
             Refusal::Auth(failure) => failure.status(),
             Refusal::Duplicate(_, first) => first.status,
             Refusal::InProgress => 503,
-            Refusal::Event(_) | Refusal::Malformed(_) => 400,
+            Refusal::Event(_) | Refusal::DeliveryId(_) | Refusal::Malformed(_) => 400,
             Refusal::NoRoute(_) => 404,
             Refusal::Body(e) => e.status(),
             Refusal::Busy | Refusal::Store(_) | Refusal::BodiesHeld => 503,
@@ -114,6 +116,10 @@ impl Refusal {
             Refusal::Duplicate(id, _) => format!("delivery {id} was already accepted"),
             Refusal::InProgress => "this delivery is being run now; retry later".to_string(),
             Refusal::Event(e) => e.to_string(),
+            Refusal::DeliveryId(name) => format!(
+                "{name} is longer than {} bytes",
+                auth::MAX_DELIVERY_ID_BYTES
+            ),
             Refusal::Malformed(m) => m.0.clone(),
             Refusal::NoRoute(event) => format!("no route for event {event:?}"),
             Refusal::Unsafe(u) => format!("refusing to run {}", u.0),
@@ -127,6 +133,18 @@ impl Refusal {
             Refusal::Store(e) => format!("cannot queue the delivery: {e}; retry later"),
         }
     }
+}
+
+/// A route's `dedupe_key` value as kept in the store's dedupe table: as it is up to the length of a
+/// delivery id, else its SHA-256 (a body field may be as long as the body, and is kept for a whole window).
+fn bounded_key(id: &str) -> Cow<'_, str> {
+    if id.len() <= auth::MAX_DELIVERY_ID_BYTES {
+        return Cow::Borrowed(id);
+    }
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(id.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    Cow::Owned(format!("sha256:{hex}"))
 }
 
 /// Out of descriptors, processes, memory, disk space or quota: the request may succeed later, so 503, not
@@ -272,7 +290,8 @@ impl Gateway {
         let received_at = store::now_ms();
         let Authenticated { sender, admitted } = self.authenticate(config, request)?;
         let check = admitted.and_then(|a| a.body);
-        let delivery_id = auth::delivery_id(&|name: &str| request.header(name));
+        let delivery_id =
+            auth::delivery_id(&|name: &str| request.header(name)).map_err(Refusal::DeliveryId)?;
         let held_max = HELD_BODIES_MAX.max(config.max_body);
         let unverified = Hold {
             budget: &self.held_bodies,
@@ -323,7 +342,7 @@ impl Gateway {
                         .ok()?
                         .field(&format!("/{field}"))
                         .map(Cow::into_owned),
-                    other => event::resolve(std::slice::from_ref(other), &mut inputs).ok(),
+                    other => event::value(other, &mut inputs).ok().flatten(),
                 });
             (event, selected, body_key)
         };
@@ -346,7 +365,7 @@ impl Gateway {
             // unique within its event, so the event is part of its key.
             let sender_part = sender_name.as_deref().unwrap_or("");
             let key = match body_key {
-                Some(id) => Some(format!("{sender_part}\n{event}\n{id}")),
+                Some(id) => Some(format!("{sender_part}\n{event}\n{}", bounded_key(&id))),
                 None => delivery_id
                     .as_ref()
                     .map(|id| format!("{sender_part}\n{id}")),

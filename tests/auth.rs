@@ -855,6 +855,33 @@ fn gitlab_tokens_and_the_generic_hmac_scheme() {
     assert!(runs(&out)[1].starts_with("js idem-1 "), "{:?}", runs(&out));
 }
 
+/// Any delivery id header, not only Standard Webhooks' own, is held to 256 bytes: a longer one would be
+/// kept in the dedupe table for a whole window and handed to the script's environment.
+#[test]
+fn an_overlong_delivery_id_is_refused_before_anything_is_written() {
+    let env = Env::new();
+    let out = counter(&env, "push");
+    let server = env.serve();
+    let post = |name: &str, id: &str| server.request("POST", "/hooks/push", &[(name, id)], b"{}");
+    for name in [
+        "X-GitHub-Delivery",
+        "X-Gitlab-Event-UUID",
+        "Idempotency-Key",
+    ] {
+        let refused = post(name, &"d".repeat(257));
+        assert_eq!(refused.status, 400, "{}", refused.text());
+        assert_eq!(
+            refused.json()["error"],
+            format!("{name} is longer than 256 bytes")
+        );
+    }
+    assert!(runs(&out).is_empty(), "{:?}", runs(&out));
+    assert_eq!(payload_files(&env), [".lock"]);
+    let at_cap = "d".repeat(256);
+    assert_eq!(post("Idempotency-Key", &at_cap).status, 200);
+    assert_eq!(runs(&out), [format!(" {at_cap} {{}}")]);
+}
+
 /// A sender's `path` written with a trailing slash covers the path without it too, and counts as that
 /// path for the longest match.
 #[test]

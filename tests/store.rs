@@ -533,6 +533,76 @@ fn a_repeated_delivery_id_is_answered_as_the_first_and_not_run_again_across_a_re
     assert_eq!(count(r#"{"delivery":{"id":7}}"#), 2, "{got:?}");
 }
 
+/// What makes a dedupe key: an empty delivery id header is no id (the next header is tried); a route's
+/// `dedupe_key` from a header or the query is the value as sent, whatever its characters; a body field as
+/// long as the body is kept as its hash, and still tells deliveries apart.
+#[test]
+fn empty_ids_are_no_ids_and_a_dedupe_key_is_the_value_as_sent() {
+    let env = Env::new();
+    let ran = env.path().join("ran");
+    env.script(
+        "d.sh",
+        &format!("printf '%s\\n' \"$HOOKRUNNER_EVENT $HOOKRUNNER_DELIVERY_ID\" >> {ran:?}"),
+    );
+    env.routes(
+        "H* d.sh async dedupe_key=header:X-Id\nQ* d.sh async dedupe_key=query:id\n\
+         J* d.sh async dedupe_key=json:/id\n* d.sh async\n",
+    );
+    let server = env.serve();
+    let post = |path: &str, headers: &[(&str, &str)], body: &[u8]| {
+        let r = server.request("POST", path, headers, body);
+        assert_eq!(r.status, 202, "{}", r.text());
+        r.json()["duplicate"] == true
+    };
+    // Two events, each with an empty Idempotency-Key: two deliveries, not one.
+    assert!(!post("/hooks/One", &[("Idempotency-Key", "")], b"{}"));
+    assert!(!post("/hooks/Two", &[("Idempotency-Key", " ")], b"{}"));
+    // An empty webhook-id does not hide the GitHub delivery id behind it.
+    assert!(!post(
+        "/hooks/Three",
+        &[("webhook-id", ""), ("X-GitHub-Delivery", "gh-1")],
+        b"{}"
+    ));
+    assert!(post(
+        "/hooks/Three",
+        &[("X-GitHub-Delivery", "gh-1")],
+        b"{}"
+    ));
+    // Ids with characters no event name may hold.
+    assert!(!post("/hooks/Hdr", &[("X-Id", "order:42 / a+b=c")], b"{}"));
+    assert!(post("/hooks/Hdr", &[("X-Id", "order:42 / a+b=c")], b"{}"));
+    assert!(!post("/hooks/Hdr", &[("X-Id", "order:43 / a+b=c")], b"{}"));
+    assert!(!post("/hooks/Qry?id=a%2Bb", &[], b"{}"));
+    assert!(post("/hooks/Qry?id=a%2Bb", &[], b"{}"));
+    assert!(
+        !post("/hooks/Qry?id=a+b", &[], b"{}"),
+        "a+b is \"a b\", another id"
+    );
+    // Ids longer than a delivery id's cap, the same for their first 300 bytes.
+    let long = |end: &str| format!("{{\"id\":\"{}{end}\"}}", "x".repeat(300));
+    assert!(!post("/hooks/Json", &[], long("1").as_bytes()));
+    assert!(post("/hooks/Json", &[], long("1").as_bytes()));
+    assert!(!post("/hooks/Json", &[], long("2").as_bytes()));
+    assert!(wait_until(Duration::from_secs(10), || lines(&ran).len() >= 9));
+    std::thread::sleep(Duration::from_millis(300));
+    let mut got = lines(&ran);
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "Hdr ",
+            "Hdr ",
+            "Json ",
+            "Json ",
+            "One ",
+            "Qry ",
+            "Qry ",
+            "Three gh-1",
+            "Two "
+        ]
+    );
+}
+
 #[test]
 fn entries_left_queued_by_a_kill_run_after_the_restart() {
     let env = Env::new().config("max_running = 8");

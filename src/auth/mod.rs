@@ -155,7 +155,7 @@ const STANDARD_WEBHOOKS_HEADERS: [[&str; 3]; 2] = [
     ["svix-id", "svix-timestamp", "svix-signature"],
 ];
 
-/// The longest Standard Webhooks delivery id (`webhook-id`, `svix-id`) accepted, in bytes. Svix and the
+/// The longest delivery id accepted, in bytes (see [`delivery_id`]). Svix and the
 /// Standard Webhooks libraries send ids of about 30 characters (`msg_` and a KSUID), so this refuses no
 /// real sender; without it an id is bounded only by the head limit (up to 1 MiB), and every accepted one
 /// is kept in the replay memory (see [`replay`]) for two windows.
@@ -241,8 +241,9 @@ impl Sender {
                     .unwrap_or(&STANDARD_WEBHOOKS_HEADERS[0]);
                 let id = header(names[0]).ok_or_else(|| Failure::Missing(names[0].into()))?;
                 // Before the signature is computed or the id claimed: a sender with the secret could
-                // otherwise fill the replay memory with ids of up to the head limit each.
-                if id.len() > MAX_DELIVERY_ID_BYTES {
+                // otherwise fill the replay memory with ids of up to the head limit each. An empty id
+                // names no delivery, so it could be neither deduplicated nor told from a replay.
+                if id.len() > MAX_DELIVERY_ID_BYTES || id.trim().is_empty() {
                     return Err(Failure::Malformed(names[0].into()));
                 }
                 let timestamp =
@@ -279,18 +280,34 @@ impl Sender {
     }
 }
 
-/// The delivery id a sender puts on a request, from the first of these headers present.
-pub fn delivery_id<'a>(header: &dyn Fn(&str) -> Option<&'a str>) -> Option<String> {
-    [
+/// The delivery id a sender puts on a request, from the first of these headers present; `Err` names a
+/// header whose id is longer than [`MAX_DELIVERY_ID_BYTES`]. Real senders send UUIDs or ids of about 30
+/// characters; a longer one would be kept in the store's dedupe table for a whole window and handed to the
+/// script's environment, where past 128 KiB (the kernel's limit on one string) the script could not start.
+pub fn delivery_id<'a>(
+    header: &dyn Fn(&str) -> Option<&'a str>,
+) -> Result<Option<String>, &'static str> {
+    // GitLab sends Idempotency-Key (the same on each retry of a delivery, since 17.4) beside
+    // X-Gitlab-Event-UUID, which names the event that set off a chain of hooks and may be shared by
+    // several events of that chain: the first is the better id. An empty value is no id (it would make
+    // every empty-id delivery of the sender one).
+    let found = [
         "webhook-id",
         "svix-id",
         "X-GitHub-Delivery",
-        "X-Gitlab-Event-UUID",
         "Idempotency-Key",
+        "X-Gitlab-Event-UUID",
     ]
-    .iter()
-    .find_map(|name| header(name))
-    .map(str::to_string)
+    .into_iter()
+    .find_map(|name| {
+        header(name)
+            .filter(|id| !id.trim().is_empty())
+            .map(|id| (name, id))
+    });
+    match found {
+        Some((name, id)) if id.len() > MAX_DELIVERY_ID_BYTES => Err(name),
+        found => Ok(found.map(|(_, id)| id.to_string())),
+    }
 }
 
 /// A body signature being checked as the body streams in.
@@ -504,8 +521,8 @@ mod tests {
                     .map(|(_, v)| *v)
             };
             assert_eq!(
-                delivery_id(&lookup).as_deref(),
-                Some("msg_27UH4WbU6Z5A5EzD8u03UvzRbpk")
+                delivery_id(&lookup),
+                Ok(Some("msg_27UH4WbU6Z5A5EzD8u03UvzRbpk".to_string()))
             );
             let mut check = admitted.body.expect("the body is signed");
             check.update(&body[..10]);

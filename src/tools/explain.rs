@@ -163,7 +163,17 @@ fn steps(config: &Config, request: &DryRequest, out: &mut String) -> bool {
         humantime::format_duration(timeout)
     );
     let header = |name: &str| request.header(name);
-    let delivery = auth::delivery_id(&header);
+    let delivery = match auth::delivery_id(&header) {
+        Ok(id) => id,
+        Err(name) => {
+            let _ = writeln!(
+                out,
+                "refused: {name} is longer than {} bytes",
+                auth::MAX_DELIVERY_ID_BYTES
+            );
+            return false;
+        }
+    };
     let env = [
         ("HOOKRUNNER_EVENT", Some(event.as_str())),
         ("HOOKRUNNER_REQUEST_ID", Some("(the request's id)")),
