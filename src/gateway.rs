@@ -305,7 +305,7 @@ impl Gateway {
             max: held_max,
             bytes: 0,
         };
-        let claim = self.claim_delivery(sender, delivery_id.as_deref())?;
+        let mut claim = self.claim_delivery(sender, delivery_id.as_deref())?;
         let (event, selected, body_key) = {
             let mut inputs = RequestInputs {
                 request,
@@ -313,6 +313,11 @@ impl Gateway {
                 document: None,
             };
             let event = event::resolve(&config.event, &mut inputs).map_err(Refusal::Event)?;
+            if let Some(claim) = &mut claim {
+                claim
+                    .resolved(&event)
+                    .map_err(|other| Refusal::Auth(Failure::OtherEvent(other.first)))?;
+            }
             if let Some(sender) = sender {
                 sender.may_send(&event).map_err(Refusal::Auth)?;
             }

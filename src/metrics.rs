@@ -314,6 +314,7 @@ fn reason(failure: &Failure) -> &'static str {
         Failure::OutOfWindow { .. } => "timestamp_out_of_window",
         Failure::Address(_) | Failure::UnknownClient(_) => "address_not_allowed",
         Failure::Event(_) => "event_not_allowed",
+        Failure::OtherEvent(_) => "replayed_as_other_event",
     }
 }
 

@@ -457,6 +457,63 @@ fn standard_request(
     )
 }
 
+/// The event may come from what a Standard Webhooks signature does not cover (here the path). A delivery
+/// whose first try failed is sent again by its sender and runs again; the same signed id, timestamp and
+/// body sent as another event (by whoever captured them) is refused, runs nothing, and does not take the
+/// id from the sender's own retry.
+#[test]
+fn a_standard_webhooks_delivery_cannot_be_sent_again_as_another_event() {
+    let env = Env::new();
+    let key = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+    let file = secret(&env, "sw-secret", key);
+    let env = env.config(&format!(
+        "[[sender]]\nname = \"sw\"\ntype = \"standard-webhooks\"\nsecret_file = {file:?}\n"
+    ));
+    let out = counter(&env, "wipe");
+    let tries = env.path().join("tries");
+    env.script("pay", &format!("echo try >> {tries:?}\nexit 1"));
+    let server = env.serve();
+    let body = b"{\"type\":\"invoice.paid\"}";
+    let signed_at = now();
+    let signature = standard_webhooks_sign(key, "msg_replayed", signed_at, body);
+    let ts = signed_at.to_string();
+    let send = |path: &str| {
+        server.request(
+            "POST",
+            path,
+            &[
+                ("webhook-id", "msg_replayed"),
+                ("webhook-timestamp", ts.as_str()),
+                ("webhook-signature", signature.as_str()),
+            ],
+            body,
+        )
+    };
+    assert_eq!(send("/hooks/pay").status, 500, "the first try fails");
+    let replayed = send("/hooks/wipe");
+    assert_refused(
+        &server,
+        &env,
+        &replayed,
+        401,
+        &out,
+        &[key, signature.trim_start_matches("v1,")],
+    );
+    assert!(
+        server.log().contains(
+            "auth=\"the delivery id was first tried as event pay, and the event is not signed\""
+        ),
+        "{}",
+        server.log()
+    );
+    assert_eq!(send("/hooks/pay").status, 500, "the sender's retry runs");
+    assert_eq!(lines_of(&tries), 2);
+}
+
+fn lines_of(path: &std::path::Path) -> usize {
+    fs::read_to_string(path).map_or(0, |t| t.lines().count())
+}
+
 /// On an async route a replayed Standard Webhooks delivery is answered as its first one was, 202 with
 /// that one's request id, whether the daemon's memory of ids or, after a restart, the store's dedupe
 /// finds it; it is queued once and runs once.

@@ -47,6 +47,9 @@ pub enum Failure {
     UnknownClient(net::Unknown),
     /// The sender may not send this event.
     Event(String),
+    /// A Standard Webhooks delivery id first tried as another event (named): the signed parts were sent
+    /// again with an event from what the signature does not cover.
+    OtherEvent(String),
 }
 
 impl Failure {
@@ -89,6 +92,10 @@ impl fmt::Display for Failure {
             Failure::Address(ip) => write!(f, "client address {ip} is not allowed"),
             Failure::UnknownClient(why) => write!(f, "client address unknown: {why}"),
             Failure::Event(event) => write!(f, "event {event} is not one this sender may send"),
+            Failure::OtherEvent(first) => write!(
+                f,
+                "the delivery id was first tried as event {first}, and the event is not signed"
+            ),
         }
     }
 }

@@ -1,5 +1,9 @@
 //! Memory of the delivery ids a Standard Webhooks sender has had accepted, so that a replayed or retried
-//! delivery is answered but not run twice. Bounded: an id is kept only while its signed timestamp could
+//! delivery is answered but not run twice, and of the event each id was first tried as. The signature
+//! covers the id, the timestamp and the body, but the event may come from what it does not cover (the
+//! path, an `X-GitHub-Event` header): a delivery whose first try was not answered 2xx may be sent again by
+//! its sender, and must run then, but whoever captured it must not send it again as another event. So an
+//! id keeps its first event, and a later request with the id and another event is refused. Bounded: an id is kept only while its signed timestamp could
 //! still pass the window check, and at most `MAX_IDS` at once. A full memory forgets the accepted id
 //! closest to its end first (and says so in the log) rather than refuse new deliveries: one busy sender
 //! must not make every Standard Webhooks sender's deliveries fail until it ends. On an async route the
@@ -48,7 +52,10 @@ struct Entry {
 }
 
 enum State {
+    /// Running now (the claim's [`Guard`] holds the event an earlier try was).
     Running,
+    /// Tried as `event` and not answered 2xx: the sender may retry it (it runs again), as that event only.
+    Tried { event: String, until: Instant },
     /// Accepted, and kept until then.
     Accepted(First, Instant),
 }
@@ -80,6 +87,14 @@ pub struct Guard<'a> {
     claim: u64,
     keep: Duration,
     accepted: Option<First>,
+    /// The event an earlier try of the id was, or this request's once resolved.
+    event: Option<String>,
+}
+
+/// A request whose id was first tried as another event: `first` is that event.
+#[derive(Debug, PartialEq, Eq)]
+pub struct OtherEvent {
+    pub first: String,
 }
 
 impl Replays {
@@ -96,13 +111,14 @@ impl Replays {
         let key = format!("{sender}\0{id}");
         let now = Instant::now();
         let mut memory = self.memory.lock().unwrap_or_else(|e| e.into_inner());
-        match memory.seen.get(&key).map(|e| &e.state) {
+        let event = match memory.seen.get(&key).map(|e| &e.state) {
             Some(State::Accepted(first, until)) if *until > now => {
                 return Claim::Duplicate(first.clone());
             }
             Some(State::Running) => return Claim::Busy,
-            _ => {}
-        }
+            Some(State::Tried { event, until }) if *until > now => Some(event.clone()),
+            _ => None,
+        };
         memory.forget_ended(now);
         if memory.seen.len() >= self.capacity {
             if !memory.forget_first() {
@@ -135,12 +151,13 @@ impl Replays {
             claim,
             keep: window.saturating_mul(2),
             accepted: None,
+            event,
         })
     }
 }
 
 impl Memory {
-    /// Forgets the accepted ids whose time is over.
+    /// Forgets the accepted and tried ids whose time is over.
     fn forget_ended(&mut self, now: Instant) {
         while let Some(entry) = self.ends.first_entry() {
             if entry.key().0 > now {
@@ -151,7 +168,7 @@ impl Memory {
         }
     }
 
-    /// Forgets the accepted id closest to its end; false when none is accepted (every one runs).
+    /// Forgets the accepted or tried id closest to its end; false when there is none (every one runs).
     fn forget_first(&mut self) -> bool {
         let Some(((_, claim), key)) = self.ends.pop_first() else {
             return false;
@@ -169,6 +186,20 @@ impl Memory {
 }
 
 impl Guard<'_> {
+    /// The request's event, once resolved: refused if an earlier try of the id was another event.
+    pub fn resolved(&mut self, event: &str) -> Result<(), OtherEvent> {
+        match &self.event {
+            Some(first) if first != event => Err(OtherEvent {
+                first: first.clone(),
+            }),
+            Some(_) => Ok(()),
+            None => {
+                self.event = Some(event.to_string());
+                Ok(())
+            }
+        }
+    }
+
     /// The request was answered 2xx, thus: a later delivery with this id is a duplicate of it.
     pub fn accept(mut self, first: First) {
         self.accepted = Some(first);
@@ -201,10 +232,23 @@ impl Drop for Guard<'_> {
                     },
                 );
             }
-            // Not accepted: the sender will retry, and the retry must run.
-            None => {
-                memory.seen.remove(&self.key);
-            }
+            // Not accepted: the sender will retry, and the retry must run, as the same event.
+            None => match self.event.take() {
+                Some(event) => {
+                    let until = Instant::now() + self.keep;
+                    memory.ends.insert((until, self.claim), self.key.clone());
+                    memory.seen.insert(
+                        std::mem::take(&mut self.key),
+                        Entry {
+                            state: State::Tried { event, until },
+                            claim: self.claim,
+                        },
+                    );
+                }
+                None => {
+                    memory.seen.remove(&self.key);
+                }
+            },
         }
     }
 }
@@ -328,5 +372,52 @@ mod tests {
             replays.claim("sw", "msg_1", Duration::ZERO),
             Claim::New(_)
         ));
+    }
+
+    #[test]
+    fn an_id_tried_as_one_event_runs_again_as_that_event_only() {
+        let replays = Replays::default();
+        let Claim::New(mut first) = replays.claim("sw", "msg_1", WINDOW) else {
+            panic!("new");
+        };
+        assert_eq!(first.resolved("invoice.paid"), Ok(()));
+        drop(first);
+        let Claim::New(mut other) = replays.claim("sw", "msg_1", WINDOW) else {
+            panic!("a tried id may be tried again");
+        };
+        assert_eq!(
+            other.resolved("invoice.voided"),
+            Err(OtherEvent {
+                first: "invoice.paid".into()
+            })
+        );
+        drop(other);
+        // A refused try leaves the first event, and so does a try that resolved none.
+        let Claim::New(none) = replays.claim("sw", "msg_1", WINDOW) else {
+            panic!("new");
+        };
+        drop(none);
+        let Claim::New(mut retry) = replays.claim("sw", "msg_1", WINDOW) else {
+            panic!("new");
+        };
+        assert_eq!(retry.resolved("invoice.paid"), Ok(()));
+        retry.accept(First {
+            request_id: "r".into(),
+            status: 200,
+            queued: false,
+        });
+        assert!(matches!(
+            replays.claim("sw", "msg_1", WINDOW),
+            Claim::Duplicate(_)
+        ));
+        // An id whose try never got as far as its event is not bound to one.
+        let Claim::New(early) = replays.claim("sw", "msg_2", WINDOW) else {
+            panic!("new");
+        };
+        drop(early);
+        let Claim::New(mut later) = replays.claim("sw", "msg_2", WINDOW) else {
+            panic!("new");
+        };
+        assert_eq!(later.resolved("anything"), Ok(()));
     }
 }
