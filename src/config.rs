@@ -298,29 +298,38 @@ struct RawConfig {
 }
 
 /// The one rule of "secure by default": without a sender that checks something, only a loopback address or
-/// a unix socket, unless the operator opted in. `None` when `listen` may be served; else why not. Checked
-/// at load against the configured address, and on reload against the address actually served (which a
-/// reload cannot change).
+/// a unix socket that no proxy forwards to (`trusted_proxies` empty), unless the operator opted in. `None`
+/// when `listen` may be served; else why not. Checked at load against the configured address, and on
+/// reload against the address actually served (which a reload cannot change).
 pub fn open_to_anyone(
     listen: &Listen,
     senders: &Senders,
+    trusted_proxies: &Trusted,
     allow_unauthenticated: bool,
 ) -> Option<String> {
-    if allow_unauthenticated || listen.is_local() {
+    let proxied = !trusted_proxies.is_empty();
+    if allow_unauthenticated || (listen.is_local() && !proxied) {
         return None;
     }
+    let reached = if listen.is_local() {
+        format!(
+            "listen = {listen} is reached through a proxy (trusted_proxies is set), which forwards other \
+             machines' requests"
+        )
+    } else {
+        format!("listen = {listen} is not a loopback address or a unix socket")
+    };
     if senders.is_empty() {
         return Some(format!(
-            "listen = {listen} is not a loopback address or a unix socket, and no [[sender]] is configured: \
-             anyone who can reach it could run your scripts. Configure a sender (README, \"Sender \
-             authentication\"), or set allow_unauthenticated = true"
+            "{reached}, and no [[sender]] is configured: anyone who can reach it could run your scripts. \
+             Configure a sender (README, \"Sender authentication\"), or set allow_unauthenticated = true"
         ));
     }
     senders.open().map(|s| {
         format!(
-            "listen = {listen} is not a loopback address or a unix socket, and sender {:?} is type \"none\" \
-             without allow_ips: anyone who can reach it could run the scripts under {}. Give it allow_ips or \
-             a type that checks the sender, or set allow_unauthenticated = true",
+            "{reached}, and sender {:?} is type \"none\" without allow_ips: anyone who can reach it could \
+             run the scripts under {}. Give it allow_ips or a type that checks the sender, or set \
+             allow_unauthenticated = true",
             s.name, s.path
         )
     })
@@ -400,6 +409,27 @@ impl Config {
             .clone()
             .or(raw.listen.map(|l| l.0))
             .unwrap_or_else(|| Listen::Tcp(DEFAULT_LISTEN.to_string()));
+        if let Listen::Unix(socket) = &listen {
+            // payload_dir is the daemon's alone: 0700 (a proxy could not reach the socket), and a socket
+            // left there by a crash would stop the next start as a foreign file.
+            let real = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+            if socket
+                .parent()
+                .is_some_and(|dir| real(dir).starts_with(real(&payload_dir)))
+            {
+                let message = format!(
+                    "listen = unix:{} is inside payload_dir {}, which is the daemon's alone (mode 0700, \
+                     nothing but payload files): put the socket in a directory of its own, or have systemd \
+                     make it (hookrunner.socket)",
+                    socket.display(),
+                    payload_dir.display()
+                );
+                return Err(match overrides.listen {
+                    Some(_) => ConfigError::new(None, None, format!("--listen: {message}")),
+                    None => file.error("listen", message),
+                });
+            }
+        }
         let mut warnings = Vec::new();
         warnings.extend(scripts_dir_warning(&scripts_dir));
         let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
@@ -461,7 +491,9 @@ impl Config {
         // on a non-loopback address (default false; the daemon warns at every start when it does).
         let allow_unauthenticated = raw.allow_unauthenticated.unwrap_or(false);
         let senders = Senders { senders };
-        if let Some(message) = open_to_anyone(&listen, &senders, allow_unauthenticated) {
+        if let Some(message) =
+            open_to_anyone(&listen, &senders, &trusted_proxies, allow_unauthenticated)
+        {
             return Err(match overrides.listen {
                 Some(_) => ConfigError::new(None, None, format!("--listen: {message}")),
                 None => file.error("listen", message),

@@ -285,6 +285,8 @@ fn announce_senders(config: &Config) {
     for warning in &config.warnings {
         log::warn!("{warning}");
     }
+    // Reachable from this machine alone: a loopback address or a unix socket no proxy forwards to.
+    let local = config.listen.is_local() && config.trusted_proxies.is_empty();
     if !config.senders.is_empty() {
         let names: Vec<&str> = config
             .senders
@@ -293,7 +295,7 @@ fn announce_senders(config: &Config) {
             .map(|s| s.name.as_str())
             .collect();
         log::info!("{} sender(s): {}", names.len(), names.join(", "));
-        if let Some(open) = config.senders.open().filter(|_| !config.listen.is_local()) {
+        if let Some(open) = config.senders.open().filter(|_| !local) {
             log::warn!(
                 "open: sender {:?} is type \"none\" without allow_ips and allow_unauthenticated = true: anyone \
                  who can reach {} can run the scripts under {}",
@@ -302,7 +304,7 @@ fn announce_senders(config: &Config) {
                 open.path
             );
         }
-    } else if config.listen.is_local() {
+    } else if local {
         log::info!(
             "open: no sender is configured, so every request is accepted; {} is reachable only from this machine",
             config.listen
@@ -435,9 +437,12 @@ fn reload_config(
     // The socket stays where it is until a restart, so the new senders are judged against it: a reload
     // that moves `listen` to loopback and drops the last sender must not leave a public socket open.
     new.listen = old.listen.clone();
-    if let Some(message) =
-        crate::config::open_to_anyone(&new.listen, &new.senders, new.allow_unauthenticated)
-    {
+    if let Some(message) = crate::config::open_to_anyone(
+        &new.listen,
+        &new.senders,
+        &new.trusted_proxies,
+        new.allow_unauthenticated,
+    ) {
         log::error!(
             "reload failed; still serving with the previous configuration: {message} (the address \
              served until a restart)"

@@ -1189,6 +1189,38 @@ fn without_a_sender_only_loopback_and_unix_are_served() {
     );
 }
 
+/// A loopback address or a unix socket that a proxy forwards to (`trusted_proxies` set) is reached from
+/// other machines: without a sender that checks something it is refused, as a public address is.
+#[test]
+fn behind_a_trusted_proxy_a_local_listener_needs_a_sender() {
+    for (listen, proxies) in [
+        ("127.0.0.1:0", "[\"127.0.0.1/32\"]"),
+        ("unix:/run/hookrunner-test.sock", "[\"unix\"]"),
+    ] {
+        let env = Env::new().config(&format!(
+            "listen = \"{listen}\"\ntrusted_proxies = {proxies}"
+        ));
+        let check = env.check();
+        assert_eq!(check.status.code(), Some(78), "{listen}");
+        let err = String::from_utf8_lossy(&check.stderr);
+        assert!(
+            err.contains("is reached through a proxy (trusted_proxies is set)")
+                && err.contains("no [[sender]] is configured"),
+            "{err}"
+        );
+        let allowed = Env::new().config(&format!(
+            "listen = \"{listen}\"\ntrusted_proxies = {proxies}\nallow_unauthenticated = true"
+        ));
+        assert!(allowed.check().status.success(), "{listen}");
+    }
+    // The proxy's clients are told apart by allow_ips, which sees them through X-Forwarded-For.
+    let env = Env::new().config(
+        "trusted_proxies = [\"127.0.0.1/32\"]\n[[sender]]\nname = \"k\"\ntype = \"none\"\n\
+         allow_ips = [\"203.0.113.0/24\"]\n",
+    );
+    assert!(env.check().status.success());
+}
+
 /// A reload cannot move the socket, so it must not drop the last sender while a public address is still
 /// served: the configuration file saying `listen` is now loopback does not make the bound socket so.
 #[test]

@@ -471,6 +471,72 @@ fn a_unix_socket_serves_and_is_removed_at_exit() {
     assert!(!socket.exists(), "the socket file is removed at exit");
 }
 
+/// Under the unit's umask (0077) the socket is still open to the daemon's group, which is how a proxy is
+/// given access (README, "Behind nginx or Caddy"); and a socket may not be put in payload_dir, which is
+/// 0700 and the daemon's alone.
+#[test]
+fn a_unix_socket_is_open_to_the_daemons_group_and_never_in_payload_dir() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let env = Env::new();
+    env.script("hello", "echo hello");
+    let public = tempfile::Builder::new()
+        .prefix("hookrunner-socket")
+        .tempdir()
+        .expect("directory");
+    fs::set_permissions(public.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    let socket = public.path().join("hookrunner.sock");
+    let mut command = env.serve_command(&format!("unix:{}", socket.display()));
+    // SAFETY: umask is async-signal-safe and touches nothing but the child's own mask.
+    unsafe {
+        command.pre_exec(|| {
+            libc::umask(0o077);
+            Ok(())
+        });
+    }
+    let server = Server::spawn(command);
+    logged(&server, "listening on ");
+    let mode = fs::metadata(&socket).expect("socket").permissions().mode();
+    assert_eq!(mode & 0o777, 0o660, "{mode:o}");
+    // Another user in the daemon's group connects (only root can become one here).
+    if unsafe { libc::geteuid() } == 0 {
+        let gid = unsafe { libc::getegid() }.to_string();
+        let curl = Command::new("setpriv")
+            .args(["--reuid=65534", &format!("--regid={gid}"), "--clear-groups"])
+            .args([
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "POST",
+            ])
+            .arg("--unix-socket")
+            .arg(&socket)
+            .arg("http://hookrunner/hooks/hello")
+            .output()
+            .expect("setpriv curl");
+        assert_eq!(
+            String::from_utf8_lossy(&curl.stdout),
+            "200",
+            "{}",
+            String::from_utf8_lossy(&curl.stderr)
+        );
+    }
+    drop(server);
+    let inside = env.payloads().join("hookrunner.sock");
+    let env = env.config(&format!("listen = \"unix:{}\"", inside.display()));
+    let check = env.check();
+    assert_eq!(check.status.code(), Some(78));
+    assert!(
+        String::from_utf8_lossy(&check.stderr).contains("is inside payload_dir"),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
+
 fn unix_post(socket: &Path, path: &str) -> Response {
     let mut stream =
         UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));

@@ -100,6 +100,11 @@ pub struct Trusted {
 }
 
 impl Trusted {
+    /// No proxy is trusted: every peer is the client.
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty() && !self.unix
+    }
+
     fn contains(&self, ip: IpAddr) -> bool {
         self.blocks.iter().any(|c| c.contains(ip))
     }

@@ -4,7 +4,7 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -32,7 +32,12 @@ impl Listener {
                     }
                     std::fs::remove_file(path)?;
                 }
-                Listener::Unix(UnixListener::bind(path)?, path.clone(), true)
+                let listener = UnixListener::bind(path)?;
+                // Connecting takes write permission on the socket file. Whatever the umask (the unit's
+                // is 0077), the daemon's group may connect too: a proxy is given access by being put in
+                // that group, and the socket's directory decides who else can reach it.
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+                Listener::Unix(listener, path.clone(), true)
             }
         };
         listener.set_nonblocking()?;
