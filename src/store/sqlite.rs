@@ -895,9 +895,13 @@ fn accept_in(
 /// the trouble began, and its latest, which say where it stands; those between go. Otherwise a waiting
 /// entry, which pruning never touches, would grow the store without bound. An entry keeps
 /// `ATTEMPTS_KEPT` or its route's attempts, whichever is more, so within its attempts it keeps every
-/// one. The row's `attempts` still counts every one.
+/// one; never more than the most a route may have. (`max_attempts` grows by one with each `deliveries
+/// retry` and each restart that finds the entry running, so it alone is no bound.) The row's `attempts`
+/// still counts every one.
 const FIRST_ATTEMPTS_KEPT: u32 = 5;
 const ATTEMPTS_KEPT: u32 = 25;
+/// The most attempts a route may have: `retries=100` and the first.
+const MOST_ATTEMPTS_KEPT: u32 = crate::routes::RETRIES.max as u32 + 1;
 
 /// Writes attempt `a` of entry `id`, whose route allows `max_attempts`.
 fn insert_attempt(
@@ -906,7 +910,7 @@ fn insert_attempt(
     a: &Attempt,
     max_attempts: u32,
 ) -> rusqlite::Result<()> {
-    let kept = ATTEMPTS_KEPT.max(max_attempts);
+    let kept = ATTEMPTS_KEPT.max(max_attempts).min(MOST_ATTEMPTS_KEPT);
     if a.n > kept {
         conn.prepare_cached("DELETE FROM attempts WHERE delivery = ?1 AND n > ?2 AND n <= ?3")?
             .execute(params![
@@ -1756,6 +1760,29 @@ mod tests {
         let kept: Vec<u32> = attempts.iter().map(|a| a.n).collect();
         let expected: Vec<u32> = (1..=5).chain(7..=31).collect();
         assert_eq!(kept, expected, "30 kept: the route's attempts");
+
+        // `deliveries retry` gives one more attempt each time, and so raises the entry's max_attempts:
+        // retried without end, an entry still keeps no more than the most a route may have.
+        let id = queued(store.accept(delivery(3), ROOMY));
+        for n in 1..=300 {
+            assert_eq!(store.started(id, "r3"), Ok(true));
+            let failed = Attempt {
+                n,
+                exit_code: Some(1),
+                ..attempt()
+            };
+            store.finish(id, failed, Next::Dead).expect("finish");
+            assert_eq!(
+                store
+                    .retry(&Target::One(id.to_string()), ROOMY)
+                    .map(|r| r.queued),
+                Ok(1)
+            );
+        }
+        let (row, attempts) = store.show(&id.to_string()).expect("show").expect("row");
+        assert_eq!(row.attempts, 300, "every attempt counted");
+        assert_eq!(attempts.len(), MOST_ATTEMPTS_KEPT as usize);
+        assert_eq!(attempts.last().map(|a| a.n), Some(300));
     }
 
     #[test]
