@@ -718,6 +718,7 @@ fn prune_step(
     retention: &Retention,
     now: i64,
     newest: i64,
+    by_size: bool,
 ) -> Result<Option<Step>, StoreError> {
     // What time has put past its keeping, a step's worth of the first that has any.
     type Past = (&'static str, Duration, fn(u64) -> Step);
@@ -735,15 +736,8 @@ fn prune_step(
             return Ok(Some(step(n)));
         }
     }
-    let used: i64 = conn
-        .query_row(
-            "SELECT (page_count - freelist_count) * page_size
-             FROM pragma_page_count, pragma_freelist_count, pragma_page_size",
-            [],
-            |r| r.get(0),
-        )
-        .map_err(sql)?;
-    if used > retention.max_store_bytes as i64 {
+    let used = used_bytes(conn).map_err(sql)?;
+    if by_size && used > retention.max_store_bytes as i64 {
         // The oldest finished rows (by number, which is arrival order), as many as the excess is estimated
         // to take (their payloads and a row's overhead) and at most a step's worth; the next step looks at
         // the size again. Dead letters go only when no other finished row is left: they wait for an
@@ -785,6 +779,37 @@ fn prune_step(
         }
     }
     Ok(None)
+}
+
+/// The bytes of the database's pages in use (its size less the pages free for reuse).
+fn used_bytes(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row(
+        "SELECT (page_count - freelist_count) * page_size
+         FROM pragma_page_count, pragma_freelist_count, pragma_page_size",
+        [],
+        |r| r.get(0),
+    )
+}
+
+/// Over `max_store_bytes`: whether removing finished rows can bring the store under it; with the bytes in
+/// use and an estimate of those nothing may prune (entries not finished, dedupe keys). When those are over
+/// the bound by themselves, removing every finished row would gain nothing and lose the history and the
+/// dead letters: they are kept. The estimate counts what the rows hold and a row's overhead, not how they
+/// fill their pages, so it errs low: towards pruning, as before. Read on a reader, only while the store is
+/// over the bound.
+fn size_can_help(conn: &Connection, max_store_bytes: u64) -> rusqlite::Result<(bool, i64, i64)> {
+    let used = used_bytes(conn)?;
+    if used <= max_store_bytes as i64 {
+        return Ok((true, used, 0));
+    }
+    let kept: f64 = conn.query_row(
+        "SELECT (SELECT total(?1 + coalesce(payload_bytes, 0)) FROM deliveries WHERE finished_at IS NULL)
+              + (SELECT total(2 * length(key) + length(request_id) + 64) FROM dedupe)",
+        [ROW_OVERHEAD],
+        |r| r.get(0),
+    )?;
+    let kept = kept as i64;
+    Ok((kept < max_store_bytes as i64, used, kept))
 }
 
 fn waiting(conn: &Connection) -> Result<Waiting, StoreError> {
@@ -1228,13 +1253,32 @@ impl Store for Sqlite {
             })
         })?;
         let mut pruned = Pruned::default();
-        while go_on() {
-            let step = self.write(move |conn, _| prune_step(conn, &retention, now, newest))?;
-            match step {
-                Some(Step::Payloads(n)) => pruned.payloads += n,
-                Some(Step::Rows(n)) => pruned.rows += n,
-                Some(Step::Other) => {}
-                None => break,
+        // First what time has put past its keeping (and the pages that frees), then, if still over
+        // `max_store_bytes` and it can help, the oldest finished rows.
+        for by_size in [false, true] {
+            if by_size {
+                let max = retention.max_store_bytes;
+                let (helps, used, kept) = self.read(move |c| size_can_help(c, max))?;
+                if !helps {
+                    log::warn!(
+                        "the store uses {used} bytes, over max_store_bytes = {max}, and about {kept} of them \
+                         are entries waiting to run and dedupe keys, which are never pruned: the finished \
+                         rows (the history, the dead letters) are kept, since removing them cannot bring the \
+                         store under the bound; raise max_store_bytes, or lower max_queued_bytes or \
+                         dedupe_window"
+                    );
+                    break;
+                }
+            }
+            while go_on() {
+                let step =
+                    self.write(move |conn, _| prune_step(conn, &retention, now, newest, by_size))?;
+                match step {
+                    Some(Step::Payloads(n)) => pruned.payloads += n,
+                    Some(Step::Rows(n)) => pruned.rows += n,
+                    Some(Step::Other) => {}
+                    None => break,
+                }
             }
         }
         Ok(pruned)
@@ -2231,13 +2275,69 @@ mod tests {
             1,
             "the dead letter, older than all of them, stays"
         );
-        // With no room at all, the dead letter goes too, after every other finished row.
+        // With room for less than the schema, the dead letter goes too, after every other finished row.
         let none = Retention {
-            max_store_bytes: 1,
+            max_store_bytes: 4096,
             ..retention
         };
         store.prune(none, &|| true).expect("prune");
         assert_eq!(count("SELECT count(*) FROM deliveries"), 0);
+    }
+
+    /// When what no pruning may remove (entries waiting to run, here) is over `max_store_bytes` by itself,
+    /// removing the finished rows would gain nothing: the history and the dead letters are kept. Once the
+    /// finished rows can bring the store under the bound, they go as before.
+    #[test]
+    fn the_size_bound_keeps_finished_rows_when_removing_them_cannot_help() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Sqlite::open(dir.path()).expect("open");
+        let conn = connect(&store.path).expect("connect");
+        let now = now_ms();
+        conn.execute_batch("BEGIN").expect("begin");
+        // 10 finished rows (one a dead letter) of 2 KiB, and 500 entries waiting to run of 8 KiB.
+        for n in 0..510i64 {
+            let (state, bytes, finished) = match n {
+                0 => ("dead", 2048, Some(now)),
+                1..10 => ("done", 2048, Some(now)),
+                _ => ("queued", 8192, None),
+            };
+            conn.execute(
+                "INSERT INTO deliveries (request_id, received_at, mode, event, route_line, script, state,
+                     status, finished_at, payload, payload_bytes)
+                 VALUES (?1, ?2, 'async', 'E', 1, 's', ?3, 202, ?4, zeroblob(?5), ?5)",
+                params![format!("r-{n}"), now - 1000 + n, state, finished, bytes],
+            )
+            .expect("insert");
+        }
+        conn.execute_batch("COMMIT").expect("commit");
+        let count = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).expect("count") };
+        let retention = Retention {
+            keep_payloads: Duration::from_secs(7 * 86_400),
+            keep_history: Duration::from_secs(30 * 86_400),
+            // The waiting entries alone hold about 4 MiB.
+            max_store_bytes: 1 << 20,
+            dedupe_window: Duration::from_secs(86_400),
+        };
+        let pruned = store.prune(retention, &|| true).expect("prune");
+        assert_eq!(pruned.rows, 0);
+        assert_eq!(count("SELECT count(*) FROM deliveries"), 510);
+        // Room for the waiting entries and a few finished rows: the oldest finished rows go, the dead
+        // letter last, and no waiting entry.
+        let used = used_bytes(&conn).expect("used");
+        let roomier = Retention {
+            max_store_bytes: (used - 4 * 4096) as u64,
+            ..retention
+        };
+        let pruned = store.prune(roomier, &|| true).expect("prune");
+        assert!(pruned.rows > 0 && pruned.rows < 10, "{pruned:?}");
+        assert_eq!(
+            count("SELECT count(*) FROM deliveries WHERE state = 'queued'"),
+            500
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM deliveries WHERE state = 'dead'"),
+            1
+        );
     }
 
     /// Pruning goes in bounded steps, each its own transaction, so that accepts wait for one step at
@@ -2288,7 +2388,7 @@ mod tests {
         let count = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).expect("count") };
         let pages = count("PRAGMA page_count");
         let step = store
-            .write(move |conn, _| prune_step(conn, &retention, now, i64::MAX))
+            .write(move |conn, _| prune_step(conn, &retention, now, i64::MAX, true))
             .expect("step");
         assert!(
             matches!(step, Some(Step::Payloads(n)) if n == PRUNE_STEP as u64),
@@ -2304,9 +2404,10 @@ mod tests {
             "the waiting entry keeps its payload"
         );
         assert_eq!(count("PRAGMA freelist_count"), 0, "freed pages given back");
-        // Over the size bound: the oldest finished rows go, step by step, never the waiting entry.
+        // Over the size bound (less than the schema, more than the waiting entry): the oldest finished
+        // rows go, step by step, never the waiting entry.
         let tight = Retention {
-            max_store_bytes: 1,
+            max_store_bytes: 4096,
             ..retention
         };
         assert_eq!(store.prune(tight, &|| true).expect("prune").rows, 2500);
