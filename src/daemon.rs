@@ -466,6 +466,11 @@ fn reload_config(
             "reload: an async route needs the store, which was not opened at start (no route was async \
              and history = false): its requests run sync until a restart"
         );
+    } else if !gateway.has_store() && new.store.history {
+        log::warn!(
+            "reload: history = true needs the store, which was not opened at start (no route was async \
+             and history = false): sync deliveries leave no row until a restart"
+        );
     }
     let routes = new.routes.routes.len();
     announce_senders(&new);

@@ -237,7 +237,15 @@ pub fn run(config: Option<PathBuf>, action: Action) -> Result<(), (String, u8)> 
             if payload {
                 let body = store.payload(row.id).map_err(failed)?;
                 let Some(body) = body else {
-                    return Err((format!("the payload of {} is no longer kept", row.id), 1));
+                    // A sync delivery's body is kept only if it was held in memory (at most 256 KiB).
+                    let why = if row.mode == "sync"
+                        && row.payload_bytes > crate::gateway::INLINE_BODY as u64
+                    {
+                        "was not kept: a sync delivery's body over 256 KiB is not stored"
+                    } else {
+                        "is no longer kept (keep_payloads)"
+                    };
+                    return Err((format!("the payload of {} {why}", row.id), 1));
                 };
                 let _ = out.write_all(&body);
                 return Ok(());
@@ -264,6 +272,14 @@ pub fn run(config: Option<PathBuf>, action: Action) -> Result<(), (String, u8)> 
                     "{n} entr{} queued to run now",
                     if n == 1 { "y" } else { "ies" }
                 );
+                if store.claimed() == Some(false) {
+                    // Queued all the same: the next daemon on this store runs it at its start.
+                    eprintln!(
+                        "hookrunner: no daemon has this store open now (none runs, or it needs no store: no \
+                         async route and history = false), so {} at the next start of one that does",
+                        if n == 1 { "it runs" } else { "they run" }
+                    );
+                }
             }
             if retried.no_room > 0 {
                 let m = retried.no_room;

@@ -431,6 +431,7 @@ impl Gateway {
         }
         let history = store.filter(|_| config.store.history);
         let body = history.and(received.inline().map(<[u8]>::to_vec));
+        let body_bytes = received.len();
         let result = self.run(config, request, received, &selected, &env, claim);
         if let Some(store) = history {
             store.record(SyncRecord {
@@ -446,6 +447,7 @@ impl Gateway {
                     .map_or_else(Refusal::status, |o| status_of(o.exit)),
                 attempt: result.as_ref().ok().map(|o| attempt_of(o, received_at)),
                 body,
+                body_bytes,
             });
         }
         Ok(Served::Ran(Ran {
@@ -749,7 +751,8 @@ fn duration_ms(d: Duration) -> f64 {
 /// the disk for a request that is refused), else already streamed to its payload file.
 enum Received {
     Inline(Vec<u8>),
-    Spilled(Payload),
+    /// The payload file, and how many bytes it holds.
+    Spilled(Payload, u64),
 }
 
 impl Received {
@@ -757,7 +760,15 @@ impl Received {
     fn inline(&self) -> Option<&[u8]> {
         match self {
             Received::Inline(bytes) => Some(bytes),
-            Received::Spilled(_) => None,
+            Received::Spilled(..) => None,
+        }
+    }
+
+    /// The body's length.
+    fn len(&self) -> u64 {
+        match self {
+            Received::Inline(bytes) => bytes.len() as u64,
+            Received::Spilled(_, len) => *len,
         }
     }
 
@@ -782,7 +793,7 @@ impl Received {
     /// The body in its payload file, ready for the script.
     fn into_payload(self, payloads: &PayloadDir) -> Result<Payload, Refusal> {
         let mut payload = match self {
-            Received::Spilled(payload) => payload,
+            Received::Spilled(payload, _) => payload,
             Received::Inline(bytes) => {
                 let mut payload = payloads.create_unnamed().map_err(Refusal::Payload)?;
                 payload.write_all(&bytes).map_err(Refusal::Payload)?;
@@ -873,10 +884,11 @@ fn receive(
                 let mut payload = payloads.create_unnamed().map_err(Refusal::Payload)?;
                 payload.write_all(bytes).map_err(Refusal::Payload)?;
                 payload.write_all(&chunk[..n]).map_err(Refusal::Payload)?;
-                received = Received::Spilled(payload);
+                received = Received::Spilled(payload, (bytes.len() + n) as u64);
             }
-            Received::Spilled(payload) => {
-                payload.write_all(&chunk[..n]).map_err(Refusal::Payload)?
+            Received::Spilled(payload, len) => {
+                payload.write_all(&chunk[..n]).map_err(Refusal::Payload)?;
+                *len += n as u64;
             }
         }
     }
@@ -888,7 +900,7 @@ fn receive(
             // Verified: now it may go to its file, as an unsigned body that large went at once.
             let mut payload = payloads.create_unnamed().map_err(Refusal::Payload)?;
             payload.write_all(bytes).map_err(Refusal::Payload)?;
-            received = Received::Spilled(payload);
+            received = Received::Spilled(payload, bytes.len() as u64);
         }
     }
     drop(unverified);

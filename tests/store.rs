@@ -422,6 +422,60 @@ fn the_cli_reads_the_store_when_the_rest_of_the_config_would_stop_the_daemon() {
     );
 }
 
+/// A daemon with no async route and `history = false` does not open the store (when nothing waits in it
+/// at its start): an entry `deliveries retry` queues then waits for a daemon that does, and the CLI says
+/// so; a reload that turns the history on cannot open it either, and the log says that.
+#[test]
+fn without_a_daemon_on_the_store_retry_says_when_the_entry_will_run() {
+    let mut env = Env::new();
+    env.script("dead.sh", "exit 65");
+    env.routes("D dead.sh async\n");
+    let server = env.serve();
+    assert_eq!(server.post("/hooks/D", b"{}").status, 202);
+    wait_state(&env, "D", "dead", Duration::from_secs(10));
+    let retried = deliveries(&env, &["retry", "--dead"]);
+    assert!(retried.status.success());
+    assert!(
+        !String::from_utf8_lossy(&retried.stderr).contains("no daemon has this store open"),
+        "{}",
+        String::from_utf8_lossy(&retried.stderr)
+    );
+    wait_state(&env, "D", "dead", Duration::from_secs(10));
+    drop(server);
+    env.routes("D dead.sh\n");
+    env.reconfigure("history = false");
+    let server = env.serve();
+    let retried = deliveries(&env, &["retry", "--dead"]);
+    assert!(retried.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&retried.stdout),
+        "1 entry queued to run now\n"
+    );
+    let said = String::from_utf8_lossy(&retried.stderr);
+    assert!(
+        said.contains("no daemon has this store open now")
+            && said.contains("it runs at the next start"),
+        "{said}"
+    );
+    env.reconfigure("history = true");
+    server.signal(libc::SIGHUP);
+    assert!(
+        server
+            .wait_log(
+                "reload: history = true needs the store, which was not opened at start",
+                Duration::from_secs(10)
+            )
+            .is_some(),
+        "{}",
+        server.log()
+    );
+    drop(server);
+    // The next daemon that opens the store runs it.
+    let _server = env.serve();
+    let row = wait_state(&env, "D", "dead", Duration::from_secs(10));
+    assert_eq!(row["attempts"], 3);
+}
+
 /// `deliveries retry` queues an entry again only while the queue has room, as an accept would: past
 /// `max_queued` it says so, exits 1 and leaves the entry as it was.
 #[test]
@@ -1377,6 +1431,25 @@ fn every_sync_request_leaves_a_history_row_with_its_status() {
         &["show", ok["request_id"].as_str().expect("id"), "--payload"],
     );
     assert_eq!(payload.stdout, b"{\"a\":1}");
+    // A body over 256 KiB is not kept in a sync row, but its size is, and show says why it has none.
+    let large = vec![b'x'; 300_000];
+    assert_eq!(server.post("/hooks/OK", &large).status, 200);
+    assert!(wait_until(Duration::from_secs(10), || rows(&env, &[])
+        .len()
+        == 4));
+    let row = &rows(&env, &["--event", "OK"])[0];
+    assert_eq!(
+        (&row["payload_bytes"], &row["payload_kept"]),
+        (&300_000.into(), &false.into())
+    );
+    let none = deliveries(&env, &["show", &row["id"].to_string(), "--payload"]);
+    assert_eq!(none.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&none.stderr)
+            .contains("was not kept: a sync delivery's body over 256 KiB is not stored"),
+        "{}",
+        String::from_utf8_lossy(&none.stderr)
+    );
 }
 
 #[test]

@@ -121,8 +121,10 @@ pub struct SyncRecord {
     pub delivery_id: Option<String>,
     pub status: u16,
     pub attempt: Option<Attempt>,
-    /// The body, when it was small enough to be held in memory.
+    /// The body, when it was small enough to be held in memory (a larger one is not kept).
     pub body: Option<Vec<u8>>,
+    /// The body's length, kept or not.
+    pub body_bytes: u64,
 }
 
 /// A queued entry the dispatcher may start.
@@ -336,6 +338,9 @@ pub trait Store: Send + Sync {
     fn backlog(&self) -> Result<Backlog, StoreError>;
     /// A write failed in a way that makes the store untrustworthy (see [`StoreError::Broken`]).
     fn broken(&self) -> bool;
+    /// Whether a daemon holds the store (claimed by its [`Store::recover`]) and so runs what is queued;
+    /// `None` when that cannot be told. The CLI says when a retried entry waits for a daemon's start.
+    fn claimed(&self) -> Option<bool>;
 }
 
 pub type Shared = Arc<dyn Store>;

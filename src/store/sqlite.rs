@@ -264,6 +264,13 @@ impl Sqlite {
         })
     }
 
+    /// `hookrunner.db.lock`, beside the database.
+    fn lock_path(&self) -> PathBuf {
+        let mut name = self.path.clone().into_os_string();
+        name.push(".lock");
+        PathBuf::from(name)
+    }
+
     /// Takes an exclusive `flock` on `hookrunner.db.lock` beside the database, for as long as this store
     /// is open. Two daemons on one store would each take the other's running entries for ones a crash
     /// left behind, queue them again at start (`recover`) and run them a second time, even at once; the
@@ -275,9 +282,7 @@ impl Sqlite {
         if claim.is_some() {
             return Ok(());
         }
-        let mut name = self.path.clone().into_os_string();
-        name.push(".lock");
-        let lock_path = PathBuf::from(name);
+        let lock_path = self.lock_path();
         let lock = fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -967,7 +972,7 @@ fn record_in(conn: &Connection, r: &SyncRecord) -> rusqlite::Result<()> {
     let a = r.attempt.as_ref();
     let ok = a.is_some_and(|a| a.exit_code == Some(0));
     let state = if ok { State::Done } else { State::Failed };
-    let bytes = r.body.as_ref().map_or(0, Vec::len) as i64;
+    let bytes = r.body_bytes as i64;
     conn.prepare_cached(
         "INSERT INTO deliveries (request_id, received_at, mode, sender, event, route_line, script,
              delivery_id, state, status, attempts, last_exit, finished_at, payload, payload_bytes,
@@ -1485,6 +1490,29 @@ impl Store for Sqlite {
     fn broken(&self) -> bool {
         self.broken.load(Ordering::SeqCst)
     }
+
+    fn claimed(&self) -> Option<bool> {
+        if self
+            .claim
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+        {
+            return Some(true);
+        }
+        // A shared lock is refused while a daemon holds its exclusive one, and taken otherwise (then let
+        // go at once, with the file). Without the file no daemon has ever claimed the store.
+        let lock = match fs::File::open(self.lock_path()) {
+            Ok(lock) => lock,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Some(false),
+            Err(_) => return None,
+        };
+        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockShared) {
+            Ok(()) => Some(false),
+            Err(rustix::io::Errno::WOULDBLOCK) => Some(true),
+            Err(_) => None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1609,6 +1637,7 @@ mod tests {
             status,
             attempt: Some(attempt),
             body: None,
+            body_bytes: 0,
         }
     }
 
