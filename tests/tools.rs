@@ -54,6 +54,21 @@ fn get_reads_json_xml_and_forms_with_documented_exit_codes() {
     }
     let out = hookrunner(&["get", "--json", json.to_str().expect("utf-8"), "/event/ids"]);
     assert_eq!(stdout(&out), "[4,5]\n");
+    // A JSON number keeps its type with --json (jq reads it as a number); XML's values are strings.
+    let out = hookrunner(&[
+        "get",
+        "--json",
+        json.to_str().expect("utf-8"),
+        "/event/ids/1",
+    ]);
+    assert_eq!(stdout(&out), "5\n");
+    let out = hookrunner(&[
+        "get",
+        "--json",
+        xml.to_str().expect("utf-8"),
+        "/event/ids/1",
+    ]);
+    assert_eq!(stdout(&out), "\"5\"\n");
     let out = hookrunner(&["get", "--json", xml.to_str().expect("utf-8"), "/event/ids"]);
     assert_eq!(stdout(&out), "{\"id\":[\"4\",\"5\"]}\n");
     let out = hookrunner(&["get", form.to_str().expect("utf-8"), "/caller"]);

@@ -12,18 +12,20 @@ use crate::document::{Document, Format, Xml};
 /// What a lookup found.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Found {
-    /// A string, number or boolean, as text (what a route filter compares).
+    /// A string (or, from XML or a form, any value), as text: what a route filter compares.
     Scalar(String),
+    /// A JSON number or boolean: its JSON text, what a route filter compares, and its type for `--json`.
+    Typed(Value),
     /// An object or array (or, in XML, an element with children), for `--json`.
     Tree(Value),
 }
 
 impl Found {
-    /// The value as JSON: a scalar from XML or a form is a string.
+    /// The value as JSON: a JSON number or boolean keeps its type, a scalar from XML or a form is a string.
     pub fn to_json(&self) -> Value {
         match self {
             Found::Scalar(text) => Value::String(text.clone()),
-            Found::Tree(value) => value.clone(),
+            Found::Typed(value) | Found::Tree(value) => value.clone(),
         }
     }
 }
@@ -74,7 +76,14 @@ impl Payload {
         // An XML element with children has its own text too, mostly empty: the children are what is meant.
         let xml = matches!(self.document, Document::Xml(_));
         if let Some(value) = self.document.field(path).filter(|v| !(xml && v.is_empty())) {
-            return Some(Found::Scalar(value.into_owned()));
+            let value = value.into_owned();
+            if matches!(self.document, Document::Json(_)) {
+                if let Some(typed @ (Value::Number(_) | Value::Bool(_))) = self.tree().pointer(path)
+                {
+                    return Some(Found::Typed(typed.clone()));
+                }
+            }
+            return Some(Found::Scalar(value));
         }
         let format = match self.document {
             Document::Json(_) => Format::Json,
@@ -93,8 +102,7 @@ impl Payload {
         }?;
         Some(match found {
             Value::String(text) => Found::Scalar(text.clone()),
-            Value::Number(n) => Found::Scalar(n.to_string()),
-            Value::Bool(b) => Found::Scalar(b.to_string()),
+            typed @ (Value::Number(_) | Value::Bool(_)) => Found::Typed(typed.clone()),
             Value::Null => return None,
             tree => Found::Tree(tree.clone()),
         })
@@ -274,8 +282,13 @@ mod tests {
         Payload::parse(body.as_bytes().to_vec(), None, None).expect("parses")
     }
 
-    fn scalar(text: &str) -> Option<Found> {
-        Some(Found::Scalar(text.into()))
+    /// What `get` prints for a value found, without `--json`.
+    fn text(found: Option<Found>) -> Option<String> {
+        found.map(|f| render(&f, false).into_owned())
+    }
+
+    fn scalar(text: &str) -> Option<String> {
+        Some(text.into())
     }
 
     const JAMF_JSON: &str = r#"{"webhook":{"webhookEvent":"SmartGroupComputerMembershipChange","id":7},
@@ -289,19 +302,37 @@ mod tests {
         for body in [JAMF_JSON, JAMF_XML] {
             let mut p = payload(body);
             assert_eq!(
-                p.get("/webhook/webhookEvent"),
+                text(p.get("/webhook/webhookEvent")),
                 scalar("SmartGroupComputerMembershipChange"),
                 "{body}"
             );
-            assert_eq!(p.get("/webhook/id"), scalar("7"));
-            assert_eq!(p.get("/event/computer/deviceName"), scalar("Mac"));
-            assert_eq!(p.get("/event/ok"), scalar("true"));
-            assert_eq!(p.get("/event/missing"), None);
-            assert_eq!(p.get("/nope/webhookEvent"), None);
+            assert_eq!(text(p.get("/webhook/id")), scalar("7"));
+            assert_eq!(text(p.get("/event/computer/deviceName")), scalar("Mac"));
+            assert_eq!(text(p.get("/event/ok")), scalar("true"));
+            assert_eq!(text(p.get("/event/missing")), None);
+            assert_eq!(text(p.get("/nope/webhookEvent")), None);
         }
+        // With --json, a JSON number or boolean keeps its type; XML has none, so its values are strings.
+        let json_of = |body: &str, path: &str| payload(body).get(path).map(|f| f.to_json());
+        assert_eq!(
+            json_of(JAMF_JSON, "/webhook/id"),
+            Some(serde_json::json!(7))
+        );
+        assert_eq!(
+            json_of(JAMF_JSON, "/event/ok"),
+            Some(serde_json::json!(true))
+        );
+        assert_eq!(
+            json_of(JAMF_JSON, "/event/name"),
+            Some(serde_json::json!("All Macs"))
+        );
+        assert_eq!(
+            json_of(JAMF_XML, "/webhook/id"),
+            Some(serde_json::json!("7"))
+        );
         let mut xml = payload(JAMF_XML);
         assert_eq!(
-            xml.get("/JSSEvent/event/name"),
+            text(xml.get("/JSSEvent/event/name")),
             scalar("All Macs"),
             "the root may be named"
         );
@@ -310,31 +341,34 @@ mod tests {
     #[test]
     fn xml_wrapped_arrays_take_the_same_index_as_json() {
         let mut xml = payload(JAMF_XML);
-        assert_eq!(xml.get("/event/groupAddedDevicesIds/1"), scalar("12"));
-        assert_eq!(xml.get("/event/groupAddedDevicesIds/0"), scalar("11"));
-        assert_eq!(xml.get("/event/groupAddedDevicesIds/2"), None);
+        assert_eq!(text(xml.get("/event/groupAddedDevicesIds/1")), scalar("12"));
+        assert_eq!(text(xml.get("/event/groupAddedDevicesIds/0")), scalar("11"));
+        assert_eq!(text(xml.get("/event/groupAddedDevicesIds/2")), None);
     }
 
     #[test]
     fn array_elements_by_index() {
         let mut json = payload(JAMF_JSON);
-        assert_eq!(json.get("/event/groupAddedDevicesIds/1"), scalar("12"));
-        assert_eq!(json.get("/event/groupAddedDevicesIds/2"), None);
+        assert_eq!(
+            text(json.get("/event/groupAddedDevicesIds/1")),
+            scalar("12")
+        );
+        assert_eq!(text(json.get("/event/groupAddedDevicesIds/2")), None);
         let mut xml = payload(JAMF_XML);
         assert_eq!(
-            xml.get("/event/groupAddedDevicesIds/groupAddedDevicesId/1"),
+            text(xml.get("/event/groupAddedDevicesIds/groupAddedDevicesId/1")),
             scalar("12")
         );
         assert_eq!(
-            xml.get("/event/groupAddedDevicesIds/groupAddedDevicesId/0"),
+            text(xml.get("/event/groupAddedDevicesIds/groupAddedDevicesId/0")),
             scalar("11")
         );
         assert_eq!(
-            xml.get("/event/computer/0/deviceName"),
+            text(xml.get("/event/computer/0/deviceName")),
             scalar("Mac"),
             "one element is index 0"
         );
-        assert_eq!(xml.get("/event/computer/1/deviceName"), None);
+        assert_eq!(text(xml.get("/event/computer/1/deviceName")), None);
     }
 
     #[test]
@@ -369,8 +403,8 @@ mod tests {
     #[test]
     fn forms_and_unparseable_bodies() {
         let mut form = payload("event_name=voicemail_new&account_id=a%20b");
-        assert_eq!(form.get("/account_id"), scalar("a b"));
-        assert_eq!(form.get("/nope"), None);
+        assert_eq!(text(form.get("/account_id")), scalar("a b"));
+        assert_eq!(text(form.get("/nope")), None);
         assert!(Payload::parse(b"{broken".to_vec(), None, None).is_err());
         assert!(Payload::parse(b"<a><b></a>".to_vec(), None, None).is_err());
         assert!(Payload::parse(b"\x00\x01binary".to_vec(), None, None).is_err());
