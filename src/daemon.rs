@@ -433,6 +433,7 @@ fn reload_config(
             "keepalive_timeout",
             old.keepalive_timeout != new.keepalive_timeout,
         ),
+        ("metrics_listen", old.metrics_listen != new.metrics_listen),
     ];
     // The socket stays where it is until a restart, so the new senders are judged against it: a reload
     // that moves `listen` to loopback and drops the last sender must not leave a public socket open.
