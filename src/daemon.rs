@@ -91,7 +91,11 @@ pub fn serve(config_path: Option<PathBuf>, mut overrides: Overrides) -> Result<(
     let (wake, waker) = UnixStream::pair().map_err(|e| Error::Start("signal pipe".into(), e))?;
     let stop = Arc::new(AtomicBool::new(false));
     let reload = Arc::new(AtomicBool::new(false));
-    register_signals(&waker, &stop, &reload)
+    // The dispatcher's own stop: set by SIGTERM/SIGINT themselves, not only once the accept loop wakes, so
+    // that a run killed along with the daemon is seen as the stop's doing (dispatch.rs), and later by the
+    // accept loop when the store breaks.
+    let dispatching = Arc::new(AtomicBool::new(false));
+    register_signals(&waker, &[&stop, &dispatching], &reload)
         .map_err(|e| Error::Start("signal handlers".into(), e))?;
     // Logged first (README): whoever started us (a test, a supervisor) reads the bound address from it.
     log::info!("listening on {}", listener.local_addr());
@@ -162,7 +166,6 @@ pub fn serve(config_path: Option<PathBuf>, mut overrides: Overrides) -> Result<(
             .spawn(move || crate::metrics::serve(listener, metrics))
             .map_err(|e| Error::Start("metrics thread".into(), e))?;
     }
-    let dispatching = Arc::new(AtomicBool::new(false));
     let dispatcher = match &store {
         Some(store) => Some(start_dispatcher(Dispatcher {
             store: Arc::clone(store),
@@ -372,11 +375,13 @@ fn open_log_file(config: &Config) -> Result<(), Error> {
 /// always sees the flag set when it wakes.
 fn register_signals(
     waker: &UnixStream,
-    stop: &Arc<AtomicBool>,
+    stop: &[&Arc<AtomicBool>],
     reload: &Arc<AtomicBool>,
 ) -> io::Result<()> {
-    signal_hook::flag::register(SIGTERM, Arc::clone(stop))?;
-    signal_hook::flag::register(SIGINT, Arc::clone(stop))?;
+    for flag in stop {
+        signal_hook::flag::register(SIGTERM, Arc::clone(flag))?;
+        signal_hook::flag::register(SIGINT, Arc::clone(flag))?;
+    }
     signal_hook::flag::register(SIGHUP, Arc::clone(reload))?;
     for signal in [SIGTERM, SIGINT, SIGHUP] {
         signal_hook::low_level::pipe::register(signal, waker.try_clone()?)?;

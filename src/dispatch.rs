@@ -58,6 +58,9 @@ const HERE_PAUSE: Duration = Duration::from_secs(5);
 const RECORD_PAUSE_MAX: Duration = Duration::from_secs(10);
 /// How often finished history is pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// How long a run killed by a signal waits for the daemon's stop before it counts as the script's failure
+/// ([`Dispatcher::stopping_within`]).
+const STOP_SIGNAL_SLACK: Duration = Duration::from_millis(500);
 /// How much lower the dispatcher's CPU priority is than the daemon's, in nice steps: as low as it goes (a
 /// nice value is at most 19). Each niced thread still weighs something, and a burst starts as many runs as
 /// there are slots: at 10, a thousand of them together outweighed the few threads answering requests.
@@ -403,7 +406,7 @@ impl Dispatcher {
                 (Some(outcome.exit), outcome.output)
             }
         };
-        if self.stop.load(Ordering::SeqCst) && matches!(exit, Some(Exit::Signal(_))) {
+        if matches!(exit, Some(Exit::Signal(_))) && self.stopping_within(STOP_SIGNAL_SLACK) {
             // Killed from outside while the daemon stops: a supervisor that signals every process of the
             // service at once (systemd's default KillMode, an operator's `pkill -g`). That is the stop's
             // doing, not the script's: the entry waits for the next start, and the attempt is not counted.
@@ -454,6 +457,22 @@ impl Dispatcher {
             entry.id,
             entry.event
         );
+    }
+
+    /// Whether the daemon stops, or is told to within `slack`. A supervisor that stops a service signals its
+    /// processes one by one, in no order it promises: a script may die of its signal a moment before the
+    /// daemon's own has been handled.
+    fn stopping_within(&self, slack: Duration) -> bool {
+        let until = Instant::now() + slack;
+        loop {
+            if self.stop.load(Ordering::SeqCst) {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Commits an attempt's result, trying again while the store cannot write (a full disk, a lock held
