@@ -115,26 +115,39 @@ impl Runner {
         let mut watch = || -> io::Result<bool> {
             let mut phase = Phase::Running(start + job.timeout);
             let mut timed_out = false;
+            let mut escaped: Vec<Pid> = Vec::new();
             loop {
                 let now = Instant::now();
                 match phase {
                     Phase::Running(deadline) if now >= deadline => {
+                        // Its descendants that made groups of their own (GNU `timeout` does, and job
+                        // control), found before anything is signalled: once their parent dies they are
+                        // no longer the script's.
+                        escaped = escaped_groups(pid);
                         log::warn!(
-                            "{} {name}: timed out after {:?}; sending SIGTERM to its group",
+                            "{} {name}: timed out after {:?}; sending SIGTERM to its group{}",
                             job.request_id,
-                            job.timeout
+                            job.timeout,
+                            groups_note(&escaped)
                         );
                         kill_group(pid, Signal::TERM);
+                        kill_groups(&escaped, Signal::TERM);
                         timed_out = true;
                         phase = Phase::Terminating(now + job.kill_grace);
                     }
                     Phase::Terminating(deadline) if now >= deadline => {
+                        for group in escaped_groups(pid) {
+                            if !escaped.contains(&group) {
+                                escaped.push(group);
+                            }
+                        }
                         log::warn!(
                             "{} {name}: still running {:?} after SIGTERM; sending SIGKILL",
                             job.request_id,
                             job.kill_grace
                         );
                         kill_group(pid, Signal::KILL);
+                        kill_groups(&escaped, Signal::KILL);
                         phase = Phase::Killed;
                     }
                     _ => {}
@@ -153,6 +166,7 @@ impl Runner {
             // otherwise hold the pipes or outlive the request), then take what is still in the pipes, bounded: a
             // process that escaped the group (setsid) could otherwise keep the answer waiting by writing forever.
             kill_group(pid, Signal::KILL);
+            kill_groups(&escaped, Signal::KILL);
             for pipe in pipes.iter_mut().flatten() {
                 pipe.writer = None;
             }
@@ -291,6 +305,64 @@ fn wait_exited(pid: Pid) {
 /// Signals the script's group. ESRCH (the group is already gone) is expected and harmless.
 fn kill_group(pgid: Pid, signal: Signal) {
     let _ = rustix::process::kill_process_group(pgid, signal);
+}
+
+fn kill_groups(groups: &[Pid], signal: Signal) {
+    for &group in groups {
+        kill_group(group, signal);
+    }
+}
+
+/// The process groups, other than its own, of the processes descended from the script `leader` (from
+/// `/proc`: every process's parent and group). Read at its deadline, while it still runs: a child that
+/// left the script's group (GNU `timeout` puts itself in a group of its own) would otherwise outlive the
+/// deadline, and once its parent is killed nothing ties it to the script any more. Groups in another
+/// session are left alone: a job detached on purpose (`setsid`) is not the script's to end.
+fn escaped_groups(leader: Pid) -> Vec<Pid> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    // (pid, parent, group, session) of every process.
+    let processes: Vec<(i32, i32, i32, i32)> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // After the command's closing parenthesis: state, ppid, pgrp, session.
+            let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(1);
+            let mut next = || fields.next()?.parse::<i32>().ok();
+            Some((pid, next()?, next()?, next()?))
+        })
+        .collect();
+    let leader = leader.as_raw_nonzero().get();
+    let Some(&(_, _, _, session)) = processes.iter().find(|p| p.0 == leader) else {
+        return Vec::new();
+    };
+    let mut descendants = vec![leader];
+    let mut groups = Vec::new();
+    let mut i = 0;
+    while let Some(&parent) = descendants.get(i) {
+        i += 1;
+        for &(pid, ppid, pgrp, sid) in &processes {
+            if ppid != parent || descendants.contains(&pid) {
+                continue;
+            }
+            descendants.push(pid);
+            if pgrp != leader && sid == session && !groups.contains(&pgrp) {
+                groups.push(pgrp);
+            }
+        }
+    }
+    groups.into_iter().filter_map(Pid::from_raw).collect()
+}
+
+/// ", and to N other groups it started" for the log line, when there are any.
+fn groups_note(groups: &[Pid]) -> String {
+    match groups.len() {
+        0 => String::new(),
+        1 => " and to one group of its own children that left it".into(),
+        n => format!(" and to {n} groups of its own children that left it"),
+    }
 }
 
 /// One output stream of a script. hookrunner holds a write end of its own until the script has exited, so

@@ -76,6 +76,32 @@ fn a_hung_script_is_answered_504_and_its_whole_group_ends() {
     );
 }
 
+/// A child that left the script's process group (GNU `timeout` puts itself in one of its own) is still the
+/// script's at its deadline: its group is signalled too, and nothing outlives the 504.
+#[test]
+fn a_child_in_a_group_of_its_own_ends_at_the_scripts_deadline() {
+    let env = Env::new().config("timeout = \"1s\"\nkill_grace = \"1s\"");
+    let grandchild = env.path().join("grandchild");
+    env.script(
+        "escape",
+        &format!(
+            "timeout 40 sh -c 'echo $$ > {tmp:?}; mv {tmp:?} {grandchild:?}; exec sleep 30'",
+            tmp = grandchild.with_extension("tmp")
+        ),
+    );
+    let _cleanup = cleanup(&grandchild);
+    let server = env.serve();
+    let started = Instant::now();
+    let response = run_hanging(&server, "escape", &grandchild);
+    assert_eq!(response.status, 504, "{}", response.text());
+    assert_group_ended(
+        &server,
+        "escape: timed out after 1s; sending SIGTERM to its group and to one group of its own children",
+        &grandchild,
+        started,
+    );
+}
+
 /// The daemon logged `line`, and the script's background process died well before its own sleep would end.
 fn assert_group_ended(server: &Server, line: &str, grandchild: &Path, started: Instant) {
     assert!(
