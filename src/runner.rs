@@ -307,6 +307,24 @@ fn kill_group(pgid: Pid, signal: Signal) {
     let _ = rustix::process::kill_process_group(pgid, signal);
 }
 
+/// How many bytes at the end of `bytes` are the start of a UTF-8 character that is not complete (0 to 3).
+fn incomplete_utf8_tail(bytes: &[u8]) -> usize {
+    for back in 1..=bytes.len().min(3) {
+        let b = bytes[bytes.len() - back];
+        if b & 0xC0 == 0x80 {
+            continue; // a continuation byte: look further back for its lead
+        }
+        let needs = match b {
+            0xC2..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF4 => 4,
+            _ => return 0, // ASCII or not UTF-8: nothing to carry
+        };
+        return if back < needs { back } else { 0 };
+    }
+    0
+}
+
 fn kill_groups(groups: &[Pid], signal: Signal) {
     for &group in groups {
         kill_group(group, signal);
@@ -555,13 +573,21 @@ impl<'a> Output<'a> {
             self.budget = self.budget.saturating_sub(take);
             data = &data[take..];
             if complete || self.budget == 0 {
-                self.emit(stream);
+                self.emit(stream, false);
             }
         }
     }
 
-    fn emit(&mut self, stream: &str) {
-        let line = std::mem::take(&mut self.lines[Self::index(stream)]);
+    /// Logs the line gathered from `stream`; `last` when the stream has ended.
+    fn emit(&mut self, stream: &str, last: bool) {
+        let i = Self::index(stream);
+        let mut line = std::mem::take(&mut self.lines[i]);
+        // A line cut at MAX_LINE rather than at its end may end inside a UTF-8 character: those bytes start
+        // the next piece, so the character is logged whole (not as two replacement characters).
+        if !last && !line.ends_with(b"\n") && self.budget > 0 {
+            let carry = incomplete_utf8_tail(&line);
+            self.lines[i] = line.split_off(line.len() - carry);
+        }
         let line = line.strip_suffix(b"\n").unwrap_or(&line);
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         // A payload field the script echoes is the client's text: escaped, so it cannot forge a line.
@@ -571,7 +597,7 @@ impl<'a> Output<'a> {
 
     fn end(&mut self, stream: &str) {
         if !self.lines[Self::index(stream)].is_empty() {
-            self.emit(stream);
+            self.emit(stream, true);
         }
     }
 
@@ -726,6 +752,20 @@ mod tests {
                 stat.rsplit_once(") ")
                     .is_some_and(|(_, rest)| rest.starts_with('S'))
             })
+    }
+
+    #[test]
+    fn an_incomplete_utf8_character_at_the_end_is_found() {
+        assert_eq!(incomplete_utf8_tail(b"abc"), 0);
+        assert_eq!(incomplete_utf8_tail("abé".as_bytes()), 0);
+        assert_eq!(incomplete_utf8_tail(&"abé".as_bytes()[..3]), 1);
+        assert_eq!(incomplete_utf8_tail(&"a€".as_bytes()[..2]), 1);
+        assert_eq!(incomplete_utf8_tail(&"a€".as_bytes()[..3]), 2);
+        assert_eq!(incomplete_utf8_tail(&"a😀".as_bytes()[..4]), 3);
+        assert_eq!(incomplete_utf8_tail("a😀".as_bytes()), 0);
+        // Not UTF-8 at all: nothing is held back.
+        assert_eq!(incomplete_utf8_tail(b"a\x80\x80\x80"), 0);
+        assert_eq!(incomplete_utf8_tail(b"a\xff"), 0);
     }
 
     #[test]

@@ -268,6 +268,31 @@ fn leftovers_holding_stdout_do_not_delay_the_answer_and_are_killed() {
     );
 }
 
+/// A line longer than a log line (4 KiB) is logged in pieces; a UTF-8 character where it is cut goes whole
+/// into the next piece rather than as two replacement characters.
+#[test]
+fn a_long_line_is_cut_between_utf8_characters() {
+    let env = Env::new();
+    env.script(
+        "utf",
+        "printf '%04095d' 0 | tr 0 a; printf '\\303\\251tail\\n'",
+    );
+    let server = env.serve();
+    assert_eq!(server.post("/hooks/utf", b"{}").status, 200);
+    let line = server
+        .wait_log("utf[stdout]: ", Duration::from_secs(5))
+        .expect("logged");
+    assert!(line.ends_with(&"a".repeat(4095)), "{line}");
+    assert!(
+        server
+            .wait_log("utf[stdout]: étail", Duration::from_secs(5))
+            .is_some(),
+        "{}",
+        server.log()
+    );
+    assert!(!server.log().contains('\u{FFFD}'), "{}", server.log());
+}
+
 /// The daemon's peak resident memory, in KiB.
 fn peak_rss_kib(pid: u32) -> u64 {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("daemon status");
