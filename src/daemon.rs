@@ -309,8 +309,13 @@ fn announce_senders(config: &Config) {
         }
     } else if local {
         log::info!(
-            "open: no sender is configured, so every request is accepted; {} is reachable only from this machine",
-            config.listen
+            "open: no sender is configured, so every request is accepted; it listens on {} only, \
+             reachable from this machine alone",
+            if matches!(config.listen, crate::config::Listen::Unix(_)) {
+                "a unix socket"
+            } else {
+                "loopback"
+            }
         );
     } else {
         log::warn!(

@@ -102,8 +102,11 @@ fn server_config(
         }
     };
     let mut config = builder.with_single_cert(chain, key).map_err(|e| match e {
+        // Either the wrong key, or the right one with the chain in the wrong order: the server's own
+        // certificate must come first (certbot's fullchain.pem is in that order).
         rustls::Error::InconsistentKeys(_) => format!(
-            "[tls] key_file {} is not the private key of the certificate in cert_file {}",
+            "[tls] key_file {} is not the private key of the certificate in cert_file {}: the first \
+             certificate in the file must be the server's own, then its chain",
             key_file.display(),
             cert_file.display()
         ),
@@ -298,6 +301,11 @@ mod tests {
                 ("other.pem", "key.pem", None),
                 "is not the private key of the certificate",
                 "other.pem",
+            ),
+            (
+                ("other.pem", "key.pem", None),
+                "the first certificate in the file must be the server's own",
+                "then its chain",
             ),
             (
                 ("cert.pem", "key.pem", Some("junk")),
