@@ -161,6 +161,9 @@ pub struct Routes {
     pub source: Option<PathBuf>,
     pub routes: Vec<Route>,
     scripts_dir: PathBuf,
+    /// The scripts lines name (resolved, with the first line naming each): such a script runs only through
+    /// its lines, with their filters and options, never as an `{event}` script of another line.
+    reserved: Vec<(PathBuf, usize)>,
 }
 
 /// The script a request resolved to.
@@ -203,6 +206,7 @@ impl Routes {
                 options: RouteOptions::default(),
             }],
             scripts_dir: scripts_dir.to_path_buf(),
+            reserved: Vec::new(),
         }
     }
 
@@ -215,6 +219,7 @@ impl Routes {
         let specs =
             parse_lines(text).map_err(|(line, message)| RoutesError::Line { line, message })?;
         let mut routes = Vec::with_capacity(specs.len());
+        let mut reserved: Vec<(PathBuf, usize)> = Vec::new();
         for spec in specs {
             let script = if spec.script.contains(EVENT_PLACEHOLDER) {
                 Script::Template(spec.script)
@@ -224,6 +229,11 @@ impl Routes {
                     line: spec.line,
                     message: e.0,
                 })?;
+                if let Ok(real) = path.canonicalize() {
+                    if !reserved.iter().any(|(p, _)| *p == real) {
+                        reserved.push((real, spec.line));
+                    }
+                }
                 Script::Fixed {
                     written: spec.script,
                     path,
@@ -240,6 +250,7 @@ impl Routes {
             source: source.map(Path::to_path_buf),
             routes,
             scripts_dir: scripts_dir.to_path_buf(),
+            reserved,
         })
     }
 
@@ -298,6 +309,13 @@ impl Routes {
                         skipped(route.line, Skip::NoScript(wanted));
                         continue;
                     };
+                    if !self.reserved.is_empty() {
+                        let real = path.canonicalize().unwrap_or_else(|_| path.clone());
+                        if let Some((_, named)) = self.reserved.iter().find(|(p, _)| *p == real) {
+                            skipped(route.line, Skip::Reserved { path, line: *named });
+                            continue;
+                        }
+                    }
                     check_script(&self.scripts_dir, &written, &path)
                         .map_err(SelectError::Unsafe)?;
                     path
@@ -326,6 +344,11 @@ pub enum Skip<'a> {
     Gone(&'a Path),
     /// No file for an `{event}` script.
     NoScript(PathBuf),
+    /// The `{event}` script is one that `line` names: it runs only through the lines that name it.
+    Reserved {
+        path: PathBuf,
+        line: usize,
+    },
 }
 
 impl fmt::Display for Skip<'_> {
@@ -344,6 +367,11 @@ impl fmt::Display for Skip<'_> {
             }
             Skip::Gone(path) => write!(f, "the script {} no longer exists", path.display()),
             Skip::NoScript(path) => write!(f, "there is no script {}", path.display()),
+            Skip::Reserved { path, line } => write!(
+                f,
+                "the script {} is named by line {line}, and runs only through the lines that name it",
+                path.display()
+            ),
         }
     }
 }
@@ -861,6 +889,22 @@ MobileDevice*              mobile-device.sh
         );
         // A template whose file does not exist does not match.
         assert_eq!(routes.select("PushSent", no_body), Ok(None));
+        // A script a line names runs only through its lines: sent as the event, it is not the {event}
+        // script (its filter would be bypassed), whatever the case of the name.
+        assert_eq!(routes.select("charly.sh", no_body), Ok(None));
+        assert_eq!(routes.select("ADDED.SH", charly), Ok(None));
+        let mut why = Vec::new();
+        let got = routes
+            .select_explained("added.sh", no_body, |line, skip| {
+                why.push((line, skip.to_string()))
+            })
+            .expect("select");
+        assert_eq!(got, None);
+        assert!(
+            why.iter()
+                .any(|(l, w)| *l == 3 && w.contains("is named by line 2")),
+            "{why:?}"
+        );
     }
 
     #[test]
