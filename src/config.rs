@@ -404,6 +404,29 @@ impl Config {
             }
         };
         check_payload_dir(&payload_dir, file, &routes, &scripts_dir)?;
+        // An option only the queue reads, on a route that runs sync, would do nothing: no retries, no
+        // order, no dedupe, while `check` showed it. Refused where it is written.
+        for route in &routes.routes {
+            let q = &route.options.queueing;
+            if q.run_async.unwrap_or(store.run_async) {
+                continue;
+            }
+            if let Some(option) = q.async_only_option() {
+                let why = if q.run_async.is_some() {
+                    "it is marked sync"
+                } else {
+                    "it runs sync (the configuration's async = false, the default)"
+                };
+                return Err(ConfigError::new(
+                    routes.source.as_deref(),
+                    Some(route.line),
+                    format!(
+                        "{option} applies to async routes only, and {why}: add async to the line, or \
+                         remove {option}"
+                    ),
+                ));
+            }
+        }
         let listen = overrides
             .listen
             .clone()

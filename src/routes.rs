@@ -145,6 +145,21 @@ pub struct Queueing {
     pub dedupe_key: Option<Source>,
 }
 
+impl Queueing {
+    /// The first option set that only an async route uses, as written.
+    pub fn async_only_option(&self) -> Option<&'static str> {
+        [
+            (self.retries.is_some(), "retries="),
+            (self.retry_max.is_some(), "retry_max="),
+            (self.serial, "serial"),
+            (self.dedupe_key.is_some(), "dedupe_key="),
+            (self.ack_status.is_some(), "ack_status="),
+        ]
+        .into_iter()
+        .find_map(|(set, name)| set.then_some(name))
+    }
+}
+
 /// A route ready to serve.
 #[derive(Debug, Clone)]
 pub struct Route {
@@ -549,8 +564,13 @@ fn parse_option(token: &str, options: &mut RouteOptions) -> Result<(), String> {
     }
     let queueing = &mut options.queueing;
     match token.split_once('=') {
-        None if token == "async" => queueing.run_async = Some(true),
-        None if token == "sync" => queueing.run_async = Some(false),
+        None if token == "async" || token == "sync" => {
+            let run_async = token == "async";
+            if queueing.run_async.is_some_and(|set| set != run_async) {
+                return Err("async and sync on one line: give one".into());
+            }
+            queueing.run_async = Some(run_async);
+        }
         None if token == "serial" => queueing.serial = true,
         Some(("timeout", value)) => {
             let timeout = TIMEOUT

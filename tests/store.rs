@@ -1562,6 +1562,34 @@ fn check_validates_the_store_options() {
         ),
         "{table}"
     );
+    // Options only the queue reads, on a route that runs sync, would do nothing: refused with their line,
+    // whether the route says sync or the configuration's default (async = false) makes it so.
+    let refused = |routes: &str, want: &str| {
+        env.routes(routes);
+        let out = env.check();
+        assert_eq!(out.status.code(), Some(78), "{routes}");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains(want), "{routes}: {said}");
+    };
+    refused(
+        "A a.sh async\nB a.sh retries=9 retry_max=30m\n",
+        "routes:2: retries= applies to async routes only, and it runs sync",
+    );
+    refused(
+        "A a.sh sync serial\n",
+        "routes:1: serial applies to async routes only, and it is marked sync",
+    );
+    refused(
+        "A a.sh async sync\n",
+        "routes:1: async and sync on one line",
+    );
+    let env = env.config("async = true");
+    env.routes("A a.sh retries=9 serial\n");
+    assert!(
+        env.check().status.success(),
+        "async by default: {}",
+        String::from_utf8_lossy(&env.check().stderr)
+    );
 }
 
 /// Unmounts on drop, so a failing test leaves no mount behind.
