@@ -1727,15 +1727,17 @@ fn out_of_threads_delays_queued_runs_and_refuses_new_connections() {
 #[test]
 fn a_full_disk_is_answered_503_never_2xx_and_service_resumes_when_space_is_freed() {
     let env = Env::new();
-    let Some(_mount) = small_tmpfs(&env.state(), "4m") else {
+    let Some(_mount) = small_tmpfs(&env.state(), "8m") else {
         return;
     };
-    // Space that can be given back later: half the file system. Until SQLite can checkpoint (which needs
-    // room for the database beside its WAL) every write after the space is freed appends to the WAL, and
-    // each entry caught waiting by the full disk still has two of them to come (its "running" mark and its
-    // result, each rewriting its 64 KiB row).
+    // Space that can be given back later: three quarters of the file system. Until SQLite checkpoints
+    // (after a commit past 1,000 pages, and the checkpoint needs room for the database to grow by what the
+    // log holds) every write appends to the log, and each entry caught waiting by the full disk still has
+    // two of them to come (its "running" mark and its result, each rewriting its 64 KiB row): the room
+    // freed must hold those writes and the database's growth at the checkpoint. With 2 MiB freed of 4, the
+    // log took it all before a checkpoint could run, and the store stayed full (1 CI run in about 10).
     let filler = env.state().join("filler");
-    fs::write(&filler, vec![0u8; 2 << 20]).expect("filler");
+    fs::write(&filler, vec![0u8; 6 << 20]).expect("filler");
     let ran = env.path().join("ran");
     env.script(
         "f.sh",
