@@ -386,12 +386,13 @@ impl Dispatcher {
                 return;
             }
             Err(Unstarted::Script(e)) => {
+                let hint = crate::runner::spawn_hint(&e);
                 log::error!(
-                    "{} cannot run {}: {e}",
+                    "{} cannot run {}: {e}{hint}",
                     entry.request_id,
                     Escaped(&entry.script)
                 );
-                (None, e.to_string().into_bytes())
+                (None, format!("{e}{hint}").into_bytes())
             }
             Ok(outcome) => {
                 let config = (self.config)();

@@ -129,7 +129,9 @@ impl Refusal {
                 "too many large bodies are held in memory now; retry later".to_string()
             }
             Refusal::Payload(e) => format!("cannot store the payload: {e}"),
-            Refusal::Spawn(e) => format!("cannot run the script: {e}"),
+            Refusal::Spawn(e) => {
+                format!("cannot run the script: {e}{}", crate::runner::spawn_hint(e))
+            }
             Refusal::Store(e) => format!("cannot queue the delivery: {e}; retry later"),
         }
     }
@@ -622,6 +624,11 @@ impl Gateway {
                 if status >= 500 {
                     log::error!("{} {message}", request.id);
                 }
+                // An unsafe script's paths are this machine's, for the log; the sender gets the rest.
+                let message = match &refusal {
+                    Refusal::Unsafe(u) => format!("refusing to run {}", u.public()),
+                    _ => message,
+                };
                 let mut response = Response::error(status, &request.id, &message);
                 if let Refusal::NoRoute(event) = &refusal {
                     response.note = format!(" event={event}");

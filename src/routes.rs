@@ -192,7 +192,19 @@ pub struct Selected {
 
 /// Why a matching route's script cannot be run.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UnsafeScript(pub String);
+pub struct UnsafeScript(pub String, Public);
+
+/// What a sender may be told of an unsafe script: its name as the route wrote it and what is wrong, without
+/// the paths of this machine the operator's message names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Public(String);
+
+impl UnsafeScript {
+    /// The message for the sender (the log and `check` have the whole of it).
+    pub fn public(&self) -> &str {
+        &self.1.0
+    }
+}
 
 /// Why a routing table cannot be loaded. It knows no file name: the configuration, which chose the file,
 /// wraps it into a `file:line` error.
@@ -438,7 +450,7 @@ fn find_file(path: &Path) -> Option<PathBuf> {
 fn check_script(scripts_dir: &Path, written: &str, path: &Path) -> Result<(), UnsafeScript> {
     let real = path
         .canonicalize()
-        .map_err(|e| refusal(written, format!("{}: {e}", path.display())))?;
+        .map_err(|e| refusal(written, format!("{}: {e}", path.display()), &e.to_string()))?;
     if !Path::new(written).is_absolute() && !real.starts_with(scripts_dir) {
         return Err(refusal(
             written,
@@ -447,10 +459,11 @@ fn check_script(scripts_dir: &Path, written: &str, path: &Path) -> Result<(), Un
                 real.display(),
                 scripts_dir.display()
             ),
+            "resolves outside scripts_dir",
         ));
     }
-    let meta =
-        fs::metadata(&real).map_err(|e| refusal(written, format!("{}: {e}", real.display())))?;
+    let meta = fs::metadata(&real)
+        .map_err(|e| refusal(written, format!("{}: {e}", real.display()), &e.to_string()))?;
     check_mode(written, &real, &meta)
 }
 
@@ -479,8 +492,13 @@ pub fn check_before_run(scripts_dir: &Path, path: &Path) -> Result<(), UnsafeScr
     } else {
         path.to_string_lossy()
     };
-    recheck_script(scripts_dir, &written, path)
-        .unwrap_or_else(|| Err(refusal(&written, "no longer exists".to_string())))
+    recheck_script(scripts_dir, &written, path).unwrap_or_else(|| {
+        Err(refusal(
+            &written,
+            "no longer exists".into(),
+            "no longer exists",
+        ))
+    })
 }
 
 fn check_mode(written: &str, path: &Path, meta: &fs::Metadata) -> Result<(), UnsafeScript> {
@@ -489,11 +507,13 @@ fn check_mode(written: &str, path: &Path, meta: &fs::Metadata) -> Result<(), Uns
         Err(refusal(
             written,
             format!("{} is not a regular file", path.display()),
+            "is not a regular file",
         ))
     } else if mode & 0o111 == 0 {
         Err(refusal(
             written,
             format!("{} is not executable: chmod 755 it", path.display()),
+            "is not executable",
         ))
     } else if mode & 0o022 != 0 {
         Err(refusal(
@@ -503,14 +523,20 @@ fn check_mode(written: &str, path: &Path, meta: &fs::Metadata) -> Result<(), Uns
                 path.display(),
                 mode & 0o777
             ),
+            &format!("is writable by group or others (mode {:o})", mode & 0o777),
         ))
     } else {
         Ok(())
     }
 }
 
-fn refusal(written: &str, why: String) -> UnsafeScript {
-    UnsafeScript(format!("script {written:?}: {why}"))
+/// `why` says what is wrong for the operator, paths and all; `public` the same for the sender, without the
+/// paths of this machine.
+fn refusal(written: &str, why: String, public: &str) -> UnsafeScript {
+    UnsafeScript(
+        format!("script {written:?}: {why}"),
+        Public(format!("script {written:?}: {public}")),
+    )
 }
 
 /// Parses the routing file's text into specs, or `(line, message)`.

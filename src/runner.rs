@@ -200,6 +200,18 @@ impl Runner {
     }
 }
 
+/// What to add to a script's spawn error for the operator: "Exec format error" alone does not say that a
+/// script without a `#!` line (one a PHP `shell_exec` ran through a shell) is the usual cause.
+pub fn spawn_hint(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::ENOEXEC) => {
+            " (a script needs a #! line, such as #!/bin/sh, as its first line; or this is not a program \
+             for this machine)"
+        }
+        _ => "",
+    }
+}
+
 /// The first pause before retrying a "text file busy" script; each next one doubles, up to the last.
 const BUSY_FIRST_PAUSE: Duration = Duration::from_millis(5);
 /// Pauses of 5 ms doubling to 320 ms add up to 635 ms: longer than saving a script takes, short against a

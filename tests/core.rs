@@ -341,6 +341,19 @@ fn unsafe_template_script_is_refused_with_500() {
             error.starts_with("refusing to run script") && error.contains(why),
             "{event}: {error}"
         );
+        // The sender learns what is wrong, not where this machine keeps its scripts; the log says both.
+        let dir = env.path().display().to_string();
+        assert!(!error.contains(&dir), "{event}: {error}");
+        assert!(
+            server
+                .wait_log(
+                    &format!("{}/scripts", dir),
+                    std::time::Duration::from_secs(5)
+                )
+                .is_some(),
+            "{}",
+            server.log()
+        );
     }
     assert!(!ran.exists(), "no unsafe script ran");
     fs::set_permissions(

@@ -459,7 +459,10 @@ fn payload_files_are_removed_whatever_the_outcome() {
         format!("#!{}\n", not_executable.display()),
     )
     .expect("write");
-    for script in [&no_interpreter, &bad_interpreter] {
+    // No #! line: the kernel cannot tell how to run it (a PHP shell_exec ran such scripts through sh).
+    let no_shebang = env.scripts().join("no-shebang");
+    fs::write(&no_shebang, "echo no shebang\n").expect("write");
+    for script in [&no_interpreter, &bad_interpreter, &no_shebang] {
         fs::set_permissions(script, fs::Permissions::from_mode(0o755)).expect("chmod");
     }
     let server = env.serve();
@@ -473,6 +476,11 @@ fn payload_files_are_removed_whatever_the_outcome() {
             "bad-interpreter",
             500,
             "cannot run the script: Permission denied",
+        ),
+        (
+            "no-shebang",
+            500,
+            "Exec format error (os error 8) (a script needs a #! line",
         ),
         ("ok-again", 200, r#""exit_code":0"#),
     ];
@@ -491,7 +499,10 @@ fn payload_files_are_removed_whatever_the_outcome() {
     for (n, (script, ..)) in rows.iter().enumerate() {
         let name = seen.join(format!("{script}.name"));
         if !name.exists() {
-            assert!(script.ends_with("interpreter"), "{script} did not run");
+            assert!(
+                script.ends_with("interpreter") || *script == "no-shebang",
+                "{script} did not run"
+            );
             continue;
         }
         let name = fs::read_to_string(&name).expect("payload name");
