@@ -39,9 +39,9 @@ pub const INLINE_BODY: usize = 256 << 10;
 pub const HELD_BODIES_MAX: u64 = 64 << 20;
 
 /// Attempts in all when a route does not say (`retries=4`).
-const DEFAULT_ATTEMPTS: u32 = 5;
+pub const DEFAULT_ATTEMPTS: u32 = 5;
 /// The longest pause between attempts when a route does not say.
-const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(3600);
+pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(3600);
 
 pub struct Gateway {
     config: RwLock<Arc<Config>>,

@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use crate::util::{BIN, Env};
+use crate::util::{BIN, Env, wait_until};
 
 fn hookrunner(args: &[&str]) -> Output {
     Command::new(BIN)
@@ -159,11 +159,10 @@ fn every_sample_is_resolved_and_routed_in_json_and_xml() {
         } else {
             &["json"]
         };
-        let name = if line.contains("GitLab") {
-            format!("gitlab:{event}")
-        } else {
-            event.clone()
-        };
+        // The list names GitLab's push as send takes it (`gitlab:push`); its event is `push`.
+        let name = event.clone();
+        let event = event.strip_prefix("gitlab:").unwrap_or(event);
+        assert_eq!(name != event, line.contains("GitLab"), "{line}");
         for format in formats {
             let out = send(&env, &url, &[&name, "--format", format]);
             let text = stdout(&out);
@@ -177,7 +176,7 @@ fn every_sample_is_resolved_and_routed_in_json_and_xml() {
             let answer: serde_json::Value =
                 serde_json::from_str(text.lines().nth(1).expect("answer line"))
                     .expect("JSON answer");
-            assert_eq!(answer["event"], event.as_str(), "{name} {format}");
+            assert_eq!(answer["event"], event, "{name} {format}");
             assert_eq!(answer["script"], "any");
         }
     }
@@ -354,6 +353,45 @@ fn send_authenticates_as_each_kind_of_sender_profile() {
         &["ComputerAdded", "--sender", "nobody"],
     );
     assert_eq!(code(&out), 78);
+    // A bare `push` with a GitLab sender is GitLab's push, not GitHub's with GitLab's token.
+    let url = format!("http://{}/gitlab", server.addr);
+    let out = send(&env, &url, &["push", "--sender", "gitlab"]);
+    assert!(
+        stdout(&out).starts_with("GitLab push -> HTTP 200"),
+        "{}",
+        stdout(&out)
+    );
+    // A reader that goes away does not stop the sends (or panic): all three arrive.
+    let before = server.log().matches("sender=basic").count();
+    let mut child = Command::new(BIN)
+        .args([
+            "send",
+            "ComputerAdded",
+            "--sender",
+            "basic",
+            "--count",
+            "3",
+            "--url",
+        ])
+        .arg(format!("http://{}/basic", server.addr))
+        .arg("--config")
+        .arg(env.config_path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("send");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("send ends");
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        wait_until(Duration::from_secs(5), || server
+            .log()
+            .matches("sender=basic")
+            .count()
+            >= before + 3),
+        "{}",
+        server.log()
+    );
 }
 
 fn check_payload(env: &Env, payload: &[u8], extra: &[&str]) -> (i32, String) {
@@ -472,6 +510,31 @@ fn check_payload_explains_sender_event_routes_and_environment_without_running() 
         "{text}"
     );
     assert!(text.contains(":2: matches: runs"), "{text}");
+    assert!(!text.contains("async:"), "a sync route: {text}");
+    assert!(!text.contains("HOOKRUNNER_ATTEMPT"), "{text}");
+    // An async route: what the daemon would answer, how it would retry, and the queued run's variables.
+    env.routes("Mobile*  lab.sh async retries=3 retry_max=5s serial dedupe_key=json:/event/id\n");
+    let (_, text) = check_payload(
+        &env,
+        b"",
+        &[
+            "--path",
+            "/jamf/hooks/MobileDeviceEnrolled",
+            "--header",
+            "X-Api-Key: dry-run-key",
+        ],
+    );
+    assert!(
+        text.contains(
+            "async: answered 202 once queued; run later, retried up to 3 time(s), pauses up to 5s, \
+             one at a time (serial), deduplicated by JSON /event/id"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("HOOKRUNNER_ATTEMPT=") && text.contains("HOOKRUNNER_QUEUED_AT="),
+        "{text}"
+    );
     assert!(!marker.exists(), "nothing ran");
 }
 

@@ -162,6 +162,26 @@ fn steps(config: &Config, request: &DryRequest, out: &mut String) -> bool {
         selected.script.display(),
         humantime::format_duration(timeout)
     );
+    let q = &selected.queueing;
+    if q.run_async.unwrap_or(config.store.run_async) {
+        // What the daemon would do instead of running it while the sender waits.
+        let retries = q.retries.unwrap_or(crate::gateway::DEFAULT_ATTEMPTS - 1);
+        let retry_max = q.retry_max.unwrap_or(crate::gateway::DEFAULT_RETRY_MAX);
+        let _ = writeln!(
+            out,
+            "async: answered {} once queued; run later, retried up to {retries} time(s), pauses up to {}{}{}",
+            q.ack_status.unwrap_or(202),
+            humantime::format_duration(retry_max),
+            if q.serial {
+                ", one at a time (serial)"
+            } else {
+                ""
+            },
+            q.dedupe_key
+                .as_ref()
+                .map_or_else(String::new, |k| format!(", deduplicated by {k}"))
+        );
+    }
     let header = |name: &str| request.header(name);
     let delivery = match auth::delivery_id(&header) {
         Ok(id) => id,
@@ -186,11 +206,23 @@ fn steps(config: &Config, request: &DryRequest, out: &mut String) -> bool {
         ("HOOKRUNNER_BIN", Some("(the hookrunner binary)")),
         ("HOOKRUNNER_DELIVERY_ID", delivery.as_deref()),
     ];
+    let queued = [
+        ("HOOKRUNNER_ATTEMPT", "(the attempt, from 1)"),
+        ("HOOKRUNNER_QUEUED_AT", "(when it was accepted)"),
+    ];
+    let queued = if q.run_async.unwrap_or(config.store.run_async) {
+        &queued[..]
+    } else {
+        &[]
+    };
     let _ = writeln!(out, "environment (besides PATH and LANG):");
     for (name, value) in env {
         if let Some(value) = value.filter(|v| !v.is_empty()) {
             let _ = writeln!(out, "  {name}={value}");
         }
+    }
+    for (name, value) in queued {
+        let _ = writeln!(out, "  {name}={value}");
     }
     true
 }

@@ -159,6 +159,8 @@ pub struct SendArgs {
 const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub fn run_send(args: SendArgs) -> ExitCode {
+    // Written, not printed: a reader that goes away (`| head -1`) must not end the sends with a panic.
+    let mut out = std::io::stdout();
     if args.list {
         for sample in samples::SAMPLES {
             let formats = if sample.origin == samples::Origin::Jamf {
@@ -166,11 +168,12 @@ pub fn run_send(args: SendArgs) -> ExitCode {
             } else {
                 "json"
             };
-            println!(
-                "{:<40} {:<12} {formats}",
-                sample.event,
-                sample.origin.name()
-            );
+            // GitHub's and GitLab's push share a name: `gitlab:push` names GitLab's.
+            let name = match sample.origin {
+                samples::Origin::Gitlab => format!("gitlab:{}", sample.event),
+                _ => sample.event.to_string(),
+            };
+            let _ = writeln!(out, "{name:<40} {:<12} {formats}", sample.origin.name());
         }
         return ExitCode::SUCCESS;
     }
@@ -209,6 +212,13 @@ pub fn run_send(args: SendArgs) -> ExitCode {
             }
         },
         _ => None,
+    };
+    // A bare `push` is GitHub's, unless the sender is a GitLab one: then it means GitLab's.
+    let sample = match sender.map(|s| &s.scheme) {
+        Some(crate::auth::Scheme::Gitlab(_)) if !event.contains(':') => {
+            samples::find(&format!("gitlab:{event}")).unwrap_or(sample)
+        }
+        _ => sample,
     };
     let url = match (&args.url, &config) {
         (Some(url), _) => http::Url::parse(url),
@@ -268,13 +278,14 @@ pub fn run_send(args: SendArgs) -> ExitCode {
         match http::exchange(&url, &request, SEND_TIMEOUT) {
             Ok(answer) => {
                 all_ok &= (200..300).contains(&answer.status);
-                println!(
+                let _ = writeln!(
+                    out,
                     "{} {event} -> HTTP {} request_id={}",
                     sample.origin.name(),
                     answer.status,
                     answer.header("X-Request-Id").unwrap_or("-")
                 );
-                println!("{}", String::from_utf8_lossy(&answer.body).trim_end());
+                let _ = writeln!(out, "{}", String::from_utf8_lossy(&answer.body).trim_end());
             }
             Err(e) => {
                 eprintln!("hookrunner send: {}: {e}", url_text(&url));

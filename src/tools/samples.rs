@@ -103,6 +103,8 @@ pub fn headers(sample: &Sample, xml: bool) -> Vec<(String, String)> {
         Origin::Gitlab => {
             headers.push(("X-Gitlab-Event".into(), "Push Hook".into()));
             headers.push(("X-Gitlab-Event-UUID".into(), uuid(&mut Random::new())));
+            // GitLab 17.4 and later: the same on each retry of a delivery, and its delivery id here.
+            headers.push(("Idempotency-Key".into(), uuid(&mut Random::new())));
         }
         _ => {}
     }
@@ -187,18 +189,21 @@ const IDENTIFIERS: &[&str] = &[
 /// Keys whose values are numeric record ids.
 const RECORD_IDS: &[&str] = &["jssID", "objectID", "device_id", "id"];
 
-/// The sample's body made fresh: the current time where it carries one, new identifiers.
+/// The sample's body made fresh: the current time where it carries one, new identifiers. Not Jamf's
+/// `/webhook/id`: it numbers the webhook's definition in Jamf Pro and is the same on every event it
+/// sends, as a route's `dedupe_key` would then find (README, "Dedupe").
 pub fn fresh(sample: &Sample, now_ms: u64, random: &mut Random) -> Value {
     let mut value: Value = serde_json::from_str(sample.json).unwrap_or(Value::Null);
-    freshen(&mut value, now_ms, random);
+    freshen(&mut value, now_ms, random, None);
     value
 }
 
-fn freshen(value: &mut Value, now_ms: u64, random: &mut Random) {
+fn freshen(value: &mut Value, now_ms: u64, random: &mut Random, parent: Option<&str>) {
     match value {
         Value::Object(map) => {
             for (key, item) in map.iter_mut() {
                 match (key.as_str(), &*item) {
+                    ("id", Value::Number(_)) if parent == Some("webhook") => {}
                     ("eventTimestamp", _) => *item = now_ms.into(),
                     // Scalefusion's and Kazoo's are in seconds.
                     ("timestamp", Value::Number(_)) => *item = (now_ms / 1000).into(),
@@ -208,11 +213,13 @@ fn freshen(value: &mut Value, now_ms: u64, random: &mut Random) {
                     (key, Value::Number(_)) if RECORD_IDS.contains(&key) => {
                         *item = random.below(9999).into();
                     }
-                    _ => freshen(item, now_ms, random),
+                    (key, _) => freshen(item, now_ms, random, Some(key)),
                 }
             }
         }
-        Value::Array(items) => items.iter_mut().for_each(|i| freshen(i, now_ms, random)),
+        Value::Array(items) => items
+            .iter_mut()
+            .for_each(|i| freshen(i, now_ms, random, parent)),
         _ => {}
     }
 }
@@ -419,6 +426,9 @@ mod tests {
                 .as_u64()
                 .is_some_and(|n| (1..=9999).contains(&n))
         );
+        // Jamf's /webhook/id numbers the webhook's definition: the same on every event, as Jamf sends it.
+        assert_eq!(a["webhook"]["id"], template["webhook"]["id"]);
+        assert_eq!(b["webhook"]["id"], template["webhook"]["id"]);
         let id = uuid(&mut random);
         assert_eq!(id.len(), 36);
         assert_eq!(&id[14..15], "4");
