@@ -353,7 +353,15 @@ impl Gateway {
                 });
             (event, selected, body_key)
         };
-        let env = script_env(request, &event, sender, delivery_id.as_deref(), &self.bin);
+        let client = client_addr(config, request).map(|ip| ip.to_string());
+        let env = script_env(
+            request,
+            &event,
+            sender,
+            delivery_id.as_deref(),
+            client.as_deref(),
+            &self.bin,
+        );
         let sender_name = sender.map(|s| s.name.clone());
         let script = selected
             .script
@@ -508,6 +516,7 @@ fn script_env<'r>(
     event: &'r str,
     sender: Option<&'r Sender>,
     delivery_id: Option<&'r str>,
+    client: Option<&'r str>,
     bin: &'r str,
 ) -> Vec<(&'static str, &'r str)> {
     let env = [
@@ -521,11 +530,23 @@ fn script_env<'r>(
         ("HOOKRUNNER_PATH", request.path.as_str()),
         ("HOOKRUNNER_QUERY", request.query.as_str()),
         ("HOOKRUNNER_REMOTE_ADDR", request.remote.as_str()),
+        ("HOOKRUNNER_CLIENT_ADDR", client.unwrap_or("")),
         ("HOOKRUNNER_SENDER", sender.map_or("", |s| s.name.as_str())),
         ("HOOKRUNNER_BIN", bin),
         ("HOOKRUNNER_DELIVERY_ID", delivery_id.unwrap_or("")),
     ];
     env.into_iter().filter(|(_, v)| !v.is_empty()).collect()
+}
+
+/// The client's address: the peer's, or behind a proxy of `trusted_proxies` the one its
+/// `X-Forwarded-For` names (as `allow_ips` sees it); `None` when it cannot be told.
+fn client_addr(config: &Config, request: &Request<'_>) -> Option<std::net::IpAddr> {
+    let peer = request.remote.parse::<SocketAddr>().ok().map(|a| a.ip());
+    if peer.is_some() && config.trusted_proxies.is_empty() {
+        return peer;
+    }
+    let forwarded: Vec<&str> = request.headers("X-Forwarded-For").collect();
+    auth::net::client(peer, &forwarded, &config.trusted_proxies).ok()
 }
 
 /// The status a sync run is answered with.
@@ -565,7 +586,14 @@ impl http::Handler for Gateway {
             return Response::json(200, &json!({ "status": "ok" }));
         }
         let config = self.config();
-        let response = self.answer(&config, request);
+        let mut response = self.answer(&config, request);
+        // Behind a trusted proxy the peer is the proxy: the log names the client it forwarded.
+        if !config.trusted_proxies.is_empty() {
+            let peer = request.remote.parse::<SocketAddr>().ok().map(|a| a.ip());
+            if let Some(client) = client_addr(&config, request).filter(|c| Some(*c) != peer) {
+                response.note.push_str(&format!(" client={client}"));
+            }
+        }
         let sender = config
             .senders
             .select(&request.path)

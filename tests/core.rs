@@ -61,6 +61,7 @@ fn jamf_json_runs_the_routed_script_with_the_exact_body_and_environment() {
         .collect();
     let allowed = [
         "HOOKRUNNER_BIN",
+        "HOOKRUNNER_CLIENT_ADDR",
         "HOOKRUNNER_CONTENT_TYPE",
         "HOOKRUNNER_EVENT",
         "HOOKRUNNER_METHOD",
@@ -92,6 +93,7 @@ fn jamf_json_runs_the_routed_script_with_the_exact_body_and_environment() {
         "HOOKRUNNER_PATH=/jamf",
         "HOOKRUNNER_QUERY=x=1",
         "HOOKRUNNER_REMOTE_ADDR=127.0.0.1:",
+        "HOOKRUNNER_CLIENT_ADDR=127.0.0.1\n",
         "LANG=C.UTF-8",
     ] {
         assert!(
