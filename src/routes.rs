@@ -414,11 +414,14 @@ pub enum SelectError<E> {
 
 fn resolve_path(scripts_dir: &Path, written: &str) -> PathBuf {
     let path = Path::new(written);
-    if path.is_absolute() {
+    let path = if path.is_absolute() {
         path.to_path_buf()
     } else {
         scripts_dir.join(path)
-    }
+    };
+    // One spelling for one path (`./x`, `a//x` are `x`, `a/x`): a serial lane is its script's path, so
+    // two lines naming one script differently share it.
+    path.components().collect()
 }
 
 /// Finds `path`, comparing its file name exactly first and then ignoring ASCII case, because senders are
@@ -951,6 +954,24 @@ MobileDevice*              mobile-device.sh
                 .any(|(l, w)| *l == 3 && w.contains("is named by line 2")),
             "{why:?}"
         );
+    }
+
+    /// A serial lane is the script's path: two spellings of one path are one script.
+    #[test]
+    fn one_script_written_two_ways_is_one_path() {
+        let dir = dir_with(&[("x.sh", 0o755)]);
+        let scripts = dir.path().canonicalize().expect("canonical");
+        let absolute = format!("{}//x.sh", scripts.display());
+        let text =
+            format!("A ./x.sh async serial\nB x.sh async serial\nC {absolute} async serial\n");
+        let routes = Routes::parse(&text, None, &scripts).expect("routes load");
+        for event in ["A", "B", "C"] {
+            let got = routes
+                .select(event, no_body)
+                .expect("select")
+                .map(|s| s.script);
+            assert_eq!(got, Some(scripts.join("x.sh")), "{event}");
+        }
     }
 
     #[test]
