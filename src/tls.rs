@@ -39,6 +39,34 @@ pub struct Tls {
     pub client_ca_file: Option<PathBuf>,
     /// The rustls configuration built from the three files.
     pub server: Arc<ServerConfig>,
+    /// When the server's own certificate (the first in `cert_file`) stops being valid, in seconds since
+    /// the epoch; `None` if it cannot be read.
+    pub not_after: Option<i64>,
+}
+
+impl Tls {
+    /// A warning when the server's certificate has expired or expires within `soon` of `now` (seconds
+    /// since the epoch): senders refuse an expired one, and a renewal that stopped working shows here first.
+    pub fn expiry_warning(&self, now: i64, soon: i64) -> Option<String> {
+        let end = self.not_after?;
+        let when = httpdate::fmt_http_date(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(end.max(0) as u64),
+        );
+        if end <= now {
+            Some(format!(
+                "[tls] cert_file {}: the certificate expired on {when}; senders will refuse it",
+                self.cert_file.display()
+            ))
+        } else if end - now <= soon {
+            Some(format!(
+                "[tls] cert_file {}: the certificate expires on {when}, in {} day(s): is its renewal working?",
+                self.cert_file.display(),
+                (end - now) / 86_400
+            ))
+        } else {
+            None
+        }
+    }
 }
 
 impl RawTls {
@@ -49,11 +77,18 @@ impl RawTls {
         let key_file = relative(self.key_file);
         let client_ca_file = self.client_ca_file.map(relative);
         let server = server_config(&cert_file, &key_file, client_ca_file.as_deref())?;
+        let not_after = certificates("cert_file", &cert_file)
+            .ok()
+            .and_then(|chain| {
+                let (_, cert) = x509_parser::parse_x509_certificate(chain.first()?).ok()?;
+                Some(cert.validity().not_after.timestamp())
+            });
         Ok(Tls {
             cert_file,
             key_file,
             client_ca_file,
             server: Arc::new(server),
+            not_after,
         })
     }
 }

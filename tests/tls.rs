@@ -461,6 +461,31 @@ fn check_validates_the_tls_files() {
     let env = tls_env(&leaf, Some(&ca), "");
     let output = env.check();
     assert!(output.status.success(), "{output:?}");
+    assert!(
+        !String::from_utf8_lossy(&output.stderr).contains("expire"),
+        "{output:?}"
+    );
+    // An expired certificate still loads (a reload must not stop the daemon), and check says so.
+    let expired = {
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_string()]).expect("leaf params");
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2020, 1, 2);
+        let key = KeyPair::generate().expect("leaf key");
+        let cert = params.signed_by(&key, &ca.issuer).expect("leaf cert");
+        Leaf {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    };
+    let old = tls_env(&expired, None, "");
+    let output = old.check();
+    assert!(output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("the certificate expired on Thu, 02 Jan 2020"),
+        "{stderr}"
+    );
 
     fs::write(env.path().join("key.pem"), server_leaf(&ca).key).expect("other key");
     let output = env.check();
