@@ -252,14 +252,14 @@ impl Routes {
                 Script::Template(spec.script)
             } else {
                 let path = resolve_path(scripts_dir, &spec.script);
-                check_script(scripts_dir, &spec.script, &path).map_err(|e| RoutesError::Line {
-                    line: spec.line,
-                    message: e.0,
-                })?;
-                if let Ok(real) = path.canonicalize() {
-                    if !reserved.iter().any(|(p, _)| *p == real) {
-                        reserved.push((real, spec.line));
+                let real = check_script(scripts_dir, &spec.script, &path).map_err(|e| {
+                    RoutesError::Line {
+                        line: spec.line,
+                        message: e.0,
                     }
+                })?;
+                if !reserved.iter().any(|(p, _)| *p == real) {
+                    reserved.push((real, spec.line));
                 }
                 Script::Fixed {
                     written: spec.script,
@@ -336,15 +336,12 @@ impl Routes {
                         skipped(route.line, Skip::NoScript(wanted));
                         continue;
                     };
-                    if !self.reserved.is_empty() {
-                        let real = path.canonicalize().unwrap_or_else(|_| path.clone());
-                        if let Some((_, named)) = self.reserved.iter().find(|(p, _)| *p == real) {
-                            skipped(route.line, Skip::Reserved { path, line: *named });
-                            continue;
-                        }
-                    }
-                    check_script(&self.scripts_dir, &written, &path)
+                    let real = check_script(&self.scripts_dir, &written, &path)
                         .map_err(SelectError::Unsafe)?;
+                    if let Some((_, named)) = self.reserved.iter().find(|(p, _)| *p == real) {
+                        skipped(route.line, Skip::Reserved { path, line: *named });
+                        continue;
+                    }
                     path
                 }
             };
@@ -450,7 +447,7 @@ fn find_file(path: &Path) -> Option<PathBuf> {
 
 /// A script must be a regular executable file, not writable by group or others, and (unless written as an
 /// absolute path) inside `scripts_dir` after following symlinks.
-fn check_script(scripts_dir: &Path, written: &str, path: &Path) -> Result<(), UnsafeScript> {
+fn check_script(scripts_dir: &Path, written: &str, path: &Path) -> Result<PathBuf, UnsafeScript> {
     let real = path
         .canonicalize()
         .map_err(|e| refusal(written, format!("{}: {e}", path.display()), &e.to_string()))?;
@@ -467,7 +464,8 @@ fn check_script(scripts_dir: &Path, written: &str, path: &Path) -> Result<(), Un
     }
     let meta = fs::metadata(&real)
         .map_err(|e| refusal(written, format!("{}: {e}", real.display()), &e.to_string()))?;
-    check_mode(written, &real, &meta)
+    check_mode(written, &real, &meta)?;
+    Ok(real)
 }
 
 /// The per-request check of a fixed script: the whole of [`check_script`] again, since the file, or a
@@ -480,7 +478,7 @@ fn recheck_script(
 ) -> Option<Result<(), UnsafeScript>> {
     match fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        _ => Some(check_script(scripts_dir, written, path)),
+        _ => Some(check_script(scripts_dir, written, path).map(drop)),
     }
 }
 

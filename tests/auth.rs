@@ -1091,56 +1091,40 @@ fn events_and_addresses_a_sender_may_not_use_are_403() {
 /// does; without one, the peer is the client.
 #[test]
 fn the_client_behind_a_trusted_proxy_reaches_the_script_and_the_log() {
-    let env = Env::new().config(
+    // Posts to a script that records what it saw; returns that and the request's log line.
+    let who = |env: &Env, forwarded_for: &str| {
+        let seen = env.path().join("client");
+        env.script(
+            "who",
+            &format!("echo \"$HOOKRUNNER_CLIENT_ADDR $HOOKRUNNER_REMOTE_ADDR\" > {seen:?}"),
+        );
+        let server = env.serve();
+        let r = server.request(
+            "POST",
+            "/hooks/who",
+            &[("X-Forwarded-For", forwarded_for)],
+            b"",
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        let id = r.json()["request_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let line = server
+            .wait_log(&format!("{id} 127.0.0.1:"), Duration::from_secs(5))
+            .expect("request line");
+        (fs::read_to_string(&seen).expect("ran"), line)
+    };
+    let proxied = Env::new().config(
         "trusted_proxies = [\"127.0.0.1/32\"]\n[[sender]]\nname = \"k\"\ntype = \"none\"\n\
          allow_ips = [\"203.0.113.0/24\"]\n",
     );
-    let seen = env.path().join("client");
-    env.script(
-        "who",
-        &format!("echo \"$HOOKRUNNER_CLIENT_ADDR $HOOKRUNNER_REMOTE_ADDR\" > {seen:?}"),
-    );
-    let server = env.serve();
-    let r = server.request(
-        "POST",
-        "/hooks/who",
-        &[("X-Forwarded-For", "198.51.100.1, 203.0.113.7")],
-        b"",
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
-    let said = fs::read_to_string(&seen).expect("ran");
+    let (said, line) = who(&proxied, "198.51.100.1, 203.0.113.7");
     assert!(said.starts_with("203.0.113.7 127.0.0.1:"), "{said}");
-    let id = r.json()["request_id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let line = server
-        .wait_log(&format!("{id} 127.0.0.1:"), Duration::from_secs(5))
-        .expect("request line");
     assert!(line.contains(" client=203.0.113.7"), "{line}");
     // No proxy: the peer is the client, and the line names no other.
-    let direct = Env::new();
-    let seen = direct.path().join("client");
-    direct.script(
-        "who",
-        &format!("echo \"$HOOKRUNNER_CLIENT_ADDR\" > {seen:?}"),
-    );
-    let server = direct.serve();
-    let r = server.request(
-        "POST",
-        "/hooks/who",
-        &[("X-Forwarded-For", "203.0.113.7")],
-        b"",
-    );
-    assert_eq!(r.status, 200);
-    assert_eq!(fs::read_to_string(&seen).expect("ran"), "127.0.0.1\n");
-    let id = r.json()["request_id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let line = server
-        .wait_log(&format!("{id} 127.0.0.1:"), Duration::from_secs(5))
-        .expect("request line");
+    let (said, line) = who(&Env::new(), "203.0.113.7");
+    assert!(said.starts_with("127.0.0.1 127.0.0.1:"), "{said}");
     assert!(!line.contains("client="), "{line}");
 }
 
