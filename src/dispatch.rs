@@ -5,8 +5,9 @@
 //! What it guarantees:
 //! - at least once: an entry leaves the queue only when an attempt's result is committed; one interrupted
 //!   by a crash is queued again at start and runs again (the script sees the attempt number);
-//! - order: the first attempts of one route's entries start in arrival order; a retry starts when it is
-//!   due, so later entries may overtake it. A `serial` route runs one entry at a time, strictly in arrival
+//! - order: entries start in the order they came due, a first attempt when it arrived, a retry when its
+//!   pause ended; so one route's first attempts start in arrival order, and entries that arrived while a
+//!   retry waited overtake it. A `serial` route runs one entry at a time, strictly in arrival
 //!   order: a later entry waits while an earlier one waits to retry (held by script, so across reloads that
 //!   move the route's line: [`Pending::serial_lane`]);
 //! - sync requests are not starved: queued deliveries take script slots only through
@@ -36,7 +37,7 @@ use crate::metrics::{Metrics, RunOutcome};
 use crate::payload::PayloadDir;
 use crate::routes;
 use crate::runner::{Exit, Job, Limiter, Runner};
-use crate::store::{Attempt, Next, Pending, Retention, Shared, StoreError, now_ms};
+use crate::store::{After, Attempt, Next, Pending, Retention, Shared, StoreError, now_ms};
 
 /// EX_DATAERR: the script says the payload can never succeed. Dead at once.
 pub const EXIT_NEVER_RETRY: i32 = 65;
@@ -189,7 +190,7 @@ impl Dispatcher {
         let mut held = HashSet::new();
         // First the first entry of each serial lane, then the other routes' due entries, a page at a time.
         let mut heads = true;
-        let mut after = 0;
+        let mut after = After::START;
         loop {
             {
                 let mut running = running.lock().unwrap_or_else(|e| e.into_inner());
@@ -212,7 +213,7 @@ impl Dispatcher {
             heads = false;
             for entry in page {
                 if !entry.policy.serial {
-                    after = entry.id;
+                    after = After::entry(&entry);
                 }
                 let lane = entry.serial_lane().to_owned();
                 {

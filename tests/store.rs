@@ -1056,6 +1056,67 @@ fn a_serial_route_runs_in_arrival_order_one_at_a_time_waiting_for_retries() {
     assert_eq!(lines(&log), want);
 }
 
+/// The other routes' entries start in the order they came due: a first attempt when it arrived, a retry
+/// when it is due (README, "Order"). With one slot for queued runs, held by entry 1: entries 2-4 arrive
+/// before entry 0 is made due again (`deliveries retry`), 5-7 after, so its run comes between them.
+#[test]
+fn entries_start_in_the_order_they_came_due() {
+    let env = Env::new().config("max_running = 2");
+    let dir = env.path().to_path_buf();
+    let log = dir.join("log");
+    env.script(
+        "q.sh",
+        &format!(
+            "n=$(cat \"$1\")\necho \"$n $HOOKRUNNER_ATTEMPT\" >> {log:?}\n\
+             if [ \"$n\" = 1 ]; then {hold}; fi\n\
+             [ \"$n\" != 0 ] || [ \"$HOOKRUNNER_ATTEMPT\" != 1 ]",
+            hold = crate::util::wait_for_release(&dir.join("started"), &dir.join("go"))
+        ),
+    );
+    env.routes("Q q.sh async retries=0\n");
+    let server = env.serve();
+    let post = |n: u32| {
+        let answer = server.post("/hooks/Q", n.to_string().as_bytes());
+        assert_eq!(answer.status, 202);
+        answer.json()["request_id"]
+            .as_str()
+            .expect("request id")
+            .to_string()
+    };
+    let first = post(0);
+    wait_state(&env, "Q", "dead", Duration::from_secs(10));
+    let release = crate::util::Release(dir.join("go"));
+    post(1);
+    assert!(wait_until(Duration::from_secs(10), || dir
+        .join("started")
+        .exists()));
+    for n in 2..5 {
+        post(n);
+    }
+    let retried = deliveries(&env, &["retry", &first]);
+    assert!(
+        retried.status.success(),
+        "{}",
+        String::from_utf8_lossy(&retried.stderr)
+    );
+    for n in 5..8 {
+        post(n);
+    }
+    drop(release);
+    assert!(
+        wait_until(Duration::from_secs(20), || lines(&log).len() >= 9),
+        "{:?}\n{}",
+        lines(&log),
+        server.log()
+    );
+    assert_eq!(
+        lines(&log),
+        [
+            "0 1", "1 1", "2 1", "3 1", "4 1", "0 2", "5 1", "6 1", "7 1"
+        ]
+    );
+}
+
 /// A serial route keeps its order across a reload that moves it to another line of the routes file: a
 /// later entry, queued under the new line, still waits while an earlier one waits to retry.
 #[test]

@@ -152,6 +152,29 @@ impl Pending {
     }
 }
 
+/// Where a read of the queue goes on from: past the entry due at `due_at` whose id is `id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct After {
+    pub due_at: i64,
+    pub id: i64,
+}
+
+impl After {
+    /// Before every entry.
+    pub const START: After = After {
+        due_at: i64::MIN,
+        id: i64::MIN,
+    };
+
+    /// Just past `entry`.
+    pub fn entry(entry: &Pending) -> After {
+        After {
+            due_at: entry.due_at,
+            id: entry.id,
+        }
+    }
+}
+
 /// Where an entry goes after an attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {
@@ -296,10 +319,11 @@ pub trait Store: Send + Sync {
     fn record(&self, record: SyncRecord);
     /// Waits until every row handed to [`Store::record`] so far is committed (at shutdown).
     fn flush(&self);
-    /// Up to `limit` entries of routes that are not serial, waiting to run and due by `due_by`, whose id is
-    /// above `after`, oldest first. Entries waiting to retry later are not read at all: in an outage
+    /// Up to `limit` entries of routes that are not serial, waiting to run and due by `due_by`, in the
+    /// order they came due (a first attempt is due when it arrived), then by id, from the first one past
+    /// `after` on. Entries waiting to retry later are not read at all, nor walked past: in an outage
     /// thousands may wait.
-    fn pending(&self, after: i64, due_by: i64, limit: usize) -> Result<Vec<Pending>, StoreError>;
+    fn pending(&self, after: After, due_by: i64, limit: usize) -> Result<Vec<Pending>, StoreError>;
     /// The first entry waiting in each serial lane ([`Pending::serial_lane`]), due or not, oldest first:
     /// the only one of its lane that may start, so what waits behind it is not read (in an outage, a
     /// whole backlog).

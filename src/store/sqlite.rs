@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, Row as SqlRow, params};
 
 use super::{
-    Accepted, Attempt, Bounds, NewDelivery, Next, Pending, Policy, Pruned, Query, Retention,
+    Accepted, After, Attempt, Bounds, NewDelivery, Next, Pending, Policy, Pruned, Query, Retention,
     Retried, Row, State, Store, StoreError, Summary, SyncRecord, Target, now_ms, schema,
 };
 use crate::routes::Glob;
@@ -1008,21 +1008,21 @@ fn record_in(conn: &Connection, r: &SyncRecord) -> rusqlite::Result<()> {
 pub(crate) const BACKLOG: &str = "SELECT state, count(*) FROM deliveries
      WHERE mode = 'async' AND state != 'done' GROUP BY state";
 
-/// The dispatcher's read of the queue, a page at a time from `?1` on: the entries of routes that are not
-/// serial (the index's `serial = 0` part), due by `?2`. The state and mode terms are the waiting index's
-/// own condition, written out:
-/// SQLite uses a partial index only where it finds that condition in the query, and without it this read
-/// scanned the whole history. The entries not due are left out in the index itself, without reading
-/// their rows. No `LIMIT ?`: SQLite plans with a bound LIMIT's value, so binding it again at every look
-/// made it prepare the statement again (most of a look's cost); the caller stops reading at its page's
-/// end instead.
+/// The dispatcher's read of the queue, a page at a time past (`?1` due time, `?2` id): the entries of
+/// routes that are not serial (the index's `serial = 0` part), due by `?3`, in the order they came due.
+/// The state and mode terms are the waiting index's own condition, written out: SQLite uses a partial
+/// index only where it finds that condition in the query, and without it this read scanned the whole
+/// history. The index is ordered by due time, so the read is one range of it and ends at the first entry
+/// not due: the entries waiting to retry later are never walked. No `LIMIT ?`: SQLite plans with a
+/// bound LIMIT's value, so binding it again at every look made it prepare the statement again (most of a
+/// look's cost); the caller stops reading at its page's end instead.
 const PENDING: &str =
     "SELECT id, request_id, received_at, event, route_line, script, env, attempts,
          due_at, max_attempts, retry_max_ms, timeout_ms, serial
      FROM deliveries
      WHERE state IN ('queued', 'failed', 'running') AND state != 'running'
-       AND mode = 'async' AND serial = 0 AND id > ?1 AND coalesce(due_at, 0) <= ?2
-     ORDER BY id";
+       AND mode = 'async' AND serial = 0 AND (due_at, id) > (?1, ?2) AND due_at <= ?3
+     ORDER BY due_at, id";
 /// The first entry of every serial lane (a script) that has one waiting, due or not: the lanes are walked
 /// through the lanes index, skipping from one script to the next (one search each), and each lane's first
 /// entry is found by another. What waits behind it is never read.
@@ -1135,11 +1135,11 @@ impl Store for Sqlite {
         );
     }
 
-    fn pending(&self, after: i64, due_by: i64, limit: usize) -> Result<Vec<Pending>, StoreError> {
+    fn pending(&self, after: After, due_by: i64, limit: usize) -> Result<Vec<Pending>, StoreError> {
         self.read(|c| {
             // Cached: the dispatcher asks whenever a slot frees, and parsing it cost more than running it.
             let mut stmt = c.prepare_cached(PENDING)?;
-            let rows = stmt.query_map([after, due_by], pending_row)?;
+            let rows = stmt.query_map([after.due_at, after.id, due_by], pending_row)?;
             rows.take(limit).collect()
         })
     }
@@ -1973,8 +1973,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Sqlite::open(dir.path()).expect("open");
         assert_eq!(
-            query_plan(&store, PENDING, &[&0, &0]),
-            ["SEARCH deliveries USING INDEX deliveries_waiting (serial=? AND id>?)"]
+            query_plan(&store, PENDING, &[&0, &0, &0]),
+            [
+                "SEARCH deliveries USING INDEX deliveries_waiting (serial=? AND due_at>? AND due_at<?)"
+            ]
         );
         assert_eq!(
             query_plan(&store, RETRY_DEAD, &[]),
@@ -2022,7 +2024,7 @@ mod tests {
             i64::from(failures),
             "the history rows are written, as failed"
         );
-        let (ids, steps) = ids_and_steps(&store, PENDING, &[&0, &now_ms()]);
+        let (ids, steps) = ids_and_steps(&store, PENDING, &[&0, &0, &now_ms()]);
         assert_eq!(ids, [queued]);
         // 36 steps for the one entry here; walking past the failures cost 12 each (24,039 in all).
         assert!(
@@ -2031,41 +2033,66 @@ mod tests {
         );
     }
 
-    /// Entries waiting to retry later are left out of the dispatcher's look (in an outage thousands wait
-    /// in front of the new ones), and so are serial routes' entries, which come through the lanes' heads.
+    /// Entries waiting to retry later are left out of the dispatcher's look, and not walked past (in an
+    /// outage thousands wait in front of the new ones); so are serial routes' entries, which come through
+    /// the lanes' heads. Entries come in the order they came due, a first attempt when it arrived.
     #[test]
     fn the_queue_read_leaves_out_what_is_not_due_and_the_serial_routes_entries() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Sqlite::open(dir.path()).expect("open");
         let bounds = Bounds {
-            max_queued: 100,
-            max_queued_bytes: 1 << 20,
+            max_queued: 10_000,
+            max_queued_bytes: 1 << 30,
             dedupe_window: Duration::ZERO,
         };
-        let later = now_ms() + 3_600_000;
-        let mut retrying = Vec::new();
-        for n in 0..40 {
-            let id = queued(store.accept(delivery(n), bounds));
-            assert_eq!(store.started(id, &format!("r{n}")), Ok(true));
-            store
-                .finish(id, attempt(), Next::Retry(later))
-                .expect("finish");
-            retrying.push(id);
+        let waiting = 2_000;
+        let first = queued(store.accept(delivery(0), bounds));
+        for n in 1..waiting {
+            queued(store.accept(delivery(n), bounds));
         }
-        let serial = queued(store.accept(serial_delivery(40, "/s"), bounds));
-        let due = queued(store.accept(delivery(41), bounds));
-        let ids = |due_by: i64| -> Vec<i64> {
+        // All but the newest wait to retry, in an hour, the oldest last: as a failing script leaves them.
+        let later = now_ms() + 3_600_000;
+        let writer = Connection::open(dir.path().join(super::super::DATABASE)).expect("open");
+        writer
+            .execute(
+                "UPDATE deliveries SET state = 'failed', attempts = 1, due_at = ?1 - id WHERE id < ?2",
+                [later + 10_000, first + i64::from(waiting) - 1],
+            )
+            .expect("retrying");
+        let newest = first + i64::from(waiting) - 1;
+        let serial = queued(store.accept(serial_delivery(waiting, "/s"), bounds));
+        let due = queued(store.accept(delivery(waiting + 1), bounds));
+        let ids = |after: After, due_by: i64, limit: usize| -> Vec<i64> {
             store
-                .pending(0, due_by, 100)
+                .pending(after, due_by, limit)
                 .expect("pending")
                 .iter()
                 .map(|p| p.id)
                 .collect()
         };
-        assert_eq!(ids(now_ms()), [due]);
-        let mut all = retrying.clone();
-        all.push(due);
-        assert_eq!(ids(later), all, "all of them once due");
+        assert_eq!(ids(After::START, now_ms(), 100), [newest, due]);
+        let (found, steps) = ids_and_steps(&store, PENDING, &[&i64::MIN, &i64::MIN, &now_ms()]);
+        assert_eq!(found, [newest, due]);
+        // 65 steps here; ordered by id (schema version 7), the read walked past all that wait: 18,054.
+        assert!(
+            steps < 500,
+            "{steps} steps of SQLite's machine to find 2 due entries among {waiting} waiting to retry"
+        );
+        // Once due, the retries come in the order they came due (the newest first here), after the
+        // entries that arrived before that, and a page goes on from where the last one ended.
+        let page = ids(After::START, later + 10_000, 3);
+        assert_eq!(page, [newest, due, newest - 1]);
+        let entry = store
+            .pending(After::START, later + 10_000, 3)
+            .expect("pending")
+            .pop()
+            .expect("an entry");
+        assert_eq!(
+            ids(After::entry(&entry), later + 10_000, 2),
+            [newest - 2, newest - 3]
+        );
+        let all = ids(After::START, later + 10_000, 10_000);
+        assert_eq!(all.len(), waiting as usize + 1, "all of them once due");
         let heads: Vec<i64> = store
             .lane_heads()
             .expect("heads")
@@ -2117,7 +2144,7 @@ mod tests {
             "{steps} steps of SQLite's machine for 3 lanes with {behind} entries behind their heads"
         );
         // Nor does the other routes' read walk past them.
-        let (others, steps) = ids_and_steps(&store, PENDING, &[&0, &now_ms()]);
+        let (others, steps) = ids_and_steps(&store, PENDING, &[&0, &0, &now_ms()]);
         assert_eq!(others, Vec::<i64>::new());
         assert!(
             steps < 100,
