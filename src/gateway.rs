@@ -177,6 +177,7 @@ enum Served {
     Queued {
         event: String,
         script: String,
+        sender: Option<String>,
         accepted: Accepted,
         ack_status: u16,
     },
@@ -409,6 +410,7 @@ impl Gateway {
                 },
             };
             let ack_status = delivery.ack_status;
+            let sender = delivery.sender.clone();
             let bounds = Bounds {
                 max_queued: config.store.max_queued,
                 max_queued_bytes: config.store.max_queued_bytes,
@@ -435,6 +437,7 @@ impl Gateway {
             return Ok(Served::Queued {
                 event,
                 script,
+                sender,
                 accepted,
                 ack_status,
             });
@@ -618,9 +621,17 @@ impl Gateway {
             Ok(Served::Queued {
                 event,
                 script,
+                sender,
                 accepted,
                 ack_status,
-            }) => queued_response(&request.id, &event, &script, &accepted, ack_status),
+            }) => queued_response(
+                &request.id,
+                &event,
+                &script,
+                sender.as_deref(),
+                &accepted,
+                ack_status,
+            ),
             Err(Refusal::Duplicate(id, first)) => {
                 // As the first was answered, as the store answers a duplicate it finds: 200 after a sync
                 // run, the route's ack status (202, or 200 for Kazoo) with `queued` after an async accept.
@@ -712,6 +723,7 @@ fn queued_response(
     request_id: &str,
     event: &str,
     script: &str,
+    sender: Option<&str>,
     accepted: &Accepted,
     ack_status: u16,
 ) -> Response {
@@ -735,7 +747,8 @@ fn queued_response(
             format!("duplicate_of={id}"),
         ),
     };
-    response.note = format!(" event={event} script={script} {note}");
+    let sender = sender.map(|s| format!(" sender={s}")).unwrap_or_default();
+    response.note = format!("{sender} event={event} script={script} {note}");
     response
 }
 

@@ -105,7 +105,7 @@ fn post_to(
 
 #[test]
 fn an_async_delivery_is_answered_before_its_script_runs_and_runs_with_the_same_contract() {
-    let env = Env::new();
+    let env = Env::new().config("[[sender]]\nname = \"jamf\"\ntype = \"none\"\n");
     let dir = env.path().to_path_buf();
     env.script(
         "a.sh",
@@ -127,6 +127,13 @@ fn an_async_delivery_is_answered_before_its_script_runs_and_runs_with_the_same_c
     assert_eq!(body["queued"], true);
     assert_eq!(body["event"], "A");
     let request_id = body["request_id"].as_str().expect("request id").to_string();
+    let line = server
+        .wait_log(&format!("{request_id} "), Duration::from_secs(5))
+        .expect("the request's line");
+    assert!(
+        line.contains(" status=202 ") && line.contains(" sender=jamf event=A script=a.sh queued="),
+        "{line}"
+    );
     assert!(lines(&dir.join("ran")).is_empty());
     fs::write(dir.join("release"), "").expect("release");
     assert!(wait_until(Duration::from_secs(10), || !lines(
