@@ -21,11 +21,12 @@
 //!   route's attempts are spent, then dead. Pauses double from 1 s up to `retry_max`, each drawn between
 //!   half and all of that (jitter, so retries of many entries spread out).
 
-use std::collections::HashSet;
 use std::collections::hash_map::RandomState;
+use std::collections::{HashSet, VecDeque};
 use std::hash::BuildHasher;
 use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -111,9 +112,9 @@ pub struct Dispatcher {
 struct Running {
     ids: HashSet<i64>,
     serial_lanes: HashSet<String>,
-    /// Entries whose run ended since the queue was last read. That read may have been taken before
-    /// their result was committed and show them still waiting: they are not started from it (the run's
-    /// end rings the bell, and the next read shows them as they are).
+    /// Entries whose run ended since the current look at the queue began. Its reads may have been taken
+    /// before their result was committed and show them still waiting: they are not started in this look
+    /// (the run's end rings the bell, and the next look's reads show them as they are).
     ended: HashSet<i64>,
     /// The serial lanes of those entries: a read taken before an ended run's retry was committed does not
     /// show it waiting, and a later entry of its lane must not start from that read.
@@ -125,8 +126,7 @@ impl Running {
     /// while it runs or its result may be newer than the read, and for a serial entry, not behind an
     /// earlier entry of its lane that runs, has just ended, or came before it in this look (`held`, kept
     /// for the whole look). The lane goes into `held` at its first entry of the look whether that one
-    /// starts or not: `held` outlives the page, while `ended_lanes` is cleared at every page, so a lane
-    /// whose run ends between two pages stays held for its later entries.
+    /// starts or not, so a lane whose run ends between two pages stays held for its later entries.
     fn may_start(&self, entry: &Pending, held: &mut HashSet<String>) -> bool {
         if self.ids.contains(&entry.id) || self.ended.contains(&entry.id) {
             return false;
@@ -188,30 +188,47 @@ impl Dispatcher {
         let mut wait = POLL;
         // Serial lanes that already have an earlier entry waiting or running: later ones wait behind it.
         let mut held = HashSet::new();
-        // First the first entry of each serial lane, then the other routes' due entries, a page at a time.
-        let mut heads = true;
+        // What ended before this look is in the store as it read; what ends during it may be newer than
+        // the read, so it is not started again in this look (the end rings for the next one).
+        {
+            let mut running = running.lock().unwrap_or_else(|e| e.into_inner());
+            running.ended.clear();
+            running.ended_lanes.clear();
+        }
+        // The first entry of each serial lane, due or not, and the other routes' due entries a page at a
+        // time, taken together in the order they came due: a busy lane takes no slot from an entry that
+        // came due before its own.
+        let mut heads: VecDeque<Pending> = match self.store.lane_heads() {
+            Ok(mut heads) => {
+                heads.sort_by_key(|h| (h.due_at, h.id));
+                heads.into()
+            }
+            Err(e) => {
+                log::error!("cannot read the queue: {e}");
+                return POLL;
+            }
+        };
         let mut after = After::START;
         loop {
-            {
-                let mut running = running.lock().unwrap_or_else(|e| e.into_inner());
-                running.ended.clear();
-                running.ended_lanes.clear();
-            }
-            let read = if heads {
-                self.store.lane_heads()
-            } else {
-                self.store.pending(after, now, PAGE)
-            };
-            let page = match read {
+            let page = match self.store.pending(after, now, PAGE) {
                 Ok(page) => page,
                 Err(e) => {
                     log::error!("cannot read the queue: {e}");
                     return POLL;
                 }
             };
-            let last = !heads && page.len() < PAGE;
-            heads = false;
-            for entry in page {
+            let last = page.len() < PAGE;
+            let mut page = page.into_iter().peekable();
+            loop {
+                let entry = match (heads.front(), page.peek()) {
+                    (Some(head), Some(next)) if (head.due_at, head.id) < (next.due_at, next.id) => {
+                        heads.pop_front()
+                    }
+                    (_, Some(_)) => page.next(),
+                    (Some(_), None) if last => heads.pop_front(),
+                    _ => break,
+                };
+                let Some(entry) = entry else { break };
                 if !entry.policy.serial {
                     after = After::entry(&entry);
                 }
@@ -244,8 +261,13 @@ impl Dispatcher {
                         let lane = lane.clone();
                         move || {
                             // On the run's own thread, so that its commit holds up no other start.
-                            if self.mark_running(&entry) {
-                                self.run_one(&entry);
+                            let ran = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                                if self.mark_running(&entry) {
+                                    self.run_one(&entry);
+                                }
+                            }));
+                            if ran.is_err() {
+                                self.fail_after_panic(&entry);
                             }
                             drop(slot);
                             let mut running = running.lock().unwrap_or_else(|e| e.into_inner());
@@ -283,6 +305,38 @@ impl Dispatcher {
             if last {
                 return wait;
             }
+        }
+    }
+
+    /// After a run's thread panicked (a bug in hookrunner): its entry, left running, gets a failed
+    /// attempt, so it is retried and at last dead like any failure, rather than held running (and its
+    /// serial lane with it) until a restart that would only run it into the same panic.
+    fn fail_after_panic(&self, entry: &Pending) {
+        let n = entry.attempts + 1;
+        log::error!(
+            "{} async id={} event={}: hookrunner failed while running attempt {n} (a bug; the panic \
+             is above); counted as a failed attempt",
+            entry.request_id,
+            entry.id,
+            entry.event
+        );
+        let attempt = Attempt {
+            n,
+            started_at: now_ms(),
+            duration_ms: 0.0,
+            exit_code: None,
+            signal: None,
+            timed_out: false,
+            output: "hookrunner failed while running this attempt (a bug; see the daemon's log)"
+                .into(),
+        };
+        let next = next_step(entry, n, None, now_ms(), random_unit());
+        if let Err(e) = self.store.finish(entry.id, attempt, next) {
+            log::error!(
+                "{} cannot record the failed attempt of id={}: {e}; it stays running until a restart",
+                entry.request_id,
+                entry.id
+            );
         }
     }
 
@@ -552,10 +606,7 @@ impl Dispatcher {
         payload.write_all(&body).map_err(Unstarted::Here)?;
         payload.finish().map_err(Unstarted::Here)?;
         let attempt = n.to_string();
-        let queued_at = humantime::format_rfc3339_millis(
-            UNIX_EPOCH + Duration::from_millis(entry.received_at.max(0) as u64),
-        )
-        .to_string();
+        let queued_at = queued_at(entry.received_at);
         let mut env: Vec<(&str, &str)> = entry
             .env
             .iter()
@@ -611,6 +662,18 @@ fn lower_priority() {
         getpriority_process(None).and_then(|nice| setpriority_process(None, (nice + NICE).min(19)));
     if let Err(e) = lowered {
         log::warn!("cannot lower the priority of queued runs: {e}; they compete with requests");
+    }
+}
+
+/// `HOOKRUNNER_QUEUED_AT`: when the entry arrived, in RFC 3339 UTC; the milliseconds themselves for a
+/// time RFC 3339 cannot write (after the year 9999), rather than a panic.
+fn queued_at(received_at: i64) -> String {
+    use std::fmt::Write;
+    let time = UNIX_EPOCH + Duration::from_millis(received_at.max(0) as u64);
+    let mut text = String::new();
+    match write!(text, "{}", humantime::format_rfc3339_millis(time)) {
+        Ok(()) => text,
+        Err(_) => received_at.to_string(),
     }
 }
 
@@ -689,8 +752,8 @@ mod tests {
         assert!(!running.may_start(&serial(1), &mut held));
         assert!(!running.may_start(&serial(2), &mut held));
         assert!(!running.may_start(&serial(3), &mut held));
-        // Entry 1 ends (its retry committed) and goes into `ended` and `ended_lanes`, which the next
-        // page clears before its read.
+        // Entry 1 ends (its retry committed) and goes into `ended` and `ended_lanes` (cleared when this
+        // look began, so the lane would be free by them alone).
         running.ids.remove(&1);
         running.serial_lanes.remove("/s");
         assert!(
@@ -707,6 +770,13 @@ mod tests {
         assert!(running.may_start(&entry(3), &mut held));
         // The next look starts with nothing held: the lane's first entry may start.
         assert!(running.may_start(&serial(2), &mut HashSet::new()));
+    }
+
+    #[test]
+    fn queued_at_is_rfc_3339_or_the_milliseconds_past_the_year_9999() {
+        assert_eq!(queued_at(1_796_606_587_380), "2026-12-07T01:23:07.380Z");
+        assert_eq!(queued_at(-5), "1970-01-01T00:00:00.000Z");
+        assert_eq!(queued_at(253_402_300_800_001), "253402300800001");
     }
 
     #[test]

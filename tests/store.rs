@@ -1124,6 +1124,50 @@ fn entries_start_in_the_order_they_came_due() {
     );
 }
 
+/// A busy serial lane takes no slot from an entry of another route that came due before its next entry:
+/// with one slot for queued runs, S0 holds it while S1, P and S2 arrive in that order; they run in that
+/// order, not the lane's entries first.
+#[test]
+fn a_serial_lane_does_not_take_the_slots_of_entries_that_came_due_first() {
+    let env = Env::new().config("max_running = 2");
+    let dir = env.path().to_path_buf();
+    let log = dir.join("log");
+    env.script(
+        "s.sh",
+        &format!(
+            "n=$(cat \"$1\")\necho \"$n\" >> {log:?}\n\
+             if [ \"$n\" = S0 ]; then {hold}; fi",
+            hold = crate::util::wait_for_release(&dir.join("started"), &dir.join("go"))
+        ),
+    );
+    env.routes("S s.sh async serial\nP s.sh async\n");
+    let server = env.serve();
+    let release = crate::util::Release(dir.join("go"));
+    let post = |route: &str, body: &str| {
+        assert_eq!(
+            server
+                .post(&format!("/hooks/{route}"), body.as_bytes())
+                .status,
+            202
+        );
+    };
+    post("S", "S0");
+    assert!(wait_until(Duration::from_secs(10), || dir
+        .join("started")
+        .exists()));
+    post("S", "S1");
+    post("P", "P");
+    post("S", "S2");
+    drop(release);
+    assert!(
+        wait_until(Duration::from_secs(20), || lines(&log).len() >= 4),
+        "{:?}\n{}",
+        lines(&log),
+        server.log()
+    );
+    assert_eq!(lines(&log), ["S0", "S1", "P", "S2"]);
+}
+
 /// A serial route keeps its order across a reload that moves it to another line of the routes file: a
 /// later entry, queued under the new line, still waits while an earlier one waits to retry.
 #[test]
