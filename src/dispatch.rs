@@ -162,7 +162,14 @@ impl Dispatcher {
                     "cannot start the pruning thread: {e}; the store is not pruned until a restart"
                 );
             }
+            // Due times are the wall clock's: entries queued while it read ahead, before a step back
+            // (at start: while the daemon was down), would otherwise wait for as long as it was ahead.
+            let mut clock = WallClock::new();
+            self.due_again();
             while !self.stop.load(Ordering::SeqCst) {
+                if clock.set_back() {
+                    self.due_again();
+                }
                 if self.store.broken() {
                     // The accept loop stops the daemon when it wakes and finds the store broken.
                     let _ = (&self.waker).write_all(b"!");
@@ -305,6 +312,18 @@ impl Dispatcher {
             if last {
                 return wait;
             }
+        }
+    }
+
+    /// Makes the entries due later than any pause could have put them due now ([`Store::due_again`]).
+    fn due_again(&self) {
+        match self.store.due_again(now_ms(), HERE_PAUSE) {
+            Ok(0) => {}
+            Ok(n) => log::warn!(
+                "{n} queued deliveries were due later than any pause could put them (the clock was set \
+                 back since they were queued): they are due now"
+            ),
+            Err(e) => log::error!("cannot look for deliveries the clock set back: {e}"),
         }
     }
 
@@ -662,6 +681,28 @@ fn lower_priority() {
         getpriority_process(None).and_then(|nice| setpriority_process(None, (nice + NICE).min(19)));
     if let Err(e) = lowered {
         log::warn!("cannot lower the priority of queued runs: {e}; they compete with requests");
+    }
+}
+
+/// Notices the wall clock being set back, against the monotonic one.
+struct WallClock {
+    at: Instant,
+    wall: i64,
+}
+
+impl WallClock {
+    fn new() -> WallClock {
+        WallClock {
+            at: Instant::now(),
+            wall: now_ms(),
+        }
+    }
+
+    /// Whether the wall clock went back by more than a second since the last call (or `new`).
+    fn set_back(&mut self) -> bool {
+        let last = std::mem::replace(self, WallClock::new());
+        let expected = last.wall + self.at.duration_since(last.at).as_millis() as i64;
+        self.wall + 1000 < expected
     }
 }
 

@@ -740,6 +740,60 @@ fn held_script(env: &Env, name: &str) -> crate::util::Release {
     crate::util::Release(dir.join("go"))
 }
 
+/// Entries queued while the clock read an hour ahead (the store is edited while the daemon is down, as a
+/// clock stepped back at boot leaves it) run at the next start, not an hour later: a first attempt of a
+/// route and one of a serial lane, whose wait would hold the lane too.
+#[test]
+fn entries_queued_while_the_clock_read_ahead_run_when_it_was_set_back() {
+    let env = Env::new().config("max_running = 2");
+    let dir = env.path().to_path_buf();
+    let ran = dir.join("ran");
+    let _release = held_script(&env, "h.sh");
+    env.script(
+        "c.sh",
+        &format!("printf '%s\\n' \"$(cat \"$1\")\" >> {ran:?}"),
+    );
+    env.routes("H h.sh async\nC c.sh async\nS c.sh async serial\n");
+    let mut server = env.serve();
+    assert_eq!(server.post("/hooks/H", b"H").status, 202);
+    assert!(wait_until(Duration::from_secs(10), || dir
+        .join("started")
+        .exists()));
+    // The one slot for queued runs is held: these two wait.
+    assert_eq!(server.post("/hooks/C", b"C").status, 202);
+    assert_eq!(server.post("/hooks/S", b"S").status, 202);
+    server.signal(libc::SIGKILL);
+    server.wait_exit(Duration::from_secs(10)).expect("killed");
+    let db = rusqlite::Connection::open(env.state().join("hookrunner.db")).expect("open the store");
+    let ahead = db
+        .execute(
+            "UPDATE deliveries SET received_at = received_at + 3600000, due_at = due_at + 3600000
+             WHERE event IN ('C', 'S')",
+            [],
+        )
+        .expect("as if queued an hour ahead");
+    assert_eq!(ahead, 2);
+    drop(db);
+    fs::write(dir.join("go"), "").expect("go");
+    let server = restart(&env);
+    assert!(
+        wait_until(Duration::from_secs(10), || lines(&ran).len() >= 2),
+        "{:?}\n{}",
+        lines(&ran),
+        server.log()
+    );
+    let mut got = lines(&ran);
+    got.sort();
+    assert_eq!(got, ["C", "S"]);
+    assert!(
+        server.log().contains(
+            "2 queued deliveries were due later than any pause could put them (the clock was set back"
+        ),
+        "{}",
+        server.log()
+    );
+}
+
 /// An entry is marked running before its script starts: the operator's `drop` cannot remove it while the
 /// script runs, and a kill mid-run counts the interrupted attempt, so the run after the restart is told it
 /// is the second.

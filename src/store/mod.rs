@@ -341,6 +341,11 @@ pub trait Store: Send + Sync {
     /// Puts an entry marked running back in the queue, due at `due_at`, with no attempt counted: its
     /// script never started, for a reason of the daemon's own.
     fn put_back(&self, id: i64, due_at: i64) -> Result<(), StoreError>;
+    /// Makes due at `now` every waiting entry due later than any pause could have put it: a first
+    /// attempt more than `pause` after `now`, a retry more than its route's `retry_max` (or `pause`, if
+    /// longer). Such an entry was queued while the clock read ahead of `now`: it was set back since (a
+    /// step by NTP, a clock that started the boot hours fast). Returns how many.
+    fn due_again(&self, now: i64, pause: Duration) -> Result<usize, StoreError>;
     /// At a daemon's start: claims the store for this daemon alone, for as long as the store is open (a
     /// second daemon on the same store is refused here, before it touches anything), then queues again the
     /// entries a crash left running. Returns how many are waiting. Only a daemon calls it: the operator's

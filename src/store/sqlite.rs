@@ -1066,6 +1066,12 @@ const RECOVER: &str = "UPDATE deliveries SET state = 'queued', attempts = attemp
          max_attempts = max(max_attempts, attempts + 2)
      WHERE state NOT IN ('done', 'dead') AND state = 'running' AND mode = 'async'";
 
+/// [`Store::due_again`]: the waiting entries due later than `?1` (now) plus the longest pause they could
+/// have: `?2` (ms) for a first attempt, put back by the daemon, else their route's `retry_max` if longer.
+const DUE_AGAIN: &str = "UPDATE deliveries SET due_at = ?1
+     WHERE mode = 'async' AND state NOT IN ('done', 'dead') AND state != 'running'
+       AND due_at > ?1 + CASE WHEN attempts = 0 THEN ?2 ELSE max(retry_max_ms, ?2) END";
+
 /// The dead letters `deliveries retry --dead` runs again.
 const RETRY_DEAD: &str = "SELECT id, event FROM deliveries
      WHERE mode = 'async' AND state != 'done' AND state = 'dead' ORDER BY id";
@@ -1241,6 +1247,15 @@ impl Store for Sqlite {
             .execute([id, due_at])
             .map(drop)
             .map_err(sql)
+        })
+    }
+
+    fn due_again(&self, now: i64, pause: Duration) -> Result<usize, StoreError> {
+        let pause = pause.as_millis() as i64;
+        self.write(move |conn, _| {
+            conn.prepare_cached(DUE_AGAIN)?
+                .execute([now, pause])
+                .map_err(sql)
         })
     }
 
@@ -2179,6 +2194,60 @@ mod tests {
             .map(|p| p.id)
             .collect();
         assert_eq!(heads, [serial]);
+    }
+
+    /// Entries queued while the clock read ahead are due again once it was set back; those due within
+    /// the pause they may have (put back for 5 s, a retry within its `retry_max`) keep their time, and
+    /// so does anything running or finished.
+    #[test]
+    fn entries_due_later_than_any_pause_could_put_them_are_due_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Sqlite::open(dir.path()).expect("open");
+        let bounds = Bounds {
+            max_queued: 100,
+            max_queued_bytes: 1 << 20,
+            dedupe_window: Duration::ZERO,
+        };
+        let now = now_ms();
+        let hour = 3_600_000;
+        // (state, attempts, due in ms from now, due again?)
+        let cases = [
+            ("queued", 0, hour, true),
+            ("queued", 0, 4_000, false),
+            ("failed", 1, 50_000, false),
+            ("failed", 1, hour, true),
+            ("failed", 3, 61_000, true),
+            ("running", 1, hour, false),
+            ("done", 1, hour, false),
+        ];
+        let writer = Connection::open(dir.path().join(super::super::DATABASE)).expect("open");
+        let mut ids = Vec::new();
+        for (n, (state, attempts, due, _)) in cases.iter().enumerate() {
+            let id = queued(store.accept(delivery(n as u32), bounds));
+            writer
+                .execute(
+                    "UPDATE deliveries SET state = ?2, attempts = ?3, due_at = ?4, retry_max_ms = 60000
+                     WHERE id = ?1",
+                    params![id, state, attempts, now + due],
+                )
+                .expect("update");
+            ids.push(id);
+        }
+        let again = store
+            .due_again(now, Duration::from_secs(5))
+            .expect("due again");
+        assert_eq!(again, 3);
+        for (id, (state, _, due, expected)) in ids.iter().zip(cases) {
+            let at: i64 = store
+                .read(|c| {
+                    c.query_row("SELECT due_at FROM deliveries WHERE id = ?1", [id], |r| {
+                        r.get(0)
+                    })
+                })
+                .expect("due_at");
+            let want = if expected { now } else { now + due };
+            assert_eq!(at, want, "{state} entry due in {due} ms");
+        }
     }
 
     fn serial_delivery(n: u32, script: &str) -> NewDelivery {
