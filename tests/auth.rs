@@ -1345,6 +1345,9 @@ fn check_validates_profiles_and_secret_files() {
     fs::set_permissions(&readable, fs::Permissions::from_mode(0o644)).expect("chmod");
     let empty = env.path().join("empty");
     fs::write(&empty, "\n").expect("write");
+    let blanks = secret(&env, "blanks", "\n\n");
+    let spaces = secret(&env, "spaces", " \t \n");
+    let two_lines = secret(&env, "two-lines", "s3cr3t\n\n");
     // Not empty as a file, but no key: an HMAC under the empty key is anybody's.
     let bare_prefix = secret(&env, "bare-prefix", "whsec_");
     let cases = [
@@ -1358,6 +1361,18 @@ fn check_validates_profiles_and_secret_files() {
         (
             format!("type = \"github\"\nsecret_file = {empty:?}"),
             "is empty",
+        ),
+        (
+            format!("type = \"github\"\nsecret_file = {blanks:?}"),
+            "holds only blanks",
+        ),
+        (
+            format!("type = \"github\"\nsecret_file = {spaces:?}"),
+            "holds only blanks",
+        ),
+        (
+            format!("type = \"basic\"\nuser = \"u\"\npassword_file = {two_lines:?}"),
+            "holds more than one line",
         ),
         ("type = \"github\"".to_string(), "needs secret_file"),
         ("type = \"frobnicate\"".to_string(), "unknown type"),

@@ -253,7 +253,8 @@ impl RawSender {
 }
 
 /// A secret from its file: relative paths are systemd credentials when `$CREDENTIALS_DIRECTORY` is set,
-/// else relative to the config file. One trailing newline is not part of the secret (`echo` adds it).
+/// else relative to the config file. One trailing newline is not part of the secret (`echo` adds it); a
+/// secret is one line, and not only blanks (an HMAC keyed with a newline is anybody's to compute).
 fn read_secret(file: &Path, context: &mut Context<'_>) -> Result<Secret, String> {
     let path = if file.is_absolute() {
         file.to_path_buf()
@@ -267,6 +268,15 @@ fn read_secret(file: &Path, context: &mut Context<'_>) -> Result<Secret, String>
         .unwrap_or(&bytes);
     if trimmed.is_empty() {
         return Err(format!("{} is empty", path.display()));
+    }
+    if trimmed.iter().all(u8::is_ascii_whitespace) {
+        return Err(format!("{} holds only blanks", path.display()));
+    }
+    if trimmed.contains(&b'\n') || trimmed.contains(&b'\r') {
+        return Err(format!(
+            "{} holds more than one line: a secret is one line (a newline at its end is not part of it)",
+            path.display()
+        ));
     }
     if let Ok(meta) = fs::metadata(&path) {
         let mode = meta.permissions().mode();
