@@ -1181,3 +1181,30 @@ fn a_later_keep_alive_request_has_header_timeout_to_arrive_whole() {
         started.elapsed()
     );
 }
+
+/// A target refused before it is taken apart is logged without its query or userinfo, where a client may
+/// have put a token or a password.
+#[test]
+fn a_refused_targets_query_and_userinfo_stay_out_of_the_log() {
+    let env = Env::new();
+    let server = env.serve();
+    for target in [
+        "http://jamf:URLPASS_leak@127.0.0.1:8080/basic?token=QUERYTOK_leak",
+        "/gl/./x?private_token=DOTTOK_leak",
+    ] {
+        let response = exchange(
+            &server,
+            format!("POST {target} HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+        );
+        assert_eq!(response.status, 400, "{target}");
+        let id = response.header("X-Request-Id").expect("id").to_string();
+        let line = server
+            .wait_log(&format!("{id} "), Duration::from_secs(5))
+            .expect("the request's line");
+        assert!(line.contains("status=400"), "{line}");
+    }
+    let log = server.log();
+    assert!(log.contains(" POST http://127.0.0.1:8080/basic "), "{log}");
+    assert!(log.contains(" POST /gl/./x "), "{log}");
+    assert!(!log.contains("leak"), "{log}");
+}

@@ -93,13 +93,13 @@ fn serve_request(shared: &Shared, conn: &mut Conn, head_deadline: Instant) -> Ne
         Err(refused) => {
             let path = head
                 .path_and_query()
-                .map_or(head.target.as_str(), |(p, _)| p);
+                .map_or_else(|_| head.shown_target(), |(p, _)| p.to_string());
             let names = conn.stream.client_names().to_vec();
             let exchange = Exchange {
                 id: &id,
                 client_id: client.as_deref(),
                 method: &head.method,
-                path,
+                path: &path,
                 client_names: &names,
             };
             refuse(conn, &exchange, started, &refused);

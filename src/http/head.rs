@@ -64,6 +64,23 @@ impl Head {
 
     /// The path and query of the target: origin-form `/path?query`, or absolute-form
     /// `http://authority/path?query`, whose path is taken (a server must accept both, §3.2.2).
+    /// What the log shows of a target refused before it could be taken apart: without its query and
+    /// fragment (`?private_token=...`) and without userinfo (`http://user:password@host/`), either of
+    /// which may carry a secret a client put there.
+    pub(super) fn shown_target(&self) -> String {
+        let target = self.target.split(['?', '#']).next().unwrap_or_default();
+        match target.split_once("://") {
+            Some((scheme, rest)) => {
+                let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+                let host = authority
+                    .rsplit_once('@')
+                    .map_or(authority, |(_, host)| host);
+                format!("{scheme}://{host}{path}")
+            }
+            None => target.to_string(),
+        }
+    }
+
     pub(super) fn path_and_query(&self) -> Result<(&str, &str), Refused> {
         let target = self.target.as_str();
         let rest = if target.starts_with('/') {
@@ -340,6 +357,24 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         }
+    }
+
+    #[test]
+    fn a_refused_target_is_logged_without_its_query_or_userinfo() {
+        let shown = |target: &str| {
+            Head {
+                target: target.into(),
+                ..head(&[])
+            }
+            .shown_target()
+        };
+        assert_eq!(
+            shown("http://jamf:URLPASS@127.0.0.1:8080/basic?token=QUERYTOK"),
+            "http://127.0.0.1:8080/basic"
+        );
+        assert_eq!(shown("/gl/./x?private_token=QK#frag"), "/gl/./x");
+        assert_eq!(shown("https://u@h"), "https://h");
+        assert_eq!(shown("*"), "*");
     }
 
     #[test]
