@@ -454,7 +454,31 @@ impl Config {
             }
         }
         let mut warnings = Vec::new();
-        warnings.extend(scripts_dir_warning(&scripts_dir));
+        for (what, path, why) in [
+            (
+                "scripts_dir",
+                Some(scripts_dir.as_path()),
+                "whoever can write there can add a script that runs as this daemon's user",
+            ),
+            (
+                "the routes file",
+                routes.source.as_deref(),
+                "whoever can write it chooses the programs that run as this daemon's user",
+            ),
+            (
+                "the configuration file",
+                file.path,
+                "whoever can write it chooses this daemon's routes, senders and secrets",
+            ),
+            (
+                "state_dir",
+                Some(store.state_dir.as_path()),
+                "whoever can write there can put a store of their own in it, whose queued deliveries \
+                 run as this daemon's user",
+            ),
+        ] {
+            warnings.extend(path.and_then(|path| writable_warning(what, path, why)));
+        }
         let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
         let mut senders = Vec::new();
         for (index, raw_sender) in raw.sender.into_iter().flatten().enumerate() {
@@ -812,27 +836,29 @@ fn key_line(text: &str, key: &str) -> Option<usize> {
         .map(|index| index + 1)
 }
 
-/// A `scripts_dir` that others may write to: a script is refused when group or others can write it, but
-/// whoever can write the directory can add a script of their own, mode 0755, and with `* {event}` it runs
-/// as this daemon's user. A warning rather than an error, so an upgrade does not stop a running setup.
-fn scripts_dir_warning(scripts_dir: &Path) -> Option<String> {
+/// A file or directory that decides what runs as this daemon's user, which group or others may write to:
+/// `scripts_dir` (a script is refused when others can write it, but whoever can write the directory can
+/// add one of their own, mode 0755, that `* {event}` runs), the routes file, the config file, and
+/// `state_dir` (a store put there, whose queued entries name their scripts, runs them at the next start).
+/// A sticky directory is not: others cannot replace what is ours in it. A warning rather than an error,
+/// so an upgrade does not stop a running setup.
+fn writable_warning(what: &str, path: &Path, why: &str) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(scripts_dir).ok()?;
+    let meta = std::fs::metadata(path).ok()?;
     let mode = meta.mode();
-    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
-        return Some(format!(
-            "scripts_dir {} is writable by {} (mode {:04o}): whoever can write there can add a script that \
-             runs as this daemon's user; chmod go-w it",
-            scripts_dir.display(),
-            if mode & 0o002 != 0 {
-                "anyone"
-            } else {
-                "its group"
-            },
-            mode & 0o7777
-        ));
+    if mode & 0o022 == 0 || (meta.is_dir() && mode & 0o1000 != 0) {
+        return None;
     }
-    None
+    Some(format!(
+        "{what} {} is writable by {} (mode {:04o}): {why}; chmod go-w it",
+        path.display(),
+        if mode & 0o002 != 0 {
+            "anyone"
+        } else {
+            "its group"
+        },
+        mode & 0o7777
+    ))
 }
 
 fn canonical_dir(dir: &Path) -> io::Result<PathBuf> {

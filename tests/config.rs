@@ -361,41 +361,61 @@ fn payload_dir_may_not_hold_what_its_start_up_cleaning_would_remove() {
     );
 }
 
-/// A scripts_dir others can write to is warned about: whoever can write there can add a script of their
-/// own that passes every check on the file itself.
+/// What decides what runs as the daemon's user, when others can write it, is warned about: a scripts_dir
+/// (whoever can write there can add a script that passes every check on the file itself), the routes
+/// file, the config file, and state_dir (a store put there runs its queued entries). A sticky directory
+/// is not: others cannot replace what is ours in it.
 #[test]
-fn check_warns_of_a_scripts_dir_others_can_write() {
+fn check_warns_of_what_decides_what_runs_when_others_can_write_it() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().expect("tempdir");
     let scripts = dir.path().join("scripts");
     fs::create_dir(&scripts).expect("scripts dir");
+    let state = dir.path().join("state");
+    fs::create_dir(&state).expect("state dir");
+    let routes = dir.path().join("routes");
+    fs::write(&routes, "* {event}\n").expect("routes");
     let config = dir.path().join("hookrunner.toml");
     fs::write(
         &config,
-        "scripts_dir = \"scripts\"\npayload_dir = \"payloads\"\n",
+        "scripts_dir = \"scripts\"\npayload_dir = \"payloads\"\nstate_dir = \"state\"\n\
+         routes = \"routes\"\n",
     )
     .expect("config");
-    for (mode, warned) in [
-        (0o755, None),
-        (0o775, Some("its group")),
-        (0o777, Some("anyone")),
-        (0o1777, None),
+    for (what, path, dir) in [
+        ("scripts_dir", &scripts, true),
+        ("state_dir", &state, true),
+        ("the routes file", &routes, false),
+        ("the configuration file", &config, false),
     ] {
-        fs::set_permissions(&scripts, fs::Permissions::from_mode(mode)).expect("chmod");
-        let out = check(&config);
-        assert!(out.status.success(), "{mode:o}: {}", stderr(&out));
-        match warned {
-            Some(who) => assert!(
-                stderr(&out).contains(&format!("is writable by {who}")),
-                "{mode:o}: {}",
-                stderr(&out)
-            ),
-            None => assert!(
-                !stderr(&out).contains("is writable by"),
-                "{mode:o}: {}",
-                stderr(&out)
-            ),
+        let usual = if dir { 0o755 } else { 0o644 };
+        for (mode, warned) in [
+            (usual, None),
+            (usual | 0o020, Some("its group")),
+            (usual | 0o022, Some("anyone")),
+            (0o1777, None),
+        ] {
+            if mode == 0o1777 && !dir {
+                continue;
+            }
+            fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
+            let out = check(&config);
+            assert!(out.status.success(), "{what} {mode:o}: {}", stderr(&out));
+            match warned {
+                Some(who) => assert!(
+                    stderr(&out)
+                        .contains(&format!("{what} {} is writable by {who}", path.display())),
+                    "{what} {mode:o}: {}",
+                    stderr(&out)
+                ),
+                None => assert!(
+                    !stderr(&out).contains("is writable by"),
+                    "{what} {mode:o}: {}",
+                    stderr(&out)
+                ),
+            }
         }
+        fs::set_permissions(path, fs::Permissions::from_mode(usual)).expect("chmod back");
     }
 }
 

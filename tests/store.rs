@@ -740,6 +740,43 @@ fn held_script(env: &Env, name: &str) -> crate::util::Release {
     crate::util::Release(dir.join("go"))
 }
 
+/// A store others can write, or another user's, decides what runs as the daemon's user (its queued entries
+/// name their scripts): the daemon refuses it at start, naming the file and what to do.
+#[test]
+fn a_store_others_can_write_is_refused_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    env.script("a.sh", "exit 0");
+    env.routes("A a.sh async\n");
+    drop(env.serve());
+    let db = env.state().join("hookrunner.db");
+    let refused = |why: &str| {
+        let mut server = Server::spawn(env.serve_command("127.0.0.1:0"));
+        let status = server
+            .wait_exit(Duration::from_secs(10))
+            .expect("the daemon exits");
+        assert!(!status.success(), "{why}: {status:?}");
+        assert!(
+            server
+                .log()
+                .contains(&format!("{} belongs to uid", db.display()))
+                && server.log().contains("chmod 600 it"),
+            "{why}: {}",
+            server.log()
+        );
+    };
+    fs::set_permissions(&db, fs::Permissions::from_mode(0o666)).expect("chmod");
+    refused("mode 0666");
+    fs::set_permissions(&db, fs::Permissions::from_mode(0o600)).expect("chmod");
+    if is_root() {
+        std::os::unix::fs::chown(&db, Some(65534), None).expect("chown");
+        refused("owned by nobody");
+        std::os::unix::fs::chown(&db, Some(0), None).expect("chown");
+    }
+    let server = env.serve();
+    assert_eq!(server.post("/hooks/A", b"{}").status, 202);
+}
+
 /// Entries queued while the clock read an hour ahead (the store is edited while the daemon is down, as a
 /// clock stepped back at boot leaves it) run at the next start, not an hour later: a first attempt of a
 /// route and one of a serial lane, whose wait would hold the lane too.
