@@ -327,9 +327,9 @@ pub fn open_to_anyone(
     }
     senders.open().map(|s| {
         format!(
-            "{reached}, and sender {:?} is type \"none\" without allow_ips: anyone who can reach it could \
-             run the scripts under {}. Give it allow_ips or a type that checks the sender, or set \
-             allow_unauthenticated = true",
+            "{reached}, and sender {:?} is type \"none\" without allow_ips (or with allow_ips that hold \
+             every address): anyone who can reach it could run the scripts under {}. Give it allow_ips \
+             or a type that checks the sender, or set allow_unauthenticated = true",
             s.name, s.path
         )
     })

@@ -1203,6 +1203,22 @@ fn without_a_sender_only_loopback_and_unix_are_served() {
         "listen = \"0.0.0.0:0\"\n{none}allow_ips = [\"127.0.0.1/32\"]\n"
     ));
     assert!(env.check().status.success(), "with allow_ips it is served");
+    // An allow-list that holds every address admits anyone: as open as none.
+    for everyone in [
+        "[\"0.0.0.0/0\", \"::/0\"]",
+        "[\"0.0.0.0/1\", \"128.0.0.0/1\"]",
+    ] {
+        let env = Env::new().config(&format!(
+            "listen = \"0.0.0.0:0\"\n{none}allow_ips = {everyone}\n"
+        ));
+        let check = env.check();
+        assert_eq!(check.status.code(), Some(78), "{everyone}");
+        let err = String::from_utf8_lossy(&check.stderr);
+        assert!(
+            err.contains("with allow_ips that hold every address"),
+            "{everyone}: {err}"
+        );
+    }
     let env = Env::new().config(&format!(
         "listen = \"0.0.0.0:0\"\nallow_unauthenticated = true\n{none}"
     ));

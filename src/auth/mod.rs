@@ -348,12 +348,14 @@ impl Senders {
         self.senders.is_empty()
     }
 
-    /// A sender that admits anyone who can reach the daemon: `type = "none"` without `allow_ips` (only its
-    /// path and its `events` stand in the way), as open as no sender at all.
+    /// A sender that admits anyone who can reach the daemon: `type = "none"` without `allow_ips`, or with
+    /// an `allow_ips` that holds every address (only its path and its `events` stand in the way), as open
+    /// as no sender at all.
     pub fn open(&self) -> Option<&Sender> {
-        self.senders
-            .iter()
-            .find(|s| matches!(s.scheme, Scheme::None) && s.allow_ips.is_empty())
+        self.senders.iter().find(|s| {
+            matches!(s.scheme, Scheme::None)
+                && (s.allow_ips.is_empty() || net::cover_everyone(&s.allow_ips))
+        })
     }
 
     /// The sender a path falls under: `path` equal to the sender's, or below it (`/jamf` covers

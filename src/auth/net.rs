@@ -53,6 +53,41 @@ impl Cidr {
     }
 }
 
+/// Whether `blocks` together hold every IPv4 address or every IPv6 address (`0.0.0.0/0`, or the two
+/// halves `0.0.0.0/1` and `128.0.0.0/1`, ...): an allow-list that admits anyone who can reach the daemon.
+pub fn cover_everyone(blocks: &[Cidr]) -> bool {
+    [(true, 32u32), (false, 128u32)]
+        .into_iter()
+        .any(|(v4, bits)| {
+            let mut ranges: Vec<(u128, u128)> = blocks
+                .iter()
+                .filter(|c| c.network.is_ipv4() == v4)
+                .map(|c| {
+                    let start = match c.network {
+                        IpAddr::V4(a) => u128::from(u32::from(a)),
+                        IpAddr::V6(a) => u128::from(a),
+                    };
+                    let host_bits = bits - u32::from(c.prefix);
+                    let hosts = u128::MAX.checked_shr(128 - host_bits).unwrap_or(0);
+                    (start, start | hosts)
+                })
+                .collect();
+            ranges.sort_unstable();
+            let top = if v4 { u128::from(u32::MAX) } else { u128::MAX };
+            let mut next = 0u128;
+            for (start, last) in ranges {
+                if start > next {
+                    return false;
+                }
+                if last >= top {
+                    return true;
+                }
+                next = next.max(last + 1);
+            }
+            false
+        })
+}
+
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.network, self.prefix)
@@ -199,6 +234,35 @@ mod tests {
                 .map(|t| Cidr::parse(t).expect("block"))
                 .collect(),
             unix: false,
+        }
+    }
+
+    #[test]
+    fn allow_lists_that_hold_every_address_are_told_apart() {
+        let blocks = |list: &[&str]| -> Vec<Cidr> {
+            list.iter()
+                .map(|b| Cidr::parse(b).expect("block"))
+                .collect()
+        };
+        for everyone in [
+            &["0.0.0.0/0"][..],
+            &["::/0"],
+            &["0.0.0.0/1", "128.0.0.0/1"],
+            &["128.0.0.0/2", "0.0.0.0/1", "192.0.0.0/2", "10.0.0.0/8"],
+            &["::/1", "8000::/1", "203.0.113.0/24"],
+        ] {
+            assert!(cover_everyone(&blocks(everyone)), "{everyone:?}");
+        }
+        for some in [
+            &[][..],
+            &["10.0.0.0/8"],
+            &["0.0.0.0/1"],
+            &["0.0.0.0/1", "128.0.0.0/2", "224.0.0.0/3"],
+            &["128.0.0.0/1", "0.0.0.0/2"],
+            &["::/1", "0.0.0.0/1"],
+            &["255.255.255.255", "0.0.0.0/1"],
+        ] {
+            assert!(!cover_everyone(&blocks(some)), "{some:?}");
         }
     }
 
