@@ -61,8 +61,10 @@ sender profiles; warnings (a secret file others can read) go to stderr. Exits 0 
 prints `file:line: message` and exits 78. With --payload FILE, explains instead what the daemon would do \
 with a POST of FILE (with those --header fields, to that --path): the sender profile that applies and \
 whether the request passes it, the event name and the source that yielded it, each route line that did \
-not match and why, the line that matches, the script and its environment. Nothing runs; exits 0 when a \
-script would run, 1 when the request would be refused."
+not match and why, the line that matches, the script and its environment. Without credentials among \
+the --header fields, the request is signed with the profile's own secrets, as `send` does, so no secret \
+goes on the command line. Nothing runs; exits 0 when a script would run, 1 when the request would be \
+refused."
     )]
     Check {
         #[command(flatten)]

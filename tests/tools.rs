@@ -468,11 +468,25 @@ fn check_payload_explains_sender_event_routes_and_environment_without_running() 
     }
     assert!(!text.contains(key), "the secret is not shown");
     assert!(!marker.exists(), "nothing ran");
-    // The same request without the key, or outside every sender's path, is refused at the sender.
+    // Without the key, the request is signed with the profile's own, so the operator never types a
+    // secret where the process list shows it; a wrong key, or a path outside every sender's, is refused.
     let (status, text) = check_payload(&env, body, &["--path", "/jamf"]);
+    assert_eq!(status, 0, "{text}");
+    assert!(
+        text.contains(
+            "credentials: none given; signed with the profile's own secrets, as hookrunner send does: pass"
+        ) && text.contains("matches: runs"),
+        "{text}"
+    );
+    assert!(!text.contains(key), "the secret is not shown");
+    let (status, text) = check_payload(
+        &env,
+        body,
+        &["--path", "/jamf", "--header", "X-Api-Key: wrong"],
+    );
     assert_eq!(status, 1);
     assert!(
-        text.contains("credentials: refused with 401: no X-Api-Key header"),
+        text.contains("credentials: refused with 401: X-Api-Key does not match"),
         "{text}"
     );
     let (status, text) = check_payload(

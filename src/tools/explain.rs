@@ -10,6 +10,8 @@ use crate::config::Config;
 use crate::document::{Document, Format, MalformedBody};
 use crate::event::{self, Inputs};
 use crate::routes::SelectError;
+use crate::tools::samples::Random;
+use crate::tools::send;
 
 /// Bodies up to this size are parsed by the daemon; a larger one reaches its script unparsed, so its event
 /// must come from the path or a header.
@@ -267,7 +269,26 @@ fn sender<'c>(
         allow_ips: Vec::new(),
         ..sender.clone()
     };
-    let header = |name: &str| request.header(name);
+    // Without any of the headers its sender would add, the request is signed with the profile's own
+    // secrets, as `hookrunner send` does: the operator never has to put a secret on the command line,
+    // where other users see it in the process list.
+    let signed = send::sign(
+        &sender.scheme,
+        &request.body,
+        request.now,
+        &mut Random::new(),
+    );
+    let unsigned = !signed.is_empty()
+        && !signed
+            .iter()
+            .any(|(name, _)| request.header(name).is_some());
+    let header = |name: &str| {
+        let own = signed
+            .iter()
+            .find(|(n, _)| unsigned && n.eq_ignore_ascii_case(name));
+        own.map(|(_, v)| v.as_str())
+            .or_else(|| request.header(name))
+    };
     let head = Head {
         header: &header,
         forwarded_for: Vec::new(),
@@ -286,6 +307,14 @@ fn sender<'c>(
             None => Ok(()),
         });
     match checked {
+        Ok(()) if unsigned => {
+            let _ = writeln!(
+                out,
+                "  credentials: none given; signed with the profile's own secrets, as hookrunner send \
+                 does: pass"
+            );
+            Ok(Some(sender))
+        }
         Ok(()) => {
             let _ = writeln!(out, "  credentials: pass");
             Ok(Some(sender))
