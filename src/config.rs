@@ -604,6 +604,7 @@ impl Config {
         }) {
             warnings.push(warning);
         }
+        warnings.extend(tls.as_ref().and_then(crate::tls::Tls::key_warning));
         // An mtls sender checks the names of a certificate the TLS layer verified: it needs one to be asked for.
         let asks_for_certificates = tls.as_ref().is_some_and(|t| t.client_ca_file.is_some());
         if let Some((index, sender)) = senders

@@ -45,6 +45,20 @@ pub struct Tls {
 }
 
 impl Tls {
+    /// A warning when group or others can read `key_file`, as for a sender's secret file: with the key,
+    /// anyone can pose as this server or read what senders send it.
+    pub fn key_warning(&self) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        let mode = std::fs::metadata(&self.key_file).ok()?.mode();
+        (mode & 0o077 != 0).then(|| {
+            format!(
+                "[tls] key_file {} is readable by group or others (mode {:o}): chmod 600 it",
+                self.key_file.display(),
+                mode & 0o777
+            )
+        })
+    }
+
     /// A warning when the server's certificate has expired or expires within `soon` of `now` (seconds
     /// since the epoch): senders refuse an expired one, and a renewal that stopped working shows here first.
     pub fn expiry_warning(&self, now: i64, soon: i64) -> Option<String> {

@@ -3,6 +3,7 @@
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -88,6 +89,11 @@ fn tls_env(leaf: &Leaf, client_ca: Option<&Ca>, top: &str) -> Env {
     let env = Env::new();
     fs::write(env.path().join("cert.pem"), &leaf.cert).expect("write cert");
     fs::write(env.path().join("key.pem"), &leaf.key).expect("write key");
+    fs::set_permissions(
+        env.path().join("key.pem"),
+        fs::Permissions::from_mode(0o600),
+    )
+    .expect("chmod key");
     let mut table = format!("{top}\n[tls]\ncert_file = \"cert.pem\"\nkey_file = \"key.pem\"\n");
     if let Some(ca) = client_ca {
         fs::write(env.path().join("clients.pem"), ca.pem()).expect("write client ca");
@@ -462,9 +468,31 @@ fn check_validates_the_tls_files() {
     let output = env.check();
     assert!(output.status.success(), "{output:?}");
     assert!(
-        !String::from_utf8_lossy(&output.stderr).contains("expire"),
+        !String::from_utf8_lossy(&output.stderr).contains("expire")
+            && !String::from_utf8_lossy(&output.stderr).contains("readable by"),
         "{output:?}"
     );
+    // A key others can read is warned about, as a sender's secret file is.
+    fs::set_permissions(
+        env.path().join("key.pem"),
+        fs::Permissions::from_mode(0o640),
+    )
+    .expect("chmod");
+    let output = env.check();
+    assert!(output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "[tls] key_file {} is readable by group or others (mode 640): chmod 600 it",
+            path_text(env.path(), "key.pem")
+        )),
+        "{stderr}"
+    );
+    fs::set_permissions(
+        env.path().join("key.pem"),
+        fs::Permissions::from_mode(0o600),
+    )
+    .expect("chmod");
     // An expired certificate still loads (a reload must not stop the daemon), and check says so.
     let expired = {
         let mut params =
