@@ -5,8 +5,9 @@
 //! refusal is a [`Refusal`], and [`Refusal::status`] is the one place that maps it to an HTTP status.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -299,6 +300,7 @@ impl Gateway {
         let unverified = Hold {
             budget: &self.held_bodies,
             max: held_max,
+            client: check.as_ref().map(|_| client_addr(config, request)),
             bytes: 0,
         };
         let received = receive(request, &self.payloads, check, unverified)?;
@@ -306,6 +308,7 @@ impl Gateway {
         let mut held = Hold {
             budget: &self.held_bodies,
             max: held_max,
+            client: None,
             bytes: 0,
         };
         let mut claim = self.claim_delivery(sender, delivery_id.as_deref())?;
@@ -543,7 +546,7 @@ fn script_env<'r>(
 
 /// The client's address: the peer's, or behind a proxy of `trusted_proxies` the one its
 /// `X-Forwarded-For` names (as `allow_ips` sees it); `None` when it cannot be told.
-fn client_addr(config: &Config, request: &Request<'_>) -> Option<std::net::IpAddr> {
+fn client_addr(config: &Config, request: &Request<'_>) -> Option<IpAddr> {
     let peer = request.remote.parse::<SocketAddr>().ok().map(|a| a.ip());
     if peer.is_some() && config.trusted_proxies.is_empty() {
         return peer;
@@ -854,29 +857,54 @@ impl Received {
 }
 
 /// Bytes held in memory by large bodies across connections: those whose signature is being checked, and
-/// async ones on their way to the store.
+/// async ones on their way to the store; and of the first, how many each client holds.
 #[derive(Default)]
-struct HeldBodies(AtomicU64);
+struct HeldBodies {
+    total: AtomicU64,
+    unverified: Mutex<HashMap<Option<IpAddr>, u64>>,
+}
+
+/// The part of [`HELD_BODIES_MAX`] the unverified bodies of one client address may hold: clients that
+/// send large bodies they cannot sign, and stall, must not take it all from the senders that can.
+const CLIENT_SHARE: u64 = 4;
 
 /// One request's share of [`HeldBodies`], given back when it is dropped.
 struct Hold<'g> {
     budget: &'g HeldBodies,
     max: u64,
+    /// For a body not verified yet: its client's address (`None`: one that cannot be told), held to
+    /// `max / CLIENT_SHARE` with the other unverified bodies of that address.
+    client: Option<Option<IpAddr>>,
     bytes: u64,
 }
 
 impl Hold<'_> {
-    /// Takes `n` more bytes; false (taking none) when that would pass `max`.
+    /// Takes `n` more bytes; false (taking none) when that would pass `max`, or the client's share.
     fn grow(&mut self, n: u64) -> bool {
+        let mut clients = self.client.map(|_| {
+            self.budget
+                .unverified
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        });
+        if let (Some(clients), Some(client)) = (&clients, self.client) {
+            let held = clients.get(&client).copied().unwrap_or(0);
+            if held + n > self.max / CLIENT_SHARE {
+                return false;
+            }
+        }
         let taken = self
             .budget
-            .0
+            .total
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
                 held.checked_add(n).filter(|&after| after <= self.max)
             })
             .is_ok();
         if taken {
             self.bytes += n;
+            if let (Some(clients), Some(client)) = (&mut clients, self.client) {
+                *clients.entry(client).or_default() += n;
+            }
         }
         taken
     }
@@ -885,8 +913,22 @@ impl Hold<'_> {
 impl Drop for Hold<'_> {
     fn drop(&mut self) {
         // Most bodies take nothing: no shared write for them.
-        if self.bytes > 0 {
-            self.budget.0.fetch_sub(self.bytes, Ordering::Relaxed);
+        if self.bytes == 0 {
+            return;
+        }
+        self.budget.total.fetch_sub(self.bytes, Ordering::Relaxed);
+        if let Some(client) = self.client {
+            let mut clients = self
+                .budget
+                .unverified
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(held) = clients.get_mut(&client) {
+                *held = held.saturating_sub(self.bytes);
+                if *held == 0 {
+                    clients.remove(&client);
+                }
+            }
         }
     }
 }

@@ -295,17 +295,29 @@ fn unread(stream: &std::net::TcpStream) -> Option<u64> {
 /// `n` connections each sending `path` a 9 MiB body with a wrong signature, one byte short of its length,
 /// so the daemon holds each in memory waiting for the rest and never checks it. Returns the connections
 /// (open: the bodies stay held until they are dropped) and the body.
-fn unchecked_bodies(server: &Server, path: &str, n: usize) -> (Vec<std::net::TcpStream>, Vec<u8>) {
+fn unchecked_bodies(
+    server: &Server,
+    path: &str,
+    clients: &[&str],
+) -> (Vec<std::net::TcpStream>, Vec<u8>) {
     let body = vec![b'x'; 9 << 20];
     let bad = github_sign("another-secret", &body);
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: t\r\nX-Hub-Signature-256: {bad}\r\nContent-Length: {}\r\n\r\n",
-        body.len() + 1
-    );
-    let streams: Vec<std::net::TcpStream> = (0..n).map(|_| server.connect()).collect();
+    let head = |client: &str| {
+        let forwarded = if client.is_empty() {
+            String::new()
+        } else {
+            format!("X-Forwarded-For: {client}\r\n")
+        };
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: t\r\nX-Hub-Signature-256: {bad}\r\n{forwarded}\
+             Content-Length: {}\r\n\r\n",
+            body.len() + 1
+        )
+    };
+    let streams: Vec<std::net::TcpStream> = clients.iter().map(|_| server.connect()).collect();
     std::thread::scope(|scope| {
-        for stream in &streams {
-            let (head, body) = (&head, &body);
+        for (stream, client) in streams.iter().zip(clients) {
+            let (head, body) = (head(client), &body);
             scope.spawn(move || {
                 let mut stream = stream;
                 // A refused one may be closed before all of it is taken.
@@ -317,31 +329,15 @@ fn unchecked_bodies(server: &Server, path: &str, n: usize) -> (Vec<std::net::Tcp
     (streams, body)
 }
 
-/// Bodies whose signature is still being checked are held in memory, never on disk, and together at
-/// most 64 MiB past the first 256 KiB of each: past that, such a request is answered 503 with
-/// Retry-After. What they held is given back when they end, and a signed body is served again.
-#[test]
-fn unverified_bodies_are_held_up_to_a_bound_then_answered_503() {
-    let env = Env::new();
-    let file = secret(&env, "github-secret", "bound-secret");
-    let env = env.config(&format!(
-        "[[sender]]\nname = \"gh\"\ntype = \"github\"\nsecret_file = {file:?}\n"
-    ));
-    let out = counter(&env, "big");
-    let server = env.serve();
-    let pid = server.child.id();
-    // Eight bodies of 9 MiB, each one byte short of its length, so none is checked: 8 × 8.75 MiB past
-    // the inline part is more than 64 MiB.
-    let (streams, body) = unchecked_bodies(&server, "/hooks/big", 8);
-    // Each read at once, so the held ones' wait is paid once; 3 s, for a loaded machine's slow answer.
-    let answers: Vec<Response> = std::thread::scope(|scope| {
+/// Each stream's answer, read at once so that the held ones' wait is paid once; `None` for one not
+/// answered within `limit` (held).
+fn answers_within(streams: &[std::net::TcpStream], limit: Duration) -> Vec<Option<Response>> {
+    std::thread::scope(|scope| {
         let reads: Vec<_> = streams
             .iter()
             .map(|stream| {
                 scope.spawn(move || {
-                    stream
-                        .set_read_timeout(Some(Duration::from_secs(3)))
-                        .expect("timeout");
+                    stream.set_read_timeout(Some(limit)).expect("timeout");
                     let mut stream = stream;
                     Response::read(&mut stream).ok()
                 })
@@ -349,10 +345,33 @@ fn unverified_bodies_are_held_up_to_a_bound_then_answered_503() {
             .collect();
         reads
             .into_iter()
-            .filter_map(|read| read.join().expect("read"))
+            .map(|read| read.join().expect("read"))
             .collect()
-    });
-    for response in &answers {
+    })
+}
+
+/// Bodies whose signature is still being checked are held in memory, never on disk, and together at
+/// most 64 MiB past the first 256 KiB of each: past that, such a request is answered 503 with
+/// Retry-After. What they held is given back when they end, and a signed body is served again.
+#[test]
+fn unverified_bodies_are_held_up_to_a_bound_then_answered_503() {
+    let env = Env::new();
+    let file = secret(&env, "github-secret", "bound-secret");
+    // Behind a proxy, so that each body comes from a client of its own (X-Forwarded-For).
+    let env = env.config(&format!(
+        "trusted_proxies = [\"127.0.0.1/32\"]\n\
+         [[sender]]\nname = \"gh\"\ntype = \"github\"\nsecret_file = {file:?}\n"
+    ));
+    let out = counter(&env, "big");
+    let server = env.serve();
+    let pid = server.child.id();
+    // Eight bodies of 9 MiB, each one byte short of its length, so none is checked: 8 × 8.75 MiB past
+    // the inline part is more than 64 MiB.
+    let clients: Vec<String> = (1..=8).map(|n| format!("203.0.113.{n}")).collect();
+    let clients: Vec<&str> = clients.iter().map(String::as_str).collect();
+    let (streams, body) = unchecked_bodies(&server, "/hooks/big", &clients);
+    let answers = answers_within(&streams, Duration::from_secs(3));
+    for response in answers.iter().flatten() {
         assert_eq!(response.status, 503, "{}", response.text());
         assert!(response.header("Retry-After").is_some());
         assert!(
@@ -361,7 +380,7 @@ fn unverified_bodies_are_held_up_to_a_bound_then_answered_503() {
             response.text()
         );
     }
-    let refused = answers.len();
+    let refused = answers.iter().flatten().count();
     assert!((1..8).contains(&refused), "{refused} of 8 refused");
     assert_eq!(
         open_payload_files(pid, &env),
@@ -391,6 +410,44 @@ fn unverified_bodies_are_held_up_to_a_bound_then_answered_503() {
     assert_eq!(runs(&out).len(), 1);
 }
 
+/// One client's unverified bodies hold at most a quarter of that bound: a client that sends large bodies
+/// it cannot sign, and stalls, cannot take it from senders elsewhere. Its third body of 9 MiB is refused
+/// (two would hold 17.5 MiB, over 16); another client's is held.
+#[test]
+fn one_clients_unverified_bodies_hold_a_quarter_of_the_bound() {
+    let env = Env::new();
+    let file = secret(&env, "github-secret", "bound-secret");
+    let env = env.config(&format!(
+        "trusted_proxies = [\"127.0.0.1/32\"]\n\
+         [[sender]]\nname = \"gh\"\ntype = \"github\"\nsecret_file = {file:?}\n"
+    ));
+    let out = counter(&env, "big");
+    let server = env.serve();
+    let (streams, _) = unchecked_bodies(
+        &server,
+        "/hooks/big",
+        &["198.51.100.7", "198.51.100.7", "198.51.100.7"],
+    );
+    let (other, _) = unchecked_bodies(&server, "/hooks/big", &["203.0.113.9"]);
+    let answers = answers_within(&streams, Duration::from_secs(3));
+    let refused: Vec<&Response> = answers.iter().flatten().collect();
+    assert_eq!(refused.len(), 2, "{refused:?}\n{}", server.log());
+    for response in refused {
+        assert_eq!(response.status, 503, "{}", response.text());
+        assert!(
+            response.text().contains("retry later"),
+            "{}",
+            response.text()
+        );
+    }
+    let held = answers_within(&other, Duration::from_secs(1));
+    assert!(
+        held[0].is_none(),
+        "the other client's body is held: {held:?}"
+    );
+    assert!(runs(&out).is_empty());
+}
+
 /// An async request's body over 256 KiB goes to the store from memory, read back from its payload file,
 /// within the same budget as bodies being checked: while the budget is held it is answered 503, runs
 /// nothing and leaves no file, and it is accepted once the budget is given back.
@@ -399,15 +456,18 @@ fn large_async_bodies_share_the_bound_of_bodies_held_in_memory() {
     let env = Env::new();
     let file = secret(&env, "github-secret", "bound-secret");
     let env = env.config(&format!(
-        "[[sender]]\nname = \"gh\"\npath = \"/gh\"\ntype = \"github\"\nsecret_file = {file:?}\n\
-         [[sender]]\nname = \"plain\"\npath = \"/plain\"\ntype = \"none\"\n"
+        "trusted_proxies = [\"127.0.0.1/32\"]\n\
+         [[sender]]\nname = \"gh\"\npath = \"/gh\"\ntype = \"github\"\nsecret_file = {file:?}\n\
+         [[sender]]\nname = \"plain\"\npath = \"/plain\"\ntype = \"none\"\nallow_ips = [\"127.0.0.1\"]\n"
     ));
     let out = counter(&env, "big");
     env.routes("big big async\n");
     let server = env.serve();
     let pid = server.child.id();
-    // Seven bodies of 9 MiB that are never checked: 7 × 8.75 MiB of the 64 MiB held.
-    let (streams, _) = unchecked_bodies(&server, "/gh/hooks/big", 7);
+    // Seven bodies of 9 MiB that are never checked, from seven clients: 7 × 8.75 MiB of the 64 MiB held.
+    let clients: Vec<String> = (1..=7).map(|n| format!("203.0.113.{n}")).collect();
+    let clients: Vec<&str> = clients.iter().map(String::as_str).collect();
+    let (streams, _) = unchecked_bodies(&server, "/gh/hooks/big", &clients);
     // Every byte read by the daemon, so the seven hold their share.
     for stream in &streams {
         assert!(
