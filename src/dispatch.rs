@@ -280,7 +280,9 @@ impl Dispatcher {
                             let mut running = running.lock().unwrap_or_else(|e| e.into_inner());
                             running.ids.remove(&entry.id);
                             running.ended.insert(entry.id);
-                            if running.serial_lanes.remove(&lane) {
+                            // Only a serial entry holds its lane: a route that runs the same script
+                            // without `serial` must not free the lane of one that runs it with.
+                            if serial && running.serial_lanes.remove(&lane) {
                                 running.ended_lanes.insert(lane);
                             }
                             drop(running);

@@ -1259,6 +1259,50 @@ fn a_serial_lane_does_not_take_the_slots_of_entries_that_came_due_first() {
     assert_eq!(lines(&log), ["S0", "S1", "P", "S2"]);
 }
 
+/// A route that runs a serial lane's script without `serial` does not free the lane when its runs end:
+/// the lane's entries still run one at a time, in order, while the other route's run beside them.
+#[test]
+fn a_serial_lane_stays_one_at_a_time_beside_a_route_running_its_script_without_serial() {
+    let env = Env::new().config("max_running = 8");
+    let log = env.path().join("log");
+    env.script(
+        "s.sh",
+        &format!(
+            "n=$(cat \"$1\")\necho \"start $n\" >> {log:?}\nsleep 0.05\necho \"end $n\" >> {log:?}"
+        ),
+    );
+    env.routes("S s.sh async serial\nP s.sh async\n");
+    let server = env.serve();
+    for n in 0..6 {
+        assert_eq!(
+            server.post("/hooks/S", format!("s{n}").as_bytes()).status,
+            202
+        );
+        for m in 0..3 {
+            assert_eq!(
+                server
+                    .post("/hooks/P", format!("p{n}{m}").as_bytes())
+                    .status,
+                202
+            );
+        }
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || lines(&log).len() >= 48),
+        "{:?}\n{}",
+        lines(&log),
+        server.log()
+    );
+    let serial: Vec<String> = lines(&log)
+        .into_iter()
+        .filter(|l| l.ends_with(|c: char| c.is_ascii_digit()) && l.contains(" s"))
+        .collect();
+    let want: Vec<String> = (0..6)
+        .flat_map(|n| [format!("start s{n}"), format!("end s{n}")])
+        .collect();
+    assert_eq!(serial, want);
+}
+
 /// A serial route keeps its order across a reload that moves it to another line of the routes file: a
 /// later entry, queued under the new line, still waits while an earlier one waits to retry.
 #[test]
