@@ -300,7 +300,10 @@ impl Gateway {
         let unverified = Hold {
             budget: &self.held_bodies,
             max: held_max,
-            client: check.as_ref().map(|_| client_addr(config, request)),
+            client: check
+                .as_ref()
+                .map(|_| client_addr(config, request).map(network_of)),
+            client_max: (held_max / CLIENT_SHARE).max(config.max_body),
             bytes: 0,
         };
         let received = receive(request, &self.payloads, check, unverified)?;
@@ -309,6 +312,7 @@ impl Gateway {
             budget: &self.held_bodies,
             max: held_max,
             client: None,
+            client_max: held_max,
             bytes: 0,
         };
         let mut claim = self.claim_delivery(sender, delivery_id.as_deref())?;
@@ -553,6 +557,18 @@ fn client_addr(config: &Config, request: &Request<'_>) -> Option<IpAddr> {
     }
     let forwarded: Vec<&str> = request.headers("X-Forwarded-For").collect();
     auth::net::client(peer, &forwarded, &config.trusted_proxies).ok()
+}
+
+/// The client a held body is counted to: an IPv4 address, or an IPv6 address's /64 (one client is given
+/// a whole /64, and could take four addresses of it).
+fn network_of(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !(u128::MAX >> 64)).into()),
+        },
+        v4 => v4,
+    }
 }
 
 /// The status a sync run is answered with.
@@ -872,9 +888,12 @@ const CLIENT_SHARE: u64 = 4;
 struct Hold<'g> {
     budget: &'g HeldBodies,
     max: u64,
-    /// For a body not verified yet: its client's address (`None`: one that cannot be told), held to
-    /// `max / CLIENT_SHARE` with the other unverified bodies of that address.
+    /// For a body not verified yet: its client's address (`None`: one that cannot be told; an IPv6
+    /// address by its /64, which one client has whole), held to `client_max` with the other unverified
+    /// bodies of that address.
     client: Option<Option<IpAddr>>,
+    /// `max / CLIENT_SHARE`, or `max_body` if larger: one body of any allowed size always fits.
+    client_max: u64,
     bytes: u64,
 }
 
@@ -889,7 +908,7 @@ impl Hold<'_> {
         });
         if let (Some(clients), Some(client)) = (&clients, self.client) {
             let held = clients.get(&client).copied().unwrap_or(0);
-            if held + n > self.max / CLIENT_SHARE {
+            if held + n > self.client_max {
                 return false;
             }
         }
@@ -1036,5 +1055,18 @@ impl Inputs for RequestInputs<'_, '_> {
             self.document = Some(Document::parse(format, body)?);
         }
         Ok(self.document.get_or_insert(Document::Other))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_body_is_counted_to_an_ipv4_address_or_an_ipv6_64() {
+        let of = |a: &str| network_of(a.parse().expect("address")).to_string();
+        assert_eq!(of("203.0.113.7"), "203.0.113.7");
+        assert_eq!(of("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), "2001:db8:1:2::");
+        assert_eq!(of("::ffff:198.51.100.9"), "198.51.100.9");
     }
 }

@@ -448,6 +448,29 @@ fn one_clients_unverified_bodies_hold_a_quarter_of_the_bound() {
     assert!(runs(&out).is_empty());
 }
 
+/// With `max_body` over the bound's quarter, one signed body of up to `max_body` is still held and checked:
+/// the client's share is never less than one body.
+#[test]
+fn a_signed_body_up_to_max_body_fits_whatever_the_clients_share() {
+    let env = Env::new();
+    let file = secret(&env, "github-secret", "bound-secret");
+    let env = env.config(&format!(
+        "max_body = \"40MiB\"\n[[sender]]\nname = \"gh\"\ntype = \"github\"\nsecret_file = {file:?}\n"
+    ));
+    let out = counter(&env, "big");
+    let server = env.serve();
+    let body = vec![b'x'; 30_000_000];
+    let signature = github_sign("bound-secret", &body);
+    let response = server.request(
+        "POST",
+        "/hooks/big",
+        &[("X-Hub-Signature-256", &signature)],
+        &body,
+    );
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(runs(&out).len(), 1);
+}
+
 /// An async request's body over 256 KiB goes to the store from memory, read back from its payload file,
 /// within the same budget as bodies being checked: while the budget is held it is answered 503, runs
 /// nothing and leaves no file, and it is accepted once the budget is given back.
