@@ -840,14 +840,15 @@ fn key_line(text: &str, key: &str) -> Option<usize> {
 /// A file or directory that decides what runs as this daemon's user, which group or others may write to:
 /// `scripts_dir` (a script is refused when others can write it, but whoever can write the directory can
 /// add one of their own, mode 0755, that `* {event}` runs), the routes file, the config file, and
-/// `state_dir` (a store put there, whose queued entries name their scripts, runs them at the next start).
-/// A sticky directory is not: others cannot replace what is ours in it. A warning rather than an error,
-/// so an upgrade does not stop a running setup.
+/// `state_dir` (a store put there, whose queued entries name their scripts, runs them at the next start;
+/// the daemon refuses such a `state_dir`, see `store::check_private`). Sticky or not: in a sticky
+/// directory others still add files. A warning rather than an error, so an upgrade does not stop a
+/// running setup.
 fn writable_warning(what: &str, path: &Path, why: &str) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).ok()?;
     let mode = meta.mode();
-    if mode & 0o022 == 0 || (meta.is_dir() && mode & 0o1000 != 0) {
+    if mode & 0o022 == 0 {
         return None;
     }
     Some(format!(

@@ -247,6 +247,8 @@ fn open_store(config: &Config) -> Result<(Option<store::Shared>, Option<u64>), E
     if !needed && !settings.state_dir.join(store::DATABASE).exists() {
         return Ok((None, None));
     }
+    store::check_private(&settings.state_dir)
+        .map_err(|e| Error::Start("store".into(), io::Error::other(e)))?;
     let store = store::open(&settings.state_dir)
         .map_err(|e| Error::Start("store".into(), io::Error::other(e)))?;
     let waiting = store

@@ -363,8 +363,8 @@ fn payload_dir_may_not_hold_what_its_start_up_cleaning_would_remove() {
 
 /// What decides what runs as the daemon's user, when others can write it, is warned about: a scripts_dir
 /// (whoever can write there can add a script that passes every check on the file itself), the routes
-/// file, the config file, and state_dir (a store put there runs its queued entries). A sticky directory
-/// is not: others cannot replace what is ours in it.
+/// file, the config file, and state_dir (a store put there runs its queued entries), a sticky directory
+/// too (others can still add files to it).
 #[test]
 fn check_warns_of_what_decides_what_runs_when_others_can_write_it() {
     use std::os::unix::fs::PermissionsExt;
@@ -393,7 +393,8 @@ fn check_warns_of_what_decides_what_runs_when_others_can_write_it() {
             (usual, None),
             (usual | 0o020, Some("its group")),
             (usual | 0o022, Some("anyone")),
-            (0o1777, None),
+            // Sticky: others cannot replace what is there, but they can add to it.
+            (0o1777, Some("anyone")),
         ] {
             if mode == 0o1777 && !dir {
                 continue;

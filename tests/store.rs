@@ -741,7 +741,8 @@ fn held_script(env: &Env, name: &str) -> crate::util::Release {
 }
 
 /// A store others can write, or another user's, decides what runs as the daemon's user (its queued entries
-/// name their scripts): the daemon refuses it at start, naming the file and what to do.
+/// name their scripts), and so does a state_dir others can add files to or a log beside the database that
+/// is not the daemon's: the daemon refuses them at start, naming the file and what to do.
 #[test]
 fn a_store_others_can_write_is_refused_at_start() {
     use std::os::unix::fs::PermissionsExt;
@@ -750,7 +751,7 @@ fn a_store_others_can_write_is_refused_at_start() {
     env.routes("A a.sh async\n");
     drop(env.serve());
     let db = env.state().join("hookrunner.db");
-    let refused = |why: &str| {
+    let refused = |path: &std::path::Path, why: &str| {
         let mut server = Server::spawn(env.serve_command("127.0.0.1:0"));
         let status = server
             .wait_exit(Duration::from_secs(10))
@@ -759,19 +760,28 @@ fn a_store_others_can_write_is_refused_at_start() {
         assert!(
             server
                 .log()
-                .contains(&format!("{} belongs to uid", db.display()))
-                && server.log().contains("chmod 600 it"),
+                .contains(&format!("{} belongs to uid", path.display())),
             "{why}: {}",
             server.log()
         );
     };
     fs::set_permissions(&db, fs::Permissions::from_mode(0o666)).expect("chmod");
-    refused("mode 0666");
+    refused(&db, "mode 0666");
     fs::set_permissions(&db, fs::Permissions::from_mode(0o600)).expect("chmod");
+    // A directory others can add files to (sticky or not): they could put a log of theirs beside it.
+    fs::set_permissions(env.state(), fs::Permissions::from_mode(0o1777)).expect("chmod");
+    refused(&env.state(), "a sticky state_dir anyone can write to");
+    fs::set_permissions(env.state(), fs::Permissions::from_mode(0o700)).expect("chmod");
     if is_root() {
         std::os::unix::fs::chown(&db, Some(65534), None).expect("chown");
-        refused("owned by nobody");
+        refused(&db, "owned by nobody");
         std::os::unix::fs::chown(&db, Some(0), None).expect("chown");
+        // SQLite replays a log it finds beside the database, whoever wrote it.
+        let wal = env.state().join("hookrunner.db-wal");
+        fs::write(&wal, b"").expect("a planted log");
+        std::os::unix::fs::chown(&wal, Some(65534), None).expect("chown");
+        refused(&wal, "a log that is another user's");
+        fs::remove_file(&wal).expect("remove");
     }
     let server = env.serve();
     assert_eq!(server.post("/hooks/A", b"{}").status, 202);

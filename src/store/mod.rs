@@ -382,6 +382,39 @@ pub fn open(dir: &Path) -> Result<Shared, String> {
     sqlite::Sqlite::open(dir).map(|s| Arc::new(s) as Shared)
 }
 
+/// Before the daemon opens its store: `dir` and what SQLite reads in it must be writable by this user
+/// alone. The store's queued entries name the scripts they run, and SQLite replays a log (`-wal`) or a
+/// hot journal it finds beside the database, whoever wrote it: another user able to write any of them
+/// decides what runs as this one. The directory may be root's; the files must be this user's. (The
+/// operator's CLI only reads, and checks nothing.)
+pub fn check_private(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let euid = rustix::process::geteuid().as_raw();
+    let mut paths = vec![(dir.to_path_buf(), true)];
+    for suffix in ["", "-wal", "-shm", "-journal", ".lock"] {
+        paths.push((dir.join(format!("{DATABASE}{suffix}")), false));
+    }
+    for (path, is_dir) in paths {
+        let meta = match std::fs::metadata(&path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        };
+        let owner_ok = meta.uid() == euid || (is_dir && meta.uid() == 0);
+        if !owner_ok || meta.mode() & 0o022 != 0 {
+            return Err(format!(
+                "{} belongs to uid {} with mode {:04o}, and whoever can write it decides what runs as \
+                 this daemon's user (uid {euid}): make it this user's (chown) and chmod {} it",
+                path.display(),
+                meta.uid(),
+                meta.mode() & 0o7777,
+                if is_dir { "700" } else { "600" }
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Milliseconds since the epoch.
 pub fn now_ms() -> i64 {
     SystemTime::now()

@@ -314,22 +314,6 @@ impl Sqlite {
                 )));
             }
         }
-        // Its queued entries name the scripts they run: a store another user can write decides what runs
-        // as this one (a copy put in a state_dir others can write to, with a row of theirs).
-        use std::os::unix::fs::MetadataExt;
-        let meta = fs::metadata(&self.path).map_err(|e| {
-            StoreError::Unavailable(format!("cannot read {}: {e}", self.path.display()))
-        })?;
-        let euid = rustix::process::geteuid().as_raw();
-        if meta.uid() != euid || meta.mode() & 0o022 != 0 {
-            return Err(StoreError::Unavailable(format!(
-                "{} belongs to uid {} with mode {:04o}, and whoever can write it decides what runs as \
-                 this daemon's user (uid {euid}): make it this user's (chown) and chmod 600 it",
-                self.path.display(),
-                meta.uid(),
-                meta.mode() & 0o7777
-            )));
-        }
         *claim = Some(lock);
         Ok(())
     }
