@@ -68,16 +68,23 @@ impl Head {
     /// fragment (`?private_token=...`) and without userinfo (`http://user:password@host/`), either of
     /// which may carry a secret a client put there.
     pub(super) fn shown_target(&self) -> String {
-        let target = self.target.split(['?', '#']).next().unwrap_or_default();
-        match target.split_once("://") {
-            Some((scheme, rest)) => {
-                let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-                let host = authority
-                    .rsplit_once('@')
-                    .map_or(authority, |(_, host)| host);
-                format!("{scheme}://{host}{path}")
-            }
-            None => target.to_string(),
+        let target = self.target.as_str();
+        if target.starts_with('/') {
+            return target
+                .split(['?', '#'])
+                .next()
+                .unwrap_or_default()
+                .to_string();
+        }
+        // Not a path: whatever comes before the last `@` may be userinfo, however it is written (a `/`,
+        // `?` or `#` in a password included), so it goes first, then the query.
+        let (scheme, rest) = target.split_once("://").unwrap_or(("", target));
+        let rest = rest.rsplit_once('@').map_or(rest, |(_, after)| after);
+        let rest = rest.split(['?', '#']).next().unwrap_or_default();
+        if scheme.is_empty() {
+            rest.to_string()
+        } else {
+            format!("{scheme}://{rest}")
         }
     }
 
@@ -375,6 +382,13 @@ mod tests {
         assert_eq!(shown("/gl/./x?private_token=QK#frag"), "/gl/./x");
         assert_eq!(shown("https://u@h"), "https://h");
         assert_eq!(shown("*"), "*");
+        assert_eq!(
+            shown("http://jamf:se/cret@127.0.0.1/x"),
+            "http://127.0.0.1/x"
+        );
+        assert_eq!(shown("jamf:PASS@127.0.0.1/x"), "127.0.0.1/x");
+        assert_eq!(shown("http://u:p?ss@h/x"), "http://h/x");
+        assert_eq!(shown("http://u:p#ss@h/x?q=1"), "http://h/x");
     }
 
     #[test]
