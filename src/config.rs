@@ -534,6 +534,14 @@ impl Config {
                 trusted_proxies.blocks.push(block);
             }
         }
+        if crate::auth::net::cover_everyone(&trusted_proxies.blocks) {
+            return Err(file.error(
+                "trusted_proxies",
+                "trusted_proxies holds every address: any client could then name any address in \
+                 X-Forwarded-For, and allow_ips would check nothing. List the proxies' own addresses"
+                    .to_string(),
+            ));
+        }
         // `allow_unauthenticated`: serve without any sender, or with a `none` sender open to every address,
         // on a non-loopback address (default false; the daemon warns at every start when it does).
         let allow_unauthenticated = raw.allow_unauthenticated.unwrap_or(false);

@@ -1286,6 +1286,17 @@ fn without_a_sender_only_loopback_and_unix_are_served() {
         "listen = \"0.0.0.0:0\"\n{none}allow_ips = [\"127.0.0.1/32\"]\n"
     ));
     assert!(env.check().status.success(), "with allow_ips it is served");
+    // Trusting every address as a proxy lets any client forge X-Forwarded-For past any allow-list.
+    let env = Env::new().config(&format!(
+        "trusted_proxies = [\"0.0.0.0/1\", \"128.0.0.0/1\"]\n{none}allow_ips = [\"10.0.0.0/8\"]\n"
+    ));
+    let check = env.check();
+    assert_eq!(check.status.code(), Some(78));
+    assert!(
+        String::from_utf8_lossy(&check.stderr).contains("trusted_proxies holds every address"),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
     // An allow-list that holds every address admits anyone: as open as none.
     for everyone in [
         "[\"0.0.0.0/0\", \"::/0\"]",
