@@ -352,7 +352,19 @@ impl Dispatcher {
                 .into(),
         };
         let next = next_step(entry, n, None, now_ms(), random_unit());
-        if let Err(e) = self.store.finish(entry.id, attempt, next) {
+        // Tried until the store takes it, as any result is: the lane is let go once this returns.
+        let recorded = self.keep_trying(
+            || self.store.finish(entry.id, attempt.clone(), next),
+            |e, pause| {
+                log::error!(
+                    "{} cannot record the failed attempt of id={}: {e}; trying again in {} ms",
+                    entry.request_id,
+                    entry.id,
+                    pause.as_millis()
+                )
+            },
+        );
+        if let Err(e) = recorded {
             log::error!(
                 "{} cannot record the failed attempt of id={}: {e}; it stays running until a restart",
                 entry.request_id,
@@ -703,8 +715,14 @@ impl WallClock {
     /// Whether the wall clock went back by more than a second since the last call (or `new`).
     fn set_back(&mut self) -> bool {
         let last = std::mem::replace(self, WallClock::new());
-        let expected = last.wall + self.at.duration_since(last.at).as_millis() as i64;
-        self.wall + 1000 < expected
+        last.went_back_by_now(self)
+    }
+
+    /// Whether, from this reading to `now`, the wall clock moved back by more than a second against the
+    /// monotonic one.
+    fn went_back_by_now(&self, now: &WallClock) -> bool {
+        let expected = self.wall + now.at.duration_since(self.at).as_millis() as i64;
+        now.wall + 1000 < expected
     }
 }
 
@@ -813,6 +831,27 @@ mod tests {
         assert!(running.may_start(&entry(3), &mut held));
         // The next look starts with nothing held: the lane's first entry may start.
         assert!(running.may_start(&serial(2), &mut HashSet::new()));
+    }
+
+    #[test]
+    fn a_wall_clock_set_back_by_more_than_a_second_is_noticed() {
+        let at = Instant::now();
+        let then = WallClock { at, wall: 100_000 };
+        let later = |secs: u64, wall: i64| WallClock {
+            at: at + Duration::from_secs(secs),
+            wall,
+        };
+        assert!(!then.went_back_by_now(&later(10, 110_000)), "in step");
+        assert!(
+            !then.went_back_by_now(&later(10, 109_500)),
+            "half a second: a slew"
+        );
+        assert!(!then.went_back_by_now(&later(10, 200_000)), "forward");
+        assert!(
+            then.went_back_by_now(&later(10, 108_000)),
+            "two seconds back"
+        );
+        assert!(then.went_back_by_now(&later(0, 50_000)), "back at once");
     }
 
     #[test]
