@@ -254,7 +254,8 @@ impl RawSender {
 
 /// A secret from its file: relative paths are systemd credentials when `$CREDENTIALS_DIRECTORY` is set,
 /// else relative to the config file. One trailing newline is not part of the secret (`echo` adds it); a
-/// secret is one line, and not only blanks (an HMAC keyed with a newline is anybody's to compute).
+/// secret of blanks only is refused (an HMAC keyed with a newline is anybody's to compute), one of more
+/// than one line warned about.
 fn read_secret(file: &Path, context: &mut Context<'_>) -> Result<Secret, String> {
     let path = if file.is_absolute() {
         file.to_path_buf()
@@ -273,8 +274,9 @@ fn read_secret(file: &Path, context: &mut Context<'_>) -> Result<Secret, String>
         return Err(format!("{} holds only blanks", path.display()));
     }
     if trimmed.contains(&b'\n') || trimmed.contains(&b'\r') {
-        return Err(format!(
-            "{} holds more than one line: a secret is one line (a newline at its end is not part of it)",
+        // A warning: a key written as raw bytes may hold newlines, and an upgrade must not stop it.
+        context.warnings.push(format!(
+            "secret file {} holds more than one line: all of it but one newline at its end is the secret",
             path.display()
         ));
     }
