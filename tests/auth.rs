@@ -411,8 +411,8 @@ fn unverified_bodies_are_held_up_to_a_bound_then_answered_503() {
 }
 
 /// One client's unverified bodies hold at most a quarter of that bound: a client that sends large bodies
-/// it cannot sign, and stalls, cannot take it from senders elsewhere. Its third body of 9 MiB is refused
-/// (two would hold 17.5 MiB, over 16); another client's is held.
+/// it cannot sign, and stalls, cannot take it from senders elsewhere. Of its three bodies of 9 MiB at
+/// once, at most one is held (two would hold 17.5 MiB, over 16); another client's is held.
 #[test]
 fn one_clients_unverified_bodies_hold_a_quarter_of_the_bound() {
     let env = Env::new();
@@ -430,8 +430,11 @@ fn one_clients_unverified_bodies_hold_a_quarter_of_the_bound() {
     );
     let (other, _) = unchecked_bodies(&server, "/hooks/big", &["203.0.113.9"]);
     let answers = answers_within(&streams, Duration::from_secs(3));
+    // Two at least: the three stream in together, so which reach the share first, and whether one of
+    // them is held whole, depends on how their reads interleave; without the share none is refused
+    // (26 MiB of 64).
     let refused: Vec<&Response> = answers.iter().flatten().collect();
-    assert_eq!(refused.len(), 2, "{refused:?}\n{}", server.log());
+    assert!(refused.len() >= 2, "{refused:?}\n{}", server.log());
     for response in refused {
         assert_eq!(response.status, 503, "{}", response.text());
         assert!(
