@@ -350,19 +350,25 @@ fn answers_within(streams: &[std::net::TcpStream], limit: Duration) -> Vec<Optio
     })
 }
 
+/// An env with one github sender (secret `bound-secret`) for the held-bodies tests, `top` its top-level
+/// keys, and the counting script `big`; returns the env and the script's runs file.
+fn bound_env(top: &str) -> (Env, PathBuf) {
+    let env = Env::new();
+    let file = secret(&env, "github-secret", "bound-secret");
+    let env = env.config(&format!(
+        "{top}\n[[sender]]\nname = \"gh\"\ntype = \"github\"\nsecret_file = {file:?}\n"
+    ));
+    let out = counter(&env, "big");
+    (env, out)
+}
+
 /// Bodies whose signature is still being checked are held in memory, never on disk, and together at
 /// most 64 MiB past the first 256 KiB of each: past that, such a request is answered 503 with
 /// Retry-After. What they held is given back when they end, and a signed body is served again.
 #[test]
 fn unverified_bodies_are_held_up_to_a_bound_then_answered_503() {
-    let env = Env::new();
-    let file = secret(&env, "github-secret", "bound-secret");
     // Behind a proxy, so that each body comes from a client of its own (X-Forwarded-For).
-    let env = env.config(&format!(
-        "trusted_proxies = [\"127.0.0.1/32\"]\n\
-         [[sender]]\nname = \"gh\"\ntype = \"github\"\nsecret_file = {file:?}\n"
-    ));
-    let out = counter(&env, "big");
+    let (env, out) = bound_env("trusted_proxies = [\"127.0.0.1/32\"]");
     let server = env.serve();
     let pid = server.child.id();
     // Eight bodies of 9 MiB, each one byte short of its length, so none is checked: 8 × 8.75 MiB past
@@ -415,13 +421,7 @@ fn unverified_bodies_are_held_up_to_a_bound_then_answered_503() {
 /// once, at most one is held (two would hold 17.5 MiB, over 16); another client's is held.
 #[test]
 fn one_clients_unverified_bodies_hold_a_quarter_of_the_bound() {
-    let env = Env::new();
-    let file = secret(&env, "github-secret", "bound-secret");
-    let env = env.config(&format!(
-        "trusted_proxies = [\"127.0.0.1/32\"]\n\
-         [[sender]]\nname = \"gh\"\ntype = \"github\"\nsecret_file = {file:?}\n"
-    ));
-    let out = counter(&env, "big");
+    let (env, out) = bound_env("trusted_proxies = [\"127.0.0.1/32\"]");
     let server = env.serve();
     let (streams, _) = unchecked_bodies(
         &server,
@@ -455,12 +455,7 @@ fn one_clients_unverified_bodies_hold_a_quarter_of_the_bound() {
 /// the client's share is never less than one body.
 #[test]
 fn a_signed_body_up_to_max_body_fits_whatever_the_clients_share() {
-    let env = Env::new();
-    let file = secret(&env, "github-secret", "bound-secret");
-    let env = env.config(&format!(
-        "max_body = \"40MiB\"\n[[sender]]\nname = \"gh\"\ntype = \"github\"\nsecret_file = {file:?}\n"
-    ));
-    let out = counter(&env, "big");
+    let (env, out) = bound_env("max_body = \"40MiB\"");
     let server = env.serve();
     let body = vec![b'x'; 30_000_000];
     let signature = github_sign("bound-secret", &body);
