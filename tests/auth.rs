@@ -1520,6 +1520,18 @@ fn check_validates_profiles_and_secret_files() {
             "{body}: {err}"
         );
     }
+    // A secret pasted where its file's path belongs is not echoed by the error that it names no file.
+    let pasted = Env::new().config(
+        "[[sender]]\nname = \"s\"\ntype = \"github\"\nsecret_file = \"pasted-Secret-0f9e\"\n",
+    );
+    let out = pasted.check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(
+        err.contains("secret_file: cannot read the file it names")
+            && !err.contains("pasted-Secret"),
+        "{err}"
+    );
     // Two senders on one path: only one of them could ever apply.
     let twice = Env::new().config(
         "[[sender]]\nname = \"a\"\ntype = \"none\"\npath = \"/jamf\"\n\

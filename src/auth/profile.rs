@@ -257,12 +257,9 @@ impl RawSender {
 /// secret of blanks only is refused (an HMAC keyed with a newline is anybody's to compute), one of more
 /// than one line warned about.
 fn read_secret(file: &Path, context: &mut Context<'_>) -> Result<Secret, String> {
-    let path = if file.is_absolute() {
-        file.to_path_buf()
-    } else {
-        context.credentials.unwrap_or(context.base).join(file)
-    };
-    let bytes = fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let base = context.credentials.unwrap_or(context.base);
+    let path = base.join(file);
+    let bytes = fs::read(&path).map_err(|e| unreadable(file, base, &e))?;
     let trimmed = bytes
         .strip_suffix(b"\n")
         .map(|b| b.strip_suffix(b"\r").unwrap_or(b))
@@ -291,6 +288,24 @@ fn read_secret(file: &Path, context: &mut Context<'_>) -> Result<Secret, String>
         }
     }
     Ok(Secret::new(trimmed.to_vec()))
+}
+
+/// Why a secret file cannot be read. A relative name is not repeated: it may be the secret itself, pasted
+/// where its file's path belongs, and an error is printed and logged. An absolute path is shown whole.
+fn unreadable(configured: &Path, base: &Path, error: &std::io::Error) -> String {
+    if configured.is_absolute() {
+        return format!("{}: {error}", configured.display());
+    }
+    let base = if base.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        base
+    };
+    format!(
+        "cannot read the file it names (relative to {}): {error}; the name is not repeated, in case it \
+         is the secret itself",
+        base.display()
+    )
 }
 
 fn is_token(name: &str) -> bool {
