@@ -220,6 +220,14 @@ pub fn run() -> ExitCode {
                     for warning in &config.warnings {
                         eprintln!("hookrunner: warning: {warning}");
                     }
+                    // What `serve` refuses at start. The owners are not checked: `check` may run as
+                    // another user than the daemon (root, reading its credentials).
+                    if daemon::opens_store(&config) {
+                        if let Err(e) = crate::store::check_private(&config.store.state_dir, None) {
+                            eprintln!("hookrunner: state_dir: {e}");
+                            return ExitCode::from(EX_CONFIG);
+                        }
+                    }
                     print!("{}", config.routes);
                     for sender in &config.senders.senders {
                         println!(

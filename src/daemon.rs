@@ -244,11 +244,13 @@ pub fn serve(config_path: Option<PathBuf>, mut overrides: Overrides) -> Result<(
 fn open_store(config: &Config) -> Result<(Option<store::Shared>, Option<u64>), Error> {
     let settings = &config.store;
     let needed = settings.history || any_async(config);
-    if !needed && !settings.state_dir.join(store::DATABASE).exists() {
+    if !opens_store(config) {
         return Ok((None, None));
     }
-    store::check_private(&settings.state_dir)
-        .map_err(|e| Error::Start("store".into(), io::Error::other(e)))?;
+    // A configuration error (78), as `check` reports it: restarting cannot mend it.
+    let euid = rustix::process::geteuid().as_raw();
+    store::check_private(&settings.state_dir, Some(euid))
+        .map_err(|e| Error::Config(ConfigError::new(None, None, format!("state_dir: {e}"))))?;
     let store = store::open(&settings.state_dir)
         .map_err(|e| Error::Start("store".into(), io::Error::other(e)))?;
     let waiting = store
@@ -266,6 +268,13 @@ fn open_store(config: &Config) -> Result<(Option<store::Shared>, Option<u64>), E
         );
     }
     Ok((Some(store), Some(waiting)))
+}
+
+/// Whether `serve` opens the store: something needs it (see [`open_store`]), or one is there already.
+pub fn opens_store(config: &Config) -> bool {
+    config.store.history
+        || any_async(config)
+        || config.store.state_dir.join(store::DATABASE).exists()
 }
 
 /// Whether any request may be queued: `async = true`, or a route with the `async` option.
@@ -396,21 +405,32 @@ fn register_signals(
     Ok(())
 }
 
+/// Opens `log_file` again (a new file, if logrotate renamed the old one), or keeps logging where it did.
+fn reopen_log(log_file: Option<&std::path::Path>) {
+    if let Err(e) = crate::logging::use_file(log_file) {
+        log::error!("reload: cannot open log_file: {e}; logging where it did before");
+    }
+}
+
 fn reload_config(
     gateway: &Gateway,
     tls: Option<&http::TlsConfig>,
     path: Option<&std::path::Path>,
     overrides: &Overrides,
 ) {
+    let old = gateway.config();
     let mut new = match Config::load(path, overrides) {
         Ok(new) => new,
         Err(e) => {
+            // The log is reopened all the same: logrotate renamed it and sent this signal, whatever the
+            // state of the configuration, and must not find the daemon still writing to the renamed file.
+            reopen_log(old.log_file.as_deref());
             log::error!("reload failed; still serving with the previous configuration: {e}");
             return;
         }
     };
-    let old = gateway.config();
     if let (Some(gone), None) = (&old.routes.source, &new.routes.source) {
+        reopen_log(old.log_file.as_deref());
         // The routes file beside the configuration is missing now (renamed away by an editor or a tool
         // mid-edit, or moved aside): falling back to the embedded `* {event}` would widen what runs, from
         // the scripts the file named to any script named like an event, without a word.
@@ -422,9 +442,7 @@ fn reload_config(
         return;
     }
     // Reopened whether or not the path changed: after logrotate renamed it, this makes a new file.
-    if let Err(e) = crate::logging::use_file(new.log_file.as_deref()) {
-        log::error!("reload: cannot open log_file: {e}; logging where it did before");
-    }
+    reopen_log(new.log_file.as_deref());
     let fixed = [
         ("listen", old.listen.to_string() != new.listen.to_string()),
         ("payload_dir", old.payload_dir != new.payload_dir),

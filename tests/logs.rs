@@ -64,6 +64,18 @@ fn log_file_takes_the_log_and_sighup_reopens_it_after_a_rename() {
         old.contains(&format!("pong-{first_id}")) && !old.contains(&second_id),
         "{old}"
     );
+    // A reload that fails (here on the routes) reopens the log all the same: logrotate renamed it and
+    // signalled, and the renamed file is compressed and deleted later.
+    let rotated_again = log.path().join("hookrunner.log.2");
+    fs::rename(&current, &rotated_again).expect("rename");
+    env.routes("Ping Ping colour=red\n");
+    server.signal(libc::SIGHUP);
+    assert!(
+        wait_text(&current, "reload failed"),
+        "no new file after a failed reload: {}",
+        read(&rotated_again)
+    );
+    assert!(!read(&rotated_again).contains("reload failed"));
     // The file is the daemon's alone: not readable by others.
     use std::os::unix::fs::PermissionsExt;
     let mode = fs::metadata(&current).expect("stat").permissions().mode();

@@ -751,12 +751,27 @@ fn a_store_others_can_write_is_refused_at_start() {
     env.routes("A a.sh async\n");
     drop(env.serve());
     let db = env.state().join("hookrunner.db");
+    // A configuration error (78: the unit does not restart it), and one `check` reports too where it is
+    // the modes; the owners `check` leaves alone, as it may run as another user than the daemon.
     let refused = |path: &std::path::Path, why: &str| {
         let mut server = Server::spawn(env.serve_command("127.0.0.1:0"));
         let status = server
             .wait_exit(Duration::from_secs(10))
             .expect("the daemon exits");
-        assert!(!status.success(), "{why}: {status:?}");
+        assert_eq!(status.code(), Some(78), "{why}: {}", server.log());
+        let check = env.check();
+        let said = String::from_utf8_lossy(&check.stderr);
+        let by_mode = !why.contains("owned") && !why.contains("another user");
+        assert_eq!(
+            check.status.code(),
+            Some(if by_mode { 78 } else { 0 }),
+            "{why}: {said}"
+        );
+        assert_eq!(
+            said.contains(&format!("state_dir: {} belongs to uid", path.display())),
+            by_mode,
+            "{why}: {said}"
+        );
         assert!(
             server
                 .log()

@@ -385,11 +385,11 @@ pub fn open(dir: &Path) -> Result<Shared, String> {
 /// Before the daemon opens its store: `dir` and what SQLite reads in it must be writable by this user
 /// alone. The store's queued entries name the scripts they run, and SQLite replays a log (`-wal`) or a
 /// hot journal it finds beside the database, whoever wrote it: another user able to write any of them
-/// decides what runs as this one. The directory may be root's; the files must be this user's. (The
-/// operator's CLI only reads, and checks nothing.)
-pub fn check_private(dir: &Path) -> Result<(), String> {
+/// decides what runs as this one. The directory may be root's; the files must be `owner`'s (this user's
+/// in the daemon; `None` in `check`, which may run as another user than the daemon, and checks the modes
+/// alone). (The operator's CLI only reads, and checks nothing.)
+pub fn check_private(dir: &Path, owner: Option<u32>) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
-    let euid = rustix::process::geteuid().as_raw();
     let mut paths = vec![(dir.to_path_buf(), true)];
     for suffix in ["", "-wal", "-shm", "-journal", ".lock"] {
         paths.push((dir.join(format!("{DATABASE}{suffix}")), false));
@@ -400,11 +400,15 @@ pub fn check_private(dir: &Path) -> Result<(), String> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
         };
-        let owner_ok = meta.uid() == euid || (is_dir && meta.uid() == 0);
+        let owner_ok = owner.is_none_or(|euid| meta.uid() == euid || (is_dir && meta.uid() == 0));
         if !owner_ok || meta.mode() & 0o022 != 0 {
+            let daemon = owner.map_or_else(
+                || "the daemon's user".to_string(),
+                |euid| format!("this daemon's user (uid {euid})"),
+            );
             return Err(format!(
                 "{} belongs to uid {} with mode {:04o}, and whoever can write it decides what runs as \
-                 this daemon's user (uid {euid}): make it this user's (chown) and chmod {} it",
+                 {daemon}: make it that user's (chown) and chmod {} it",
                 path.display(),
                 meta.uid(),
                 meta.mode() & 0o7777,
