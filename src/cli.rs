@@ -376,8 +376,15 @@ mod tests {
         let mut root = Cli::command();
         // Building names each command for its page (`hookrunner-serve`), as `hookrunner serve` would show it.
         root.build();
-        let mut commands = vec![root.clone()];
-        commands.extend(root.get_subcommands().cloned());
+        // Every command, nested ones too (`hookrunner-deliveries-show(1)`): a page names its subcommands'
+        // pages, which must exist.
+        let mut commands = vec![root];
+        let mut next = 0;
+        while let Some(command) = commands.get(next) {
+            let children: Vec<clap::Command> = command.get_subcommands().cloned().collect();
+            commands.extend(children);
+            next += 1;
+        }
         commands
             .into_iter()
             .map(|command| {

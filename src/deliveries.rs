@@ -16,8 +16,8 @@ use crate::units::parse_duration;
 /// `hookrunner deliveries`: without a command, `list`.
 #[derive(Args, Debug)]
 pub struct DeliveriesArgs {
-    /// Configuration file, to find the store as `serve` does; only its store keys are read (default
-    /// /etc/hookrunner/hookrunner.toml if it exists, else built-in defaults)
+    /// Configuration file, to find the store as `serve` does: it must parse, but only its store keys are
+    /// used (default /etc/hookrunner/hookrunner.toml if it exists, else built-in defaults)
     #[arg(long, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
     #[command(subcommand)]

@@ -763,7 +763,9 @@ fn queued_response(
                 *status,
                 &json!({ "request_id": first, "event": event, "queued": true, "duplicate": true }),
             ),
-            format!("duplicate_of={id}"),
+            // The same words as a replay's line (`duplicate_of=` the first's request id), and the row
+            // that answered it.
+            format!("duplicate=true duplicate_of={first} row={id}"),
         ),
     };
     let sender = sender.map(|s| format!(" sender={s}")).unwrap_or_default();

@@ -565,6 +565,14 @@ fn a_repeated_delivery_id_is_answered_as_the_first_and_not_run_again_across_a_re
         first,
         "answered as the first one was"
     );
+    let logged = server
+        .wait_log("duplicate=true", Duration::from_secs(5))
+        .unwrap_or_else(|| server.log());
+    let first_id = first.as_str().expect("a request id");
+    assert!(
+        logged.contains(&format!("duplicate=true duplicate_of={first_id} row=")),
+        "{logged}"
+    );
     // Without a delivery id two identical bodies are two events; an id in the body works like a header's.
     for _ in 0..2 {
         assert_eq!(server.post("/hooks/D", b"same").status, 202);

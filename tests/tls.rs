@@ -535,6 +535,22 @@ fn check_validates_the_tls_files() {
     );
 }
 
+/// `send` speaks plain HTTP: against a configuration with `[tls]` and no `--url` it says so at once
+/// (usage, 64), rather than sending plain text to the TLS port and failing on the answer.
+#[test]
+fn send_without_a_url_refuses_a_tls_listen_saying_why() {
+    let ca = Ca::new("send ca");
+    let env = tls_env(&server_leaf(&ca), None, "");
+    let out = Command::new(crate::util::BIN)
+        .args(["send", "ComputerAdded", "--config"])
+        .arg(env.config_path())
+        .output()
+        .expect("run send");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{said}");
+    assert!(said.contains("speaks TLS ([tls])"), "{said}");
+}
+
 #[test]
 fn tls_on_a_unix_socket_is_a_config_error() {
     let ca = Ca::new("server CA");

@@ -42,7 +42,7 @@ complete -c hookrunner -n "__fish_hookrunner_using_subcommand check" -l payload 
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand check" -l header -d 'With --payload: a request header, \'Name: value\' (repeatable)' -r
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand check" -l path -d 'With --payload: the request\'s path and query' -r
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand check" -s h -l help -d 'Print help (see more with \'--help\')'
-complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and not __fish_seen_subcommand_from list show retry drop" -l config -d 'Configuration file, to find the store as `serve` does; only its store keys are read (default /etc/hookrunner/hookrunner.toml if it exists, else built-in defaults)' -r -F
+complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and not __fish_seen_subcommand_from list show retry drop" -l config -d 'Configuration file, to find the store as `serve` does: it must parse, but only its store keys are used (default /etc/hookrunner/hookrunner.toml if it exists, else built-in defaults)' -r -F
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and not __fish_seen_subcommand_from list show retry drop" -l event -d 'Only events matching this glob (`*`, `?`; ignoring case)' -r
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and not __fish_seen_subcommand_from list show retry drop" -l status -d 'queued, running, done, failed, dead, or an exit code' -r
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and not __fish_seen_subcommand_from list show retry drop" -l sender -d 'Only those from this sender' -r
@@ -59,20 +59,20 @@ complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __fish_seen_subcommand_from list" -l sender -d 'Only those from this sender' -r
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __fish_seen_subcommand_from list" -l since -d 'Only those received within this long (30s, 5m, 1h)' -r
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __fish_seen_subcommand_from list" -l limit -d 'At most this many rows (default 50)' -r
-complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __fish_seen_subcommand_from list" -l config -d 'Configuration file, to find the store as `serve` does; only its store keys are read (default /etc/hookrunner/hookrunner.toml if it exists, else built-in defaults)' -r -F
+complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __fish_seen_subcommand_from list" -l config -d 'Configuration file, to find the store as `serve` does: it must parse, but only its store keys are used (default /etc/hookrunner/hookrunner.toml if it exists, else built-in defaults)' -r -F
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __fish_seen_subcommand_from list" -l json -d 'Print the rows as a JSON array'
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __fish_seen_subcommand_from list" -s h -l help -d 'Print help'
-complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __fish_seen_subcommand_from show" -l config -d 'Configuration file, to find the store as `serve` does; only its store keys are read (default /etc/hookrunner/hookrunner.toml if it exists, else built-in defaults)' -r -F
+complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __fish_seen_subcommand_from show" -l config -d 'Configuration file, to find the store as `serve` does: it must parse, but only its store keys are used (default /etc/hookrunner/hookrunner.toml if it exists, else built-in defaults)' -r -F
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __fish_seen_subcommand_from show" -l payload -d 'Print the payload (the body as received) instead'
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __fish_seen_subcommand_from show" -s h -l help -d 'Print help'
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __fish_seen_subcommand_from retry" -l event -d 'With --dead: only those of events matching this glob' -r
-complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __fish_seen_subcommand_from retry" -l config -d 'Configuration file, to find the store as `serve` does; only its store keys are read (default /etc/hookrunner/hookrunner.toml if it exists, else built-in defaults)' -r -F
+complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __fish_seen_subcommand_from retry" -l config -d 'Configuration file, to find the store as `serve` does: it must parse, but only its store keys are used (default /etc/hookrunner/hookrunner.toml if it exists, else built-in defaults)' -r -F
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __fish_seen_subcommand_from retry" -l dead -d 'Every dead delivery instead'
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __fish_seen_subcommand_from retry" -s h -l help -d 'Print help'
-complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __fish_seen_subcommand_from drop" -l config -d 'Configuration file, to find the store as `serve` does; only its store keys are read (default /etc/hookrunner/hookrunner.toml if it exists, else built-in defaults)' -r -F
+complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __fish_seen_subcommand_from drop" -l config -d 'Configuration file, to find the store as `serve` does: it must parse, but only its store keys are used (default /etc/hookrunner/hookrunner.toml if it exists, else built-in defaults)' -r -F
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __fish_seen_subcommand_from drop" -s h -l help -d 'Print help'
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand get" -l default -d 'Print this for a path that is not there, instead of failing' -r
-complete -c hookrunner -n "__fish_hookrunner_using_subcommand get" -l format -d 'The body\'s format, when neither HOOKRUNNER_CONTENT_TYPE nor its first character tells' -r
+complete -c hookrunner -n "__fish_hookrunner_using_subcommand get" -l format -d 'The body\'s format, whatever HOOKRUNNER_CONTENT_TYPE says (without it: that variable, else the body\'s first character)' -r
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand get" -l json -d 'Print each value as JSON (objects and arrays whole)'
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand get" -l shell -d 'Print NAME=\'value\' lines to eval in a shell script'
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand get" -s h -l help -d 'Print help (see more with \'--help\')'

@@ -34,7 +34,7 @@ impl Url {
             });
         }
         let rest = text.strip_prefix("http://").ok_or_else(|| {
-            format!("{text:?}: use http://HOST:PORT/path or unix:/path/to/socket (https: put the daemon's own address)")
+            format!("{text:?}: use http://HOST:PORT/path or unix:/path/to/socket (send speaks plain HTTP only)")
         })?;
         let (authority, target) = match rest.find(['/', '?']) {
             Some(i) if rest[i..].starts_with('?') => (&rest[..i], format!("/{}", &rest[i..])),

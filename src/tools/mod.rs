@@ -39,7 +39,8 @@ pub struct GetArgs {
     /// Print NAME='value' lines to eval in a shell script
     #[arg(long)]
     pub shell: bool,
-    /// The body's format, when neither HOOKRUNNER_CONTENT_TYPE nor its first character tells
+    /// The body's format, whatever HOOKRUNNER_CONTENT_TYPE says (without it: that variable, else the
+    /// body's first character)
     #[arg(long, value_parser = parse_format)]
     pub format: Option<Format>,
 }
@@ -222,6 +223,11 @@ pub fn run_send(args: SendArgs) -> ExitCode {
     };
     let url = match (&args.url, &config) {
         (Some(url), _) => http::Url::parse(url),
+        (None, Some(config)) if config.tls.is_some() => Err(
+            "the configuration's listen speaks TLS ([tls]), and send speaks plain HTTP only: \
+                 use curl --cacert, or --url to a plain listener"
+                .to_string(),
+        ),
         (None, Some(config)) => {
             send::default_url(&config.listen, sender.map_or("/", |s| s.path.as_str()))
         }
