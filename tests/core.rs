@@ -346,15 +346,19 @@ fn unsafe_template_script_is_refused_with_500() {
         // The sender learns what is wrong, not where this machine keeps its scripts; the log says both.
         let dir = env.path().display().to_string();
         assert!(!error.contains(&dir), "{event}: {error}");
+        let id = response.json()["request_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let logged = server
+            .wait_log(
+                &format!("{id} refusing to run"),
+                std::time::Duration::from_secs(5),
+            )
+            .unwrap_or_else(|| panic!("{event}: no refusal logged\n{}", server.log()));
         assert!(
-            server
-                .wait_log(
-                    &format!("{}/scripts", dir),
-                    std::time::Duration::from_secs(5)
-                )
-                .is_some(),
-            "{}",
-            server.log()
+            logged.contains(&format!("{dir}/scripts/")) && logged.contains(why),
+            "{event}: {logged}"
         );
     }
     assert!(!ran.exists(), "no unsafe script ran");
