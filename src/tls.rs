@@ -109,7 +109,7 @@ impl RawTls {
 
 /// ring, not aws-lc-rs: ring builds with the C compiler alone, aws-lc-rs also needs cmake (see Cargo.toml).
 /// ring's suites, with TLS_AES_128_GCM_SHA256 first: see `ignore_client_order` below.
-fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     let mut provider = rustls::crypto::ring::default_provider();
     // A stable sort: the other suites keep ring's order.
     provider
@@ -184,7 +184,7 @@ fn server_config(
 }
 
 /// Every certificate in a PEM file, in order; at least one.
-fn certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+pub(crate) fn certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let text = read(key, path)?;
     let chain = CertificateDer::pem_slice_iter(&text)
         .collect::<Result<Vec<_>, _>>()

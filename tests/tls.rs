@@ -541,20 +541,53 @@ fn check_validates_the_tls_files() {
     );
 }
 
-/// `send` speaks plain HTTP: against a configuration with `[tls]` and no `--url` it says so at once
-/// (usage, 64), rather than sending plain text to the TLS port and failing on the answer.
+/// `send` reaches a TLS listener: trusting the configuration's own certificate (pinned, whatever names it
+/// carries: this one names localhost alone, and is reached at 127.0.0.1), or the CAs of `--cacert`,
+/// checked with the URL's host name. A certificate another CA issued, or for another name, is refused,
+/// and nothing runs for it.
 #[test]
-fn send_without_a_url_refuses_a_tls_listen_saying_why() {
+fn send_posts_over_tls_trusting_the_daemons_certificate_or_a_ca() {
     let ca = Ca::new("send ca");
-    let env = tls_env(&server_leaf(&ca), None, "");
-    let out = Command::new(crate::util::BIN)
-        .args(["send", "ComputerAdded", "--config"])
-        .arg(env.config_path())
-        .output()
-        .expect("run send");
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(64), "{said}");
-    assert!(said.contains("speaks TLS ([tls])"), "{said}");
+    let env = tls_env(&ca.issue(&["localhost"], "send test"), None, "");
+    let runs = env.path().join("runs");
+    env.script("ComputerAdded", &format!("echo ran >> {runs:?}"));
+    let server = env.serve();
+    let port = server.addr.port();
+    let send = |args: &[&str]| {
+        let out = Command::new(crate::util::BIN)
+            .args(["send", "ComputerAdded", "--config"])
+            .arg(env.config_path())
+            .args(args)
+            .output()
+            .expect("run send");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let pinned = send(&["--url", &format!("https://127.0.0.1:{port}/")]);
+    assert_eq!(pinned.0, Some(0), "{pinned:?}");
+    assert!(pinned.1.contains("HTTP 200"), "{pinned:?}");
+    let ca_file = write_ca(&env, "ca.pem", &ca);
+    let url = format!("https://localhost:{port}/");
+    let by_ca = send(&["--cacert", &ca_file, "--url", &url]);
+    assert_eq!(by_ca.0, Some(0), "{by_ca:?}");
+    assert!(by_ca.1.contains("HTTP 200"), "{by_ca:?}");
+    // With --cacert the name is checked: the certificate names localhost, not 127.0.0.1.
+    let wrong_name = send(&[
+        "--cacert",
+        &ca_file,
+        "--url",
+        &format!("https://127.0.0.1:{port}/"),
+    ]);
+    assert_eq!(wrong_name.0, Some(1), "{wrong_name:?}");
+    assert!(wrong_name.2.contains("certificate"), "{wrong_name:?}");
+    let other = write_ca(&env, "other.pem", &Ca::new("another CA"));
+    let refused = send(&["--cacert", &other, "--url", &url]);
+    assert_eq!(refused.0, Some(1), "{refused:?}");
+    assert!(refused.2.contains("certificate"), "{refused:?}");
+    assert_eq!(fs::read_to_string(&runs).expect("runs").lines().count(), 2);
 }
 
 #[test]

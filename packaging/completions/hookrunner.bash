@@ -271,13 +271,17 @@ _hookrunner() {
             return 0
             ;;
         hookrunner__subcmd__send)
-            opts="-h --list --url --format --sender --set --count --rate --config --help"
+            opts="-h --list --url --cacert --format --sender --set --count --rate --config --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --cacert)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

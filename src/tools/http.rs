@@ -1,17 +1,21 @@
-//! A plain HTTP/1.1 client for `hookrunner send`: one request per connection (`Connection: close`), over
-//! TCP or a unix socket. Webhook senders need nothing more, and a client library would be the largest
-//! dependency of the binary.
+//! A small HTTP/1.1 client for `hookrunner send`: one request per connection (`Connection: close`), over
+//! TCP, TLS (rustls, which the daemon has anyway; whom it trusts is [`super::https`]'s) or a unix socket.
+//! Webhook senders need nothing more, and a client library would be the largest dependency of the binary.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-/// Where to send: `http://HOST:PORT/path?query` or `unix:/path/to/socket` (then the path is `/`).
+/// Where to send: `http://HOST:PORT/path?query`, `https://...` or `unix:/path/to/socket` (then the path is
+/// `/`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Url {
     pub transport: Transport,
+    /// `https`: TLS over the TCP connection.
+    pub secure: bool,
     /// The `Host` header.
     pub host: String,
     /// Path and query.
@@ -29,13 +33,20 @@ impl Url {
         if let Some(path) = text.strip_prefix("unix:") {
             return Ok(Url {
                 transport: Transport::Unix(PathBuf::from(path)),
+                secure: false,
                 host: "localhost".into(),
                 target: "/".into(),
             });
         }
-        let rest = text.strip_prefix("http://").ok_or_else(|| {
-            format!("{text:?}: use http://HOST:PORT/path or unix:/path/to/socket (send speaks plain HTTP only)")
-        })?;
+        let (secure, rest) = match (text.strip_prefix("http://"), text.strip_prefix("https://")) {
+            (Some(rest), _) => (false, rest),
+            (_, Some(rest)) => (true, rest),
+            _ => {
+                return Err(format!(
+                    "{text:?}: use http://HOST:PORT/path, https://HOST:PORT/path or unix:/path/to/socket"
+                ));
+            }
+        };
         let (authority, target) = match rest.find(['/', '?']) {
             Some(i) if rest[i..].starts_with('?') => (&rest[..i], format!("/{}", &rest[i..])),
             Some(i) => (&rest[..i], rest[i..].to_string()),
@@ -50,13 +61,22 @@ impl Url {
         {
             authority.to_string()
         } else {
-            format!("{authority}:80")
+            format!("{authority}:{}", if secure { 443 } else { 80 })
         };
         Ok(Url {
             transport: Transport::Tcp(address),
+            secure,
             host: authority.to_string(),
             target,
         })
+    }
+
+    /// The host without its port (`[::1]` stays bracketed), the name a certificate is checked against.
+    pub fn host_name(&self) -> &str {
+        match self.host.rsplit_once(':') {
+            Some((name, port)) if port.parse::<u16>().is_ok() && !name.ends_with(':') => name,
+            _ => &self.host,
+        }
     }
 }
 
@@ -105,10 +125,36 @@ pub fn request(
     Ok(bytes)
 }
 
-/// Sends `request` and reads the whole answer, each step within `timeout`.
-pub fn exchange(url: &Url, request: &[u8], timeout: Duration) -> io::Result<Answer> {
+/// Sends `request` and reads the whole answer, each step within `timeout`; over TLS (an `https` URL) as
+/// `tls` trusts.
+pub fn exchange(
+    url: &Url,
+    request: &[u8],
+    timeout: Duration,
+    tls: Option<&super::https::Client>,
+) -> io::Result<Answer> {
     let mut raw = Vec::new();
     match &url.transport {
+        Transport::Tcp(address) if url.secure => {
+            let client = tls.ok_or_else(|| io::Error::other("an https URL needs a trust"))?;
+            let stream = TcpStream::connect(address)?;
+            stream.set_read_timeout(Some(timeout))?;
+            stream.set_write_timeout(Some(timeout))?;
+            let connection =
+                rustls::ClientConnection::new(Arc::clone(&client.config), client.name.clone())
+                    .map_err(io::Error::other)?;
+            let mut stream = rustls::StreamOwned::new(connection, stream);
+            stream.write_all(request)?;
+            stream.flush()?;
+            // A server that closes without TLS's close_notify has still answered whole: the answer's
+            // own length says what is in it.
+            match stream.read_to_end(&mut raw) {
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+                other => {
+                    other?;
+                }
+            }
+        }
         Transport::Tcp(address) => {
             let mut stream = TcpStream::connect(address)?;
             stream.set_read_timeout(Some(timeout))?;
@@ -180,7 +226,26 @@ mod tests {
             unix.transport,
             Transport::Unix("/run/hookrunner/sock".into())
         );
-        for bad in ["https://h/", "h:1", "http:///x"] {
+        let url = Url::parse("https://hooks.example.org/jamf").expect("valid");
+        assert_eq!(
+            (&url.transport, url.secure, url.host_name()),
+            (
+                &Transport::Tcp("hooks.example.org:443".into()),
+                true,
+                "hooks.example.org"
+            )
+        );
+        assert_eq!(
+            Url::parse("https://[::1]:8443/")
+                .expect("valid")
+                .host_name(),
+            "[::1]"
+        );
+        assert_eq!(
+            Url::parse("http://[::1]/").expect("valid").host_name(),
+            "[::1]"
+        );
+        for bad in ["ftp://h/", "h:1", "http:///x"] {
             assert!(Url::parse(bad).is_err(), "{bad}");
         }
     }

@@ -6,6 +6,7 @@
 pub mod explain;
 pub mod get;
 pub mod http;
+pub mod https;
 pub mod samples;
 pub mod send;
 
@@ -132,10 +133,14 @@ pub struct SendArgs {
     /// List the samples
     #[arg(long)]
     pub list: bool,
-    /// Where to post: http://HOST:PORT/path or unix:/path/to/socket (default: the configuration's listen,
-    /// at the sender's path)
+    /// Where to post: http://HOST:PORT/path, https://HOST:PORT/path or unix:/path/to/socket (default: the
+    /// configuration's listen, at the sender's path; https when it has [tls])
     #[arg(long)]
     pub url: Option<String>,
+    /// For https: the CA certificates to trust (PEM), checked with the URL's host name (default: the
+    /// configuration's [tls] cert_file, trusted as the daemon's own certificate)
+    #[arg(long, value_name = "FILE")]
+    pub cacert: Option<PathBuf>,
     /// Jamf's body shape
     #[arg(long, default_value = "json", value_parser = ["json", "xml"])]
     pub format: String,
@@ -192,7 +197,15 @@ pub fn run_send(args: SendArgs) -> ExitCode {
     // Without any configuration file the daemon listens where the defaults say, and so does send.
     let no_file =
         args.config.is_none() && !std::path::Path::new(crate::config::DEFAULT_CONFIG).exists();
-    let config = if args.sender.is_some() || (args.url.is_none() && !no_file) {
+    // An https URL without --cacert trusts the configuration's certificate.
+    let https_url = args
+        .url
+        .as_deref()
+        .is_some_and(|u| u.starts_with("https://"));
+    let config = if args.sender.is_some()
+        || (args.url.is_none() && !no_file)
+        || (https_url && args.cacert.is_none())
+    {
         match Config::load(args.config.as_deref(), &Overrides::default()) {
             Ok(config) => Some(config),
             Err(e) => {
@@ -223,17 +236,13 @@ pub fn run_send(args: SendArgs) -> ExitCode {
     };
     let url = match (&args.url, &config) {
         (Some(url), _) => http::Url::parse(url),
-        (None, Some(config)) if config.tls.is_some() => Err(
-            "the configuration's listen speaks TLS ([tls]), and send speaks plain HTTP only: \
-                 use curl --cacert, or --url to a plain listener"
-                .to_string(),
+        (None, Some(config)) => send::default_url(
+            &config.listen,
+            sender.map_or("/", |s| s.path.as_str()),
+            config.tls.is_some(),
         ),
-        (None, Some(config)) => {
-            send::default_url(&config.listen, sender.map_or("/", |s| s.path.as_str()))
-        }
-        (None, None) => {
-            Listen::parse(crate::config::DEFAULT_LISTEN).and_then(|l| send::default_url(&l, "/"))
-        }
+        (None, None) => Listen::parse(crate::config::DEFAULT_LISTEN)
+            .and_then(|l| send::default_url(&l, "/", false)),
     };
     let url = match url {
         Ok(url) => url,
@@ -241,6 +250,24 @@ pub fn run_send(args: SendArgs) -> ExitCode {
             eprintln!("hookrunner send: {e}");
             return ExitCode::from(EX_USAGE);
         }
+    };
+    let tls = if url.secure {
+        let trust = match (&args.cacert, config.as_ref().and_then(|c| c.tls.as_ref())) {
+            (Some(cas), _) => https::Client::with_cas(cas, url.host_name()),
+            (None, Some(tls)) => https::Client::pinned(&tls.cert_file, url.host_name()),
+            (None, None) => Err("an https URL needs --cacert FILE (the CAs to trust), or a \
+                                 configuration whose [tls] cert_file is that daemon's certificate"
+                .to_string()),
+        };
+        match trust {
+            Ok(client) => Some(client),
+            Err(e) => {
+                eprintln!("hookrunner send: {e}");
+                return ExitCode::from(EX_USAGE);
+            }
+        }
+    } else {
+        None
     };
     let mut random = samples::Random::new();
     let mut all_ok = true;
@@ -281,7 +308,7 @@ pub fn run_send(args: SendArgs) -> ExitCode {
                 return ExitCode::from(EX_CONFIG);
             }
         };
-        match http::exchange(&url, &request, SEND_TIMEOUT) {
+        match http::exchange(&url, &request, SEND_TIMEOUT, tls.as_ref()) {
             Ok(answer) => {
                 all_ok &= (200..300).contains(&answer.status);
                 let _ = writeln!(
@@ -308,7 +335,12 @@ pub fn run_send(args: SendArgs) -> ExitCode {
 
 fn url_text(url: &http::Url) -> String {
     match &url.transport {
-        http::Transport::Tcp(_) => format!("http://{}{}", url.host, url.target),
+        http::Transport::Tcp(_) => format!(
+            "{}://{}{}",
+            if url.secure { "https" } else { "http" },
+            url.host,
+            url.target
+        ),
         http::Transport::Unix(path) => format!("unix:{}", path.display()),
     }
 }

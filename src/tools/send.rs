@@ -65,8 +65,9 @@ pub fn sign(scheme: &Scheme, body: &[u8], now: i64, random: &mut Random) -> Vec<
     }
 }
 
-/// The daemon's own address from its `listen`, at `path`: a wildcard address is reached on loopback.
-pub fn default_url(listen: &Listen, path: &str) -> Result<Url, String> {
+/// The daemon's own address from its `listen`, at `path`: a wildcard address is reached on loopback; over
+/// TLS when it has `[tls]` (`secure`), which applies to a TCP listener only.
+pub fn default_url(listen: &Listen, path: &str, secure: bool) -> Result<Url, String> {
     match listen {
         Listen::Unix(socket) => {
             let mut url = Url::parse(&format!("unix:{}", socket.display()))?;
@@ -85,7 +86,8 @@ pub fn default_url(listen: &Listen, path: &str) -> Result<Url, String> {
                 "[::]" => "[::1]",
                 other => other,
             };
-            Url::parse(&format!("http://{host}:{port}{path}"))
+            let scheme = if secure { "https" } else { "http" };
+            Url::parse(&format!("{scheme}://{host}:{port}{path}"))
         }
     }
 }
@@ -256,13 +258,19 @@ mod tests {
 
     #[test]
     fn urls_rates_and_sets() {
-        let url = default_url(&Listen::Tcp("0.0.0.0:8080".into()), "/jamf").expect("url");
+        let url = default_url(&Listen::Tcp("0.0.0.0:8080".into()), "/jamf", false).expect("url");
         assert_eq!(
             (url.host.as_str(), url.target.as_str()),
             ("127.0.0.1:8080", "/jamf")
         );
-        assert!(default_url(&Listen::Tcp("127.0.0.1:0".into()), "/").is_err());
-        let unix = default_url(&Listen::Unix("/run/h.sock".into()), "/gh").expect("url");
+        assert!(default_url(&Listen::Tcp("127.0.0.1:0".into()), "/", false).is_err());
+        let secure = default_url(&Listen::Tcp("0.0.0.0:8443".into()), "/j", true).expect("url");
+        assert!(secure.secure);
+        assert_eq!(
+            (secure.host.as_str(), secure.target.as_str()),
+            ("127.0.0.1:8443", "/j")
+        );
+        let unix = default_url(&Listen::Unix("/run/h.sock".into()), "/gh", false).expect("url");
         assert_eq!(unix.target, "/gh");
         assert_eq!(parse_rate("4/s"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_rate("2"), Ok(Duration::from_millis(500)));
