@@ -1,5 +1,6 @@
 //! Payload files: each request's raw body in its own 0600 file, in a private 0700 directory that one daemon
-//! owns (an exclusive `flock` on `.lock`), removed when the request ends whatever happened.
+//! owns (an exclusive `flock` on the directory itself, and on `.lock` in it), removed when the request ends
+//! whatever happened.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
@@ -20,8 +21,8 @@ pub struct PayloadDir {
     /// of its own payload, and must never find another request's body there after a restart.
     run: u32,
     next: AtomicU64,
-    /// Held for the daemon's lifetime: the flock on it marks the directory as ours.
-    _lock: File,
+    /// Held for the daemon's lifetime: the flocks on them mark the directory as ours.
+    _locks: [File; 2],
 }
 
 impl PayloadDir {
@@ -65,6 +66,11 @@ impl PayloadDir {
             fs::set_permissions(path, fs::Permissions::from_mode(0o700))
                 .map_err(|e| context("cannot chmod 0700", e))?;
         }
+        // The directory itself first: a `.lock` someone removed must not let a second daemon empty the
+        // directory under the first, and systemd-tmpfiles leaves a directory alone while it is locked (its
+        // age-based cleaning of $TMPDIR, where the default payload_dir lives outside the service).
+        let directory = File::open(path).map_err(|e| context("cannot open", e))?;
+        // `.lock` too, as daemons before this one locked only it.
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -72,21 +78,24 @@ impl PayloadDir {
             .mode(0o600)
             .open(path.join(LOCK_FILE))
             .map_err(|e| context("cannot open lock file", e))?;
-        match rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => {}
-            Err(Errno::WOULDBLOCK) => {
-                return Err(io::Error::other(format!(
-                    "payload_dir {} is in use by another hookrunner; give each daemon its own payload_dir",
-                    path.display()
-                )));
+        for file in [&directory, &lock] {
+            match rustix::fs::flock(file, FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => {}
+                Err(Errno::WOULDBLOCK) => {
+                    return Err(io::Error::other(format!(
+                        "payload_dir {} is in use by another hookrunner; give each daemon its own \
+                         payload_dir",
+                        path.display()
+                    )));
+                }
+                Err(e) => return Err(context("cannot lock", e.into())),
             }
-            Err(e) => return Err(context("cannot lock", e.into())),
         }
         let dir = PayloadDir {
             path: path.to_path_buf(),
             run: run_tag(),
             next: AtomicU64::new(0),
-            _lock: lock,
+            _locks: [directory, lock],
         };
         let stale = dir.remove_stale().map_err(|e| context("cannot clean", e))?;
         Ok((dir, stale))

@@ -407,6 +407,9 @@ fn a_second_daemon_on_the_same_payload_dir_is_refused_and_the_first_keeps_servin
             server.log()
         );
         let (status, second) = start_failing(&env);
+        // With `.lock` removed (a cleanup by hand, a tmpfiles rule), the directory's own lock still holds.
+        fs::remove_file(env.payloads().join(".lock")).expect("rm .lock");
+        let (third_status, third) = start_failing(&env);
         drop(release);
         assert!(
             status.code().is_some_and(|c| c != 0),
@@ -419,6 +422,15 @@ fn a_second_daemon_on_the_same_payload_dir_is_refused_and_the_first_keeps_servin
             "{line}"
         );
         assert!(!second.log().contains("listening on"), "{}", second.log());
+        assert!(
+            third_status.code().is_some_and(|c| c != 0),
+            "{third_status}"
+        );
+        let line = logged(&third, "in use by another hookrunner");
+        assert!(
+            line.contains(&env.payloads().display().to_string()),
+            "{line}"
+        );
         let response = request.join().expect("request thread");
         assert_eq!(
             response.status,

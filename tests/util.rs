@@ -629,7 +629,8 @@ pub fn open_fds(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-/// How many files in the payload directory the daemon `pid` holds open, named or not.
+/// How many files in the payload directory the daemon `pid` holds open, named or not (not the directory
+/// itself, nor `.lock`, which it holds locked).
 pub fn open_payload_files(pid: u32, env: &Env) -> usize {
     let dir = env.payloads().canonicalize().expect("payload dir");
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -637,7 +638,9 @@ pub fn open_payload_files(pid: u32, env: &Env) -> usize {
             entries
                 .filter_map(Result::ok)
                 .filter_map(|e| std::fs::read_link(e.path()).ok())
-                .filter(|target| target.starts_with(&dir) && !target.ends_with(".lock"))
+                .filter(|target| {
+                    target.starts_with(&dir) && *target != dir && !target.ends_with(".lock")
+                })
                 .count()
         })
         .unwrap_or(0)
