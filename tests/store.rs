@@ -927,20 +927,26 @@ fn a_second_daemon_on_the_same_store_is_refused_and_a_running_entry_runs_once() 
     let other = Env::new();
     other.script("r.sh", "exit 0");
     other.routes("R r.sh async\n");
-    let mut command = other.serve_command("127.0.0.1:0");
-    command.env("STATE_DIRECTORY", env.state());
-    let mut second = Server::spawn(command);
-    let status = second
-        .wait_exit(Duration::from_secs(10))
-        .expect("the second daemon exits");
-    assert!(!status.success(), "{status:?}");
-    assert!(
-        second
-            .log()
-            .contains("is in use by another hookrunner serve; give each daemon its own state_dir"),
-        "{}",
-        second.log()
-    );
+    let refused = || {
+        let mut command = other.serve_command("127.0.0.1:0");
+        command.env("STATE_DIRECTORY", env.state());
+        let mut second = Server::spawn(command);
+        let status = second
+            .wait_exit(Duration::from_secs(10))
+            .expect("the second daemon exits");
+        assert!(!status.success(), "{status:?}");
+        assert!(
+            second.log().contains(
+                "is in use by another hookrunner serve; give each daemon its own state_dir"
+            ),
+            "{}",
+            second.log()
+        );
+    };
+    refused();
+    // With the lock file removed, the directory's own lock still holds.
+    fs::remove_file(env.state().join("hookrunner.db.lock")).expect("rm the lock file");
+    refused();
     assert_eq!(
         rows(&env, &["--event", "R"])[0]["state"],
         "running",

@@ -202,7 +202,8 @@ pub struct Sqlite {
     reader: Mutex<Connection>,
     broken: Arc<AtomicBool>,
     /// The daemon's claim on the store (see [`Sqlite::claim`]), held until the store is dropped.
-    claim: Mutex<Option<fs::File>>,
+    /// The state directory and `hookrunner.db.lock`, both flocked (see [`Sqlite::claim`]).
+    claim: Mutex<Option<[fs::File; 2]>>,
 }
 
 impl Sqlite {
@@ -278,8 +279,8 @@ impl Sqlite {
         PathBuf::from(name)
     }
 
-    /// Takes an exclusive `flock` on `hookrunner.db.lock` beside the database, for as long as this store
-    /// is open. Two daemons on one store would each take the other's running entries for ones a crash
+    /// Takes an exclusive `flock` on the state directory and on `hookrunner.db.lock` beside the database,
+    /// for as long as this store is open. Two daemons on one store would each take the other's running entries for ones a crash
     /// left behind, queue them again at start (`recover`) and run them a second time, even at once; the
     /// second daemon is refused instead. Its payload directory has a lock of its own, but two daemons can
     /// have different payload directories (a `sudo hookrunner serve` beside the service gets another
@@ -289,6 +290,10 @@ impl Sqlite {
         if claim.is_some() {
             return Ok(());
         }
+        // The directory too, first: a removed `hookrunner.db.lock` must not let a second daemon in.
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let directory = fs::File::open(dir)
+            .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", dir.display())))?;
         let lock_path = self.lock_path();
         let lock = fs::OpenOptions::new()
             .create(true)
@@ -299,22 +304,24 @@ impl Sqlite {
             .map_err(|e| {
                 StoreError::Unavailable(format!("cannot open {}: {e}", lock_path.display()))
             })?;
-        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => {}
-            Err(rustix::io::Errno::WOULDBLOCK) => {
-                return Err(StoreError::Unavailable(format!(
-                    "{} is in use by another hookrunner serve; give each daemon its own state_dir",
-                    self.path.display()
-                )));
-            }
-            Err(e) => {
-                return Err(StoreError::Unavailable(format!(
-                    "cannot lock {}: {e}",
-                    lock_path.display()
-                )));
+        for (file, path) in [(&directory, dir), (&lock, lock_path.as_path())] {
+            match rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => {}
+                Err(rustix::io::Errno::WOULDBLOCK) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "{} is in use by another hookrunner serve; give each daemon its own state_dir",
+                        self.path.display()
+                    )));
+                }
+                Err(e) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "cannot lock {}: {e}",
+                        path.display()
+                    )));
+                }
             }
         }
-        *claim = Some(lock);
+        *claim = Some([directory, lock]);
         Ok(())
     }
 
