@@ -441,8 +441,6 @@ fn reload_config(
         );
         return;
     }
-    // Reopened whether or not the path changed: after logrotate renamed it, this makes a new file.
-    reopen_log(new.log_file.as_deref());
     let fixed = [
         ("listen", old.listen.to_string() != new.listen.to_string()),
         ("payload_dir", old.payload_dir != new.payload_dir),
@@ -474,12 +472,15 @@ fn reload_config(
         &new.trusted_proxies,
         new.allow_unauthenticated,
     ) {
+        reopen_log(old.log_file.as_deref());
         log::error!(
             "reload failed; still serving with the previous configuration: {message} (the address \
              served until a restart)"
         );
         return;
     }
+    // Reopened whether or not the path changed: after logrotate renamed it, this makes a new file.
+    reopen_log(new.log_file.as_deref());
     for (key, changed) in fixed {
         if changed {
             log::warn!("reload: a change to {key} takes effect only after a restart");

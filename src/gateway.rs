@@ -900,11 +900,6 @@ struct Hold<'g> {
 }
 
 impl Hold<'_> {
-    /// Takes what it lacks of `total` bytes; false (taking none) as [`Hold::grow`].
-    fn grow_to(&mut self, total: u64) -> bool {
-        total <= self.bytes || self.grow(total - self.bytes)
-    }
-
     /// Takes `n` more bytes; false (taking none) when that would pass `max`, or the client's share.
     fn grow(&mut self, n: u64) -> bool {
         let mut clients = self.client.map(|_| {
@@ -990,12 +985,12 @@ fn receive(
                 bytes.extend_from_slice(&chunk[..n]);
             }
             Received::Inline(bytes) if signed => {
-                // A declared length is taken whole at the first byte past the inline part: bodies that
-                // stream in together are each held or refused at once, rather than all cut off part-way
-                // when their sum reaches the bound (and a refusal comes before the rest is sent).
-                let read = (bytes.len() + n) as u64;
-                let whole = request.body.declared_len().unwrap_or(0).max(read);
-                if !unverified.grow_to(whole - INLINE_BODY as u64) {
+                // Only what has arrived is taken, never a declared length ahead of it: a client that
+                // cannot sign must send every byte it holds the bound with, not a header saying it will.
+                // Bodies that stream in together past the bound may all be refused part-way, each told
+                // to retry later.
+                let past_inline = (bytes.len() + n - INLINE_BODY.max(bytes.len())) as u64;
+                if !unverified.grow(past_inline) {
                     return Err(Refusal::BodiesHeld);
                 }
                 bytes.extend_from_slice(&chunk[..n]);

@@ -364,32 +364,40 @@ fn bound_env(top: &str) -> (Env, PathBuf) {
 
 /// Bodies whose signature is still being checked are held in memory, never on disk, and together at
 /// most 64 MiB past the first 256 KiB of each: past that, such a request is answered 503 with
-/// Retry-After. A declared length is taken whole at once, so however the bodies' reads interleave,
-/// seven are held and one refused, not all eight cut off part-way. What they held is given back when
-/// they end, and a signed body is served again.
+/// Retry-After. What they held is given back when they end, and a signed body is served again.
 #[test]
 fn unverified_bodies_are_held_up_to_a_bound_then_answered_503() {
     // Behind a proxy, so that each body comes from a client of its own (X-Forwarded-For).
     let (env, out) = bound_env("trusted_proxies = [\"127.0.0.1/32\"]");
     let server = env.serve();
     let pid = server.child.id();
-    // Eight bodies of 9 MiB, each one byte short of its length, so none is checked: 8 × 8.75 MiB past
-    // the inline part is more than 64 MiB.
-    let clients: Vec<String> = (1..=8).map(|n| format!("203.0.113.{n}")).collect();
+    // Seven bodies of 9 MiB, each one byte short of its length, so none is checked: 7 × 8.75 MiB past
+    // the inline part fits in 64 MiB, however their reads interleave...
+    let clients: Vec<String> = (1..=7).map(|n| format!("203.0.113.{n}")).collect();
     let clients: Vec<&str> = clients.iter().map(String::as_str).collect();
-    let (streams, body) = unchecked_bodies(&server, "/hooks/big", &clients);
-    let answers = answers_within(&streams, Duration::from_secs(3));
-    for response in answers.iter().flatten() {
-        assert_eq!(response.status, 503, "{}", response.text());
-        assert!(response.header("Retry-After").is_some());
-        assert!(
-            response.text().contains("retry later"),
-            "{}",
-            response.text()
-        );
-    }
-    let refused = answers.iter().flatten().count();
-    assert_eq!(refused, 1, "of 8 refused\n{}", server.log());
+    let (mut streams, body) = unchecked_bodies(&server, "/hooks/big", &clients);
+    // ...and once the daemon has taken every byte sent (the bound counts what arrived), an eighth does
+    // not: it is refused, and the seven are still held.
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            crate::util::loopback_queues_empty(server.addr.port())
+        }),
+        "the daemon did not take the bodies\n{}",
+        server.log()
+    );
+    let (eighth, _) = unchecked_bodies(&server, "/hooks/big", &["203.0.113.8"]);
+    let refused = answers_within(&eighth, Duration::from_secs(10));
+    let response = refused[0].as_ref().expect("the eighth is answered");
+    assert_eq!(response.status, 503, "{}", response.text());
+    assert!(response.header("Retry-After").is_some());
+    assert!(
+        response.text().contains("retry later"),
+        "{}",
+        response.text()
+    );
+    let held = answers_within(&streams, Duration::from_secs(1));
+    assert!(held.iter().all(Option::is_none), "{held:?}");
+    streams.extend(eighth);
     assert_eq!(
         open_payload_files(pid, &env),
         0,
@@ -420,7 +428,7 @@ fn unverified_bodies_are_held_up_to_a_bound_then_answered_503() {
 
 /// One client's unverified bodies hold at most a quarter of that bound: a client that sends large bodies
 /// it cannot sign, and stalls, cannot take it from senders elsewhere. Of its three bodies of 9 MiB at
-/// once, one is held (two would hold 17.5 MiB, over 16); another client's is held.
+/// once, at most one is held (two would hold 17.5 MiB, over 16); another client's is held.
 #[test]
 fn one_clients_unverified_bodies_hold_a_quarter_of_the_bound() {
     let (env, out) = bound_env("trusted_proxies = [\"127.0.0.1/32\"]");
@@ -431,11 +439,20 @@ fn one_clients_unverified_bodies_hold_a_quarter_of_the_bound() {
         &["198.51.100.7", "198.51.100.7", "198.51.100.7"],
     );
     let (other, _) = unchecked_bodies(&server, "/hooks/big", &["203.0.113.9"]);
+    // Every byte taken (or refused) first: checking a signature is slow in a debug build on a busy machine.
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            crate::util::loopback_queues_empty(server.addr.port())
+        }),
+        "the daemon did not take the bodies\n{}",
+        server.log()
+    );
     let answers = answers_within(&streams, Duration::from_secs(3));
-    // Which of the three is held depends on how their reads interleave; that one is, does not. Without
-    // the share none is refused (26 MiB of 64).
+    // Two at least: the three stream in together, so which reach the share first, and whether one of
+    // them is held whole, depends on how their reads interleave; without the share none is refused
+    // (26 MiB of 64).
     let refused: Vec<&Response> = answers.iter().flatten().collect();
-    assert_eq!(refused.len(), 2, "{refused:?}\n{}", server.log());
+    assert!(refused.len() >= 2, "{refused:?}\n{}", server.log());
     for response in refused {
         assert_eq!(response.status, 503, "{}", response.text());
         assert!(

@@ -629,6 +629,29 @@ pub fn open_fds(pid: u32) -> Vec<u32> {
         .collect()
 }
 
+/// Whether every byte sent over loopback TCP to or from `port` has been read: no established connection
+/// with that port at either end has any in its send or receive queue (`/proc/net/tcp`). A server that
+/// reads until it has everything it was sent has then taken it all.
+pub fn loopback_queues_empty(port: u16) -> bool {
+    let Ok(table) = fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let port_of = |address: &str| {
+        address
+            .rsplit_once(':')
+            .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+    };
+    table.lines().skip(1).all(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // local, remote, state (01: established), tx_queue:rx_queue
+        let [_, local, remote, state, queues, ..] = fields.as_slice() else {
+            return true;
+        };
+        let involved = port_of(local) == Some(port) || port_of(remote) == Some(port);
+        !involved || *state != "01" || *queues == "00000000:00000000"
+    })
+}
+
 /// How many files in the payload directory the daemon `pid` holds open, named or not (not the directory
 /// itself, nor `.lock`, which it holds locked).
 pub fn open_payload_files(pid: u32, env: &Env) -> usize {

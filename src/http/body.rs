@@ -148,14 +148,6 @@ impl<'c> Body<'c> {
         }
     }
 
-    /// The length the head declared (`Content-Length`); `None` for a chunked body.
-    pub fn declared_len(&self) -> Option<u64> {
-        match self.framing {
-            Framing::Length(n) => Some(n),
-            Framing::Chunked => None,
-        }
-    }
-
     /// The minimum pace, and once shutdown has begun, `grace` from then at most: a slow upload must not hold
     /// the daemon's exit for the better part of an hour.
     fn deadline(&self) -> Instant {
