@@ -1538,17 +1538,25 @@ fn check_validates_profiles_and_secret_files() {
         );
     }
     // A secret pasted where its file's path belongs is not echoed by the error that it names no file.
-    let pasted = Env::new().config(
-        "[[sender]]\nname = \"s\"\ntype = \"github\"\nsecret_file = \"pasted-Secret-0f9e\"\n",
-    );
-    let out = pasted.check();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(78), "{err}");
-    assert!(
-        err.contains("secret_file: cannot read the file it names")
-            && !err.contains("pasted-Secret"),
-        "{err}"
-    );
+    // (A base64 one may start with `/`: an absolute name is shown only in an existing directory but `/`.)
+    for pasted in [
+        "pasted-Secret-0f9e",
+        "/pasted+Secret/0f9e=",
+        "/pasted-Secret-0f9e",
+    ] {
+        let env = Env::new().config(&format!(
+            "[[sender]]\nname = \"s\"\ntype = \"github\"\nsecret_file = {pasted:?}\n"
+        ));
+        let out = env.check();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{err}");
+        assert!(
+            err.contains("secret_file: cannot read the file it names")
+                && !err.contains("pasted")
+                && !err.contains("Secret"),
+            "{err}"
+        );
+    }
     // Two senders on one path: only one of them could ever apply.
     let twice = Env::new().config(
         "[[sender]]\nname = \"a\"\ntype = \"none\"\npath = \"/jamf\"\n\

@@ -17,7 +17,7 @@ use crate::util::{
 
 /// How long a killed process may take to disappear.
 const GONE: Duration = Duration::from_secs(5);
-/// Scripts here sleep 30 s; their groups must be gone well before, 2 s after the start (timeout + grace).
+/// Scripts here sleep 30 s; their groups must be gone well before, 4 s after the start (timeout + grace).
 const GROUP_GONE: Duration = Duration::from_secs(20);
 
 /// Shell lines that start a background `sleep` and publish its pid in `file` (atomically, by rename), and the

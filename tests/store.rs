@@ -811,6 +811,62 @@ fn a_store_others_can_write_is_refused_at_start() {
     assert_eq!(server.post("/hooks/A", b"{}").status, 202);
 }
 
+/// `check` run by another user than the daemon's (an operator who is not root) cannot look into a private
+/// state_dir, 0700 as the package makes it: that is no error, the daemon checks the files itself.
+#[test]
+fn check_by_another_user_passes_a_state_dir_it_cannot_look_into() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if !is_root() {
+        println!("skipped: running check as another user needs root");
+        return;
+    }
+    let env = Env::new();
+    env.script("a.sh", "exit 0");
+    env.routes("A a.sh async\n");
+    drop(env.serve());
+    assert!(env.state().join("hookrunner.db").exists());
+    // All the rest readable by others; the state and payload directories stay the daemon's (0700).
+    let config = env.config_path();
+    for (path, mode) in [
+        (env.path().to_path_buf(), 0o755),
+        (env.scripts(), 0o755),
+        (config.clone(), 0o644),
+        (env.path().join("routes"), 0o644),
+    ] {
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+    let out = Command::new(crate::util::BIN)
+        .arg("check")
+        .arg("--config")
+        .arg(&config)
+        .env("STATE_DIRECTORY", env.state())
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run check as nobody");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("# configuration OK"),
+        "{said}"
+    );
+    // Yet what it can see, it checks: the same directory open to everyone is refused.
+    fs::set_permissions(env.state(), fs::Permissions::from_mode(0o777)).expect("chmod");
+    let out = Command::new(crate::util::BIN)
+        .arg("check")
+        .arg("--config")
+        .arg(&config)
+        .env("STATE_DIRECTORY", env.state())
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run check as nobody");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{said}");
+    assert!(said.contains("state_dir: "), "{said}");
+}
+
 /// Entries queued while the clock read an hour ahead (the store is edited while the daemon is down, as a
 /// clock stepped back at boot leaves it) run at the next start, not an hour later: a first attempt of a
 /// route and one of a serial lane, whose wait would hold the lane too.

@@ -587,6 +587,18 @@ fn send_posts_over_tls_trusting_the_daemons_certificate_or_a_ca() {
     let refused = send(&["--cacert", &other, "--url", &url]);
     assert_eq!(refused.0, Some(1), "{refused:?}");
     assert!(refused.2.contains("certificate"), "{refused:?}");
+    // CAs given for a plain URL: refused, rather than sending in the clear what was meant for TLS.
+    let plain = send(&[
+        "--cacert",
+        &ca_file,
+        "--url",
+        &format!("http://127.0.0.1:{port}/"),
+    ]);
+    assert_eq!(plain.0, Some(64), "{plain:?}");
+    assert!(
+        plain.2.contains("--cacert is for an https URL"),
+        "{plain:?}"
+    );
     assert_eq!(fs::read_to_string(&runs).expect("runs").lines().count(), 2);
 }
 

@@ -290,21 +290,22 @@ fn read_secret(file: &Path, context: &mut Context<'_>) -> Result<Secret, String>
     Ok(Secret::new(trimmed.to_vec()))
 }
 
-/// Why a secret file cannot be read. A relative name is not repeated: it may be the secret itself, pasted
-/// where its file's path belongs, and an error is printed and logged. An absolute path is shown whole.
+/// Why a secret file cannot be read. The name is not repeated unless it is plainly a path (absolute, in an
+/// existing directory other than `/`): it may be the secret itself, pasted where its file's path belongs
+/// (a base64 secret may start with `/`), and an error is printed and logged.
 fn unreadable(configured: &Path, base: &Path, error: &std::io::Error) -> String {
-    if configured.is_absolute() {
-        return format!("{}: {error}", configured.display());
-    }
-    let base = if base.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        base
+    let in_a_directory = configured
+        .parent()
+        .is_some_and(|dir| dir != Path::new("/") && dir.is_dir());
+    let where_ = match (configured.is_absolute(), in_a_directory) {
+        (true, true) => return format!("{}: {error}", configured.display()),
+        (true, false) => String::new(),
+        (false, _) if base.as_os_str().is_empty() => " (relative to .)".to_string(),
+        (false, _) => format!(" (relative to {})", base.display()),
     };
     format!(
-        "cannot read the file it names (relative to {}): {error}; the name is not repeated, in case it \
-         is the secret itself",
-        base.display()
+        "cannot read the file it names{where_}: {error}; the name is not repeated, in case it is the \
+         secret itself"
     )
 }
 

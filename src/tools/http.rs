@@ -146,8 +146,8 @@ pub fn exchange(
             let mut stream = rustls::StreamOwned::new(connection, stream);
             stream.write_all(request)?;
             stream.flush()?;
-            // A server that closes without TLS's close_notify has still answered whole: the answer's
-            // own length says what is in it.
+            // A server that closes without TLS's close_notify may still have answered whole: the answer's
+            // own length says whether it did (`parse_answer` refuses one cut short).
             match stream.read_to_end(&mut raw) {
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
                 other => {
@@ -196,6 +196,13 @@ fn parse_answer(raw: &[u8]) -> io::Result<Answer> {
         .find(|(k, _)| k.eq_ignore_ascii_case("Content-Length"))
         .and_then(|(_, v)| v.parse::<usize>().ok())
     {
+        // Short of its length: cut off (over TLS, perhaps by a forged end of the connection).
+        if body.len() < length {
+            return Err(bad(&format!(
+                "was cut short: {} of its {length} bytes",
+                body.len()
+            )));
+        }
         body.truncate(length);
     }
     Ok(Answer {
@@ -261,6 +268,12 @@ mod tests {
             (404, &b"{}"[..], Some("r1"))
         );
         assert!(parse_answer(b"HTTP/1.1 200 OK\r\n").is_err());
+        let short =
+            parse_answer(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n{}").expect_err("short");
+        assert!(
+            short.to_string().contains("cut short: 2 of its 5 bytes"),
+            "{short}"
+        );
         let url = Url::parse("http://h:1/").expect("valid");
         let r = request(&url, "/p", &[("A".into(), "b".into())], b"xy").expect("a request");
         let text = String::from_utf8(r).expect("text");

@@ -251,6 +251,14 @@ pub fn run_send(args: SendArgs) -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
+    if args.cacert.is_some() && !url.secure {
+        // Whoever gives CAs expects TLS: a sender's credentials must not go out in the clear instead.
+        eprintln!(
+            "hookrunner send: --cacert is for an https URL, and {} is not one",
+            url_text(&url)
+        );
+        return ExitCode::from(EX_USAGE);
+    }
     let tls = if url.secure {
         let trust = match (&args.cacert, config.as_ref().and_then(|c| c.tls.as_ref())) {
             (Some(cas), _) => https::Client::with_cas(cas, url.host_name()),
