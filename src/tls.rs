@@ -124,7 +124,7 @@ fn server_config(
     client_ca_file: Option<&Path>,
 ) -> Result<ServerConfig, String> {
     let chain = certificates("cert_file", cert_file)?;
-    let key = private_key(key_file)?;
+    let key = private_key("key_file", key_file)?;
     let provider = provider();
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -198,15 +198,16 @@ pub(crate) fn certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<
     Ok(chain)
 }
 
-fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    let text = read("key_file", path)?;
+/// The private key in a PEM file; `key` names it in errors (`key_file`, or `send`'s `--key`).
+pub(crate) fn private_key(key: &str, path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    let text = read(key, path)?;
     PrivateKeyDer::from_pem_slice(&text).map_err(|e| match e {
         pem::Error::NoItemsFound => format!(
-            "[tls] key_file {}: no private key in it (a PEM \"BEGIN PRIVATE KEY\", \"BEGIN RSA PRIVATE \
+            "[tls] {key} {}: no private key in it (a PEM \"BEGIN PRIVATE KEY\", \"BEGIN RSA PRIVATE \
              KEY\" or \"BEGIN EC PRIVATE KEY\" section)",
             path.display()
         ),
-        e => not_pem("key_file", path, &e),
+        e => not_pem(key, path, &e),
     })
 }
 

@@ -596,10 +596,67 @@ fn send_posts_over_tls_trusting_the_daemons_certificate_or_a_ca() {
     ]);
     assert_eq!(plain.0, Some(64), "{plain:?}");
     assert!(
-        plain.2.contains("--cacert is for an https URL"),
+        plain.2.contains("--cacert and --cert are for an https URL"),
         "{plain:?}"
     );
     assert_eq!(fs::read_to_string(&runs).expect("runs").lines().count(), 2);
+}
+
+/// `send --cert --key` presents a client certificate, as Jamf Pro's Mutual TLS does: an mtls sender admits
+/// the one naming its subject; without one, or with a certificate naming another, nothing runs.
+#[test]
+fn send_presents_a_client_certificate_to_an_mtls_sender() {
+    let server_ca = Ca::new("server CA");
+    let clients = Ca::new("client CA");
+    let env = tls_env(&server_leaf(&server_ca), Some(&clients), "").config(
+        "[[sender]]\nname = \"jamf\"\ntype = \"mtls\"\nsubjects = [\"jamf.example.com\"]\n",
+    );
+    let ran = env.path().join("ran");
+    env.script(
+        "ComputerAdded",
+        &format!("echo \"$HOOKRUNNER_SENDER\" >> {ran:?}"),
+    );
+    let server = env.serve();
+    let write_leaf = |name: &str, leaf: &Leaf| {
+        let (cert, key) = (
+            env.path().join(format!("{name}.pem")),
+            env.path().join(format!("{name}.key")),
+        );
+        fs::write(&cert, &leaf.cert).expect("cert");
+        fs::write(&key, &leaf.key).expect("key");
+        (cert.display().to_string(), key.display().to_string())
+    };
+    let (jamf_cert, jamf_key) = write_leaf("jamf", &clients.issue(&["jamf.example.com"], "jamf"));
+    let (evil_cert, evil_key) = write_leaf("evil", &clients.issue(&["evil.example.com"], "evil"));
+    let url = format!("https://127.0.0.1:{}/", server.addr.port());
+    let send = |extra: &[&str]| {
+        let out = Command::new(crate::util::BIN)
+            .args([
+                "send",
+                "ComputerAdded",
+                "--sender",
+                "jamf",
+                "--url",
+                &url,
+                "--config",
+            ])
+            .arg(env.config_path())
+            .args(extra)
+            .output()
+            .expect("run send");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let admitted = send(&["--cert", &jamf_cert, "--key", &jamf_key]);
+    assert_eq!(admitted.0, Some(0), "{admitted:?}\n{}", server.log());
+    assert!(admitted.1.contains("HTTP 200"), "{admitted:?}");
+    for refused in [send(&[]), send(&["--cert", &evil_cert, "--key", &evil_key])] {
+        assert_eq!(refused.0, Some(1), "{refused:?}");
+        assert!(refused.1.contains("HTTP 401"), "{refused:?}");
+    }
+    assert_eq!(fs::read_to_string(&ran).expect("ran"), "jamf\n");
 }
 
 #[test]

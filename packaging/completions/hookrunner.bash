@@ -271,7 +271,7 @@ _hookrunner() {
             return 0
             ;;
         hookrunner__subcmd__send)
-            opts="-h --list --url --cacert --format --sender --set --count --rate --config --help"
+            opts="-h --list --url --cacert --cert --key --format --sender --set --count --rate --config --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -282,6 +282,14 @@ _hookrunner() {
                     return 0
                     ;;
                 --cacert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --key)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -21,19 +21,27 @@ pub struct Client {
     pub name: ServerName<'static>,
 }
 
+/// The certificate (with its chain) and key `send` presents when asked, as Jamf Pro's Mutual TLS does.
+pub struct Identity<'a> {
+    pub cert_file: &'a Path,
+    pub key_file: &'a Path,
+}
+
 impl Client {
     /// Trusting the CA certificates in `ca_file` (PEM), for a server known as `host` (the URL's, without
     /// its port).
-    pub fn with_cas(ca_file: &Path, host: &str) -> Result<Client, String> {
+    pub fn with_cas(
+        ca_file: &Path,
+        host: &str,
+        identity: Option<Identity>,
+    ) -> Result<Client, String> {
         let mut roots = RootCertStore::empty();
         for cert in crate::tls::certificates("--cacert", ca_file)? {
             roots
                 .add(cert)
                 .map_err(|e| format!("--cacert {}: {e}", ca_file.display()))?;
         }
-        let config = builder()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let config = present(builder()?.with_root_certificates(roots), identity)?;
         Ok(Client {
             config: Arc::new(config),
             name: server_name(host)?,
@@ -41,18 +49,21 @@ impl Client {
     }
 
     /// Trusting only the certificate `cert_file` starts with (the daemon's own: see the module's comment).
-    pub fn pinned(cert_file: &Path, host: &str) -> Result<Client, String> {
+    pub fn pinned(
+        cert_file: &Path,
+        host: &str,
+        identity: Option<Identity>,
+    ) -> Result<Client, String> {
         let chain = crate::tls::certificates("cert_file", cert_file)?;
         let verifier = Pinned {
             cert: chain[0].clone(),
             algorithms: crate::tls::provider().signature_verification_algorithms,
         };
-        let config = builder()?
+        let builder = builder()?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_no_client_auth();
+            .with_custom_certificate_verifier(Arc::new(verifier));
         Ok(Client {
-            config: Arc::new(config),
+            config: Arc::new(present(builder, identity)?),
             name: server_name(host)?,
         })
     }
@@ -62,6 +73,21 @@ fn builder() -> Result<rustls::ConfigBuilder<ClientConfig, rustls::WantsVerifier
     ClientConfig::builder_with_provider(crate::tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| format!("TLS: {e}"))
+}
+
+/// The configuration, presenting `identity` when there is one.
+fn present(
+    builder: rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>,
+    identity: Option<Identity>,
+) -> Result<ClientConfig, String> {
+    let Some(identity) = identity else {
+        return Ok(builder.with_no_client_auth());
+    };
+    let chain = crate::tls::certificates("--cert", identity.cert_file)?;
+    let key = crate::tls::private_key("--key", identity.key_file)?;
+    builder
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| format!("--cert and --key: {e}"))
 }
 
 /// `host` as a URL gives it (`[::1]` for an IPv6 address), as the name to send and check.

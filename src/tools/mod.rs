@@ -141,6 +141,13 @@ pub struct SendArgs {
     /// configuration's [tls] cert_file, trusted as the daemon's own certificate)
     #[arg(long, value_name = "FILE")]
     pub cacert: Option<PathBuf>,
+    /// For https: a client certificate to present (PEM, with its chain), as Jamf Pro's Mutual TLS does for
+    /// an mtls sender
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM)
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
     /// Jamf's body shape
     #[arg(long, default_value = "json", value_parser = ["json", "xml"])]
     pub format: String,
@@ -251,18 +258,28 @@ pub fn run_send(args: SendArgs) -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
-    if args.cacert.is_some() && !url.secure {
-        // Whoever gives CAs expects TLS: a sender's credentials must not go out in the clear instead.
+    if (args.cacert.is_some() || args.cert.is_some()) && !url.secure {
+        // Whoever gives CAs or a certificate expects TLS: a sender's credentials must not go out in the
+        // clear instead.
         eprintln!(
-            "hookrunner send: --cacert is for an https URL, and {} is not one",
+            "hookrunner send: --cacert and --cert are for an https URL, and {} is not one",
             url_text(&url)
         );
         return ExitCode::from(EX_USAGE);
     }
+    let identity = || {
+        args.cert
+            .as_deref()
+            .zip(args.key.as_deref())
+            .map(|(cert_file, key_file)| https::Identity {
+                cert_file,
+                key_file,
+            })
+    };
     let tls = if url.secure {
         let trust = match (&args.cacert, config.as_ref().and_then(|c| c.tls.as_ref())) {
-            (Some(cas), _) => https::Client::with_cas(cas, url.host_name()),
-            (None, Some(tls)) => https::Client::pinned(&tls.cert_file, url.host_name()),
+            (Some(cas), _) => https::Client::with_cas(cas, url.host_name(), identity()),
+            (None, Some(tls)) => https::Client::pinned(&tls.cert_file, url.host_name(), identity()),
             (None, None) => Err("an https URL needs --cacert FILE (the CAs to trust), or a \
                                  configuration whose [tls] cert_file is that daemon's certificate"
                 .to_string()),

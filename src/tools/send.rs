@@ -16,7 +16,7 @@ use crate::tools::samples::Random;
 /// The headers that authenticate `body` under `scheme` at `now` (Unix seconds).
 pub fn sign(scheme: &Scheme, body: &[u8], now: i64, random: &mut Random) -> Vec<(String, String)> {
     match scheme {
-        // A client certificate is the transport's, not a header: send cannot present one.
+        // A client certificate is the transport's, not a header (`send --cert --key`).
         Scheme::None | Scheme::Mtls { .. } => Vec::new(),
         Scheme::Basic { user, password } => {
             let mut pair = format!("{user}:").into_bytes();
