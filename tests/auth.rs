@@ -895,6 +895,18 @@ fn basic_credentials_right_wrong_and_missing() {
     );
     assert_eq!(response.status, 200, "{}", response.text());
     assert_eq!(runs(&out).len(), 1);
+    // Once the last request's own line is in: the log then holds all of them.
+    let id = response.json()["request_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        server
+            .wait_log(&format!("{id} 127.0.0.1:"), Duration::from_secs(5))
+            .is_some(),
+        "{}",
+        server.log()
+    );
     assert!(!server.log().contains("correct horse"), "{}", server.log());
 }
 
