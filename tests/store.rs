@@ -836,15 +836,18 @@ fn check_by_another_user_passes_a_state_dir_it_cannot_look_into() {
     ] {
         fs::set_permissions(&path, fs::Permissions::from_mode(mode)).expect("chmod");
     }
-    let out = Command::new(crate::util::BIN)
-        .arg("check")
-        .arg("--config")
-        .arg(&config)
-        .env("STATE_DIRECTORY", env.state())
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .expect("run check as nobody");
+    let check_as_nobody = || {
+        Command::new(crate::util::BIN)
+            .arg("check")
+            .arg("--config")
+            .arg(&config)
+            .env("STATE_DIRECTORY", env.state())
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .expect("run check as nobody")
+    };
+    let out = check_as_nobody();
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{said}");
     assert!(
@@ -853,15 +856,7 @@ fn check_by_another_user_passes_a_state_dir_it_cannot_look_into() {
     );
     // Yet what it can see, it checks: the same directory open to everyone is refused.
     fs::set_permissions(env.state(), fs::Permissions::from_mode(0o777)).expect("chmod");
-    let out = Command::new(crate::util::BIN)
-        .arg("check")
-        .arg("--config")
-        .arg(&config)
-        .env("STATE_DIRECTORY", env.state())
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .expect("run check as nobody");
+    let out = check_as_nobody();
     let said = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{said}");
     assert!(said.contains("state_dir: "), "{said}");
