@@ -108,7 +108,7 @@ impl Document {
     /// The value at a JSON pointer, if the body is JSON and the value is a string, number or boolean.
     pub fn json(&self, pointer: &str) -> Option<Cow<'_, str>> {
         match self {
-            Document::Json(text) => json_lookup(text, pointer, false),
+            Document::Json(text) => json_lookup(text, pointer, Scalars::All),
             _ => None,
         }
     }
@@ -116,7 +116,7 @@ impl Document {
     /// Only string values: `/event` is an object for Jamf and the event name for Scalefusion.
     pub fn json_string(&self, pointer: &str) -> Option<Cow<'_, str>> {
         match self {
-            Document::Json(text) => json_lookup(text, pointer, true),
+            Document::Json(text) => json_lookup(text, pointer, Scalars::Strings),
             _ => None,
         }
     }
@@ -146,6 +146,16 @@ impl Document {
             Document::Xml(_) => self.xml(path).map(Cow::Borrowed),
             Document::Form(_) => self.form(path.strip_prefix('/')?).map(Cow::Borrowed),
             Document::Other => None,
+        }
+    }
+
+    /// A field read as a delivery id (a route's `dedupe_key`): as [`Document::field`], but a JSON number
+    /// only when it is an integer that fits 64 bits. Larger ones are parsed as floating point, and distinct
+    /// ids would then print the same (18446744073709551616 and ...617 are one `f64`).
+    pub fn id(&self, path: &str) -> Option<Cow<'_, str>> {
+        match self {
+            Document::Json(text) => json_lookup(text, path, Scalars::Exact),
+            _ => self.field(path),
         }
     }
 }
@@ -264,7 +274,7 @@ impl<'de> Visitor<'de> for Check {
 }
 
 /// The scalar at a JSON pointer (RFC 6901) in checked JSON text, as `serde_json::Value::pointer` would find it.
-fn json_lookup<'a>(text: &'a [u8], pointer: &str, strings_only: bool) -> Option<Cow<'a, str>> {
+fn json_lookup<'a>(text: &'a [u8], pointer: &str, scalars: Scalars) -> Option<Cow<'a, str>> {
     if !pointer.is_empty() && !pointer.starts_with('/') {
         return None;
     }
@@ -275,7 +285,7 @@ fn json_lookup<'a>(text: &'a [u8], pointer: &str, strings_only: bool) -> Option<
         .collect();
     let walk = Walk {
         path: &tokens,
-        strings_only,
+        scalars,
         in_object: false,
     };
     walk.deserialize(&mut serde_json::Deserializer::from_slice(text))
@@ -283,11 +293,20 @@ fn json_lookup<'a>(text: &'a [u8], pointer: &str, strings_only: bool) -> Option<
         .flatten()
 }
 
+/// Which JSON scalars a lookup takes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scalars {
+    All,
+    Strings,
+    /// Strings, booleans and the numbers that are integers of 64 bits: what prints one way per value.
+    Exact,
+}
+
 /// Follows `path` down a JSON value, skipping everything beside it, to the scalar at its end.
 #[derive(Clone, Copy)]
 struct Walk<'p> {
     path: &'p [String],
-    strings_only: bool,
+    scalars: Scalars,
     /// Whether an object encloses this value: then a later duplicate key may replace it.
     in_object: bool,
 }
@@ -299,7 +318,7 @@ impl Walk<'_> {
 
     fn number<'de>(self, n: Option<Number>) -> Option<Cow<'de, str>> {
         self.leaf(|| {
-            n.filter(|_| !self.strings_only)
+            n.filter(|_| self.scalars != Scalars::Strings)
                 .map(|n| n.to_string().into())
         })
     }
@@ -319,7 +338,7 @@ impl<'de> Visitor<'de> for Walk<'_> {
     }
     fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
         let text = if v { "true" } else { "false" };
-        Ok(self.leaf(|| (!self.strings_only).then_some(text.into())))
+        Ok(self.leaf(|| (self.scalars != Scalars::Strings).then_some(text.into())))
     }
     fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
         Ok(self.number(Some(v.into())))
@@ -328,6 +347,9 @@ impl<'de> Visitor<'de> for Walk<'_> {
         Ok(self.number(Some(v.into())))
     }
     fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        if self.scalars == Scalars::Exact {
+            return Ok(None);
+        }
         Ok(self.number(Number::from_f64(v)))
     }
     fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
@@ -745,6 +767,24 @@ mod tests {
         assert_eq!(doc.json("/event"), None);
         assert_eq!(doc.json_string("/event"), None);
         assert_eq!(doc.xml("/webhook/webhookEvent"), None);
+    }
+
+    #[test]
+    fn an_id_is_a_value_that_prints_one_way() {
+        let doc = Document::parse(
+            Format::Json,
+            br#"{"s":"abc","i":-42,"u":18446744073709551615,"big":18446744073709551616,"f":1.5,"b":true}"#,
+        )
+        .expect("valid JSON");
+        assert_eq!(doc.id("/s").as_deref(), Some("abc"));
+        assert_eq!(doc.id("/i").as_deref(), Some("-42"));
+        assert_eq!(doc.id("/u").as_deref(), Some("18446744073709551615"));
+        assert_eq!(doc.id("/big"), None, "past 64 bits: parsed as f64");
+        assert_eq!(doc.id("/f"), None);
+        assert_eq!(doc.id("/b").as_deref(), Some("true"));
+        // Filters and event names still read every number.
+        assert_eq!(doc.field("/f").as_deref(), Some("1.5"));
+        assert!(doc.field("/big").is_some());
     }
 
     #[test]

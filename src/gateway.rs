@@ -294,8 +294,10 @@ impl Gateway {
         let received_at = store::now_ms();
         let Authenticated { sender, admitted } = self.authenticate(config, request)?;
         let check = admitted.and_then(|a| a.body);
-        let delivery_id =
+        let delivery =
             auth::delivery_id(&|name: &str| request.header(name)).map_err(Refusal::DeliveryId)?;
+        let names_one_delivery = delivery.as_ref().is_some_and(|d| d.names_one_delivery());
+        let delivery_id = delivery.map(|d| d.id);
         let held_max = HELD_BODIES_MAX.max(config.max_body);
         let unverified = Hold {
             budget: &self.held_bodies,
@@ -343,22 +345,24 @@ impl Gateway {
                 Err(SelectError::Unsafe(e)) => return Err(Refusal::Unsafe(e)),
             };
             // A delivery id in the body, for a route that names where (`dedupe_key=`).
-            // Body sources read like route filters, so a numeric id counts too.
+            // Body sources read like route filters, so a numeric id counts too, but only one that prints
+            // one way per value. An empty value is no id: every empty-id delivery would be one.
             let body_key = selected
                 .queueing
                 .dedupe_key
                 .as_ref()
                 .and_then(|source| match source {
                     Source::Json(path) | Source::Xml(path) => {
-                        inputs.document().ok()?.field(path).map(Cow::into_owned)
+                        inputs.document().ok()?.id(path).map(Cow::into_owned)
                     }
                     Source::Form(field) => inputs
                         .document()
                         .ok()?
-                        .field(&format!("/{field}"))
+                        .id(&format!("/{field}"))
                         .map(Cow::into_owned),
                     other => event::value(other, &mut inputs).ok().flatten(),
-                });
+                })
+                .filter(|id| !id.trim().is_empty());
             (event, selected, body_key)
         };
         let client = client_addr(config, request).map(|ip| ip.to_string());
@@ -383,7 +387,8 @@ impl Gateway {
             .run_async
             .unwrap_or(config.store.run_async);
         if let (true, Some(store)) = (run_async, store) {
-            // A sender's delivery id is unique among its deliveries. An id read from the body by a route's
+            // A sender's delivery id is unique among its deliveries (where it names one: GitLab's event
+            // UUID is left out, see `names_one_delivery`). An id read from the body by a route's
             // `dedupe_key` is often only a counter of one kind of event (order 42, invoice 42): it is
             // unique within its event, so the event is part of its key.
             let sender_part = sender_name.as_deref().unwrap_or("");
@@ -391,6 +396,7 @@ impl Gateway {
                 Some(id) => Some(format!("{sender_part}\n{event}\n{}", bounded_key(&id))),
                 None => delivery_id
                     .as_ref()
+                    .filter(|_| names_one_delivery)
                     .map(|id| format!("{sender_part}\n{id}")),
             };
             let q = &selected.queueing;

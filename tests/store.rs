@@ -673,6 +673,170 @@ fn empty_ids_are_no_ids_and_a_dedupe_key_is_the_value_as_sent() {
     );
 }
 
+/// A `dedupe_key` value that is empty, or that does not print one way per value, is no id: two deliveries
+/// that carry it are two deliveries, and both run.
+#[test]
+fn a_dedupe_key_that_is_empty_or_inexact_dedupes_nothing() {
+    let env = Env::new();
+    let ran = env.path().join("ran");
+    env.script(
+        "d.sh",
+        &format!("printf '%s %s\\n' \"$HOOKRUNNER_EVENT\" \"$(cat \"$1\")\" >> {ran:?}"),
+    );
+    env.routes(
+        "J* d.sh async dedupe_key=json:/delivery/id\nX* d.sh async dedupe_key=xml:/webhook/id\n\
+         H* d.sh async dedupe_key=header:X-Id\nQ* d.sh async dedupe_key=query:id\n\
+         F* d.sh async dedupe_key=form:id\n",
+    );
+    let server = env.serve();
+    const JSON: (&str, &str) = ("Content-Type", "application/json");
+    const XML: (&str, &str) = ("Content-Type", "application/xml");
+    const FORM: (&str, &str) = ("Content-Type", "application/x-www-form-urlencoded");
+    /// A path, its headers, and the bodies of its two deliveries.
+    type Twice<'a> = (&'a str, Vec<(&'a str, &'a str)>, [&'a str; 2]);
+    let twice: [Twice; 8] = [
+        // An empty string, and one of spaces.
+        (
+            "/hooks/Jempty",
+            vec![JSON],
+            [
+                r#"{"delivery":{"id":""},"n":1}"#,
+                r#"{"delivery":{"id":""},"n":2}"#,
+            ],
+        ),
+        (
+            "/hooks/Jspace",
+            vec![JSON],
+            [
+                r#"{"delivery":{"id":" "},"n":1}"#,
+                r#"{"delivery":{"id":" "},"n":2}"#,
+            ],
+        ),
+        // Two integers past 64 bits, one f64 apart from nothing: they would print the same.
+        (
+            "/hooks/Jbig",
+            vec![JSON],
+            [
+                r#"{"delivery":{"id":18446744073709551616}}"#,
+                r#"{"delivery":{"id":18446744073709551617}}"#,
+            ],
+        ),
+        // An element that holds only elements has no text of its own.
+        (
+            "/hooks/Xnested",
+            vec![XML],
+            [
+                "<e><webhook><id><v>1</v></id></webhook></e>",
+                "<e><webhook><id><v>2</v></id></webhook></e>",
+            ],
+        ),
+        (
+            "/hooks/Hempty",
+            vec![JSON, ("X-Id", "")],
+            ["{\"n\":1}", "{\"n\":2}"],
+        ),
+        ("/hooks/Qempty?id=", vec![JSON], ["{\"n\":1}", "{\"n\":2}"]),
+        ("/hooks/Fempty", vec![FORM], ["id=&n=1", "id=&n=2"]),
+        // The control: an integer that fits is an id, and the second delivery with it is the first again.
+        (
+            "/hooks/Jint",
+            vec![JSON],
+            [
+                r#"{"delivery":{"id":42},"n":1}"#,
+                r#"{"delivery":{"id":42},"n":2}"#,
+            ],
+        ),
+    ];
+    for (path, headers, bodies) in &twice {
+        for (n, body) in bodies.iter().enumerate() {
+            let r = server.request("POST", path, headers, body.as_bytes());
+            assert_eq!(r.status, 202, "{path}: {}", r.text());
+            let duplicate = r.json()["duplicate"] == true;
+            let expected = *path == "/hooks/Jint" && n == 1;
+            assert_eq!(
+                duplicate,
+                expected,
+                "{path} delivery {}: {}",
+                n + 1,
+                r.text()
+            );
+        }
+    }
+    assert!(wait_until(Duration::from_secs(10), || lines(&ran).len() >= 15));
+    std::thread::sleep(Duration::from_millis(300));
+    let mut got = lines(&ran);
+    got.sort();
+    let mut expected: Vec<String> = twice
+        .iter()
+        .flat_map(|(path, _, bodies)| {
+            let event = path
+                .trim_start_matches("/hooks/")
+                .split('?')
+                .next()
+                .unwrap_or_default();
+            let runs = if event == "Jint" {
+                &bodies[..1]
+            } else {
+                &bodies[..]
+            };
+            runs.iter().map(move |body| format!("{event} {body}"))
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(got, expected);
+}
+
+/// GitLab's `X-Gitlab-Event-UUID` is shared by the events a hook's own API calls set off: it is the
+/// script's `HOOKRUNNER_DELIVERY_ID` but no dedupe key, so each of those events runs. `Idempotency-Key`
+/// (GitLab 17.4 on) names one delivery and its retries, and dedupes.
+#[test]
+fn gitlab_event_uuid_is_a_delivery_id_but_not_a_dedupe_key() {
+    let env = Env::new().config("event = [\"gitlab\", \"path\"]");
+    let ran = env.path().join("ran");
+    env.script(
+        "g.sh",
+        &format!("printf '%s\\n' \"$HOOKRUNNER_EVENT $HOOKRUNNER_DELIVERY_ID\" >> {ran:?}"),
+    );
+    env.routes("* g.sh async\n");
+    let server = env.serve();
+    let post = |kind: &str, headers: &[(&str, &str)]| {
+        let mut all = vec![
+            ("X-Gitlab-Event", kind),
+            ("Content-Type", "application/json"),
+        ];
+        all.extend_from_slice(headers);
+        let r = server.request("POST", "/", &all, b"{}");
+        assert_eq!(r.status, 202, "{}", r.text());
+        r.json()["duplicate"] == true
+    };
+    let chain = (
+        "X-Gitlab-Event-UUID",
+        "11111111-2222-3333-4444-555555555555",
+    );
+    assert!(!post("Push Hook", &[chain]));
+    assert!(!post("Note Hook", &[chain]), "another event of the chain");
+    assert!(
+        !post("Note Hook", &[chain]),
+        "a note a note hook's script made"
+    );
+    let retried = [("Idempotency-Key", "retry-1"), chain];
+    assert!(!post("Push Hook", &retried));
+    assert!(post("Push Hook", &retried), "a retry of one delivery");
+    assert!(wait_until(Duration::from_secs(10), || lines(&ran).len() >= 4));
+    std::thread::sleep(Duration::from_millis(300));
+    let mut got = lines(&ran);
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "note 11111111-2222-3333-4444-555555555555",
+            "note 11111111-2222-3333-4444-555555555555",
+            "push 11111111-2222-3333-4444-555555555555",
+            "push retry-1",
+        ]
+    );
+}
+
 #[test]
 fn entries_left_queued_by_a_kill_run_after_the_restart() {
     let env = Env::new().config("max_running = 8");

@@ -287,17 +287,34 @@ impl Sender {
     }
 }
 
+/// A delivery id a sender put on a request, and the header it came in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryId {
+    pub id: String,
+    pub header: &'static str,
+}
+
+impl DeliveryId {
+    /// Whether the id names one delivery, the same on each of its retries and on no other: then a second
+    /// request with it is that delivery again, and the store's dedupe may answer it without a run.
+    /// GitLab's `X-Gitlab-Event-UUID` is not such an id: it names the event that set off a chain of hooks,
+    /// and a hook's script that acts through GitLab's API sets off new events that carry the same UUID, of
+    /// the same kind or another. Deduped by it, each of those would be answered and never run.
+    pub fn names_one_delivery(&self) -> bool {
+        self.header != "X-Gitlab-Event-UUID"
+    }
+}
+
 /// The delivery id a sender puts on a request, from the first of these headers present; `Err` names a
 /// header whose id is longer than [`MAX_DELIVERY_ID_BYTES`]. Real senders send UUIDs or ids of about 30
 /// characters; a longer one would be kept in the store's dedupe table for a whole window and handed to the
 /// script's environment, where past 128 KiB (the kernel's limit on one string) the script could not start.
 pub fn delivery_id<'a>(
     header: &dyn Fn(&str) -> Option<&'a str>,
-) -> Result<Option<String>, &'static str> {
+) -> Result<Option<DeliveryId>, &'static str> {
     // GitLab sends Idempotency-Key (the same on each retry of a delivery, since 17.4) beside
-    // X-Gitlab-Event-UUID, which names the event that set off a chain of hooks and may be shared by
-    // several events of that chain: the first is the better id. An empty value is no id (it would make
-    // every empty-id delivery of the sender one).
+    // X-Gitlab-Event-UUID (see `names_one_delivery`): the first is the better id. An empty value is no id
+    // (it would make every empty-id delivery of the sender one).
     let found = [
         "webhook-id",
         "svix-id",
@@ -313,7 +330,10 @@ pub fn delivery_id<'a>(
     });
     match found {
         Some((name, id)) if id.len() > MAX_DELIVERY_ID_BYTES => Err(name),
-        found => Ok(found.map(|(_, id)| id.to_string())),
+        found => Ok(found.map(|(header, id)| DeliveryId {
+            id: id.to_string(),
+            header,
+        })),
     }
 }
 
@@ -530,7 +550,7 @@ mod tests {
                     .map(|(_, v)| *v)
             };
             assert_eq!(
-                delivery_id(&lookup),
+                delivery_id(&lookup).map(|d| d.map(|d| d.id)),
                 Ok(Some("msg_27UH4WbU6Z5A5EzD8u03UvzRbpk".to_string()))
             );
             let mut check = admitted.body.expect("the body is signed");

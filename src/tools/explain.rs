@@ -186,7 +186,7 @@ fn steps(config: &Config, request: &DryRequest, out: &mut String) -> bool {
     }
     let header = |name: &str| request.header(name);
     let delivery = match auth::delivery_id(&header) {
-        Ok(id) => id,
+        Ok(id) => id.map(|d| d.id),
         Err(name) => {
             let _ = writeln!(
                 out,
