@@ -38,15 +38,24 @@ impl std::fmt::Display for Error {
 
 pub fn serve(config_path: Option<PathBuf>, mut overrides: Overrides) -> Result<(), Error> {
     close_inherited_on_exec();
+    // Sockets systemd passed that hookrunner cannot serve (more than one, one not listening, not a
+    // stream) are what the socket unit says, and a restart gets the same: a configuration error (78),
+    // which the service unit does not restart.
+    let passed_error = |what: &str, e: io::Error| match e.kind() {
+        io::ErrorKind::InvalidInput => {
+            Error::Config(ConfigError::new(None, None, format!("{what}: {e}")))
+        }
+        _ => Error::Start(what.into(), e),
+    };
     // First, while no other thread exists: it edits the environment.
-    let passed = systemd::take_listen_fd()
-        .map_err(|e| Error::Start("socket activation (LISTEN_FDS)".into(), e))?;
+    let passed =
+        systemd::take_listen_fd().map_err(|e| passed_error("socket activation (LISTEN_FDS)", e))?;
     // A socket systemd passed wins over `listen` (its unit, not our file, says where to listen), and is
     // loaded as the `listen` value, so that the configuration is checked against where it really listens.
     let passed = match passed {
         Some(fd) => {
-            let listener = Listener::from_fd(fd)
-                .map_err(|e| Error::Start("the socket systemd passed".into(), e))?;
+            let listener =
+                Listener::from_fd(fd).map_err(|e| passed_error("the socket systemd passed", e))?;
             overrides.listen = Some(
                 listener
                     .bound()
@@ -251,8 +260,11 @@ fn open_store(config: &Config) -> Result<(Option<store::Shared>, Option<u64>), E
     let euid = rustix::process::geteuid().as_raw();
     store::check_private(&settings.state_dir, Some(euid))
         .map_err(|e| Error::Config(ConfigError::new(None, None, format!("state_dir: {e}"))))?;
-    let store = store::open(&settings.state_dir)
-        .map_err(|e| Error::Start("store".into(), io::Error::other(e)))?;
+    // A database a newer hookrunner made stays newer: a configuration error (78), not restarted.
+    let store = store::open(&settings.state_dir).map_err(|e| match e {
+        store::OpenError::Newer(m) => Error::Config(ConfigError::new(None, None, m)),
+        store::OpenError::Other(m) => Error::Start("store".into(), io::Error::other(m)),
+    })?;
     let waiting = store
         .recover()
         .map_err(|e| Error::Start("store".into(), io::Error::other(e)))?;

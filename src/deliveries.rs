@@ -182,7 +182,7 @@ pub fn run(config: Option<PathBuf>, action: Action) -> Result<(), (String, u8)> 
             1,
         ));
     }
-    let store = store::open(dir).map_err(|e| (e, 1))?;
+    let store = store::open(dir).map_err(|e| (e.to_string(), 1))?;
     let failed = |e: store::StoreError| (e.to_string(), 1);
     let mut out = std::io::stdout().lock();
     match action {

@@ -837,6 +837,43 @@ fn gitlab_event_uuid_is_a_delivery_id_but_not_a_dedupe_key() {
     );
 }
 
+/// A store a newer hookrunner migrated (a downgrade) cannot be opened by this one, however often it
+/// starts: a configuration error (78), which the service unit does not restart, and no word of bringing
+/// the store anywhere.
+#[test]
+fn a_store_of_a_newer_schema_is_a_configuration_error() {
+    let env = Env::new();
+    env.routes("* x.sh async\n");
+    env.script("x.sh", "true");
+    let mut server = env.serve();
+    server.signal(libc::SIGTERM);
+    server.wait_exit(Duration::from_secs(10)).expect("stopped");
+    let db = rusqlite::Connection::open(env.state().join("hookrunner.db")).expect("open the store");
+    db.pragma_update(None, "user_version", 99)
+        .expect("as a newer hookrunner left it");
+    drop(db);
+    let mut refused = Server::spawn(env.serve_command("127.0.0.1:0"));
+    let status = refused
+        .wait_exit(Duration::from_secs(10))
+        .expect("exits at start");
+    assert_eq!(status.code(), Some(78), "{}", refused.log());
+    assert!(
+        refused
+            .wait_log(
+                "the database has schema version 99, newer than this hookrunner knows",
+                Duration::from_secs(5)
+            )
+            .is_some(),
+        "{}",
+        refused.log()
+    );
+    assert!(
+        !refused.log().contains("bringing the store"),
+        "{}",
+        refused.log()
+    );
+}
+
 #[test]
 fn entries_left_queued_by_a_kill_run_after_the_restart() {
     let env = Env::new().config("max_running = 8");

@@ -192,18 +192,69 @@ fn a_socket_meant_for_another_process_is_ignored() {
     assert_eq!(server.get("/healthz").status, 200);
 }
 
+/// What the socket unit passes, a restart passes again: a socket hookrunner cannot serve is a configuration
+/// error (78), which the service's `RestartPreventExitStatus=78` keeps from a restart every 2 s forever.
 #[test]
-fn a_passed_socket_that_is_not_listening_is_a_start_error() {
+fn a_passed_socket_that_is_not_listening_is_a_configuration_error() {
     let env = Env::new();
     // A connected socket, not a listening one: what a unit with Accept=yes would pass.
     let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
     let command = activated(&env, a.as_raw_fd(), None, None);
     let mut server = Server::spawn(command);
     let status = server.wait_exit(EXIT).expect("exits");
-    assert_eq!(status.code(), Some(1), "{}", server.log());
+    assert_eq!(status.code(), Some(78), "{}", server.log());
     // The log is read by a thread that may still be behind the exit.
     assert!(
         server.wait_log("the socket systemd passed", EXIT).is_some(),
+        "{}",
+        server.log()
+    );
+}
+
+/// A socket unit with two `ListenStream=` lines (a drop-in that adds one without the empty line that
+/// clears the first) passes two sockets: a configuration error (78), not a start error restarted forever.
+#[test]
+fn two_passed_sockets_are_a_configuration_error() {
+    let env = Env::new();
+    let first = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let second = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let (a, b) = (first.as_raw_fd(), second.as_raw_fd());
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg("LISTEN_PID=$$ LISTEN_FDS=2 exec \"$@\"")
+        .args(["sh", BIN, "serve", "--config"])
+        .arg(env.config_path())
+        .env("RUST_LOG", "info")
+        .env("STATE_DIRECTORY", env.state())
+        .env_remove("JOURNAL_STREAM")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: fcntl and dup2 are async-signal-safe. Both listeners are first copied to descriptors of 10
+    // or more, so that making one of them fd 3 cannot close the other if it was fd 3 or 4; dup2's copies
+    // are open across exec.
+    unsafe {
+        command.pre_exec(move || {
+            let high = [a, b].map(|fd| libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10));
+            for (fd, to) in high.into_iter().zip([3, 4]) {
+                if fd < 0 || libc::dup2(fd, to) != to {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut server = Server::spawn(command);
+    let status = server.wait_exit(EXIT).expect("exits");
+    assert_eq!(status.code(), Some(78), "{}", server.log());
+    assert!(
+        server
+            .wait_log(
+                "systemd passed 2 sockets; hookrunner serves exactly one",
+                EXIT
+            )
+            .is_some(),
         "{}",
         server.log()
     );

@@ -377,8 +377,30 @@ pub type Shared = Arc<dyn Store>;
 /// The database file under `state_dir`.
 pub const DATABASE: &str = "hookrunner.db";
 
+/// Why the store could not be opened.
+#[derive(Debug)]
+pub enum OpenError {
+    /// The database has a schema a newer hookrunner made: starting this one again cannot mend that.
+    Newer(String),
+    Other(String),
+}
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OpenError::Newer(message) | OpenError::Other(message) => f.write_str(message),
+        }
+    }
+}
+
+impl From<String> for OpenError {
+    fn from(message: String) -> Self {
+        OpenError::Other(message)
+    }
+}
+
 /// Opens (creating and migrating) the store in `dir`.
-pub fn open(dir: &Path) -> Result<Shared, String> {
+pub fn open(dir: &Path) -> Result<Shared, OpenError> {
     sqlite::Sqlite::open(dir).map(|s| Arc::new(s) as Shared)
 }
 

@@ -5,6 +5,7 @@
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::Duration;
 
+use super::OpenError;
 use rusqlite::{Connection, TransactionBehavior};
 
 /// Times are milliseconds since the epoch. `state` is one of `store::State`'s names; `mode` `sync` or
@@ -190,7 +191,7 @@ const MIGRATIONS: &[&str] = &["
 /// by default (90 s) on a large store: it would kill the daemon mid-step, the step would roll back, and
 /// every restart would do the same. So while the steps run, systemd is asked for more time every
 /// [`STILL_MIGRATING`].
-pub fn migrate(conn: &mut Connection) -> Result<(), String> {
+pub fn migrate(conn: &mut Connection) -> Result<(), OpenError> {
     migrate_with(conn, &|| {
         crate::systemd::extend_start(STILL_MIGRATING + STILL_MIGRATING)
     })
@@ -200,7 +201,7 @@ pub fn migrate(conn: &mut Connection) -> Result<(), String> {
 const STILL_MIGRATING: Duration = Duration::from_secs(10);
 
 /// [`migrate`], calling `still_working` when the steps begin and every [`STILL_MIGRATING`] until they end.
-fn migrate_with(conn: &mut Connection, still_working: &(dyn Fn() + Sync)) -> Result<(), String> {
+fn migrate_with(conn: &mut Connection, still_working: &(dyn Fn() + Sync)) -> Result<(), OpenError> {
     let newest = MIGRATIONS.len() as i64;
     // The common case, an up-to-date database, without taking the write lock at every start.
     let version: i64 = conn
@@ -208,6 +209,9 @@ fn migrate_with(conn: &mut Connection, still_working: &(dyn Fn() + Sync)) -> Res
         .map_err(|e| format!("cannot read the schema version: {e}"))?;
     if version == newest {
         return Ok(());
+    }
+    if version > newest {
+        return Err(newer(version, newest));
     }
     if version > 0 {
         log::info!(
@@ -240,7 +244,14 @@ fn migrate_with(conn: &mut Connection, still_working: &(dyn Fn() + Sync)) -> Res
     migrated
 }
 
-fn steps(conn: &mut Connection, newest: i64) -> Result<(), String> {
+fn newer(version: i64, newest: i64) -> OpenError {
+    OpenError::Newer(format!(
+        "the database has schema version {version}, newer than this hookrunner knows ({newest}): run a \
+         newer hookrunner, or move the file aside"
+    ))
+}
+
+fn steps(conn: &mut Connection, newest: i64) -> Result<(), OpenError> {
     loop {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -249,10 +260,7 @@ fn steps(conn: &mut Connection, newest: i64) -> Result<(), String> {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(|e| format!("cannot read the schema version: {e}"))?;
         if version > newest {
-            return Err(format!(
-                "the database has schema version {version}, newer than this hookrunner knows ({newest}): \
-                 run a newer hookrunner, or move the file aside"
-            ));
+            return Err(newer(version, newest));
         }
         if version == newest {
             return Ok(());
@@ -269,7 +277,8 @@ fn steps(conn: &mut Connection, newest: i64) -> Result<(), String> {
             return Err(step(&format!(
                 "{} rows refer to rows that are not there (the first: a row of {table}, to {parent})",
                 dangling.len()
-            )));
+            ))
+            .into());
         }
         tx.pragma_update(None, "user_version", version + 1)
             .map_err(|e| format!("cannot set the schema version: {e}"))?;
@@ -458,7 +467,7 @@ mod tests {
         conn.execute_batch("INSERT INTO attempts VALUES (9, 1, 91, 1.0, 1, NULL, 0, 'orphan')")
             .expect("orphan");
         conn.pragma_update(None, "foreign_keys", true).expect("on");
-        let err = migrate(&mut conn).expect_err("refused");
+        let err = migrate(&mut conn).expect_err("refused").to_string();
         assert!(
             err.contains("migration to schema version 7: 1 rows refer to rows that are not there"),
             "{err}"
@@ -494,7 +503,11 @@ mod tests {
         conn.pragma_update(None, "user_version", version + 1)
             .expect("set");
         let err = migrate(&mut conn).expect_err("newer refused");
-        assert!(err.contains("newer than this hookrunner knows"), "{err}");
+        assert!(matches!(err, OpenError::Newer(_)), "{err}");
+        assert!(
+            err.to_string().contains("newer than this hookrunner knows"),
+            "{err}"
+        );
     }
 
     #[test]

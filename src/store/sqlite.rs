@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, Row as SqlRow, params};
 
 use super::{
-    Accepted, After, Attempt, Bounds, NewDelivery, Next, Pending, Policy, Pruned, Query, Retention,
-    Retried, Row, State, Store, StoreError, Summary, SyncRecord, Target, now_ms, schema,
+    Accepted, After, Attempt, Bounds, NewDelivery, Next, OpenError, Pending, Policy, Pruned, Query,
+    Retention, Retried, Row, State, Store, StoreError, Summary, SyncRecord, Target, now_ms, schema,
 };
 use crate::routes::Glob;
 
@@ -209,7 +209,7 @@ pub struct Sqlite {
 impl Sqlite {
     /// Creates `dir` (0700) if it is missing, opens or creates the database in it (0600), migrates it to
     /// the newest schema and starts the writer thread.
-    pub fn open(dir: &Path) -> Result<Sqlite, String> {
+    pub fn open(dir: &Path) -> Result<Sqlite, OpenError> {
         let context = |what: &str, e: &dyn std::fmt::Display| {
             format!("state_dir {}: {what}: {e}", dir.display())
         };
@@ -220,7 +220,7 @@ impl Sqlite {
         {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(context("cannot create", &e)),
+            Err(e) => return Err(context("cannot create", &e).into()),
         }
         let path = dir.join(super::DATABASE);
         // Created here so it is private from the start; SQLite gives its -wal and -shm files the same mode.
@@ -247,12 +247,12 @@ impl Sqlite {
             .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
             .map_err(|e| context("cannot enable WAL", &e))?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(context(
-                "cannot enable WAL",
-                &format!("journal mode is {mode}"),
-            ));
+            return Err(context("cannot enable WAL", &format!("journal mode is {mode}")).into());
         }
-        schema::migrate(&mut writer).map_err(|e| context("schema", &e))?;
+        schema::migrate(&mut writer).map_err(|e| match e {
+            OpenError::Newer(m) => OpenError::Newer(context("schema", &m)),
+            OpenError::Other(m) => OpenError::Other(context("schema", &m)),
+        })?;
         let reader = connect(&path).map_err(|e| context("cannot open the database", &e))?;
         let (jobs, queue) = mpsc::sync_channel(CHANNEL);
         let broken = Arc::new(AtomicBool::new(false));
