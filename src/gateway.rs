@@ -525,7 +525,8 @@ impl Gateway {
     }
 }
 
-/// The `HOOKRUNNER_*` variables a script gets from its request. An empty value is no value: a script tests
+/// The `HOOKRUNNER_*` variables a script gets from its request: every one, empty when the request has no
+/// such value (no query, no sender), so that a `set -u` script may read any of them; a script tests
 /// `[ -n "$HOOKRUNNER_SENDER" ]`.
 fn script_env<'r>(
     request: &'r Request<'_>,
@@ -551,7 +552,7 @@ fn script_env<'r>(
         ("HOOKRUNNER_BIN", bin),
         ("HOOKRUNNER_DELIVERY_ID", delivery_id.unwrap_or("")),
     ];
-    env.into_iter().filter(|(_, v)| !v.is_empty()).collect()
+    env.into()
 }
 
 /// The client's address: the peer's, or behind a proxy of `trusted_proxies` the one its

@@ -69,6 +69,8 @@ fn jamf_json_runs_the_routed_script_with_the_exact_body_and_environment() {
         "HOOKRUNNER_QUERY",
         "HOOKRUNNER_REMOTE_ADDR",
         "HOOKRUNNER_REQUEST_ID",
+        "HOOKRUNNER_SENDER",
+        "HOOKRUNNER_DELIVERY_ID",
         "LANG",
         "PATH",
         // set by sh itself
@@ -94,6 +96,9 @@ fn jamf_json_runs_the_routed_script_with_the_exact_body_and_environment() {
         "HOOKRUNNER_QUERY=x=1",
         "HOOKRUNNER_REMOTE_ADDR=127.0.0.1:",
         "HOOKRUNNER_CLIENT_ADDR=127.0.0.1\n",
+        // No sender, no delivery id: set, and empty.
+        "HOOKRUNNER_SENDER=\n",
+        "HOOKRUNNER_DELIVERY_ID=\n",
         "LANG=C.UTF-8",
     ] {
         assert!(
@@ -126,6 +131,29 @@ fn jamf_json_runs_the_routed_script_with_the_exact_body_and_environment() {
                     && l.contains("status=200")
                     && l.contains("exit=0")
             })
+    );
+}
+
+/// A `set -u` script (the shipped examples' style) may read every documented variable, whatever the request
+/// lacks: Jamf sends no query string, a Kazoo GET no Content-Type, neither a sender or a delivery id.
+#[test]
+fn a_set_u_script_reads_every_variable_of_a_request_that_has_none_of_the_optional_ones() {
+    let env = Env::new();
+    let out = env.path().join("seen");
+    env.script(
+        "strict.sh",
+        &format!(
+            "set -eu\nprintf '%s|%s|%s|%s|%s\\n' \"$HOOKRUNNER_QUERY\" \"$HOOKRUNNER_CONTENT_TYPE\" \
+             \"$HOOKRUNNER_SENDER\" \"$HOOKRUNNER_DELIVERY_ID\" \"$HOOKRUNNER_EVENT\" > {out:?}\n"
+        ),
+    );
+    env.routes("* strict.sh\n");
+    let server = env.serve();
+    let answer = server.request("GET", "/hooks/channel_create", &[], b"");
+    assert_eq!(answer.status, 200, "{}\n{}", answer.text(), server.log());
+    assert_eq!(
+        fs::read_to_string(&out).expect("the script ran to its end"),
+        "||||channel_create\n"
     );
 }
 
