@@ -346,6 +346,22 @@ fn send_authenticates_as_each_kind_of_sender_profile() {
             stdout(&out)
         );
     }
+    // A URL without a path of its own goes to the sender's path, as without --url; one with a path keeps it.
+    let bare = format!("http://{}", server.addr);
+    let out = send(&env, &bare, &["ComputerAdded", "--sender", "basic"]);
+    assert_eq!(code(&out), 0, "{}", stdout(&out));
+    let out = send(
+        &env,
+        &format!("{bare}/"),
+        &["ComputerAdded", "--sender", "basic"],
+    );
+    assert_eq!(
+        code(&out),
+        1,
+        "/ is under no sender's path: {}",
+        stdout(&out)
+    );
+    assert!(stdout(&out).contains("HTTP 401"), "{}", stdout(&out));
     let out = send(
         &env,
         "http://127.0.0.1:9/",

@@ -76,9 +76,9 @@ complete -c hookrunner -n "__fish_hookrunner_using_subcommand get" -l format -d 
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand get" -l json -d 'Print each value as JSON (objects and arrays whole)'
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand get" -l shell -d 'Print NAME=\'value\' lines to eval in a shell script'
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand get" -s h -l help -d 'Print help (see more with \'--help\')'
-complete -c hookrunner -n "__fish_hookrunner_using_subcommand send" -l url -d 'Where to post: http://HOST:PORT/path, https://HOST:PORT/path or unix:/path/to/socket (default: the configuration\'s listen, at the sender\'s path; https when it has [tls])' -r
+complete -c hookrunner -n "__fish_hookrunner_using_subcommand send" -l url -d 'Where to post: http://HOST:PORT/path, https://HOST:PORT/path or unix:/path/to/socket (default: the configuration\'s listen, at the sender\'s path; https when it has [tls]). Without a path of its own, the sender\'s' -r
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand send" -l cacert -d 'For https: the CA certificates to trust (PEM), checked with the URL\'s host name (default: the configuration\'s [tls] cert_file, trusted as the daemon\'s own certificate)' -r -F
-complete -c hookrunner -n "__fish_hookrunner_using_subcommand send" -l cert -d 'For https: a client certificate to present (PEM, with its chain), as Jamf Pro\'s Mutual TLS does for an mtls sender' -r -F
+complete -c hookrunner -n "__fish_hookrunner_using_subcommand send" -l cert -d 'For https: a client certificate to present (PEM, with its chain), as Jamf Pro\'s Mutual TLS does for an mtls sender (which needs one)' -r -F
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand send" -l key -d 'The client certificate\'s private key (PEM)' -r -F
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand send" -l format -d 'Jamf\'s body shape' -r -f -a "json\t''
 xml\t''"

@@ -71,6 +71,15 @@ impl Url {
         })
     }
 
+    /// Whether `text`, a URL as [`Url::parse`] takes it, names a path or a query of its own: `http://h:1`
+    /// and `unix:/run/sock` do not, and are given `/`.
+    pub fn names_target(text: &str) -> bool {
+        !text.starts_with("unix:")
+            && text
+                .split_once("://")
+                .is_some_and(|(_, rest)| rest.contains(['/', '?']))
+    }
+
     /// The host without its port (`[::1]` stays bracketed), the name a certificate is checked against.
     pub fn host_name(&self) -> &str {
         match self.host.rsplit_once(':') {
@@ -228,6 +237,11 @@ mod tests {
         assert_eq!(url.transport, Transport::Tcp("hooks.example.org:80".into()));
         assert_eq!(url.target, "/");
         assert_eq!(Url::parse("http://h:1?q").expect("valid").target, "/?q");
+        assert!(Url::names_target("http://h:1/jamf"));
+        assert!(Url::names_target("http://h:1/"));
+        assert!(Url::names_target("https://h?x=1"));
+        assert!(!Url::names_target("http://h:1"));
+        assert!(!Url::names_target("unix:/run/hookrunner/sock"));
         let unix = Url::parse("unix:/run/hookrunner/sock").expect("valid");
         assert_eq!(
             unix.transport,

@@ -134,7 +134,8 @@ pub struct SendArgs {
     #[arg(long)]
     pub list: bool,
     /// Where to post: http://HOST:PORT/path, https://HOST:PORT/path or unix:/path/to/socket (default: the
-    /// configuration's listen, at the sender's path; https when it has [tls])
+    /// configuration's listen, at the sender's path; https when it has [tls]). Without a path of its own,
+    /// the sender's
     #[arg(long)]
     pub url: Option<String>,
     /// For https: the CA certificates to trust (PEM), checked with the URL's host name (default: the
@@ -142,7 +143,7 @@ pub struct SendArgs {
     #[arg(long, value_name = "FILE")]
     pub cacert: Option<PathBuf>,
     /// For https: a client certificate to present (PEM, with its chain), as Jamf Pro's Mutual TLS does for
-    /// an mtls sender
+    /// an mtls sender (which needs one)
     #[arg(long, value_name = "FILE", requires = "key")]
     pub cert: Option<PathBuf>,
     /// The client certificate's private key (PEM)
@@ -241,8 +242,26 @@ pub fn run_send(args: SendArgs) -> ExitCode {
         }
         _ => sample,
     };
+    // An mtls profile's credential is the client certificate: without one the request could only be
+    // refused, with a bare 401.
+    let mtls = sender.filter(|s| matches!(s.scheme, crate::auth::Scheme::Mtls { .. }));
+    if let (Some(sender), None) = (mtls, &args.cert) {
+        eprintln!(
+            "hookrunner send: sender {:?} is mtls: give --cert FILE --key FILE, the client certificate \
+             it presents",
+            sender.name
+        );
+        return ExitCode::from(EX_USAGE);
+    }
     let url = match (&args.url, &config) {
-        (Some(url), _) => http::Url::parse(url),
+        // A URL without a path of its own goes to the sender's path, as without --url.
+        (Some(text), _) => http::Url::parse(text).map(|mut url| {
+            match sender {
+                Some(sender) if !http::Url::names_target(text) => url.target = sender.path.clone(),
+                _ => {}
+            }
+            url
+        }),
         (None, Some(config)) => send::default_url(
             &config.listen,
             sender.map_or("/", |s| s.path.as_str()),
