@@ -508,6 +508,45 @@ fn kazoo_names_the_event_in_the_query_or_a_form_field() {
     assert_eq!(form.json()["event"], "voicemail_new");
 }
 
+/// Kazoo's object hooks (its own sample bodies) are all named by `/type`; the README's route lines tell
+/// the actions apart with a field filter.
+#[test]
+fn kazoo_object_hooks_are_told_apart_by_their_action() {
+    let env = Env::new();
+    let out = env.path().join("ran");
+    for script in ["user-created", "user-changed"] {
+        env.script(script, &format!("echo {script} >> {out:?}"));
+    }
+    env.routes("user  user-created  /action=doc_created\nuser  user-changed  /action=doc_edited\n");
+    let server = env.serve();
+    let samples: serde_json::Value =
+        serde_json::from_slice(&payload("kazoo-json-object.samples.json")).expect("JSON samples");
+    let statuses: Vec<(String, u16)> = samples
+        .as_array()
+        .expect("an array of bodies")
+        .iter()
+        .map(|body| {
+            let answer = server.post("/kazoo", body.to_string().as_bytes());
+            (
+                body["action"].as_str().unwrap_or_default().to_string(),
+                answer.status,
+            )
+        })
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            ("doc_created".to_string(), 200),
+            ("doc_deleted".to_string(), 404),
+            ("doc_edited".to_string(), 200)
+        ]
+    );
+    assert_eq!(
+        fs::read_to_string(&out).expect("ran"),
+        "user-created\nuser-changed\n"
+    );
+}
+
 #[test]
 fn healthz_answers_200() {
     let env = Env::new();
