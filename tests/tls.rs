@@ -806,6 +806,43 @@ fn post(tls: &mut Tls, path: &str) -> std::io::Result<Response> {
     Response::read(tls)
 }
 
+/// A dry run has no TLS client: `check --payload` says the certificate is not checked and goes on to the
+/// event and the route, as it does for `allow_ips`, instead of stopping at a refusal.
+#[test]
+fn check_payload_dry_runs_an_mtls_sender_past_its_certificate() {
+    let server_ca = Ca::new("server CA");
+    let clients = Ca::new("client CA");
+    let env = tls_env(&server_leaf(&server_ca), Some(&clients), "").config(
+        "[[sender]]\nname = \"jamf\"\ntype = \"mtls\"\nsubjects = [\"jamf.example.com\"]\n",
+    );
+    env.script("ComputerAdded", "exit 0");
+    let payload = env.path().join("payload.json");
+    fs::write(&payload, br#"{"webhook":{"webhookEvent":"ComputerAdded"}}"#).expect("payload");
+    let out = Command::new(crate::util::BIN)
+        .args(["check", "--config"])
+        .arg(env.config_path())
+        .arg("--payload")
+        .arg(&payload)
+        .output()
+        .expect("run check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for expected in [
+        "sender: jamf (mtls on /)",
+        "credentials: not checked, a dry run has no TLS client (the daemon admits a certificate from \
+         client_ca_file naming jamf.example.com)",
+        "event: ComputerAdded",
+        "matches: runs",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+}
+
 #[test]
 fn an_mtls_sender_admits_only_a_verified_certificate_naming_one_of_its_subjects() {
     let server_ca = Ca::new("server CA");

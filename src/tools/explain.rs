@@ -5,7 +5,7 @@
 use std::borrow::Cow;
 use std::fmt::Write as _;
 
-use crate::auth::{self, Head, Sender};
+use crate::auth::{self, Head, Scheme, Sender};
 use crate::config::Config;
 use crate::document::{Document, Format, MalformedBody};
 use crate::event::{self, Inputs};
@@ -264,6 +264,18 @@ fn sender<'c>(
             "  allow_ips: not checked, a dry run has no client address"
         );
     }
+    // Nor has it a TLS client: an mtls profile's certificate is checked in the daemon's handshake, and the
+    // dry run goes on to the event and the route as if it came.
+    if let Scheme::Mtls { subjects } = &sender.scheme {
+        let names: Vec<String> = subjects.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            out,
+            "  credentials: not checked, a dry run has no TLS client (the daemon admits a certificate \
+             from client_ca_file naming {})",
+            names.join(", ")
+        );
+        return Ok(Some(sender));
+    }
     // The address is the one thing a dry run cannot know; everything else is checked as the daemon would.
     let without_address = Sender {
         allow_ips: Vec::new(),
@@ -293,7 +305,6 @@ fn sender<'c>(
         header: &header,
         forwarded_for: Vec::new(),
         peer: None,
-        // A dry run has no TLS client: an mtls profile is reported as refused for want of a certificate.
         client_names: &[],
         now: request.now,
     };
