@@ -305,10 +305,10 @@ fn reason(failure: &Failure) -> &'static str {
     match failure {
         Failure::NoSender => "no_sender",
         Failure::Missing(_) => "missing_header",
-        Failure::Malformed(_) => "malformed_header",
+        Failure::Malformed(_) | Failure::Form { .. } => "malformed_header",
         Failure::WrongCredentials => "wrong_credentials",
         Failure::WrongToken(_) => "wrong_token",
-        Failure::Mismatch => "signature_mismatch",
+        Failure::Mismatch | Failure::Length { .. } => "signature_mismatch",
         Failure::NoCertificate => "no_client_certificate",
         Failure::Subject(_) => "certificate_subject",
         Failure::OutOfWindow { .. } => "timestamp_out_of_window",

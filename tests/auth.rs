@@ -975,13 +975,16 @@ fn gitlab_tokens_and_the_generic_hmac_scheme() {
     assert_eq!(gl("glpat-secret").status, 200);
     assert_eq!(runs(&out).len(), 1);
     assert!(runs(&out)[0].starts_with("gl uuid-1 "), "{:?}", runs(&out));
-    // HMAC-SHA512 in base64 behind a prefix, computed by Python's standard library.
-    let sign = |key: &str, body: &[u8]| {
+    // HMAC-SHA512 in base64 behind a prefix, computed by Python's standard library; other algorithms and
+    // encodings for what a sender whose format is guessed would send.
+    let sign_as = |algorithm: &str, encoding: &str, key: &str, body: &[u8]| {
         let out = std::process::Command::new("python3")
             .args([
                 "-c",
-                "import sys, hmac, hashlib, base64\nprint(base64.b64encode(hmac.new(sys.argv[1].encode(), sys.stdin.buffer.read(), hashlib.sha512).digest()).decode())",
+                "import sys, hmac, hashlib, base64\nd = hmac.new(sys.argv[1].encode(), sys.stdin.buffer.read(), sys.argv[2]).digest()\nprint(base64.b64encode(d).decode() if sys.argv[3] == 'base64' else d.hex())",
                 key,
+                algorithm,
+                encoding,
             ])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -994,6 +997,7 @@ fn gitlab_tokens_and_the_generic_hmac_scheme() {
             .expect("python3");
         format!("v={}", String::from_utf8_lossy(&out.stdout).trim())
     };
+    let sign = |key: &str, body: &[u8]| sign_as("sha512", "base64", key, body);
     let good = sign("a-signing-secret-of-16+", b"{\"x\":1}");
     let bad = sign("a-signing-secret-of-16-", b"{\"x\":1}");
     // A sender with nothing but the generic Idempotency-Key names its delivery so.
@@ -1018,6 +1022,32 @@ fn gitlab_tokens_and_the_generic_hmac_scheme() {
         401,
         "the prefix is part of the scheme"
     );
+    // The right secret in another algorithm or encoding: the log says which setting is off.
+    for (algorithm, encoding, says) in [
+        (
+            "sha256",
+            "base64",
+            "holds 32 bytes where the profile's HMAC has 64",
+        ),
+        (
+            "sha512",
+            "hex",
+            "holds 96 bytes where the profile's HMAC has 64",
+        ),
+    ] {
+        let other = sign_as(algorithm, encoding, "a-signing-secret-of-16+", b"{\"x\":1}");
+        assert_eq!(js(&other).status, 401, "{algorithm} {encoding}");
+        let line = server
+            .wait_log(
+                &format!("X-Signature header {says}"),
+                Duration::from_secs(5),
+            )
+            .unwrap_or_else(|| panic!("{algorithm} {encoding}:\n{}", server.log()));
+        assert!(
+            line.contains("then the base64 sha512 HMAC): check algorithm and encoding"),
+            "{line}"
+        );
+    }
     assert_eq!(js(&good).status, 200);
     assert_eq!(runs(&out).len(), 2);
     assert!(runs(&out)[1].starts_with("js idem-1 "), "{:?}", runs(&out));
@@ -1513,6 +1543,11 @@ fn check_validates_profiles_and_secret_files() {
         (
             format!("type = \"gitlab\"\nsecret_file = {readable:?}\nuser = \"x\""),
             "user does not apply to type gitlab",
+        ),
+        (
+            format!("type = \"scalefusion\"\nsecret_file = {readable:?}\nheader = \"X-Sig\""),
+            "header does not apply to type scalefusion (its signature's format is fixed; for another, use \
+             type = \"hmac\" with header)",
         ),
         (
             format!(

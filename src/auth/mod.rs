@@ -29,6 +29,15 @@ pub enum Failure {
     Missing(String),
     /// A header is present but not in the scheme's form.
     Malformed(String),
+    /// A signature header that is not in the form its profile configures (which `form` describes).
+    Form { header: String, form: String },
+    /// A signature header that decodes to the wrong number of bytes for its profile's algorithm.
+    Length {
+        header: String,
+        got: usize,
+        want: usize,
+        form: String,
+    },
     /// Basic credentials that are not the configured pair.
     WrongCredentials,
     /// A header whose value is not the configured secret.
@@ -68,6 +77,19 @@ impl fmt::Display for Failure {
             Failure::NoSender => f.write_str("the path is under no sender's path"),
             Failure::Missing(header) => write!(f, "no {header} header"),
             Failure::Malformed(header) => write!(f, "{header} header is not in the scheme's form"),
+            Failure::Form { header, form } => {
+                write!(f, "{header} header is not in the profile's form ({form})")
+            }
+            Failure::Length {
+                header,
+                got,
+                want,
+                form,
+            } => write!(
+                f,
+                "{header} header holds {got} bytes where the profile's HMAC has {want} ({form}): check \
+                 algorithm and encoding"
+            ),
             Failure::WrongCredentials => f.write_str("user or password does not match"),
             Failure::WrongToken(header) => {
                 write!(f, "{header} does not match the configured secret")

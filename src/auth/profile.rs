@@ -227,7 +227,17 @@ impl RawSender {
             .iter()
             .find(|(key, set)| *set && !allowed.contains(key))
         {
-            return Err(format!("{key} does not apply to type {}", self.kind));
+            // github and scalefusion are hmac with their format fixed: one whose format differs is hmac.
+            let hint = if matches!(self.kind.as_str(), "github" | "scalefusion")
+                && ["header", "algorithm", "encoding", "prefix"].contains(key)
+            {
+                format!(
+                    " (its signature's format is fixed; for another, use type = \"hmac\" with {key})"
+                )
+            } else {
+                String::new()
+            };
+            return Err(format!("{key} does not apply to type {}{hint}", self.kind));
         }
         Ok(scheme)
     }

@@ -50,7 +50,31 @@ pub enum Encoding {
     Base64,
 }
 
+impl Algorithm {
+    fn name(self) -> &'static str {
+        match self {
+            Algorithm::Sha256 => "sha256",
+            Algorithm::Sha512 => "sha512",
+        }
+    }
+
+    /// The length of its HMAC, in bytes.
+    fn len(self) -> usize {
+        match self {
+            Algorithm::Sha256 => 32,
+            Algorithm::Sha512 => 64,
+        }
+    }
+}
+
 impl Encoding {
+    fn name(self) -> &'static str {
+        match self {
+            Encoding::Hex => "hex",
+            Encoding::Base64 => "base64",
+        }
+    }
+
     pub fn encode(self, code: &[u8]) -> String {
         match self {
             Encoding::Hex => hex::encode(code),
@@ -145,14 +169,41 @@ impl SignatureHeader {
         }
     }
 
-    /// The code the header carries, decoded.
+    /// The code the header carries, decoded. A failure says what the profile expects (its prefix, encoding
+    /// and algorithm: configuration, no secret), so that an operator trying out a sender that does not
+    /// publish its format (Jamf's Hash Signature) sees which setting is off.
     pub fn expected(&self, value: Option<&str>) -> Result<Vec<u8>, Failure> {
         let value = value.ok_or_else(|| Failure::Missing(self.header.clone()))?;
+        let form = || {
+            let prefix = if self.prefix.is_empty() {
+                "no prefix".to_string()
+            } else {
+                format!("the prefix {:?}", self.prefix)
+            };
+            format!(
+                "{prefix}, then the {} {} HMAC",
+                self.encoding.name(),
+                self.algorithm.name()
+            )
+        };
         let code = value
             .trim()
             .strip_prefix(self.prefix.as_str())
             .and_then(|code| self.encoding.decode(code))
-            .ok_or_else(|| Failure::Malformed(self.header.clone()))?;
+            .ok_or_else(|| Failure::Form {
+                header: self.header.clone(),
+                form: form(),
+            })?;
+        // The length of what was sent is no secret, and a wrong one names the setting to change: a sha256
+        // HMAC against a sha512 profile, or hex read as base64.
+        if code.len() != self.algorithm.len() {
+            return Err(Failure::Length {
+                header: self.header.clone(),
+                got: code.len(),
+                want: self.algorithm.len(),
+                form: form(),
+            });
+        }
         Ok(code)
     }
 }
@@ -275,11 +326,21 @@ mod tests {
         let header = SignatureHeader::github();
         assert!(matches!(header.expected(None), Err(Failure::Missing(_))));
         for bad in ["757107ea", "sha1=757107ea", "sha256=zz", "sha256=757"] {
-            assert!(
-                matches!(header.expected(Some(bad)), Err(Failure::Malformed(_))),
-                "{bad}"
+            let failure = header.expected(Some(bad)).expect_err(bad);
+            assert!(matches!(failure, Failure::Form { .. }), "{bad}");
+            assert_eq!(
+                failure.to_string(),
+                "X-Hub-Signature-256 header is not in the profile's form (the prefix \"sha256=\", then the \
+                 hex sha256 HMAC)"
             );
         }
+        // Well-formed, but of another length: what a sha1 code, or a sha512 one, would be.
+        let short = header.expected(Some("sha256=757107ea"));
+        assert_eq!(
+            short.expect_err("4 bytes").to_string(),
+            "X-Hub-Signature-256 header holds 4 bytes where the profile's HMAC has 32 (the prefix \
+             \"sha256=\", then the hex sha256 HMAC): check algorithm and encoding"
+        );
     }
 
     #[test]
