@@ -176,11 +176,24 @@ impl DeliveriesCommand {
 pub fn run(config: Option<PathBuf>, action: Action) -> Result<(), (String, u8)> {
     let settings = Config::load_store(config.as_deref()).map_err(|e| (e.to_string(), 78))?;
     let dir = &settings.state_dir;
-    if !dir.join(store::DATABASE).exists() {
-        return Err((
-            format!("no store in {}: the daemon has not run yet", dir.display()),
-            1,
-        ));
+    match std::fs::metadata(dir.join(store::DATABASE)) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err((
+                format!("no store in {}: the daemon has not run yet", dir.display()),
+                1,
+            ));
+        }
+        // The package's state directory is the daemon's alone (0700): not a missing store.
+        Err(e) => {
+            return Err((
+                format!(
+                    "cannot read the store in {}: {e} (run as root or as the daemon's user)",
+                    dir.display()
+                ),
+                1,
+            ));
+        }
     }
     let store = store::open(dir).map_err(|e| (e.to_string(), 1))?;
     let failed = |e: store::StoreError| (e.to_string(), 1);

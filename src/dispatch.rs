@@ -645,6 +645,12 @@ impl Dispatcher {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
+        // An entry queued by a hookrunner that left empty values out gets them, as one queued now does.
+        for name in crate::gateway::REQUEST_VARIABLES {
+            if !env.iter().any(|(k, _)| *k == name) {
+                env.push((name, ""));
+            }
+        }
         env.push(("HOOKRUNNER_ATTEMPT", &attempt));
         env.push(("HOOKRUNNER_QUEUED_AT", &queued_at));
         let job = Job {

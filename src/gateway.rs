@@ -525,6 +525,21 @@ impl Gateway {
     }
 }
 
+/// The `HOOKRUNNER_*` variables a script gets from its request, in the order [`script_env`] gives them.
+pub const REQUEST_VARIABLES: [&str; 11] = [
+    "HOOKRUNNER_EVENT",
+    "HOOKRUNNER_REQUEST_ID",
+    "HOOKRUNNER_CONTENT_TYPE",
+    "HOOKRUNNER_METHOD",
+    "HOOKRUNNER_PATH",
+    "HOOKRUNNER_QUERY",
+    "HOOKRUNNER_REMOTE_ADDR",
+    "HOOKRUNNER_CLIENT_ADDR",
+    "HOOKRUNNER_SENDER",
+    "HOOKRUNNER_BIN",
+    "HOOKRUNNER_DELIVERY_ID",
+];
+
 /// The `HOOKRUNNER_*` variables a script gets from its request: every one, empty when the request has no
 /// such value (no query, no sender), so that a `set -u` script may read any of them; a script tests
 /// `[ -n "$HOOKRUNNER_SENDER" ]`.
@@ -536,23 +551,20 @@ fn script_env<'r>(
     client: Option<&'r str>,
     bin: &'r str,
 ) -> Vec<(&'static str, &'r str)> {
-    let env = [
-        ("HOOKRUNNER_EVENT", event),
-        ("HOOKRUNNER_REQUEST_ID", request.id.as_str()),
-        (
-            "HOOKRUNNER_CONTENT_TYPE",
-            request.header("Content-Type").unwrap_or(""),
-        ),
-        ("HOOKRUNNER_METHOD", request.method.as_str()),
-        ("HOOKRUNNER_PATH", request.path.as_str()),
-        ("HOOKRUNNER_QUERY", request.query.as_str()),
-        ("HOOKRUNNER_REMOTE_ADDR", request.remote.as_str()),
-        ("HOOKRUNNER_CLIENT_ADDR", client.unwrap_or("")),
-        ("HOOKRUNNER_SENDER", sender.map_or("", |s| s.name.as_str())),
-        ("HOOKRUNNER_BIN", bin),
-        ("HOOKRUNNER_DELIVERY_ID", delivery_id.unwrap_or("")),
+    let values = [
+        event,
+        request.id.as_str(),
+        request.header("Content-Type").unwrap_or(""),
+        request.method.as_str(),
+        request.path.as_str(),
+        request.query.as_str(),
+        request.remote.as_str(),
+        client.unwrap_or(""),
+        sender.map_or("", |s| s.name.as_str()),
+        bin,
+        delivery_id.unwrap_or(""),
     ];
-    env.into()
+    REQUEST_VARIABLES.into_iter().zip(values).collect()
 }
 
 /// The client's address: the peer's, or behind a proxy of `trusted_proxies` the one its

@@ -837,6 +837,56 @@ fn gitlab_event_uuid_is_a_delivery_id_but_not_a_dedupe_key() {
     );
 }
 
+/// An entry queued by a hookrunner that left empty variables out of its environment (as it was stored)
+/// gets every one when it runs now, empty where it had none, as an entry queued now does: a `set -u`
+/// script written to today's README must not fail on what was queued before an upgrade.
+#[test]
+fn an_entry_queued_without_the_empty_variables_gets_them_when_it_runs() {
+    let env = Env::new();
+    let seen = env.path().join("seen");
+    env.script(
+        "strict.sh",
+        &format!(
+            "set -eu\nprintf '%s|%s|%s|%s\\n' \"$HOOKRUNNER_QUERY\" \"$HOOKRUNNER_SENDER\" \
+             \"$HOOKRUNNER_EVENT\" \"$HOOKRUNNER_ATTEMPT\" > {seen:?}\n"
+        ),
+    );
+    env.routes("* strict.sh async\n");
+    let mut server = env.serve();
+    server.signal(libc::SIGTERM);
+    server.wait_exit(Duration::from_secs(10)).expect("stopped");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    let script = env.scripts().join("strict.sh");
+    let db = rusqlite::Connection::open(env.state().join("hookrunner.db")).expect("open the store");
+    db.execute(
+        "INSERT INTO deliveries (request_id, received_at, mode, event, route_line, script, state, status,
+             attempts, max_attempts, retry_max_ms, timeout_ms, serial, due_at, env, payload, payload_bytes)
+         VALUES ('old-1', ?1, 'async', 'Old', 1, ?2, 'queued', 202, 0, 5, 3600000, 30000, 0, ?1, ?3,
+             x'7b7d', 2)",
+        rusqlite::params![
+            now,
+            script.to_str().expect("utf-8"),
+            r#"[["HOOKRUNNER_EVENT","Old"],["HOOKRUNNER_REQUEST_ID","old-1"]]"#
+        ],
+    )
+    .expect("an entry as an older hookrunner queued it");
+    drop(db);
+    let server = restart(&env);
+    assert!(
+        wait_until(Duration::from_secs(10), || seen.exists()),
+        "{}",
+        server.log()
+    );
+    assert!(wait_until(Duration::from_secs(5), || fs::read_to_string(
+        &seen
+    )
+    .is_ok_and(|s| s.ends_with('\n'))));
+    assert_eq!(fs::read_to_string(&seen).expect("seen"), "||Old|1\n");
+}
+
 /// A store a newer hookrunner migrated (a downgrade) cannot be opened by this one, however often it
 /// starts: a configuration error (78), which the service unit does not restart, and no word of bringing
 /// the store anywhere.
@@ -1053,6 +1103,22 @@ fn check_by_another_user_passes_a_state_dir_it_cannot_look_into() {
     assert!(out.status.success(), "{said}");
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("# configuration OK"),
+        "{said}"
+    );
+    // The operator's CLI as that user: a store it may not read is said to be so, not missing.
+    let out = Command::new(crate::util::BIN)
+        .args(["deliveries", "list", "--config"])
+        .arg(&config)
+        .env("STATE_DIRECTORY", env.state())
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run deliveries as nobody");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("cannot read the store in ")
+            && said.contains("(run as root or as the daemon's user)"),
         "{said}"
     );
     // Yet what it can see, it checks: the same directory open to everyone is refused.

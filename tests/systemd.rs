@@ -211,6 +211,30 @@ fn a_passed_socket_that_is_not_listening_is_a_configuration_error() {
     );
 }
 
+/// A socket unit with `ListenFIFO=` passes a pipe, which is no socket at all: a configuration error too.
+#[test]
+fn a_passed_fifo_is_a_configuration_error() {
+    let env = Env::new();
+    let mut fds = [0; 2];
+    // SAFETY: pipe writes two descriptors into the array it is given.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0, "pipe");
+    let mut server = Server::spawn(activated(&env, fds[0], None, None));
+    let status = server.wait_exit(EXIT).expect("exits");
+    assert_eq!(status.code(), Some(78), "{}", server.log());
+    assert!(
+        server
+            .wait_log("the passed descriptor is not a socket", EXIT)
+            .is_some(),
+        "{}",
+        server.log()
+    );
+    // SAFETY: both ends are this test's own, closed once.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
+}
+
 /// A socket unit with two `ListenStream=` lines (a drop-in that adds one without the empty line that
 /// clears the first) passes two sockets: a configuration error (78), not a start error restarted forever.
 #[test]

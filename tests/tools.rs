@@ -478,6 +478,9 @@ fn check_payload_explains_sender_event_routes_and_environment_without_running() 
         "HOOKRUNNER_SENDER=jamf".to_string(),
         "HOOKRUNNER_EVENT=ComputerAdded".to_string(),
         "HOOKRUNNER_PATH=/jamf".to_string(),
+        // Set and empty, as the daemon sets them.
+        "  HOOKRUNNER_QUERY=\n".to_string(),
+        "  HOOKRUNNER_DELIVERY_ID=\n".to_string(),
     ] {
         assert!(text.contains(&expected), "missing {expected:?} in:\n{text}");
     }

@@ -49,7 +49,11 @@ impl Listener {
     pub fn from_fd(fd: OwnedFd) -> io::Result<Listener> {
         use rustix::net::{AddressFamily, SocketType, sockopt};
         let refuse = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, what.to_string());
-        if sockopt::socket_type(&fd)? != SocketType::STREAM {
+        // What the socket unit passed is the unit's doing (a ListenFIFO= or ListenSpecial= is no socket at
+        // all): every such refusal is InvalidInput, which `serve` reports as a configuration error.
+        let kind = sockopt::socket_type(&fd)
+            .map_err(|e| refuse(&format!("the passed descriptor is not a socket ({e})")))?;
+        if kind != SocketType::STREAM {
             return Err(refuse("the passed socket is not a stream socket"));
         }
         if !sockopt::socket_acceptconn(&fd)? {

@@ -196,19 +196,21 @@ fn steps(config: &Config, request: &DryRequest, out: &mut String) -> bool {
             return false;
         }
     };
-    let env = [
-        ("HOOKRUNNER_EVENT", Some(event.as_str())),
-        ("HOOKRUNNER_REQUEST_ID", Some("(the request's id)")),
-        ("HOOKRUNNER_CONTENT_TYPE", request.header("Content-Type")),
-        ("HOOKRUNNER_METHOD", Some("POST")),
-        ("HOOKRUNNER_PATH", Some(path)),
-        ("HOOKRUNNER_QUERY", Some(query)),
-        ("HOOKRUNNER_REMOTE_ADDR", Some("(the peer's address)")),
-        ("HOOKRUNNER_CLIENT_ADDR", Some("(the client's address)")),
-        ("HOOKRUNNER_SENDER", sender.map(|s| s.name.as_str())),
-        ("HOOKRUNNER_BIN", Some("(the hookrunner binary)")),
-        ("HOOKRUNNER_DELIVERY_ID", delivery.as_deref()),
+    // In the order of `gateway::REQUEST_VARIABLES`.
+    let values = [
+        Some(event.as_str()),
+        Some("(the request's id)"),
+        request.header("Content-Type"),
+        Some("POST"),
+        Some(path),
+        Some(query),
+        Some("(the peer's address)"),
+        Some("(the client's address)"),
+        sender.map(|s| s.name.as_str()),
+        Some("(the hookrunner binary)"),
+        delivery.as_deref(),
     ];
+    let env = crate::gateway::REQUEST_VARIABLES.into_iter().zip(values);
     let queued = [
         ("HOOKRUNNER_ATTEMPT", "(the attempt, from 1)"),
         ("HOOKRUNNER_QUEUED_AT", "(when it was accepted)"),
@@ -219,10 +221,9 @@ fn steps(config: &Config, request: &DryRequest, out: &mut String) -> bool {
         &[]
     };
     let _ = writeln!(out, "environment (besides PATH and LANG):");
+    // Every one is set, empty when the request has none, as the daemon sets them.
     for (name, value) in env {
-        if let Some(value) = value.filter(|v| !v.is_empty()) {
-            let _ = writeln!(out, "  {name}={value}");
-        }
+        let _ = writeln!(out, "  {name}={}", value.unwrap_or(""));
     }
     for (name, value) in queued {
         let _ = writeln!(out, "  {name}={value}");
