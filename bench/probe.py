@@ -20,7 +20,8 @@ Subcommands:
   cpu-split BEFORE AFTER --machine-ticks N
                                 CPU time between two cpu-account snapshots as JSON: the whole
                                 machine's (N ticks, read by the caller right around the load) and
-                                the gateway's own (PID's tree, handlers excluded)
+                                the gateway's own (PID's tree, handlers excluded), and that of
+                                hookrunner's store threads (the history's writer and pruner)
   summary JSON [JSON]           one human line about a result line (and a settle line)
   settle PID COUNT_FILE [--timeout S]
                                 wait until PID has no child processes left and COUNT_FILE
@@ -377,6 +378,37 @@ def own_ticks(pid):
     return int(fields[19]), int(fields[11]) + int(fields[12])  # starttime is field 22
 
 
+# The store's threads (the writer of the history and the queue, and the pruner); the kernel cuts a
+# thread's name to 15 bytes.
+STORE_THREADS = ("hookrunner-stor", "hookrunner-prun")
+
+
+def thread_cpu_ms(pid, names):
+    """CPU time of PID's threads with one of these names, in ms: from /proc/PID/task/TID/sched
+    (nanoseconds, where the kernel has scheduler debugging), else from the tick counts of stat."""
+    total = 0.0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                if f.read().strip() not in names:
+                    continue
+        except OSError:
+            continue
+        try:
+            with open(f"/proc/{pid}/task/{tid}/sched") as f:
+                runtime = [line for line in f if line.startswith("se.sum_exec_runtime")]
+            total += float(runtime[0].split(":")[1])
+        except (OSError, IndexError, ValueError):
+            fields = stat_fields(f"{pid}/task/{tid}")
+            if fields is not None:
+                total += (int(fields[11]) + int(fields[12])) * 1000.0 / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def cmd_cpu_account(args):
     with open("/proc/stat") as f:
         cpu = [int(v) for v in f.readline().split()[1:]]
@@ -390,7 +422,9 @@ def cmd_cpu_account(args):
             own = own_ticks(p)
             if own:
                 snapshot.append(f"{p}/{own[0]}/{own[1]}")
-    print(f"{busy}:{ours}:{time.monotonic():.3f}:{','.join(snapshot)}")
+    store = thread_cpu_ms(args.pid, STORE_THREADS) if args.pid else None
+    store = "" if store is None else f"{store:.3f}"
+    print(f"{busy}:{ours}:{time.monotonic():.3f}:{','.join(snapshot)}:{store}")
 
 
 def cmd_cpu_split(args):
@@ -408,6 +442,10 @@ def cmd_cpu_split(args):
     out = {"machine_cpu_ms": round(args.machine_ticks * ms)}
     if procs0 and procs1:
         out["gateway_cpu_ms"] = round(gateway * ms)
+    # The store's threads live as long as the server, so the difference is theirs alone.
+    store0, store1 = (s.split(":")[4] if s.count(":") >= 4 else "" for s in (args.before, args.after))
+    if store0 and store1:
+        out["store_cpu_ms"] = round(float(store1) - float(store0), 3)
     print(json.dumps(out))
 
 

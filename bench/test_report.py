@@ -149,6 +149,23 @@ class HistoryTargets(unittest.TestCase):
         # The ceiling's own target stays beside it.
         self.assertEqual(verdict(res, "sync ≥ 0.90")[1], "pass")
 
+    def test_the_history_table_gives_the_store_threads_share_of_the_machine(self):
+        res = self.with_nohistory(960)
+        for c in CONCURRENCIES:
+            res.sync["hookrunner"][c] = {rep: dict(row, machine_cpu_ms=1900, store_cpu_ms=9.5)
+                                         for rep, row in res.sync["hookrunner"][c].items()}
+        # 950 runs: 2,000 µs of the machine and 10 µs of the store's threads per run.
+        row = [line for line in report.section(res).splitlines() if line.startswith("| 16 |")
+               and "0.990×" in line]
+        self.assertEqual(len(row), 1, row)
+        self.assertIn("10.0 µs, 0.50 %", row[0])
+        del res.sync["hookrunner"][16][2]["store_cpu_ms"]
+        del res.sync["hookrunner"][16][1]["store_cpu_ms"]
+        del res.sync["hookrunner"][16][3]["store_cpu_ms"]
+        row = [line for line in report.section(res).splitlines() if line.startswith("| 16 |")
+               and "0.990×" in line]
+        self.assertTrue(row[0].rstrip().endswith("| — |"), row)
+
     def test_no_history_row_without_a_run_without_it(self):
         self.assertFalse(any(label.startswith("sync history") for label in verdicts(results())))
 
