@@ -42,8 +42,8 @@ enum Command {
     /// Run the daemon
     #[command(
         long_about = "Run the daemon. At the default log level its first line is `listening on ADDRESS` \
-with the address actually bound. SIGHUP re-reads the configuration and routes (an invalid one is logged \
-and the old one kept); SIGTERM and SIGINT stop accepting, let requests in flight finish, and exit 0. \
+with the address actually bound. SIGHUP re-reads the configuration file it started with and the routes (an \
+invalid or missing one is logged and the old one kept); SIGTERM and SIGINT stop accepting, let requests in flight finish, and exit 0. \
 Under systemd it reports its state (Type=notify) and accepts a listening socket passed by socket \
 activation (LISTEN_FDS), which then replaces `listen`."
     )]

@@ -107,6 +107,8 @@ pub struct Config {
     pub log_file: Option<PathBuf>,
     /// `[tls]`: serve HTTPS on the TCP listener; its keys are documented in [`crate::tls::Tls`].
     pub tls: Option<crate::tls::Tls>,
+    /// The file this was read from; none for the built-in defaults.
+    pub source: Option<PathBuf>,
 }
 
 /// The store's keys, top-level in the file like every other key.
@@ -666,6 +668,7 @@ impl Config {
             metrics_listen,
             log_file: path("log_file", raw.log_file)?,
             tls,
+            source: file.path.map(Path::to_path_buf),
         })
     }
 }

@@ -81,6 +81,11 @@ pub fn serve(config_path: Option<PathBuf>, mut overrides: Overrides) -> Result<(
         }
         Error::Config(e)
     })?;
+    // A reload reads the file this start read. Without --config that was /etc/hookrunner/hookrunner.toml
+    // if it existed; should it be gone at a reload (moved aside mid-edit, a package tool's rename), the
+    // built-in defaults would drop every sender and trusted proxy and serve unauthenticated. Pinned, its
+    // absence is a failed reload that keeps the configuration in force.
+    let config_path = config.source.clone();
     open_log_file(&config)?;
     let (payloads, stale) = PayloadDir::open(&config.payload_dir)
         .map_err(|e| Error::Start("payload directory".into(), e))?;

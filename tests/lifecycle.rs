@@ -95,6 +95,94 @@ fn a_reload_with_the_routes_file_gone_keeps_the_old_routes() {
     assert_eq!(server.post("/hooks/Old", b"").status, 200);
 }
 
+/// Without `--config` the daemon reads /etc/hookrunner/hookrunner.toml. Should that file be gone at a reload
+/// (moved aside mid-edit, a tool's rename), the built-in defaults it would fall back to have no sender and
+/// no trusted proxy: a daemon behind a proxy on loopback would serve everyone, unauthenticated. The reload
+/// fails instead. Root only: the test gives the daemon a mount namespace whose /etc is an overlay, so the
+/// machine's own /etc is never written.
+#[test]
+fn a_reload_with_the_default_configuration_file_gone_keeps_the_senders() {
+    if !rustix::process::geteuid().is_root() {
+        println!("skipped: a private /etc needs root");
+        return;
+    }
+    let env = Env::new();
+    let ran = env.path().join("ran");
+    env.script("ok.sh", &format!("touch {}", ran.display()));
+    env.routes("* ok.sh\n");
+    let password = env.path().join("password");
+    fs::write(&password, "a-password-of-some-length\n").expect("password");
+    fs::set_permissions(
+        &password,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod");
+    let env = env.config(&format!(
+        "[[sender]]\nname = \"jamf\"\ntype = \"basic\"\nuser = \"jamf\"\npassword_file = {password:?}"
+    ));
+    let (upper, work) = (env.path().join("upper"), env.path().join("work"));
+    fs::create_dir(&upper).expect("upper");
+    fs::create_dir(&work).expect("work");
+    let overlay = format!(
+        "mount -t overlay overlay -o lowerdir=/etc,upperdir={},workdir={} /etc",
+        upper.display(),
+        work.display()
+    );
+    let probe = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &overlay])
+        .status();
+    if !probe.as_ref().is_ok_and(|s| s.success()) {
+        println!("skipped: cannot mount an overlay on /etc in a mount namespace here ({probe:?})");
+        return;
+    }
+    let command = env.serve_command("127.0.0.1:0");
+    let start = format!(
+        "{overlay} && mkdir -p /etc/hookrunner && cp {} /etc/hookrunner/hookrunner.toml && exec {BIN} serve \
+         --listen 127.0.0.1:0",
+        env.config_path().display()
+    );
+    // `unshare` without --fork and `exec`: the daemon keeps the pid the test signals.
+    let mut unshared = Command::new("unshare");
+    unshared.args(["-m", "--propagation", "private", "sh", "-c", &start]);
+    for (key, value) in command.get_envs() {
+        match value {
+            Some(value) => unshared.env(key, value),
+            None => unshared.env_remove(key),
+        };
+    }
+    unshared
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let server = Server::start(unshared);
+    assert!(
+        server.log().contains("1 sender(s): jamf"),
+        "{}",
+        server.log()
+    );
+    assert_eq!(server.post("/hooks/Any", b"{}").status, 401);
+    let pid = server.child.id().to_string();
+    let moved = Command::new("nsenter")
+        .args(["-t", &pid, "-m", "mv", "/etc/hookrunner/hookrunner.toml"])
+        .arg("/etc/hookrunner/hookrunner.toml.bak")
+        .status()
+        .expect("nsenter");
+    assert!(moved.success());
+    server.signal(libc::SIGHUP);
+    let failed = logged(&server, "reload failed");
+    assert!(
+        failed.contains("/etc/hookrunner/hookrunner.toml"),
+        "{failed}"
+    );
+    assert_eq!(
+        server.post("/hooks/Any", b"{}").status,
+        401,
+        "the sender still checks every request:\n{}",
+        server.log()
+    );
+    assert!(!ran.exists(), "a script ran:\n{}", server.log());
+}
+
 /// Sends SIGHUP and waits for the reload to be logged as done: from that line on, the new configuration is in
 /// force.
 fn reload(server: &Server) {
