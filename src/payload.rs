@@ -111,7 +111,13 @@ impl PayloadDir {
             if entry.file_name() == LOCK_FILE {
                 continue;
             }
-            match fs::remove_file(entry.path()) {
+            // What a script made of its payload beside it (`gzip "$1"`, `mkdir "$1.d"`) may be a directory.
+            let gone = if entry.file_type()?.is_dir() {
+                fs::remove_dir_all(entry.path())
+            } else {
+                fs::remove_file(entry.path())
+            };
+            match gone {
                 Ok(()) => removed += 1,
                 Err(e) if e.raw_os_error() == Some(Errno::BUSY.raw_os_error()) => {}
                 Err(e) => return Err(e),
@@ -209,19 +215,22 @@ fn run_tag() -> u32 {
 /// Whether a name in a payload directory is one hookrunner makes there (its lock, a payload file, NFS's
 /// stand-in for a removed one still open).
 pub fn is_ours(name: &std::ffi::OsStr) -> bool {
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let hex = |s: &str| s.bytes().all(|b| b.is_ascii_hexdigit());
+    // The digits of a payload's number, and anything after them: scripts run with the directory's owner and
+    // may leave what they made of their `$1` beside it (`$1.gz`, `$1.bak`, `$1.d/`), which is ours to
+    // remove at the next start, not a sign of somebody else's directory.
+    let numbered = |s: &str| s.bytes().next().is_some_and(|b| b.is_ascii_digit());
     name == LOCK_FILE
         || name.to_str().is_some_and(|n| {
             n.strip_prefix(".nfs")
-                .is_some_and(|hex| !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+                .is_some_and(|rest| !rest.is_empty() && hex(rest))
         })
         || name.to_str().is_some_and(|n| {
             n.strip_prefix("payload-")
                 .is_some_and(|rest| match rest.split_once('-') {
-                    Some((run, n)) => {
-                        run.len() == 8 && run.bytes().all(|b| b.is_ascii_hexdigit()) && digits(n)
-                    }
-                    None => digits(rest),
+                    Some((run, n)) if run.len() == 8 && hex(run) => numbered(n),
+                    // Names of daemons before the run tag: `payload-N`.
+                    _ => numbered(rest) && !rest.contains('-'),
                 })
         })
 }
@@ -299,8 +308,12 @@ impl Drop for Payload {
         if self.naming != Naming::Named {
             return;
         }
-        if let Err(e) = fs::remove_file(&self.path) {
-            log::error!("cannot remove payload file {}: {e}", self.path.display());
+        match fs::remove_file(&self.path) {
+            Ok(()) => {}
+            // The script removed or renamed its `$1`: its own business (a renamed one beside it goes at
+            // the next start).
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => log::error!("cannot remove payload file {}: {e}", self.path.display()),
         }
     }
 }
@@ -433,7 +446,7 @@ mod tests {
         assert!(!shared.join(LOCK_FILE).exists());
         for name in [
             "payload-",
-            "payload-1x",
+            "payload-x1",
             "Payload-1",
             ".lock2",
             "payload-abc-1",
@@ -448,6 +461,11 @@ mod tests {
             "payload-7",
             "payload-0123abcd-7",
             ".nfs000000000123abcd00000004",
+            // What scripts leave beside their `$1`.
+            "payload-0123abcd-7.gz",
+            "payload-0123abcd-7.bak",
+            "payload-0123abcd-7~",
+            "payload-7.done",
         ] {
             assert!(is_ours(std::ffi::OsStr::new(name)), "{name}");
         }

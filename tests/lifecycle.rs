@@ -732,6 +732,33 @@ fn the_first_log_line_names_the_bound_address_and_the_journal_gets_priorities() 
     );
 }
 
+/// Scripts run as the payload directory's owner, and some keep what they make of `$1` beside it (`gzip
+/// "$1"`, a `.bak`, a work directory) or move it. That must not stop the next start (it once exited 78,
+/// "not a hookrunner payload file", and the unit stayed down), nor log an error for a `$1` that is gone.
+#[test]
+fn what_a_script_leaves_beside_its_payload_is_removed_at_the_next_start() {
+    let env = Env::new();
+    env.script(
+        "keeps",
+        "cp \"$1\" \"$1.bak\" && mkdir \"$1.d\" && cp \"$1\" \"$1.d/\" && mv \"$1\" \"$1.done\"",
+    );
+    let mut server = env.serve();
+    assert_eq!(server.post("/hooks/keeps", b"{}").status, 200);
+    server.signal(libc::SIGTERM);
+    let status = server.wait_exit(EXIT).expect("exits");
+    assert_eq!(status.code(), Some(0), "{}", server.log());
+    assert!(!server.log().contains("cannot remove"), "{}", server.log());
+    assert_eq!(payload_files(&env).len(), 4, "{:?}", payload_files(&env));
+    let restarted = env.serve();
+    let warning = logged(&restarted, "stale payload file");
+    assert!(
+        warning.contains("removed 3 stale payload file(s)"),
+        "{warning}"
+    );
+    assert_eq!(payload_files(&env), [".lock"]);
+    assert_eq!(restarted.post("/hooks/keeps", b"{}").status, 200);
+}
+
 #[test]
 fn the_first_log_line_is_listening_on_even_when_a_crash_left_payload_files() {
     let env = Env::new();
