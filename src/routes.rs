@@ -445,8 +445,9 @@ fn find_file(path: &Path) -> Option<PathBuf> {
     found.into_iter().next()
 }
 
-/// A script must be a regular executable file, not writable by group or others, and (unless written as an
-/// absolute path) inside `scripts_dir` after following symlinks.
+/// A script must be a regular executable file owned by root or the daemon's user and not writable by group
+/// or others, in directories of which the same holds below `scripts_dir` (whose own mode `check` warns
+/// about), and (unless written as an absolute path) inside `scripts_dir` after following symlinks.
 fn check_script(scripts_dir: &Path, written: &str, path: &Path) -> Result<PathBuf, UnsafeScript> {
     let real = path
         .canonicalize()
@@ -465,7 +466,58 @@ fn check_script(scripts_dir: &Path, written: &str, path: &Path) -> Result<PathBu
     let meta = fs::metadata(&real)
         .map_err(|e| refusal(written, format!("{}: {e}", real.display()), &e.to_string()))?;
     check_mode(written, &real, &meta)?;
+    check_owner(written, &real, "", &meta)?;
+    // Whoever may write a directory on the way may put another file in the script's place.
+    let mut dir = real.parent();
+    while let Some(d) = dir {
+        if d == scripts_dir || !d.starts_with(scripts_dir) {
+            break;
+        }
+        let meta = fs::metadata(d)
+            .map_err(|e| refusal(written, format!("{}: {e}", d.display()), &e.to_string()))?;
+        let mode = meta.permissions().mode();
+        if mode & 0o022 != 0 {
+            return Err(refusal(
+                written,
+                format!(
+                    "its directory {} is writable by group or others (mode {:o}): chmod go-w it",
+                    d.display(),
+                    mode & 0o777
+                ),
+                &format!(
+                    "its directory is writable by group or others (mode {:o})",
+                    mode & 0o777
+                ),
+            ));
+        }
+        check_owner(written, d, "its directory ", &meta)?;
+        dir = d.parent();
+    }
     Ok(real)
+}
+
+/// Owned by root or by the user the daemon runs as: anyone else could change what runs as the daemon.
+fn check_owner(
+    written: &str,
+    path: &Path,
+    what: &str,
+    meta: &fs::Metadata,
+) -> Result<(), UnsafeScript> {
+    use std::os::unix::fs::MetadataExt;
+    let euid = rustix::process::geteuid().as_raw();
+    if meta.uid() == 0 || meta.uid() == euid {
+        return Ok(());
+    }
+    Err(refusal(
+        written,
+        format!(
+            "{what}{} is owned by another user (uid {}), neither root nor the daemon's user (uid {euid}): \
+             chown it",
+            path.display(),
+            meta.uid()
+        ),
+        &format!("{what}is owned by another user (uid {})", meta.uid()),
+    ))
 }
 
 /// The per-request check of a fixed script: the whole of [`check_script`] again, since the file, or a
@@ -1064,6 +1116,26 @@ MobileDevice*              mobile-device.sh
                 "{text:?}: {err:?}"
             );
         }
+        // A directory on the way that others may write: a line of the routes file, like the script's mode.
+        fs::create_dir(scripts.join("open")).expect("mkdir");
+        fs::write(scripts.join("open/in.sh"), "#!/bin/sh\n").expect("write");
+        fs::set_permissions(
+            scripts.join("open/in.sh"),
+            fs::Permissions::from_mode(0o755),
+        )
+        .expect("chmod");
+        fs::set_permissions(scripts.join("open"), fs::Permissions::from_mode(0o775))
+            .expect("chmod");
+        let err =
+            Routes::parse("# first\na open/in.sh\n", None, &scripts).expect_err("open directory");
+        assert!(
+            matches!(&err, RoutesError::Line { line: 2, message }
+                if message.contains("its directory") && message.contains("(mode 775)")),
+            "{err:?}"
+        );
+        fs::set_permissions(scripts.join("open"), fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        Routes::parse("a open/in.sh\n", None, &scripts).expect("a closed directory loads");
         std::os::unix::fs::symlink("/bin/sh", scripts.join("link")).expect("symlink");
         let err = Routes::parse("a link\n", None, &scripts).expect_err("symlink escape");
         assert!(

@@ -344,23 +344,45 @@ fn unsafe_template_script_is_refused_with_500() {
         .status()
         .expect("run mkfifo");
     assert!(made.success(), "mkfifo {}", fifo.display());
-    // A fixed script is checked when the routes load, and its mode again per request.
+    // A fixed script is checked when the routes load, and its mode again per request; so is every
+    // directory between it and scripts_dir.
     env.script("fixed.sh", &format!("echo fixed.sh >> {ran:?}"));
-    env.routes("Fixed fixed.sh\n* {event}\n");
+    fs::create_dir(env.scripts().join("sub")).expect("mkdir sub");
+    env.script("sub/in-sub.sh", &format!("echo in-sub >> {ran:?}"));
+    env.routes("Fixed fixed.sh\nInSub sub/in-sub.sh\n* {event}\n");
+    // Owned by somebody else, who could change what runs as the daemon (root only can give it away).
+    let root = rustix::process::geteuid().is_root();
+    if root {
+        let foreign = env.script("Foreign", &format!("echo Foreign >> {ran:?}"));
+        let chowned = std::process::Command::new("chown")
+            .arg("65534")
+            .arg(&foreign)
+            .status()
+            .expect("run chown");
+        assert!(chowned.success());
+    }
     let server = env.serve();
     fs::set_permissions(
         env.scripts().join("fixed.sh"),
         fs::Permissions::from_mode(0o777),
     )
     .expect("chmod fixed.sh");
-    for (event, why) in [
+    fs::set_permissions(env.scripts().join("sub"), fs::Permissions::from_mode(0o777))
+        .expect("chmod sub");
+    let mut cases = vec![
         ("GroupWritable", "is writable by group or others (mode 775)"),
         ("WorldWritable", "is writable by group or others (mode 757)"),
         ("NotExecutable", "is not executable"),
         ("ADirectory", "is not a regular file"),
         ("AFifo", "is not a regular file"),
         ("Fixed", "is writable by group or others (mode 777)"),
-    ] {
+        // The sender reads "its directory is writable ...", the log names the directory.
+        ("InSub", "is writable by group or others (mode 777)"),
+    ];
+    if root {
+        cases.push(("Foreign", "is owned by another user (uid 65534)"));
+    }
+    for (event, why) in cases {
         let response = server.post(&format!("/hooks/{event}"), b"");
         assert_eq!(response.status, 500, "{event}: {}", response.text());
         let error = response.json()["error"]
