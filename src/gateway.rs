@@ -990,12 +990,20 @@ fn receive(
     let signed = check.is_some();
     let mut chunk = [0u8; 16 << 10];
     loop {
-        let n = match request.body.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(Refusal::Body(BodyError::of(&e))),
-        };
+        // The buffer is filled before anything is done with it: a read returns what one chunk of a chunked
+        // body holds, and a body of one-byte chunks was one write(2) per byte to its payload file.
+        let mut n = 0;
+        while n < chunk.len() {
+            match request.body.read(&mut chunk[n..]) {
+                Ok(0) => break,
+                Ok(read) => n += read,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Refusal::Body(BodyError::of(&e))),
+            }
+        }
+        if n == 0 {
+            break;
+        }
         if let Some(check) = &mut check {
             check.update(&chunk[..n]);
         }

@@ -287,6 +287,64 @@ fn request_line_over_8kib_is_414_however_it_arrives() {
     assert_healthy(&mut server);
 }
 
+/// A body of one-byte chunks costs the daemon one write per 16 KiB of its payload file, not one per byte
+/// (400 KiB of them were 140,000 write calls). Counted with strace, which .ci/run installs.
+#[test]
+fn a_body_of_one_byte_chunks_is_written_in_large_writes() {
+    if !std::process::Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        println!("skipped: strace is not installed (.ci/run installs it)");
+        return;
+    }
+    let env = Env::new();
+    let out = copier(&env, "copy");
+    let trace = env.path().join("trace");
+    let mut command = std::process::Command::new("strace");
+    command
+        .args([
+            "-f",
+            "-qq",
+            "--seccomp-bpf",
+            "-e",
+            "trace=write,pwrite64",
+            "-o",
+        ])
+        .arg(&trace)
+        .arg(crate::util::BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(env.config_path())
+        .env("RUST_LOG", "info")
+        .env("STATE_DIRECTORY", env.state())
+        .env_remove("JOURNAL_STREAM")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let server = Server::start(command);
+    // Past the 256 KiB a request keeps in memory, so the body goes to its file as it arrives.
+    let body: Vec<u8> = (0..=255u8).cycle().take(320 << 10).collect();
+    let mut request = chunked_head("/hooks/copy").into_bytes();
+    request.extend_from_slice(b"\r\n");
+    for byte in &body {
+        request.extend_from_slice(b"1\r\n");
+        request.push(*byte);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    let mut stream = raw(&server, &request);
+    let response = answer(&server, &mut stream);
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(fs::read(&out).expect("copied body"), body, "exact bytes");
+    let writes = fs::read_to_string(&trace).expect("trace");
+    let small = writes
+        .lines()
+        .filter(|l| l.contains("write") && l.trim_end().ends_with("= 1"))
+        .count();
+    assert!(small < 100, "{small} one-byte writes");
+}
+
 #[test]
 fn chunked_bodies_reach_the_script_byte_exact() {
     let env = Env::new();
@@ -1185,6 +1243,36 @@ fn client_and_script_text_cannot_forge_or_repaint_a_log_line() {
             .unwrap_or_else(|| panic!("no line for {id}:\n{}", server.log()));
         assert!(line.contains(" client_id=same "), "{line}");
     }
+}
+
+/// The body's minimum pace is an average; a client that sent 256 KiB at once may not then sit silent on the
+/// connection for the minute that average would allow: any silence ends at header_timeout.
+#[test]
+fn a_body_that_stops_after_a_fast_start_is_cut_off_at_header_timeout() {
+    let env = Env::new().config("header_timeout = \"1s\"");
+    let out = copier(&env, "copy");
+    let server = env.serve();
+    let mut request = format!(
+        "POST /hooks/copy HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
+        (256 << 10) + 1
+    )
+    .into_bytes();
+    request.extend(std::iter::repeat_n(b'x', 256 << 10));
+    let mut stream = raw(&server, &request);
+    let started = Instant::now();
+    let sent = until_closed(&mut stream, Duration::from_secs(10))
+        .expect("still open 10 s into a silence, with header_timeout 1 s");
+    assert!(
+        status_line(&sent).starts_with("HTTP/1.1 408 "),
+        "{:?}",
+        String::from_utf8_lossy(&sent)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!out.exists(), "no script ran");
 }
 
 #[test]

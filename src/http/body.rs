@@ -12,6 +12,9 @@ use super::conn::{Conn, ReadStop};
 
 /// The longest chunk-size line, extensions included.
 const MAX_CHUNK_LINE: usize = 1 << 10;
+/// The chunk extensions of one body together (nothing reads them): without a bound, a small body could come
+/// wrapped in gigabytes of them, each line within `MAX_CHUNK_LINE`.
+const MAX_CHUNK_EXTENSIONS: usize = 16 << 10;
 /// The slowest body a client may send once `header_timeout` has passed, in bytes per second.
 const MIN_BODY_RATE: u64 = 4 << 10;
 /// A body read waits at most this long before it looks at its deadline again.
@@ -95,6 +98,8 @@ pub struct Body<'c> {
     received: u64,
     max: u64,
     start: Instant,
+    /// When the last bytes arrived.
+    progress: Instant,
     grace: Duration,
     send_continue: bool,
     done: bool,
@@ -102,6 +107,8 @@ pub struct Body<'c> {
     failure: Option<BodyError>,
     trailer_bytes: usize,
     max_trailer_bytes: usize,
+    /// Bytes of chunk extensions so far (from each size line's first `;`).
+    extension_bytes: usize,
     /// The server's shutdown instant, once set (none in unit tests).
     stopped_at: Option<&'c OnceLock<Instant>>,
 }
@@ -138,22 +145,27 @@ impl<'c> Body<'c> {
             received: 0,
             max,
             start: Instant::now(),
+            progress: Instant::now(),
             grace,
             send_continue,
             done: false,
             failure: None,
             trailer_bytes: 0,
             max_trailer_bytes,
+            extension_bytes: 0,
             stopped_at,
         }
     }
 
     /// The minimum pace, and once shutdown has begun, `grace` from then at most: a slow upload must not hold
-    /// the daemon's exit for the better part of an hour.
+    /// the daemon's exit for the better part of an hour. No silence may last longer than `grace` either: the
+    /// pace is an average, and a client that sent most of a large body at once had banked minutes of it
+    /// (2.5 s per 10 KiB) to sit on the connection, and on the memory of a signed body held for its check.
     fn deadline(&self) -> Instant {
         let pace = self.start
             + self.grace
             + Duration::from_millis(self.received.saturating_mul(1000) / MIN_BODY_RATE);
+        let pace = pace.min(self.progress + self.grace);
         match self.stopped_at.and_then(OnceLock::get) {
             Some(&stopped) => pace.min(stopped + self.grace),
             None => pace,
@@ -182,7 +194,10 @@ impl<'c> Body<'c> {
                 // Nothing read: the buffer is full of one line with no end in it (a trailer line as long
                 // as the whole buffer). Taken for progress, it was a loop that spun a CPU for good.
                 Ok(0) => return Err(BodyError::Malformed("chunk line too long")),
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    self.progress = Instant::now();
+                    return Ok(());
+                }
                 Err(ReadStop::Timeout) if Instant::now() < self.deadline() => continue,
                 Err(ReadStop::Timeout) => return Err(BodyError::TooSlow),
                 Err(ReadStop::Eof | ReadStop::Io) => return Err(BodyError::Closed),
@@ -234,7 +249,14 @@ impl<'c> Body<'c> {
         loop {
             match self.chunk {
                 ChunkState::Size => {
-                    let size = parse_chunk_line(&self.line(MAX_CHUNK_LINE)?)?;
+                    let line = self.line(MAX_CHUNK_LINE)?;
+                    if let Some(at) = line.iter().position(|&b| b == b';') {
+                        self.extension_bytes += line.len() - at;
+                        if self.extension_bytes > MAX_CHUNK_EXTENSIONS {
+                            return Err(BodyError::Malformed("chunk extensions too long"));
+                        }
+                    }
+                    let size = parse_chunk_line(&line)?;
                     if size == 0 {
                         self.chunk = ChunkState::Trailers;
                     } else if self.received.saturating_add(size) > self.max {
@@ -526,6 +548,18 @@ mod tests {
             Some(BodyError::Malformed("chunk line too long"))
         );
         assert_eq!(chunked_error(b"5\r\nhello\r\n0\r\nX-T: v\t1\r\n\r\n"), None);
+        // Extensions are bounded per body, not only per line: 17 lines of 1,000 bytes of them around 17
+        // bytes of data are refused, 16 are not.
+        let wrapped = |lines: usize| {
+            let mut body = format!("1;{}\r\nx\r\n", "a".repeat(998)).repeat(lines);
+            body.push_str("0\r\n\r\n");
+            body
+        };
+        assert_eq!(chunked_error(wrapped(16).as_bytes()), None);
+        assert_eq!(
+            chunked_error(wrapped(17).as_bytes()),
+            Some(BodyError::Malformed("chunk extensions too long"))
+        );
     }
 
     /// A body as `serve_request` builds it.
