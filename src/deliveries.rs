@@ -51,7 +51,7 @@ enum DeliveriesCommand {
         #[arg(long, value_name = "GLOB", conflicts_with = "id")]
         event: Option<String>,
     },
-    /// Remove a delivery that is not running
+    /// Remove a delivery that is not running (with no daemon on the store, also one a crash left running)
     Drop {
         /// The delivery's number or request id
         id: String,

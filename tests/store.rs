@@ -1226,6 +1226,42 @@ fn a_running_entry_cannot_be_dropped_and_a_kill_mid_run_counts_its_attempt() {
     drop(server);
 }
 
+/// With no daemon on the store, an entry a kill left "running" is an interrupted one that the next start
+/// would run at once: `drop` removes it (a script that takes the daemon down with it must be stoppable
+/// without starting the daemon).
+#[test]
+fn an_entry_a_kill_left_running_can_be_dropped_while_no_daemon_runs() {
+    let env = Env::new();
+    let dir = env.path().to_path_buf();
+    let _release = held_script(&env, "r.sh");
+    env.routes("R r.sh async\n");
+    let mut server = env.serve();
+    let accepted = server.post("/hooks/R", b"{}");
+    assert_eq!(accepted.status, 202);
+    let request_id = accepted.json()["request_id"]
+        .as_str()
+        .expect("request id")
+        .to_string();
+    assert!(wait_until(Duration::from_secs(10), || dir
+        .join("started")
+        .exists()));
+    server.signal(libc::SIGKILL);
+    server.wait_exit(Duration::from_secs(10)).expect("killed");
+    assert_eq!(show(&env, &request_id)["state"], "running");
+    let dropped = deliveries(&env, &["drop", &request_id]);
+    assert!(
+        dropped.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&dropped.stdout),
+        String::from_utf8_lossy(&dropped.stderr)
+    );
+    fs::remove_file(dir.join("started")).expect("remove");
+    let server = restart(&env);
+    let started = wait_until(Duration::from_secs(2), || dir.join("started").exists());
+    assert!(!started, "the dropped entry ran again:\n{}", server.log());
+    assert_eq!(lines(&dir.join("attempts")), ["1"]);
+}
+
 /// A second daemon on the same store (here with a payload directory of its own, as `sudo hookrunner serve`
 /// beside the service gets) is refused before it touches the store: it would take the first daemon's
 /// running entry for one a crash left, queue it again and run it a second time.

@@ -53,7 +53,7 @@ complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and no
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and not __fish_seen_subcommand_from list show retry drop" -f -a "list" -d 'List deliveries, newest first, and a summary line (the default command)'
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and not __fish_seen_subcommand_from list show retry drop" -f -a "show" -d 'Show one delivery: its metadata and every attempt with its exit, duration and output tail'
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and not __fish_seen_subcommand_from list show retry drop" -f -a "retry" -d 'Queue an async delivery to run now (a dead or done one gets one more attempt)'
-complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and not __fish_seen_subcommand_from list show retry drop" -f -a "drop" -d 'Remove a delivery that is not running'
+complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and not __fish_seen_subcommand_from list show retry drop" -f -a "drop" -d 'Remove a delivery that is not running (with no daemon on the store, also one a crash left running)'
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __fish_seen_subcommand_from list" -l event -d 'Only events matching this glob (`*`, `?`; ignoring case)' -r
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __fish_seen_subcommand_from list" -l status -d 'queued, running, done, failed, dead, or an exit code' -r
 complete -c hookrunner -n "__fish_hookrunner_using_subcommand deliveries; and __fish_seen_subcommand_from list" -l sender -d 'Only those from this sender' -r

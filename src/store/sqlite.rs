@@ -1467,12 +1467,18 @@ impl Store for Sqlite {
         let Some(id) = self.resolve(id)? else {
             return Ok(false);
         };
+        // With no daemon on the store, a "running" entry is one a crash interrupted, which the next start
+        // would run again at once: the operator must be able to drop it before then (a script that kills
+        // the daemon, say). A daemon that starts meanwhile finds it gone, as it would a queued one.
+        let offline = self.claimed() == Some(false);
         self.write(move |conn, counts| {
             counts.forget();
-            conn.prepare_cached("DELETE FROM deliveries WHERE id = ?1 AND state != 'running'")?
-                .execute([id])
-                .map(|n| n > 0)
-                .map_err(sql)
+            conn.prepare_cached(
+                "DELETE FROM deliveries WHERE id = ?1 AND (state != 'running' OR ?2)",
+            )?
+            .execute(params![id, offline])
+            .map(|n| n > 0)
+            .map_err(sql)
         })
     }
 
@@ -2765,6 +2771,8 @@ mod tests {
     fn a_running_mark_is_committed_before_the_run_starts_and_a_dropped_entry_does_not_start() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Sqlite::open(dir.path()).expect("open");
+        // As the daemon holds it: without a daemon, a running entry is an interrupted one, and may go.
+        store.claim().expect("claim");
         let bounds = Bounds {
             max_queued: 100,
             max_queued_bytes: 1 << 20,
