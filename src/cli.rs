@@ -58,7 +58,9 @@ activation (LISTEN_FDS), which then replaces `listen`."
     #[command(
         long_about = "Validate the configuration and routes and print the resolved routing table and the \
 sender profiles; warnings (a secret file others can read) go to stderr. Exits 0 when they are valid, else \
-prints `file:line: message` and exits 78. With --payload FILE, explains instead what the daemon would do \
+prints `file:line: message` and exits 78. A relative secret file name is read in $CREDENTIALS_DIRECTORY, as \
+under systemd's LoadCredential=, or beside the configuration file when that is unset: to check the \
+service's credentials by hand, point CREDENTIALS_DIRECTORY at the originals (`sudo env CREDENTIALS_DIRECTORY=/etc/hookrunner/secrets hookrunner check`). With --payload FILE, explains instead what the daemon would do \
 with a POST of FILE (with those --header fields, to that --path): the sender profile that applies and \
 whether the request passes it, the event name and the source that yielded it, each route line that did \
 not match and why, the line that matches, the script and its environment. Without credentials among \

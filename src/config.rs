@@ -635,6 +635,10 @@ impl Config {
                 ));
             }
         }
+        let log_file = path("log_file", raw.log_file)?;
+        if let Some(log_file) = &log_file {
+            missing_parent(file, "log_file", log_file, "creates the file")?;
+        }
         Ok(Config {
             listen,
             routes,
@@ -666,7 +670,7 @@ impl Config {
             store,
             warnings,
             metrics_listen,
-            log_file: path("log_file", raw.log_file)?,
+            log_file,
             tls,
             source: file.path.map(Path::to_path_buf),
         })
@@ -677,7 +681,8 @@ impl Config {
 fn table_line(text: &str, header: &str, index: usize) -> Option<usize> {
     text.lines()
         .enumerate()
-        .filter(|(_, l)| l.trim() == header)
+        // `[[sender]]  # jamf`: a table line may end in a comment.
+        .filter(|(_, l)| l.split('#').next().unwrap_or("").trim() == header)
         .nth(index)
         .map(|(i, _)| i + 1)
 }
@@ -839,13 +844,36 @@ fn read(path: Option<&Path>) -> Result<(Option<PathBuf>, String), ConfigError> {
 /// The 1-based line on which `key` is set, if it is. All our keys are top-level, so the first line that
 /// starts with the key and an `=` is it.
 fn key_line(text: &str, key: &str) -> Option<usize> {
+    key_line_from(text, key, 1)
+}
+
+/// The first line at or after `from` (1-based) on which `key` is set.
+fn key_line_from(text: &str, key: &str, from: usize) -> Option<usize> {
     text.lines()
-        .position(|l| {
+        .enumerate()
+        .skip(from.saturating_sub(1))
+        .find(|(_, l)| {
             l.trim_start()
                 .strip_prefix(key)
                 .is_some_and(|after| after.trim_start().starts_with('='))
         })
-        .map(|index| index + 1)
+        .map(|(index, _)| index + 1)
+}
+
+/// basic-toml quotes the value it could not take (`invalid type: integer \`123456\``). Where the key names a
+/// file holding a secret, what was written there may be the secret itself, pasted in: it is not repeated.
+fn without_values(message: &str) -> String {
+    let mut out = String::new();
+    let mut parts = message.split('`');
+    if let Some(first) = parts.next() {
+        out.push_str(first);
+    }
+    let mut quoted = true;
+    for part in parts {
+        out.push_str(if quoted { "(the value)" } else { part });
+        quoted = !quoted;
+    }
+    out
 }
 
 /// A file or directory that decides what runs as this daemon's user, which group or others may write to:
@@ -899,6 +927,39 @@ fn routes_error(path: &Path, error: RoutesError) -> ConfigError {
     }
 }
 
+/// A path the daemon creates at start whose parent directory does not exist: an error on the key's line. A
+/// parent that is there but cannot be looked into (`check` run by another user) is left to the start.
+fn missing_parent(
+    file: &ConfigFile<'_>,
+    key: &str,
+    path: &Path,
+    what: &str,
+) -> Result<(), ConfigError> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => return Ok(()),
+    };
+    match std::fs::metadata(parent) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(file.error(
+            key,
+            format!(
+                "{key} {}: its directory {} does not exist (the daemon {what}, not its directory)",
+                path.display(),
+                parent.display()
+            ),
+        )),
+        Ok(meta) if !meta.is_dir() => Err(file.error(
+            key,
+            format!(
+                "{key} {}: {} is not a directory",
+                path.display(),
+                parent.display()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The daemon removes every file it finds in `payload_dir` at start: refuse a directory that holds the
 /// configuration, the routes or the scripts. One that does not exist yet holds nothing.
 fn check_payload_dir(
@@ -907,8 +968,14 @@ fn check_payload_dir(
     routes: &Routes,
     scripts_dir: &Path,
 ) -> Result<(), ConfigError> {
-    let Ok(real) = payload_dir.canonicalize() else {
-        return Ok(());
+    let real = match payload_dir.canonicalize() {
+        Ok(real) => real,
+        // Created at start, one level deep: its parent must be there (else `serve` fails to create it, with
+        // exit 1, which systemd restarts every two seconds).
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return missing_parent(file, "payload_dir", payload_dir, "creates it");
+        }
+        Err(_) => return Ok(()),
     };
     let held = [
         ("the configuration file", file.path),
@@ -974,10 +1041,19 @@ fn parse_toml(file: Option<&Path>, text: &str) -> Result<RawConfig, ConfigError>
             });
         // "invalid size \"lots\" for key `max_body`" becomes "max_body: invalid size \"lots\"".
         let what = match what.rsplit_once(" for key `") {
+            Some((what, key)) if key.trim_end_matches('`').ends_with("_file") => {
+                format!("{}: {}", key.trim_end_matches('`'), without_values(what))
+            }
             Some((what, key)) => format!("{}: {what}", key.trim_end_matches('`')),
             None => what.to_string(),
         };
-        let key_line = key.and_then(|key| key_line(text, key));
+        // The key's line in the table basic-toml names (the line where that table starts): a top-level key
+        // set again below `[[sender]]` belongs to the sender, and its error to that line.
+        let last = key.map(|key| key.rsplit('.').next().unwrap_or(key));
+        let key_line = last.and_then(|key| {
+            line.and_then(|from| key_line_from(text, key, from))
+                .or_else(|| key_line(text, key))
+        });
         ConfigError::new(file, key_line.or(line), what)
     })
 }

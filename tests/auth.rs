@@ -1573,6 +1573,13 @@ fn check_validates_profiles_and_secret_files() {
             format!("type = \"standard-webhooks\"\nsecret_file = {bare_prefix:?}"),
             "must hold a Standard Webhooks secret",
         ),
+        // Both names would be asked of every request, each with its own value: none could pass.
+        (
+            format!(
+                "type = \"headers\"\nheaders = {{ \"X-Api-Key\" = {readable:?}, \"x-api-key\" = {spaces:?} }}"
+            ),
+            "headers names \"x-api-key\" twice (header names match whatever their case)",
+        ),
     ];
     for (body, says) in cases {
         let env = Env::new().config(&format!("# a comment\n[[sender]]\nname = \"s\"\n{body}\n"));
@@ -1582,6 +1589,21 @@ fn check_validates_profiles_and_secret_files() {
         assert!(
             err.contains("hookrunner.toml:4: sender \"s\":") && err.contains(says),
             "{body}: {err}"
+        );
+    }
+    // A header's value pasted with its name, or a number (a PIN) where a secret file's path belongs: the
+    // error does not repeat it.
+    for body in [
+        format!("type = \"headers\"\nheaders = {{ \"X-Api-Key: Pasted0f9e\" = {readable:?} }}"),
+        "type = \"basic\"\nuser = \"u\"\npassword_file = 98765432109876".to_string(),
+    ] {
+        let env = Env::new().config(&format!("[[sender]]\nname = \"s\"\n{body}\n"));
+        let out = env.check();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{err}");
+        assert!(
+            !err.contains("Pasted0f9e") && !err.contains("98765432109876"),
+            "{err}"
         );
     }
     // A secret pasted where its file's path belongs is not echoed by the error that it names no file.
@@ -1623,7 +1645,7 @@ fn check_validates_profiles_and_secret_files() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(
-        err.contains("readable by group or others (mode 644): chmod 600 it"),
+        err.contains("open to group or others (mode 644): chmod 600 it"),
         "{err}"
     );
     assert!(!err.contains("s3cr3t") && !String::from_utf8_lossy(&out.stdout).contains("s3cr3t"));

@@ -224,6 +224,33 @@ fn listen_takes_a_port_to_65535_or_a_short_absolute_unix_path() {
     accepted("listen = \"127.0.0.1:65535\"");
 }
 
+/// Errors land on the line that caused them: a table line may end in a comment, and a top-level key set
+/// again below a table belongs to that table, so its error is there, not on the first line setting it.
+#[test]
+fn an_error_is_placed_on_its_own_line_past_comments_and_tables() {
+    let (out, line) = check_setting(
+        "[[sender]]   # jamf\nname = \"jamf\"\ntype = \"basic\"\nuser = \"u\"\npassword_file = \"/nonexistent\"",
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(
+        err.contains(&format!("hookrunner.toml:{line}: sender \"jamf\"")),
+        "{err}"
+    );
+    let (out, line) = check_setting(
+        "max_body = \"1MiB\"\n[[sender]]\nname = \"y\"\ntype = \"none\"\nallow_ips = [\"10.0.0.0/8\"]\nmax_body = \"2MiB\"",
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(
+        err.contains(&format!(
+            "hookrunner.toml:{}: sender: unknown field `max_body`",
+            line + 5
+        )),
+        "{err}"
+    );
+}
+
 #[test]
 fn the_paths_must_name_something_usable() {
     // Env's config sets scripts_dir and payload_dir itself: write these configs by hand.
@@ -257,6 +284,24 @@ fn the_paths_must_name_something_usable() {
         (
             [scripts, payloads, "routes = \"missing\""],
             "missing: cannot read routes",
+        ),
+        // Created at start, but not their directories: found here, not by a start that exits 1.
+        (
+            [
+                scripts,
+                "payload_dir = \"/nonexistent-hookrunner-test/payloads\"",
+                "# end",
+            ],
+            "hookrunner.toml:2: payload_dir /nonexistent-hookrunner-test/payloads: its directory \
+             /nonexistent-hookrunner-test does not exist",
+        ),
+        (
+            [
+                scripts,
+                payloads,
+                "log_file = \"/nonexistent-hookrunner-test/hookrunner.log\"",
+            ],
+            "hookrunner.toml:3: log_file /nonexistent-hookrunner-test/hookrunner.log: its directory",
         ),
     ] {
         fs::write(&config, lines.join("\n")).expect("write config");

@@ -123,10 +123,26 @@ impl RawSender {
                 let headers = self.headers.as_ref().filter(|h| !h.is_empty()).ok_or(
                     "type headers needs headers = { \"Header-Name\" = \"/path/to/file-with-its-value\" }",
                 )?;
-                let mut expected = Vec::new();
+                let mut expected: Vec<(String, Secret)> = Vec::new();
                 for (name, file) in headers {
                     if !is_token(name) {
-                        return Err(format!("{name:?} is not a header name"));
+                        // Not repeated: what was pasted there may be the header's value too
+                        // ("X-Api-Key: the-key").
+                        return Err(
+                            "a name in headers is not a header name (letters, digits and \
+                             !#$%&'*+-.^_`|~ only): give the name alone, its value goes in the file"
+                                .into(),
+                        );
+                    }
+                    // Header names match whatever their case, so both would be asked of every request,
+                    // each with its own value: no request could pass.
+                    if expected
+                        .iter()
+                        .any(|(seen, _)| seen.eq_ignore_ascii_case(name))
+                    {
+                        return Err(format!(
+                            "headers names {name:?} twice (header names match whatever their case)"
+                        ));
                     }
                     let secret =
                         read_secret(file, context).map_err(|e| format!("headers {name:?}: {e}"))?;
@@ -291,7 +307,7 @@ fn read_secret(file: &Path, context: &mut Context<'_>) -> Result<Secret, String>
         let mode = meta.permissions().mode();
         if mode & 0o077 != 0 {
             context.warnings.push(format!(
-                "secret file {} is readable by group or others (mode {:o}): chmod 600 it",
+                "secret file {} is open to group or others (mode {:o}): chmod 600 it",
                 path.display(),
                 mode & 0o777
             ));
