@@ -481,6 +481,7 @@ impl Config {
         ] {
             warnings.extend(path.and_then(|path| writable_warning(what, path, why)));
         }
+        warnings.extend(routes.warnings());
         let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
         let mut senders = Vec::new();
         for (index, raw_sender) in raw.sender.into_iter().flatten().enumerate() {

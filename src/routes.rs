@@ -181,6 +181,62 @@ pub struct Routes {
     reserved: Vec<(PathBuf, usize)>,
 }
 
+/// Whether a glob can match some event name (letters, digits, `_`, `.`, `-`; see `event::is_valid_name`):
+/// `Computer Added` or `push,ping` never can, and a line or sender limited by one is dead.
+pub fn can_match_an_event(pattern: &str) -> bool {
+    pattern
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"_.-*?".contains(&b))
+}
+
+impl Routes {
+    /// What loads but can never do what it says: a pattern no event name can match, a line below a bare
+    /// `*` line (whose script exists) that no request reaches, a `{event}` script in a directory that does
+    /// not exist. Warnings, for `check` and each start: an upgrade must not stop a running setup.
+    pub fn warnings(&self) -> Vec<String> {
+        let at = |line: usize| match &self.source {
+            Some(path) => format!("{}:{line}", path.display()),
+            None => format!("routes:{line}"),
+        };
+        let mut warnings = Vec::new();
+        let mut catch_all: Option<usize> = None;
+        for route in &self.routes {
+            let pattern = route.pattern.to_string();
+            if let Some(first) = catch_all {
+                warnings.push(format!(
+                    "{}: no request reaches this line: line {first} above it takes every event",
+                    at(route.line)
+                ));
+            } else if !can_match_an_event(&pattern) {
+                warnings.push(format!(
+                    "{}: the pattern {pattern:?} can never match: event names hold only letters, digits, \
+                     `_`, `.` and `-`",
+                    at(route.line)
+                ));
+            }
+            match &route.script {
+                Script::Fixed { .. } => {
+                    if pattern.bytes().all(|b| b == b'*') && route.options.filters.is_empty() {
+                        catch_all.get_or_insert(route.line);
+                    }
+                }
+                Script::Template(template) => {
+                    let path = self.scripts_dir.join(template);
+                    let dir = path.parent().unwrap_or(&self.scripts_dir);
+                    if !dir.is_dir() && !dir.to_string_lossy().contains("{event}") {
+                        warnings.push(format!(
+                            "{}: {template} is in {}, which is not a directory: the line never matches",
+                            at(route.line),
+                            dir.display()
+                        ));
+                    }
+                }
+            }
+        }
+        warnings
+    }
+}
+
 /// The script a request resolved to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Selected {
@@ -1092,6 +1148,26 @@ MobileDevice*              mobile-device.sh
             routes.select("B", no_body),
             Err(SelectError::Unsafe(_))
         ));
+    }
+
+    #[test]
+    fn lines_that_can_never_match_are_warned_of() {
+        let dir = dir_with(&[("a.sh", 0o755)]);
+        let scripts = dir.path().canonicalize().expect("canonical");
+        let text = "\"Computer Added\" a.sh\npush,ping a.sh\n* nodir/{event}\nComputer* a.sh\n\
+                    * a.sh\nLater a.sh\n";
+        let routes = Routes::parse(text, Some(Path::new("routes")), &scripts).expect("loads");
+        let warnings = routes.warnings();
+        assert_eq!(warnings.len(), 4, "{warnings:#?}");
+        assert!(
+            warnings[0].starts_with("routes:1: the pattern \"Computer Added\" can never match")
+        );
+        assert!(warnings[1].starts_with("routes:2: the pattern \"push,ping\" can never match"));
+        assert!(warnings[2].starts_with("routes:3: nodir/{event} is in "));
+        assert!(warnings[3].starts_with("routes:6: no request reaches this line: line 5"));
+        let fine =
+            Routes::parse("Computer* a.sh\n* {event}\n* a.sh\n", None, &scripts).expect("loads");
+        assert!(fine.warnings().is_empty(), "{:?}", fine.warnings());
     }
 
     #[test]

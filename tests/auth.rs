@@ -1591,6 +1591,18 @@ fn check_validates_profiles_and_secret_files() {
             "{body}: {err}"
         );
     }
+    // An events glob no event name can match loads (an upgrade must not stop a running setup), warned of.
+    let env = Env::new().config(&format!(
+        "[[sender]]\nname = \"s\"\ntype = \"gitlab\"\nsecret_file = {readable:?}\nevents = [\"Computer Added\", \"Computer*\"]\n"
+    ));
+    let out = env.check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("sender \"s\": events \"Computer Added\" can never match")
+            && !err.contains("\"Computer*\" can never"),
+        "{err}"
+    );
     // A header's value pasted with its name, or a number (a PIN) where a secret file's path belongs: the
     // error does not repeat it.
     for body in [

@@ -82,6 +82,15 @@ impl RawSender {
             .flatten()
             .map(|text| Cidr::parse(text))
             .collect::<Result<Vec<_>, _>>()?;
+        for pattern in self.events.iter().flatten() {
+            if !crate::routes::can_match_an_event(pattern) {
+                context.warnings.push(format!(
+                    "sender {:?}: events {pattern:?} can never match: event names hold only letters, \
+                     digits, `_`, `.` and `-`",
+                    self.name
+                ));
+            }
+        }
         let events = self
             .events
             .iter()

@@ -168,6 +168,11 @@ impl Head {
                 ));
             }
             let codings: Vec<&str> = te.iter().flat_map(|v| v.split(',')).map(trim_ows).collect();
+            if codings.len() > 1 && codings.iter().all(|c| c.eq_ignore_ascii_case("chunked")) {
+                return Err(Refused::Malformed(
+                    "chunked more than once in Transfer-Encoding",
+                ));
+            }
             if codings.len() != 1 || !codings[0].eq_ignore_ascii_case("chunked") {
                 return Err(Refused::Malformed(
                     "unsupported Transfer-Encoding: only chunked is accepted",
@@ -552,6 +557,26 @@ mod tests {
                 h.framing(10),
                 Err(Refused::Malformed(
                     "Transfer-Encoding in an HTTP/1.0 request"
+                )),
+                "{headers:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn chunked_twice_is_said_to_be_so() {
+        for headers in [
+            &[
+                ("Transfer-Encoding", "chunked"),
+                ("Transfer-Encoding", "chunked"),
+            ][..],
+            &[("Transfer-Encoding", "chunked, chunked")],
+        ] {
+            let h = with("POST", "/", false, headers);
+            assert_eq!(
+                h.framing(10),
+                Err(Refused::Malformed(
+                    "chunked more than once in Transfer-Encoding"
                 )),
                 "{headers:?}"
             );
