@@ -1040,6 +1040,11 @@ fn parse_toml(file: Option<&Path>, text: &str) -> Result<RawConfig, ConfigError>
                 what.rsplit_once(" for key `")
                     .map(|(_, k)| k.trim_end_matches('`'))
             });
+        // serde names Rust's integer types; an operator wrote a number in quotes.
+        let what = what
+            .replace("expected i64", "expected a whole number (without quotes)")
+            .replace("expected u64", "expected a whole number (without quotes)");
+        let what = what.as_str();
         // "invalid size \"lots\" for key `max_body`" becomes "max_body: invalid size \"lots\"".
         let what = match what.rsplit_once(" for key `") {
             Some((what, key)) if key.trim_end_matches('`').ends_with("_file") => {

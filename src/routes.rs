@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::event::Source;
-use crate::units::{Range, parse_duration};
+use crate::units::{Quantity, Range, parse_duration};
 
 /// The placeholder for the event name in a SCRIPT.
 const EVENT_PLACEHOLDER: &str = "{event}";
@@ -806,7 +806,8 @@ impl fmt::Display for Routes {
                 script
             )?;
             if let Some(timeout) = route.options.timeout {
-                write!(f, " timeout={}ms", timeout.as_millis())?;
+                // As it would be written: `timeout=90s`, not 90000ms.
+                write!(f, " timeout={}", timeout.show())?;
             }
             let q = &route.options.queueing;
             match q.run_async {
@@ -821,7 +822,7 @@ impl fmt::Display for Routes {
                 write!(f, " retries={n}")?;
             }
             if let Some(max) = q.retry_max {
-                write!(f, " retry_max={}ms", max.as_millis())?;
+                write!(f, " retry_max={}", max.show())?;
             }
             if q.serial {
                 write!(f, " serial")?;

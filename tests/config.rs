@@ -91,7 +91,7 @@ fn a_routes_timeout_has_the_same_range_as_the_key() {
     assert!(out.status.success(), "{}", stderr(&out));
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
-        table.contains("timeout=100ms") && table.contains("timeout=86400000ms"),
+        table.contains("timeout=100ms") && table.contains("timeout=24h"),
         "{table}"
     );
 }
@@ -112,6 +112,12 @@ fn max_running_is_1_to_4096() {
     }
     accepted("max_running = 1");
     accepted("max_running = 4096");
+    // In quotes it is a string: said in the operator's words, not serde's ("expected i64").
+    refused(
+        "max_running = \"32\"",
+        "max_running",
+        "expected a whole number (without quotes)",
+    );
 }
 
 #[test]

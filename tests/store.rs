@@ -2217,9 +2217,7 @@ fn check_validates_the_store_options() {
     );
     let table = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
-        table.contains(
-            "async ack_status=200 retries=3 retry_max=300000ms serial dedupe_key=JSON /id"
-        ),
+        table.contains("async ack_status=200 retries=3 retry_max=5m serial dedupe_key=JSON /id"),
         "{table}"
     );
     // Options only the queue reads, on a route that runs sync, would do nothing: refused with their line,
