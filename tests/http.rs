@@ -323,6 +323,13 @@ fn a_body_of_one_byte_chunks_is_written_in_large_writes() {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
     let server = Server::start(command);
+    // strace killed leaves its tracee running: the daemon (strace's child) is killed by the test itself.
+    let strace = server.child.id();
+    let children = format!("/proc/{strace}/task/{strace}/children");
+    let daemon = fs::read_to_string(&children).expect("strace's children");
+    let pid_file = env.path().join("daemon.pid");
+    fs::write(&pid_file, daemon.trim()).expect("pid file");
+    let _daemon = crate::util::KillOnDrop(vec![pid_file]);
     // Past the 256 KiB a request keeps in memory, so the body goes to its file as it arrives.
     let body: Vec<u8> = (0..=255u8).cycle().take(320 << 10).collect();
     let mut request = chunked_head("/hooks/copy").into_bytes();
