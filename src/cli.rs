@@ -42,8 +42,9 @@ enum Command {
     /// Run the daemon
     #[command(
         long_about = "Run the daemon. At the default log level its first line is `listening on ADDRESS` \
-with the address actually bound. SIGHUP re-reads the configuration file it started with and the routes (an \
-invalid or missing one is logged and the old one kept); SIGTERM and SIGINT stop accepting, let requests in flight finish, and exit 0. \
+with the address actually bound. SIGHUP re-reads the configuration file it started with and the routes \
+(an invalid or missing one is logged and the old one kept); SIGTERM and SIGINT stop accepting, let \
+requests in flight finish, and exit 0. \
 Under systemd it reports its state (Type=notify) and accepts a listening socket passed by socket \
 activation (LISTEN_FDS), which then replaces `listen`."
     )]
@@ -60,7 +61,9 @@ activation (LISTEN_FDS), which then replaces `listen`."
 sender profiles; warnings (a secret file others can read) go to stderr. Exits 0 when they are valid, else \
 prints `file:line: message` and exits 78. A relative secret file name is read in $CREDENTIALS_DIRECTORY, as \
 under systemd's LoadCredential=, or beside the configuration file when that is unset: to check the \
-service's credentials by hand, point CREDENTIALS_DIRECTORY at the originals (`sudo env CREDENTIALS_DIRECTORY=/etc/hookrunner/secrets hookrunner check`). With --payload FILE, explains instead what the daemon would do \
+service's credentials by hand, point CREDENTIALS_DIRECTORY at the originals (`sudo env \
+CREDENTIALS_DIRECTORY=/etc/hookrunner/secrets hookrunner check`). With --payload FILE, explains instead \
+what the daemon would do \
 with a POST of FILE (with those --header fields, to that --path): the sender profile that applies and \
 whether the request passes it, the event name and the source that yielded it, each route line that did \
 not match and why, the line that matches, the script and its environment. Without credentials among \

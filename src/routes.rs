@@ -531,21 +531,7 @@ fn check_script(scripts_dir: &Path, written: &str, path: &Path) -> Result<PathBu
         }
         let meta = fs::metadata(d)
             .map_err(|e| refusal(written, format!("{}: {e}", d.display()), &e.to_string()))?;
-        let mode = meta.permissions().mode();
-        if mode & 0o022 != 0 {
-            return Err(refusal(
-                written,
-                format!(
-                    "its directory {} is writable by group or others (mode {:o}): chmod go-w it",
-                    d.display(),
-                    mode & 0o777
-                ),
-                &format!(
-                    "its directory is writable by group or others (mode {:o})",
-                    mode & 0o777
-                ),
-            ));
-        }
+        check_unshared(written, d, "its directory ", &meta)?;
         check_owner(written, d, "its directory ", &meta)?;
         dir = d.parent();
     }
@@ -624,19 +610,30 @@ fn check_mode(written: &str, path: &Path, meta: &fs::Metadata) -> Result<(), Uns
             format!("{} is not executable: chmod 755 it", path.display()),
             "is not executable",
         ))
-    } else if mode & 0o022 != 0 {
-        Err(refusal(
-            written,
-            format!(
-                "{} is writable by group or others (mode {:o}): chmod go-w it",
-                path.display(),
-                mode & 0o777
-            ),
-            &format!("is writable by group or others (mode {:o})", mode & 0o777),
-        ))
     } else {
-        Ok(())
+        check_unshared(written, path, "", meta)
     }
+}
+
+/// Not writable by group or others, who could otherwise change what runs as the daemon.
+fn check_unshared(
+    written: &str,
+    path: &Path,
+    what: &str,
+    meta: &fs::Metadata,
+) -> Result<(), UnsafeScript> {
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o022 == 0 {
+        return Ok(());
+    }
+    Err(refusal(
+        written,
+        format!(
+            "{what}{} is writable by group or others (mode {mode:o}): chmod go-w it",
+            path.display()
+        ),
+        &format!("{what}is writable by group or others (mode {mode:o})"),
+    ))
 }
 
 /// `why` says what is wrong for the operator, paths and all; `public` the same for the sender, without the

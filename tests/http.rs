@@ -291,37 +291,26 @@ fn request_line_over_8kib_is_414_however_it_arrives() {
 /// (400 KiB of them were 140,000 write calls). Counted with strace, which .ci/run installs.
 #[test]
 fn a_body_of_one_byte_chunks_is_written_in_large_writes() {
-    if !std::process::Command::new("strace")
-        .arg("-V")
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        println!("skipped: strace is not installed (.ci/run installs it)");
+    if !crate::util::has_strace() {
         return;
     }
     let env = Env::new();
     let out = copier(&env, "copy");
     let trace = env.path().join("trace");
-    let mut command = std::process::Command::new("strace");
-    command
-        .args([
+    let trace_arg = trace.to_string_lossy().into_owned();
+    let command = env.serve_command_under(
+        &[
+            "strace",
             "-f",
             "-qq",
             "--seccomp-bpf",
             "-e",
             "trace=write,pwrite64",
             "-o",
-        ])
-        .arg(&trace)
-        .arg(crate::util::BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(env.config_path())
-        .env("RUST_LOG", "info")
-        .env("STATE_DIRECTORY", env.state())
-        .env_remove("JOURNAL_STREAM")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
+            &trace_arg,
+        ],
+        "127.0.0.1:0",
+    );
     let server = Server::start(command);
     // strace killed leaves its tracee running: the daemon (strace's child) is killed by the test itself.
     let strace = server.child.id();

@@ -1183,6 +1183,25 @@ fn entries_queued_while_the_clock_read_ahead_run_when_it_was_set_back() {
     );
 }
 
+/// A daemon on `env` whose one async entry (route `R`, a script held until released) is running: the server,
+/// the entry's request id, and the release of its script.
+fn held_entry_running(env: &Env) -> (Server, String, crate::util::Release) {
+    let release = held_script(env, "r.sh");
+    env.routes("R r.sh async\n");
+    let server = env.serve();
+    let accepted = server.post("/hooks/R", b"{}");
+    assert_eq!(accepted.status, 202);
+    let request_id = accepted.json()["request_id"]
+        .as_str()
+        .expect("request id")
+        .to_string();
+    assert!(wait_until(Duration::from_secs(10), || env
+        .path()
+        .join("started")
+        .exists()));
+    (server, request_id, release)
+}
+
 /// An entry is marked running before its script starts: the operator's `drop` cannot remove it while the
 /// script runs, and a kill mid-run counts the interrupted attempt, so the run after the restart is told it
 /// is the second.
@@ -1191,18 +1210,7 @@ fn a_running_entry_cannot_be_dropped_and_a_kill_mid_run_counts_its_attempt() {
     let env = Env::new();
     let dir = env.path().to_path_buf();
     let go = dir.join("go");
-    let _release = held_script(&env, "r.sh");
-    env.routes("R r.sh async\n");
-    let mut server = env.serve();
-    let accepted = server.post("/hooks/R", b"{}");
-    assert_eq!(accepted.status, 202);
-    let request_id = accepted.json()["request_id"]
-        .as_str()
-        .expect("request id")
-        .to_string();
-    assert!(wait_until(Duration::from_secs(10), || dir
-        .join("started")
-        .exists()));
+    let (mut server, request_id, _release) = held_entry_running(&env);
     // At once, while the script runs: refused, and the entry stays.
     let dropped = deliveries(&env, &["drop", &request_id]);
     assert_eq!(
@@ -1233,18 +1241,7 @@ fn a_running_entry_cannot_be_dropped_and_a_kill_mid_run_counts_its_attempt() {
 fn an_entry_a_kill_left_running_can_be_dropped_while_no_daemon_runs() {
     let env = Env::new();
     let dir = env.path().to_path_buf();
-    let _release = held_script(&env, "r.sh");
-    env.routes("R r.sh async\n");
-    let mut server = env.serve();
-    let accepted = server.post("/hooks/R", b"{}");
-    assert_eq!(accepted.status, 202);
-    let request_id = accepted.json()["request_id"]
-        .as_str()
-        .expect("request id")
-        .to_string();
-    assert!(wait_until(Duration::from_secs(10), || dir
-        .join("started")
-        .exists()));
+    let (mut server, request_id, _release) = held_entry_running(&env);
     server.signal(libc::SIGKILL);
     server.wait_exit(Duration::from_secs(10)).expect("killed");
     assert_eq!(show(&env, &request_id)["state"], "running");
@@ -2584,12 +2581,7 @@ fn a_result_that_cannot_be_committed_at_first_is_committed_later_and_the_entry_g
 
 #[test]
 fn a_failed_fsync_is_answered_503_and_the_daemon_exits_1_losing_nothing_acknowledged() {
-    if !Command::new("strace")
-        .arg("-V")
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        println!("skipped: strace is not installed (.ci/run installs it)");
+    if !crate::util::has_strace() {
         return;
     }
     let env = Env::new();
@@ -2619,26 +2611,20 @@ fn a_failed_fsync_is_answered_503_and_the_daemon_exits_1_losing_nothing_acknowle
     }
     // From the third fsync or fdatasync of each thread on, every one fails: starting passes (the main thread
     // syncs twice at most on a database that exists), then the store's writer fails within a few commits.
-    let mut command = Command::new("strace");
-    command
-        .args([
+    let command = env.serve_command_under(
+        &[
+            "strace",
             "-f",
             "-qq",
             "-o",
             "/dev/null",
             "-e",
             "trace=fsync,fdatasync",
-        ])
-        .args(["-e", "inject=fsync,fdatasync:error=EIO:when=3+"])
-        .arg(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(env.config_path())
-        .env("RUST_LOG", "info")
-        .env("STATE_DIRECTORY", env.state())
-        .env_remove("JOURNAL_STREAM")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
+            "-e",
+            "inject=fsync,fdatasync:error=EIO:when=3+",
+        ],
+        "127.0.0.1:0",
+    );
     let mut server = Server::spawn(command);
     let line = server
         .wait_log("listening on ", Duration::from_secs(20))

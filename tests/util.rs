@@ -342,6 +342,42 @@ impl Env {
     }
 }
 
+impl Env {
+    /// `serve_command` run by `wrapper` (`strace` and its options), which takes the command as its last
+    /// arguments; the environment is the same.
+    pub fn serve_command_under(&self, wrapper: &[&str], listen: &str) -> Command {
+        let inner = self.serve_command(listen);
+        let mut command = Command::new(wrapper[0]);
+        command
+            .args(&wrapper[1..])
+            .arg(inner.get_program())
+            .args(inner.get_args());
+        for (key, value) in inner.get_envs() {
+            match value {
+                Some(value) => command.env(key, value),
+                None => command.env_remove(key),
+            };
+        }
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        command
+    }
+}
+
+/// Whether strace runs here; a test that needs it says it is skipped otherwise (.ci/run installs it).
+pub fn has_strace() -> bool {
+    let found = Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        println!("skipped: strace is not installed (.ci/run installs it)");
+    }
+    found
+}
+
 impl Server {
     /// Starts `command` and collects its log like `Env::serve`, without waiting for it to listen: for a
     /// daemon that must fail at start, or that listens on a unix socket. `addr` stays a placeholder.
