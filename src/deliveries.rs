@@ -29,7 +29,7 @@ pub struct DeliveriesArgs {
 
 #[derive(Subcommand, Debug)]
 enum DeliveriesCommand {
-    /// List deliveries, newest first, and a summary line (the default command)
+    /// List deliveries, newest first (by the time each came), and a summary line (the default command)
     List(ListArgs),
     /// Show one delivery: its metadata and every attempt with its exit, duration and output tail
     Show {

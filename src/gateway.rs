@@ -460,9 +460,12 @@ impl Gateway {
         let body_bytes = received.len();
         let result = self.run(config, request, received, &selected, &env, claim);
         if let Some(store) = history {
+            // The row is written later by the store's thread: its times are taken now.
+            let finished_at = store::now_ms();
             store.record(SyncRecord {
                 request_id: request.id.clone(),
                 received_at,
+                finished_at,
                 sender: sender_name.clone(),
                 event: event.clone(),
                 route_line: selected.line,
@@ -471,7 +474,7 @@ impl Gateway {
                 status: result
                     .as_ref()
                     .map_or_else(Refusal::status, |o| status_of(o.exit)),
-                attempt: result.as_ref().ok().map(|o| attempt_of(o, received_at)),
+                attempt: result.as_ref().ok().map(|o| attempt_of(o, finished_at)),
                 body,
                 body_bytes,
             });
@@ -599,8 +602,9 @@ fn status_of(exit: Exit) -> u16 {
     }
 }
 
-/// A sync run as the history keeps it.
-fn attempt_of(outcome: &Outcome, received_at: i64) -> store::Attempt {
+/// A sync run as the history keeps it: it started its duration before it ended (not when the request
+/// came, which may have waited for a script slot).
+fn attempt_of(outcome: &Outcome, finished_at: i64) -> store::Attempt {
     let (exit_code, signal) = match outcome.exit {
         Exit::Code(code) => (Some(code), None),
         Exit::Signal(signal) => (None, Some(signal)),
@@ -608,7 +612,7 @@ fn attempt_of(outcome: &Outcome, received_at: i64) -> store::Attempt {
     };
     store::Attempt {
         n: 1,
-        started_at: received_at,
+        started_at: finished_at - i64::try_from(outcome.duration.as_millis()).unwrap_or(i64::MAX),
         duration_ms: duration_ms(outcome.duration),
         exit_code,
         signal,

@@ -2110,6 +2110,50 @@ fn every_sync_request_leaves_a_history_row_with_its_status() {
     );
 }
 
+/// A time of `deliveries` JSON, in milliseconds since the epoch.
+fn millis(v: &Value) -> i64 {
+    let t = humantime::parse_rfc3339(v.as_str().expect("a time")).expect("RFC 3339");
+    let since = t.duration_since(std::time::UNIX_EPOCH).expect("after 1970");
+    i64::try_from(since.as_millis()).expect("fits")
+}
+
+#[test]
+fn a_sync_row_says_when_its_script_ran_and_the_list_is_in_arrival_order() {
+    // One slot: the second request waits for the first's script to end before its own starts.
+    let env = Env::new().config("max_running = 1\nqueue_wait = \"5s\"\n");
+    env.script("slow.sh", "sleep 0.6");
+    env.routes("A slow.sh\nB slow.sh\n");
+    let server = env.serve();
+    std::thread::scope(|s| {
+        let first = s.spawn(|| server.post("/hooks/A", b"{}").status);
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!(server.post("/hooks/B", b"{}").status, 200);
+        assert_eq!(first.join().expect("first"), 200);
+    });
+    assert!(wait_until(Duration::from_secs(10), || rows(&env, &[])
+        .len()
+        == 2));
+    let listed = rows(&env, &[]);
+    // Newest first by arrival, whichever row the store wrote first.
+    let events: Vec<_> = listed.iter().map(|r| r["event"].as_str()).collect();
+    assert_eq!(events, [Some("B"), Some("A")], "{listed:?}");
+    let b = show(&env, &listed[0]["id"].to_string());
+    let received = millis(&b["received"]);
+    let started = millis(&b["attempts_made"][0]["started"]);
+    let finished = millis(&b["finished"]);
+    let ran = b["attempts_made"][0]["duration_ms"]
+        .as_f64()
+        .expect("duration") as i64;
+    assert!(
+        started - received >= 300,
+        "B waited for A's script (about 450 ms) before its own started: {b}"
+    );
+    assert!(
+        (finished - started - ran).abs() <= 50,
+        "finished is the script's end, not the row's write: {b}"
+    );
+}
+
 #[test]
 fn the_history_rows_of_the_last_requests_are_written_before_a_sigterm_exit() {
     let env = Env::new();

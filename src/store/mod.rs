@@ -114,6 +114,8 @@ pub struct Attempt {
 pub struct SyncRecord {
     pub request_id: String,
     pub received_at: i64,
+    /// When the answer was known: the script's end, or the refusal's.
+    pub finished_at: i64,
     pub sender: Option<String>,
     pub event: String,
     pub route_line: usize,

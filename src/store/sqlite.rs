@@ -1009,7 +1009,7 @@ fn record_in(conn: &Connection, r: &SyncRecord) -> rusqlite::Result<()> {
         r.status,
         u32::from(r.attempt.is_some()),
         r.attempt.as_ref().and_then(|a| a.exit_code),
-        now_ms(),
+        r.finished_at,
         r.body,
         bytes,
         a.map(|a| a.started_at),
@@ -1332,7 +1332,7 @@ impl Store for Sqlite {
                    AND (?3 IS NULL OR last_exit = ?3)
                    AND (?4 IS NULL OR sender = ?4)
                    AND (?5 IS NULL OR received_at >= ?5)
-                 ORDER BY id DESC LIMIT ?6"
+                 ORDER BY received_at DESC, id DESC LIMIT ?6"
             );
             // The same glob as `retry --dead --event` (`routes::Glob`: `*` and `?` only): SQLite's GLOB
             // would read `[...]` as a class, so `[` is made literal (`[[]`).
@@ -1668,6 +1668,7 @@ mod tests {
         SyncRecord {
             request_id: format!("sync-{n}"),
             received_at: now_ms(),
+            finished_at: now_ms(),
             sender: None,
             event: "E".into(),
             route_line: 1,
