@@ -324,7 +324,15 @@ impl Gateway {
                 body: received.inline(),
                 document: None,
             };
-            let event = event::resolve(&config.event, &mut inputs).map_err(Refusal::Event)?;
+            let event = match event::resolve(&config.event, &mut inputs) {
+                Ok(event) => event,
+                Err(e) => {
+                    if let Some(claim) = &mut claim {
+                        claim.unresolved();
+                    }
+                    return Err(Refusal::Event(e));
+                }
+            };
             if let Some(claim) = &mut claim {
                 claim
                     .resolved(&event)

@@ -607,6 +607,43 @@ fn a_standard_webhooks_delivery_cannot_be_sent_again_as_another_event() {
     );
     assert_eq!(send("/hooks/pay").status, 500, "the sender's retry runs");
     assert_eq!(lines_of(&tries), 2);
+    // A delivery whose first try named no event (400) cannot be sent again naming one.
+    let empty = b"{}";
+    let signature = standard_webhooks_sign(key, "msg_no_event", signed_at, empty);
+    let send = |path: &str| {
+        server.request(
+            "POST",
+            path,
+            &[
+                ("webhook-id", "msg_no_event"),
+                ("webhook-timestamp", ts.as_str()),
+                ("webhook-signature", signature.as_str()),
+            ],
+            empty,
+        )
+    };
+    assert_eq!(send("/").status, 400, "no event in the path or the body");
+    let replayed = send("/hooks/wipe");
+    assert_refused(
+        &server,
+        &env,
+        &replayed,
+        401,
+        &out,
+        &[key, signature.trim_start_matches("v1,")],
+    );
+    assert!(
+        server.log().contains(
+            "auth=\"the delivery id was first tried with no event found, and the event is not signed\""
+        ),
+        "{}",
+        server.log()
+    );
+    assert_eq!(
+        send("/").status,
+        400,
+        "the sender's retry is answered as before"
+    );
 }
 
 fn lines_of(path: &std::path::Path) -> usize {

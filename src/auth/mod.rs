@@ -114,6 +114,9 @@ impl fmt::Display for Failure {
             Failure::Address(ip) => write!(f, "client address {ip} is not allowed"),
             Failure::UnknownClient(why) => write!(f, "client address unknown: {why}"),
             Failure::Event(event) => write!(f, "event {event} is not one this sender may send"),
+            Failure::OtherEvent(first) if first.is_empty() => f.write_str(
+                "the delivery id was first tried with no event found, and the event is not signed",
+            ),
             Failure::OtherEvent(first) => write!(
                 f,
                 "the delivery id was first tried as event {first}, and the event is not signed"

@@ -200,6 +200,14 @@ impl Guard<'_> {
         }
     }
 
+    /// No event could be found in the request: a later try of the id may not name one either (an event the
+    /// signature does not cover, added to a body that names none, would run where the first try could not).
+    pub fn unresolved(&mut self) {
+        if self.event.is_none() {
+            self.event = Some(String::new());
+        }
+    }
+
     /// The request was answered 2xx, thus: a later delivery with this id is a duplicate of it.
     pub fn accept(mut self, first: First) {
         self.accepted = Some(first);
