@@ -1047,7 +1047,11 @@ fn parse_toml(file: Option<&Path>, text: &str) -> Result<RawConfig, ConfigError>
         let what = what.as_str();
         // "invalid size \"lots\" for key `max_body`" becomes "max_body: invalid size \"lots\"".
         let what = match what.rsplit_once(" for key `") {
-            Some((what, key)) if key.trim_end_matches('`').ends_with("_file") => {
+            // A `*_file` value, or a `headers` value (a file name too), may be a pasted secret.
+            Some((what, key))
+                if key.trim_end_matches('`').ends_with("_file")
+                    || key.trim_end_matches('`').ends_with("headers") =>
+            {
                 format!("{}: {}", key.trim_end_matches('`'), without_values(what))
             }
             Some((what, key)) => format!("{}: {what}", key.trim_end_matches('`')),

@@ -1604,7 +1604,7 @@ fn check_validates_profiles_and_secret_files() {
         // RFC 7617 splits at the first colon: no client could send this user.
         (
             format!("type = \"basic\"\nuser = \"jamf:ops\"\npassword_file = {readable:?}"),
-            "user \"jamf:ops\" must not contain ':'",
+            "user must not contain ':'",
         ),
         (
             format!("type = \"standard-webhooks\"\nsecret_file = {bare_prefix:?}"),
@@ -1645,6 +1645,10 @@ fn check_validates_profiles_and_secret_files() {
     for body in [
         format!("type = \"headers\"\nheaders = {{ \"X-Api-Key: Pasted0f9e\" = {readable:?} }}"),
         "type = \"basic\"\nuser = \"u\"\npassword_file = 98765432109876".to_string(),
+        // A header's value (a PIN) where the file naming it belongs.
+        "type = \"headers\"\nheaders = { \"X-Api-Key\" = 98765432109876 }".to_string(),
+        // user:password pasted into `user`.
+        format!("type = \"basic\"\nuser = \"jamf:Pasted0f9e\"\npassword_file = {readable:?}"),
     ] {
         let env = Env::new().config(&format!("[[sender]]\nname = \"s\"\n{body}\n"));
         let out = env.check();

@@ -28,6 +28,9 @@ pub enum Transport {
     Unix(PathBuf),
 }
 
+const CREDENTIALS: &str = "a URL with credentials (user:password@) is not taken: give the host alone, \
+     and --sender for the sender whose credentials to send";
+
 impl Url {
     pub fn parse(text: &str) -> Result<Url, String> {
         if let Some(path) = text.strip_prefix("unix:") {
@@ -41,6 +44,7 @@ impl Url {
         let (secure, rest) = match (text.strip_prefix("http://"), text.strip_prefix("https://")) {
             (Some(rest), _) => (false, rest),
             (_, Some(rest)) => (true, rest),
+            _ if text.contains('@') => return Err(CREDENTIALS.into()),
             _ => {
                 return Err(format!(
                     "{text:?}: use http://HOST:PORT/path, https://HOST:PORT/path or unix:/path/to/socket"
@@ -52,6 +56,11 @@ impl Url {
             Some(i) => (&rest[..i], rest[i..].to_string()),
             None => (rest, "/".to_string()),
         };
+        // `user:password@host`: not ours to send (a sender's credentials come from its files), and the
+        // URL is not repeated, since every later error would print the password with it.
+        if authority.contains('@') {
+            return Err(CREDENTIALS.into());
+        }
         if authority.is_empty() {
             return Err(format!("{text:?} names no host"));
         }
@@ -237,6 +246,15 @@ mod tests {
         assert_eq!(url.transport, Transport::Tcp("hooks.example.org:80".into()));
         assert_eq!(url.target, "/");
         assert_eq!(Url::parse("http://h:1?q").expect("valid").target, "/?q");
+        // Credentials in the URL are refused without repeating them; an `@` in the path is a path.
+        for with in ["http://jamf:Pw0f9e@h:1/jamf", "ftp://u:Pw0f9e@h/"] {
+            let err = Url::parse(with).expect_err("refused");
+            assert!(
+                err.contains("credentials") && !err.contains("Pw0f9e"),
+                "{err}"
+            );
+        }
+        assert_eq!(Url::parse("http://h:1/a@b").expect("valid").target, "/a@b");
         assert!(Url::names_target("http://h:1/jamf"));
         assert!(Url::names_target("http://h:1/"));
         assert!(Url::names_target("https://h?x=1"));
