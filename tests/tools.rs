@@ -429,6 +429,25 @@ fn check_payload(env: &Env, payload: &[u8], extra: &[&str]) -> (i32, String) {
 }
 
 #[test]
+fn check_payload_shows_the_delivery_id_it_signed_with() {
+    let env = Env::new();
+    let key = secret(&env, "sw", "whsec_MDEyMzQ1Njc4OWFiY2RlZg==");
+    let env = env.config(&format!(
+        "[[sender]]\nname = \"sw\"\ntype = \"standard-webhooks\"\nsecret_file = {key:?}\n"
+    ));
+    env.script("a.sh", "exit 0");
+    env.routes("A a.sh\n");
+    // Signed by the dry run itself: the script would get the webhook-id it made.
+    let (status, text) = check_payload(&env, b"{}", &["--path", "/hooks/A"]);
+    assert_eq!(status, 0, "{text}");
+    let id = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("HOOKRUNNER_DELIVERY_ID="))
+        .unwrap_or_else(|| panic!("no delivery id line in:\n{text}"));
+    assert!(id.starts_with("msg_"), "{text}");
+}
+
+#[test]
 fn check_payload_explains_sender_event_routes_and_environment_without_running() {
     let key = "dry-run-key";
     let env = Env::new();

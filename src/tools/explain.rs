@@ -84,7 +84,9 @@ fn steps(config: &Config, request: &DryRequest, out: &mut String) -> bool {
         .target
         .split_once('?')
         .unwrap_or((request.target.as_str(), ""));
-    let sender = match sender(config, request, path, out) {
+    // The headers the dry run signed with, when the request brought none: the delivery id is among them.
+    let mut signed = Vec::new();
+    let sender = match sender(config, request, path, &mut signed, out) {
         Ok(sender) => sender,
         Err(()) => return false,
     };
@@ -184,7 +186,13 @@ fn steps(config: &Config, request: &DryRequest, out: &mut String) -> bool {
                 .map_or_else(String::new, |k| format!(", deduplicated by {k}"))
         );
     }
-    let header = |name: &str| request.header(name);
+    let header = |name: &str| {
+        signed
+            .iter()
+            .find(|(n, _): &&(String, String)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .or_else(|| request.header(name))
+    };
     let delivery = match auth::delivery_id(&header) {
         Ok(id) => id.map(|d| d.id),
         Err(name) => {
@@ -232,10 +240,12 @@ fn steps(config: &Config, request: &DryRequest, out: &mut String) -> bool {
 }
 
 /// The sender step: which profile applies and whether the request passes it. `Err` when it would not.
+/// The headers it signed the request with, when the request had none of its own, go to `used`.
 fn sender<'c>(
     config: &'c Config,
     request: &DryRequest,
     path: &str,
+    used: &mut Vec<(String, String)>,
     out: &mut String,
 ) -> Result<Option<&'c Sender>, ()> {
     if config.senders.is_empty() {
@@ -320,6 +330,7 @@ fn sender<'c>(
         });
     match checked {
         Ok(()) if unsigned => {
+            *used = signed;
             let _ = writeln!(
                 out,
                 "  credentials: none given; signed with the profile's own secrets, as hookrunner send \
