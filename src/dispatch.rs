@@ -540,11 +540,16 @@ impl Dispatcher {
         if !self.record(entry, attempt, next) {
             return;
         }
+        let config = (self.config)();
+        let script = Path::new(&entry.script);
+        let script = script.strip_prefix(&config.scripts_dir).unwrap_or(script);
         log::info!(
-            "{} async id={} event={} attempt={n} exit={shown} {then}",
+            "{} async id={} event={} attempt={n} exit={shown} {then} script={} time={:.1}ms",
             entry.request_id,
             entry.id,
-            entry.event
+            entry.event,
+            Escaped(&script.display().to_string()),
+            started.elapsed().as_secs_f64() * 1000.0
         );
     }
 

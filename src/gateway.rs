@@ -92,6 +92,8 @@ enum Refusal {
     Spawn(io::Error),
     /// An async delivery could not be committed (full, disk full, an I/O error): nothing of it was kept.
     Store(StoreError),
+    /// One of the above after the route was chosen, with the sender, event and script for the log line.
+    Routed(Box<Refusal>, String),
 }
 
 impl Refusal {
@@ -106,6 +108,7 @@ impl Refusal {
             Refusal::Busy | Refusal::Store(_) | Refusal::BodiesHeld => 503,
             Refusal::Payload(e) | Refusal::Spawn(e) if is_resource_shortage(e) => 503,
             Refusal::Unsafe(_) | Refusal::Payload(_) | Refusal::Spawn(_) => 500,
+            Refusal::Routed(inner, _) => inner.status(),
         }
     }
 
@@ -125,6 +128,7 @@ impl Refusal {
             Refusal::NoRoute(event) => format!("no route for event {event:?}"),
             Refusal::Unsafe(u) => format!("refusing to run {}", u.0),
             Refusal::Busy => "too many scripts running; retry later".to_string(),
+            Refusal::Routed(inner, _) => inner.message(),
             Refusal::Body(e) => e.to_string(),
             Refusal::BodiesHeld => {
                 "too many large bodies are held in memory now; retry later".to_string()
@@ -389,6 +393,15 @@ impl Gateway {
             .unwrap_or(&selected.script)
             .display()
             .to_string();
+        // What a refusal from here on names in its log line, as a run's line does.
+        let routed_note = format!(
+            "{} event={event} script={script}",
+            sender_name
+                .as_deref()
+                .map(|s| format!(" sender={s}"))
+                .unwrap_or_default()
+        );
+        let routed = |r: Refusal| Refusal::Routed(Box::new(r), routed_note.clone());
         let store = self.store.as_ref();
         let run_async = selected
             .queueing
@@ -421,7 +434,9 @@ impl Gateway {
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
-                body: received.into_bytes(&self.payloads, &mut held)?,
+                body: received
+                    .into_bytes(&self.payloads, &mut held)
+                    .map_err(routed)?,
                 ack_status: q.ack_status.unwrap_or(202),
                 policy: Policy {
                     max_attempts: q.retries.map_or(DEFAULT_ATTEMPTS, |n| n + 1),
@@ -437,7 +452,9 @@ impl Gateway {
                 max_queued_bytes: config.store.max_queued_bytes,
                 dedupe_window: config.store.dedupe_window,
             };
-            let accepted = store.accept(delivery, bounds).map_err(Refusal::Store)?;
+            let accepted = store
+                .accept(delivery, bounds)
+                .map_err(|e| routed(Refusal::Store(e)))?;
             if let Some(claim) = claim {
                 claim.accept(match &accepted {
                     Accepted::Queued { .. } => First {
@@ -466,7 +483,9 @@ impl Gateway {
         let history = store.filter(|_| config.store.history);
         let body = history.and(received.inline().map(<[u8]>::to_vec));
         let body_bytes = received.len();
-        let result = self.run(config, request, received, &selected, &env, claim);
+        let result = self
+            .run(config, request, received, &selected, &env, claim)
+            .map_err(routed);
         if let Some(store) = history {
             // The row is written later by the store's thread: its times are taken now.
             let finished_at = store::now_ms();
@@ -708,6 +727,10 @@ impl Gateway {
                 self.refuse_sender(config, request, &failure)
             }
             Err(refusal) => {
+                let (refusal, routed) = match refusal {
+                    Refusal::Routed(inner, note) => (*inner, note),
+                    other => (other, String::new()),
+                };
                 let status = refusal.status();
                 let message = refusal.message();
                 if status >= 500 {
@@ -719,6 +742,7 @@ impl Gateway {
                     _ => message,
                 };
                 let mut response = Response::error(status, &request.id, &message);
+                response.note = routed;
                 if let Refusal::NoRoute(event) = &refusal {
                     response.note = format!(" event={event}");
                 } else if let Refusal::Event(EventError::Invalid { value, .. }) = &refusal {

@@ -402,6 +402,17 @@ fn past_max_running_a_request_gets_503_with_retry_after_until_a_slot_frees() {
             "503 carries Retry-After: {:?}",
             busy.headers
         );
+        // Its line says what it was for, as a run's line does.
+        assert!(
+            server
+                .wait_log(
+                    "event=quick script=quick status=503",
+                    Duration::from_secs(10)
+                )
+                .is_some(),
+            "{}",
+            server.log()
+        );
         drop(release);
         let first = first.join().expect("first request");
         assert_eq!(first.status, 200, "{}", first.text());
