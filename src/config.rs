@@ -525,6 +525,14 @@ impl Config {
                     ),
                 ));
             }
+            // `/hooks/NAME` in a sender's path reads as "this event is this sender's", but the event does
+            // not choose the sender (the path does) nor the path the route (the event does).
+            if sender.path.contains("/hooks/") {
+                warnings.push(format!(
+                    "sender {name:?}: its path {:?} names an event, but that does not tie the event to this                      sender: the same event sent under another sender's path runs the same route; give                      the route line sender={name} (or the other senders events = [...])",
+                    sender.path
+                ));
+            }
             senders.push(sender);
         }
         let mut trusted_proxies = Trusted::default();
@@ -549,6 +557,29 @@ impl Config {
         // on a non-loopback address (default false; the daemon warns at every start when it does).
         let allow_unauthenticated = raw.allow_unauthenticated.unwrap_or(false);
         let senders = Senders { senders };
+        // A route line for a sender that is not configured could never match: a misspelt name.
+        for route in &routes.routes {
+            if let Some(name) = route
+                .options
+                .senders
+                .iter()
+                .find(|n| !senders.senders.iter().any(|s| &s.name == *n))
+            {
+                let known: Vec<&str> = senders.senders.iter().map(|s| s.name.as_str()).collect();
+                return Err(ConfigError::new(
+                    routes.source.as_deref(),
+                    Some(route.line),
+                    if known.is_empty() {
+                        format!("sender={name}: no [[sender]] is configured, so no request has one")
+                    } else {
+                        format!(
+                            "sender={name}: no [[sender]] has that name (the senders are {})",
+                            known.join(", ")
+                        )
+                    },
+                ));
+            }
+        }
         if let Some(message) =
             open_to_anyone(&listen, &senders, &trusted_proxies, allow_unauthenticated)
         {

@@ -350,12 +350,16 @@ impl Gateway {
                     .document()
                     .map(|d| d.field(path).map(Cow::into_owned))
             };
-            let selected = match config.routes.select(&event, field) {
-                Ok(Some(selected)) => selected,
-                Ok(None) => return Err(Refusal::NoRoute(event)),
-                Err(SelectError::Body(e)) => return Err(Refusal::Malformed(e)),
-                Err(SelectError::Unsafe(e)) => return Err(Refusal::Unsafe(e)),
-            };
+            let selected =
+                match config
+                    .routes
+                    .select(&event, sender.map(|s| s.name.as_str()), field)
+                {
+                    Ok(Some(selected)) => selected,
+                    Ok(None) => return Err(Refusal::NoRoute(event)),
+                    Err(SelectError::Body(e)) => return Err(Refusal::Malformed(e)),
+                    Err(SelectError::Unsafe(e)) => return Err(Refusal::Unsafe(e)),
+                };
             // A delivery id in the body, for a route that names where (`dedupe_key=`).
             // Body sources read like route filters, so a numeric id counts too, but only one that prints
             // one way per value. An empty value is no id: every empty-id delivery would be one.

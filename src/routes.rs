@@ -121,6 +121,9 @@ pub const RETRY_MAX: Range<Duration> =
 pub struct RouteOptions {
     /// `timeout=DURATION`: overrides the configured `timeout`, within the same range, [`TIMEOUT`].
     pub timeout: Option<Duration>,
+    /// `sender=NAME[,NAME...]`: the line is for requests from these senders only (empty: any). The
+    /// sender's `path` does not choose the route, the event does: this is what ties a line to a sender.
+    pub senders: Vec<String>,
     pub filters: Vec<Filter>,
     pub queueing: Queueing,
 }
@@ -216,7 +219,10 @@ impl Routes {
             }
             match &route.script {
                 Script::Fixed { .. } => {
-                    if pattern.bytes().all(|b| b == b'*') && route.options.filters.is_empty() {
+                    if pattern.bytes().all(|b| b == b'*')
+                        && route.options.filters.is_empty()
+                        && route.options.senders.is_empty()
+                    {
                         catch_all.get_or_insert(route.line);
                     }
                 }
@@ -342,9 +348,10 @@ impl Routes {
     pub fn select<E>(
         &self,
         event: &str,
+        sender: Option<&str>,
         field: impl FnMut(&str) -> Result<Option<String>, E>,
     ) -> Result<Option<Selected>, SelectError<E>> {
-        self.select_explained(event, field, |_, _| {})
+        self.select_explained(event, sender, field, |_, _| {})
     }
 
     /// [`Routes::select`], telling `skipped` each line that did not win and why (`hookrunner check
@@ -352,12 +359,18 @@ impl Routes {
     pub fn select_explained<E>(
         &self,
         event: &str,
+        sender: Option<&str>,
         mut field: impl FnMut(&str) -> Result<Option<String>, E>,
         mut skipped: impl FnMut(usize, Skip<'_>),
     ) -> Result<Option<Selected>, SelectError<E>> {
         for route in &self.routes {
             if !route.pattern.matches(event) {
                 skipped(route.line, Skip::Pattern(&route.pattern));
+                continue;
+            }
+            let senders = &route.options.senders;
+            if !senders.is_empty() && !sender.is_some_and(|s| senders.iter().any(|n| n == s)) {
+                skipped(route.line, Skip::Sender(senders));
                 continue;
             }
             let mut filters_hold = true;
@@ -416,6 +429,8 @@ impl Routes {
 /// `select` pays nothing for the explanation it does not want.
 pub enum Skip<'a> {
     Pattern(&'a Glob),
+    /// The line is for these senders only.
+    Sender(&'a [String]),
     Filter {
         filter: &'a Filter,
         value: Option<String>,
@@ -435,6 +450,11 @@ impl fmt::Display for Skip<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Skip::Pattern(glob) => write!(f, "the pattern {glob} does not match the event"),
+            Skip::Sender(names) => write!(
+                f,
+                "sender={} does not include this request's sender",
+                names.join(",")
+            ),
             Skip::Filter {
                 filter,
                 value: Some(v),
@@ -710,6 +730,18 @@ fn parse_option(token: &str, options: &mut RouteOptions) -> Result<(), String> {
                 .map_err(|e| format!("timeout={e}"))?;
             options.timeout = Some(timeout);
         }
+        Some(("sender", value)) => {
+            for name in value.split(',') {
+                if name.is_empty() {
+                    return Err(format!(
+                        "sender={value}: name a sender, or several separated by commas"
+                    ));
+                }
+                if !options.senders.iter().any(|n| n == name) {
+                    options.senders.push(name.to_string());
+                }
+            }
+        }
         Some(("ack_status", value)) => match value {
             "200" => queueing.ack_status = Some(200),
             "202" => queueing.ack_status = Some(202),
@@ -734,8 +766,9 @@ fn parse_option(token: &str, options: &mut RouteOptions) -> Result<(), String> {
         }
         _ => {
             return Err(format!(
-                "unknown option {token:?}: options are timeout=DURATION, async, sync, ack_status=200|202, \
-                 retries=N, retry_max=DURATION, serial, dedupe_key=SOURCE and field filters /path=GLOB"
+                "unknown option {token:?}: options are timeout=DURATION, sender=NAME, async, sync, \
+                 ack_status=200|202, retries=N, retry_max=DURATION, serial, dedupe_key=SOURCE and field \
+                 filters /path=GLOB"
             ));
         }
     }
@@ -805,6 +838,9 @@ impl fmt::Display for Routes {
             if let Some(timeout) = route.options.timeout {
                 // As it would be written: `timeout=90s`, not 90000ms.
                 write!(f, " timeout={}", timeout.show())?;
+            }
+            if !route.options.senders.is_empty() {
+                write!(f, " sender={}", route.options.senders.join(","))?;
             }
             let q = &route.options.queueing;
             match q.run_async {
@@ -1013,9 +1049,13 @@ MobileDevice*              mobile-device.sh
         let charly = |path: &str| -> Result<Option<String>, ()> {
             Ok((path == "/event/deviceName").then(|| "Charly's iMac".to_string()))
         };
-        let got = routes.select("ComputerAdded", charly).expect("select");
+        let got = routes
+            .select("ComputerAdded", None, charly)
+            .expect("select");
         assert_eq!(got.map(|s| s.script), Some(scripts.join("charly.sh")));
-        let got = routes.select("COMPUTERADDED", no_body).expect("select");
+        let got = routes
+            .select("COMPUTERADDED", None, no_body)
+            .expect("select");
         assert_eq!(
             got,
             Some(Selected {
@@ -1026,7 +1066,7 @@ MobileDevice*              mobile-device.sh
             })
         );
         let got = routes
-            .select("MobileDeviceEnrolled", no_body)
+            .select("MobileDeviceEnrolled", None, no_body)
             .expect("select");
         assert_eq!(
             got.map(|s| s.script),
@@ -1034,21 +1074,21 @@ MobileDevice*              mobile-device.sh
         );
         // Case-insensitive file lookup for {event}.
         let got = routes
-            .select("mobiledeviceenrolled", no_body)
+            .select("mobiledeviceenrolled", None, no_body)
             .expect("select");
         assert_eq!(
             got.map(|s| s.script),
             Some(scripts.join("MobileDeviceEnrolled"))
         );
         // A template whose file does not exist does not match.
-        assert_eq!(routes.select("PushSent", no_body), Ok(None));
+        assert_eq!(routes.select("PushSent", None, no_body), Ok(None));
         // A script a line names runs only through its lines: sent as the event, it is not the {event}
         // script (its filter would be bypassed), whatever the case of the name.
-        assert_eq!(routes.select("charly.sh", no_body), Ok(None));
-        assert_eq!(routes.select("ADDED.SH", charly), Ok(None));
+        assert_eq!(routes.select("charly.sh", None, no_body), Ok(None));
+        assert_eq!(routes.select("ADDED.SH", None, charly), Ok(None));
         let mut why = Vec::new();
         let got = routes
-            .select_explained("added.sh", no_body, |line, skip| {
+            .select_explained("added.sh", None, no_body, |line, skip| {
                 why.push((line, skip.to_string()))
             })
             .expect("select");
@@ -1071,10 +1111,53 @@ MobileDevice*              mobile-device.sh
         let routes = Routes::parse(&text, None, &scripts).expect("routes load");
         for event in ["A", "B", "C"] {
             let got = routes
-                .select(event, no_body)
+                .select(event, None, no_body)
                 .expect("select")
                 .map(|s| s.script);
             assert_eq!(got, Some(scripts.join("x.sh")), "{event}");
+        }
+    }
+
+    #[test]
+    fn a_line_with_senders_is_for_their_requests_only() {
+        let dir = dir_with(&[("gh.sh", 0o755), ("any.sh", 0o755)]);
+        let text = "push gh.sh sender=github,github sender=gh2\n* any.sh sender=x\n";
+        let routes = Routes::parse(text, None, dir.path()).expect("valid");
+        assert_eq!(routes.routes[0].options.senders, ["github", "gh2"]);
+        let line = |sender| {
+            routes
+                .select("push", sender, no_body)
+                .expect("select")
+                .map(|s| s.line)
+        };
+        assert_eq!(line(Some("github")), Some(1));
+        assert_eq!(line(Some("gh2")), Some(1));
+        assert_eq!(line(Some("x")), Some(2));
+        assert_eq!(line(Some("gitlab")), None);
+        assert_eq!(
+            line(None),
+            None,
+            "a request without a sender is no sender's"
+        );
+        // A `*` line for one sender does not hide the lines below it from the others.
+        assert!(routes.warnings().is_empty(), "{:?}", routes.warnings());
+        assert!(routes.to_string().contains("sender=github,gh2"), "{routes}");
+        let mut why = Vec::new();
+        routes
+            .select_explained("push", Some("gitlab"), no_body, |line, skip| {
+                why.push((line, skip.to_string()))
+            })
+            .expect("no error");
+        assert_eq!(
+            why[0],
+            (
+                1,
+                "sender=github,gh2 does not include this request's sender".to_string()
+            )
+        );
+        for bad in ["a gh.sh sender=\n", "a gh.sh sender=a,,b\n"] {
+            let (line, err) = parse_lines(bad).expect_err(bad);
+            assert!(line == 1 && err.contains("name a sender"), "{err}");
         }
     }
 
@@ -1088,7 +1171,7 @@ MobileDevice*              mobile-device.sh
         let field =
             |path: &str| Ok::<_, ()>((path == "/event/name").then(|| "Office-1".to_string()));
         let selected = routes
-            .select_explained("ComputerAdded", field, |line, skip| {
+            .select_explained("ComputerAdded", None, field, |line, skip| {
                 why.push((line, skip.to_string()))
             })
             .expect("no error")
@@ -1106,7 +1189,9 @@ MobileDevice*              mobile-device.sh
         );
         assert!(why[2].1.contains("no value at /event/missing"), "{why:?}");
         assert!(why[3].1.contains("ComputerAdded.sh"), "{why:?}");
-        let plain = routes.select("ComputerAdded", field).expect("no error");
+        let plain = routes
+            .select("ComputerAdded", None, field)
+            .expect("no error");
         assert_eq!(plain, Some(selected), "select and its explained form agree");
     }
 
@@ -1117,10 +1202,10 @@ MobileDevice*              mobile-device.sh
         let routes = Routes::parse("X a.sh /k=v\nY a.sh\n", None, &scripts).expect("routes load");
         let broken = |_: &str| -> Result<Option<String>, &str> { Err("malformed") };
         assert_eq!(
-            routes.select("X", broken),
+            routes.select("X", None, broken),
             Err(SelectError::Body("malformed"))
         );
-        assert!(routes.select("Y", broken).is_ok());
+        assert!(routes.select("Y", None, broken).is_ok());
     }
 
     #[test]
@@ -1134,7 +1219,7 @@ MobileDevice*              mobile-device.sh
         let routes = Routes::parse("A gone.sh\nA fallback.sh\nB later.sh\n", None, &scripts)
             .expect("routes load");
         fs::remove_file(scripts.join("gone.sh")).expect("remove");
-        let got = routes.select("A", no_body).expect("select");
+        let got = routes.select("A", None, no_body).expect("select");
         assert_eq!(
             got.map(|s| s.script),
             Some(scripts.join("fallback.sh")),
@@ -1143,7 +1228,7 @@ MobileDevice*              mobile-device.sh
         fs::set_permissions(scripts.join("later.sh"), fs::Permissions::from_mode(0o777))
             .expect("chmod");
         assert!(matches!(
-            routes.select("B", no_body),
+            routes.select("B", None, no_body),
             Err(SelectError::Unsafe(_))
         ));
     }
@@ -1218,7 +1303,7 @@ MobileDevice*              mobile-device.sh
         );
         let routes = Routes::parse("* {event}\n", None, &scripts).expect("template loads");
         assert!(matches!(
-            routes.select("Open", no_body),
+            routes.select("Open", None, no_body),
             Err(SelectError::Unsafe(_))
         ));
     }

@@ -976,6 +976,70 @@ fn header_profiles_match_names_in_any_case_and_values_exactly() {
     assert_eq!(runs(&out), ["jamf-header  {}"]);
 }
 
+/// A sender's path chooses its profile, the event chooses the route: `sender=` on a route line is what ties
+/// them. GitHub's and GitLab's `push` are one event; a line for one sender is not run for another, and a
+/// sender's path that names an event is warned of, since it ties nothing.
+#[test]
+fn a_route_line_for_one_sender_is_not_run_for_another() {
+    let env = Env::new();
+    let gh = secret(&env, "gh", "gh-secret-value-0123");
+    let gl = secret(&env, "gl", "glpat-secret");
+    let env = env.config(&format!(
+        "[[sender]]\nname = \"github\"\npath = \"/github\"\ntype = \"github\"\nsecret_file = {gh:?}\n\
+         [[sender]]\nname = \"gitlab\"\npath = \"/gitlab\"\ntype = \"gitlab\"\nsecret_file = {gl:?}\n\
+         [[sender]]\nname = \"local\"\npath = \"/\"\ntype = \"none\"\nallow_ips = [\"127.0.0.0/8\"]\n"
+    ));
+    let ran = env.path().join("ran");
+    for script in ["gh-deploy", "gl-deploy"] {
+        env.script(
+            script,
+            &format!("echo \"{script} $HOOKRUNNER_SENDER\" >> {ran:?}"),
+        );
+    }
+    env.routes("push  gh-deploy  sender=github\npush  gl-deploy  sender=gitlab,other\n");
+    // A name no [[sender]] has is an error on its line, not a line that silently never runs.
+    let out = env.check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(
+        err.contains("routes:2: sender=other: no [[sender]] has that name (the senders are github, gitlab, local)"),
+        "{err}"
+    );
+    env.routes("push  gh-deploy  sender=github\npush  gl-deploy  sender=gitlab\n");
+    let server = env.serve();
+    // GitLab's token, with a GitHub event header: GitLab's line runs, as GitLab.
+    let response = server.request(
+        "POST",
+        "/gitlab",
+        &[
+            ("X-Gitlab-Token", "glpat-secret"),
+            ("X-GitHub-Event", "push"),
+        ],
+        b"{\"object_kind\":\"push\"}",
+    );
+    assert_eq!(response.status, 200, "{}", response.text());
+    // The open local sender names the event in its path: neither line is its.
+    let response = server.post("/hooks/push", b"{}");
+    assert_eq!(response.status, 404, "{}", response.text());
+    assert_eq!(
+        fs::read_to_string(&ran).expect("ran"),
+        "gl-deploy gitlab\n",
+        "{}",
+        server.log()
+    );
+    // A sender whose path names an event: check says that ties nothing.
+    let env = Env::new()
+        .config("[[sender]]\nname = \"deploy\"\npath = \"/hooks/Deploy\"\ntype = \"none\"\n");
+    let out = env.check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("sender \"deploy\": its path \"/hooks/Deploy\" names an event")
+            && err.contains("sender=deploy"),
+        "{err}"
+    );
+}
+
 #[test]
 fn gitlab_tokens_and_the_generic_hmac_scheme() {
     let env = Env::new();

@@ -134,9 +134,12 @@ fn steps(config: &Config, request: &DryRequest, out: &mut String) -> bool {
             .map(|d| d.field(path).map(Cow::into_owned))
     };
     let mut skipped = Vec::new();
-    let selected = config.routes.select_explained(&event, field, |line, why| {
-        skipped.push((line, why.to_string()))
-    });
+    let sender_name = sender.map(|s| s.name.as_str());
+    let selected = config
+        .routes
+        .select_explained(&event, sender_name, field, |line, why| {
+            skipped.push((line, why.to_string()))
+        });
     for (line, why) in skipped {
         let _ = writeln!(out, "{file}:{line}: no match: {why}");
     }
