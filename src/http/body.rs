@@ -385,9 +385,14 @@ pub(super) fn parse_chunk_line(line: &[u8]) -> Result<u64, BodyError> {
         |s: &[u8]| -> usize { s.iter().take_while(|&&b| b == b' ' || b == b'\t').count() };
     let mut first = true;
     loop {
-        rest = &rest[skip_ws(rest)..];
+        // BWS only before `;`: whitespace that ends the line ("2 ") is malformed, and proxies that
+        // read such a line differently from us could frame the body differently.
+        let ws = skip_ws(rest);
+        rest = &rest[ws..];
         match rest.first() {
-            None => return Ok(size),
+            None if ws == 0 => return Ok(size),
+            None if first => return Err(bad_size),
+            None => return Err(bad_extension),
             Some(b';') => rest = &rest[1..],
             // Before any extension, what follows the digits can only be a bad size ("1 2", "1x").
             Some(_) if first => return Err(bad_size),
@@ -482,6 +487,10 @@ mod tests {
             (b"1;a=b\x7f", "bad chunk extension"),
             (b"1;a=\"esc\\\x01\"", "bad chunk extension"),
             (b"1;a b", "bad chunk extension"),
+            // Whitespace may come before `;` only, never at the end of the line.
+            (b"2 ", "bad chunk size"),
+            (b"2\t", "bad chunk size"),
+            (b"2;a=b ", "bad chunk extension"),
         ] {
             assert_eq!(
                 parse_chunk_line(bad),
