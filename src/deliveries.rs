@@ -102,7 +102,10 @@ enum Status {
 }
 
 fn parse_status(text: &str) -> Result<Status, String> {
-    match (State::parse(text), text.parse::<i32>()) {
+    match (
+        State::parse(&text.to_ascii_lowercase()),
+        text.parse::<i32>(),
+    ) {
         (Some(state), _) => Ok(Status::State(state)),
         (None, Ok(code)) => Ok(Status::ExitCode(code)),
         _ => Err("use queued, running, done, failed, dead or an exit code".into()),
@@ -142,7 +145,10 @@ impl DeliveriesArgs {
                     _ => None,
                 },
                 sender: l.sender,
-                since: l.since.map(|d| now - d.as_millis() as i64),
+                // A span longer than the epoch is "since ever", not a wrap into the future.
+                since: l
+                    .since
+                    .map(|d| now.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))),
                 limit: l.limit.unwrap_or(DEFAULT_LIMIT) as usize,
             },
             json: l.json,
@@ -407,6 +413,11 @@ mod tests {
         assert!(matches!(action, Action::List { query, .. } if query.limit == 7));
         let (_, action) = args(&["list", "--status", "75"]).expect("code");
         assert!(matches!(action, Action::List { query, .. } if query.exit_code == Some(75)));
+        let (_, action) = args(&["list", "--status", "DEAD"]).expect("any case");
+        assert!(matches!(action, Action::List { query, .. } if query.state == Some(State::Dead)));
+        // Longer ago than the epoch: since ever, not a time that wrapped.
+        let (_, action) = args(&["list", "--since", "18446744073709551615ms"]).expect("huge");
+        assert!(matches!(action, Action::List { query, .. } if query.since.is_some_and(|t| t < 0)));
         assert_eq!(
             args(&["show", "12", "--payload"]).map(|a| a.1).ok(),
             Some(Action::Show {
