@@ -216,7 +216,7 @@ fn parse_entry(entry: &str) -> Option<IpAddr> {
 }
 
 fn is_port(text: &str) -> bool {
-    !text.is_empty() && text.len() <= 5 && text.bytes().all(|b| b.is_ascii_digit())
+    text.bytes().all(|b| b.is_ascii_digit()) && text.parse::<u16>().is_ok()
 }
 
 #[cfg(test)]
@@ -371,6 +371,18 @@ mod tests {
             client(Some(ip("127.0.0.1")), &["203.0.113.5, "], &trusted),
             Err(Unknown::NotAnAddress)
         );
+        // A port past 65535 is no port.
+        for bad in [
+            "203.0.113.5:99999",
+            "[2001:db8::1]:65536",
+            "203.0.113.5:+80",
+        ] {
+            assert_eq!(
+                client(Some(ip("127.0.0.1")), &[bad], &trusted),
+                Err(Unknown::NotAnAddress),
+                "{bad}"
+            );
+        }
         // A unix-socket peer: unknown unless trusted, and then the header names the client.
         assert_eq!(
             client(None, &["203.0.113.5"], &trusted),
