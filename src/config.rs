@@ -389,7 +389,16 @@ impl Config {
             }
         };
         let routes = match path("routes", raw.routes)? {
-            Some(named) => load_routes(&named, &scripts_dir)?,
+            // A file that cannot be read is the `routes` key's mistake: its line.
+            Some(named) => match Routes::load(&named, &scripts_dir) {
+                Err(RoutesError::Read(e)) => {
+                    return Err(file.error(
+                        "routes",
+                        format!("routes {}: cannot read: {e}", named.display()),
+                    ));
+                }
+                loaded => loaded.map_err(|e| routes_error(&named, e))?,
+            },
             None => {
                 // Beside the configuration file, so that a test's or a second daemon's configuration never
                 // picks up the installed routes.
@@ -494,7 +503,7 @@ impl Config {
             let sender = raw_sender.build(&mut context).map_err(|e| {
                 ConfigError::new(
                     file.path,
-                    table_line(file.text, "[[sender]]", index),
+                    message_key_line(file.text, table_line(file.text, "[[sender]]", index), &e),
                     format!("sender {name:?}: {e}"),
                 )
             })?;
@@ -633,10 +642,10 @@ impl Config {
                     "[tls] needs a HOST:PORT listen address: a unix socket is for a proxy that terminates TLS",
                 ));
             }
-            Some(tls) => Some(
-                tls.load(relative)
-                    .map_err(|e| ConfigError::new(file.path, tls_line, e))?,
-            ),
+            Some(tls) => Some(tls.load(relative).map_err(|e| {
+                let line = message_key_line(file.text, tls_line, &e);
+                ConfigError::new(file.path, line, e)
+            })?),
         };
         if let Some(warning) = tls.as_ref().and_then(|t| {
             let now = std::time::SystemTime::now()
@@ -880,6 +889,33 @@ fn key_line(text: &str, key: &str) -> Option<usize> {
 }
 
 /// The first line at or after `from` (1-based) on which `key` is set.
+/// The line of the key an error about a table's values names first (`secret_file: cannot read ...`,
+/// `user must not ...`), when the table that starts on line `table` sets it; else the table's line.
+fn message_key_line(text: &str, table: Option<usize>, message: &str) -> Option<usize> {
+    let table = table?;
+    // `[tls] key_file ...`: the key after the table's name.
+    let message = message
+        .strip_prefix('[')
+        .and_then(|m| m.split_once("] "))
+        .map_or(message, |(_, rest)| rest);
+    let key = message.split([' ', ':']).next().unwrap_or("");
+    if key.is_empty() {
+        return Some(table);
+    }
+    let line = text
+        .lines()
+        .enumerate()
+        .skip(table)
+        .take_while(|(_, l)| !l.trim_start().starts_with('['))
+        .find(|(_, l)| {
+            l.trim_start()
+                .strip_prefix(key)
+                .is_some_and(|after| after.trim_start().starts_with('='))
+        })
+        .map(|(index, _)| index + 1);
+    line.or(Some(table))
+}
+
 fn key_line_from(text: &str, key: &str, from: usize) -> Option<usize> {
     text.lines()
         .enumerate()
@@ -944,10 +980,6 @@ fn canonical_dir(dir: &Path) -> io::Result<PathBuf> {
             real.display()
         )))
     }
-}
-
-fn load_routes(path: &Path, scripts_dir: &Path) -> Result<Routes, ConfigError> {
-    Routes::load(path, scripts_dir).map_err(|e| routes_error(path, e))
 }
 
 fn routes_error(path: &Path, error: RoutesError) -> ConfigError {

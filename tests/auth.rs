@@ -1687,9 +1687,21 @@ fn check_validates_profiles_and_secret_files() {
         let out = env.check();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(78), "{body}: {err}");
+        assert!(err.contains(says), "{body}: {err}");
+        // On the line of the key the message names first, else on the table's.
+        let text = fs::read_to_string(env.config_path()).expect("config");
+        let message = err
+            .split_once(": sender \"s\": ")
+            .map(|(_, m)| m)
+            .unwrap_or_else(|| panic!("{err}"));
+        let key = message.split([' ', ':']).next().unwrap_or("");
+        let line = text
+            .lines()
+            .position(|l| l.starts_with(&format!("{key} =")))
+            .map_or(4, |i| i + 1);
         assert!(
-            err.contains("hookrunner.toml:4: sender \"s\":") && err.contains(says),
-            "{body}: {err}"
+            err.contains(&format!("hookrunner.toml:{line}: sender \"s\":")),
+            "line {line}: {body}: {err}"
         );
     }
     // An events glob no event name can match loads (an upgrade must not stop a running setup), warned of.

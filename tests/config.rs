@@ -239,8 +239,12 @@ fn an_error_is_placed_on_its_own_line_past_comments_and_tables() {
     );
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(78), "{err}");
+    // On the line of the key the message is about, in the table the comment ends.
     assert!(
-        err.contains(&format!("hookrunner.toml:{line}: sender \"jamf\"")),
+        err.contains(&format!(
+            "hookrunner.toml:{}: sender \"jamf\": password_file",
+            line + 4
+        )),
         "{err}"
     );
     let (out, line) = check_setting(
@@ -289,7 +293,7 @@ fn the_paths_must_name_something_usable() {
         ),
         (
             [scripts, payloads, "routes = \"missing\""],
-            "missing: cannot read routes",
+            "hookrunner.toml:3: routes ",
         ),
         // Created at start, but not their directories: found here, not by a start that exits 1.
         (

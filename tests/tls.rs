@@ -539,6 +539,16 @@ fn check_validates_the_tls_files() {
         stderr.contains("client_ca_file") && stderr.contains(&path_text(env.path(), "clients.pem")),
         "{stderr}"
     );
+    // On the line that names the file, not the [tls] line.
+    let text = fs::read_to_string(env.config_path()).expect("config");
+    let line = 1 + text
+        .lines()
+        .position(|l| l.starts_with("client_ca_file ="))
+        .expect("the key");
+    assert!(
+        stderr.contains(&format!("hookrunner.toml:{line}: [tls] client_ca_file")),
+        "{stderr}"
+    );
 }
 
 /// `send` reaches a TLS listener: trusting the configuration's own certificate (pinned, whatever names it
