@@ -15,13 +15,17 @@ use serde_json::Value;
 use crate::util::{BIN, Env, Server, wait_until};
 
 /// Records every POST as a JSON line {path, headers, body} in `requests.jsonl`, and answers GET with a
-/// Jamf-like login page whose version is the content of `version.txt`. Prints its port.
+/// Jamf-like login page whose version is the content of `version.txt`. Prints its port. While a file
+/// `fail-PATH` (`fail-slack` for /slack) exists, a POST to PATH is answered 500 and not recorded.
 const HTTP_RECEIVER: &str = r#"
 import http.server, json, os, sys
 dir = sys.argv[1]
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
+        if os.path.exists(os.path.join(dir, "fail-" + self.path.strip("/"))):
+            self.send_response(500); self.send_header("Content-Length", "0"); self.end_headers()
+            return
         with open(os.path.join(dir, "requests.jsonl"), "a") as f:
             f.write(json.dumps({"path": self.path, "headers": dict(self.headers), "body": body}) + "\n")
         self.send_response(200); self.send_header("Content-Length", "2"); self.end_headers(); self.wfile.write(b"ok")
@@ -36,17 +40,30 @@ print(server.server_address[1], flush=True)
 server.serve_forever()
 "#;
 
-/// An aiosmtpd server writing each message to `mail-N.json` as {from, to, data}. Prints its port. Given a
-/// certificate and key, it requires STARTTLS before it takes a message.
+/// An aiosmtpd server writing each message to `mail-N.json` as {from, to, data, login, password}. Prints
+/// its port. Given a certificate and key, it requires STARTTLS before it takes a message. It refuses the
+/// recipients whose address starts with `refused`, as a relay refuses outside domains, and takes any
+/// AUTH login, keeping the credentials it was given.
 const SMTP_RECEIVER: &str = r#"
 import json, os, socket, sys, time
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
 dir = sys.argv[1]
+credentials = {}
+def authenticator(server, session, envelope, mechanism, auth_data):
+    credentials["login"] = auth_data.login.decode("utf-8", "backslashreplace")
+    credentials["password"] = auth_data.password.decode("utf-8", "backslashreplace")
+    return AuthResult(success=True)
 class Handler:
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.startswith("refused"):
+            return "550 relay access denied"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
     async def handle_DATA(self, server, session, envelope):
         n = len([f for f in os.listdir(dir) if f.startswith("mail-")])
         with open(os.path.join(dir, f"mail-{n}.json.tmp"), "w") as f:
-            json.dump({"from": envelope.mail_from, "to": envelope.rcpt_tos, "data": envelope.content.decode()}, f)
+            json.dump({"from": envelope.mail_from, "to": envelope.rcpt_tos, "data": envelope.content.decode(), **credentials}, f)
         os.rename(os.path.join(dir, f"mail-{n}.json.tmp"), os.path.join(dir, f"mail-{n}.json"))
         return "250 OK"
 probe = socket.socket(); probe.bind(("127.0.0.1", 0)); port = probe.getsockname()[1]; probe.close()
@@ -56,7 +73,8 @@ if len(sys.argv) > 3:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(sys.argv[2], sys.argv[3])
     tls = {"tls_context": context, "require_starttls": True}
-controller = Controller(Handler(), hostname="127.0.0.1", port=port, **tls)
+controller = Controller(Handler(), hostname="127.0.0.1", port=port, authenticator=authenticator,
+                        auth_require_tls=bool(tls), **tls)
 controller.start()
 print(port, flush=True)
 while True:
@@ -288,7 +306,8 @@ fn notify_posts_a_card_per_event_to_slack_and_teams() {
                 .map(|f| f["value"].clone())
         };
         assert_eq!(field("Serial number"), Some("C02TESTSERIAL".into()));
-        assert_eq!(field("Name"), Some("Ada's <Mac> \"Air\"".into()));
+        // As Slack shows it literally: its own markup (<!channel>, <url|text>) is escaped.
+        assert_eq!(field("Name"), Some("Ada's &lt;Mac&gt; \"Air\"".into()));
         assert_eq!(field("User"), Some("ada.lovelace".into()));
         assert_eq!(field("ID"), Some("417".into()));
     }
@@ -355,7 +374,7 @@ fn jamf_version_tells_chat_only_when_the_version_went_up() {
     assert_eq!(messages.len(), 1, "{messages:?}");
     let text = messages[0]["text"].as_str().expect("text");
     assert!(
-        text.contains("11.9.0 -> 11.10.1") && text.contains("jamf.example.org"),
+        text.contains("from 11.9.0 to 11.10.1") && text.contains("jamf.example.org"),
         "{text}"
     );
     assert_eq!(fs::read_to_string(&state).expect("state").trim(), "11.10.1");
@@ -380,7 +399,7 @@ fn patch_notify_messages_and_runs_the_follow_up_for_listed_titles() {
     fs::set_permissions(&command, fs::Permissions::from_mode(0o755)).expect("chmod");
     let env = integrations_env(
         &format!(
-            "SLACK_WEBHOOK_URL={:?}\nPATCH_COMMAND={command:?}\nPATCH_TITLES='Google Chrome\nMozilla Firefox'",
+            "SLACK_WEBHOOK_URL={:?}\nPATCH_COMMAND={command:?}\nPATCH_TITLES='Google Chrome\n\nMozilla Firefox'",
             chat.url("/slack")
         ),
         "PatchSoftwareTitleUpdated integrations/patch-notify\n",
@@ -397,8 +416,13 @@ fn patch_notify_messages_and_runs_the_follow_up_for_listed_titles() {
             "/event/name=Mozilla Thunderbird",
         ],
     );
+    // No title: a blank line of PATCH_TITLES is no title to match.
+    send(
+        &server,
+        &["PatchSoftwareTitleUpdated", "--set", "/event/name="],
+    );
     let messages = chat.posted("/slack");
-    assert_eq!(messages.len(), 2);
+    assert_eq!(messages.len(), 3);
     assert_eq!(
         messages[0]["text"],
         "Patch available: Mozilla Firefox 129.0.1 (https://jamf.example.org:8443/patch.html?id=5)"
@@ -657,4 +681,279 @@ fn enrollment_mail_with_starttls_sends_only_over_tls() {
         !plain.dir.join("mail-0.json").exists(),
         "nothing sent in the clear"
     );
+}
+
+/// What a payload carries is the sender's to choose: a device name cannot add a field, mention @channel
+/// or disguise a link, and group changes read alike from JSON and XML. An event spelt in another case
+/// (Jamf sends ComputerCheckin) is still recognised. Slack failing does not keep the message from Teams,
+/// and the failure reaches the sender.
+#[test]
+fn notify_keeps_payload_text_literal_and_posts_to_each_chat() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let chat = Receiver::start(HTTP_RECEIVER, &dir.path().join("chat"), None);
+    let env = integrations_env(
+        &format!(
+            "SLACK_WEBHOOK_URL={:?}\nTEAMS_WEBHOOK_URL={:?}\nJAMF_URL=\"https://jamf.example.org\"",
+            chat.url("/slack"),
+            chat.url("/teams")
+        ),
+        "* integrations/notify\n",
+    );
+    let server = env.serve();
+    send(
+        &server,
+        &[
+            "ComputerCheckIn",
+            "--set",
+            "/webhook/webhookEvent=ComputerCheckin",
+            "--set",
+            "/event/computer/deviceName=<!channel> Lab-Mac\nUser|ceo@example.org (forged)",
+        ],
+    );
+    for format in ["json", "xml"] {
+        send(
+            &server,
+            &["SmartGroupComputerMembershipChange", "--format", format],
+        );
+    }
+    let slack = chat.posted("/slack");
+    assert_eq!(slack.len(), 3, "{slack:?}");
+    let card = &slack[0]["attachments"][0];
+    assert_eq!(card["title"], "Computer: Checkin");
+    assert!(
+        card["title_link"]
+            .as_str()
+            .is_some_and(|l| l.starts_with("https://jamf.example.org/computers.html?id=")),
+        "{card}"
+    );
+    let fields = card["fields"].as_array().expect("fields");
+    let users: Vec<&Value> = fields.iter().filter(|f| f["title"] == "User").collect();
+    assert_eq!(
+        users.len(),
+        1,
+        "a line break in a value adds no field: {fields:?}"
+    );
+    let name = fields.iter().find(|f| f["title"] == "Name").expect("name");
+    assert_eq!(
+        name["value"],
+        "&lt;!channel&gt; Lab-Mac User|ceo@example.org (forged)"
+    );
+    // Teams takes no markup from a fact: the name as it came, on one line.
+    let teams = chat.posted("/teams");
+    let facts = &teams[0]["attachments"][0]["content"]["body"][2]["facts"];
+    assert!(
+        facts
+            .as_array()
+            .expect("facts")
+            .iter()
+            .any(|f| f["value"] == "<!channel> Lab-Mac User|ceo@example.org (forged)"),
+        "{facts}"
+    );
+    for message in &slack[1..] {
+        let fields = message["attachments"][0]["fields"]
+            .as_array()
+            .expect("fields");
+        let value = |title: &str| {
+            fields
+                .iter()
+                .find(|f| f["title"] == title)
+                .map(|f| f["value"].clone())
+        };
+        assert_eq!(value("Added"), Some("417,418".into()), "{fields:?}");
+        assert_eq!(value("Removed"), Some("390".into()), "{fields:?}");
+    }
+    // Slack down: Teams still gets its card, and the sender a 500 (an async route would retry).
+    fs::write(chat.dir.join("fail-slack"), "").expect("fail slack");
+    let out = Command::new(BIN)
+        .args([
+            "send",
+            "JSSStartup",
+            "--url",
+            &format!("http://{}/", server.addr),
+        ])
+        .output()
+        .expect("run send");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("HTTP 500"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let teams = chat.posted("/teams");
+    assert_eq!(
+        teams.last().expect("a card")["attachments"][0]["content"]["body"][0]["text"],
+        "Jamf Pro started"
+    );
+}
+
+/// The device user's address is taken only when it is one plain address; a recipient the server refuses
+/// does not keep the mail from the others; an SMTP password reaches the server byte for byte, whatever
+/// quotes or backslashes it holds.
+#[test]
+fn enrollment_mail_takes_one_plain_address_and_survives_a_refused_recipient() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let smtp = Receiver::start(SMTP_RECEIVER, &dir.path().join("smtp"), Some(aiosmtpd()));
+    let password = dir.path().join("smtp-password");
+    fs::write(&password, "pa\"ss\\tw\\\\ord\n").expect("password");
+    let env = integrations_env(
+        &format!(
+            "SMTP_URL=\"smtp://127.0.0.1:{}\"\nSMTP_STARTTLS=no\nMAIL_FROM=\"jamf@example.org\"\n\
+             MAIL_TO=\"it@example.org refused@example.org\"\nMAIL_TO_DEVICE_USER=yes\n\
+             SMTP_USER=\"mailer\"\nSMTP_PASSWORD_FILE={password:?}",
+            smtp.port
+        ),
+        "MobileDeviceEnrolled integrations/enrollment-mail\n",
+    );
+    let server = env.serve();
+    let addresses = [
+        "grace@example.org attacker@evil.example",
+        "*",
+        "grace@example.org",
+    ];
+    for address in addresses {
+        send(
+            &server,
+            &[
+                "MobileDeviceEnrolled",
+                "--set",
+                &format!("/event/emailAddress={address}"),
+                "--set",
+                "/event/deviceName=Grace\u{2019}s iPad",
+            ],
+        );
+    }
+    let mails: Vec<Value> = (0..addresses.len())
+        .map(|n| {
+            let path = smtp.dir.join(format!("mail-{n}.json"));
+            assert!(
+                wait_until(Duration::from_secs(10), || path.exists()),
+                "no mail {n}"
+            );
+            serde_json::from_str(&fs::read_to_string(&path).expect("mail")).expect("JSON")
+        })
+        .collect();
+    assert_eq!(mails[0]["to"], serde_json::json!(["it@example.org"]));
+    assert_eq!(mails[1]["to"], serde_json::json!(["it@example.org"]));
+    assert_eq!(
+        mails[2]["to"],
+        serde_json::json!(["it@example.org", "grace@example.org"])
+    );
+    assert_eq!(
+        (&mails[0]["login"], &mails[0]["password"]),
+        (&"mailer".into(), &"pa\"ss\\tw\\\\ord".into())
+    );
+    // A name that is not ASCII is an encoded word in the Subject (RFC 2047), never raw 8-bit bytes.
+    let data = mails[0]["data"].as_str().expect("data");
+    let subject = data
+        .lines()
+        .find(|l| l.starts_with("Subject: "))
+        .expect("subject");
+    assert!(
+        subject.starts_with("Subject: =?UTF-8?B?") && subject.is_ascii(),
+        "{subject}"
+    );
+    assert!(
+        server
+            .log()
+            .contains("emailAddress is not one plain address"),
+        "{}",
+        server.log()
+    );
+}
+
+/// A Jamf Pro upgrade is recorded only once chat was told: a chat that failed is told by the retry.
+#[test]
+fn jamf_version_keeps_an_upgrade_untold_until_chat_takes_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let web = Receiver::start(HTTP_RECEIVER, &dir.path().join("web"), None);
+    fs::write(web.dir.join("version.txt"), "11.9.0").expect("version");
+    let env = integrations_env(
+        &format!(
+            "SLACK_WEBHOOK_URL={:?}\nJAMF_URL={:?}",
+            web.url("/slack"),
+            web.url("/")
+        ),
+        "JSSStartup integrations/jamf-version\n",
+    );
+    let server = env.serve();
+    let state = env.path().join("state/jamf-version");
+    send(&server, &["JSSStartup"]);
+    fs::write(web.dir.join("version.txt"), "11.10.1").expect("version");
+    fs::write(web.dir.join("fail-slack"), "").expect("fail slack");
+    let out = Command::new(BIN)
+        .args([
+            "send",
+            "JSSStartup",
+            "--url",
+            &format!("http://{}/", server.addr),
+        ])
+        .output()
+        .expect("run send");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("HTTP 500"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(fs::read_to_string(&state).expect("state").trim(), "11.9.0");
+    fs::remove_file(web.dir.join("fail-slack")).expect("slack back");
+    send(&server, &["JSSStartup"]);
+    let messages = web.posted("/slack");
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    assert!(
+        messages[0]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("from 11.9.0 to 11.10.1")),
+        "{messages:?}"
+    );
+    assert_eq!(fs::read_to_string(&state).expect("state").trim(), "11.10.1");
+}
+
+/// A body no script can read (neither JSON nor XML) ends with 65, which an async route never retries;
+/// the archive keeps such a body byte for byte.
+#[test]
+fn a_payload_no_integration_can_read_is_dead_at_once_and_archived_whole() {
+    let env = integrations_env(
+        "SLACK_WEBHOOK_URL=\"http://127.0.0.1:9/slack\"",
+        "RestAPIOperation integrations/api-audit async retries=3\n* integrations/archive\n",
+    );
+    let server = env.serve();
+    let bad = server.request(
+        "POST",
+        "/hooks/RestAPIOperation",
+        &[("Content-Type", "text/plain")],
+        b"not a payload",
+    );
+    assert_eq!(bad.status, 202, "{}", bad.text());
+    let body: &[u8] = b"\x00\xff binary \xfe\n";
+    let archived = server.request(
+        "POST",
+        "/hooks/Blob",
+        &[("Content-Type", "application/octet-stream")],
+        body,
+    );
+    assert_eq!(archived.status, 200, "{}", archived.text());
+    let text = fs::read_to_string(env.path().join("state/events.jsonl")).expect("archive");
+    let line: Value = serde_json::from_str(text.trim()).expect("one JSON line");
+    let decoded = Command::new("base64")
+        .arg("-d")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(line["payload_base64"].as_str().expect("base64").as_bytes())?;
+            child.wait_with_output()
+        })
+        .expect("base64 -d");
+    assert_eq!(decoded.stdout, body);
+    // Dead after its one attempt, exit 65, although three retries were allowed.
+    let dead = wait_until(Duration::from_secs(20), || {
+        server
+            .log()
+            .contains("event=RestAPIOperation attempt=1 exit=65 dead")
+    });
+    assert!(dead, "{}", server.log());
 }
