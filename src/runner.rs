@@ -208,6 +208,12 @@ pub fn spawn_hint(e: &io::Error) -> &'static str {
             " (a script needs a #! line, such as #!/bin/sh, as its first line; or this is not a program \
              for this machine)"
         }
+        // The script itself was checked just before: what is missing is what its #! line names (or a
+        // Windows line ending after it, which makes the name end in \r).
+        Some(libc::ENOENT) => {
+            " (the interpreter its #! line names is not there: check that line, and that the file has no \
+             Windows line endings)"
+        }
         _ => "",
     }
 }

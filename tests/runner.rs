@@ -482,7 +482,11 @@ fn payload_files_are_removed_whatever_the_outcome() {
         ("fail", 500, r#""exit_code":1"#),
         ("hang", 504, r#""timed_out":true"#),
         ("killed", 500, r#""signal":9"#),
-        ("no-interpreter", 500, "cannot run the script: No such file"),
+        (
+            "no-interpreter",
+            500,
+            "No such file or directory (os error 2) (the interpreter its #! line names is not there",
+        ),
         (
             "bad-interpreter",
             500,
