@@ -490,6 +490,7 @@ impl Config {
         ] {
             warnings.extend(path.and_then(|path| writable_warning(what, path, why)));
         }
+        warnings.extend(writable_files_warning(&scripts_dir));
         warnings.extend(routes.warnings());
         let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
         let mut senders = Vec::new();
@@ -967,6 +968,50 @@ fn writable_warning(what: &str, path: &Path, why: &str) -> Option<String> {
             "its group"
         },
         mode & 0o7777
+    ))
+}
+
+/// How deep and how many entries of `scripts_dir` [`writable_files_warning`] looks at: a scripts directory
+/// holds scripts and what they read, not a tree to walk at every reload.
+const SCAN_DEPTH: usize = 4;
+const SCAN_ENTRIES: usize = 10_000;
+
+/// Files in `scripts_dir` group or others can write. A script is refused when it is one, but what scripts
+/// source or read (a shared `lib.sh`, an `integrations.env`) runs as the daemon's user just the same.
+fn writable_files_warning(scripts_dir: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut found = Vec::new();
+    let mut pending = vec![(scripts_dir.to_path_buf(), 0)];
+    let mut seen = 0;
+    while let Some((dir, depth)) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            seen += 1;
+            if seen > SCAN_ENTRIES {
+                break;
+            }
+            // Not through symlinks: a link's own mode says nothing, and its target may be anywhere.
+            let Ok(meta) = entry.path().symlink_metadata() else {
+                continue;
+            };
+            if meta.is_dir() && depth + 1 < SCAN_DEPTH {
+                pending.push((entry.path(), depth + 1));
+            } else if meta.is_file() && meta.mode() & 0o022 != 0 {
+                found.push(entry.path());
+            }
+        }
+    }
+    let first = found.iter().min()?;
+    let name = first.strip_prefix(scripts_dir).unwrap_or(first);
+    Some(format!(
+        "{} file(s) in scripts_dir {} are writable by group or others ({}{}): a script that runs, \
+         sources or reads one runs what whoever can write it put there; chmod go-w them",
+        found.len(),
+        scripts_dir.display(),
+        name.display(),
+        if found.len() > 1 { ", ..." } else { "" }
     ))
 }
 

@@ -692,3 +692,39 @@ fn serve_refuses_a_bad_routes_file_as_check_does_before_binding_anything() {
     );
     assert!(!env.state().exists(), "the store was created");
 }
+
+/// What scripts source or read (a shared lib.sh, a settings file) runs as the daemon's user as surely as
+/// a script does: check and every start warn of such files that group or others can write.
+#[test]
+fn files_in_scripts_dir_that_others_can_write_are_warned_of() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    env.script("ComputerAdded", ". ./lib.sh");
+    let nested = env.scripts().join("integrations");
+    fs::create_dir(&nested).expect("dir");
+    for (path, mode) in [
+        (env.scripts().join("lib.sh"), 0o644),
+        (nested.join("integrations.env"), 0o644),
+    ] {
+        fs::write(&path, "X=1\n").expect("write");
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+    let out = env.check();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("writable by group or others"), "{err}");
+    for (path, mode) in [
+        (env.scripts().join("lib.sh"), 0o664),
+        (nested.join("integrations.env"), 0o646),
+    ] {
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+    let out = env.check();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "a warning, not an error: {err}");
+    assert!(
+        err.contains("2 file(s) in scripts_dir")
+            && err.contains("are writable by group or others (integrations/integrations.env, ...)"),
+        "{err}"
+    );
+}
