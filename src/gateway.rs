@@ -397,15 +397,16 @@ impl Gateway {
             .unwrap_or(&selected.script)
             .display()
             .to_string();
-        // What a refusal from here on names in its log line, as a run's line does.
-        let routed_note = format!(
-            "{} event={event} script={script}",
-            sender_name
-                .as_deref()
-                .map(|s| format!(" sender={s}"))
-                .unwrap_or_default()
-        );
-        let routed = |r: Refusal| Refusal::Routed(Box::new(r), routed_note.clone());
+        // What a refusal from here on names in its log line, as a run's line does (made only for one).
+        let routed = |r: Refusal| {
+            let sender = sender
+                .map(|s| format!(" sender={}", s.name))
+                .unwrap_or_default();
+            Refusal::Routed(
+                Box::new(r),
+                format!("{sender} event={event} script={script}"),
+            )
+        };
         let store = self.store.as_ref();
         let run_async = selected
             .queueing
