@@ -648,15 +648,9 @@ impl Config {
                 ConfigError::new(file.path, line, e)
             })?),
         };
-        if let Some(warning) = tls.as_ref().and_then(|t| {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64);
-            t.expiry_warning(now, 14 * 86_400)
-        }) {
-            warnings.push(warning);
-        }
+        warnings.extend(tls.as_ref().and_then(crate::tls::Tls::expiry_warning_now));
         warnings.extend(tls.as_ref().and_then(crate::tls::Tls::key_warning));
+        warnings.extend(tls.as_ref().and_then(|t| t.chain_warning.clone()));
         // An mtls sender checks the names of a certificate the TLS layer verified: it needs one to be asked for.
         let asks_for_certificates = tls.as_ref().is_some_and(|t| t.client_ca_file.is_some());
         if let Some((index, sender)) = senders

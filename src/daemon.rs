@@ -20,6 +20,9 @@ use crate::runner::{Limiter, Runner};
 use crate::store;
 use crate::systemd;
 
+/// How often a running daemon looks at its TLS certificate's end of validity.
+const EXPIRY_CHECK: Duration = Duration::from_secs(24 * 3600);
+
 /// Why the daemon could not run.
 #[derive(Debug)]
 pub enum Error {
@@ -179,6 +182,24 @@ pub fn serve(config_path: Option<PathBuf>, mut overrides: Overrides) -> Result<(
             .name("metrics".into())
             .spawn(move || crate::metrics::serve(listener, metrics))
             .map_err(|e| Error::Start("metrics thread".into(), e))?;
+    }
+    // A renewal that stopped working sends no SIGHUP, so no reload would warn of the certificate's end:
+    // it is looked at daily too.
+    if gateway.config().tls.is_some() {
+        let gateway = Arc::clone(&gateway);
+        std::thread::Builder::new()
+            .name("tls-expiry".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(EXPIRY_CHECK);
+                    let config = gateway.config();
+                    if let Some(warning) = config.tls.as_ref().and_then(|t| t.expiry_warning_now())
+                    {
+                        log::warn!("{warning}");
+                    }
+                }
+            })
+            .map_err(|e| Error::Start("certificate expiry thread".into(), e))?;
     }
     let dispatcher = match &store {
         Some(store) => Some(start_dispatcher(Dispatcher {

@@ -203,9 +203,17 @@ impl Gateway {
         store: Option<store::Shared>,
         bell: Arc<Bell>,
     ) -> Gateway {
+        let metrics = Metrics::new(config.metrics_listen.is_some(), store.clone());
+        metrics.tls_expiry(
+            config
+                .tls
+                .as_ref()
+                .and_then(|t| t.valid)
+                .map(|(_, end)| end),
+        );
         Gateway {
             limiter,
-            metrics: Arc::new(Metrics::new(config.metrics_listen.is_some(), store.clone())),
+            metrics: Arc::new(metrics),
             config: RwLock::new(Arc::new(config)),
             payloads,
             runner,
@@ -237,6 +245,13 @@ impl Gateway {
 
     /// Swaps in a new configuration; requests already running keep the one they started with.
     pub fn replace(&self, config: Config) {
+        self.metrics.tls_expiry(
+            config
+                .tls
+                .as_ref()
+                .and_then(|t| t.valid)
+                .map(|(_, end)| end),
+        );
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
     }
 

@@ -14,6 +14,7 @@ use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use prometheus_client::collector::Collector;
@@ -108,6 +109,35 @@ impl Collector for Backlog {
     }
 }
 
+/// When the TLS certificate being served stops being valid (seconds since the epoch), for an alert well
+/// before senders refuse it: a renewal that stopped working sends no SIGHUP, so no reload's warning tells.
+/// Set at start and at each reload; left out without `[tls]` ([`NO_CERTIFICATE`]).
+struct TlsExpiry(Arc<AtomicI64>);
+
+const NO_CERTIFICATE: i64 = i64::MIN;
+
+impl fmt::Debug for TlsExpiry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsExpiry").finish_non_exhaustive()
+    }
+}
+
+impl Collector for TlsExpiry {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let end = self.0.load(Ordering::Relaxed);
+        if end == NO_CERTIFICATE {
+            return Ok(());
+        }
+        let gauge = encoder.encode_descriptor(
+            "tls_certificate_expiry_timestamp",
+            "When the TLS certificate served stops being valid, in seconds since the epoch",
+            Some(&prometheus_client::registry::Unit::Seconds),
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(end).encode(gauge)
+    }
+}
+
 /// How a script ended, for `hookrunner_runs_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunOutcome {
@@ -146,6 +176,7 @@ pub struct Metrics {
     duration: Histogram,
     running: Gauge,
     auth_failures: Family<AuthLabels, Counter>,
+    tls_expiry: Arc<AtomicI64>,
 }
 
 /// Run durations from 5 ms to about 31 min (×2.5 each): most scripts take milliseconds, a packaging job
@@ -193,6 +224,8 @@ impl Metrics {
                 errors: Counter::default(),
             }));
         }
+        let tls_expiry = Arc::new(AtomicI64::new(NO_CERTIFICATE));
+        registry.register_collector(Box::new(TlsExpiry(Arc::clone(&tls_expiry))));
         Metrics {
             enabled,
             registry,
@@ -201,7 +234,14 @@ impl Metrics {
             duration,
             running,
             auth_failures,
+            tls_expiry,
         }
+    }
+
+    /// The end of validity of the certificate now served (`None`: no `[tls]`, or one that cannot be read).
+    pub fn tls_expiry(&self, end: Option<i64>) {
+        self.tls_expiry
+            .store(end.unwrap_or(NO_CERTIFICATE), Ordering::Relaxed);
     }
 
     pub fn request(&self, status: u16, sender: Option<&str>) {

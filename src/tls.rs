@@ -39,43 +39,86 @@ pub struct Tls {
     pub client_ca_file: Option<PathBuf>,
     /// The rustls configuration built from the three files.
     pub server: Arc<ServerConfig>,
-    /// When the server's own certificate (the first in `cert_file`) stops being valid, in seconds since
-    /// the epoch; `None` if it cannot be read.
-    pub not_after: Option<i64>,
+    /// When the server's own certificate (the first in `cert_file`) becomes valid and stops being valid,
+    /// in seconds since the epoch; `None` if it cannot be read.
+    pub valid: Option<(i64, i64)>,
+    /// What is wrong with the chain that still lets it load: a certificate that does not issue the one
+    /// before it, or the server's certificate alone where it needs an intermediate.
+    pub chain_warning: Option<String>,
 }
 
+/// How long before a certificate's end its warnings start: two weeks, time enough to mend a renewal.
+pub const EXPIRY_NOTICE: i64 = 14 * 86_400;
+
 impl Tls {
+    /// [`Tls::expiry_warning`] against the clock and [`EXPIRY_NOTICE`].
+    pub fn expiry_warning_now(&self) -> Option<String> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        self.expiry_warning(now, EXPIRY_NOTICE)
+    }
+
     /// A warning when group or others can read `key_file`, as for a sender's secret file: with the key,
     /// anyone can pose as this server or read what senders send it.
+    /// Read through its group is how a daemon that does not own the key reads one root keeps (certbot's
+    /// are root's): not warned of when the group is one of this daemon's and the file not its own.
     pub fn key_warning(&self) -> Option<String> {
         use std::os::unix::fs::MetadataExt;
-        let mode = std::fs::metadata(&self.key_file).ok()?.mode();
-        (mode & 0o077 != 0).then(|| {
+        let meta = std::fs::metadata(&self.key_file).ok()?;
+        let mode = meta.mode();
+        let through_our_group =
+            meta.uid() != rustix::process::geteuid().as_raw() && in_our_groups(meta.gid());
+        let readable = if through_our_group { 0o007 } else { 0o077 };
+        (mode & readable != 0).then(|| {
             format!(
-                "[tls] key_file {} is readable by group or others (mode {:o}): chmod 600 it",
+                "[tls] key_file {} is readable by {} (mode {:o}): chmod {} it",
                 self.key_file.display(),
-                mode & 0o777
+                if through_our_group {
+                    "others"
+                } else {
+                    "group or others"
+                },
+                mode & 0o777,
+                if through_our_group { "640" } else { "600" }
             )
         })
     }
 
     /// A warning when the server's certificate has expired or expires within `soon` of `now` (seconds
     /// since the epoch): senders refuse an expired one, and a renewal that stopped working shows here first.
+    /// Also when it is not valid yet (a clock behind, or a certificate issued for later).
     pub fn expiry_warning(&self, now: i64, soon: i64) -> Option<String> {
-        let end = self.not_after?;
-        let when = httpdate::fmt_http_date(
-            std::time::UNIX_EPOCH + std::time::Duration::from_secs(end.max(0) as u64),
-        );
-        if end <= now {
+        let (start, end) = self.valid?;
+        let date = |t: i64| {
+            httpdate::fmt_http_date(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.max(0) as u64),
+            )
+        };
+        if start > now {
             Some(format!(
-                "[tls] cert_file {}: the certificate expired on {when}; senders will refuse it",
-                self.cert_file.display()
+                "[tls] cert_file {}: the certificate is not valid until {}; senders will refuse it \
+                 until then",
+                self.cert_file.display(),
+                date(start)
+            ))
+        } else if end <= now {
+            Some(format!(
+                "[tls] cert_file {}: the certificate expired on {}; senders will refuse it",
+                self.cert_file.display(),
+                date(end)
             ))
         } else if end - now <= soon {
+            let left = end - now;
+            let left = if left < 86_400 {
+                format!("in {} hour(s)", (left + 3_599) / 3_600)
+            } else {
+                format!("in {} day(s)", (left + 86_399) / 86_400)
+            };
             Some(format!(
-                "[tls] cert_file {}: the certificate expires on {when}, in {} day(s): is its renewal working?",
+                "[tls] cert_file {}: the certificate expires on {}, {left}: is its renewal working?",
                 self.cert_file.display(),
-                (end - now) / 86_400
+                date(end)
             ))
         } else {
             None
@@ -90,19 +133,24 @@ impl RawTls {
         let cert_file = relative(self.cert_file);
         let key_file = relative(self.key_file);
         let client_ca_file = self.client_ca_file.map(relative);
-        let server = server_config(&cert_file, &key_file, client_ca_file.as_deref())?;
-        let not_after = certificates("cert_file", &cert_file)
+        // Read once: what is served is what the warnings are about, even if certbot swaps the files.
+        let chain = certificates("cert_file", &cert_file)?;
+        let valid = x509_parser::parse_x509_certificate(&chain[0])
             .ok()
-            .and_then(|chain| {
-                let (_, cert) = x509_parser::parse_x509_certificate(chain.first()?).ok()?;
-                Some(cert.validity().not_after.timestamp())
+            .map(|(_, cert)| {
+                let v = cert.validity();
+                (v.not_before.timestamp(), v.not_after.timestamp())
             });
+        let chain_warning =
+            chain_warning(&chain).map(|w| format!("[tls] cert_file {}: {w}", cert_file.display()));
+        let server = server_config(chain, &cert_file, &key_file, client_ca_file.as_deref())?;
         Ok(Tls {
             cert_file,
             key_file,
             client_ca_file,
             server: Arc::new(server),
-            not_after,
+            valid,
+            chain_warning,
         })
     }
 }
@@ -118,12 +166,52 @@ pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(provider)
 }
 
+/// Whether a group id is this process's effective or one of its supplementary groups.
+fn in_our_groups(gid: u32) -> bool {
+    gid == rustix::process::getegid().as_raw()
+        || rustix::process::getgroups().is_ok_and(|groups| groups.iter().any(|g| g.as_raw() == gid))
+}
+
+/// What is wrong with a chain that loads all the same. Each certificate after the first must have issued the
+/// one before it (RFC 8446, 4.4.2); the server's own alone, issued by another, leaves a client to find
+/// the intermediate itself, which Java (so Jamf Pro) does not.
+fn chain_warning(chain: &[CertificateDer<'_>]) -> Option<String> {
+    let parsed: Vec<_> = chain
+        .iter()
+        .map(|der| {
+            x509_parser::parse_x509_certificate(der)
+                .ok()
+                .map(|(_, c)| c)
+        })
+        .collect::<Option<_>>()?;
+    if let [only] = &parsed[..] {
+        if only.issuer() != only.subject() {
+            return Some(
+                "it holds the server's certificate alone, without the intermediate that issued it: clients \
+                 that do not fetch it themselves (Java's, so Jamf Pro's) will refuse the connection; give \
+                 the full chain (certbot's fullchain.pem)"
+                    .to_string(),
+            );
+        }
+    }
+    parsed.windows(2).enumerate().find_map(|(i, pair)| {
+        (pair[0].issuer() != pair[1].subject()).then(|| {
+            format!(
+                "certificate {} in it did not issue certificate {} before it: each certificate must be \
+                 followed by its issuer (certbot's fullchain.pem is in that order)",
+                i + 2,
+                i + 1
+            )
+        })
+    })
+}
+
 fn server_config(
+    chain: Vec<CertificateDer<'static>>,
     cert_file: &Path,
     key_file: &Path,
     client_ca_file: Option<&Path>,
 ) -> Result<ServerConfig, String> {
-    let chain = certificates("cert_file", cert_file)?;
     let key = private_key("key_file", key_file)?;
     let provider = provider();
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
@@ -158,6 +246,12 @@ fn server_config(
              certificate in the file must be the server's own, then its chain",
             key_file.display(),
             cert_file.display()
+        ),
+        // A key that is PEM and DER, but of a type or size rustls does not sign with.
+        rustls::Error::General(message) if message.contains("failed to parse private key") => format!(
+            "[tls] key_file {}: a key of a type or size hookrunner cannot use: RSA (2048 bits or \
+             more), ECDSA on P-256 or P-384, or Ed25519",
+            key_file.display()
         ),
         e => format!(
             "[tls] cert_file {} with key_file {}: {e}",
@@ -201,6 +295,15 @@ pub(crate) fn certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<
 /// The private key in a PEM file; `key` names it in errors (`key_file`, or `send`'s `--key`).
 pub(crate) fn private_key(key: &str, path: &Path) -> Result<PrivateKeyDer<'static>, String> {
     let text = read(key, path)?;
+    // PKCS#8's "BEGIN ENCRYPTED PRIVATE KEY", or the older forms' "Proc-Type: 4,ENCRYPTED" header.
+    let encrypted = |needle: &[u8]| text.windows(needle.len()).any(|w| w == needle);
+    if encrypted(b"BEGIN ENCRYPTED PRIVATE KEY") || encrypted(b"Proc-Type: 4,ENCRYPTED") {
+        return Err(format!(
+            "[tls] {key} {}: the key is encrypted with a passphrase, which a daemon has no one to ask \
+             for: keep it decrypted, readable by the daemon alone (openssl pkey -in KEY -out NEW)",
+            path.display()
+        ));
+    }
     PrivateKeyDer::from_pem_slice(&text).map_err(|e| match e {
         pem::Error::NoItemsFound => format!(
             "[tls] {key} {}: no private key in it (a PEM \"BEGIN PRIVATE KEY\", \"BEGIN RSA PRIVATE \
@@ -212,7 +315,13 @@ pub(crate) fn private_key(key: &str, path: &Path) -> Result<PrivateKeyDer<'stati
 }
 
 fn read(key: &str, path: &Path) -> Result<Vec<u8>, String> {
-    fs::read(path).map_err(|e| format!("[tls] {key} {}: cannot read: {e}", path.display()))
+    let mut text =
+        fs::read(path).map_err(|e| format!("[tls] {key} {}: cannot read: {e}", path.display()))?;
+    // A byte-order mark, as some Windows editors write (OpenSSL skips it too).
+    if text.starts_with(b"\xef\xbb\xbf") {
+        text.drain(..3);
+    }
+    Ok(text)
 }
 
 /// The PEM error's own text may quote a line of the file: never for a key file, whose lines are the secret.

@@ -888,7 +888,7 @@ fn an_mtls_sender_admits_only_a_verified_certificate_naming_one_of_its_subjects(
     );
     for reason in [
         "auth=\"client certificate for evil.example.com is not among the sender's subjects\"",
-        "auth=\"no client certificate\"",
+        "auth=\"no client certificate with a name (none was sent",
     ] {
         assert!(
             server.wait_log(reason, Duration::from_secs(5)).is_some(),
@@ -1015,5 +1015,241 @@ fn a_tls_1_2_client_gets_the_servers_last_flight_and_an_answer() {
     assert_eq!(
         tls.conn.protocol_version(),
         Some(rustls::ProtocolVersion::TLSv1_2)
+    );
+}
+
+/// What loads but will fail senders is said by check (and at every start and reload): the server's
+/// certificate without its intermediate, a chain out of order, a certificate not valid yet. A key that
+/// cannot be used is refused with what to do: one encrypted with a passphrase, one of a curve rustls does
+/// not sign with. A byte-order mark before the PEM is no obstacle.
+#[test]
+fn check_tells_a_chain_that_clients_will_refuse_and_keys_it_cannot_use() {
+    let root = Ca::new("root CA");
+    let intermediate = {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "intermediate CA");
+        let key = KeyPair::generate().expect("key");
+        Ca {
+            issuer: CertifiedIssuer::signed_by(params, key, &root.issuer).expect("intermediate"),
+        }
+    };
+    let leaf = server_leaf(&intermediate);
+    let check = |cert: &str, key: &str| {
+        let env = tls_env(
+            &Leaf {
+                cert: cert.to_string(),
+                key: key.to_string(),
+            },
+            None,
+            "",
+        );
+        let out = env.check();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // The full chain, after a byte-order mark: clean.
+    let full = format!("\u{feff}{}{}", leaf.cert, intermediate.pem());
+    let (code, err) = check(&full, &leaf.key);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!err.contains("warning"), "{err}");
+    // The leaf alone.
+    let (code, err) = check(&leaf.cert, &leaf.key);
+    assert_eq!(code, Some(0), "a warning, not an error: {err}");
+    assert!(
+        err.contains("it holds the server's certificate alone, without the intermediate"),
+        "{err}"
+    );
+    // Root before intermediate.
+    let (code, err) = check(
+        &format!("{}{}{}", leaf.cert, root.pem(), intermediate.pem()),
+        &leaf.key,
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("certificate 2 in it did not issue certificate 1 before it"),
+        "{err}"
+    );
+    // Not valid for two more days.
+    assert_eq!(
+        [civil(0), civil(11_016), civil(20_794)],
+        [(1970, 1, 1), (2000, 2, 29), (2026, 12, 7)]
+    );
+    let later = {
+        let mut params = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        let soon = std::time::SystemTime::now() + Duration::from_secs(2 * 86_400);
+        let days = soon
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("epoch")
+            .as_secs()
+            / 86_400;
+        let date = |days| {
+            let (y, m, d) = civil(days);
+            rcgen::date_time_ymd(y, m, d)
+        };
+        params.not_before = date(days);
+        params.not_after = date(days + 30);
+        let key = KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &root.issuer).expect("cert");
+        (cert.pem(), key.serialize_pem())
+    };
+    let (code, err) = check(&format!("{}{}", later.0, root.pem()), &later.1);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("the certificate is not valid until"), "{err}");
+    // An encrypted key, and a P-521 key: refused, saying why, without a line of the key.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-aes-128-cbc",
+        "-pass",
+        "pass:secret",
+        "-out",
+        "encrypted.pem",
+    ]);
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-521",
+        "-out",
+        "p521.pem",
+    ]);
+    let encrypted = fs::read_to_string(dir.path().join("encrypted.pem")).expect("key");
+    let (code, err) = check(&full, &encrypted);
+    assert_eq!(code, Some(78), "{err}");
+    assert!(
+        err.contains("the key is encrypted with a passphrase") && !err.contains("MII"),
+        "{err}"
+    );
+    let p521 = fs::read_to_string(dir.path().join("p521.pem")).expect("key");
+    let (code, err) = check(&full, &p521);
+    assert_eq!(code, Some(78), "{err}");
+    assert!(
+        err.contains("a key of a type or size hookrunner cannot use") && !err.contains("MI"),
+        "{err}"
+    );
+}
+
+/// The calendar date (year, month, day) `days` after 1970-01-01: civil from days, the proleptic Gregorian
+/// calendar counted in eras of 400 years from March 1st.
+fn civil(days: u64) -> (i32, u8, u8) {
+    let z = days as i64 + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u8;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
+    let year = (yoe + era * 400 + i64::from(month <= 2)) as i32;
+    (year, month, day)
+}
+
+/// The certificate's end of validity is a metric, so an alert can fire long before senders refuse it,
+/// and a reload that brings a renewed certificate moves it.
+#[test]
+fn the_certificates_end_is_a_metric_that_a_reload_moves() {
+    let ca = Ca::new("server CA");
+    let until = |year: i32| {
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                .expect("params");
+        params.not_after = rcgen::date_time_ymd(year, 1, 1);
+        let key = KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &ca.issuer).expect("cert");
+        Leaf {
+            cert: format!("{}{}", cert.pem(), ca.pem()),
+            key: key.serialize_pem(),
+        }
+    };
+    let env = tls_env(&until(2030), None, "metrics_listen = \"127.0.0.1:0\"");
+    let server = env.serve();
+    let addr = crate::tools::metrics_addr(&server);
+    let expiry = || {
+        crate::tools::scrape(&addr)
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("hookrunner_tls_certificate_expiry_timestamp_seconds ")
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| panic!("no expiry gauge"))
+    };
+    assert_eq!(expiry(), "1893456000", "2030-01-01");
+    crate::tools::promtool_accepts(&env, &crate::tools::scrape(&addr));
+    let renewed = until(2031);
+    fs::write(env.path().join("cert.pem"), &renewed.cert).expect("cert");
+    fs::write(env.path().join("key.pem"), &renewed.key).expect("key");
+    server.signal(libc::SIGHUP);
+    assert!(
+        server
+            .wait_log("reloaded the TLS certificate", Duration::from_secs(10))
+            .is_some(),
+        "{}",
+        server.log()
+    );
+    assert_eq!(expiry(), "1924992000", "2031-01-01");
+}
+
+/// A key the daemon reads through its group (root's, as certbot keeps them, in the daemon's group) is
+/// not warned of for that; one others can read is, with the mode that is enough.
+#[test]
+fn a_key_read_through_the_daemons_group_is_not_warned_of() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root, to give the key another owner");
+        return;
+    }
+    let ca = Ca::new("server CA");
+    let env = tls_env(&server_leaf(&ca), None, "");
+    let key = env.path().join("key.pem");
+    // Owned by nobody, in this process's group (root's 0): the daemon (root here) reads it as a group
+    // member would.
+    std::os::unix::fs::chown(&key, Some(65534), Some(0)).expect("chown");
+    for (mode, warned) in [
+        (0o640, None),
+        (0o644, Some("readable by others (mode 644): chmod 640 it")),
+    ] {
+        fs::set_permissions(&key, fs::Permissions::from_mode(mode)).expect("chmod");
+        let out = env.check();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        match warned {
+            None => assert!(!err.contains("key_file"), "{mode:o}: {err}"),
+            Some(says) => assert!(err.contains(says), "{mode:o}: {err}"),
+        }
+    }
+    // Its own key, readable by its group: the group needs nothing of it.
+    std::os::unix::fs::chown(&key, Some(0), Some(0)).expect("chown");
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o640)).expect("chmod");
+    let out = env.check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("readable by group or others (mode 640): chmod 600 it"),
+        "{err}"
     );
 }

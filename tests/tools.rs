@@ -590,7 +590,7 @@ fn check_payload_explains_sender_event_routes_and_environment_without_running() 
 }
 
 /// The address `metrics_listen` bound, from the daemon's log.
-fn metrics_addr(server: &crate::util::Server) -> String {
+pub(crate) fn metrics_addr(server: &crate::util::Server) -> String {
     let line = server
         .wait_log("metrics on http://", Duration::from_secs(5))
         .expect("metrics address logged");
@@ -602,7 +602,7 @@ fn metrics_addr(server: &crate::util::Server) -> String {
 }
 
 /// `GET /metrics`, its body.
-fn scrape(addr: &str) -> String {
+pub(crate) fn scrape(addr: &str) -> String {
     let mut stream = std::net::TcpStream::connect(addr).expect("connect to metrics");
     std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
         .expect("send");
@@ -612,7 +612,7 @@ fn scrape(addr: &str) -> String {
 }
 
 /// `promtool check metrics` on `text`: it must pass without a complaint.
-fn promtool_accepts(env: &Env, text: &str) {
+pub(crate) fn promtool_accepts(env: &Env, text: &str) {
     let file = env.path().join("metrics.txt");
     fs::write(&file, text).expect("write metrics");
     let promtool = Command::new("promtool")

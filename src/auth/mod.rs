@@ -95,7 +95,10 @@ impl fmt::Display for Failure {
                 write!(f, "{header} does not match the configured secret")
             }
             Failure::Mismatch => f.write_str("signature does not match the body"),
-            Failure::NoCertificate => f.write_str("no client certificate"),
+            // Also a verified certificate that names no one: a subjectAltName without a DNS name.
+            Failure::NoCertificate => f.write_str(
+                "no client certificate with a name (none was sent, or its subjectAltName has no DNS name)",
+            ),
             Failure::Subject(names) => write!(
                 f,
                 "client certificate for {} is not among the sender's subjects",
