@@ -193,6 +193,40 @@ fn content_length_over_max_body_is_413() {
     assert_eq!(response.status, 413, "{}", response.text());
 }
 
+/// Clients that send their whole body before they read (Python's urllib, wget) read the refusal of a body
+/// up to just over `max_body`, not a reset: the server reads and discards it after answering. Here a 401
+/// for an unauthenticated body of `max_body`, and a 413 for one a byte over it.
+#[test]
+fn a_client_that_sends_all_before_reading_reads_the_refusal() {
+    let env = Env::new().config(
+        "max_body = \"8MiB\"\n[[sender]]\nname = \"u\"\ntype = \"headers\"\nheaders = { \"X-Key\" = \"key\" }\n",
+    );
+    std::fs::write(env.path().join("key"), "right").expect("key");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            env.path().join("key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .expect("chmod");
+    }
+    copier(&env, "copy");
+    let server = env.serve();
+    for (len, status) in [(8 << 20, 401), ((8 << 20) + 1, 413)] {
+        let mut stream = server.connect();
+        let head = format!(
+            "POST /hooks/copy HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).expect("head");
+        let body = vec![b'a'; len];
+        stream
+            .write_all(&body)
+            .unwrap_or_else(|e| panic!("{len} bytes: the body could not be sent whole: {e}"));
+        let response = answer(&server, &mut stream);
+        assert_eq!(response.status, status, "{}", response.text());
+    }
+}
+
 #[test]
 fn chunked_body_over_max_body_is_413() {
     let env = Env::new().config("max_body = \"1KiB\"");
@@ -562,6 +596,11 @@ fn a_body_trickling_in_is_cut_off() {
         "cut off before the whole body arrived ({sent} of {LENGTH} bytes sent)"
     );
     assert!(!env.path().join("body").exists(), "the script did not run");
+    // The log says why, for the operator whose sender never read the answer.
+    let line = server
+        .wait_log("status=408", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("{}", server.log()));
+    assert!(line.contains(" body=\"") && line.contains("slow"), "{line}");
     assert_healthy(&mut server);
 }
 

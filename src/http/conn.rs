@@ -7,9 +7,11 @@ use std::time::{Duration, Instant};
 use super::listener::Stream;
 
 /// After answering a request whose body was not read, how much of it to read and discard so the answer is
-/// not lost to a reset (a "lingering close"), and for how long.
+/// not lost to a reset (a "lingering close"): `max_body` and this much more, so that a client which sends
+/// its whole body before it reads (Python's urllib, wget) reads a 401 or a 413 for a body up to just over
+/// the limit; and for how long at most.
 const LINGER_BYTES: u64 = 1 << 20;
-const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_TIME: Duration = Duration::from_secs(5);
 
 pub(super) struct Conn {
     pub(super) stream: Stream,
@@ -95,11 +97,11 @@ impl Conn {
 
     /// Reads and discards what the client still sends, within bounds, so that closing does not reset the
     /// connection before the client has read our answer.
-    pub(super) fn linger(mut self) {
+    pub(super) fn linger(mut self, max_body: u64) {
         self.stream.shutdown_write();
         let deadline = Instant::now() + LINGER_TIME;
         let mut discarded = 0u64;
-        while discarded < LINGER_BYTES {
+        while discarded < max_body.saturating_add(LINGER_BYTES) {
             self.start = 0;
             self.end = 0;
             match self.fill(deadline) {

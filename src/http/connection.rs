@@ -54,7 +54,7 @@ pub(super) fn serve_connection(shared: &Shared, mut conn: Conn) {
         match next {
             Next::KeepAlive => {}
             Next::Close => return,
-            Next::Linger => return conn.linger(),
+            Next::Linger => return conn.linger(shared.handler.max_body()),
         }
     }
 }
