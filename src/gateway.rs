@@ -763,6 +763,13 @@ impl Gateway {
                 };
                 let mut response = Response::error(status, &request.id, &message);
                 response.note = routed;
+                // Why a body failed (cut short, too slow, too large) is the operator's to see too: a client
+                // that gave up will never read the answer that says it.
+                if let Refusal::Body(e) = &refusal {
+                    response
+                        .note
+                        .push_str(&format!(" body=\"{}\"", Escaped(&e.to_string())));
+                }
                 if let Refusal::NoRoute(event) = &refusal {
                     response.note = format!(" event={event}");
                 } else if let Refusal::Event(EventError::Invalid { value, .. }) = &refusal {
