@@ -1206,10 +1206,12 @@ fn the_certificates_end_is_a_metric_that_a_reload_moves() {
     fs::write(env.path().join("cert.pem"), &renewed.cert).expect("cert");
     fs::write(env.path().join("key.pem"), &renewed.key).expect("key");
     server.signal(libc::SIGHUP);
+    // "reloaded: " ends a reload, once the new configuration is in place.
     assert!(
         server
-            .wait_log("reloaded the TLS certificate", Duration::from_secs(10))
-            .is_some(),
+            .wait_log("reloaded: ", Duration::from_secs(10))
+            .is_some()
+            && server.log().contains("reloaded the TLS certificate"),
         "{}",
         server.log()
     );
