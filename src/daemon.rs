@@ -266,7 +266,7 @@ pub fn serve(config_path: Option<PathBuf>, mut overrides: Overrides) -> Result<(
     if broken() {
         return Err(Error::Start(
             "store".into(),
-            io::Error::other("a write to the store failed; stopped for the supervisor to restart"),
+            io::Error::other("the store failed (see above); stopped for the supervisor to restart"),
         ));
     }
     log::info!("stopped");
@@ -286,9 +286,12 @@ fn open_store(config: &Config) -> Result<(Option<store::Shared>, Option<u64>), E
     let euid = rustix::process::geteuid().as_raw();
     store::check_private(&settings.state_dir, Some(euid))
         .map_err(|e| Error::Config(ConfigError::new(None, None, format!("state_dir: {e}"))))?;
-    // A database a newer hookrunner made stays newer: a configuration error (78), not restarted.
-    let store = store::open(&settings.state_dir).map_err(|e| match e {
-        store::OpenError::Newer(m) => Error::Config(ConfigError::new(None, None, m)),
+    // A database a newer hookrunner made stays newer, a damaged one damaged, a read-only file system
+    // read-only: a configuration error (78), not restarted.
+    let store = store::open_serving(&settings.state_dir).map_err(|e| match e {
+        store::OpenError::Newer(m) | store::OpenError::Unusable(m) => {
+            Error::Config(ConfigError::new(None, None, m))
+        }
         store::OpenError::Other(m) => Error::Start("store".into(), io::Error::other(m)),
     })?;
     let waiting = store

@@ -2722,3 +2722,92 @@ fn a_failed_fsync_is_answered_503_and_the_daemon_exits_1_losing_nothing_acknowle
         lines(&ran)
     );
 }
+
+/// Another process holding the store's write lock (an operator's `BEGIN IMMEDIATE` in sqlite3) turns async
+/// requests into 503s with Retry-After soon enough for a sender that waits 2 s to read them, and nothing of
+/// them runs; once the lock is let go, the next request is queued and run.
+#[test]
+fn a_write_lock_held_elsewhere_is_a_prompt_503_not_a_wait() {
+    let env = Env::new();
+    let ran = env.path().join("ran");
+    env.script(
+        "a.sh",
+        &format!("printf '%s\\n' \"$(cat \"$1\")\" >> {ran:?}"),
+    );
+    env.routes("A a.sh async\n");
+    let server = env.serve();
+    assert_eq!(server.post("/hooks/A", b"first").status, 202);
+    let db = rusqlite::Connection::open(env.state().join("hookrunner.db")).expect("open the store");
+    db.execute_batch("BEGIN IMMEDIATE")
+        .expect("take the write lock");
+    let started = Instant::now();
+    let refused = server.post("/hooks/A", b"refused");
+    let waited = started.elapsed();
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert!(
+        refused.header("Retry-After").is_some(),
+        "{:?}",
+        refused.headers
+    );
+    assert!(
+        waited < Duration::from_millis(1800),
+        "answered after {waited:?}: a sender waiting 2 s would not read it"
+    );
+    db.execute_batch("COMMIT").expect("let go");
+    assert_eq!(server.post("/hooks/A", b"last").status, 202);
+    assert!(
+        wait_until(Duration::from_secs(10), || lines(&ran).len() == 2),
+        "{:?}\n{}",
+        lines(&ran),
+        server.log()
+    );
+    let mut ran = lines(&ran);
+    ran.sort();
+    assert_eq!(ran, ["first", "last"]);
+}
+
+/// The store's files changed under a running daemon (its -wal truncated, as a careless restore does):
+/// once a read finds the database damaged, the daemon stops answering 2xx for entries no start would
+/// find, and exits for its supervisor; a start on a file that is no database at all is a configuration
+/// error (78), which a supervisor does not retry, saying what happened.
+#[test]
+fn a_store_damaged_under_the_daemon_stops_it_and_a_start_on_one_is_refused() {
+    let env = Env::new();
+    env.script("q.sh", "sleep 1");
+    env.routes("Q q.sh async serial\n");
+    let mut server = env.serve();
+    for _ in 0..3 {
+        assert_eq!(server.post("/hooks/Q", b"{}").status, 202);
+    }
+    let wal = env.state().join("hookrunner.db-wal");
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&wal)
+        .and_then(|f| f.set_len(0))
+        .expect("truncate the -wal");
+    let exited = server
+        .wait_exit(Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("still serving on a damaged store:\n{}", server.log()));
+    assert_eq!(exited.code(), Some(1), "{}", server.log());
+    assert!(
+        server.log().contains("changed while a daemon had it open"),
+        "{}",
+        server.log()
+    );
+    // No database at all.
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = fs::remove_file(env.state().join(format!("hookrunner.db{suffix}")));
+    }
+    fs::write(env.state().join("hookrunner.db"), vec![b'x'; 8192]).expect("garbage");
+    let out = env
+        .serve_command("127.0.0.1:0")
+        .output()
+        .expect("run serve");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(
+        err.contains("file is not a database")
+            && err.contains("see the README on restoring the store"),
+        "{err}"
+    );
+}

@@ -384,13 +384,18 @@ pub const DATABASE: &str = "hookrunner.db";
 pub enum OpenError {
     /// The database has a schema a newer hookrunner made: starting this one again cannot mend that.
     Newer(String),
+    /// The file is not a database, or a damaged one, or on a file system that takes no writes: nor can a
+    /// restart mend this.
+    Unusable(String),
     Other(String),
 }
 
 impl fmt::Display for OpenError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            OpenError::Newer(message) | OpenError::Other(message) => f.write_str(message),
+            OpenError::Newer(message)
+            | OpenError::Unusable(message)
+            | OpenError::Other(message) => f.write_str(message),
         }
     }
 }
@@ -404,6 +409,12 @@ impl From<String> for OpenError {
 /// Opens (creating and migrating) the store in `dir`.
 pub fn open(dir: &Path) -> Result<Shared, OpenError> {
     sqlite::Sqlite::open(dir).map(|s| Arc::new(s) as Shared)
+}
+
+/// [`open`] for the daemon: a write lock another process holds is waited for briefly, so that requests
+/// waiting for a commit get 503 while the sender still listens.
+pub fn open_serving(dir: &Path) -> Result<Shared, OpenError> {
+    sqlite::Sqlite::open_with(dir, sqlite::SERVING_BUSY_TIMEOUT).map(|s| Arc::new(s) as Shared)
 }
 
 /// Before the daemon opens its store: `dir` and what SQLite reads in it must be writable by this user

@@ -44,6 +44,10 @@ const CACHE_KIB: i64 = -256;
 const WAL_LIMIT: i64 = 8 << 20;
 /// How long a connection waits for another process's write lock (the CLI's) before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The same for the daemon's writer, once the store is open: every accept waits for the writer, so a lock
+/// held elsewhere (an operator's `BEGIN IMMEDIATE` in sqlite3) must turn into 503s soon enough for the
+/// sender to read them (Jamf Pro waits 2 s), not into waits of a batch, then the next, at 5 s each.
+pub(super) const SERVING_BUSY_TIMEOUT: Duration = Duration::from_millis(750);
 /// What a history row takes besides its payload (its columns, attempts, index entries), to estimate how
 /// many rows pruning must remove.
 const ROW_OVERHEAD: i64 = 512;
@@ -210,8 +214,29 @@ impl Sqlite {
     /// Creates `dir` (0700) if it is missing, opens or creates the database in it (0600), migrates it to
     /// the newest schema and starts the writer thread.
     pub fn open(dir: &Path) -> Result<Sqlite, OpenError> {
+        Sqlite::open_with(dir, BUSY_TIMEOUT)
+    }
+
+    /// [`Sqlite::open`], its writer waiting at most `busy` for another process's write lock once the
+    /// schema is migrated.
+    pub fn open_with(dir: &Path, busy: Duration) -> Result<Sqlite, OpenError> {
         let context = |what: &str, e: &dyn std::fmt::Display| {
             format!("state_dir {}: {what}: {e}", dir.display())
+        };
+        // What a restart cannot mend is told apart, so that a supervisor does not try.
+        let sql_error = |what: &str, e: &rusqlite::Error| {
+            if is_damage(e) {
+                OpenError::Unusable(format!("{}{DAMAGE_HINT}", context(what, e)))
+            } else {
+                OpenError::Other(context(what, e))
+            }
+        };
+        let io_error = |what: &str, e: &io::Error| {
+            if e.kind() == io::ErrorKind::ReadOnlyFilesystem {
+                OpenError::Unusable(context(what, e))
+            } else {
+                OpenError::Other(context(what, e))
+            }
         };
         match fs::DirBuilder::new()
             .recursive(true)
@@ -220,7 +245,7 @@ impl Sqlite {
         {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(context("cannot create", &e).into()),
+            Err(e) => return Err(io_error("cannot create", &e)),
         }
         let path = dir.join(super::DATABASE);
         // Created here so it is private from the start; SQLite gives its -wal and -shm files the same mode.
@@ -230,14 +255,14 @@ impl Sqlite {
             .write(true)
             .mode(0o600)
             .open(&path)
-            .map_err(|e| context("cannot create the database", &e))?;
-        let mut writer = connect(&path).map_err(|e| context("cannot open the database", &e))?;
+            .map_err(|e| io_error("cannot create the database", &e))?;
+        let mut writer = connect(&path).map_err(|e| sql_error("cannot open the database", &e))?;
         // Only takes effect on a new, empty database: freed pages can then be given back with
         // `PRAGMA incremental_vacuum` instead of a full VACUUM that rewrites the file. Set only there:
         // on an existing database the pragma rewrites the header, a commit and two fsyncs at every start.
         let pages: i64 = writer
             .query_row("PRAGMA page_count", [], |r| r.get(0))
-            .map_err(|e| context("cannot read the database", &e))?;
+            .map_err(|e| sql_error("cannot read the database", &e))?;
         if pages == 0 {
             writer
                 .pragma_update(None, "auto_vacuum", "INCREMENTAL")
@@ -245,14 +270,18 @@ impl Sqlite {
         }
         let mode: String = writer
             .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-            .map_err(|e| context("cannot enable WAL", &e))?;
+            .map_err(|e| sql_error("cannot enable WAL", &e))?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(context("cannot enable WAL", &format!("journal mode is {mode}")).into());
         }
         schema::migrate(&mut writer).map_err(|e| match e {
             OpenError::Newer(m) => OpenError::Newer(context("schema", &m)),
+            OpenError::Unusable(m) => OpenError::Unusable(context("schema", &m)),
             OpenError::Other(m) => OpenError::Other(context("schema", &m)),
         })?;
+        writer
+            .busy_timeout(busy)
+            .map_err(|e| context("cannot set the busy timeout", &e))?;
         let reader = connect(&path).map_err(|e| context("cannot open the database", &e))?;
         let (jobs, queue) = mpsc::sync_channel(CHANNEL);
         let broken = Arc::new(AtomicBool::new(false));
@@ -392,7 +421,16 @@ impl Sqlite {
 
     fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
         let conn = self.reader.lock().unwrap_or_else(|e| e.into_inner());
-        f(&conn).map_err(|e| classify(&e))
+        f(&conn).map_err(|e| {
+            let failure = classify(&e);
+            // A read that finds the file damaged: the writer may still commit pages it holds, and acks
+            // would go on for entries that no start will find. The daemon stops instead.
+            if matches!(failure, StoreError::Broken(_)) && !self.broken.swap(true, Ordering::SeqCst)
+            {
+                log::error!("store: {failure}; nothing more is written and the daemon stops");
+            }
+            failure
+        })
     }
 
     /// A row's number from `deliveries show ID`: the number itself, or the row of a request id.
@@ -453,6 +491,22 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// SQLite finding the file damaged, or no database at all: written to while the daemon ran (a restore
+/// over it, its `-wal` removed or truncated), or broken on the disk.
+fn is_damage(e: &rusqlite::Error) -> bool {
+    // A file shorter than SQLite's own record of it says (a -wal truncated under it).
+    const SQLITE_IOERR_SHORT_READ: i32 = 522;
+    matches!(
+        e,
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(f.code, ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
+                || f.extended_code == SQLITE_IOERR_SHORT_READ
+    )
+}
+
+const DAMAGE_HINT: &str = " (the database or its -wal was changed while a daemon had it open, or is \
+     damaged on the disk: see the README on restoring the store)";
+
 /// Maps SQLite's errors to what a sender is told and what the daemon does. A failed fsync poisons the store
 /// (see [`StoreError::Broken`]); a full disk, a lock held too long or anything else fails this work only.
 fn classify(e: &rusqlite::Error) -> StoreError {
@@ -462,8 +516,11 @@ fn classify(e: &rusqlite::Error) -> StoreError {
         rusqlite::Error::SqliteFailure(f, _)
             if matches!(f.extended_code, SQLITE_IOERR_FSYNC | SQLITE_IOERR_DIR_FSYNC) =>
         {
-            StoreError::Broken(e.to_string())
+            StoreError::Broken(format!(
+                "{e}: after a failed fsync the kernel may have dropped what it could not write"
+            ))
         }
+        _ if is_damage(e) => StoreError::Broken(format!("{e}{DAMAGE_HINT}")),
         rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::DiskFull => {
             StoreError::Unavailable("the disk is full".into())
         }
@@ -593,11 +650,9 @@ fn write_loop(conn: &Connection, queue: &Receiver<Job>, later: &Later, broken: &
         }
         let result = commit_batch(conn, batch, &mut counts);
         if let Err(StoreError::Broken(e)) = &result {
-            log::error!(
-                "store: {e}; after a failed fsync the kernel may have dropped what it could not write, \
-                 so nothing more is written and the daemon stops"
-            );
-            broken.store(true, Ordering::SeqCst);
+            if !broken.swap(true, Ordering::SeqCst) {
+                log::error!("store: {e}; nothing more is written and the daemon stops");
+            }
         }
     }
 }
