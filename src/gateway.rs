@@ -674,8 +674,16 @@ impl http::Handler for Gateway {
     }
 
     fn handle(&self, request: &mut Request<'_>) -> Response {
-        if request.method == Method::Get && request.path == "/healthz" {
+        if matches!(request.method, Method::Get | Method::Head) && request.path == "/healthz" {
             return Response::json(200, &json!({ "status": "ok" }));
+        }
+        // HEAD asks for no content, and a webhook is all content: only /healthz takes it.
+        if request.method == Method::Head {
+            return Response::error(
+                405,
+                &request.id,
+                "HEAD is answered for /healthz only; webhooks are POST (or GET, PUT)",
+            );
         }
         let config = self.config();
         let mut response = self.answer(&config, request);

@@ -66,6 +66,8 @@ pub enum Method {
     Get,
     Post,
     Put,
+    /// For `/healthz` alone (a load balancer's or a monitor's check): its answer is the head of GET's.
+    Head,
 }
 
 impl Method {
@@ -74,6 +76,7 @@ impl Method {
             "GET" => Some(Method::Get),
             "POST" => Some(Method::Post),
             "PUT" => Some(Method::Put),
+            "HEAD" => Some(Method::Head),
             _ => None,
         }
     }
@@ -83,6 +86,7 @@ impl Method {
             Method::Get => "GET",
             Method::Post => "POST",
             Method::Put => "PUT",
+            Method::Head => "HEAD",
         }
     }
 }

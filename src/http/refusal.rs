@@ -19,7 +19,7 @@ pub(super) enum Refused {
     HeadTimeout,
     /// `Content-Length` over `max_body`, refused before reading.
     BodyTooLarge,
-    /// A method other than GET, POST, PUT (with `Allow`).
+    /// A method other than GET, POST, PUT and HEAD (with `Allow`).
     Method(String),
     /// An HTTP version other than 1.0 and 1.1.
     Version(String),
