@@ -228,7 +228,9 @@ pub fn run() -> ExitCode {
                     // What `serve` refuses at start. The owners are not checked: `check` may run as
                     // another user than the daemon (root, reading its credentials).
                     if daemon::opens_store(&config) {
-                        if let Err(e) = crate::store::check_private(&config.store.state_dir, None) {
+                        if let Err(e) = crate::store::check_private(&config.store.state_dir, None)
+                            .and_then(|()| crate::store::inspect(&config.store.state_dir))
+                        {
                             eprintln!("hookrunner: state_dir: {e}");
                             return ExitCode::from(EX_CONFIG);
                         }

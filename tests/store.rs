@@ -924,6 +924,12 @@ fn a_store_of_a_newer_schema_is_a_configuration_error() {
         "{}",
         refused.log()
     );
+    // check says so before a start does, reading the file's header alone (it leaves no -wal or -shm,
+    // which as another user would stop the daemon).
+    let out = env.check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains("schema version 99, newer"), "{err}");
 }
 
 #[test]
@@ -2799,6 +2805,14 @@ fn a_store_damaged_under_the_daemon_stops_it_and_a_start_on_one_is_refused() {
         let _ = fs::remove_file(env.state().join(format!("hookrunner.db{suffix}")));
     }
     fs::write(env.state().join("hookrunner.db"), vec![b'x'; 8192]).expect("garbage");
+    let out = env.check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains("file is not a database"), "{err}");
+    assert!(
+        !env.state().join("hookrunner.db-shm").exists(),
+        "check created nothing beside it"
+    );
     let out = env
         .serve_command("127.0.0.1:0")
         .output()

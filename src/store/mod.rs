@@ -417,6 +417,11 @@ pub fn open_serving(dir: &Path) -> Result<Shared, OpenError> {
     sqlite::Sqlite::open_with(dir, sqlite::SERVING_BUSY_TIMEOUT).map(|s| Arc::new(s) as Shared)
 }
 
+/// `check`'s look at the store's database file: see [`schema::inspect`].
+pub fn inspect(dir: &Path) -> Result<(), String> {
+    schema::inspect(&dir.join(DATABASE))
+}
+
 /// Before the daemon opens its store: `dir` and what SQLite reads in it must be writable by this user
 /// alone. The store's queued entries name the scripts they run, and SQLite replays a log (`-wal`) or a
 /// hot journal it finds beside the database, whoever wrote it: another user able to write any of them

@@ -244,6 +244,41 @@ fn migrate_with(conn: &mut Connection, still_working: &(dyn Fn() + Sync)) -> Res
     migrated
 }
 
+/// What `check` can tell from the database file's header without opening it (opening creates `-shm` and
+/// `-wal` files, which as another user than the daemon's would then stop it): a file that is no SQLite
+/// database, or one whose schema a newer hookrunner made. `Ok` for a file not there or empty (a new
+/// store) and one this user cannot read (the daemon's own check is at its start).
+pub fn inspect(path: &std::path::Path) -> Result<(), String> {
+    use std::io::Read;
+    let mut header = Vec::with_capacity(100);
+    match std::fs::File::open(path) {
+        Ok(file) => {
+            file.take(100)
+                .read_to_end(&mut header)
+                .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        }
+        Err(_) => return Ok(()),
+    }
+    if header.is_empty() {
+        return Ok(());
+    }
+    if header.len() < 100 || !header.starts_with(b"SQLite format 3\0") {
+        return Err(format!(
+            "{}: file is not a database (see the README on restoring the store)",
+            path.display()
+        ));
+    }
+    // The header's user version, big-endian at offset 60 (SQLite's file format, 1.3).
+    let version = i64::from(i32::from_be_bytes([
+        header[60], header[61], header[62], header[63],
+    ]));
+    let newest = MIGRATIONS.len() as i64;
+    if version > newest {
+        return Err(format!("{}: {}", path.display(), newer(version, newest)));
+    }
+    Ok(())
+}
+
 fn newer(version: i64, newest: i64) -> OpenError {
     OpenError::Newer(format!(
         "the database has schema version {version}, newer than this hookrunner knows ({newest}): run a \
