@@ -683,8 +683,8 @@ fn enrollment_mail_with_starttls_sends_only_over_tls() {
     );
 }
 
-/// What a payload carries is the sender's to choose: a device name cannot add a field, mention @channel
-/// or disguise a link, and group changes read alike from JSON and XML. An event spelt in another case
+/// What a payload carries is the sender's to choose: a device name cannot add a field, nor mention
+/// @channel or disguise a link in Slack, and group changes read alike from JSON and XML. An event spelt in another case
 /// (Jamf sends ComputerCheckin) is still recognised. Slack failing does not keep the message from Teams,
 /// and the failure reaches the sender.
 #[test]
@@ -738,7 +738,7 @@ fn notify_keeps_payload_text_literal_and_posts_to_each_chat() {
         name["value"],
         "&lt;!channel&gt; Lab-Mac User|ceo@example.org (forged)"
     );
-    // Teams takes no markup from a fact: the name as it came, on one line.
+    // Teams gets the name as it came (its cards take Markdown links: escaped for Slack only), on one line.
     let teams = chat.posted("/teams");
     let facts = &teams[0]["attachments"][0]["content"]["body"][2]["facts"];
     assert!(
@@ -806,6 +806,7 @@ fn enrollment_mail_takes_one_plain_address_and_survives_a_refused_recipient() {
     let server = env.serve();
     let addresses = [
         "grace@example.org attacker@evil.example",
+        "grace@example.org\nattacker@evil.example",
         "*",
         "grace@example.org",
     ];
@@ -831,10 +832,11 @@ fn enrollment_mail_takes_one_plain_address_and_survives_a_refused_recipient() {
             serde_json::from_str(&fs::read_to_string(&path).expect("mail")).expect("JSON")
         })
         .collect();
-    assert_eq!(mails[0]["to"], serde_json::json!(["it@example.org"]));
-    assert_eq!(mails[1]["to"], serde_json::json!(["it@example.org"]));
+    for refused in &mails[..3] {
+        assert_eq!(refused["to"], serde_json::json!(["it@example.org"]));
+    }
     assert_eq!(
-        mails[2]["to"],
+        mails[3]["to"],
         serde_json::json!(["it@example.org", "grace@example.org"])
     );
     assert_eq!(
@@ -931,8 +933,23 @@ fn a_payload_no_integration_can_read_is_dead_at_once_and_archived_whole() {
         body,
     );
     assert_eq!(archived.status, 200, "{}", archived.text());
+    // Text keeps its trailing line breaks; UTF-8 with a NUL in it is kept whole, in base64.
+    for (path, body) in [
+        ("/hooks/Text", &b"line1\n\n\n"[..]),
+        ("/hooks/Nul", b"abc\x00def\n"),
+    ] {
+        let response = server.request("POST", path, &[("Content-Type", "text/plain")], body);
+        assert_eq!(response.status, 200, "{}", response.text());
+    }
     let text = fs::read_to_string(env.path().join("state/events.jsonl")).expect("archive");
-    let line: Value = serde_json::from_str(text.trim()).expect("one JSON line");
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert_eq!(lines[1]["payload"], "line1\n\n\n");
+    assert_eq!(lines[2]["payload_base64"], "YWJjAGRlZgo=");
+    let line = &lines[0];
     let decoded = Command::new("base64")
         .arg("-d")
         .stdin(Stdio::piped())
