@@ -235,16 +235,19 @@ pub fn run() -> ExitCode {
                             return ExitCode::from(EX_CONFIG);
                         }
                     }
-                    print!("{}", config.routes);
+                    // Written, not printed: `check | head` closes the pipe early, and print! panics then.
+                    let mut out = std::io::stdout().lock();
+                    let _ = write!(out, "{}", config.routes);
                     for sender in &config.senders.senders {
-                        println!(
+                        let _ = writeln!(
+                            out,
                             "# sender {}: {} on {}",
                             sender.name,
                             sender.scheme.name(),
                             sender.path
                         );
                     }
-                    println!("# configuration OK");
+                    let _ = writeln!(out, "# configuration OK");
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

@@ -537,9 +537,15 @@ impl Config {
             }
             // `/hooks/NAME` in a sender's path reads as "this event is this sender's", but the event does
             // not choose the sender (the path does) nor the path the route (the event does).
-            if sender.path.contains("/hooks/") {
+            if sender
+                .path
+                .split_once("/hooks/")
+                .is_some_and(|(_, event)| !event.trim_matches('/').is_empty())
+            {
                 warnings.push(format!(
-                    "sender {name:?}: its path {:?} names an event, but that does not tie the event to this                      sender: the same event sent under another sender's path runs the same route; give                      the route line sender={name} (or the other senders events = [...])",
+                    "sender {name:?}: its path {:?} names an event, but that does not tie the event to this \
+                     sender: the same event sent under another sender's path runs the same route; give \
+                     the route line sender={name} (or the other senders `events = [...]`)",
                     sender.path
                 ));
             }
@@ -883,7 +889,6 @@ fn key_line(text: &str, key: &str) -> Option<usize> {
     key_line_from(text, key, 1)
 }
 
-/// The first line at or after `from` (1-based) on which `key` is set.
 /// The line of the key an error about a table's values names first (`secret_file: cannot read ...`,
 /// `user must not ...`), when the table that starts on line `table` sets it; else the table's line.
 fn message_key_line(text: &str, table: Option<usize>, message: &str) -> Option<usize> {
@@ -911,6 +916,7 @@ fn message_key_line(text: &str, table: Option<usize>, message: &str) -> Option<u
     line.or(Some(table))
 }
 
+/// The first line at or after `from` (1-based) on which `key` is set.
 fn key_line_from(text: &str, key: &str, from: usize) -> Option<usize> {
     text.lines()
         .enumerate()
@@ -926,6 +932,13 @@ fn key_line_from(text: &str, key: &str, from: usize) -> Option<usize> {
 /// basic-toml quotes the value it could not take (`invalid type: integer \`123456\``). Where the key names a
 /// file holding a secret, what was written there may be the secret itself, pasted in: it is not repeated.
 fn without_values(message: &str) -> String {
+    // A string value comes in double quotes: `invalid type: string "X-Api-Key: 0f9e", expected a map`.
+    if let Some(start) = message.find("string \"") {
+        let from = start + "string ".len();
+        let end = message.rfind("\", expected").filter(|&e| e > from);
+        let rest = end.map_or("", |e| &message[e + 1..]);
+        return format!("{}(the value){rest}", &message[..from]);
+    }
     let mut out = String::new();
     let mut parts = message.split('`');
     if let Some(first) = parts.next() {
@@ -990,18 +1003,21 @@ fn writable_files_warning(scripts_dir: &Path) -> Option<String> {
             let Ok(meta) = entry.path().symlink_metadata() else {
                 continue;
             };
+            // A directory others can write lets them replace what is in it, whatever its files' modes.
+            if (meta.is_file() || meta.is_dir()) && meta.mode() & 0o022 != 0 {
+                found.push(entry.path());
+            }
             if meta.is_dir() && depth + 1 < SCAN_DEPTH {
                 pending.push((entry.path(), depth + 1));
-            } else if meta.is_file() && meta.mode() & 0o022 != 0 {
-                found.push(entry.path());
             }
         }
     }
     let first = found.iter().min()?;
     let name = first.strip_prefix(scripts_dir).unwrap_or(first);
     Some(format!(
-        "{} file(s) in scripts_dir {} are writable by group or others ({}{}): a script that runs, \
-         sources or reads one runs what whoever can write it put there; chmod go-w them",
+        "{} file(s) or directories in scripts_dir {} are writable by group or others ({}{}): a script \
+         that runs, sources or reads what is there runs what whoever can write it put there; chmod go-w \
+         them",
         found.len(),
         scripts_dir.display(),
         name.display(),

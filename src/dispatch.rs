@@ -537,6 +537,8 @@ impl Dispatcher {
             Next::Dead => "dead".to_string(),
             Next::Retry(at) => format!("retry_in={}ms", (at - now_ms()).max(0)),
         };
+        // The run's own time, as `deliveries show` has it, not the commit's after it.
+        let ran_ms = attempt.duration_ms;
         if !self.record(entry, attempt, next) {
             return;
         }
@@ -549,7 +551,7 @@ impl Dispatcher {
             entry.id,
             entry.event,
             Escaped(&script.display().to_string()),
-            started.elapsed().as_secs_f64() * 1000.0
+            ran_ms
         );
     }
 

@@ -202,6 +202,15 @@ impl Routes {
             None => format!("routes:{line}"),
         };
         let mut warnings = Vec::new();
+        // Loaded all the same (an empty table is valid), but a file caught mid-write looks like this.
+        if self.routes.is_empty() {
+            warnings.push(format!(
+                "{}: no route line: every event is answered 404",
+                self.source
+                    .as_ref()
+                    .map_or_else(|| "routes".to_string(), |p| p.display().to_string())
+            ));
+        }
         let mut catch_all: Option<usize> = None;
         for route in &self.routes {
             let pattern = route.pattern.to_string();
@@ -1251,6 +1260,12 @@ MobileDevice*              mobile-device.sh
         let fine =
             Routes::parse("Computer* a.sh\n* {event}\n* a.sh\n", None, &scripts).expect("loads");
         assert!(fine.warnings().is_empty(), "{:?}", fine.warnings());
+        // An empty table loads (every event 404), said at every load: a file caught mid-write looks so.
+        let empty = Routes::parse("# nothing yet\n", None, dir.path()).expect("valid");
+        assert_eq!(
+            empty.warnings(),
+            ["routes: no route line: every event is answered 404"]
+        );
     }
 
     #[test]

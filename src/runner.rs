@@ -212,7 +212,7 @@ pub fn spawn_hint(e: &io::Error) -> &'static str {
         // Windows line ending after it, which makes the name end in \r).
         Some(libc::ENOENT) => {
             " (the interpreter its #! line names is not there: check that line, and that the file has no \
-             Windows line endings)"
+             Windows line endings; or the script was removed this instant)"
         }
         _ => "",
     }

@@ -69,18 +69,23 @@ impl Tls {
         let mode = meta.mode();
         let through_our_group =
             meta.uid() != rustix::process::geteuid().as_raw() && in_our_groups(meta.gid());
-        let readable = if through_our_group { 0o007 } else { 0o077 };
-        (mode & readable != 0).then(|| {
-            format!(
-                "[tls] key_file {} is readable by {} (mode {:o}): chmod {} it",
+        if mode & 0o007 != 0 {
+            return Some(format!(
+                "[tls] key_file {} is readable by others (mode {:o}): chmod o-rwx it",
                 self.key_file.display(),
-                if through_our_group {
-                    "others"
-                } else {
-                    "group or others"
-                },
-                mode & 0o777,
-                if through_our_group { "640" } else { "600" }
+                mode & 0o777
+            ));
+        }
+        // Group access to a key this user owns: right when the daemon is another user who reads it
+        // through that group (root's certbot key, chgrp'd to the daemon's group), as `check` run by root
+        // sees it; else one user too many.
+        (!through_our_group && mode & 0o070 != 0).then(|| {
+            format!(
+                "[tls] key_file {} is readable by its group (gid {}, mode {:o}): right if the daemon \
+                 reads it through that group, else chmod 600 it",
+                self.key_file.display(),
+                meta.gid(),
+                mode & 0o777
             )
         })
     }
@@ -187,9 +192,10 @@ fn chain_warning(chain: &[CertificateDer<'_>]) -> Option<String> {
     if let [only] = &parsed[..] {
         if only.issuer() != only.subject() {
             return Some(
-                "it holds the server's certificate alone, without the intermediate that issued it: clients \
-                 that do not fetch it themselves (Java's, so Jamf Pro's) will refuse the connection; give \
-                 the full chain (certbot's fullchain.pem)"
+                "it holds the server's certificate alone: if an intermediate CA issued it (as public CAs \
+                 do), clients that do not fetch the intermediate themselves (Java's, so Jamf Pro's) will \
+                 refuse the connection; give the full chain (certbot's fullchain.pem). (Issued by a root \
+                 the senders trust, it needs none.)"
                     .to_string(),
             );
         }

@@ -1723,6 +1723,8 @@ fn check_validates_profiles_and_secret_files() {
         "type = \"basic\"\nuser = \"u\"\npassword_file = 98765432109876".to_string(),
         // A header's value (a PIN) where the file naming it belongs.
         "type = \"headers\"\nheaders = { \"X-Api-Key\" = 98765432109876 }".to_string(),
+        // The header line pasted whole where the table of them belongs.
+        "type = \"headers\"\nheaders = \"X-Api-Key: Pasted0f9e\"".to_string(),
         // user:password pasted into `user`.
         format!("type = \"basic\"\nuser = \"jamf:Pasted0f9e\"\npassword_file = {readable:?}"),
     ] {

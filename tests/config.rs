@@ -723,7 +723,7 @@ fn files_in_scripts_dir_that_others_can_write_are_warned_of() {
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "a warning, not an error: {err}");
     assert!(
-        err.contains("2 file(s) in scripts_dir")
+        err.contains("2 file(s) or directories in scripts_dir")
             && err.contains("are writable by group or others (integrations/integrations.env, ...)"),
         "{err}"
     );
