@@ -572,22 +572,29 @@ fn a_standard_webhooks_delivery_cannot_be_sent_again_as_another_event() {
     let tries = env.path().join("tries");
     env.script("pay", &format!("echo try >> {tries:?}\nexit 1"));
     let server = env.serve();
-    let body = b"{\"type\":\"invoice.paid\"}";
     let signed_at = now();
-    let signature = standard_webhooks_sign(key, "msg_replayed", signed_at, body);
-    let ts = signed_at.to_string();
-    let send = |path: &str| {
-        server.request(
-            "POST",
-            path,
-            &[
-                ("webhook-id", "msg_replayed"),
-                ("webhook-timestamp", ts.as_str()),
-                ("webhook-signature", signature.as_str()),
-            ],
-            body,
-        )
+    // One signed delivery: the same id, timestamp, signature and body, sent to `path` each time.
+    let delivery = |id: &'static str, body: &'static [u8]| {
+        let signature = standard_webhooks_sign(key, id, signed_at, body);
+        let ts = signed_at.to_string();
+        let send = {
+            let (server, signature) = (&server, signature.clone());
+            move |path: &str| {
+                server.request(
+                    "POST",
+                    path,
+                    &[
+                        ("webhook-id", id),
+                        ("webhook-timestamp", ts.as_str()),
+                        ("webhook-signature", signature.as_str()),
+                    ],
+                    body,
+                )
+            }
+        };
+        (signature, send)
     };
+    let (signature, send) = delivery("msg_replayed", b"{\"type\":\"invoice.paid\"}");
     assert_eq!(send("/hooks/pay").status, 500, "the first try fails");
     let replayed = send("/hooks/wipe");
     assert_refused(
@@ -608,20 +615,7 @@ fn a_standard_webhooks_delivery_cannot_be_sent_again_as_another_event() {
     assert_eq!(send("/hooks/pay").status, 500, "the sender's retry runs");
     assert_eq!(lines_of(&tries), 2);
     // A delivery whose first try named no event (400) cannot be sent again naming one.
-    let empty = b"{}";
-    let signature = standard_webhooks_sign(key, "msg_no_event", signed_at, empty);
-    let send = |path: &str| {
-        server.request(
-            "POST",
-            path,
-            &[
-                ("webhook-id", "msg_no_event"),
-                ("webhook-timestamp", ts.as_str()),
-                ("webhook-signature", signature.as_str()),
-            ],
-            empty,
-        )
-    };
+    let (signature, send) = delivery("msg_no_event", b"{}");
     assert_eq!(send("/").status, 400, "no event in the path or the body");
     let replayed = send("/hooks/wipe");
     assert_refused(

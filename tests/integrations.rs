@@ -211,6 +211,19 @@ fn send(server: &Server, args: &[&str]) -> String {
     text
 }
 
+/// `hookrunner send EVENT` where the script fails: the sender is answered 500.
+fn send_failing(server: &Server, event: &str) {
+    let out = Command::new(BIN)
+        .args(["send", event, "--url", &format!("http://{}/", server.addr)])
+        .output()
+        .expect("run send");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("HTTP 500"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 fn request_id(send_output: &str) -> String {
     send_output
         .split("request_id=")
@@ -663,20 +676,7 @@ fn enrollment_mail_with_starttls_sends_only_over_tls() {
     // A server that offers no STARTTLS gets nothing, and the failure reaches the sender as a 500.
     let env = integrations_env(&settings(plain.port), routes);
     let server = env.serve();
-    let out = Command::new(BIN)
-        .args([
-            "send",
-            "MobileDeviceEnrolled",
-            "--url",
-            &format!("http://{}/", server.addr),
-        ])
-        .output()
-        .expect("run send");
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("HTTP 500"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    send_failing(&server, "MobileDeviceEnrolled");
     assert!(
         !plain.dir.join("mail-0.json").exists(),
         "nothing sent in the clear"
@@ -764,20 +764,7 @@ fn notify_keeps_payload_text_literal_and_posts_to_each_chat() {
     }
     // Slack down: Teams still gets its card, and the sender a 500 (an async route would retry).
     fs::write(chat.dir.join("fail-slack"), "").expect("fail slack");
-    let out = Command::new(BIN)
-        .args([
-            "send",
-            "JSSStartup",
-            "--url",
-            &format!("http://{}/", server.addr),
-        ])
-        .output()
-        .expect("run send");
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("HTTP 500"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    send_failing(&server, "JSSStartup");
     let teams = chat.posted("/teams");
     assert_eq!(
         teams.last().expect("a card")["attachments"][0]["content"]["body"][0]["text"],
@@ -881,20 +868,7 @@ fn jamf_version_keeps_an_upgrade_untold_until_chat_takes_it() {
     send(&server, &["JSSStartup"]);
     fs::write(web.dir.join("version.txt"), "11.10.1").expect("version");
     fs::write(web.dir.join("fail-slack"), "").expect("fail slack");
-    let out = Command::new(BIN)
-        .args([
-            "send",
-            "JSSStartup",
-            "--url",
-            &format!("http://{}/", server.addr),
-        ])
-        .output()
-        .expect("run send");
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("HTTP 500"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    send_failing(&server, "JSSStartup");
     assert_eq!(fs::read_to_string(&state).expect("state").trim(), "11.9.0");
     fs::remove_file(web.dir.join("fail-slack")).expect("slack back");
     send(&server, &["JSSStartup"]);
