@@ -62,7 +62,9 @@ sender profiles; warnings (a secret file others can read) go to stderr. Exits 0 
 prints `file:line: message` and exits 78. A relative secret file name is read in $CREDENTIALS_DIRECTORY, as \
 under systemd's LoadCredential=, or beside the configuration file when that is unset: to check the \
 service's credentials by hand, point CREDENTIALS_DIRECTORY at the originals (`sudo env \
-CREDENTIALS_DIRECTORY=/etc/hookrunner/secrets hookrunner check`). With --payload FILE, explains instead \
+CREDENTIALS_DIRECTORY=/etc/hookrunner/secrets hookrunner check`). Run as root, it checks the scripts \
+for the daemon's user, taken to be the owner of state_dir (the package's hookrunner), and says so: whether \
+that user may execute each and whether each is owned by root or by it. With --payload FILE, explains instead \
 what the daemon would do \
 with a POST of FILE (with those --header fields, to that --path): the sender profile that applies and \
 whether the request passes it, the event name and the source that yielded it, each route line that did \
@@ -220,6 +222,7 @@ pub fn run() -> ExitCode {
                     dry_run,
                 );
             }
+            let judged = tools::judge_as_daemon(common.config.as_deref());
             match Config::load(common.config.as_deref(), &overrides) {
                 Ok(config) => {
                     for warning in &config.warnings {
@@ -246,6 +249,9 @@ pub fn run() -> ExitCode {
                             sender.scheme.name(),
                             sender.path
                         );
+                    }
+                    if let Some(line) = judged {
+                        let _ = writeln!(out, "{line}");
                     }
                     let _ = writeln!(out, "# configuration OK");
                     ExitCode::SUCCESS

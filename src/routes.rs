@@ -10,6 +10,7 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use crate::event::Source;
@@ -414,6 +415,10 @@ impl Routes {
                         skipped(route.line, Skip::NoScript(wanted));
                         continue;
                     };
+                    if never_a_script(&path) {
+                        skipped(route.line, Skip::NotAScript(path));
+                        continue;
+                    }
                     let real = check_script(&self.scripts_dir, &written, &path)
                         .map_err(SelectError::Unsafe)?;
                     if let Some((_, named)) = self.reserved.iter().find(|(p, _)| *p == real) {
@@ -448,6 +453,8 @@ pub enum Skip<'a> {
     Gone(&'a Path),
     /// No file for an `{event}` script.
     NoScript(PathBuf),
+    /// The file for an `{event}` script is one that is never a script ([`never_a_script`]).
+    NotAScript(PathBuf),
     /// The `{event}` script is one that `line` names: it runs only through the lines that name it.
     Reserved {
         path: PathBuf,
@@ -476,6 +483,11 @@ impl fmt::Display for Skip<'_> {
             }
             Skip::Gone(path) => write!(f, "the script {} no longer exists", path.display()),
             Skip::NoScript(path) => write!(f, "there is no script {}", path.display()),
+            Skip::NotAScript(path) => write!(
+                f,
+                "{} is a README, a backup or a package manager's copy, never a script",
+                path.display()
+            ),
             Skip::Reserved { path, line } => write!(
                 f,
                 "the script {} is named by line {line}, and runs only through the lines that name it",
@@ -504,6 +516,22 @@ fn resolve_path(scripts_dir: &Path, written: &str) -> PathBuf {
     // One spelling for one path (`./x`, `a//x` are `x`, `a/x`): a serial lane is its script's path, so
     // two lines naming one script differently share it.
     path.components().collect()
+}
+
+/// Files a scripts directory holds that are not scripts, which an event named after one must not reach:
+/// the package's README (and any README.*), the copies dpkg and ucf leave beside a changed file
+/// (`.dpkg-dist`, `.dpkg-old`, `.ucf-dist`, ...), editors' backups (`~`). Addressed as an event, such a file
+/// is no route (404), not a script that failed (500) with advice to make it executable.
+fn never_a_script(path: &Path) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    let lower = name.to_ascii_lowercase();
+    lower == "readme"
+        || lower.starts_with("readme.")
+        || lower.contains(".dpkg-")
+        || lower.contains(".ucf-")
+        || name.ends_with('~')
 }
 
 /// Finds `path`, comparing its file name exactly first and then ignoring ASCII case, because senders are
@@ -567,6 +595,35 @@ fn check_script(scripts_dir: &Path, written: &str, path: &Path) -> Result<PathBu
     Ok(real)
 }
 
+/// The user scripts are checked for: the one that runs them. `serve` is that user; `check` run as root
+/// is not, and checks for the daemon's user instead ([`judge_as`]).
+struct Judge {
+    uid: u32,
+    /// Its primary and supplementary groups.
+    gids: Vec<u32>,
+}
+
+static JUDGE: OnceLock<Judge> = OnceLock::new();
+
+fn judge() -> &'static Judge {
+    JUDGE.get_or_init(|| {
+        let mut gids = vec![rustix::process::getegid().as_raw()];
+        if let Ok(groups) = rustix::process::getgroups() {
+            gids.extend(groups.iter().map(|g| g.as_raw()));
+        }
+        Judge {
+            uid: rustix::process::geteuid().as_raw(),
+            gids,
+        }
+    })
+}
+
+/// Checks scripts from now on for the user `uid`, with its groups (`gids`), rather than for this process:
+/// what `check` run as root does for the daemon's user. Only before the first check; false after it.
+pub fn judge_as(uid: u32, gids: Vec<u32>) -> bool {
+    JUDGE.set(Judge { uid, gids }).is_ok()
+}
+
 /// Owned by root or by the user the daemon runs as: anyone else could change what runs as the daemon.
 fn check_owner(
     written: &str,
@@ -575,20 +632,35 @@ fn check_owner(
     meta: &fs::Metadata,
 ) -> Result<(), UnsafeScript> {
     use std::os::unix::fs::MetadataExt;
-    let euid = rustix::process::geteuid().as_raw();
-    if meta.uid() == 0 || meta.uid() == euid {
+    let uid = judge().uid;
+    if meta.uid() == 0 || meta.uid() == uid {
         return Ok(());
     }
     Err(refusal(
         written,
         format!(
-            "{what}{} is owned by another user (uid {}), neither root nor the daemon's user (uid {euid}): \
+            "{what}{} is owned by another user (uid {}), neither root nor the daemon's user (uid {uid}): \
              chown it",
             path.display(),
             meta.uid()
         ),
         &format!("{what}is owned by another user (uid {})", meta.uid()),
     ))
+}
+
+/// Whether the mode lets `judge` execute the file: root, with any execute bit; the owner, with the owner's;
+/// a member of the file's group, with the group's; anyone else, with the others' (as the kernel decides,
+/// ACLs aside).
+fn executable_by(judge: &Judge, mode: u32, owner: u32, group: u32) -> bool {
+    if judge.uid == 0 {
+        mode & 0o111 != 0
+    } else if owner == judge.uid {
+        mode & 0o100 != 0
+    } else if judge.gids.contains(&group) {
+        mode & 0o010 != 0
+    } else {
+        mode & 0o001 != 0
+    }
 }
 
 /// The per-request check of a fixed script: the whole of [`check_script`] again, since the file, or a
@@ -626,6 +698,7 @@ pub fn check_before_run(scripts_dir: &Path, path: &Path) -> Result<(), UnsafeScr
 }
 
 fn check_mode(written: &str, path: &Path, meta: &fs::Metadata) -> Result<(), UnsafeScript> {
+    use std::os::unix::fs::MetadataExt;
     let mode = meta.permissions().mode();
     if !meta.is_file() {
         Err(refusal(
@@ -638,6 +711,18 @@ fn check_mode(written: &str, path: &Path, meta: &fs::Metadata) -> Result<(), Uns
             written,
             format!("{} is not executable: chmod 755 it", path.display()),
             "is not executable",
+        ))
+    } else if !executable_by(judge(), mode, meta.uid(), meta.gid()) {
+        let uid = judge().uid;
+        Err(refusal(
+            written,
+            format!(
+                "{} is not executable by the daemon's user (uid {uid}): its mode {:o} lets only others \
+                 run it; chmod 755 it, or give it the daemon's group and chmod 750",
+                path.display(),
+                mode & 0o7777
+            ),
+            &format!("is not executable by the daemon's user (uid {uid})"),
         ))
     } else {
         check_unshared(written, path, "", meta)
@@ -1321,6 +1406,56 @@ MobileDevice*              mobile-device.sh
             routes.select("Open", None, no_body),
             Err(SelectError::Unsafe(_))
         ));
+    }
+
+    #[test]
+    fn execute_permission_is_the_daemons_users_own() {
+        // A file owned by uid 10, group 20.
+        let can = |mode: u32, judge: &Judge| executable_by(judge, mode, 10, 20);
+        let root = Judge {
+            uid: 0,
+            gids: vec![0],
+        };
+        let the_owner = Judge {
+            uid: 10,
+            gids: vec![30],
+        };
+        let in_group = Judge {
+            uid: 11,
+            gids: vec![30, 20],
+        };
+        let stranger = Judge {
+            uid: 11,
+            gids: vec![30],
+        };
+        // 750: root and the group may run it, anyone else may not (the daemon's user, when `check` run as
+        // root passed it).
+        assert!(can(0o750, &root) && can(0o750, &in_group) && can(0o750, &the_owner));
+        assert!(!can(0o750, &stranger));
+        assert!(can(0o755, &stranger));
+        // The owner's bits decide for the owner, the group's for the group, whatever the others' say.
+        assert!(!can(0o075, &the_owner));
+        assert!(!can(0o705, &in_group));
+        // Root needs one execute bit, any.
+        assert!(can(0o001, &root) && !can(0o644, &root));
+    }
+
+    #[test]
+    fn an_event_never_reaches_a_readme_or_a_package_managers_copy() {
+        for name in [
+            "README",
+            "readme",
+            "README.md",
+            "ComputerAdded.dpkg-dist",
+            "ComputerAdded.dpkg-old",
+            "push.ucf-dist",
+            "ComputerAdded~",
+        ] {
+            assert!(never_a_script(Path::new(name)), "{name}");
+        }
+        for name in ["ComputerAdded", "invoice.paid", "Readmes", "push.sh"] {
+            assert!(!never_a_script(Path::new(name)), "{name}");
+        }
     }
 }
 

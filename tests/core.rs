@@ -604,6 +604,70 @@ fn configured_event_sources_replace_the_defaults() {
     assert_eq!(unnamed.status, 400, "{}", unnamed.text());
 }
 
+/// `check` run as root (to read the credentials of `LoadCredential=`) is not the user the daemon runs as:
+/// it checks scripts for the owner of `state_dir`, which is that user (the package's `hookrunner`). Root
+/// itself may run a 750 script of root's; that user may not.
+#[test]
+fn check_run_as_root_checks_scripts_for_the_user_that_owns_state_dir() {
+    use std::os::unix::fs::PermissionsExt;
+    if !rustix::process::geteuid().is_root() {
+        println!("skipped: checking as root needs root");
+        return;
+    }
+    let env = Env::new();
+    let script = env.script("private.sh", "exit 0");
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o750)).expect("chmod");
+    env.routes("A private.sh\n");
+    fs::create_dir(env.state()).expect("mkdir state");
+    fs::set_permissions(env.state(), fs::Permissions::from_mode(0o700)).expect("chmod state");
+    std::os::unix::fs::chown(env.state(), Some(65534), Some(65534)).expect("chown state");
+    let out = env.check();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{said}");
+    assert!(
+        said.contains("is not executable by the daemon's user (uid 65534)"),
+        "{said}"
+    );
+    // That user's own script, 700: owned by "another user" to root, and fine for the daemon.
+    std::os::unix::fs::chown(&script, Some(65534), Some(65534)).expect("chown script");
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o700)).expect("chmod");
+    let out = env.check();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listed.contains("(uid 65534), the owner of state_dir")
+            && listed.contains("# configuration OK"),
+        "{listed}"
+    );
+}
+
+/// A scripts directory holds files that are not scripts: the package's README, dpkg's copies beside a
+/// changed file. An event named after one finds no route; it is not a script that failed.
+#[test]
+fn an_event_never_runs_a_readme_or_a_package_managers_copy() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let ran = env.path().join("ran");
+    fs::write(env.scripts().join("README"), "Scripts for hookrunner\n").expect("write README");
+    fs::set_permissions(
+        env.scripts().join("README"),
+        fs::Permissions::from_mode(0o644),
+    )
+    .expect("chmod README");
+    env.script("ComputerAdded.dpkg-dist", &format!("echo ran >> {ran:?}"));
+    env.script("ComputerAdded", &format!("echo ComputerAdded >> {ran:?}"));
+    env.routes("* {event}\n");
+    let server = env.serve();
+    for event in ["README", "readme", "ComputerAdded.dpkg-dist"] {
+        let answer = server.post(&format!("/hooks/{event}"), b"{}");
+        assert_eq!(answer.status, 404, "{event}: {}", answer.text());
+    }
+    assert_eq!(server.post("/hooks/ComputerAdded", b"{}").status, 200);
+    assert_eq!(fs::read_to_string(&ran).expect("ran"), "ComputerAdded\n");
+    assert!(!server.log().contains("chmod 755"), "{}", server.log());
+}
+
 #[test]
 fn check_prints_the_table_or_file_and_line_errors() {
     let env = Env::new();

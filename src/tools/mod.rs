@@ -412,6 +412,62 @@ fn parse_header(text: &str) -> Result<(String, String), String> {
     }
 }
 
+/// `check` run as root is not the daemon: scripts are checked for the daemon's user instead, taken to be
+/// the owner of `state_dir` when that is not root (the package's `hookrunner`, which the unit runs as).
+/// Returns the line that says so, or `None` when scripts are checked for this process.
+pub fn judge_as_daemon(config: Option<&Path>) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    if !rustix::process::geteuid().is_root() {
+        return None;
+    }
+    let state_dir = Config::load_store(config).ok()?.state_dir;
+    let meta = std::fs::metadata(&state_dir).ok()?;
+    if meta.uid() == 0 {
+        return None;
+    }
+    let (name, gids) = user_groups(meta.uid())
+        .unwrap_or_else(|| (format!("uid {}", meta.uid()), vec![meta.gid()]));
+    crate::routes::judge_as(meta.uid(), gids).then(|| {
+        format!(
+            "# scripts checked for the daemon's user {name} (uid {}), the owner of state_dir {}",
+            meta.uid(),
+            state_dir.display()
+        )
+    })
+}
+
+/// The name and the groups (primary and supplementary) of the user `uid`, from the system's user database
+/// (NSS, so LDAP or sssd users too).
+fn user_groups(uid: u32) -> Option<(String, Vec<u32>)> {
+    let mut buf = vec![0 as libc::c_char; 16 << 10];
+    // SAFETY: `passwd` is plain old data; all zeroes is a valid value that getpwuid_r overwrites.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is to live memory of the size given; on success `found` points to `pwd`, whose
+    // strings point into `buf`.
+    let rc = unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut found) };
+    if rc != 0 || found.is_null() {
+        return None;
+    }
+    // SAFETY: a successful getpwuid_r leaves a NUL-terminated name in `buf`, which is still alive.
+    let name = unsafe { std::ffi::CStr::from_ptr(pwd.pw_name) }.to_owned();
+    let mut room: libc::c_int = 64;
+    while room <= 1 << 16 {
+        let mut groups = vec![0 as libc::gid_t; room as usize];
+        let mut n = room;
+        // SAFETY: `groups` has room for `n` entries; getgrouplist writes at most that many, and sets `n` to
+        // how many there are.
+        let rc =
+            unsafe { libc::getgrouplist(name.as_ptr(), pwd.pw_gid, groups.as_mut_ptr(), &mut n) };
+        if rc >= 0 {
+            groups.truncate(n.max(0) as usize);
+            return Some((name.to_string_lossy().into_owned(), groups));
+        }
+        room = n.max(room * 2);
+    }
+    None
+}
+
 /// `check --payload FILE`: explains what the daemon would do with a POST of FILE.
 pub fn run_check_payload(
     config: Option<&Path>,
@@ -419,6 +475,7 @@ pub fn run_check_payload(
     payload: &Path,
     args: DryRunArgs,
 ) -> ExitCode {
+    judge_as_daemon(config);
     let config = match Config::load(config, overrides) {
         Ok(config) => config,
         Err(e) => {
