@@ -15,7 +15,11 @@
 //! - requests and their acknowledgements stay ahead of queued runs for the CPUs: the dispatcher and
 //!   everything it starts run at the lowest priority ([`NICE`]), so in a burst the queue absorbs what
 //!   the CPUs cannot run at once, rather than the scripts' start-ups (a fork and an exec or more each)
-//!   slowing the answers;
+//!   slowing the answers; and while a burst is being acknowledged (more than [`BURST_ACKS_PER_SECOND`]),
+//!   queued runs start at most one per [`BURST_START_EVERY`]: a run's start, however niced, takes the
+//!   process's locks (its memory map, its allocator's arenas) that the threads answering need, and a
+//!   thousand of them during a burst held the acknowledgements up by tens of milliseconds. The burst's
+//!   entries wait in the queue and start as soon as it ends;
 //! - outcome: exit 0 is done; 65 (EX_DATAERR) is dead at once; 75 (EX_TEMPFAIL) is retried whatever the
 //!   attempt count; anything else (another code, a signal, a timeout, a failed start) is retried until the
 //!   route's attempts are spent, then dead. Pauses double from 1 s up to `retry_max`, each drawn between
@@ -28,7 +32,7 @@ use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -68,17 +72,34 @@ const STOP_SIGNAL_SLACK: Duration = Duration::from_millis(500);
 /// there are slots: at 10, a thousand of them together outweighed the few threads answering requests.
 pub const NICE: i32 = 19;
 
+/// Acknowledgements a second above which they are a burst, during which queued runs start at most one per
+/// [`BURST_START_EVERY`]. Far above what a steady sender sends (a 10,000-device Jamf Pro estate, about 11
+/// a second), far below what a burst is acknowledged at (10,000-25,000 a second on 2 CPUs).
+pub const BURST_ACKS_PER_SECOND: u64 = 1_000;
+/// During a burst, at least this long between two starts: the queue moves on, slowly.
+pub const BURST_START_EVERY: Duration = Duration::from_millis(100);
+/// The span over which the acknowledgement rate is measured.
+const PACE_WINDOW: Duration = Duration::from_millis(20);
+
 /// Rung when something may have become runnable (an entry accepted, a run finished).
 #[derive(Default)]
 pub struct Bell {
     rung: Mutex<bool>,
     ringing: Condvar,
+    /// Entries accepted (queued) since the start, for the burst's pace ([`Pace`]).
+    accepted: AtomicU64,
 }
 
 impl Bell {
     pub fn ring(&self) {
         *self.rung.lock().unwrap_or_else(|e| e.into_inner()) = true;
         self.ringing.notify_one();
+    }
+
+    /// An entry was accepted into the queue: counted, then rung.
+    pub fn accepted(&self) {
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+        self.ring();
     }
 
     fn wait(&self, timeout: Duration) {
@@ -88,6 +109,57 @@ impl Bell {
             .wait_timeout_while(rung, timeout, |rung| !*rung)
             .unwrap_or_else(|e| e.into_inner());
         *rung = false;
+    }
+}
+
+/// Whether queued runs may start now, or wait for a burst of acknowledgements to pass. Pure: it is given
+/// the count of accepted entries and the time.
+#[derive(Debug)]
+struct Pace {
+    /// When the current measuring span began, and the count then.
+    since: Instant,
+    count_then: u64,
+    /// Whether the last complete span was a burst.
+    burst: bool,
+    /// When a run last started.
+    last_start: Option<Instant>,
+}
+
+impl Pace {
+    fn new(now: Instant, count: u64) -> Pace {
+        Pace {
+            since: now,
+            count_then: count,
+            burst: false,
+            last_start: None,
+        }
+    }
+
+    /// How long the next start must wait (zero: it may start now), given the accepted count now.
+    fn wait(&mut self, now: Instant, count: u64) -> Duration {
+        let span = now.saturating_duration_since(self.since);
+        let acks = count.saturating_sub(self.count_then);
+        // Over a whole window at least: a few acks just after a quiet spell are no burst. But a window's
+        // worth of them before the window is over is one already, not 20 ms of unpaced starts later.
+        let budget_ms = span.max(PACE_WINDOW).as_millis() as u64;
+        let burst = acks.saturating_mul(1000) >= BURST_ACKS_PER_SECOND.saturating_mul(budget_ms);
+        if span >= PACE_WINDOW {
+            self.burst = burst;
+            self.since = now;
+            self.count_then = count;
+        } else if burst {
+            self.burst = true;
+        }
+        match self.last_start {
+            Some(at) if self.burst => {
+                BURST_START_EVERY.saturating_sub(now.saturating_duration_since(at))
+            }
+            _ => Duration::ZERO,
+        }
+    }
+
+    fn started(&mut self, now: Instant) {
+        self.last_start = Some(now);
     }
 }
 
@@ -165,6 +237,7 @@ impl Dispatcher {
             // Due times are the wall clock's: entries queued while it read ahead, before a step back
             // (at start: while the daemon was down), would otherwise wait for as long as it was ahead.
             let mut clock = WallClock::new();
+            let mut pace = Pace::new(Instant::now(), self.bell.accepted.load(Ordering::Relaxed));
             self.due_again();
             while !self.stop.load(Ordering::SeqCst) {
                 if clock.set_back() {
@@ -175,7 +248,7 @@ impl Dispatcher {
                     let _ = (&self.waker).write_all(b"!");
                     break;
                 }
-                let wait = self.start_due(scope, &running);
+                let wait = self.start_due(scope, &running, &mut pace);
                 self.bell.wait(wait);
             }
         });
@@ -186,6 +259,7 @@ impl Dispatcher {
         &'s self,
         scope: &'s std::thread::Scope<'s, '_>,
         running: &'s Mutex<Running>,
+        pace: &mut Pace,
     ) -> Duration {
         // No slot, nothing to start: the queue is not read while every slot is busy.
         let Some(mut slot) = self.limiter.try_background() else {
@@ -254,6 +328,19 @@ impl Dispatcher {
                     wait = wait.min(until);
                     continue;
                 }
+                // A burst being acknowledged goes first (module docs): this start waits its turn.
+                loop {
+                    let wait =
+                        pace.wait(Instant::now(), self.bell.accepted.load(Ordering::Relaxed));
+                    if wait.is_zero() {
+                        break;
+                    }
+                    self.pause(wait.min(PACE_WINDOW));
+                    if self.stop.load(Ordering::SeqCst) {
+                        return POLL;
+                    }
+                }
+                pace.started(Instant::now());
                 {
                     let mut running = running.lock().unwrap_or_else(|e| e.into_inner());
                     running.ids.insert(entry.id);
@@ -784,6 +871,36 @@ fn random_unit() -> f64 {
 mod tests {
     use super::*;
     use crate::store::Policy;
+
+    #[test]
+    fn a_burst_of_acks_paces_the_starts_and_its_end_frees_them() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let mut pace = Pace::new(t0, 0);
+        // Steady traffic, a few acks a window: every start at once.
+        assert_eq!(pace.wait(ms(10), 1), Duration::ZERO);
+        pace.started(ms(10));
+        assert_eq!(pace.wait(ms(30), 3), Duration::ZERO);
+        pace.started(ms(30));
+        assert_eq!(pace.wait(ms(31), 4), Duration::ZERO);
+        pace.started(ms(31));
+        // 1,000 a second is a burst, told as soon as a window's worth has come (20 within 5 ms), before
+        // the window is over: the next start waits until 100 ms after the last.
+        assert_eq!(pace.wait(ms(35), 24), Duration::from_millis(96));
+        assert_eq!(pace.wait(ms(131), 500), Duration::ZERO);
+        pace.started(ms(131));
+        assert_eq!(pace.wait(ms(150), 900), Duration::from_millis(81));
+        // Still a burst over the next windows: one start per 100 ms, not more.
+        assert_eq!(pace.wait(ms(231), 2_000), Duration::ZERO);
+        pace.started(ms(231));
+        assert_eq!(pace.wait(ms(240), 2_100), Duration::from_millis(91));
+        assert_eq!(pace.wait(ms(251), 2_110), Duration::from_millis(80));
+        // The burst ends (19 acks in the next 21 ms: under 1,000 a second): starts are free again within
+        // a window, however recently the last one was.
+        assert_eq!(pace.wait(ms(272), 2_129), Duration::ZERO);
+        pace.started(ms(272));
+        assert_eq!(pace.wait(ms(273), 2_129), Duration::ZERO);
+    }
 
     fn entry(max_attempts: u32) -> Pending {
         Pending {

@@ -491,7 +491,7 @@ impl Gateway {
                     },
                 });
             }
-            self.bell.ring();
+            self.bell.accepted();
             return Ok(Served::Queued {
                 event,
                 script,

@@ -1353,6 +1353,71 @@ fn restart(env: &Env) -> Server {
 
 /// The kill -9 storm: numbered events from 4 clients while the daemon is killed and restarted at random;
 /// every event that was answered 2xx must have run at least once.
+/// Acknowledging a burst comes before running it: while acks come faster than 1,000 a second, queued runs
+/// start at most one per 100 ms (after the few that start before the burst is told from steady traffic),
+/// so the burst's answers do not wait behind a thousand script start-ups; when it ends, every entry runs.
+#[test]
+fn a_burst_is_acknowledged_before_its_runs_start_and_all_of_it_runs_after() {
+    const CLIENTS: usize = 8;
+    const EACH: usize = 600;
+    let env = Env::new();
+    let started = env.path().join("started");
+    // The script's first act is to note when it started, in nanoseconds of the wall clock.
+    env.script("burst.sh", &format!("date +%s%N >> {started:?}"));
+    env.routes("* burst.sh async\n");
+    let server = env.serve();
+    let began = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..CLIENTS {
+            s.spawn(|| {
+                let mut stream = server.connect();
+                for _ in 0..EACH {
+                    let headers = [("Content-Type", "application/json")];
+                    crate::util::send(&mut stream, "POST", "/hooks/Burst", &headers, b"{}", false);
+                    let answer = Response::read(&mut stream).expect("an answer");
+                    assert_eq!(answer.status, 202, "{}", answer.text());
+                }
+            });
+        }
+    });
+    let took = began.elapsed();
+    let ended_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_nanos();
+    let acks = CLIENTS * EACH;
+    let lines = || {
+        fs::read_to_string(&started)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.trim().parse::<u128>().expect("a time in ns"))
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        wait_until(Duration::from_secs(120), || lines().len() >= acks),
+        "{} of {acks} acknowledged entries ran\n{}",
+        lines().len(),
+        server.log()
+    );
+    assert_eq!(lines().len(), acks, "an entry ran twice");
+    let rate = acks as f64 / took.as_secs_f64();
+    if rate < 2_000.0 {
+        println!(
+            "the pace not checked: {rate:.0} acks a second here is too close to a burst's 1,000"
+        );
+        return;
+    }
+    let during = lines().iter().filter(|&&t| t <= ended_ns).count();
+    // The starts before the burst is told (20 acks' worth at most: a few ms of them), then one per 100 ms.
+    let allowed = 50 + (took.as_millis() / 100) as usize;
+    println!("{during} runs started during a {took:?} burst of {acks} acks ({rate:.0} a second)");
+    assert!(
+        during <= allowed,
+        "{during} runs started during a {took:?} burst of {acks} acks ({rate:.0} a second); at most \
+         {allowed} may"
+    );
+}
+
 #[test]
 fn kill_9_storm_loses_no_acknowledged_event() {
     const EVENTS: usize = 2000;
