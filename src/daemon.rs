@@ -90,10 +90,22 @@ pub fn serve(config_path: Option<PathBuf>, mut overrides: Overrides) -> Result<(
     // absence is a failed reload that keeps the configuration in force.
     let config_path = config.source.clone();
     open_log_file(&config)?;
-    let (payloads, stale) = PayloadDir::open(&config.payload_dir)
-        .map_err(|e| Error::Start("payload directory".into(), e))?;
-    let runner = Runner::new().map_err(|e| Error::Start("script runner".into(), e))?;
+    // The store first: its checks refuse a state_dir of another user's (a `sudo hookrunner serve` beside
+    // the service) before the payload directory, often inside it, is made, as that user could not use it.
     let (store, waiting) = open_store(&config)?;
+    let (payloads, stale) = PayloadDir::open(&config.payload_dir).map_err(|e| {
+        // Another user's directory, or one holding files not ours: only the operator can mend it.
+        if e.kind() == io::ErrorKind::InvalidInput {
+            Error::Config(ConfigError::new(
+                None,
+                None,
+                format!("payload directory: {e}"),
+            ))
+        } else {
+            Error::Start("payload directory".into(), e)
+        }
+    })?;
+    let runner = Runner::new().map_err(|e| Error::Start("script runner".into(), e))?;
     let listener = match passed {
         Some(listener) => listener,
         None => Listener::bind(&config.listen)

@@ -42,11 +42,15 @@ impl PayloadDir {
         }
         let meta = fs::symlink_metadata(path).map_err(|e| context("cannot stat", e))?;
         let euid = rustix::process::geteuid().as_raw();
+        // InvalidInput, for what only the operator can mend (the daemon exits 78, not restarted).
         if !meta.is_dir() || meta.uid() != euid {
-            return Err(io::Error::other(format!(
-                "payload_dir {} must be a directory owned by uid {euid}",
-                path.display()
-            )));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "payload_dir {} must be a directory owned by uid {euid}",
+                    path.display()
+                ),
+            ));
         }
         // Never adopt a directory that holds anything but ours (`payload_dir = "/tmp"`): it would be made
         // private and emptied.
@@ -55,12 +59,15 @@ impl PayloadDir {
             .filter_map(Result::ok)
             .find(|entry| !is_ours(&entry.file_name()));
         if let Some(entry) = foreign {
-            return Err(io::Error::other(format!(
-                "payload_dir {} holds {:?}, which is not a hookrunner payload file: give hookrunner a \
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "payload_dir {} holds {:?}, which is not a hookrunner payload file: give hookrunner a \
                  directory of its own",
-                path.display(),
-                entry.file_name()
-            )));
+                    path.display(),
+                    entry.file_name()
+                ),
+            ));
         }
         if meta.mode() & 0o077 != 0 {
             fs::set_permissions(path, fs::Permissions::from_mode(0o700))

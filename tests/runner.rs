@@ -1131,15 +1131,42 @@ fn refused_at_start(env: &Env) -> String {
     let status = server
         .wait_exit(Duration::from_secs(10))
         .unwrap_or_else(|| panic!("the daemon did not exit\n{}", server.log()));
-    assert!(
-        status.code().is_some_and(|c| c != 0),
-        "exits with an error code, not {status:?}"
-    );
+    // 78, a configuration error: a restart cannot give the directory back (systemd does not restart it).
+    assert_eq!(status.code(), Some(78), "{}", server.log());
     // Its stderr may still be on its way to the collecting thread.
     server.wait_log("payload directory", Duration::from_secs(5));
     let log = server.log();
     assert!(!log.contains("listening on"), "{log}");
     log
+}
+
+/// `sudo hookrunner serve` beside the service (whose state_dir, and payload_dir in it, are its user's) is
+/// refused on the state_dir before it makes the payload directory as root, which the service could then
+/// not use.
+#[test]
+fn a_start_refused_on_another_users_state_dir_makes_no_payload_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: only root can give a directory to another user");
+        return;
+    }
+    let env = Env::new().default_payload_dir();
+    let inside = env.state().join("payloads");
+    let env = env.config(&format!("payload_dir = {inside:?}"));
+    fs::create_dir(env.state()).expect("mkdir state");
+    fs::set_permissions(env.state(), fs::Permissions::from_mode(0o700)).expect("chmod");
+    std::os::unix::fs::chown(env.state(), Some(65534), Some(65534)).expect("chown");
+    let mut server = Server::spawn(env.serve_command("127.0.0.1:0"));
+    let status = server
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("the daemon did not exit\n{}", server.log()));
+    assert_eq!(status.code(), Some(78), "{}", server.log());
+    assert!(
+        !inside.exists(),
+        "{} was made\n{}",
+        inside.display(),
+        server.log()
+    );
 }
 
 #[test]
