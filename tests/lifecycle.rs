@@ -491,10 +491,21 @@ fn a_second_daemon_on_the_same_payload_dir_is_refused_and_the_first_keeps_servin
             "the script did not start\n{}",
             server.log()
         );
-        let (status, second) = start_failing(&env);
+        // Each with a store of its own: the store is opened (and its lock taken) before the payload
+        // directory, and the same store would refuse them first.
+        let beside = |n: &str| {
+            let mut command = env.serve_command("127.0.0.1:0");
+            command.env("STATE_DIRECTORY", env.path().join(n));
+            let mut server = Server::spawn(command);
+            let status = server
+                .wait_exit(EXIT)
+                .unwrap_or_else(|| panic!("still running:\n{}", server.log()));
+            (status, server)
+        };
+        let (status, second) = beside("state-2");
         // With `.lock` removed (a cleanup by hand, a tmpfiles rule), the directory's own lock still holds.
         fs::remove_file(env.payloads().join(".lock")).expect("rm .lock");
-        let (third_status, third) = start_failing(&env);
+        let (third_status, third) = beside("state-3");
         drop(release);
         assert!(
             status.code().is_some_and(|c| c != 0),
