@@ -112,6 +112,14 @@ impl Bell {
     }
 }
 
+/// What a look at the queue asks of the dispatcher's loop.
+enum Look {
+    /// Look again after this long, or when the bell rings (an entry accepted, a run ended).
+    Wait(Duration),
+    /// A burst is being acknowledged: look again after this long, whatever rings.
+    Paced(Duration),
+}
+
 /// Whether queued runs may start now, or wait for a burst of acknowledgements to pass. Pure: it is given
 /// the count of accepted entries and the time.
 #[derive(Debug)]
@@ -248,8 +256,11 @@ impl Dispatcher {
                     let _ = (&self.waker).write_all(b"!");
                     break;
                 }
-                let wait = self.start_due(scope, &running, &mut pace);
-                self.bell.wait(wait);
+                match self.start_due(scope, &running, &mut pace) {
+                    Look::Wait(wait) => self.bell.wait(wait),
+                    // Every accepted entry rings the bell: a burst's next start waits out the pace alone.
+                    Look::Paced(wait) => self.pause(wait),
+                }
             }
         });
     }
@@ -260,10 +271,16 @@ impl Dispatcher {
         scope: &'s std::thread::Scope<'s, '_>,
         running: &'s Mutex<Running>,
         pace: &mut Pace,
-    ) -> Duration {
+    ) -> Look {
+        // A burst being acknowledged goes first (module docs): no start, and no slot held, until its
+        // turn. The look ends here, so the queue is read afresh (what came due, serial lanes) when it comes.
+        let paced = pace.wait(Instant::now(), self.bell.accepted.load(Ordering::Relaxed));
+        if !paced.is_zero() {
+            return Look::Paced(paced.min(PACE_WINDOW));
+        }
         // No slot, nothing to start: the queue is not read while every slot is busy.
         let Some(mut slot) = self.limiter.try_background() else {
-            return POLL;
+            return Look::Wait(POLL);
         };
         let now = now_ms();
         let mut wait = POLL;
@@ -286,7 +303,7 @@ impl Dispatcher {
             }
             Err(e) => {
                 log::error!("cannot read the queue: {e}");
-                return POLL;
+                return Look::Wait(POLL);
             }
         };
         let mut after = After::START;
@@ -295,7 +312,7 @@ impl Dispatcher {
                 Ok(page) => page,
                 Err(e) => {
                     log::error!("cannot read the queue: {e}");
-                    return POLL;
+                    return Look::Wait(POLL);
                 }
             };
             let last = page.len() < PAGE;
@@ -328,17 +345,10 @@ impl Dispatcher {
                     wait = wait.min(until);
                     continue;
                 }
-                // A burst being acknowledged goes first (module docs): this start waits its turn.
-                loop {
-                    let wait =
-                        pace.wait(Instant::now(), self.bell.accepted.load(Ordering::Relaxed));
-                    if wait.is_zero() {
-                        break;
-                    }
-                    self.pause(wait.min(PACE_WINDOW));
-                    if self.stop.load(Ordering::SeqCst) {
-                        return POLL;
-                    }
+                // During a burst, one start per look: the next waits out the pace (above), slot freed.
+                let paced = pace.wait(Instant::now(), self.bell.accepted.load(Ordering::Relaxed));
+                if !paced.is_zero() {
+                    return Look::Paced(paced.min(PACE_WINDOW));
                 }
                 pace.started(Instant::now());
                 {
@@ -388,18 +398,18 @@ impl Dispatcher {
                     log::error!(
                         "cannot start a thread for a queued run: {e}; trying again shortly"
                     );
-                    return POLL;
+                    return Look::Wait(POLL);
                 }
                 match self.limiter.try_background() {
                     Some(next) => slot = next,
-                    None => return POLL,
+                    None => return Look::Wait(POLL),
                 }
                 if self.stop.load(Ordering::SeqCst) {
-                    return wait;
+                    return Look::Wait(wait);
                 }
             }
             if last {
-                return wait;
+                return Look::Wait(wait);
             }
         }
     }
