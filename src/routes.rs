@@ -519,8 +519,9 @@ fn resolve_path(scripts_dir: &Path, written: &str) -> PathBuf {
 }
 
 /// Files a scripts directory holds that are not scripts, which an event named after one must not reach:
-/// the package's README (and any README.*), the copies dpkg and ucf leave beside a changed file
-/// (`.dpkg-dist`, `.dpkg-old`, `.ucf-dist`, ...), editors' backups (`~`). Addressed as an event, such a file
+/// the package's README (and any README.*), the copies dpkg, ucf and rpm leave beside a changed file
+/// (`.dpkg-dist`, `.dpkg-old`, `.ucf-dist`, `.rpmnew`, ...), `patch`'s and editors' leftovers (`.orig`,
+/// `.rej`, `.bak`, `~`). Addressed as an event, such a file
 /// is no route (404), not a script that failed (500) with advice to make it executable.
 fn never_a_script(path: &Path) -> bool {
     let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
@@ -531,6 +532,9 @@ fn never_a_script(path: &Path) -> bool {
         || lower.starts_with("readme.")
         || lower.contains(".dpkg-")
         || lower.contains(".ucf-")
+        || [".orig", ".bak", ".rej", ".rpmnew", ".rpmsave"]
+            .iter()
+            .any(|suffix| lower.ends_with(suffix))
         || name.ends_with('~')
 }
 
@@ -601,6 +605,9 @@ struct Judge {
     uid: u32,
     /// Its primary and supplementary groups.
     gids: Vec<u32>,
+    /// This process itself: the kernel answers whether it may execute a file (`faccessat`), ACLs
+    /// included. For another user only the mode bits can be read.
+    this_process: bool,
 }
 
 static JUDGE: OnceLock<Judge> = OnceLock::new();
@@ -614,6 +621,7 @@ fn judge() -> &'static Judge {
         Judge {
             uid: rustix::process::geteuid().as_raw(),
             gids,
+            this_process: true,
         }
     })
 }
@@ -621,7 +629,24 @@ fn judge() -> &'static Judge {
 /// Checks scripts from now on for the user `uid`, with its groups (`gids`), rather than for this process:
 /// what `check` run as root does for the daemon's user. Only before the first check; false after it.
 pub fn judge_as(uid: u32, gids: Vec<u32>) -> bool {
-    JUDGE.set(Judge { uid, gids }).is_ok()
+    JUDGE
+        .set(Judge {
+            uid,
+            gids,
+            this_process: false,
+        })
+        .is_ok()
+}
+
+/// Whether `judge` may execute the file at `path` with metadata `meta`.
+fn may_execute(judge: &Judge, path: &Path, meta: &fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if judge.this_process {
+        use rustix::fs::{Access, AtFlags, CWD};
+        rustix::fs::accessat(CWD, path, Access::EXEC_OK, AtFlags::EACCESS).is_ok()
+    } else {
+        executable_by(judge, meta.mode(), meta.uid(), meta.gid())
+    }
 }
 
 /// Owned by root or by the user the daemon runs as: anyone else could change what runs as the daemon.
@@ -712,15 +737,25 @@ fn check_mode(written: &str, path: &Path, meta: &fs::Metadata) -> Result<(), Uns
             format!("{} is not executable: chmod 755 it", path.display()),
             "is not executable",
         ))
-    } else if !executable_by(judge(), mode, meta.uid(), meta.gid()) {
-        let uid = judge().uid;
+    } else if !may_execute(judge(), path, meta) {
+        let judge = judge();
+        let uid = judge.uid;
+        let class = if meta.uid() == uid {
+            "its owner"
+        } else if judge.gids.contains(&meta.gid()) {
+            "in its group"
+        } else {
+            "neither its owner nor in its group"
+        };
         Err(refusal(
             written,
             format!(
-                "{} is not executable by the daemon's user (uid {uid}): its mode {:o} lets only others \
-                 run it; chmod 755 it, or give it the daemon's group and chmod 750",
+                "{} is not executable by the daemon's user (uid {uid}, {class}; mode {:o}, owner {}, group \
+                 {}): chmod 755 it, or give it the daemon's group and chmod 750",
                 path.display(),
-                mode & 0o7777
+                mode & 0o7777,
+                meta.uid(),
+                meta.gid()
             ),
             &format!("is not executable by the daemon's user (uid {uid})"),
         ))
@@ -1415,18 +1450,22 @@ MobileDevice*              mobile-device.sh
         let root = Judge {
             uid: 0,
             gids: vec![0],
+            this_process: false,
         };
         let the_owner = Judge {
             uid: 10,
             gids: vec![30],
+            this_process: false,
         };
         let in_group = Judge {
             uid: 11,
             gids: vec![30, 20],
+            this_process: false,
         };
         let stranger = Judge {
             uid: 11,
             gids: vec![30],
+            this_process: false,
         };
         // 750: root and the group may run it, anyone else may not (the daemon's user, when `check` run as
         // root passed it).
@@ -1450,6 +1489,8 @@ MobileDevice*              mobile-device.sh
             "ComputerAdded.dpkg-old",
             "push.ucf-dist",
             "ComputerAdded~",
+            "ComputerAdded.orig",
+            "push.bak",
         ] {
             assert!(never_a_script(Path::new(name)), "{name}");
         }

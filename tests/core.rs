@@ -625,8 +625,20 @@ fn check_run_as_root_checks_scripts_for_the_user_that_owns_state_dir() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{said}");
     assert!(
-        said.contains("is not executable by the daemon's user (uid 65534)"),
+        said.contains(
+            "is not executable by the daemon's user (uid 65534, neither its owner nor in its group"
+        ),
         "{said}"
+    );
+    // The unit's Group= is state_dir's group, whatever the user's passwd entry says (a user made by
+    // hand has nogroup there): root's script, 750, of that group, the daemon may run.
+    std::os::unix::fs::chown(env.state(), Some(65534), Some(54321)).expect("chgrp state");
+    std::os::unix::fs::chown(&script, Some(0), Some(54321)).expect("chgrp script");
+    let out = env.check();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
     // That user's own script, 700: owned by "another user" to root, and fine for the daemon.
     std::os::unix::fs::chown(&script, Some(65534), Some(65534)).expect("chown script");

@@ -1351,8 +1351,6 @@ fn restart(env: &Env) -> Server {
     panic!("payload_dir stayed locked after the kill");
 }
 
-/// The kill -9 storm: numbered events from 4 clients while the daemon is killed and restarted at random;
-/// every event that was answered 2xx must have run at least once.
 /// Acknowledging a burst comes before running it: while acks come faster than 1,000 a second, queued runs
 /// start at most one per 100 ms (after the few that start before the burst is told from steady traffic),
 /// so the burst's answers do not wait behind a thousand script start-ups; when it ends, every entry runs.
@@ -1418,6 +1416,8 @@ fn a_burst_is_acknowledged_before_its_runs_start_and_all_of_it_runs_after() {
     );
 }
 
+/// The kill -9 storm: numbered events from 4 clients while the daemon is killed and restarted at random;
+/// every event that was answered 2xx must have run at least once.
 #[test]
 fn kill_9_storm_loses_no_acknowledged_event() {
     const EVENTS: usize = 2000;

@@ -414,19 +414,30 @@ fn parse_header(text: &str) -> Result<(String, String), String> {
 
 /// `check` run as root is not the daemon: scripts are checked for the daemon's user instead, taken to be
 /// the owner of `state_dir` when that is not root (the package's `hookrunner`, which the unit runs as).
-/// Returns the line that says so, or `None` when scripts are checked for this process.
+/// Returns the line that says whom scripts are checked for when run as root, `None` otherwise.
 pub fn judge_as_daemon(config: Option<&Path>) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
     if !rustix::process::geteuid().is_root() {
         return None;
     }
-    let state_dir = Config::load_store(config).ok()?.state_dir;
-    let meta = std::fs::metadata(&state_dir).ok()?;
-    if meta.uid() == 0 {
-        return None;
-    }
-    let (name, gids) = user_groups(meta.uid())
+    // Said too when it cannot be told: a 750 script of root's passes for root, not for the daemon.
+    let as_root = |why: String| Some(format!("# scripts checked for root: {why}"));
+    let Ok(store) = Config::load_store(config) else {
+        return as_root("its state_dir, which tells the daemon's user, could not be read from the configuration".into());
+    };
+    let state_dir = store.state_dir;
+    let meta = match std::fs::metadata(&state_dir) {
+        Ok(meta) if meta.uid() != 0 => meta,
+        Ok(_) => return as_root(format!("state_dir {} is root's", state_dir.display())),
+        Err(e) => return as_root(format!("state_dir {}: {e}", state_dir.display())),
+    };
+    let (name, mut gids) = user_groups(meta.uid())
         .unwrap_or_else(|| (format!("uid {}", meta.uid()), vec![meta.gid()]));
+    // The unit's Group= (the package's hookrunner) is state_dir's group, whatever passwd says: a user
+    // made by hand has nogroup there.
+    if !gids.contains(&meta.gid()) {
+        gids.push(meta.gid());
+    }
     crate::routes::judge_as(meta.uid(), gids).then(|| {
         format!(
             "# scripts checked for the daemon's user {name} (uid {}), the owner of state_dir {}",
