@@ -17,7 +17,12 @@ const EXIT: Duration = Duration::from_secs(10);
 
 /// Starts `serve` on this env, expecting it to exit at once; returns how, and the server for its log.
 fn start_failing(env: &Env) -> (ExitStatus, Server) {
-    let mut server = Server::spawn(env.serve_command("127.0.0.1:0"));
+    exits(env.serve_command("127.0.0.1:0"))
+}
+
+/// Runs a daemon that is to exit by itself; its status and its log.
+fn exits(command: std::process::Command) -> (ExitStatus, Server) {
+    let mut server = Server::spawn(command);
     let status = server
         .wait_exit(EXIT)
         .unwrap_or_else(|| panic!("still running:\n{}", server.log()));
@@ -496,11 +501,7 @@ fn a_second_daemon_on_the_same_payload_dir_is_refused_and_the_first_keeps_servin
         let beside = |n: &str| {
             let mut command = env.serve_command("127.0.0.1:0");
             command.env("STATE_DIRECTORY", env.path().join(n));
-            let mut server = Server::spawn(command);
-            let status = server
-                .wait_exit(EXIT)
-                .unwrap_or_else(|| panic!("still running:\n{}", server.log()));
-            (status, server)
+            exits(command)
         };
         let (status, second) = beside("state-2");
         // With `.lock` removed (a cleanup by hand, a tmpfiles rule), the directory's own lock still holds.

@@ -1125,14 +1125,20 @@ fn payload_dir_defaults_to_runtime_directory_else_tmpdir() {
     assert!(!other.exists(), "only the first RUNTIME_DIRECTORY is used");
 }
 
-/// Starts the daemon expecting it to refuse to start; returns its log.
-fn refused_at_start(env: &Env) -> String {
+/// Starts the daemon expecting it to exit at once with 78, a configuration error: a restart cannot give a
+/// directory back (systemd does not restart it). Returns the exited daemon.
+fn exits_78(env: &Env) -> Server {
     let mut server = Server::spawn(env.serve_command("127.0.0.1:0"));
     let status = server
         .wait_exit(Duration::from_secs(10))
         .unwrap_or_else(|| panic!("the daemon did not exit\n{}", server.log()));
-    // 78, a configuration error: a restart cannot give the directory back (systemd does not restart it).
     assert_eq!(status.code(), Some(78), "{}", server.log());
+    server
+}
+
+/// Starts the daemon expecting it to refuse to start on its payload directory; returns its log.
+fn refused_at_start(env: &Env) -> String {
+    let server = exits_78(env);
     // Its stderr may still be on its way to the collecting thread.
     server.wait_log("payload directory", Duration::from_secs(5));
     let log = server.log();
@@ -1156,11 +1162,7 @@ fn a_start_refused_on_another_users_state_dir_makes_no_payload_directory() {
     fs::create_dir(env.state()).expect("mkdir state");
     fs::set_permissions(env.state(), fs::Permissions::from_mode(0o700)).expect("chmod");
     std::os::unix::fs::chown(env.state(), Some(65534), Some(65534)).expect("chown");
-    let mut server = Server::spawn(env.serve_command("127.0.0.1:0"));
-    let status = server
-        .wait_exit(Duration::from_secs(10))
-        .unwrap_or_else(|| panic!("the daemon did not exit\n{}", server.log()));
-    assert_eq!(status.code(), Some(78), "{}", server.log());
+    let server = exits_78(&env);
     assert!(
         !inside.exists(),
         "{} was made\n{}",
