@@ -5,6 +5,7 @@ mod util;
 mod auth;
 mod completions;
 mod config;
+mod copyright;
 mod core;
 mod lifecycle;
 mod logs;
