@@ -180,9 +180,18 @@ pub struct Routes {
     pub source: Option<PathBuf>,
     pub routes: Vec<Route>,
     scripts_dir: PathBuf,
+    /// `scripts_dir`'s device and inode when the table loaded: while its path still reaches that directory,
+    /// a regular file directly in it is its own real path (see [`check_script`]).
+    scripts_dir_id: Option<(u64, u64)>,
     /// The scripts lines name (resolved, with the first line naming each): such a script runs only through
     /// its lines, with their filters and options, never as an `{event}` script of another line.
     reserved: Vec<(PathBuf, usize)>,
+}
+
+/// A directory's device and inode, following symlinks: which directory its path reaches now.
+fn dir_id(dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// Whether a glob can match some event name (letters, digits, `_`, `.`, `-`; see `event::is_valid_name`):
@@ -289,6 +298,12 @@ pub enum RoutesError {
 }
 
 impl Routes {
+    /// Whether `scripts_dir`'s path still reaches the directory it reached at load. Replaced by a symlink
+    /// (it, or a directory above it), a script's path must be resolved again to be found outside it.
+    fn unmoved(&self) -> bool {
+        self.scripts_dir_id.is_some() && dir_id(&self.scripts_dir) == self.scripts_dir_id
+    }
+
     pub fn load(path: &Path, scripts_dir: &Path) -> Result<Routes, RoutesError> {
         let text = fs::read_to_string(path).map_err(RoutesError::Read)?;
         Routes::parse(&text, Some(path), scripts_dir)
@@ -305,6 +320,7 @@ impl Routes {
                 options: RouteOptions::default(),
             }],
             scripts_dir: scripts_dir.to_path_buf(),
+            scripts_dir_id: dir_id(scripts_dir),
             reserved: Vec::new(),
         }
     }
@@ -349,6 +365,7 @@ impl Routes {
             source: source.map(Path::to_path_buf),
             routes,
             scripts_dir: scripts_dir.to_path_buf(),
+            scripts_dir_id: dir_id(scripts_dir),
             reserved,
         })
     }
@@ -397,7 +414,7 @@ impl Routes {
             }
             let script = match &route.script {
                 Script::Fixed { written, path } => {
-                    match recheck_script(&self.scripts_dir, written, path) {
+                    match recheck_script(&self.scripts_dir, written, path, self.unmoved()) {
                         None => {
                             skipped(route.line, Skip::Gone(path));
                             continue;
@@ -419,6 +436,7 @@ impl Routes {
                         skipped(route.line, Skip::NotAScript(path));
                         continue;
                     }
+                    let own = own.filter(|_| self.unmoved());
                     let real = check_script(&self.scripts_dir, &written, &path, own.as_ref())
                         .map_err(SelectError::Unsafe)?;
                     if let Some((_, named)) = self.reserved.iter().find(|(p, _)| *p == real) {
@@ -567,9 +585,10 @@ fn find_file(path: &Path) -> Option<(PathBuf, Option<fs::Metadata>)> {
 /// or others, in directories of which the same holds below `scripts_dir` (whose own mode `check` warns
 /// about), and (unless written as an absolute path) inside `scripts_dir` after following symlinks.
 ///
-/// `own` is the path's own metadata (not following a symlink) when the caller has it at hand. A regular
-/// file directly in `scripts_dir` (which is canonical) is its own real path, with no directory on its way
-/// below `scripts_dir`: it is judged on that metadata alone. Resolving the path again would ask for each of
+/// `own` is the path's own metadata (not following a symlink) when the caller has it at hand and knows that
+/// `scripts_dir` (canonical) still reaches the directory checked at load. A regular file directly in it is
+/// then its own real path, with no directory on its way below `scripts_dir`: it is judged on that metadata
+/// alone. Resolving the path again would ask for each of
 /// its components (`realpath` reads each as a link): six of the dozen system calls of an acknowledged
 /// request.
 fn check_script(
@@ -708,14 +727,20 @@ fn executable_by(judge: &Judge, mode: u32, owner: u32, group: u32) -> bool {
 /// The per-request check of a fixed script: the whole of [`check_script`] again, since the file, or a
 /// symlink on its way, may have changed since the routes loaded (a symlink retargeted out of
 /// `scripts_dir` was followed when only the mode was checked again). `None` when it no longer exists.
+///
+/// `unmoved`: `scripts_dir`'s path still reaches the directory checked at load ([`Routes::unmoved`]).
 fn recheck_script(
     scripts_dir: &Path,
     written: &str,
     path: &Path,
+    unmoved: bool,
 ) -> Option<Result<(), UnsafeScript>> {
     match fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        own => Some(check_script(scripts_dir, written, path, own.as_ref().ok()).map(drop)),
+        own => {
+            let own = own.as_ref().ok().filter(|_| unmoved);
+            Some(check_script(scripts_dir, written, path, own).map(drop))
+        }
     }
 }
 
@@ -730,7 +755,7 @@ pub fn check_before_run(scripts_dir: &Path, path: &Path) -> Result<(), UnsafeScr
     } else {
         path.to_string_lossy()
     };
-    recheck_script(scripts_dir, &written, path).unwrap_or_else(|| {
+    recheck_script(scripts_dir, &written, path, false).unwrap_or_else(|| {
         Err(refusal(
             &written,
             "no longer exists".into(),
@@ -1390,6 +1415,31 @@ MobileDevice*              mobile-device.sh
             fs::remove_file(scripts.join(name)).expect("remove");
             std::os::unix::fs::symlink(outside.path().join("escape.sh"), scripts.join(name))
                 .expect("symlink");
+            assert!(
+                matches!(routes.select(event, None, no_body),
+                    Err(SelectError::Unsafe(e)) if e.0.contains("outside scripts_dir")),
+                "{event}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_scripts_dir_replaced_by_a_symlink_after_load_leads_nowhere_outside_it() {
+        let top = tempfile::tempdir().expect("tempdir");
+        let top = top.path().canonicalize().expect("canonical");
+        let scripts = top.join("scripts");
+        let elsewhere = top.join("elsewhere");
+        for dir in [&scripts, &elsewhere] {
+            fs::create_dir(dir).expect("mkdir");
+            fs::write(dir.join("a.sh"), "#!/bin/sh\n").expect("write");
+            fs::set_permissions(dir.join("a.sh"), fs::Permissions::from_mode(0o755))
+                .expect("chmod");
+        }
+        let routes = Routes::parse("A a.sh\n* {event}\n", None, &scripts).expect("routes load");
+        assert!(routes.select("A", None, no_body).is_ok());
+        fs::rename(&scripts, top.join("old")).expect("rename");
+        std::os::unix::fs::symlink(&elsewhere, &scripts).expect("symlink");
+        for event in ["A", "a.sh"] {
             assert!(
                 matches!(routes.select(event, None, no_body),
                     Err(SelectError::Unsafe(e)) if e.0.contains("outside scripts_dir")),
