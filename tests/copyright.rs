@@ -4,7 +4,7 @@
 //! sources; this test fails when the committed file is not what the current Cargo.lock gives, and
 //! `HOOKRUNNER_WRITE_COPYRIGHT=1 cargo test --test tests copyright` writes it again.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -37,119 +37,156 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn metadata() -> Value {
+fn cargo(args: &[&str]) -> Vec<u8> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let target = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
     let out = Command::new(cargo)
-        .args(["metadata", "--format-version", "1", "--locked", "--offline"])
-        .args(["--filter-platform", &target])
+        .args(args)
+        .args(["--offline", "--locked"])
         .current_dir(root())
         .output()
-        .expect("run cargo metadata");
+        .expect("run cargo");
     assert!(
         out.status.success(),
-        "cargo metadata: {}",
+        "cargo {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).expect("cargo metadata's JSON")
+    out.stdout
 }
 
-/// The crates hookrunner's binary links: its normal dependencies, transitively, without the procedural
-/// macros (they run in the compiler) and what only they depend on.
-fn linked() -> Vec<Crate> {
-    let meta = metadata();
-    let packages: HashMap<&str, &Value> = meta["packages"]
-        .as_array()
-        .expect("packages")
-        .iter()
-        .map(|p| (p["id"].as_str().expect("id"), p))
+/// The platform the package is built on and for.
+fn host() -> String {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let out = Command::new(rustc)
+        .arg("-vV")
+        .output()
+        .expect("run rustc -vV");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: ").map(String::from))
+        .expect("rustc -vV names the host")
+}
+
+/// The crates hookrunner's binary links, and whether SQLite is compiled in (`bundled`): what `cargo tree`
+/// gives for normal dependencies without procedural macros (they run in the compiler). The metadata's
+/// resolve graph alone also keeps optional dependencies that only a weak feature (`regex?/std`) names.
+fn linked() -> (Vec<Crate>, bool) {
+    let host = host();
+    let tree = cargo(&[
+        "tree",
+        "-e",
+        "normal,no-proc-macro",
+        "--target",
+        &host,
+        "--prefix",
+        "none",
+        "--format",
+        "{p}",
+    ]);
+    let wanted: BTreeSet<(String, String)> = String::from_utf8_lossy(&tree)
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            let name = words.next()?.to_string();
+            let version = words.next()?.strip_prefix('v')?.to_string();
+            (name != "hookrunner").then_some((name, version))
+        })
         .collect();
-    let nodes: HashMap<&str, &Value> = meta["resolve"]["nodes"]
+    let meta: Value = serde_json::from_slice(&cargo(&[
+        "metadata",
+        "--format-version",
+        "1",
+        "--filter-platform",
+        &host,
+    ]))
+    .expect("cargo metadata's JSON");
+    let bundled = meta["resolve"]["nodes"]
         .as_array()
         .expect("nodes")
         .iter()
-        .map(|n| (n["id"].as_str().expect("id"), n))
-        .collect();
-    let proc_macro = |p: &Value| {
-        p["targets"].as_array().expect("targets").iter().any(|t| {
-            t["kind"]
-                .as_array()
-                .is_some_and(|k| k.iter().any(|k| k == "proc-macro"))
+        .filter(|n| {
+            n["id"]
+                .as_str()
+                .is_some_and(|id| id.contains("libsqlite3-sys"))
         })
-    };
-    let start = packages
-        .iter()
-        .find(|(_, p)| p["name"] == "hookrunner")
-        .map(|(id, _)| *id)
-        .expect("hookrunner in the metadata");
-    let (mut seen, mut stack) = (BTreeSet::new(), vec![start]);
-    while let Some(id) = stack.pop() {
-        for dep in nodes[id]["deps"].as_array().expect("deps") {
-            let normal = dep["dep_kinds"]
+        .any(|n| {
+            n["features"]
                 .as_array()
-                .expect("dep_kinds")
-                .iter()
-                .any(|k| k["kind"].is_null());
-            let pkg = dep["pkg"].as_str().expect("pkg");
-            if normal && !proc_macro(packages[pkg]) && seen.insert(pkg) {
-                stack.push(pkg);
-            }
-        }
-    }
-    let mut crates: Vec<Crate> = seen
+                .is_some_and(|f| f.iter().any(|f| f == "bundled"))
+        });
+    let mut crates: Vec<Crate> = meta["packages"]
+        .as_array()
+        .expect("packages")
         .iter()
-        .map(|id| {
-            let p = packages[id];
+        .filter_map(|p| {
             let text = |k: &str| p[k].as_str().unwrap_or_default().to_string();
-            Crate {
-                name: text("name"),
-                version: text("version"),
-                license: text("license"),
-                dir: Path::new(&text("manifest_path"))
-                    .parent()
-                    .expect("a crate's directory")
-                    .to_path_buf(),
-                authors: p["authors"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|s| s.as_str())
-                            .map(String::from)
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            }
+            wanted
+                .contains(&(text("name"), text("version")))
+                .then(|| Crate {
+                    name: text("name"),
+                    version: text("version"),
+                    license: text("license"),
+                    dir: Path::new(&text("manifest_path"))
+                        .parent()
+                        .expect("a crate's directory")
+                        .to_path_buf(),
+                    authors: p["authors"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|s| s.as_str())
+                                .map(String::from)
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                })
         })
         .collect();
     crates.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
-    crates
+    assert_eq!(
+        crates.len(),
+        wanted.len(),
+        "every crate of cargo tree is in the metadata"
+    );
+    (crates, bundled)
 }
 
 /// A licence expression as the copyright format writes it (`MIT/Apache-2.0` is an old spelling of
-/// `MIT OR Apache-2.0`), and the licence names in it.
+/// `MIT OR Apache-2.0`; `WITH LLVM-exception` is `with LLVM exception`), and the licences in it, an
+/// exception with the licence it extends. Grouping is refused: the format's `and` binds tighter than
+/// `or`, and an expression with parentheses needs a person to spell it.
 fn expression(license: &str) -> (String, Vec<String>) {
-    let spelled = license
-        .replace('/', " OR ")
-        .replace(['(', ')'], "")
-        .split_whitespace()
-        .map(|w| match w {
-            "OR" => "or",
-            "AND" => "and",
-            "WITH" => "with",
-            other => other,
-        })
-        .collect::<Vec<_>>()
-        .join(" ");
-    let names = spelled
-        .split_whitespace()
-        .filter(|w| !matches!(*w, "or" | "and" | "with"))
-        .map(String::from)
-        .collect();
-    (spelled, names)
+    assert!(
+        !license.contains(['(', ')']),
+        "the licence expression {license:?} groups: write its stanza's License by hand"
+    );
+    let text = license.replace('/', " OR ");
+    let mut words = text.split_whitespace().peekable();
+    let (mut spelled, mut names): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
+    while let Some(word) = words.next() {
+        match word {
+            "OR" => spelled.push("or".into()),
+            "AND" => spelled.push("and".into()),
+            name => {
+                let mut name = name.to_string();
+                if words.peek() == Some(&"WITH") {
+                    words.next();
+                    let exception = words.next().expect("an exception after WITH");
+                    let exception = exception.strip_suffix("-exception").unwrap_or(exception);
+                    name = format!("{name} with {exception} exception");
+                }
+                spelled.push(name.clone());
+                names.push(name);
+            }
+        }
+    }
+    (spelled.join(" "), names)
 }
 
-/// The copyright lines of a crate's licence files (`LICENSE*`, `COPYING`, `COPYRIGHT`, `UNLICENSE`), with
-/// the licence templates' placeholders (`Copyright [yyyy] [name of copyright owner]`) left out.
+/// The copyright lines of a crate: those of its licence files (`LICENSE*`, `COPYING`, `COPYRIGHT`,
+/// `UNLICENSE`) and, for a crate that compiles C or assembly (ring: BoringSSL's files under ISC, each with
+/// its own notice), those at the head of each source file it builds from; the licence templates'
+/// placeholders (`Copyright [yyyy] [name of copyright owner]`) left out. A crate with a `NOTICE` file
+/// (Apache-2.0's section 4(d)) stops the test: its text would have to go with the package.
 fn copyright_lines(dir: &Path) -> Vec<String> {
     let mut files: Vec<PathBuf> = fs::read_dir(dir)
         .expect("a crate's directory")
@@ -161,19 +198,36 @@ fn copyright_lines(dir: &Path) -> Vec<String> {
                 .unwrap_or_default()
                 .to_string_lossy()
                 .to_uppercase();
+            assert!(
+                !name.starts_with("NOTICE"),
+                "{} has a NOTICE file",
+                dir.display()
+            );
             ["LICEN", "COPYING", "COPYRIGHT", "UNLICENSE"]
                 .iter()
                 .any(|s| name.starts_with(s))
         })
         .collect();
     files.sort();
+    let mut sources = Vec::new();
+    walk(dir, &mut sources);
+    sources.sort();
+    if sources
+        .iter()
+        .any(|p| has_extension(p, &["c", "h", "S", "asm", "inl"]))
+    {
+        files.extend(sources);
+    }
     let mut lines = Vec::new();
     for file in files {
         let Ok(text) = fs::read_to_string(&file) else {
             continue;
         };
-        for line in text.lines() {
-            let line = line.trim_start_matches(['/', '#', '*', ' ', '\t']).trim();
+        // A source file's notice is at its head; SQLite's amalgamation alone is 9 MB.
+        for line in text.lines().take(60) {
+            let line = line
+                .trim_start_matches(['/', '#', '*', ';', ' ', '\t'])
+                .trim();
             let lower = line.to_lowercase();
             let placeholder = ["[yyyy]", "<year>", "{yyyy}", "[year]", "<copyright holder"]
                 .iter()
@@ -186,6 +240,32 @@ fn copyright_lines(dir: &Path) -> Vec<String> {
         }
     }
     lines
+}
+
+fn has_extension(path: &Path, extensions: &[&str]) -> bool {
+    path.extension()
+        .is_some_and(|e| extensions.iter().any(|x| e == *x))
+}
+
+/// The source files under `dir` that go into a build: not tests, benchmarks, examples or fuzz targets.
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().to_lowercase();
+        let skipped = [
+            "tests", "test", "bench", "benches", "examples", "fuzz", "target",
+        ];
+        if path.is_dir() {
+            if !skipped.contains(&name.as_str()) {
+                walk(&path, out);
+            }
+        } else if has_extension(&path, &["c", "h", "S", "asm", "inl", "rs", "pl"]) {
+            out.push(path);
+        }
+    }
 }
 
 /// A field's text in the copyright format: continuation lines indented by one space, empty lines as ` .`.
@@ -208,7 +288,13 @@ fn generate() -> String {
     let licenses = root().join("packaging/licenses");
     let mut named = BTreeMap::new();
     named.insert("MIT".to_string(), ());
-    for c in linked() {
+    let (crates, bundled) = linked();
+    // What every Rust program links: the standard library and the crates it is built from.
+    out.push_str(
+        "\nFiles: vendor/rust-std/*\nCopyright: The Rust Project Developers\nLicense: MIT or Apache-2.0\n",
+    );
+    named.insert("Apache-2.0".to_string(), ());
+    for c in crates {
         let (license, names) = expression(&c.license);
         assert!(
             !names.is_empty(),
@@ -230,7 +316,7 @@ fn generate() -> String {
             c.version,
             field(&holders.join("\n")).trim_start()
         ));
-        if c.name == "libsqlite3-sys" {
+        if c.name == "libsqlite3-sys" && bundled {
             // The SQLite library it compiles in has no copyright holder.
             out.push_str(&format!(
                 "\nFiles: vendor/{}-{}/sqlite3/*\nCopyright: none\nLicense: public-domain\n",
@@ -243,9 +329,10 @@ fn generate() -> String {
         }
     }
     for name in named.keys() {
-        let text = fs::read_to_string(licenses.join(name)).unwrap_or_else(|_| {
+        let file = name.replace(' ', "_");
+        let text = fs::read_to_string(licenses.join(&file)).unwrap_or_else(|_| {
             panic!(
-                "no text for the licence {name}: put it in packaging/licenses/{name} (from a crate's own \
+                "no text for the licence {name}: put it in packaging/licenses/{file} (from a crate's own \
                  licence file) and run HOOKRUNNER_WRITE_COPYRIGHT=1 cargo test --test tests copyright"
             )
         });
