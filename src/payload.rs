@@ -62,8 +62,8 @@ impl PayloadDir {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
-                    "payload_dir {} holds {:?}, which is not a hookrunner payload file: give hookrunner a \
-                 directory of its own",
+                    "payload_dir {} holds {:?}, which is not a hookrunner payload file: give hookrunner \
+                     a directory of its own",
                     path.display(),
                     entry.file_name()
                 ),

@@ -588,9 +588,8 @@ fn find_file(path: &Path) -> Option<(PathBuf, Option<fs::Metadata>)> {
 /// `own` is the path's own metadata (not following a symlink) when the caller has it at hand and knows that
 /// `scripts_dir` (canonical) still reaches the directory checked at load. A regular file directly in it is
 /// then its own real path, with no directory on its way below `scripts_dir`: it is judged on that metadata
-/// alone. Resolving the path again would ask for each of
-/// its components (`realpath` reads each as a link): six of the dozen system calls of an acknowledged
-/// request.
+/// alone. Resolving the path again would ask for each of its components (`realpath` reads each as a
+/// link): five system calls of an acknowledged request's dozen.
 fn check_script(
     scripts_dir: &Path,
     written: &str,
@@ -1425,8 +1424,8 @@ MobileDevice*              mobile-device.sh
 
     #[test]
     fn a_scripts_dir_replaced_by_a_symlink_after_load_leads_nowhere_outside_it() {
-        let top = tempfile::tempdir().expect("tempdir");
-        let top = top.path().canonicalize().expect("canonical");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let top = dir.path().canonicalize().expect("canonical");
         let scripts = top.join("scripts");
         let elsewhere = top.join("elsewhere");
         for dir in [&scripts, &elsewhere] {
