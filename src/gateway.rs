@@ -771,6 +771,9 @@ impl Gateway {
                 };
                 let mut response = Response::error(status, &request.id, &message);
                 response.note = routed;
+                // The body was given up part-way, on purpose: answer now and close, rather than wait for
+                // the rest of it from a client that may be stalling.
+                response.close = matches!(refusal, Refusal::BodiesHeld);
                 // Why a body failed (cut short, too slow, too large) is the operator's to see too: a client
                 // that gave up will never read the answer that says it.
                 if let Refusal::Body(e) = &refusal {

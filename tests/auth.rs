@@ -300,7 +300,17 @@ fn unchecked_bodies(
     path: &str,
     clients: &[&str],
 ) -> (Vec<std::net::TcpStream>, Vec<u8>) {
-    let body = vec![b'x'; 9 << 20];
+    unchecked_bodies_of(9 << 20, server, path, clients)
+}
+
+/// [`unchecked_bodies`] of `len` bytes each.
+fn unchecked_bodies_of(
+    len: usize,
+    server: &Server,
+    path: &str,
+    clients: &[&str],
+) -> (Vec<std::net::TcpStream>, Vec<u8>) {
+    let body = vec![b'x'; len];
     let bad = github_sign("another-secret", &body);
     let head = |client: &str| {
         let forwarded = if client.is_empty() {
@@ -424,6 +434,39 @@ fn unverified_bodies_are_held_up_to_a_bound_then_answered_503() {
         server.log()
     );
     assert_eq!(runs(&out).len(), 1);
+}
+
+/// A body refused part-way for the bound is answered at once, even when the rest of it is short enough
+/// to be drained for keep-alive and its client stalls before the end: the answer closes the connection
+/// rather than wait for the body's pace to fail (`header_timeout`, 10 s here).
+#[test]
+fn a_body_refused_for_the_bound_is_answered_at_once_though_its_client_stalls() {
+    let (env, out) = bound_env("trusted_proxies = [\"127.0.0.1/32\"]");
+    let server = env.serve();
+    let client = ["198.51.100.7"];
+    // The client's first body holds 8.75 MiB of its 16 MiB share...
+    let (first, _) = unchecked_bodies(&server, "/hooks/big", &client);
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            crate::util::loopback_queues_empty(server.addr.port())
+        }),
+        "the daemon did not take the body\n{}",
+        server.log()
+    );
+    // ...and its second passes the share only in its last 32 KiB (7.25 MiB past the inline part fit).
+    let (second, _) = unchecked_bodies_of((15 << 19) + (32 << 10), &server, "/hooks/big", &client);
+    let answers = answers_within(&second, Duration::from_secs(5));
+    let response = answers[0].as_ref().expect("the second body is answered");
+    assert_eq!(response.status, 503, "{}", response.text());
+    assert!(
+        response.text().contains("retry later"),
+        "{}",
+        response.text()
+    );
+    assert_eq!(response.header("Connection"), Some("close"));
+    let held = answers_within(&first, Duration::from_secs(1));
+    assert!(held[0].is_none(), "the first body is held: {held:?}");
+    assert!(runs(&out).is_empty());
 }
 
 /// One client's unverified bodies hold at most a quarter of that bound: a client that sends large bodies

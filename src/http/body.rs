@@ -117,7 +117,8 @@ pub struct Body<'c> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Drained {
     Complete,
-    /// More than `DRAIN_BYTES` were left unread, or the client still waits for 100 Continue to send it.
+    /// More than `DRAIN_BYTES` were left unread, the client still waits for 100 Continue to send it, or
+    /// the connection closes after the answer anyway.
     Unread,
     Failed(BodyError),
 }
@@ -300,6 +301,19 @@ impl<'c> Body<'c> {
                     }
                 }
             }
+        }
+    }
+
+    /// What the handler left of the body, without reading any more of it: for an answer after which the
+    /// connection closes, so a client that stalls cannot hold the answer back.
+    pub(super) fn left(&self) -> Drained {
+        match self.failure {
+            Some(failure) => Drained::Failed(failure),
+            None if self.done => Drained::Complete,
+            None if matches!(self.framing, Framing::Length(_)) && self.remaining == 0 => {
+                Drained::Complete
+            }
+            None => Drained::Unread,
         }
     }
 
@@ -569,6 +583,49 @@ mod tests {
             chunked_error(wrapped(17).as_bytes()),
             Some(BodyError::Malformed("chunk extensions too long"))
         );
+    }
+
+    /// What a closing answer leaves of a body is told without reading any more of it: part of it is unread
+    /// (and still there to read), all of it complete, a faulty one failed.
+    #[test]
+    fn what_is_left_is_told_without_reading() {
+        let (mut conn, writer) = fed(b"hello, world".to_vec(), 8 << 10);
+        let mut read = body(&mut conn, Framing::Length(12), 1 << 20);
+        let mut part = [0u8; 5];
+        read.read_exact(&mut part).expect("read");
+        assert_eq!(read.left(), Drained::Unread);
+        let mut rest = String::new();
+        read.read_to_string(&mut rest).expect("read the rest");
+        assert_eq!(rest, ", world");
+        assert_eq!(read.left(), Drained::Complete);
+        writer.join().expect("writer thread");
+
+        let (mut conn, writer) = fed(b"hello".to_vec(), 8 << 10);
+        let mut read = body(&mut conn, Framing::Length(5), 1 << 20);
+        read.read_exact(&mut part).expect("read");
+        assert_eq!(
+            read.left(),
+            Drained::Complete,
+            "all of it, though no read saw the end"
+        );
+        writer.join().expect("writer thread");
+
+        let (mut conn, writer) = fed(Vec::new(), 8 << 10);
+        assert_eq!(
+            body(&mut conn, Framing::Length(0), 1 << 20).left(),
+            Drained::Complete
+        );
+        writer.join().expect("writer thread");
+
+        let (mut conn, writer) = fed(b"5\nhello\r\n0\r\n\r\n".to_vec(), 8 << 10);
+        let mut read = body(&mut conn, Framing::Chunked, 1 << 20);
+        assert!(read.read(&mut part).is_err());
+        assert_eq!(
+            read.left(),
+            Drained::Failed(BodyError::Malformed("chunk line not ended by CRLF"))
+        );
+        drop(conn);
+        writer.join().expect("writer thread");
     }
 
     /// A body as `serve_request` builds it.

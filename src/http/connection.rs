@@ -130,7 +130,12 @@ fn serve_request(shared: &Shared, conn: &mut Conn, head_deadline: Instant) -> Ne
     let response = shared.handler.handle(&mut request);
     // The handler's status stands. A body it left unread is drained so the connection can be reused; if
     // that body turns out faulty, the connection closes after the answer (nothing behind it is trusted).
-    let drained = request.body.drain();
+    // An answer that closes the connection anyway goes out at once: the rest of the body is lingered on.
+    let drained = if response.close {
+        request.body.left()
+    } else {
+        request.body.drain()
+    };
     let Request {
         id,
         client_id,
