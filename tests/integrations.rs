@@ -66,16 +66,23 @@ class Handler:
             json.dump({"from": envelope.mail_from, "to": envelope.rcpt_tos, "data": envelope.content.decode(), **credentials}, f)
         os.rename(os.path.join(dir, f"mail-{n}.json.tmp"), os.path.join(dir, f"mail-{n}.json"))
         return "250 OK"
-probe = socket.socket(); probe.bind(("127.0.0.1", 0)); port = probe.getsockname()[1]; probe.close()
 tls = {}
 if len(sys.argv) > 3:
     import ssl
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(sys.argv[2], sys.argv[3])
     tls = {"tls_context": context, "require_starttls": True}
-controller = Controller(Handler(), hostname="127.0.0.1", port=port, authenticator=authenticator,
-                        auth_require_tls=bool(tls), **tls)
-controller.start()
+# A free port, probed and let go: another test's daemon may take it first, so a few tries.
+for attempt in range(5):
+    probe = socket.socket(); probe.bind(("127.0.0.1", 0)); port = probe.getsockname()[1]; probe.close()
+    controller = Controller(Handler(), hostname="127.0.0.1", port=port, authenticator=authenticator,
+                            auth_require_tls=bool(tls), **tls)
+    try:
+        controller.start()
+        break
+    except OSError:
+        if attempt == 4:
+            raise
 print(port, flush=True)
 while True:
     time.sleep(3600)

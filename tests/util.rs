@@ -617,6 +617,11 @@ pub fn signers() -> &'static Path {
                 "npm install @octokit/webhooks-methods failed"
             );
         }
+        // Written once, here: rewritten per signature, a concurrent test's node could load it empty.
+        let script = "import { sign } from '@octokit/webhooks-methods';\n\
+                      import { readFileSync } from 'node:fs';\n\
+                      console.log(await sign(process.argv[2], readFileSync(process.argv[3], 'utf8')));";
+        fs::write(node.join("sign.mjs"), script).expect("write sign.mjs");
         dir
     })
 }
@@ -640,12 +645,7 @@ pub fn standard_webhooks_sign(secret: &str, id: &str, timestamp: i64, body: &[u8
 
 /// `X-Hub-Signature-256` for a body, made by GitHub's own @octokit/webhooks-methods.
 pub fn github_sign(secret: &str, body: &[u8]) -> String {
-    let script = "import { sign } from '@octokit/webhooks-methods';\n\
-                  import { readFileSync } from 'node:fs';\n\
-                  console.log(await sign(process.argv[2], readFileSync(process.argv[3], 'utf8')));";
-    let dir = signers().join("node");
-    let script_file = dir.join("sign.mjs");
-    fs::write(&script_file, script).expect("write sign.mjs");
+    let script_file = signers().join("node/sign.mjs");
     let body_file = tempfile::NamedTempFile::new().expect("body file");
     fs::write(body_file.path(), body).expect("write body");
     let out = Command::new("node")
