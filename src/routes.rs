@@ -184,8 +184,9 @@ pub struct Routes {
     /// a regular file directly in it is its own real path (see [`check_script`]).
     scripts_dir_id: Option<(u64, u64)>,
     /// The scripts lines name (resolved, with the first line naming each): such a script runs only through
-    /// its lines, with their filters and options, never as an `{event}` script of another line.
-    reserved: Vec<(PathBuf, usize)>,
+    /// its lines, with their filters and options, never as an `{event}` script of another line, under any
+    /// name.
+    reserved: Vec<(Real, usize)>,
 }
 
 /// A directory's device and inode, following symlinks: which directory its path reaches now.
@@ -334,7 +335,7 @@ impl Routes {
         let specs =
             parse_lines(text).map_err(|(line, message)| RoutesError::Line { line, message })?;
         let mut routes = Vec::with_capacity(specs.len());
-        let mut reserved: Vec<(PathBuf, usize)> = Vec::new();
+        let mut reserved: Vec<(Real, usize)> = Vec::new();
         for spec in specs {
             let script = if spec.script.contains(EVENT_PLACEHOLDER) {
                 Script::Template(spec.script)
@@ -346,7 +347,7 @@ impl Routes {
                         message: e.0,
                     }
                 })?;
-                if !reserved.iter().any(|(p, _)| *p == real) {
+                if !reserved.iter().any(|(r, _)| r.same_file(&real)) {
                     reserved.push((real, spec.line));
                 }
                 Script::Fixed {
@@ -439,7 +440,8 @@ impl Routes {
                     let own = own.filter(|_| self.unmoved());
                     let real = check_script(&self.scripts_dir, &written, &path, own.as_ref())
                         .map_err(SelectError::Unsafe)?;
-                    if let Some((_, named)) = self.reserved.iter().find(|(p, _)| *p == real) {
+                    if let Some((_, named)) = self.reserved.iter().find(|(r, _)| r.same_file(&real))
+                    {
                         skipped(route.line, Skip::Reserved { path, line: *named });
                         continue;
                     }
@@ -595,11 +597,15 @@ fn check_script(
     written: &str,
     path: &Path,
     own: Option<&fs::Metadata>,
-) -> Result<PathBuf, UnsafeScript> {
+) -> Result<Real, UnsafeScript> {
+    use std::os::unix::fs::MetadataExt;
     if let Some(meta) = own.filter(|m| m.is_file() && path.parent() == Some(scripts_dir)) {
         check_mode(written, path, meta)?;
         check_owner(written, path, "", meta)?;
-        return Ok(path.to_path_buf());
+        return Ok(Real {
+            path: path.to_path_buf(),
+            id: (meta.dev(), meta.ino()),
+        });
     }
     let real = path
         .canonicalize()
@@ -631,7 +637,24 @@ fn check_script(
         check_owner(written, d, "its directory ", &meta)?;
         dir = d.parent();
     }
-    Ok(real)
+    Ok(Real {
+        path: real,
+        id: (meta.dev(), meta.ino()),
+    })
+}
+
+/// A checked script: its real path, and its file's (device, inode), which another name for it (a hard
+/// link, another spelling on a case-insensitive directory) shares.
+#[derive(Debug, Clone)]
+struct Real {
+    path: PathBuf,
+    id: (u64, u64),
+}
+
+impl Real {
+    fn same_file(&self, other: &Real) -> bool {
+        self.path == other.path || self.id == other.id
+    }
 }
 
 /// The user scripts are checked for: the one that runs them. `serve` is that user; `check` run as root
@@ -1268,6 +1291,12 @@ MobileDevice*              mobile-device.sh
                 .any(|(l, w)| *l == 3 && w.contains("is named by line 2")),
             "{why:?}"
         );
+        // Nor under another name for the same file (a hard link; on a case-insensitive directory, another
+        // spelling is one too).
+        fs::hard_link(scripts.join("charly.sh"), scripts.join("other-name.sh")).expect("link");
+        assert_eq!(routes.select("other-name.sh", None, no_body), Ok(None));
+        let routes = Routes::parse(text, None, &scripts).expect("routes load");
+        assert_eq!(routes.select("other-name.sh", None, no_body), Ok(None));
     }
 
     /// A serial lane is the script's path: two spellings of one path are one script.
