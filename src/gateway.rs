@@ -457,7 +457,10 @@ impl Gateway {
                 body: received
                     .into_bytes(&self.payloads, &mut held)
                     .map_err(routed)?,
-                ack_status: q.ack_status.unwrap_or(202),
+                ack_status: q
+                    .ack_status
+                    .or(sender.and_then(|s| s.ack_status))
+                    .unwrap_or(202),
                 policy: Policy {
                     max_attempts: q.retries.map_or(DEFAULT_ATTEMPTS, |n| n + 1),
                     retry_max: q.retry_max.unwrap_or(DEFAULT_RETRY_MAX),

@@ -157,6 +157,81 @@ fn an_async_delivery_is_answered_before_its_script_runs_and_runs_with_the_same_c
     assert!(server.post("/hooks/S", b"{}").json()["exit_code"] == 0);
 }
 
+/// A sender that insists on 200 (Kazoo takes anything else for a failure) says so once, in its `[[sender]]`
+/// table: its async deliveries are answered 200 on every route that does not say otherwise, a repeated one
+/// as the first was, and `check --payload` tells the same; other senders' are answered 202, a sync route
+/// as its script ended, and `check` refuses any other status.
+#[test]
+fn a_senders_ack_status_answers_its_async_deliveries_where_the_route_does_not_say() {
+    let senders = "[[sender]]\nname = \"kazoo\"\npath = \"/kazoo\"\ntype = \"none\"\n\
+                   allow_ips = [\"127.0.0.1\"]\nack_status = 200\n\
+                   [[sender]]\nname = \"other\"\npath = \"/other\"\ntype = \"none\"\n\
+                   allow_ips = [\"127.0.0.1\"]\n";
+    let env = Env::new().config(senders);
+    env.script("k.sh", "exit 0");
+    env.routes("K k.sh async\nR k.sh async ack_status=202\nS k.sh\n");
+    let server = env.serve();
+    let first = server.request(
+        "POST",
+        "/kazoo/hooks/K",
+        &[("X-GitHub-Delivery", "d-1")],
+        b"{}",
+    );
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(first.json()["queued"], true, "{}", first.text());
+    let again = server.request(
+        "POST",
+        "/kazoo/hooks/K",
+        &[("X-GitHub-Delivery", "d-1")],
+        b"{}",
+    );
+    assert_eq!(again.status, 200, "{}", again.text());
+    assert_eq!(again.json()["duplicate"], true, "{}", again.text());
+    let routed = server.post("/kazoo/hooks/R", b"{}");
+    assert_eq!(
+        routed.status,
+        202,
+        "the route's own word wins: {}",
+        routed.text()
+    );
+    let other = server.post("/other/hooks/K", b"{}");
+    assert_eq!(other.status, 202, "{}", other.text());
+    let sync = server.post("/kazoo/hooks/S", b"{}");
+    assert_eq!(
+        (sync.status, sync.json()["exit_code"].as_i64()),
+        (200, Some(0))
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || rows(
+            &env,
+            &["--event", "K", "--status", "done"]
+        )
+        .len()
+            == 2),
+        "{:?}",
+        rows(&env, &[])
+    );
+
+    let payload = env.path().join("dry-payload");
+    fs::write(&payload, b"{}").expect("write payload");
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(env.config_path())
+        .arg("--payload")
+        .arg(&payload)
+        .args(["--path", "/kazoo/hooks/K"])
+        .output()
+        .expect("run check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("async: answered 200 once queued"), "{text}");
+
+    let env = Env::new().config(&senders.replace("ack_status = 200", "ack_status = 201"));
+    let out = env.check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains("ack_status = 201: use 200 or 202"), "{err}");
+}
+
 /// `async = true` makes every route async unless it says `sync`; past `max_queued` waiting entries
 /// (running ones count) a request is answered 503 with `Retry-After`, and nothing of it is kept or run.
 #[test]

@@ -182,6 +182,9 @@ pub struct Sender {
     pub allow_ips: Vec<Cidr>,
     /// Globs; empty: any event.
     pub events: Vec<Glob>,
+    /// `ack_status`: what an accepted async delivery is answered with, where its route line does not say
+    /// (`ack_status=`); else 202.
+    pub ack_status: Option<u16>,
 }
 
 /// The header names of Standard Webhooks, and the same scheme as Svix sends it.
@@ -435,6 +438,7 @@ mod tests {
             scheme,
             allow_ips: Vec::new(),
             events: Vec::new(),
+            ack_status: None,
         }
     }
 

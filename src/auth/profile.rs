@@ -37,6 +37,7 @@ pub struct RawSender {
     allow_ips: Option<Vec<String>>,
     events: Option<Vec<String>>,
     subjects: Option<Vec<String>>,
+    ack_status: Option<i64>,
 }
 
 /// Where relative secret paths are found, and what loading noticed.
@@ -97,6 +98,13 @@ impl RawSender {
             .flatten()
             .map(|pattern| Glob::new(pattern, true))
             .collect();
+        // What an accepted async delivery of this sender is answered with, where its route does not say:
+        // Kazoo takes anything but 200 for a failure.
+        let ack_status = match self.ack_status {
+            None => None,
+            Some(status @ (200 | 202)) => Some(status as u16),
+            Some(other) => return Err(format!("ack_status = {other}: use 200 or 202")),
+        };
         let scheme = self.scheme(context)?;
         Ok(Sender {
             name: self.name,
@@ -104,6 +112,7 @@ impl RawSender {
             scheme,
             allow_ips,
             events,
+            ack_status,
         })
     }
 

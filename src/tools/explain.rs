@@ -177,7 +177,9 @@ fn steps(config: &Config, request: &DryRequest, out: &mut String) -> bool {
         let _ = writeln!(
             out,
             "async: answered {} once queued; run later, retried up to {retries} time(s), pauses up to {}{}{}",
-            q.ack_status.unwrap_or(202),
+            q.ack_status
+                .or(sender.and_then(|s| s.ack_status))
+                .unwrap_or(202),
             humantime::format_duration(retry_max),
             if q.serial {
                 ", one at a time (serial)"

@@ -126,6 +126,7 @@ mod tests {
             scheme,
             allow_ips: Vec::new(),
             events: Vec::new(),
+            ack_status: None,
         }
     }
 
