@@ -1440,18 +1440,34 @@ fn a_burst_is_acknowledged_before_its_runs_start_and_all_of_it_runs_after() {
     env.routes("* burst.sh async\n");
     let server = env.serve();
     let began = Instant::now();
-    std::thread::scope(|s| {
-        for _ in 0..CLIENTS {
-            s.spawn(|| {
-                let mut stream = server.connect();
-                for _ in 0..EACH {
-                    let headers = [("Content-Type", "application/json")];
-                    crate::util::send(&mut stream, "POST", "/hooks/Burst", &headers, b"{}", false);
-                    let answer = Response::read(&mut stream).expect("an answer");
-                    assert_eq!(answer.status, 202, "{}", answer.text());
-                }
-            });
-        }
+    let mut acked_at: Vec<Instant> = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut stream = server.connect();
+                    let mut at = Vec::with_capacity(EACH);
+                    for _ in 0..EACH {
+                        let headers = [("Content-Type", "application/json")];
+                        crate::util::send(
+                            &mut stream,
+                            "POST",
+                            "/hooks/Burst",
+                            &headers,
+                            b"{}",
+                            false,
+                        );
+                        let answer = Response::read(&mut stream).expect("an answer");
+                        assert_eq!(answer.status, 202, "{}", answer.text());
+                        at.push(Instant::now());
+                    }
+                    at
+                })
+            })
+            .collect();
+        clients
+            .into_iter()
+            .flat_map(|c| c.join().expect("client"))
+            .collect()
     });
     let took = began.elapsed();
     let ended_ns = std::time::SystemTime::now()
@@ -1481,9 +1497,27 @@ fn a_burst_is_acknowledged_before_its_runs_start_and_all_of_it_runs_after() {
         return;
     }
     let during = lines().iter().filter(|&&t| t <= ended_ns).count();
+    // The daemon tells a burst by 20 ms spans of 20 acks or more. Where the acks stalled (a machine busy
+    // with other work), a span of fewer looks like the burst's end, and up to `max_running` (32) runs may
+    // start then: such stretches are counted, each 20 acks that took over 20 ms, and three at most are
+    // allowed for. Not more: unpaced runs stall the acks themselves (without the pace, 190-300 runs
+    // started here during such a burst, with 2-11 stalls).
+    acked_at.sort();
+    let (mut stalls, mut i) = (0, 0);
+    while i + 20 < acked_at.len() {
+        if acked_at[i + 20] - acked_at[i] > Duration::from_millis(20) {
+            stalls += 1;
+            i += 20;
+        } else {
+            i += 1;
+        }
+    }
     // The starts before the burst is told (20 acks' worth at most: a few ms of them), then one per 100 ms.
-    let allowed = 50 + (took.as_millis() / 100) as usize;
-    println!("{during} runs started during a {took:?} burst of {acks} acks ({rate:.0} a second)");
+    let allowed = 50 + (took.as_millis() / 100) as usize + 32 * stalls.min(3);
+    println!(
+        "{during} runs started during a {took:?} burst of {acks} acks ({rate:.0} a second, {stalls} \
+         stalls)"
+    );
     assert!(
         during <= allowed,
         "{during} runs started during a {took:?} burst of {acks} acks ({rate:.0} a second); at most \
@@ -2880,6 +2914,93 @@ fn a_failed_fsync_is_answered_503_and_the_daemon_exits_1_losing_nothing_acknowle
         wait_until(Duration::from_secs(20), all_ran),
         "acked {acked:?} ran {:?}",
         lines(&ran)
+    );
+}
+
+/// Acknowledging does not cost an fsync a request: the commits of requests that arrive together share one
+/// (group commit). Counted by strace: 16 connections sending 50 async requests each at once are acknowledged
+/// with at most a quarter as many fsync and fdatasync calls in the whole daemon (one a request without it).
+#[test]
+fn requests_acknowledged_together_share_their_fsyncs() {
+    if !crate::util::has_strace() {
+        return;
+    }
+    const CLIENTS: usize = 16;
+    const EACH: usize = 50;
+    // One run at a time, held: the runs' own writes stay out of the count.
+    let env = Env::new().config("max_running = 1\n");
+    let release = env.path().join("release");
+    env.script(
+        "g.sh",
+        &format!("while [ ! -e {release:?} ]; do sleep 0.05; done"),
+    );
+    env.routes("G g.sh async\n");
+    let trace = env.path().join("syncs");
+    let trace_arg = trace.to_str().expect("a UTF-8 path");
+    // Each sync made to take 20 ms, as a slow disk's does: requests arrive during every one, and a fast
+    // disk (or a tmpfs) cannot make each request's commit its own by being quick.
+    let command = env.serve_command_under(
+        &[
+            "strace",
+            "-f",
+            "-qq",
+            "-o",
+            trace_arg,
+            "-e",
+            "trace=fsync,fdatasync",
+            "-e",
+            "inject=fsync,fdatasync:delay_exit=20000",
+        ],
+        "127.0.0.1:0",
+    );
+    let mut server = Server::spawn(command);
+    let _release = crate::util::Release(release);
+    // strace killed leaves its tracee running: the daemon (its child) is killed on the way out too.
+    let strace = server.child.id();
+    let daemon = fs::read_to_string(format!("/proc/{strace}/task/{strace}/children"))
+        .expect("strace's children");
+    let pid_file = env.path().join("daemon.pid");
+    fs::write(&pid_file, daemon.trim()).expect("pid file");
+    let _daemon = crate::util::KillOnDrop(vec![pid_file]);
+    let line = server
+        .wait_log("listening on ", Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("did not start under strace:\n{}", server.log()));
+    server.addr = line
+        .split("listening on ")
+        .nth(1)
+        .and_then(|a| a.trim().parse().ok())
+        .expect("address");
+    let syncs = || {
+        fs::read_to_string(&trace)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("fsync(") || l.contains("fdatasync("))
+            .count()
+    };
+    let before = syncs();
+    let acked = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for c in 0..CLIENTS {
+            let (acked, addr) = (&acked, server.addr);
+            s.spawn(move || {
+                for n in 0..EACH {
+                    let body = format!("{c}-{n}");
+                    if post_to(addr, "/hooks/G", &[], body.as_bytes())
+                        .is_some_and(|r| r.status == 202)
+                    {
+                        acked.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+    });
+    let acked = acked.into_inner();
+    let synced = syncs() - before;
+    println!("{acked} acknowledged with {synced} fsync/fdatasync calls");
+    assert_eq!(acked, CLIENTS * EACH, "{}", server.log());
+    assert!(
+        synced * 4 <= acked,
+        "{synced} syncs for {acked} acknowledgements: commits are not shared"
     );
 }
 
