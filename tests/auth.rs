@@ -4,8 +4,9 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use std::io::Write;
 
@@ -48,7 +49,24 @@ fn now() -> i64 {
         .as_secs() as i64
 }
 
-/// Asserts a refusal ran nothing, left no payload file, and logged neither `secrets` nor what was sent.
+/// The request's own log line (`<id> <peer> <method> <path> ... status=...`), written after its answer:
+/// waited for, over TCP or the unix socket alike (the warning about a failure starts with the id too).
+fn request_line(server: &Server, id: &str) -> String {
+    let start = format!(" {id} ");
+    let mut found = None;
+    wait_until(Duration::from_secs(10), || {
+        found = server
+            .log()
+            .lines()
+            .find(|l| l.contains(&start) && l.contains(" status="))
+            .map(str::to_string);
+        found.is_some()
+    });
+    found.unwrap_or_else(|| panic!("no line for {id}:\n{}", server.log()))
+}
+
+/// Asserts a refusal got the generic answer its status stands for (401 "authentication required", 403
+/// "forbidden"), ran nothing, left no payload file, and logged neither `secrets` nor what was sent.
 fn assert_refused(
     server: &Server,
     env: &Env,
@@ -62,10 +80,12 @@ fn assert_refused(
         .as_str()
         .unwrap_or_default()
         .to_string();
-    assert!(
-        error == "authentication required" || error == "forbidden",
-        "a generic answer: {error}"
-    );
+    let generic = match status {
+        401 => "authentication required",
+        403 => "forbidden",
+        other => panic!("{other} is not a sender's refusal: {}", response.text()),
+    };
+    assert_eq!(error, generic, "the generic answer for {status}");
     assert!(
         runs(runs_file).is_empty(),
         "a refused request ran a script: {:?}",
@@ -81,9 +101,7 @@ fn assert_refused(
         .as_str()
         .unwrap_or_default()
         .to_string();
-    let line = server
-        .wait_log(&format!("{id} 127.0.0.1:"), Duration::from_secs(5))
-        .unwrap_or_else(|| panic!("no line for {id}:\n{}", server.log()));
+    let line = request_line(server, &id);
     assert!(
         line.contains(&format!("status={status}")) && line.contains(" auth=\""),
         "{line}"
@@ -874,6 +892,151 @@ fn a_failed_run_does_not_make_its_retry_a_duplicate() {
     assert!(retry.json()["duplicate"].is_null());
 }
 
+/// A Standard Webhooks sender's `window` is its own: with `window = "30s"` a timestamp 40 s old is refused
+/// and the log names that window, while one 20 s old (which the default 5 minutes would take as well) is
+/// run. `check` holds the key to 1s to 24h, both ends included, and names the key and the range.
+#[test]
+fn a_standard_webhooks_window_is_configurable_from_1s_to_24h() {
+    let key = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+    let sender = |env: &Env, window: &str| {
+        let file = secret(env, "sw-secret", key);
+        format!(
+            "[[sender]]\nname = \"sw\"\ntype = \"standard-webhooks\"\nsecret_file = {file:?}\n\
+             window = \"{window}\"\n"
+        )
+    };
+    let env = Env::new();
+    let profile = sender(&env, "30s");
+    let env = env.config(&profile);
+    let out = counter(&env, "sw");
+    let server = env.serve();
+    let body = payload("standardwebhooks-json-example.event.json");
+    // Ten seconds past the window either way, so that signing and a loaded machine cannot matter.
+    let stale = standard_request(&server, key, "webhook", "msg_stale", now() - 40, &body);
+    assert_refused(&server, &env, &stale, 401, &out, &[key]);
+    let id = stale.json()["request_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let line = request_line(&server, &id);
+    let age: i64 = line
+        .split_once("auth=\"timestamp ")
+        .and_then(|(_, rest)| rest.split_once(" s old, window 30 s\""))
+        .and_then(|(age, _)| age.parse().ok())
+        .unwrap_or_else(|| panic!("the log names the sender's window: {line}"));
+    assert!(age >= 40, "{line}");
+    let fresh = standard_request(&server, key, "webhook", "msg_fresh", now() - 20, &body);
+    assert_eq!(fresh.status, 200, "{}\n{}", fresh.text(), server.log());
+    assert_eq!(runs(&out).len(), 1, "{:?}", runs(&out));
+    assert!(
+        runs(&out)[0].starts_with("sw msg_fresh "),
+        "{:?}",
+        runs(&out)
+    );
+    // The range, refused outside and accepted at both ends.
+    for (window, accepted) in [("0s", false), ("25h", false), ("1s", true), ("24h", true)] {
+        let env = Env::new();
+        let profile = sender(&env, window);
+        let env = env.config(&profile);
+        let out = env.check();
+        let err = String::from_utf8_lossy(&out.stderr);
+        if accepted {
+            assert!(
+                out.status.success(),
+                "window = {window:?} was refused: {err}"
+            );
+            continue;
+        }
+        assert_eq!(out.status.code(), Some(78), "window = {window:?}: {err}");
+        let text = fs::read_to_string(env.config_path()).expect("config");
+        let line = text
+            .lines()
+            .position(|l| l.starts_with("window ="))
+            .expect("window written")
+            + 1;
+        assert!(
+            err.contains(&format!(
+                "hookrunner.toml:{line}: sender \"sw\": window must be from 1s to 24h"
+            )),
+            "window = {window:?}: not named with its range on line {line}: {err}"
+        );
+    }
+}
+
+/// A delivery id already answered is a duplicate only for a request that proves it is that delivery: the
+/// id sent again with a signature that does not verify (made with another secret, or the signed body
+/// changed) is 401 like any bad signature, not answered as the first delivery was (which would answer a
+/// forgery 200 and show whoever saw an id the first's request id), and runs nothing. The sender's own
+/// retry is still answered as a duplicate.
+#[test]
+fn a_replayed_standard_webhooks_id_with_a_bad_signature_is_401_not_a_duplicate() {
+    let env = Env::new();
+    let key = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+    let file = secret(&env, "sw-secret", key);
+    let env = env.config(&format!(
+        "[[sender]]\nname = \"sw\"\ntype = \"standard-webhooks\"\nsecret_file = {file:?}\n"
+    ));
+    let out = counter(&env, "sw");
+    let server = env.serve();
+    let body = payload("standardwebhooks-json-example.event.json");
+    let signed_at = now();
+    let first = standard_request(&server, key, "webhook", "msg_1", signed_at, &body);
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(runs(&out).len(), 1, "{:?}", runs(&out));
+    // The same id signed with another secret, and the first's own signature over another body.
+    let other = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let forged = standard_request(&server, other, "webhook", "msg_1", now(), &body);
+    let signature = standard_webhooks_sign(key, "msg_1", signed_at, &body);
+    let ts = signed_at.to_string();
+    let changed = server.request(
+        "POST",
+        "/hooks/sw",
+        &[
+            ("webhook-id", "msg_1"),
+            ("webhook-timestamp", &ts),
+            ("webhook-signature", &signature),
+        ],
+        b"{\"type\":\"other\"}",
+    );
+    for (what, response) in [("another secret", &forged), ("another body", &changed)] {
+        assert_eq!(response.status, 401, "{what}: {}", response.text());
+        assert!(
+            !response.text().contains("duplicate"),
+            "{what}: answered as a duplicate: {}",
+            response.text()
+        );
+        assert_ne!(
+            response.json()["request_id"],
+            first.json()["request_id"],
+            "{what}: the first's request id was shown"
+        );
+        assert_refused(
+            &server,
+            &env,
+            response,
+            401,
+            &out.with_extension("none"),
+            &[key, signature.trim_start_matches("v1,")],
+        );
+        let id = response.json()["request_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let line = request_line(&server, &id);
+        assert!(
+            line.contains("auth=\"signature does not match the body\""),
+            "{what}: {line}"
+        );
+    }
+    assert_eq!(runs(&out).len(), 1, "a bad signature ran: {:?}", runs(&out));
+    // The sender's retry, signed anew: still the first delivery's answer, not run again.
+    let retry = standard_request(&server, key, "webhook", "msg_1", now(), &body);
+    assert_eq!(retry.status, 200, "{}", retry.text());
+    assert_eq!(retry.json()["duplicate"], true, "{}", retry.text());
+    assert_eq!(retry.json()["request_id"], first.json()["request_id"]);
+    assert_eq!(runs(&out).len(), 1, "{:?}", runs(&out));
+}
+
 #[test]
 fn basic_credentials_right_wrong_and_missing() {
     let env = Env::new();
@@ -1405,6 +1568,112 @@ fn a_forged_forwarded_for_from_an_untrusted_peer_is_ignored() {
     );
 }
 
+/// Sends one POST with `headers` and the body `{}` over the unix socket at `socket`, and reads its answer.
+fn unix_request(socket: &Path, path: &str, headers: &[(&str, &str)]) -> Response {
+    let mut stream =
+        UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("read timeout");
+    crate::util::send(&mut stream, "POST", path, headers, b"{}", true);
+    Response::read(&mut stream).expect("an answer")
+}
+
+/// A reverse proxy on the unix socket is believed only with "unix" in `trusted_proxies`: then `allow_ips`,
+/// the script and the log see the client its `X-Forwarded-For` names, and a client outside the list, or
+/// none named, is 403 and runs nothing. Without "unix" (no proxies, or only a TCP one) the header from a
+/// peer on the socket is not believed, so no allow-list can admit that peer: 403, and the log says why.
+#[test]
+fn a_proxy_on_the_unix_socket_is_believed_only_when_trusted_proxies_names_unix() {
+    let start = |proxies: &str| {
+        let env = Env::new().config(&format!(
+            "{proxies}\n[[sender]]\nname = \"k\"\ntype = \"none\"\nallow_ips = [\"203.0.113.0/24\"]\n"
+        ));
+        let out = env.path().join("runs");
+        env.script(
+            "who",
+            &format!(
+                "echo \"$HOOKRUNNER_CLIENT_ADDR $HOOKRUNNER_REMOTE_ADDR $HOOKRUNNER_SENDER\" >> {out:?}"
+            ),
+        );
+        let socket = env.path().join("hookrunner.sock");
+        let server = Server::spawn(env.serve_command(&format!("unix:{}", socket.display())));
+        server
+            .wait_log("listening on unix:", Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("hookrunner did not start:\n{}", server.log()));
+        (env, out, socket, server)
+    };
+    let (env, out, socket, server) = start("trusted_proxies = [\"unix\"]");
+    let post = |forwarded_for: Option<&str>| {
+        let headers: Vec<(&str, &str)> = forwarded_for
+            .map(|a| ("X-Forwarded-For", a))
+            .into_iter()
+            .collect();
+        unix_request(&socket, "/hooks/who", &headers)
+    };
+    for (forwarded_for, why) in [
+        (
+            Some("198.51.100.7"),
+            "client address 198.51.100.7 is not allowed",
+        ),
+        (
+            None,
+            "client address unknown: the trusted proxy on the unix socket sent no X-Forwarded-For",
+        ),
+    ] {
+        let response = post(forwarded_for);
+        assert_refused(&server, &env, &response, 403, &out, &[]);
+        let id = response.json()["request_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let line = request_line(&server, &id);
+        assert!(
+            line.contains(&format!(" unix POST /hooks/who sender=k auth=\"{why}\"")),
+            "{forwarded_for:?}: {line}"
+        );
+    }
+    let response = post(Some("203.0.113.7"));
+    assert_eq!(
+        response.status,
+        200,
+        "{}\n{}",
+        response.text(),
+        server.log()
+    );
+    assert_eq!(
+        runs(&out),
+        ["203.0.113.7 unix k"],
+        "the script sees the forwarded client"
+    );
+    let id = response.json()["request_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let line = request_line(&server, &id);
+    assert!(line.contains(" client=203.0.113.7 "), "{line}");
+    drop(server);
+
+    // No proxy trusted, or only one on TCP: a peer on the socket names no client.
+    for proxies in ["", "trusted_proxies = [\"127.0.0.1/32\"]"] {
+        let (env, out, socket, server) = start(proxies);
+        let response = unix_request(&socket, "/hooks/who", &[("X-Forwarded-For", "203.0.113.7")]);
+        assert_refused(&server, &env, &response, 403, &out, &[]);
+        let id = response.json()["request_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let line = request_line(&server, &id);
+        assert!(
+            line.contains(
+                "auth=\"client address unknown: the peer is on the unix socket, whose X-Forwarded-For is \
+                 believed only with \\x22unix\\x22 in trusted_proxies\""
+            ) && !line.contains("client="),
+            "{proxies:?}: {line}"
+        );
+    }
+}
+
 #[test]
 fn without_a_sender_only_loopback_and_unix_are_served() {
     let env = Env::new().config("listen = \"0.0.0.0:0\"");
@@ -1832,6 +2101,96 @@ fn secrets_come_from_the_credentials_directory_when_relative() {
     );
     assert_eq!(response.status, 200, "{}", response.text());
     assert_eq!(runs(&out).len(), 1);
+}
+
+/// The `(N similar messages suppressed)` a rate-limited warning ends with; 0 for one without.
+fn suppressed(line: &str) -> u64 {
+    line.strip_suffix(" similar messages suppressed)")
+        .and_then(|l| l.rsplit_once('('))
+        .map_or(0, |(_, n)| n.parse().expect("a count"))
+}
+
+/// A client that fails authentication again and again cannot flood the log: the warning naming the failure
+/// is written at most once a second, while every request keeps its own line; once a second has passed the
+/// next failure is written, saying how many were held back, so every failure is counted.
+#[test]
+fn the_authentication_failure_warning_is_written_at_most_once_a_second() {
+    let env = Env::new();
+    let key = secret(&env, "key", "the-right-key");
+    let env = env.config(&format!(
+        "[[sender]]\nname = \"jamf\"\ntype = \"headers\"\nheaders = {{ \"X-Api-Key\" = {key:?} }}\n"
+    ));
+    let out = counter(&env, "x");
+    let server = env.serve();
+    let warnings = || -> Vec<String> {
+        server
+            .log()
+            .lines()
+            .filter(|l| l.contains(" authentication failed for sender jamf from 127.0.0.1:"))
+            .map(str::to_string)
+            .collect()
+    };
+    let post = || {
+        let response = server.request("POST", "/hooks/x", &[("X-Api-Key", "wrong-key")], b"{}");
+        assert_eq!(response.status, 401, "{}", response.text());
+        let id = response.json()["request_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        (response, id)
+    };
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let mut last = String::new();
+    while sent < 20 {
+        last = post().1;
+        sent += 1;
+    }
+    // Its line is written after its warning would be. Should that warning have been written (the machine
+    // stalled a second just before it), more, until one is held back.
+    request_line(&server, &last);
+    while warnings().iter().any(|l| l.contains(&format!(" {last} "))) {
+        assert!(sent < 40, "no warning held back:\n{}", server.log());
+        last = post().1;
+        sent += 1;
+        request_line(&server, &last);
+    }
+    let took = started.elapsed();
+    let burst = warnings();
+    assert!(
+        !burst.is_empty() && burst.len() as u64 <= 1 + took.as_secs(),
+        "{} warnings for {sent} failures in {took:?}:\n{}",
+        burst.len(),
+        server.log()
+    );
+    let lines = server
+        .log()
+        .lines()
+        .filter(|l| l.contains(" status=401") && l.contains(" auth=\"X-Api-Key does not match"))
+        .count() as u64;
+    assert_eq!(lines, sent, "every request has its own line");
+    // The limit's period passed since the last warning written (before the burst ended): the next is
+    // written, and counts those held back since.
+    std::thread::sleep(Duration::from_millis(1100));
+    let (response, id) = post();
+    assert_refused(&server, &env, &response, 401, &out, &["the-right-key"]);
+    let logged = warnings();
+    let latest = logged.last().expect("a warning");
+    assert_eq!(logged.len(), burst.len() + 1, "{}", server.log());
+    assert!(
+        latest.contains(&format!(
+            " {id} authentication failed for sender jamf from 127.0.0.1:"
+        )) && latest.contains(": X-Api-Key does not match the configured secret ("),
+        "{latest}"
+    );
+    let held_back: u64 = burst.iter().map(|l| 1 + suppressed(l)).sum();
+    assert_eq!(
+        suppressed(latest),
+        sent - held_back,
+        "the failures since the last warning: {latest}\n{}",
+        server.log()
+    );
+    assert!(suppressed(latest) >= 1, "{latest}");
 }
 
 #[test]

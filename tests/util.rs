@@ -225,9 +225,9 @@ impl Drop for Server {
     }
 }
 
-/// Writes a request; `close` adds `Connection: close`.
+/// Writes a request (over TCP, TLS or a unix socket); `close` adds `Connection: close`.
 pub fn send(
-    stream: &mut TcpStream,
+    stream: &mut impl Write,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
