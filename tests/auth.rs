@@ -934,7 +934,13 @@ fn a_standard_webhooks_window_is_configurable_from_1s_to_24h() {
         runs(&out)
     );
     // The range, refused outside and accepted at both ends.
-    for (window, accepted) in [("0s", false), ("25h", false), ("1s", true), ("24h", true)] {
+    for (window, accepted) in [
+        ("0s", false),
+        ("999ms", false),
+        ("25h", false),
+        ("1s", true),
+        ("24h", true),
+    ] {
         let env = Env::new();
         let profile = sender(&env, window);
         let env = env.config(&profile);

@@ -191,7 +191,8 @@ impl RawSender {
                     Some(text) => crate::units::parse_duration(text)?,
                     None => DEFAULT_WINDOW,
                 };
-                if window.is_zero() || window > Duration::from_secs(86_400) {
+                // Timestamps are whole seconds: under one, only the current second would pass.
+                if window < Duration::from_secs(1) || window > Duration::from_secs(86_400) {
                     return Err("window must be from 1s to 24h".into());
                 }
                 (
