@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::util::{BIN, Env, Response, Server, wait_file, wait_until};
+use crate::util::{BIN, Env, Response, Server, github_sign, wait_file, wait_until};
 
 /// Runs `hookrunner deliveries ARGS` on the env's config and store.
 pub(crate) fn deliveries(env: &Env, args: &[&str]) -> Output {
@@ -3100,5 +3100,333 @@ fn a_store_damaged_under_the_daemon_stops_it_and_a_start_on_one_is_refused() {
         err.contains("file is not a database")
             && err.contains("see the README on restoring the store"),
         "{err}"
+    );
+}
+
+/// A delivery answered 503 because the queue was full was not accepted, so its id is not remembered: the
+/// sender's retry of it, once there is room, is a new delivery (202, no `duplicate`) and runs, once. (A
+/// full queue is found before the accept writes anything, and the job is refused without a rollback:
+/// a dedupe key written before that check would stay, and every retry would be answered as a duplicate
+/// of a delivery that never ran.)
+#[test]
+fn a_delivery_refused_for_a_full_queue_is_not_remembered_for_dedupe() {
+    let env = Env::new().config("max_queued = 1");
+    let dir = env.path().to_path_buf();
+    let (started, release, ran) = (dir.join("started"), dir.join("release"), dir.join("ran"));
+    let _release = crate::util::Release(release.clone());
+    // Only the first body waits: the retry of d1 runs at once.
+    env.script(
+        "w.sh",
+        &format!(
+            "if [ \"$(cat \"$1\")\" = hold ]; then\n{}\nfi\nprintf '%s %s\\n' \"$(cat \"$1\")\" \"$HOOKRUNNER_DELIVERY_ID\" >> {ran:?}",
+            crate::util::wait_for_release(&started, &release)
+        ),
+    );
+    env.routes("W w.sh async\n");
+    let server = env.serve();
+    assert_eq!(server.post("/hooks/W", b"hold").status, 202);
+    // Running, and a running entry counts toward max_queued: the queue is full.
+    assert!(
+        wait_until(Duration::from_secs(10), || started.exists()),
+        "{}",
+        server.log()
+    );
+    let delivery = [("X-GitHub-Delivery", "d1")];
+    let refused = server.request("POST", "/hooks/W", &delivery, b"d1");
+    assert_eq!(refused.status, 503, "{}\n{}", refused.text(), server.log());
+    assert!(
+        refused.text().contains("max_queued = 1"),
+        "refused for the bound: {}",
+        refused.text()
+    );
+    fs::write(&release, "").expect("release");
+    wait_state(&env, "W", "done", Duration::from_secs(20));
+    let waiting = || {
+        ["queued", "running"]
+            .iter()
+            .map(|state| rows(&env, &["--status", state]).len())
+            .sum::<usize>()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || waiting() == 0),
+        "{:?}",
+        rows(&env, &[])
+    );
+    let again = server.request("POST", "/hooks/W", &delivery, b"d1");
+    assert_eq!(again.status, 202, "{}\n{}", again.text(), server.log());
+    assert!(
+        !again.text().contains("duplicate"),
+        "the refused delivery was remembered: {}\n{}",
+        again.text(),
+        server.log()
+    );
+    let request_id = again.json()["request_id"]
+        .as_str()
+        .expect("request id")
+        .to_string();
+    // Both entries finished, and nothing else was kept that could run later.
+    let done = || rows(&env, &["--status", "done"]).len();
+    assert!(
+        wait_until(Duration::from_secs(20), || done() == 2),
+        "{:?}\n{}",
+        rows(&env, &[]),
+        server.log()
+    );
+    let all = rows(&env, &[]);
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert_eq!(all[0]["request_id"], request_id.as_str(), "{all:?}");
+    assert_eq!(all[0]["attempts"], 1, "{all:?}");
+    assert_eq!(lines(&ran), ["hold ", "d1 d1"], "{}", server.log());
+}
+
+/// An async route is reached only past the same checks as a sync one: a bad signature, a signature made
+/// for another body (401), an event the sender may not send (403), and a body no route line's filter
+/// takes (404) queue nothing, leave no row and run nothing, and the delivery id they all carried is not
+/// taken: the one good request with it is a new delivery, answered 202, and runs.
+#[test]
+fn async_routes_are_authenticated_and_routed_as_sync_ones_and_refusals_queue_nothing() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let key = "async-github-secret-0123";
+    let file = env.path().join("github-secret");
+    fs::write(&file, format!("{key}\n")).expect("write secret");
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).expect("chmod secret");
+    let env = env.config(&format!(
+        "[[sender]]\nname = \"gh\"\ntype = \"github\"\nsecret_file = {file:?}\nevents = [\"push\", \"ping\"]\n"
+    ));
+    let ran = env.path().join("ran");
+    env.script(
+        "deploy.sh",
+        &format!("printf '%s %s %s\\n' \"$HOOKRUNNER_SENDER\" \"$HOOKRUNNER_EVENT\" \"$HOOKRUNNER_DELIVERY_ID\" >> {ran:?}"),
+    );
+    // `issues` has a line, but the sender may not send it; `ping` may be sent, but has no line.
+    env.routes("push deploy.sh async /ref=refs/heads/main\nissues deploy.sh async\n");
+    let server = env.serve();
+    let main = br#"{"ref":"refs/heads/main"}"#;
+    let dev = br#"{"ref":"refs/heads/dev"}"#;
+    let good = github_sign(key, main);
+    let send = |event: &str, signature: &str, body: &[u8]| {
+        server.request(
+            "POST",
+            "/",
+            &[
+                ("X-GitHub-Event", event),
+                ("X-GitHub-Delivery", "gh-1"),
+                ("X-Hub-Signature-256", signature),
+                ("Content-Type", "application/json"),
+            ],
+            body,
+        )
+    };
+    let other_secret = github_sign("another-secret-0123456", main);
+    let issues = github_sign(key, br#"{"action":"opened"}"#);
+    let ping = github_sign(key, br#"{"zen":"x"}"#);
+    // Signed for `dev`: sent with `main` it is a signature for another body, sent with `dev` a good one.
+    let dev_signed = github_sign(key, dev);
+    let refusals: [(&str, &str, &str, &[u8], u16); 5] = [
+        (
+            "another secret's signature",
+            "push",
+            &other_secret,
+            main,
+            401,
+        ),
+        (
+            "a signature for another body",
+            "push",
+            &dev_signed,
+            main,
+            401,
+        ),
+        (
+            "an event outside the sender's events",
+            "issues",
+            &issues,
+            br#"{"action":"opened"}"#,
+            403,
+        ),
+        (
+            "a body the route's filter refuses",
+            "push",
+            &dev_signed,
+            dev,
+            404,
+        ),
+        (
+            "an event with no route line",
+            "ping",
+            &ping,
+            br#"{"zen":"x"}"#,
+            404,
+        ),
+    ];
+    for (what, event, signature, body, status) in refusals {
+        let r = send(event, signature, body);
+        assert_eq!(r.status, status, "{what}: {}\n{}", r.text(), server.log());
+        assert!(!r.text().contains("queued"), "{what}: {}", r.text());
+        assert!(rows(&env, &[]).is_empty(), "{what}: {:?}", rows(&env, &[]));
+        assert!(lines(&ran).is_empty(), "{what}: {:?}", lines(&ran));
+        assert_eq!(
+            crate::util::payload_files(&env),
+            [".lock"],
+            "{what} left a payload file"
+        );
+    }
+    let accepted = send("push", &good, main);
+    assert_eq!(
+        accepted.status,
+        202,
+        "{}\n{}",
+        accepted.text(),
+        server.log()
+    );
+    assert_eq!(accepted.json()["queued"], true, "{}", accepted.text());
+    assert!(
+        !accepted.text().contains("duplicate"),
+        "a refused request took the delivery id: {}",
+        accepted.text()
+    );
+    let done = wait_state(&env, "push", "done", Duration::from_secs(20));
+    assert_eq!(done["sender"], "gh", "{done}");
+    // The rows of the refusals, had any been written, would have been committed before this one's.
+    let all = rows(&env, &[]);
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(lines(&ran), ["gh push gh-1"], "{}", server.log());
+}
+
+/// A route's `timeout=` holds for its queued runs as for sync ones: a script that would sleep 60 s is
+/// stopped at 300 ms on each attempt (by SIGTERM: the 30 s `kill_grace` never comes into it), each
+/// attempt is kept as timed out, and the entry is dead after its two attempts (`retries=1`) within
+/// seconds, not after the configured 120 s timeout.
+#[test]
+fn a_routes_timeout_applies_to_each_queued_attempt() {
+    let env = Env::new().config("timeout = \"120s\"\nkill_grace = \"30s\"");
+    let pids = env.path().join("pids");
+    env.script(
+        "hang.sh",
+        &format!("echo $$ >> {pids:?}\necho \"try $HOOKRUNNER_ATTEMPT\"\nsleep 60"),
+    );
+    env.routes("T hang.sh async timeout=300ms retries=1 retry_max=100ms\n");
+    let server = env.serve();
+    let r = server.post("/hooks/T", b"{}");
+    assert_eq!(r.status, 202, "{}", r.text());
+    // Two attempts of 300 ms and a pause of at most 100 ms between them; under the configured timeout
+    // alone the first attempt would still be running.
+    let dead = wait_state(&env, "T", "dead", Duration::from_secs(20));
+    let shown = show(&env, &dead["id"].to_string());
+    let attempts = shown["attempts_made"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 2, "{shown}\n{}", server.log());
+    for (i, a) in attempts.iter().enumerate() {
+        assert_eq!(a["timed_out"], true, "attempt {}: {shown}", i + 1);
+        assert_eq!(a["output_tail"], format!("try {}\n", i + 1), "{shown}");
+        let ms = a["duration_ms"].as_f64().expect("duration");
+        // Stopped at its deadline by SIGTERM, not by the SIGKILL 30 s later (the bound leaves room for a
+        // run at nice 19 on a busy machine, slow to see its deadline and reap the script).
+        assert!(
+            (300.0..10_000.0).contains(&ms),
+            "attempt {} ran {ms} ms: {shown}",
+            i + 1
+        );
+    }
+    // Every attempt's script is gone, its group killed.
+    for pid in lines(&pids) {
+        let pid: i32 = pid.parse().expect("a pid");
+        assert!(
+            crate::util::wait_gone(pid, Duration::from_secs(10)),
+            "script {pid} outlived its timeout"
+        );
+    }
+}
+
+/// A delivery id is remembered for `dedupe_window` and no longer: within it a repeat is answered as a
+/// duplicate and not run; once it has passed, the same id is a new delivery, answered 202 and run. With
+/// `dedupe_window = "0s"` nothing is remembered, not even an id accepted a moment before.
+#[test]
+fn the_dedupe_window_expires_and_zero_remembers_nothing() {
+    const WINDOW: Duration = Duration::from_secs(2);
+    let mut env = Env::new().config(&format!("dedupe_window = \"{}s\"", WINDOW.as_secs()));
+    let ran = env.path().join("ran");
+    env.script(
+        "d.sh",
+        &format!("printf '%s\\n' \"$(cat \"$1\")\" >> {ran:?}"),
+    );
+    env.routes("D d.sh async\n");
+    let delivery = [("X-GitHub-Delivery", "same-id")];
+    let done = |env: &Env| rows(env, &["--status", "done"]).len();
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    {
+        let server = env.serve();
+        let before = Instant::now();
+        let first = server.request("POST", "/hooks/D", &delivery, b"first");
+        assert_eq!(first.status, 202, "{}", first.text());
+        assert_eq!(first.json()["duplicate"], Value::Null, "{}", first.text());
+        let first_id = first.json()["request_id"].clone();
+        // Posted again until it is no longer a duplicate: each answer that came back within the window
+        // (counted from before the first was sent, so from before its key was written) must be one.
+        let mut duplicates = 0;
+        let mut new = None;
+        let expired = wait_until(WINDOW + Duration::from_secs(20), || {
+            let r = server.request("POST", "/hooks/D", &delivery, b"again");
+            let answered = before.elapsed();
+            assert_eq!(r.status, 202, "{}", r.text());
+            if r.json()["duplicate"] == true {
+                assert_eq!(r.json()["request_id"], first_id, "{}", r.text());
+                duplicates += 1;
+                return false;
+            }
+            assert!(
+                answered > WINDOW,
+                "forgotten {answered:?} after the first was sent, within the window: {}",
+                r.text()
+            );
+            new = Some(r.json()["request_id"].clone());
+            true
+        });
+        assert!(
+            expired,
+            "still a duplicate after the window:\n{}",
+            server.log()
+        );
+        assert!(duplicates >= 1, "no repeat came within the window");
+        let new = new.expect("the new delivery");
+        assert_ne!(new, first_id);
+        // Two entries, both done: the duplicates left none, so none of them can run later.
+        assert!(
+            wait_until(Duration::from_secs(20), || done(&env) == 2),
+            "{:?}\n{}",
+            rows(&env, &[]),
+            server.log()
+        );
+        assert_eq!(rows(&env, &[]).len(), 2, "{:?}", rows(&env, &[]));
+        assert_eq!(sorted(lines(&ran)), ["again", "first"], "{}", server.log());
+    }
+    // Off: the id the daemon accepted a moment ago is not looked at, and a repeat is a new delivery.
+    env.reconfigure("dedupe_window = \"0s\"");
+    let server = restart(&env);
+    for body in ["zero-1", "zero-2"] {
+        let r = server.request("POST", "/hooks/D", &delivery, body.as_bytes());
+        assert_eq!(r.status, 202, "{}", r.text());
+        assert!(
+            !r.text().contains("duplicate"),
+            "{body}: remembered with dedupe_window = \"0s\": {}",
+            r.text()
+        );
+    }
+    assert!(
+        wait_until(Duration::from_secs(20), || done(&env) == 4),
+        "{:?}\n{}",
+        rows(&env, &[]),
+        server.log()
+    );
+    assert_eq!(rows(&env, &[]).len(), 4, "{:?}", rows(&env, &[]));
+    // The two entries of the second daemon may run side by side, in either order.
+    assert_eq!(
+        sorted(lines(&ran)),
+        ["again", "first", "zero-1", "zero-2"],
+        "{}",
+        server.log()
     );
 }
