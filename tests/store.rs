@@ -2174,6 +2174,51 @@ fn sigterm_starts_no_queued_run_while_a_sync_script_finishes() {
     );
 }
 
+/// SIGTERM lets a queued run that is running finish, and records it: the script is not killed, the
+/// daemon exits 0 once it ended, and its entry is done with one attempt (so no restart runs it again).
+#[test]
+fn sigterm_lets_a_running_queued_script_finish_and_records_it_done() {
+    let env = Env::new();
+    let dir = env.path().to_path_buf();
+    let (started, release, ran) = (dir.join("started"), dir.join("release"), dir.join("ran"));
+    env.script(
+        "q.sh",
+        &format!(
+            "{}\necho ran >> {ran:?}",
+            crate::util::wait_for_release(&started, &release)
+        ),
+    );
+    env.routes("Q q.sh async\n");
+    let mut server = env.serve();
+    let _release = crate::util::Release(release.clone());
+    assert_eq!(server.post("/hooks/Q", b"{}").status, 202);
+    assert!(
+        wait_until(Duration::from_secs(20), || started.exists()),
+        "{}",
+        server.log()
+    );
+    server.signal(libc::SIGTERM);
+    assert!(
+        server
+            .wait_log("stopping", Duration::from_secs(10))
+            .is_some(),
+        "{}",
+        server.log()
+    );
+    fs::write(&release, "").expect("release");
+    let status = server.wait_exit(Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        server.log()
+    );
+    assert_eq!(lines(&ran), ["ran"], "{}", server.log());
+    let row = rows(&env, &["--event", "Q"]);
+    assert_eq!(row.len(), 1, "{row:?}");
+    assert_eq!(row[0]["state"], "done", "{row:?}\n{}", server.log());
+    assert_eq!(row[0]["attempts"], 1, "{row:?}");
+}
+
 #[test]
 fn sigterm_under_load_exits_within_the_grace_and_loses_nothing_acknowledged() {
     let env = Env::new();
@@ -2849,6 +2894,17 @@ fn a_failed_fsync_is_answered_503_and_the_daemon_exits_1_losing_nothing_acknowle
                 .is_some_and(|s| s.success())
         );
     }
+    // Under the fault the script waits for a release: its result, a synced commit, cannot meet the failed
+    // fsync before the requests do (its "running" mark is not synced).
+    let release = env.path().join("release");
+    env.script(
+        "e-held.sh",
+        &format!(
+            "while [ ! -e {release:?} ]; do sleep 0.05; done\nprintf '%s\\n' \"$(cat \"$1\")\" >> {ran:?}"
+        ),
+    );
+    env.routes("E e-held.sh async\n");
+    let _release = crate::util::Release(release.clone());
     // From the third fsync or fdatasync of each thread on, every one fails: starting passes (the main thread
     // syncs twice at most on a database that exists), then the store's writer fails within a few commits.
     let command = env.serve_command_under(
@@ -2880,6 +2936,13 @@ fn a_failed_fsync_is_answered_503_and_the_daemon_exits_1_losing_nothing_acknowle
         let body = format!("during-{n}");
         match post_to(server.addr, "/hooks/E", &[], body.as_bytes()) {
             Some(r) if r.status == 202 => {
+                // Once a commit's fsync failed, nothing is acknowledged again.
+                assert_eq!(
+                    refused,
+                    0,
+                    "a 202 after a 503 for a failed fsync\n{}",
+                    server.log()
+                );
                 acked.insert(body);
             }
             Some(r) => {
@@ -2887,10 +2950,15 @@ fn a_failed_fsync_is_answered_503_and_the_daemon_exits_1_losing_nothing_acknowle
                 assert!(r.header("Retry-After").is_some());
                 refused += 1;
             }
-            // The daemon is gone: the dispatcher's own write may have met the failed fsync first.
+            // The daemon is gone, having answered the failed commit's requests.
             None => break,
         }
     }
+    assert!(
+        refused >= 1,
+        "no request met the failed fsync\n{}",
+        server.log()
+    );
     let status = server
         .wait_exit(Duration::from_secs(15))
         .expect("the daemon stops");
@@ -2906,6 +2974,7 @@ fn a_failed_fsync_is_answered_503_and_the_daemon_exits_1_losing_nothing_acknowle
         acked.len() - 3
     );
     // Restarted without the fault: everything acknowledged runs, and it serves again.
+    fs::write(&release, "").expect("release");
     let server = env.serve();
     assert_eq!(server.post("/hooks/E", b"after").status, 202);
     acked.insert("after".into());
