@@ -157,6 +157,36 @@ fn an_async_delivery_is_answered_before_its_script_runs_and_runs_with_the_same_c
     assert!(server.post("/hooks/S", b"{}").json()["exit_code"] == 0);
 }
 
+/// What a queued entry keeps of its route's policy: without options, 5 attempts, pauses up to an hour and
+/// the configuration's timeout; with `retries=`, `retry_max=` and `timeout=`, those. Read from the store
+/// itself, as the dispatcher will.
+#[test]
+fn a_queued_entry_keeps_its_routes_policy_and_the_defaults() {
+    let env = Env::new().config("timeout = \"45s\"\n");
+    let dir = env.path().to_path_buf();
+    let release = dir.join("release");
+    env.script(
+        "held.sh",
+        &format!("while [ ! -e {release:?} ]; do sleep 0.05; done"),
+    );
+    env.routes("A held.sh async\nB held.sh async retries=2 retry_max=5m timeout=7s\n");
+    let server = env.serve();
+    let _release = crate::util::Release(release);
+    assert_eq!(server.post("/hooks/A", b"{}").status, 202);
+    assert_eq!(server.post("/hooks/B", b"{}").status, 202);
+    let db = rusqlite::Connection::open(env.state().join("hookrunner.db")).expect("open the store");
+    let policy = |event: &str| -> (i64, i64, i64) {
+        db.query_row(
+            "SELECT max_attempts, retry_max_ms, timeout_ms FROM deliveries WHERE event = ?1",
+            [event],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .expect("the entry")
+    };
+    assert_eq!(policy("A"), (5, 3_600_000, 45_000));
+    assert_eq!(policy("B"), (3, 300_000, 7_000));
+}
+
 /// A sender that insists on 200 (Kazoo takes anything else for a failure) says so once, in its `[[sender]]`
 /// table: its async deliveries are answered 200 on every route that does not say otherwise, a repeated one
 /// as the first was, and `check --payload` tells the same; other senders' are answered 202, a sync route
