@@ -569,6 +569,18 @@ impl Config {
                     .to_string(),
             ));
         }
+        // On a unix socket a client has no address but what a trusted proxy names: without "unix" in
+        // trusted_proxies, a sender's allow_ips admits no one there.
+        if matches!(listen, Listen::Unix(_)) && !trusted_proxies.unix {
+            for sender in senders.iter().filter(|s| !s.allow_ips.is_empty()) {
+                warnings.push(format!(
+                    "sender {:?}: its allow_ips admits no one on listen = {listen}: a client there has no \
+                     address but the X-Forwarded-For of a proxy, believed only with \"unix\" in \
+                     trusted_proxies",
+                    sender.name
+                ));
+            }
+        }
         // `allow_unauthenticated`: serve without any sender, or with a `none` sender open to every address,
         // on a non-loopback address (default false; the daemon warns at every start when it does).
         let allow_unauthenticated = raw.allow_unauthenticated.unwrap_or(false);

@@ -1428,6 +1428,61 @@ fn the_longest_path_decides_and_a_path_under_no_sender_is_401() {
     assert_eq!(runs(&out), ["wide  {}", "narrow  {}", "wide  {}"]);
 }
 
+/// `allow_ips` binds a signing sender too: a request signed with the right secret from an address outside
+/// the list is 403 and runs nothing; the same request from inside it (behind a trusted proxy) runs.
+#[test]
+fn allow_ips_binds_a_signing_sender_whatever_its_signature() {
+    let env = Env::new();
+    let file = secret(&env, "github-secret", "ips-secret");
+    let env = env.config(&format!(
+        "trusted_proxies = [\"127.0.0.1/32\"]\n\
+         [[sender]]\nname = \"gh\"\ntype = \"github\"\nsecret_file = {file:?}\n\
+         allow_ips = [\"203.0.113.0/24\"]\n"
+    ));
+    let out = counter(&env, "push");
+    let server = env.serve();
+    let body = br#"{"ref":"refs/heads/main"}"#;
+    let signature = github_sign("ips-secret", body);
+    let from = |client: &str| {
+        server.request(
+            "POST",
+            "/hooks/push",
+            &[
+                ("X-Hub-Signature-256", signature.as_str()),
+                ("X-Forwarded-For", client),
+            ],
+            body,
+        )
+    };
+    assert_refused(
+        &server,
+        &env,
+        &from("198.51.100.7"),
+        403,
+        &out,
+        &["ips-secret"],
+    );
+    assert!(
+        server
+            .wait_log(
+                "client address 198.51.100.7 is not allowed",
+                Duration::from_secs(5)
+            )
+            .is_some(),
+        "{}",
+        server.log()
+    );
+    let admitted = from("203.0.113.7");
+    assert_eq!(
+        admitted.status,
+        200,
+        "{}\n{}",
+        admitted.text(),
+        server.log()
+    );
+    assert_eq!(runs(&out).len(), 1);
+}
+
 #[test]
 fn events_and_addresses_a_sender_may_not_use_are_403() {
     let env = Env::new().config(
@@ -1610,6 +1665,7 @@ fn a_proxy_on_the_unix_socket_is_believed_only_when_trusted_proxies_names_unix()
         (env, out, socket, server)
     };
     let (env, out, socket, server) = start("trusted_proxies = [\"unix\"]");
+    let unusable = "its allow_ips admits no one on listen = unix:";
     let post = |forwarded_for: Option<&str>| {
         let headers: Vec<(&str, &str)> = forwarded_for
             .map(|a| ("X-Forwarded-For", a))
@@ -1658,11 +1714,20 @@ fn a_proxy_on_the_unix_socket_is_believed_only_when_trusted_proxies_names_unix()
         .to_string();
     let line = request_line(&server, &id);
     assert!(line.contains(" client=203.0.113.7 "), "{line}");
+    // The start's lines came before the requests': no warning where the proxy is trusted.
+    assert!(!server.log().contains(unusable), "{}", server.log());
     drop(server);
 
     // No proxy trusted, or only one on TCP: a peer on the socket names no client.
     for proxies in ["", "trusted_proxies = [\"127.0.0.1/32\"]"] {
         let (env, out, socket, server) = start(proxies);
+        // Said at the start, as a warning: this sender can admit no one here.
+        let warned = server.wait_log(unusable, Duration::from_secs(10));
+        assert!(
+            warned.is_some_and(|l| l.contains(" WARN ") && l.contains("sender \"k\": ")),
+            "{proxies:?}: {}",
+            server.log()
+        );
         let response = unix_request(&socket, "/hooks/who", &[("X-Forwarded-For", "203.0.113.7")]);
         assert_refused(&server, &env, &response, 403, &out, &[]);
         let id = response.json()["request_id"]
