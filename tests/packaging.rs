@@ -1,6 +1,7 @@
 //! The package's documents against the code and README: hookrunner.toml(5) describes every key of
-//! README's Configuration table and no other, and the shipped conffiles are valid with every commented
-//! setting switched on. (packaging/test-deb tests the package itself, as root.)
+//! README's Configuration table and no other, the shipped conffiles are valid with every commented
+//! setting switched on, and so is README's `[[sender]]` example. (packaging/test-deb tests the package
+//! itself, as root.)
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -132,4 +133,56 @@ fn the_shipped_configuration_and_routes_are_valid_uncommented() {
         stdout.contains("{event}") && stdout.contains("configuration OK"),
         "{stdout}"
     );
+}
+
+/// The README's `[[sender]]` example loads as written, its secret files put where it names them: what a
+/// newcomer copies is a valid configuration, and `check` lists each sender with its type and path.
+#[test]
+fn the_readmes_sender_example_is_a_valid_configuration() {
+    use std::os::unix::fs::PermissionsExt;
+    let readme = read("README.md");
+    let section = readme
+        .split("\n## Sender authentication")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("a Sender authentication section");
+    let block = section
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a TOML example");
+    let env = Env::new();
+    let secret = |name: &str| {
+        let path = env.path().join(name);
+        fs::write(&path, "a-secret-value\n").expect("write secret");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod secret");
+        path
+    };
+    // The absolute secret paths moved into the test's directory; the relative one is found beside the
+    // configuration (no $CREDENTIALS_DIRECTORY here).
+    let mut text = block.to_string();
+    for name in ["jamf", "jamf-key", "jamf-signing"] {
+        let written = format!("\"/etc/hookrunner/secrets/{name}\"");
+        assert!(text.contains(&written), "{written} not in:\n{block}");
+        text = text.replace(&written, &format!("{:?}", secret(name)));
+    }
+    assert!(!text.contains("/etc/"), "{text}");
+    secret("github");
+    let env = env.config(&text);
+    let out = env.check();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for sender in [
+        "# sender jamf: basic on /jamf",
+        "# sender jamf-header: headers on /jh",
+        "# sender jamf-signed: hmac on /js",
+        "# sender github: github on /github",
+    ] {
+        assert!(stdout.contains(sender), "{sender} not in:\n{stdout}");
+    }
 }
