@@ -554,6 +554,47 @@ mod tests {
             let _ = basic(Some(&value), "u", &Secret::new(b"p".to_vec()));
         }
 
+        /// Any profile's form read back: the code as the profile writes it (prefix, then the encoding) is
+        /// the code; without the prefix it is the wrong form; a code of another algorithm's length is
+        /// refused for its length, naming the form.
+        #[test]
+        fn every_profiles_form_reads_back_its_code_and_refuses_others(
+            sha512 in any::<bool>(),
+            base64 in any::<bool>(),
+            prefix in "[a-z0-9=]{0,8}",
+            seed in prop::collection::vec(any::<u8>(), 64),
+        ) {
+            let algorithm = if sha512 { Algorithm::Sha512 } else { Algorithm::Sha256 };
+            let encoding = if base64 { Encoding::Base64 } else { Encoding::Hex };
+            let header = SignatureHeader {
+                kind: "hmac",
+                header: "X-Sig".into(),
+                prefix: prefix.clone(),
+                encoding,
+                algorithm,
+            };
+            let code = seed[..algorithm.len()].to_vec();
+            let sent = format!("{prefix}{}", encoding.encode(&code));
+            prop_assert_eq!(header.expected(Some(&sent)), Ok(code.clone()));
+            // Surrounding blanks are no part of a header's value.
+            prop_assert_eq!(header.expected(Some(&format!(" {sent}\t"))), Ok(code.clone()));
+            if !prefix.is_empty() {
+                let bare = encoding.encode(&code);
+                // A bare code that happens to start with the prefix is read past it, and is then no code.
+                if !bare.starts_with(&prefix) {
+                    let is_form = matches!(header.expected(Some(&bare)), Err(Failure::Form { .. }));
+                    prop_assert!(is_form);
+                }
+            }
+            let other = if sha512 { 32 } else { 64 };
+            let wrong = format!("{prefix}{}", encoding.encode(&seed[..other]));
+            let is_length = matches!(
+                header.expected(Some(&wrong)),
+                Err(Failure::Length { got, want, .. }) if got == other && want == algorithm.len()
+            );
+            prop_assert!(is_length);
+        }
+
         #[test]
         fn a_signature_made_for_a_body_verifies_only_that_body(
             key in prop::collection::vec(any::<u8>(), 0..80),
