@@ -911,6 +911,84 @@ fn an_mtls_sender_admits_only_a_verified_certificate_naming_one_of_its_subjects(
     );
 }
 
+/// An mtls sender reads a certificate's CN only when it has no subjectAltName at all: a CN-only certificate
+/// naming one of its subjects is admitted, and named in the log line, but one whose subjectAltName holds
+/// only an IP address names no one, whatever its CN says, and is refused without running anything.
+#[test]
+fn an_mtls_sender_reads_the_cn_only_of_a_certificate_without_subject_alt_names() {
+    let server_ca = Ca::new("server CA");
+    let clients = Ca::new("client CA");
+    let env = tls_env(&server_leaf(&server_ca), Some(&clients), "").config(
+        "[[sender]]\nname = \"jamf\"\ntype = \"mtls\"\nsubjects = [\"jamf.example.com\"]\n",
+    );
+    let ran = env.path().join("ran");
+    env.script("x", &format!("echo \"$HOOKRUNNER_SENDER\" >> {ran:?}"));
+    let server = env.serve();
+    // The request's access line (the one with its status), found by the id the answer carries.
+    let line_of = |response: &Response| {
+        let id = response.header("X-Request-Id").expect("a request id");
+        let find = || {
+            server
+                .log()
+                .lines()
+                .find(|l| l.contains(&format!(" {id} ")) && l.contains(" status="))
+                .map(str::to_string)
+        };
+        crate::util::wait_until(Duration::from_secs(10), || find().is_some());
+        find().unwrap_or_else(|| panic!("no access line for {id}:\n{}", server.log()))
+    };
+
+    let cn_only = clients.issue(&[], "jamf.example.com");
+    let mut tls = connect(&server, client_config(&server_ca, Some(&cn_only)));
+    let response = post(&mut tls, "/hooks/x").expect("answer");
+    assert_eq!(
+        response.status,
+        200,
+        "CN only: {}\n{}",
+        response.text(),
+        server.log()
+    );
+    let line = line_of(&response);
+    assert!(
+        line.contains(" tls_client=jamf.example.com sender=jamf ") && line.contains(" status=200 "),
+        "{line}\n{}",
+        server.log()
+    );
+    assert_eq!(
+        fs::read_to_string(&ran).unwrap_or_default(),
+        "jamf\n",
+        "{}",
+        server.log()
+    );
+
+    // The same CN under a subjectAltName of one IP address: the certificate names no one.
+    let ip_san = clients.issue(&["127.0.0.1"], "jamf.example.com");
+    let mut tls = connect(&server, client_config(&server_ca, Some(&ip_san)));
+    let response = post(&mut tls, "/hooks/x").expect("answer");
+    assert_eq!(
+        response.status,
+        401,
+        "IP SAN: {}\n{}",
+        response.text(),
+        server.log()
+    );
+    let line = line_of(&response);
+    assert!(
+        line.contains(
+            "auth=\"no client certificate with a name (none was sent, or its subjectAltName has no \
+             DNS name)\""
+        ) && !line.contains("tls_client"),
+        "{line}\n{}",
+        server.log()
+    );
+    assert_eq!(
+        fs::read_to_string(&ran).unwrap_or_default(),
+        "jamf\n",
+        "nothing ran for the IP SAN certificate:\n{}",
+        server.log()
+    );
+}
+
 /// rustls's own client session cache, counting the TLS 1.3 tickets the server sent.
 #[derive(Debug)]
 struct CountingTickets {
