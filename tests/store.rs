@@ -635,6 +635,369 @@ fn the_cli_retry_keeps_to_the_queue_bound() {
     drop(server);
 }
 
+/// Two `type = "none"` senders on their own paths, each with a sync and an async route line of its own.
+const TWO_SENDERS: &str = "[[sender]]\nname = \"a\"\npath = \"/a\"\ntype = \"none\"\n\
+                           allow_ips = [\"127.0.0.1\"]\n\
+                           [[sender]]\nname = \"b\"\npath = \"/b\"\ntype = \"none\"\n\
+                           allow_ips = [\"127.0.0.1\"]\n";
+
+/// `deliveries list --sender NAME` lists that sender's rows alone, sync and async, each naming its sender,
+/// the script that ran and the routes file's line that chose it; `--since` leaves out the rows received
+/// before it and keeps the later ones.
+#[test]
+fn the_cli_lists_one_senders_rows_and_only_those_since_a_time() {
+    let env = Env::new().config(TWO_SENDERS);
+    for script in ["a-sync.sh", "b-sync.sh", "a-async.sh", "b-async.sh"] {
+        env.script(script, "exit 0");
+    }
+    // Line 1 is a comment, so a route's line is not its index among the routes.
+    env.routes(
+        "# sync lines 2-3, async lines 4-5\n\
+         S a-sync.sh sender=a\n\
+         S b-sync.sh sender=b\n\
+         Q a-async.sh async sender=a\n\
+         Q b-async.sh async sender=b\n",
+    );
+    let server = env.serve();
+    // One sync and one async request from each sender; waits until their rows are done.
+    let send_round = |done: usize| {
+        for sender in ["a", "b"] {
+            let sync = server.post(&format!("/{sender}/hooks/S"), b"{}");
+            assert_eq!(sync.status, 200, "{}\n{}", sync.text(), server.log());
+            let queued = server.post(&format!("/{sender}/hooks/Q"), b"{}");
+            assert_eq!(queued.status, 202, "{}\n{}", queued.text(), server.log());
+        }
+        assert!(
+            wait_until(Duration::from_secs(20), || rows(
+                &env,
+                &["--status", "done"]
+            )
+            .len()
+                == done),
+            "{:?}\n{}",
+            rows(&env, &[]),
+            server.log()
+        );
+    };
+    send_round(4);
+    for sender in ["a", "b"] {
+        let listed = rows(&env, &["--sender", sender]);
+        let mut seen: Vec<(String, String, String, u64)> = listed
+            .iter()
+            .map(|r| {
+                assert_eq!(r["sender"], sender, "{r}");
+                (
+                    r["mode"].as_str().unwrap_or_default().to_string(),
+                    r["event"].as_str().unwrap_or_default().to_string(),
+                    // A sync row names the script as its route line does, an async one by the path the
+                    // dispatcher runs (scripts_dir joined): the same file either way.
+                    std::path::Path::new(r["script"].as_str().unwrap_or_default())
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    r["route_line"].as_u64().unwrap_or_default(),
+                )
+            })
+            .collect();
+        seen.sort();
+        let (sync_line, async_line) = if sender == "a" { (2, 4) } else { (3, 5) };
+        assert_eq!(
+            seen,
+            [
+                (
+                    "async".into(),
+                    "Q".into(),
+                    format!("{sender}-async.sh"),
+                    async_line
+                ),
+                (
+                    "sync".into(),
+                    "S".into(),
+                    format!("{sender}-sync.sh"),
+                    sync_line
+                ),
+            ],
+            "--sender {sender}: {listed:?}\nall: {:?}",
+            rows(&env, &[])
+        );
+    }
+    assert!(rows(&env, &["--sender", "nobody"]).is_empty());
+
+    // A second round 1.5 s after the first's last row was received: `--since` reaches back to just after it.
+    let first: Vec<Value> = rows(&env, &[]);
+    let last_of_first = first
+        .iter()
+        .map(|r| millis(&r["received"]))
+        .max()
+        .expect("rows");
+    let first_ids: HashSet<String> = first.iter().map(|r| r["id"].to_string()).collect();
+    assert!(wait_until(Duration::from_secs(5), || now_ms() >= last_of_first + 1_500));
+    send_round(8);
+    let all = rows(&env, &[]);
+    let second_ids: HashSet<String> = all
+        .iter()
+        .map(|r| r["id"].to_string())
+        .filter(|id| !first_ids.contains(id))
+        .collect();
+    assert_eq!(second_ids.len(), 4, "{all:?}");
+    // The CLI reads the clock after this test does: its cutoff comes later than the one meant, by as long
+    // as it takes to start. Never early, so the first round must never be listed; the second must be,
+    // once the CLI started within the 1.4 s margin (tried again on a machine too loaded for that).
+    let mut last = Vec::new();
+    let listed_all_of_second = wait_until(Duration::from_secs(30), || {
+        let since = now_ms() - (last_of_first + 100);
+        last = rows(&env, &["--since", &format!("{since}ms")]);
+        let ids: HashSet<String> = last.iter().map(|r| r["id"].to_string()).collect();
+        assert!(
+            ids.is_disjoint(&first_ids),
+            "--since {since}ms listed a row of the first round: {last:?}\nall: {all:?}"
+        );
+        ids == second_ids
+    });
+    assert!(
+        listed_all_of_second,
+        "--since left out rows received after it: {last:?}\nall: {all:?}"
+    );
+    assert_eq!(rows(&env, &["--since", "1h"]).len(), 8, "{all:?}");
+    let b_since = rows(
+        &env,
+        &["--sender", "b", "--since", "1h", "--status", "done"],
+    );
+    assert_eq!(b_since.len(), 4, "{b_since:?}");
+}
+
+/// `--status` finds an entry by where it is: `running` the serial lane's entry whose script runs, `queued`
+/// the one held behind it, `failed` both a sync request answered 500 and an async entry waiting to retry;
+/// the summary line counts the same.
+#[test]
+fn the_cli_lists_entries_by_status_and_its_summary_counts_them() {
+    // One slot for queued runs: once the lane's first entry holds it, the failed entry cannot start its
+    // retry, so every state below stays still while it is read.
+    let env = Env::new().config(&format!("max_running = 2\n{TWO_SENDERS}"));
+    let dir = env.path().to_path_buf();
+    let go = dir.join("go");
+    let _release = crate::util::Release(go.clone());
+    env.script("fail.sh", "exit 1");
+    env.script(
+        "held.sh",
+        &format!(
+            "echo \"$HOOKRUNNER_REQUEST_ID\" >> {ran:?}\n{}",
+            crate::util::wait_for_release(&dir.join("started"), &go),
+            ran = dir.join("ran")
+        ),
+    );
+    env.routes("F fail.sh\nR fail.sh async retries=5\nL held.sh async serial\n");
+    let server = env.serve();
+    let id_of = |r: &Response| {
+        r.json()["request_id"]
+            .as_str()
+            .expect("request id")
+            .to_string()
+    };
+    let retrying = server.post("/a/hooks/R", b"{}");
+    assert_eq!(retrying.status, 202, "{}", retrying.text());
+    let retrying = id_of(&retrying);
+    wait_state(&env, "R", "failed", Duration::from_secs(20));
+    let first = server.post("/b/hooks/L", b"{}");
+    assert_eq!(first.status, 202, "{}", first.text());
+    let second = server.post("/b/hooks/L", b"{}");
+    assert_eq!(second.status, 202, "{}", second.text());
+    let (first, second) = (id_of(&first), id_of(&second));
+    assert!(
+        wait_file(&dir.join("started"), Duration::from_secs(20)),
+        "the lane's first entry never ran:\n{}",
+        server.log()
+    );
+    let answered = server.post("/a/hooks/F", b"{}");
+    assert_eq!(answered.status, 500, "{}", answered.text());
+    let answered = id_of(&answered);
+    // The sync row is written after the answer (within 250 ms).
+    assert!(
+        wait_until(Duration::from_secs(10), || rows(&env, &[]).len() == 4),
+        "{:?}",
+        rows(&env, &[])
+    );
+    assert_eq!(
+        lines(&dir.join("ran")),
+        [first.as_str()],
+        "{}",
+        server.log()
+    );
+
+    let ids = |state: &str| -> Vec<String> {
+        rows(&env, &["--status", state])
+            .iter()
+            .map(|r| r["request_id"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let all = rows(&env, &[]);
+    assert_eq!(ids("running"), [first.as_str()], "{all:?}");
+    assert_eq!(ids("queued"), [second.as_str()], "{all:?}");
+    let failed = rows(&env, &["--status", "failed"]);
+    let mut found: Vec<(String, String, String)> = failed
+        .iter()
+        .map(|r| {
+            (
+                r["request_id"].as_str().unwrap_or_default().to_string(),
+                r["mode"].as_str().unwrap_or_default().to_string(),
+                r["status"].to_string(),
+            )
+        })
+        .collect();
+    found.sort();
+    let mut expected = vec![
+        (answered.clone(), "sync".to_string(), "500".to_string()),
+        (retrying.clone(), "async".to_string(), "202".to_string()),
+    ];
+    expected.sort();
+    assert_eq!(found, expected, "{failed:?}\nall: {all:?}");
+    let waiting = failed
+        .iter()
+        .find(|r| r["request_id"] == retrying.as_str())
+        .expect("the retrying entry");
+    assert!(
+        waiting["next_attempt"].is_string() && waiting["exit_code"] == 1,
+        "{waiting}"
+    );
+    assert!(ids("dead").is_empty() && ids("done").is_empty(), "{all:?}");
+    // The human listing's summary: the same figures, the failed ones both kinds.
+    let listed = deliveries(&env, &["list"]);
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        text.contains("total 4, done 0, failed 2, dead 0, queued 1, running 1;"),
+        "{text}\nall: {all:?}"
+    );
+    let failed_only = deliveries(&env, &["list", "--status", "failed"]);
+    let text = String::from_utf8_lossy(&failed_only.stdout);
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.split_whitespace().nth(3) == Some("failed"))
+            .count(),
+        2,
+        "{text}"
+    );
+    assert!(text.contains(", failed 2,"), "{text}");
+    drop(server);
+}
+
+/// A queued run gets the environment a sync run of the same request gets: the same request (sender, query
+/// string, Content-Type, delivery id) sent to a sync route, then to the same route made async by a reload,
+/// runs a script that records its whole environment; only the request id, the peer's port (a new
+/// connection) and the queued run's own `HOOKRUNNER_ATTEMPT` and `HOOKRUNNER_QUEUED_AT` differ.
+#[test]
+fn a_queued_run_gets_the_environment_a_sync_run_of_the_same_request_gets() {
+    let env = Env::new().config(TWO_SENDERS);
+    let dir = env.path().to_path_buf();
+    env.script(
+        "dump.sh",
+        &format!(
+            "out={dir:?}/env-${{HOOKRUNNER_ATTEMPT:-sync}}\nenv | sort > \"$out.tmp\" && mv \"$out.tmp\" \"$out\""
+        ),
+    );
+    env.routes("E dump.sh\n");
+    let server = env.serve();
+    let send = || {
+        server.request(
+            "POST",
+            "/b/hooks/E?x=1&y=two%20words",
+            &[
+                ("Content-Type", "application/json; charset=utf-8"),
+                ("X-GitHub-Delivery", "72d3162e-cc78-11e3-81ab-4c9367dc0958"),
+            ],
+            b"{\"n\":1}",
+        )
+    };
+    let sync = send();
+    assert_eq!(sync.status, 200, "{}\n{}", sync.text(), server.log());
+    env.routes("E dump.sh async\n");
+    server.signal(libc::SIGHUP);
+    assert!(
+        server
+            .wait_log("reloaded: 1 route(s)", Duration::from_secs(10))
+            .is_some(),
+        "{}",
+        server.log()
+    );
+    let queued = send();
+    assert_eq!(queued.status, 202, "{}\n{}", queued.text(), server.log());
+    assert_eq!(queued.json()["queued"], true, "{}", queued.text());
+    assert!(
+        wait_file(&dir.join("env-1"), Duration::from_secs(20)),
+        "the queued run never ran:\n{}",
+        server.log()
+    );
+    let read = |name: &str| -> std::collections::BTreeMap<String, String> {
+        fs::read_to_string(dir.join(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let mut sync_env = read("env-sync");
+    let mut queued_env = read("env-1");
+    let log = server.log();
+    // What differs by nature: each request its id, each connection its port.
+    assert_eq!(
+        sync_env.remove("HOOKRUNNER_REQUEST_ID").as_deref(),
+        sync.json()["request_id"].as_str(),
+        "{log}"
+    );
+    assert_eq!(
+        queued_env.remove("HOOKRUNNER_REQUEST_ID").as_deref(),
+        queued.json()["request_id"].as_str(),
+        "{log}"
+    );
+    let ip = |v: Option<String>| -> String {
+        let v = v.unwrap_or_else(|| panic!("no HOOKRUNNER_REMOTE_ADDR:\n{log}"));
+        let addr: SocketAddr = v.parse().unwrap_or_else(|e| panic!("{v:?}: {e}"));
+        addr.ip().to_string()
+    };
+    let (sync_peer, queued_peer) = (
+        ip(sync_env.remove("HOOKRUNNER_REMOTE_ADDR")),
+        ip(queued_env.remove("HOOKRUNNER_REMOTE_ADDR")),
+    );
+    assert_eq!(sync_peer, queued_peer);
+    // What only a queued run has.
+    assert_eq!(
+        queued_env.remove("HOOKRUNNER_ATTEMPT").as_deref(),
+        Some("1")
+    );
+    let queued_at = queued_env
+        .remove("HOOKRUNNER_QUEUED_AT")
+        .expect("HOOKRUNNER_QUEUED_AT");
+    assert!(humantime::parse_rfc3339(&queued_at).is_ok(), "{queued_at}");
+    assert_eq!(queued_env, sync_env, "{log}");
+    // And the request's own values are there, not the same emptiness twice.
+    for (name, value) in [
+        ("HOOKRUNNER_SENDER", "b"),
+        ("HOOKRUNNER_EVENT", "E"),
+        ("HOOKRUNNER_PATH", "/b/hooks/E"),
+        ("HOOKRUNNER_QUERY", "x=1&y=two%20words"),
+        ("HOOKRUNNER_CONTENT_TYPE", "application/json; charset=utf-8"),
+        (
+            "HOOKRUNNER_DELIVERY_ID",
+            "72d3162e-cc78-11e3-81ab-4c9367dc0958",
+        ),
+        ("HOOKRUNNER_METHOD", "POST"),
+        ("HOOKRUNNER_CLIENT_ADDR", "127.0.0.1"),
+    ] {
+        assert_eq!(
+            sync_env.get(name).map(String::as_str),
+            Some(value),
+            "{name}: {sync_env:?}"
+        );
+    }
+}
+
+/// The wall clock, in milliseconds since the epoch, as the store writes `received_at`.
+fn now_ms() -> i64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970");
+    i64::try_from(since.as_millis()).expect("fits")
+}
+
 #[test]
 fn a_repeated_delivery_id_is_answered_as_the_first_and_not_run_again_across_a_restart() {
     let env = Env::new();
