@@ -497,7 +497,7 @@ impl Drop for Release {
     }
 }
 
-/// Shell lines that touch `started`, then wait (10 s at most) for `release` to exist.
+/// Shell lines that touch `started`, then wait (60 s at most) for `release` to exist.
 pub fn wait_for_release(started: &Path, release: &Path) -> String {
     format!(
         "touch {started:?}\ni=0\nwhile [ ! -e {release:?} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done"
