@@ -652,8 +652,14 @@ struct Real {
 }
 
 impl Real {
+    /// `other` is this script: the same path, or the same file under another name. A file replaced since
+    /// this one was checked (an editor's save renames a new file into place) may give a later file its
+    /// freed inode number, so the number counts only while this path still holds it.
     fn same_file(&self, other: &Real) -> bool {
-        self.path == other.path || self.id == other.id
+        use std::os::unix::fs::MetadataExt;
+        self.path == other.path
+            || self.id == other.id
+                && fs::metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id)
     }
 }
 
@@ -1297,6 +1303,32 @@ MobileDevice*              mobile-device.sh
         assert_eq!(routes.select("other-name.sh", None, no_body), Ok(None));
         let routes = Routes::parse(text, None, &scripts).expect("routes load");
         assert_eq!(routes.select("other-name.sh", None, no_body), Ok(None));
+    }
+
+    /// A reserved script's file number counts while its path still holds that file: a hard link to it is
+    /// it, but a later file that got the number of one replaced since is not.
+    #[test]
+    fn a_reserved_scripts_file_number_counts_only_while_its_path_holds_it() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = dir_with(&[("a.sh", 0o755), ("b.sh", 0o755)]);
+        let real = |path: &Path| {
+            let meta = fs::metadata(path).expect("stat");
+            Real {
+                path: path.to_path_buf(),
+                id: (meta.dev(), meta.ino()),
+            }
+        };
+        let (a, b) = (dir.path().join("a.sh"), dir.path().join("b.sh"));
+        let link = dir.path().join("link.sh");
+        fs::hard_link(&a, &link).expect("link");
+        assert!(real(&a).same_file(&real(&link)));
+        assert!(!real(&a).same_file(&real(&b)));
+        // As if a.sh had been replaced and b.sh had got its old number.
+        let stale = Real {
+            path: a.clone(),
+            id: real(&b).id,
+        };
+        assert!(!stale.same_file(&real(&b)));
     }
 
     /// A serial lane is the script's path: two spellings of one path are one script.

@@ -160,6 +160,9 @@ fn serve_request(shared: &Shared, conn: &mut Conn, head_deadline: Instant) -> Ne
     }
     match drained {
         Drained::Complete if !close => Next::KeepAlive,
+        // The handler closes though the body was read: a client may have sent more behind it, which a
+        // close would answer with a reset that can take the answer with it.
+        Drained::Complete if response.close => Next::Linger,
         Drained::Complete => Next::Close,
         Drained::Unread => Next::Linger,
         Drained::Failed(super::BodyError::Closed) => Next::Close,
