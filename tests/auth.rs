@@ -437,7 +437,7 @@ fn unverified_bodies_are_held_up_to_a_bound_then_answered_503() {
 
 /// A body refused part-way for the bound is answered at once, even when the rest of it is short enough
 /// to be drained for keep-alive and its client stalls before the end: the answer closes the connection
-/// rather than wait for the body's pace to fail (`header_timeout`, 10 s here).
+/// rather than wait for the body's pace to fail (`header_timeout`, 60 s here).
 #[test]
 fn a_body_refused_for_the_bound_is_answered_at_once_though_its_client_stalls() {
     let (env, out) = bound_env("trusted_proxies = [\"127.0.0.1/32\"]");

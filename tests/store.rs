@@ -2749,9 +2749,9 @@ fn millis(v: &Value) -> i64 {
 #[test]
 fn a_sync_row_says_when_its_script_ran_and_the_list_is_in_arrival_order() {
     // One slot: the second request waits for the first's script to end before its own starts.
-    let env = Env::new().config("max_running = 1\nqueue_wait = \"5s\"\n");
+    let env = Env::new().config("max_running = 1\nqueue_wait = \"10s\"\n");
     let running = env.path().join("a-running");
-    env.script("a.sh", &format!(": > {running:?}; sleep 1"));
+    env.script("a.sh", &format!(": > {running:?}; sleep 3"));
     env.script("b.sh", "sleep 0.6");
     env.routes("A a.sh\nB b.sh\n");
     let server = env.serve();
@@ -2776,7 +2776,7 @@ fn a_sync_row_says_when_its_script_ran_and_the_list_is_in_arrival_order() {
     let ran = b["attempts_made"][0]["duration_ms"]
         .as_f64()
         .expect("duration") as i64;
-    // A's script ran from before B arrived to a second later: B's own started once A's had ended.
+    // A's script ran from before B arrived to 3 s later: B's own started once A's had ended.
     assert!(received < millis(&a["finished"]), "{a}\n{b}");
     assert!(
         started >= millis(&a["finished"]) - 50,
@@ -3417,16 +3417,18 @@ fn requests_acknowledged_together_share_their_fsyncs() {
     );
     let mut server = Server::spawn(command);
     let _release = crate::util::Release(release);
-    // strace killed leaves its tracee running: the daemon (its child) is killed on the way out too.
-    let strace = server.child.id();
-    let daemon = fs::read_to_string(format!("/proc/{strace}/task/{strace}/children"))
-        .expect("strace's children");
-    let pid_file = env.path().join("daemon.pid");
-    fs::write(&pid_file, daemon.trim()).expect("pid file");
-    let _daemon = crate::util::KillOnDrop(vec![pid_file]);
     let line = server
         .wait_log("listening on ", Duration::from_secs(20))
         .unwrap_or_else(|| panic!("did not start under strace:\n{}", server.log()));
+    // strace killed leaves its tracee running: the daemon (its child, there once it listens) is killed on
+    // the way out too.
+    let strace = server.child.id();
+    let daemon = fs::read_to_string(format!("/proc/{strace}/task/{strace}/children"))
+        .expect("strace's children");
+    assert!(!daemon.trim().is_empty(), "strace has no child");
+    let pid_file = env.path().join("daemon.pid");
+    fs::write(&pid_file, daemon.trim()).expect("pid file");
+    let _daemon = crate::util::KillOnDrop(vec![pid_file]);
     server.addr = line
         .split("listening on ")
         .nth(1)
@@ -3805,7 +3807,7 @@ fn a_routes_timeout_applies_to_each_queued_attempt() {
 /// `dedupe_window = "0s"` nothing is remembered, not even an id accepted a moment before.
 #[test]
 fn the_dedupe_window_expires_and_zero_remembers_nothing() {
-    const WINDOW: Duration = Duration::from_secs(2);
+    const WINDOW: Duration = Duration::from_secs(5);
     let mut env = Env::new().config(&format!("dedupe_window = \"{}s\"", WINDOW.as_secs()));
     let ran = env.path().join("ran");
     env.script(
