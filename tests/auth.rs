@@ -11,17 +11,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use std::io::Write;
 
 use crate::util::{
-    BIN, Env, Response, Server, github_sign, open_payload_files, payload, payload_files,
+    BIN, Env, Response, Server, github_sign, open_payload_files, payload, payload_files, secret,
     standard_webhooks_sign, wait_until,
 };
-
-/// Writes a secret file (mode 0600) in the test's directory and returns its path.
-fn secret(env: &Env, name: &str, value: &str) -> PathBuf {
-    let path = env.path().join(name);
-    fs::write(&path, format!("{value}\n")).expect("write secret");
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod secret");
-    path
-}
 
 /// A script that appends its sender, delivery id and the start of its body (on one line) to
 /// `<env>/runs`, one line per run.

@@ -332,27 +332,13 @@ fn a_body_of_one_byte_chunks_is_written_in_large_writes() {
     let out = copier(&env, "copy");
     let trace = env.path().join("trace");
     let trace_arg = trace.to_string_lossy().into_owned();
-    let command = env.serve_command_under(
-        &[
-            "strace",
-            "-f",
-            "-qq",
-            "--seccomp-bpf",
-            "-e",
-            "trace=write,pwrite64",
-            "-o",
-            &trace_arg,
-        ],
-        "127.0.0.1:0",
-    );
-    let server = Server::start(command);
-    // strace killed leaves its tracee running: the daemon (strace's child) is killed by the test itself.
-    let strace = server.child.id();
-    let children = format!("/proc/{strace}/task/{strace}/children");
-    let daemon = fs::read_to_string(&children).expect("strace's children");
-    let pid_file = env.path().join("daemon.pid");
-    fs::write(&pid_file, daemon.trim()).expect("pid file");
-    let _daemon = crate::util::KillOnDrop(vec![pid_file]);
+    let (server, _daemon) = env.serve_under_strace(&[
+        "--seccomp-bpf",
+        "-e",
+        "trace=write,pwrite64",
+        "-o",
+        &trace_arg,
+    ]);
     // Past the 256 KiB a request keeps in memory, so the body goes to its file as it arrives.
     let body: Vec<u8> = (0..=255u8).cycle().take(320 << 10).collect();
     let mut request = chunked_head("/hooks/copy").into_bytes();

@@ -16,14 +16,19 @@ fn read(path: &str) -> String {
     fs::read_to_string(repo(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
-/// The keys in README.md's Configuration table: its rows' first cells.
-fn readme_keys() -> Vec<String> {
-    let readme = read("README.md");
-    let table = readme
-        .split("## Configuration")
+/// README.md's `## TITLE` section, to the next one.
+fn readme_section(title: &str) -> String {
+    read("README.md")
+        .split(&format!("\n## {title}"))
         .nth(1)
         .and_then(|rest| rest.split("\n## ").next())
-        .expect("a Configuration section");
+        .unwrap_or_else(|| panic!("no {title} section in README.md"))
+        .to_string()
+}
+
+/// The keys in README.md's Configuration table: its rows' first cells.
+fn readme_keys() -> Vec<String> {
+    let table = readme_section("Configuration");
     let keys: Vec<String> = table
         .lines()
         .filter_map(|l| l.strip_prefix("| `"))
@@ -139,25 +144,14 @@ fn the_shipped_configuration_and_routes_are_valid_uncommented() {
 /// newcomer copies is a valid configuration, and `check` lists each sender with its type and path.
 #[test]
 fn the_readmes_sender_example_is_a_valid_configuration() {
-    use std::os::unix::fs::PermissionsExt;
-    let readme = read("README.md");
-    let section = readme
-        .split("\n## Sender authentication")
-        .nth(1)
-        .and_then(|rest| rest.split("\n## ").next())
-        .expect("a Sender authentication section");
+    let section = readme_section("Sender authentication");
     let block = section
         .split("```toml\n")
         .nth(1)
         .and_then(|rest| rest.split("```").next())
         .expect("a TOML example");
     let env = Env::new();
-    let secret = |name: &str| {
-        let path = env.path().join(name);
-        fs::write(&path, "a-secret-value\n").expect("write secret");
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod secret");
-        path
-    };
+    let secret = |name: &str| secret(&env, name, "a-secret-value");
     // The absolute secret paths moved into the test's directory; the relative one is found beside the
     // configuration (no $CREDENTIALS_DIRECTORY here).
     let mut text = block.to_string();

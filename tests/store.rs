@@ -3300,29 +3300,14 @@ fn a_failed_fsync_is_answered_503_and_the_daemon_exits_1_losing_nothing_acknowle
     let _release = crate::util::Release(release.clone());
     // From the third fsync or fdatasync of each thread on, every one fails: starting passes (the main thread
     // syncs twice at most on a database that exists), then the store's writer fails within a few commits.
-    let command = env.serve_command_under(
-        &[
-            "strace",
-            "-f",
-            "-qq",
-            "-o",
-            "/dev/null",
-            "-e",
-            "trace=fsync,fdatasync",
-            "-e",
-            "inject=fsync,fdatasync:error=EIO:when=3+",
-        ],
-        "127.0.0.1:0",
-    );
-    let mut server = Server::spawn(command);
-    let line = server
-        .wait_log("listening on ", Duration::from_secs(20))
-        .unwrap_or_else(|| panic!("did not start under strace:\n{}", server.log()));
-    server.addr = line
-        .split("listening on ")
-        .nth(1)
-        .and_then(|a| a.trim().parse().ok())
-        .expect("address");
+    let (mut server, daemon) = env.serve_under_strace(&[
+        "-o",
+        "/dev/null",
+        "-e",
+        "trace=fsync,fdatasync",
+        "-e",
+        "inject=fsync,fdatasync:error=EIO:when=3+",
+    ]);
     let mut acked: HashSet<String> = (0..3).map(|n| format!("before-{n}")).collect();
     let mut refused = 0;
     for n in 0..20 {
@@ -3355,6 +3340,8 @@ fn a_failed_fsync_is_answered_503_and_the_daemon_exits_1_losing_nothing_acknowle
     let status = server
         .wait_exit(Duration::from_secs(15))
         .expect("the daemon stops");
+    // Gone by itself: nothing left for the guard, whose pid may be another's by the restart below.
+    drop(daemon);
     assert_eq!(
         status.code(),
         Some(1),
@@ -3401,39 +3388,15 @@ fn requests_acknowledged_together_share_their_fsyncs() {
     let trace_arg = trace.to_str().expect("a UTF-8 path");
     // Each sync made to take 20 ms, as a slow disk's does: requests arrive during every one, and a fast
     // disk (or a tmpfs) cannot make each request's commit its own by being quick.
-    let command = env.serve_command_under(
-        &[
-            "strace",
-            "-f",
-            "-qq",
-            "-o",
-            trace_arg,
-            "-e",
-            "trace=fsync,fdatasync",
-            "-e",
-            "inject=fsync,fdatasync:delay_exit=20000",
-        ],
-        "127.0.0.1:0",
-    );
-    let mut server = Server::spawn(command);
+    let (server, _daemon) = env.serve_under_strace(&[
+        "-o",
+        trace_arg,
+        "-e",
+        "trace=fsync,fdatasync",
+        "-e",
+        "inject=fsync,fdatasync:delay_exit=20000",
+    ]);
     let _release = crate::util::Release(release);
-    let line = server
-        .wait_log("listening on ", Duration::from_secs(20))
-        .unwrap_or_else(|| panic!("did not start under strace:\n{}", server.log()));
-    // strace killed leaves its tracee running: the daemon (its child, there once it listens) is killed on
-    // the way out too.
-    let strace = server.child.id();
-    let daemon = fs::read_to_string(format!("/proc/{strace}/task/{strace}/children"))
-        .expect("strace's children");
-    assert!(!daemon.trim().is_empty(), "strace has no child");
-    let pid_file = env.path().join("daemon.pid");
-    fs::write(&pid_file, daemon.trim()).expect("pid file");
-    let _daemon = crate::util::KillOnDrop(vec![pid_file]);
-    server.addr = line
-        .split("listening on ")
-        .nth(1)
-        .and_then(|a| a.trim().parse().ok())
-        .expect("address");
     let syncs = || {
         fs::read_to_string(&trace)
             .unwrap_or_default()
@@ -3649,12 +3612,9 @@ fn a_delivery_refused_for_a_full_queue_is_not_remembered_for_dedupe() {
 /// taken: the one good request with it is a new delivery, answered 202, and runs.
 #[test]
 fn async_routes_are_authenticated_and_routed_as_sync_ones_and_refusals_queue_nothing() {
-    use std::os::unix::fs::PermissionsExt;
     let env = Env::new();
     let key = "async-github-secret-0123";
-    let file = env.path().join("github-secret");
-    fs::write(&file, format!("{key}\n")).expect("write secret");
-    fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).expect("chmod secret");
+    let file = crate::util::secret(&env, "github-secret", key);
     let env = env.config(&format!(
         "[[sender]]\nname = \"gh\"\ntype = \"github\"\nsecret_file = {file:?}\nevents = [\"push\", \"ping\"]\n"
     ));

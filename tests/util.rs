@@ -137,8 +137,9 @@ pub struct Server {
 impl Server {
     pub fn start(command: Command) -> Server {
         let mut server = Server::spawn(command);
+        // 20 s: a daemon under strace starts slowly on a busy machine.
         let line = server
-            .wait_log("listening on ", Duration::from_secs(10))
+            .wait_log("listening on ", Duration::from_secs(20))
             .unwrap_or_else(|| panic!("hookrunner did not start:\n{}", server.log()));
         let addr = line.split("listening on ").nth(1).expect("address").trim();
         server.addr = addr
@@ -364,6 +365,31 @@ impl Env {
             .stderr(Stdio::piped());
         command
     }
+}
+
+impl Env {
+    /// The daemon under `strace -f -qq` with `options`, started (listening), and a guard that kills the
+    /// daemon itself on the way out: strace killed leaves its tracee running.
+    pub fn serve_under_strace(&self, options: &[&str]) -> (Server, KillOnDrop) {
+        let mut wrapper = vec!["strace", "-f", "-qq"];
+        wrapper.extend_from_slice(options);
+        let server = Server::start(self.serve_command_under(&wrapper, "127.0.0.1:0"));
+        let strace = server.child.id();
+        let daemon = fs::read_to_string(format!("/proc/{strace}/task/{strace}/children"))
+            .expect("strace's children");
+        assert!(!daemon.trim().is_empty(), "strace has no child");
+        let pid_file = self.path().join("daemon.pid");
+        fs::write(&pid_file, daemon.trim()).expect("pid file");
+        (server, KillOnDrop(vec![pid_file]))
+    }
+}
+
+/// Writes a secret file (mode 0600, `value` and a newline) in the test's directory and returns its path.
+pub fn secret(env: &Env, name: &str, value: &str) -> PathBuf {
+    let path = env.path().join(name);
+    fs::write(&path, format!("{value}\n")).expect("write secret");
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod secret");
+    path
 }
 
 /// Whether strace runs here; a test that needs it says it is skipped otherwise (.ci/run installs it).
